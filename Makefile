@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: setup demo test test-all bench browser clean
+
+# Idempotent: re-installs only when pyproject.toml changed.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/python -m imgclf.demo
+
+# The suite: real images from ../shared/datasets, a few minutes on 2 cores.
+test: setup browser
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: setup browser
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/bench_train.py
+
+# Debian's Chromium for the browser tests; they skip, saying why, where it is missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) ; } || \
+	  echo "note: chromium not installed (needs root and apt); browser tests will be skipped"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

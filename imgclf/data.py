@@ -1,0 +1,261 @@
+"""From a folder (or CSV) to reproducible, stratified splits and a DataLoader.
+
+Layouts, detected in this order:
+  * a CSV file of `path,label` rows (paths relative to the CSV's folder);
+  * DATA/train|val|validation|test/<class>/*  (used as given);
+  * DATA/<class>/*  (split for you: stratified, seeded, default 80/10/10).
+Splits hold paths relative to the data root, so a run can be evaluated on a
+copy of the data elsewhere (`imgclf evaluate RUN DATA`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .images import BadImage, list_files, open_image, sniff
+
+SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
+
+
+class DataError(Exception):
+    """The data can't be used as given; the message says how to fix it."""
+
+
+@dataclass
+class Splits:
+    root: str  # absolute data root; split paths are relative to it
+    classes: list[str]
+    train: list[tuple[str, int]]
+    val: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+    layout: str  # "split-folders" | "class-folders" | "csv"
+    notes: list[str] = field(default_factory=list)  # things a person should know (e.g. no test split)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "root": self.root, "layout": self.layout, "classes": self.classes, "seed": self.seed,
+            "notes": self.notes,
+            **{k: [[p, int(y)] for p, y in getattr(self, k)] for k in ("train", "val", "test")},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, root: str | None = None) -> "Splits":
+        return cls(
+            root=root or d["root"], classes=list(d["classes"]), layout=d["layout"], notes=list(d.get("notes", [])),
+            seed=d.get("seed", 0), **{k: [(p, int(y)) for p, y in d[k]] for k in ("train", "val", "test")},
+        )
+
+    def eval_split(self, name: str | None = None) -> tuple[str, list[tuple[str, int]]]:
+        """The split to evaluate on: `name`, else test, else val."""
+        if name:
+            if name not in ("train", "val", "test"):
+                raise DataError(f"unknown split {name!r}; use test, val or train")
+            items = getattr(self, name)
+            if not items:
+                raise DataError(f"split {name!r} is empty for this data")
+            return name, items
+        return ("test", self.test) if self.test else ("val", self.val)
+
+    def path(self, rel: str) -> Path:
+        return Path(self.root) / rel
+
+
+def _find_split_dir(root: Path, split: str) -> Path | None:
+    for name in SPLIT_DIRS[split]:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _labelled(folder: Path, root: Path, classes: list[str]) -> list[tuple[str, int]]:
+    out = []
+    for i, c in enumerate(classes):
+        if (folder / c).is_dir():
+            out += [(str(p.relative_to(root)), i) for p in list_files(folder / c)]
+    return out
+
+
+def stratified_split(items: list[tuple[str, int]], fractions: tuple[float, ...], seed: int) -> list[list]:
+    """Split each class separately (so every part keeps the class balance) by
+    shuffling with `seed`. Returns one list per fraction plus the remainder.
+    Hand-written rather than sklearn's train_test_split: that refuses classes
+    with fewer than 2 items, and we need the same answer for any number of parts."""
+    parts: list[list] = [[] for _ in range(len(fractions) + 1)]
+    by_class: dict[int, list] = {}
+    for it in items:
+        by_class.setdefault(it[1], []).append(it)
+    for y in sorted(by_class):
+        group = sorted(by_class[y])
+        random.Random(f"{seed}-{y}").shuffle(group)
+        start = 0
+        for k, f in enumerate(fractions):
+            n = int(round(len(group) * f))
+            n = min(n, max(0, len(group) - start - 1))  # always leave one for training
+            parts[k] += group[start:start + n]
+            start += n
+        parts[-1] += group[start:]
+    return [sorted(p) for p in parts]
+
+
+def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0) -> Splits:
+    data = Path(data).expanduser()
+    if not data.exists():
+        raise DataError(f"{data}: no such file or folder")
+    if data.is_file():
+        return _from_csv(data, val_fraction, test_fraction, seed)
+    root = data.resolve()
+    train_dir = _find_split_dir(root, "train")
+    notes = []
+    if train_dir is not None:
+        val_dir, test_dir = _find_split_dir(root, "val"), _find_split_dir(root, "test")
+        classes = _class_dirs(train_dir)
+        if not classes:
+            raise DataError(f"{train_dir}: no class sub-folders; expected {train_dir}/<class>/<image files>")
+        train = _labelled(train_dir, root, classes)
+        val = _labelled(val_dir, root, classes) if val_dir else []
+        test = _labelled(test_dir, root, classes) if test_dir else []
+        for d in (val_dir, test_dir):
+            extra = set(_class_dirs(d)) - set(classes) if d else set()
+            if extra:
+                raise DataError(f"{d}: classes {sorted(extra)} are not in {train_dir}; every split needs the same class folders")
+        if not val:
+            val, train = stratified_split(train, (val_fraction,), seed)
+            notes.append(f"no validation folder: {len(val)} images of train/ were held out for validation")
+        if not test:
+            notes.append(f"no test folder: evaluating on {val_dir.name if val_dir else 'the held-out validation images'}")
+        return Splits(str(root), classes, train, val, test, "split-folders", notes, seed)
+    classes = _class_dirs(root)
+    if len(classes) < 2:
+        raise DataError(
+            f"{root}: found {len(classes)} class folder(s); expected DATA/<class>/<images> with at least 2 classes, "
+            f"or DATA/train/<class>/..., or a CSV file of path,label")
+    items = _labelled(root, root, classes)
+    val, test, train = stratified_split(items, (val_fraction, test_fraction), seed)
+    return Splits(str(root), classes, train, val, test, "class-folders", notes, seed)
+
+
+def _from_csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Splits:
+    root = path.parent.resolve()
+    rows = []
+    with open(path, newline="") as f:
+        for i, row in enumerate(csv.reader(f)):
+            if not row or row[0].startswith("#"):
+                continue
+            if i == 0 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
+                continue
+            if len(row) < 2:
+                raise DataError(f"{path}, line {i + 1}: expected 'path,label', got {row!r}")
+            p = Path(row[0].strip())
+            rows.append((str(p), row[1].strip()))  # absolute paths stay absolute (root / abs == abs)
+    classes = sorted({lab for _, lab in rows})
+    if len(classes) < 2:
+        raise DataError(f"{path}: needs at least 2 distinct labels, found {classes}")
+    idx = {c: i for i, c in enumerate(classes)}
+    items = [(p, idx[lab]) for p, lab in rows]
+    val, test, train = stratified_split(items, (val_fraction, test_fraction), seed)
+    return Splits(str(root), classes, train, val, test, "csv", [], seed)
+
+
+def file_hash(path: str | Path) -> str:
+    """Content hash: the identity of an image for the cache and duplicate checks."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def scan(splits: Splits, names=("train", "val", "test")) -> list[tuple[str, str]]:
+    """Header-check every file once (no decode, fast); drop and return the bad
+    ones as (relative path, reason). Files that only fail at decode time
+    (truncated data) are caught and reported by the loader."""
+    bad = []
+    for name in names:
+        keep = []
+        for rel, y in getattr(splits, name):
+            try:
+                sniff(splits.path(rel))
+                keep.append((rel, y))
+            except BadImage as e:
+                bad.append((rel, e.reason))
+        setattr(splits, name, keep)
+    return bad
+
+
+class ImageDataset:
+    """(root, [(relpath, label)]) -> (uint8 CHW tensor | None, label, index, reason).
+
+    A file that fails to decode yields None and the reason instead of raising,
+    so one bad file among 100,000 does not end a long run; `collate` drops it
+    and passes the reason up to be reported once."""
+
+    def __init__(self, root: str | Path, items: list[tuple[str, int]], transform, draft_size: int | None = None):
+        self.root, self.items, self.transform, self.draft_size = Path(root), items, transform, draft_size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        rel, y = self.items[i]
+        try:
+            img = open_image(self.root / rel, draft_size=self.draft_size)
+            return self.transform(img), y, i, None
+        except BadImage as e:
+            return None, y, i, e.reason
+
+
+def collate(batch):
+    import torch
+
+    good = [b for b in batch if b[0] is not None]
+    bad = [(b[2], b[3]) for b in batch if b[0] is None]
+    if not good:
+        return None, None, None, bad
+    x = torch.stack([b[0] for b in good])
+    y = torch.tensor([b[1] for b in good], dtype=torch.long)
+    idx = torch.tensor([b[2] for b in good], dtype=torch.long)
+    return x, y, idx, bad
+
+
+def default_workers() -> int:
+    """DataLoader workers for this machine. On 2 cores one worker decodes while
+    the main process computes; more would fight the model's threads."""
+    import os
+
+    n = os.cpu_count() or 1
+    return 0 if n <= 1 else min(8, max(1, n // 2))
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0, sampler=None):
+    import torch
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        num_workers=workers, collate_fn=collate, generator=g, persistent_workers=False,
+        prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available(),
+    )
+
+
+class BadFileLog:
+    """Reports each bad file once (path and reason) and counts them for the summary."""
+
+    def __init__(self, printer=print):
+        self.seen: dict[str, str] = {}
+        self.printer = printer
+
+    def add(self, path: str, reason: str) -> None:
+        if path not in self.seen:
+            self.seen[path] = reason
+            self.printer(f"skipped {path}: {reason}")

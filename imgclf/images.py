@@ -1,0 +1,151 @@
+"""Reading one image safely: by content, EXIF-upright, always RGB, never a bomb.
+
+Everything that opens an image (training, checking, predicting, serving) goes
+through `open_image`, so every entry point treats odd files the same way.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Formats we accept, told by content (PIL sniffs the header), never by extension.
+# MPO is what many phone cameras write for JPEGs.
+FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF"}
+# Default ceiling on decoded pixels: 100 MP is above any camera photo a
+# classifier needs and far below what would exhaust memory.
+MAX_PIXELS = 100_000_000
+
+# PIL's own bomb check warns at MAX_IMAGE_PIXELS and fails at twice that; we
+# enforce our own limit (per call) before decoding, so switch PIL's off.
+Image.MAX_IMAGE_PIXELS = None
+# Truncated files must fail, not be silently padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+Source = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
+
+
+class BadImage(Exception):
+    """A file that cannot be used as an image. `reason` says why, for a person."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+def _name(src: Source) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    return getattr(src, "name", None) or f"<{type(src).__name__}>"
+
+
+def open_image(src: Source, draft_size: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Return `src` as an upright RGB PIL image, or raise BadImage.
+
+    draft_size: for JPEGs, let libjpeg decode at 1/2, 1/4 or 1/8 scale as long as
+    both sides stay >= draft_size. Decoding a 500x375 photo for a 224 px model
+    is then about 2x cheaper (bench/bench_pipeline.py) with no visible loss,
+    because the resize that follows would throw those pixels away anyway.
+    """
+    if isinstance(src, Image.Image):
+        return to_rgb(src)
+    if isinstance(src, np.ndarray):
+        return to_rgb(_from_array(src))
+    name = _name(src)
+    if isinstance(src, bytes):
+        if not src:
+            raise BadImage(name, "empty data (0 bytes)")
+        src = io.BytesIO(src)
+    elif isinstance(src, (str, os.PathLike)):
+        try:
+            if os.path.getsize(src) == 0:
+                raise BadImage(name, "empty file (0 bytes); delete it or replace it with the real image")
+        except OSError as e:
+            raise BadImage(name, f"cannot read file: {e.strerror or e}") from None
+    try:
+        img = Image.open(src)
+    except UnidentifiedImageError:
+        raise BadImage(name, "not an image: content is not JPEG, PNG, BMP, GIF, WebP or TIFF") from None
+    except OSError as e:
+        raise BadImage(name, f"cannot read file: {e}") from None
+    if img.format not in FORMATS:
+        raise BadImage(name, f"unsupported image format {img.format}; convert it to JPEG or PNG")
+    w, h = img.size
+    if w * h > max_pixels:
+        raise BadImage(name, f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} (decompression bomb?)")
+    if draft_size and img.format in ("JPEG", "MPO"):
+        img.draft("RGB", (draft_size, draft_size))
+    try:
+        img.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken data
+        raise BadImage(name, f"corrupt or truncated image data ({e})") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:
+        pass  # a broken EXIF block should not cost us the pixels
+    return to_rgb(img)
+
+
+def sniff(path: str | os.PathLike) -> tuple[str, str, tuple[int, int]]:
+    """Cheap check (header only, no decode): (format, mode, size), or BadImage."""
+    name = str(path)
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImage(name, "empty file (0 bytes); delete it or replace it with the real image")
+        with Image.open(path) as img:
+            if img.format not in FORMATS:
+                raise BadImage(name, f"unsupported image format {img.format}; convert it to JPEG or PNG")
+            return img.format, img.mode, img.size
+    except UnidentifiedImageError:
+        raise BadImage(name, "not an image: content is not JPEG, PNG, BMP, GIF, WebP or TIFF") from None
+    except OSError as e:
+        raise BadImage(name, f"cannot read file: {e}") from None
+
+
+def _from_array(a: np.ndarray) -> Image.Image:
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise BadImage("<array>", f"expected an HxW, HxWx1, HxWx3 or HxWx4 array, got shape {a.shape}")
+    if a.dtype != np.uint8:
+        # Floats are taken as [0, 1] (what most libraries produce), ints as 0..255.
+        a = np.clip(a * 255.0 if np.issubdtype(a.dtype, np.floating) else a, 0, 255).astype(np.uint8)
+    if a.shape[2] == 1:
+        return Image.fromarray(a[:, :, 0], "L")
+    return Image.fromarray(a, "RGBA" if a.shape[2] == 4 else "RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB. Transparency is composited on white (what a
+    viewer shows), 16-bit and float images are scaled, not clipped."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if (mode.startswith("I;16") or a.max() > 255) else 255.0
+        if mode == "F" and a.max() <= 1.0:
+            hi = 1.0
+        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def list_files(folder: Path) -> list[Path]:
+    """Every regular, non-hidden file under `folder`, sorted, so that a split is
+    the same on every machine. Non-images are kept: they get reported later."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
+    return sorted(out)

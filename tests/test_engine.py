@@ -1,0 +1,37 @@
+"""Loop parts fed scripted values, as Keras tests its callbacks."""
+
+import math
+
+import torch
+
+from imgclf.engine import EarlyStopping, balanced_class_weights, warmup_cosine
+
+
+def test_early_stopping_tracks_best_and_patience():
+    es = EarlyStopping(patience=2, monitor="acc")
+    script = [(0.80, 0.5), (0.90, 0.4), (0.90, 0.3), (0.85, 0.2), (0.90, 0.35), (0.88, 0.1)]
+    improved = [es.step({"acc": a, "loss": l}, i) for i, (a, l) in enumerate(script)]
+    # 0.90 at a lower loss counts as better (tie-break); 0.90 at a higher loss does not.
+    assert improved == [True, True, True, False, False, False]
+    assert es.best_epoch == 2 and es.should_stop
+
+
+def test_early_stopping_on_loss_and_state_roundtrip():
+    es = EarlyStopping(patience=3, monitor="loss")
+    for i, l in enumerate([1.0, 0.5, 0.6, 0.4]):
+        es.step({"loss": l, "acc": 0}, i)
+    assert es.best_epoch == 3 and not es.should_stop
+    es2 = EarlyStopping(patience=3, monitor="loss")
+    es2.load_state_dict(es.state_dict())
+    assert es2.best == es.best and es2.best_epoch == 3
+
+
+def test_warmup_cosine_shape():
+    f = warmup_cosine(total_steps=100, warmup_steps=10, floor=0.01)
+    assert f(0) == 0.1 and f(9) == 1.0
+    assert math.isclose(f(10), 1.0) and f(55) < f(20) and math.isclose(f(100), 0.01)
+
+
+def test_balanced_class_weights():
+    w = balanced_class_weights(torch.tensor([0, 0, 0, 1]), 3)
+    assert torch.allclose(w, torch.tensor([4 / 9, 4 / 3, 0.0]))

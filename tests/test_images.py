@@ -1,0 +1,91 @@
+"""open_image: by content, EXIF-upright, every mode to RGB, bad data refused with a reason."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgclf.images import BadImage, open_image, sniff
+
+
+@pytest.fixture()
+def photo(tiny):
+    return Image.open(sorted((tiny / "train" / "cats").iterdir())[0]).convert("RGB")
+
+
+def _save(img, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+def test_modes_become_rgb(tmp_path, photo):
+    arr16 = (np.asarray(photo.convert("L"), dtype=np.uint16) * 257)
+    cases = {
+        "cmyk.jpg": photo.convert("CMYK"),
+        "gray.png": photo.convert("L"),
+        "pal.gif": photo.convert("P"),
+        "rgba.png": photo.convert("RGBA"),
+        "p16.png": Image.fromarray(arr16),
+        "bmp.bmp": photo,
+        "webp.webp": photo,
+        "tiff.tiff": photo,
+    }
+    for name, img in cases.items():
+        out = open_image(_save(img, tmp_path / name))
+        assert out.mode == "RGB" and out.size == photo.size, name
+    # 16-bit is scaled down, not clipped to white: it matches the 8-bit grey image.
+    a16 = np.asarray(open_image(tmp_path / "p16.png"), dtype=int)
+    a8 = np.asarray(open_image(tmp_path / "gray.png"), dtype=int)
+    assert np.abs(a16 - a8).max() <= 1
+
+
+def test_transparency_composited_on_white(tmp_path):
+    img = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
+    out = open_image(_save(img, tmp_path / "t.png"))
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_orientation_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    assert open_image(tmp_path / "rot.jpg").size == (20, 40)
+
+
+def test_extension_is_ignored(tmp_path, photo):
+    png_named_jpg = _save(photo, tmp_path / "really_png.jpg", format="PNG")
+    assert open_image(png_named_jpg).size == photo.size
+    assert sniff(png_named_jpg)[0] == "PNG"
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p, src: p.write_bytes(b""), "empty"),
+    (lambda p, src: p.write_text("hello, I am text"), "not an image"),
+    (lambda p, src: p.write_bytes(src.read_bytes()[: len(src.read_bytes()) // 2]), "truncated"),
+])
+def test_bad_files_raise_with_reason(tmp_path, tiny, make, reason):
+    src = sorted((tiny / "train" / "dogs").iterdir())[0]
+    p = tmp_path / "bad.jpg"
+    make(p, src)
+    with pytest.raises(BadImage) as e:
+        open_image(p)
+    assert reason in e.value.reason and str(p) in str(e.value)
+
+
+def test_decompression_bomb_refused(tmp_path):
+    Image.new("L", (5000, 5000)).save(tmp_path / "big.png")
+    with pytest.raises(BadImage, match="over the limit"):
+        open_image(tmp_path / "big.png", max_pixels=10_000_000)
+
+
+def test_arrays_bytes_and_draft(tiny):
+    f = sorted((tiny / "val" / "dogs").iterdir())[0]
+    data = f.read_bytes()
+    a = open_image(data)
+    assert open_image(np.asarray(a)).size == a.size
+    assert open_image(np.asarray(a, dtype=np.float32) / 255).mode == "RGB"
+    # draft decoding never goes below the requested size
+    small = open_image(io.BytesIO(data), draft_size=64)
+    assert min(small.size) >= 64

@@ -1,0 +1,214 @@
+"""End to end on real images: train, evaluate, predict, bad files, early
+stopping, resume, the feature cache and the strategy choice."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import imgclf
+from imgclf.runs import read_history
+
+from .conftest import imgclf as run_cli
+
+
+def test_cli_train_writes_a_self_describing_run(tiny_run):
+    out, proc = tiny_run
+    for f in ("model.pt", "last.pt", "config.json", "splits.json", "history.csv", "summary.json", "eval_val.json"):
+        assert (out / f).exists(), f
+    assert "strategy: linear" in proc.stdout
+    rec = torch.load(out / "model.pt", map_location="cpu", weights_only=True)  # no pickled code
+    assert rec["classes"] == ["cats", "dogs"] and rec["arch"] == "efficientnet_lite0"
+    assert rec["preprocess"]["size"] == 224 and rec["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    assert rec["config"]["model"] == "efficientnet_lite0" and rec["imgclf_version"] == imgclf.__version__
+    splits = json.loads((out / "splits.json").read_text())
+    assert len(splits["train"]) == 200 and len(splits["val"]) == 100
+    assert not any(os.path.isabs(p) for p, _ in splits["train"])
+
+
+def test_frozen_lite0_linear_head_reaches_90_percent(tiny_run):
+    """Pretrained weights really load: a frozen Lite0 + trained linear head >= 90% on cats_dogs_tiny/val."""
+    out, _ = tiny_run
+    m = json.loads((out / "eval_val.json").read_text())
+    assert m["n"] == 100 and m["accuracy"] >= 0.90
+    assert set(m["per_class"]) == {"cats", "dogs"} and np.array(m["confusion_matrix"]).sum() == 100
+    for key in ("balanced_accuracy", "macro", "weighted"):
+        assert key in m
+
+
+def test_evaluate_and_predict_cli(tiny_run, tiny):
+    out, _ = tiny_run
+    ev = run_cli("evaluate", out, "--split", "val")
+    assert "precision" in ev.stdout and "confusion matrix" in ev.stdout
+    assert json.loads((out / "eval_val.json").read_text())["accuracy"] >= 0.90
+    p = run_cli("predict", out, tiny / "val" / "dogs", "--format", "json", "--top-k", "2")
+    res = json.loads(p.stdout)
+    assert len(res) == 50 and all(len(r["top"]) == 2 for r in res)
+    assert sum(r["label"] == "dogs" for r in res) >= 45
+    assert all(abs(sum(t["score"] for t in r["top"]) - 1) < 1e-4 for r in res)
+    c = run_cli("predict", out, sorted((tiny / "val" / "cats").iterdir())[0], "--format", "csv")
+    rows = list(csv.DictReader(c.stdout.splitlines()))
+    assert rows[0]["label"] == "cats"
+
+
+def test_python_api_predicts_paths_pil_and_arrays(tiny_run, tiny, tmp_path):
+    out, _ = tiny_run
+    clf = imgclf.load(out)
+    f = sorted((tiny / "val" / "cats").iterdir())[3]
+    img = Image.open(f)
+    (tmp_path / "junk.jpg").write_text("no")
+    res = clf.predict([f, img, np.asarray(img), tmp_path / "junk.jpg"], top_k=1)
+    assert [r.get("label") for r in res[:3]] == ["cats"] * 3
+    assert abs(res[0]["score"] - res[1]["score"]) < 1e-5  # same pixels, same answer
+    assert "not an image" in res[3]["error"]
+    assert clf.predict_proba([f]).shape == (1, 2)
+
+
+def test_early_stopping_restores_best_weights(tiny_run):
+    """model.pt is the best epoch, not the last: its validation loss, recomputed
+    from the saved file, equals the best row of history.csv."""
+    out, _ = tiny_run
+    hist = read_history(out / "history.csv")
+    best = max(hist, key=lambda r: (float(r["val_acc"]), -float(r["val_loss"])))
+    last = hist[-1]
+    assert int(best["epoch"]) < int(last["epoch"])  # it did train past its best
+    assert best["val_loss"] != last["val_loss"]
+    clf = imgclf.load(out)
+    splits = json.loads((out / "splits.json").read_text())
+    probs, labels, _ = clf.predict_proba_items(splits["root"], [tuple(x) for x in splits["val"]])
+    nll = -np.log(probs[np.arange(len(labels)), labels]).mean()
+    assert abs(nll - float(best["val_loss"])) < 1e-3
+    assert abs(nll - float(last["val_loss"])) > 1e-4
+
+
+def _mixed_folder(tmp_path: Path, tiny: Path) -> Path:
+    d = tmp_path / "mixed"
+    for c in ("cats", "dogs"):
+        (d / c).mkdir(parents=True)
+        for f in sorted((tiny / "train" / c).iterdir())[:20]:
+            shutil.copy(f, d / c / f.name)
+    src = Image.open(sorted((tiny / "val" / "cats").iterdir())[0]).convert("RGB")
+    (d / "cats" / "zero.jpg").write_bytes(b"")
+    good = (sorted((tiny / "val" / "dogs").iterdir())[0]).read_bytes()
+    (d / "dogs" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (d / "dogs" / "text.jpg").write_text("this is not a JPEG")
+    src.convert("CMYK").save(d / "cats" / "cmyk.jpg")
+    Image.fromarray(np.asarray(src.convert("L"), dtype=np.uint16) * 257).save(d / "cats" / "gray16.png")
+    src.convert("RGBA").save(d / "cats" / "rgba.png")
+    src.convert("P").save(d / "cats" / "pal.gif")
+    return d
+
+
+def test_bad_files_are_reported_and_skipped(tmp_path, tiny):
+    data = _mixed_folder(tmp_path, tiny)
+    out = tmp_path / "run"
+    p = run_cli("train", data, "--out", out, "--val-fraction", "0.2", "--test-fraction", "0.2", "--epochs", "20")
+    summary = json.loads((out / "summary.json").read_text())
+    skipped = {Path(s["path"]).name: s["reason"] for s in summary["skipped_files"]}
+    assert set(skipped) == {"zero.jpg", "truncated.jpg", "text.jpg"}
+    assert "empty" in skipped["zero.jpg"] and "truncated" in skipped["truncated.jpg"]
+    assert "not an image" in skipped["text.jpg"]
+    for name in skipped:  # reported once each, with the path
+        assert p.stdout.count(name) == 1
+    # The odd-but-valid files were used, not skipped.
+    splits = json.loads((out / "splits.json").read_text())
+    used = {Path(x).name for part in ("train", "val", "test") for x, _ in splits[part]}
+    assert {"cmyk.jpg", "gray16.png", "rgba.png", "pal.gif"} <= used
+    assert (out / "model.pt").exists() and (out / "eval_test.json").exists()
+
+
+def test_interrupted_run_resumes(tmp_path, tiny):
+    """Kill a from-scratch run mid-way (SIGKILL: no chance to clean up), then
+    --resume: it continues from the last checkpoint and finishes every epoch once."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "imgclf", "train", str(tiny), "--out", str(out), "--model", "small_cnn",
+            "--image-size", "32", "--epochs", "6", "--patience", "50", "--batch-size", "50", "--workers", "0",
+            "--no-evaluate"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (out / "last.pt").exists() and torch.load(out / "last.pt", weights_only=True)["epoch"] >= 2:
+            break
+        if proc.poll() is not None:
+            pytest.fail("training ended before it could be interrupted:\n" + proc.stdout.read())
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = torch.load(out / "last.pt", weights_only=True)["epoch"]
+    assert 2 <= done < 6
+    p = run_cli("train", "--resume", "--out", out)
+    assert f"{done} epochs done" in p.stdout
+    hist = read_history(out / "history.csv")
+    assert [int(r["epoch"]) for r in hist] == [1, 2, 3, 4, 5, 6]
+    assert (out / "model.pt").exists()
+
+
+def test_refuses_to_overwrite_a_run(tiny_run, tiny):
+    out, _ = tiny_run
+    p = run_cli("train", tiny, "--out", out, check=False)
+    assert p.returncode == 2 and "--resume" in p.stderr
+
+
+def test_feature_cache_hit_and_misses(tmp_path, tiny):
+    """Hit: same files, other head settings. Miss: a changed file; other preprocessing."""
+    cache = tmp_path / "cache"
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data)
+    common = ["--cache-dir", cache, "--epochs", "5", "--no-evaluate"]
+    a = run_cli("train", data, "--out", tmp_path / "a", *common)
+    assert "0/200 train images from cache" in a.stdout
+    b = run_cli("train", data, "--out", tmp_path / "b", "--head-hidden", "64", *common)
+    assert "200/200 train images from cache" in b.stdout
+    # Change one training image's content: only it is recomputed.
+    f = sorted((data / "train" / "cats").iterdir())[0]
+    Image.open(f).rotate(90).save(f, format="JPEG")
+    c = run_cli("train", data, "--out", tmp_path / "c", *common)
+    assert "199/200 train images from cache" in c.stdout
+    # Other preprocessing (image size): a different key, nothing reused.
+    d = run_cli("train", data, "--out", tmp_path / "d", "--image-size", "160", *common)
+    assert "0/200 train images from cache" in d.stdout
+    info = run_cli("cache", "info", "--cache-dir", cache).stdout
+    assert "efficientnet_lite0" in info and "160px" in info
+    run_cli("cache", "clear", "--cache-dir", cache)
+    assert "empty" in run_cli("cache", "info", "--cache-dir", cache).stdout
+
+
+def test_auto_strategy_choice():
+    from imgclf.config import TrainConfig
+    from imgclf.train import choose_strategy
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_strategy(TrainConfig(), cpu)[0] == "linear"
+    assert choose_strategy(TrainConfig(), cuda)[0] == "finetune"
+    assert choose_strategy(TrainConfig(time_budget=600), cpu)[0] == "linear+finetune"
+    assert choose_strategy(TrainConfig(model="small_cnn"), cpu)[0] == "scratch"
+    assert choose_strategy(TrainConfig(pretrained=False), cpu)[0] == "scratch"
+    with pytest.raises(ValueError, match="pretrained"):
+        choose_strategy(TrainConfig(model="small_cnn", strategy="linear"), cpu)
+
+
+def test_small_cnn_from_scratch_learns(tmp_path, tiny):
+    out = tmp_path / "run"
+    run_cli("train", tiny, "--out", out, "--model", "small_cnn", "--image-size", "64", "--epochs", "8",
+            "--batch-size", "32")
+    m = json.loads((out / "eval_val.json").read_text())
+    assert m["accuracy"] >= 0.6  # chance is 0.5; 200 images from scratch at 64 px
+
+
+def test_finetune_strategy_runs_both_stages(tmp_path, tiny):
+    out = tmp_path / "run"
+    run_cli("train", tiny, "--out", out, "--strategy", "finetune", "--image-size", "96", "--head-epochs", "5",
+            "--epochs", "1", "--batch-size", "50")
+    stages = {r["stage"] for r in read_history(out / "history.csv")}
+    assert stages == {"head", "finetune"}
+    assert json.loads((out / "eval_val.json").read_text())["accuracy"] >= 0.85
