@@ -159,6 +159,9 @@ class FeatureExtractor:
         so = ort.SessionOptions()
         so.intra_op_num_threads = torch.get_num_threads()
         so.log_severity_level = 3
+        # The arena keeps the peak of every batch shape it has seen (~900 MB for
+        # 32 x 224 px); without it peak memory drops by ~400 MB at no measurable cost.
+        so.enable_cpu_mem_arena = False
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
     @torch.inference_mode()
