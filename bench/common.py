@@ -36,14 +36,16 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(out)
 
 
-_WRAP = ("import resource, sys; from imgclf.cli import main; rc = main(sys.argv[1:]); "
-         "r = resource.getrusage; print('PEAK_RSS_KB', max(r(resource.RUSAGE_SELF).ru_maxrss, "
-         "r(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(rc)")
+# VmHWM: this process's own peak resident memory. (getrusage's ru_maxrss would
+# carry over the benchmark parent's peak: Linux keeps it across fork + exec.)
+_WRAP = ("import sys; from imgclf.cli import main; rc = main(sys.argv[1:]); "
+         "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
+         "print('PEAK_RSS_KB', hwm); sys.exit(rc)")
 
 
 def timed_cli(args: list[str], env: dict | None = None) -> tuple[float, float, str]:
     """Run the imgclf CLI in a fresh process, as a user would (start-up
-    included); returns (wall s, peak RSS GiB of the process or its workers, stdout)."""
+    included); returns (wall s, peak RSS GiB of the main process, stdout)."""
     t0 = time.time()
     p = subprocess.run([sys.executable, "-c", _WRAP, *map(str, args)], capture_output=True, text=True,
                        env={**os.environ, **(env or {})})

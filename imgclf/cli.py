@@ -50,7 +50,16 @@ def cmd_train(a) -> int:
 def cmd_evaluate(a) -> int:
     from .evaluate import evaluate_run
 
-    evaluate_run(a.run, a.data, a.split, device=a.device, engine=a.engine, cache_dir=a.cache_dir, tta=a.tta == "flip")
+    evaluate_run(a.run, a.data, a.split, device=a.device, engine=a.engine, cache_dir=a.cache_dir, tta=a.tta == "flip",
+                 calibrate=a.calibrate, report=a.report, suspects=a.suspects, gradcam=a.gradcam)
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from .compare import compare_runs, format_comparison
+
+    rows = compare_runs(a.runs, split=a.split, device=a.device, engine=a.engine, cache_dir=a.cache_dir)
+    print(json.dumps(rows, indent=2) if a.json else format_comparison(rows))
     return 0
 
 
@@ -138,13 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(t)
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("evaluate", help="metrics of a run on its held-out split")
+    e = sub.add_parser("evaluate", help="metrics, calibration and an HTML report of a run on its held-out split")
     e.add_argument("run", help="run directory")
     e.add_argument("data", nargs="?", default=None, help="data root (default: the one recorded in the run)")
     e.add_argument("--split", choices=["test", "val", "train"], default=None, help="default: test, else val")
-    e.add_argument("--tta", choices=["none", "flip"], default="none", help="test-time augmentation")
+    e.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="test-time augmentation: flip averages with the mirrored image (the report shows both)")
+    e.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit temperature scaling on the val split and store it in model.pt (default: on)")
+    e.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write RUN/report/index.html and RUN/report/eval.json (default: on)")
+    e.add_argument("--suspects", action=argparse.BooleanOptionalAction, default=True,
+                   help="report training images whose label looks wrong (out-of-fold; default: on)")
+    e.add_argument("--gradcam", action=argparse.BooleanOptionalAction, default=True,
+                   help="Grad-CAM heatmaps for a few predictions in the report (default: on)")
     _runtime_flags(e)
     e.set_defaults(fn=cmd_evaluate)
+
+    co = sub.add_parser("compare", help="side-by-side metrics of several runs on the same split")
+    co.add_argument("runs", nargs="+", help="run directories")
+    co.add_argument("--split", choices=["test", "val"], default=None, help="default: each run's held-out split")
+    co.add_argument("--json", action="store_true", help="machine-readable output")
+    _runtime_flags(co)
+    co.set_defaults(fn=cmd_compare)
 
     pr = sub.add_parser("predict", help="top-k labels for image files or folders")
     pr.add_argument("run", help="run directory or model.pt")
@@ -170,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("action", choices=["info", "clear"])
     ca.add_argument("--cache-dir", default=None)
     ca.set_defaults(fn=cmd_cache)
+    _add_deploy_commands(sub)
     return p
 
 
@@ -178,6 +204,61 @@ def _runtime_flags(p) -> None:
     p.add_argument("--engine", default="auto", help="feature extraction: auto | torch | onnxruntime")
     if not any(a.dest == "cache_dir" for a in p._actions):
         p.add_argument("--cache-dir", default=None, help="feature cache folder")
+
+
+def cmd_export(a) -> int:
+    from .export import export
+
+    r = export(a.run, fmt=a.format, out=a.out, int8=a.int8, max_drop=a.max_drop, force=a.force,
+               calib_images=a.calib_images, check_images=a.check_images)
+    if a.json:
+        print(json.dumps(r, indent=2))
+    return 0
+
+
+def cmd_serve(a) -> int:
+    # Only imgclf.serve (and, for a run directory, torch): an .onnx needs neither torch nor onnx.
+    from .serve import ServeConfig, serve
+
+    cfg = ServeConfig(model=str(a.model), max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms,
+                      api_key=a.api_key or os.environ.get("IMGCLF_API_KEY") or None,
+                      max_body_bytes=int(a.max_body_mb * 2**20), max_files=a.max_files, max_pixels=a.max_pixels,
+                      default_top_k=a.top_k)
+    serve(cfg, host=a.host, port=a.port, workers=a.workers)
+    return 0
+
+
+def _add_deploy_commands(sub) -> None:
+    """`imgclf export` and `imgclf serve` (issue 5: deploy)."""
+    ex = sub.add_parser("export", help="write a self-contained ONNX (optionally INT8) or TorchScript model file")
+    ex.add_argument("run", help="run directory or model.pt")
+    ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    ex.add_argument("--out", default=None, help="output file (default: RUN/model.onnx, model.int8.onnx, "
+                                                 "model.torchscript.pt)")
+    ex.add_argument("--int8", action="store_true", help="static INT8 quantization (onnxruntime), calibrated on "
+                                                        "training images; reports accuracy change and speed-up")
+    ex.add_argument("--max-drop", type=float, default=1.0,
+                    help="refuse an INT8 model whose validation accuracy drops by more points than this (default: 1)")
+    ex.add_argument("--force", action="store_true", help="write the INT8 model even over --max-drop")
+    ex.add_argument("--calib-images", type=int, default=100, help="training images for INT8 calibration")
+    ex.add_argument("--check-images", type=int, default=32, help="validation images for the PyTorch parity check")
+    ex.add_argument("--json", action="store_true", help="print the export report as JSON")
+    ex.set_defaults(fn=cmd_export)
+
+    sv = sub.add_parser("serve", help="REST API (/v1/predict) and a web page for a run or an exported .onnx")
+    sv.add_argument("model", help="an .onnx from `imgclf export` (no torch needed) or a run directory")
+    sv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (default: loopback)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--workers", type=int, default=1, help="server processes (each loads the model)")
+    sv.add_argument("--max-batch", type=int, default=32, help="most images per model call (micro-batching)")
+    sv.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more images")
+    sv.add_argument("--api-key", default=None, help="require this key on /v1/* (X-API-Key or Authorization: "
+                                                    "Bearer); or set IMGCLF_API_KEY")
+    sv.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body, MiB")
+    sv.add_argument("--max-files", type=int, default=16, help="most images per request")
+    sv.add_argument("--max-pixels", type=int, default=40_000_000, help="largest decoded image, pixels")
+    sv.add_argument("--top-k", type=int, default=5, help="labels per image unless the request says otherwise")
+    sv.set_defaults(fn=cmd_serve)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("IMGCLF_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        if isinstance(e, ImportError) and getattr(e, "name", None) in ("torch", "torchvision", "timm", "sklearn", "onnx"):
+            msg += (f"\n  `imgclf {args.cmd}` needs the training extras: pip install 'imgclf[train]'"
+                    " (exported .onnx models run without them)")
         print(f"imgclf {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
 

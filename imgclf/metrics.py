@@ -34,6 +34,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
     for avg in ("macro", "weighted"):
         ap, ar, af, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
         out[avg] = {"precision": float(ap), "recall": float(ar), "f1": float(af)}
+    for c, j in zip(classes, confused_with(out["confusion_matrix"])):
+        out["per_class"][c]["confused_with"] = classes[j] if j is not None else None
     if len(classes) > 5:
         top5 = np.argsort(-probs, axis=1)[:, :5]
         out["top5_accuracy"] = float(np.mean([t in row for t, row in zip(y_true, top5)]))
@@ -64,3 +66,60 @@ def format_metrics(m: dict) -> str:
         for c, row in zip(classes, cm):
             lines.append(f"{c:<{w}} " + " ".join(f"{v:>{cw}d}" for v in row))
     return "\n".join(lines)
+
+
+def confused_with(cm) -> list[int | None]:
+    """For each true class, the class it is most often mistaken for (None
+    when it never is)."""
+    cm = np.asarray(cm)
+    off = cm - np.diag(np.diag(cm))
+    return [int(off[i].argmax()) if off[i].max() > 0 else None for i in range(len(cm))]
+
+
+def most_confused_pairs(cm, classes: list[str], k: int = 10) -> list[dict]:
+    """The k largest off-diagonal cells: (true, predicted, count, share of the true class)."""
+    cm = np.asarray(cm)
+    rows = cm.sum(1)
+    cells = [(int(cm[i, j]), i, j) for i in range(len(cm)) for j in range(len(cm)) if i != j and cm[i, j] > 0]
+    cells.sort(key=lambda t: (-t[0], t[1], t[2]))
+    return [{"true": classes[i], "predicted": classes[j], "count": n, "rate": n / rows[i] if rows[i] else 0.0}
+            for n, i, j in cells[:k]]
+
+
+def roc_pr_curves(y_true: np.ndarray, probs: np.ndarray, classes: list[str], max_points: int = 400) -> dict:
+    """ROC and precision-recall curves with their areas (scikit-learn): for two
+    classes, the second class as positive; for more, one-vs-rest per class plus
+    macro averages. Curves are thinned to about `max_points` points each.
+    A class absent from y_true (or present everywhere) gets no curve: its AUC
+    is undefined."""
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    y_true = np.asarray(y_true)
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = [1] if len(classes) == 2 else list(range(len(classes)))
+    curves = {}
+    for c in targets:
+        y = (y_true == c).astype(int)
+        if y.min(initial=1) == y.max(initial=0):
+            continue
+        fpr, tpr, _ = roc_curve(y, probs[:, c])
+        prec, rec, _ = precision_recall_curve(y, probs[:, c])
+        curves[classes[c]] = {
+            "roc_auc": float(roc_auc_score(y, probs[:, c])), "average_precision": float(average_precision_score(y, probs[:, c])),
+            "pr_auc": float(auc(rec, prec)), "prevalence": float(y.mean()),
+            "fpr": _thin(fpr, max_points), "tpr": _thin(tpr, max_points),
+            "recall": _thin(rec, max_points), "precision": _thin(prec, max_points),
+        }
+    out = {"positive": classes[1] if len(classes) == 2 else None, "per_class": curves}
+    if curves:
+        out["macro_roc_auc"] = float(np.mean([v["roc_auc"] for v in curves.values()]))
+        out["macro_average_precision"] = float(np.mean([v["average_precision"] for v in curves.values()]))
+    return out
+
+
+def _thin(a: np.ndarray, n: int) -> list[float]:
+    """At most ~n points, always keeping both ends (enough to draw a curve)."""
+    if len(a) <= n:
+        return [round(float(v), 5) for v in a]
+    idx = np.unique(np.r_[np.linspace(0, len(a) - 1, n).astype(int), len(a) - 1])
+    return [round(float(a[i]), 5) for i in idx]

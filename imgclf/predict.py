@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError:  # inference-only install (imgclf[serve]): .onnx files need no torch
+    torch = None
 
 from .images import BadImage, list_files, open_image
 from .preprocess import Preprocess, eval_transform
@@ -47,10 +51,10 @@ class Classifier:
                                                self.cache_dir, self._bhash)
         return self._extractor
 
-    @torch.inference_mode()
     def _probs_from_features(self, f: np.ndarray) -> np.ndarray:
-        logits = self.model.head(torch.from_numpy(np.asarray(f, dtype=np.float32)).to(self.device)).float().cpu()
-        return torch.softmax(logits / self.temperature, dim=1).numpy()
+        with torch.inference_mode():
+            logits = self.model.head(torch.from_numpy(np.asarray(f, dtype=np.float32)).to(self.device)).float().cpu()
+            return torch.softmax(logits / self.temperature, dim=1).numpy()
 
     def logits_from_uint8(self, x: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
@@ -77,6 +81,29 @@ class Classifier:
         if flip:  # test-time augmentation: average with the mirrored image
             probs = (probs + self._probs_from_features(feats["flip"])) / 2
         return probs, labels, kept
+
+    def features_items(self, root: str | Path, items: list[tuple[str, int]], batch_size: int = 32, workers: int = 1,
+                       bad=None, variants: tuple[str, ...] = ("plain",), progress: bool = True):
+        """Pooled backbone features for (relative path, label) items, per variant
+        ("plain", "flip"), through the feature cache (the same entries training
+        wrote). Returns ({variant: features[N', D]}, labels[N'], kept_index[N'])."""
+        from .features import FeatureCache, default_cache_dir, extract, feature_key
+
+        ext = self.extractor
+        root_dir = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+        caches = {v: FeatureCache(root_dir, feature_key(self.arch, self._bhash, self.preprocess, v),
+                                  {"model": self.arch, "size": self.preprocess.size, "variant": v}) for v in variants}
+        return extract(ext, root, items, caches, batch_size, workers, bad, "features", progress=progress)
+
+    def logits_items(self, root: str | Path, items: list[tuple[str, int]], batch_size: int = 32, workers: int = 1,
+                     bad=None, variants: tuple[str, ...] = ("plain",), progress: bool = True):
+        """Raw logits (before temperature) per variant, for calibration and
+        reports. Returns ({variant: logits[N', C]}, labels[N'], kept_index[N'])."""
+        feats, labels, kept = self.features_items(root, items, batch_size, workers, bad, variants, progress)
+        with torch.inference_mode():
+            out = {v: self.model.head(torch.from_numpy(np.asarray(f, dtype=np.float32)).to(self.device)).float().cpu().numpy()
+                   if len(kept) else np.zeros((0, len(self.classes)), np.float32) for v, f in feats.items()}
+        return out, labels, kept
 
     def predict_proba(self, inputs, batch_size: int = 32) -> np.ndarray:
         """(N, C) probabilities; raises BadImage on the first unreadable input."""
@@ -121,8 +148,16 @@ class Classifier:
         return out  # type: ignore[return-value]
 
 
-def load(path: str | Path, device: str = "auto", engine: str = "auto", cache_dir: str | Path | None = None) -> Classifier:
-    """A trained classifier from a run directory or its model.pt."""
+def load(path: str | Path, device: str = "auto", engine: str = "auto", cache_dir: str | Path | None = None):
+    """A trained classifier from a run directory or its model.pt, or an exported
+    .onnx file (run with onnxruntime alone, no torch; same `.predict()`)."""
+    if str(path).lower().endswith(".onnx"):
+        from .onnx_model import OnnxClassifier
+
+        return OnnxClassifier(path)
+    if torch is None:
+        raise ImportError(f"{path}: a run directory or model.pt needs PyTorch (pip install 'imgclf[train]'); "
+                          f"this install can only run exported models (imgclf export RUN --format onnx)")
     from .runs import model_file_path, torch_load
 
     p = model_file_path(path)

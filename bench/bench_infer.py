@@ -1,0 +1,99 @@
+"""Inference engines for a deployed model, measured in one run.
+
+  .venv/bin/python bench/bench_infer.py [--run RUN]
+
+The same trained model (default: EfficientNet-Lite0 trained on cats_dogs_tiny,
+into runs/bench-tiny when missing) as PyTorch eager (the baseline), ONNX
+Runtime fp32 and ONNX Runtime INT8 (`imgclf export --int8`): images/s and
+per-image latency at batch 1 and 32 on uint8 224x224 images (the resize in
+PIL is the same for all three and not timed), and validation accuracy of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import DATASETS, ROOT, machine, table
+
+
+def ensure_run(run: Path) -> Path:
+    if not (run / "model.pt").exists():
+        print(f"training {run} on cats_dogs_tiny (once)...", flush=True)
+        subprocess.run([sys.executable, "-m", "imgclf", "train", str(DATASETS / "cats_dogs_tiny"), "--out", str(run)],
+                       check=True, capture_output=True)
+    return run
+
+
+def timeit(fn, x: np.ndarray, repeats: int) -> float:
+    """Median seconds per call of fn(x), after one warm-up call."""
+    fn(x)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", type=Path, default=ROOT / "runs" / "bench-tiny")
+    ap.add_argument("--repeats1", type=int, default=30, help="timed calls at batch 1")
+    ap.add_argument("--repeats32", type=int, default=3, help="timed calls at batch 32")
+    a = ap.parse_args()
+
+    import torch
+
+    from imgclf.export import _wrapper, export, split_images
+    from imgclf.onnx_model import OnnxClassifier
+    from imgclf.preprocess import Preprocess
+    from imgclf.runs import model_from_record, torch_load
+
+    run = ensure_run(a.run)
+    record = torch_load(run / "model.pt")
+    x_val, y_val = split_images(run, "val", None, record)
+    tmp = Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
+    quiet = lambda *_: None  # noqa: E731
+    export(run, out=tmp / "fp32.onnx", printer=quiet)
+    r8 = export(run, out=tmp / "int8.onnx", int8=True, force=True, printer=quiet)
+
+    wrapped = _wrapper(model_from_record(record), Preprocess.from_dict(record["preprocess"]),
+                       record.get("temperature", 1.0))
+
+    def torch_fn(x):
+        with torch.inference_mode():
+            return wrapped(torch.from_numpy(x)).numpy()
+
+    engines = {"PyTorch eager (baseline)": torch_fn,
+               "ONNX Runtime fp32": OnnxClassifier(tmp / "fp32.onnx").probs,
+               "ONNX Runtime INT8": OnnxClassifier(tmp / "int8.onnx").probs}
+    rows = []
+    for name, fn in engines.items():
+        acc = float((np.concatenate([fn(x_val[i:i + 32]) for i in range(0, len(x_val), 32)]).argmax(1) == y_val).mean())
+        t1 = timeit(fn, x_val[:1], a.repeats1)
+        t32 = timeit(fn, x_val[:32], a.repeats32)
+        rows.append({"engine": name, "val accuracy": f"{acc:.1%}",
+                     "batch 1 img/s": f"{1 / t1:.1f}", "batch 1 ms/img": f"{t1 * 1000:.1f}",
+                     "batch 32 img/s": f"{32 / t32:.1f}", "batch 32 ms/img": f"{t32 * 1000 / 32:.1f}"})
+        print(f"  {name}: done", file=sys.stderr, flush=True)
+    base = float(rows[0]["batch 32 img/s"])
+    for r in rows:
+        r["speed-up (b32)"] = f"{float(r['batch 32 img/s']) / base:.2f}x"
+    print(f"Machine: {machine()}, torch threads {torch.get_num_threads()}")
+    print(f"Model: {record['arch']} {record['preprocess']['size']}px from {run}; val = {len(y_val)} images of "
+          f"cats_dogs_tiny; INT8 calibrated on {r8['calib_images']} train images; sizes: fp32 "
+          f"{(tmp / 'fp32.onnx').stat().st_size / 1e6:.1f} MB, INT8 {(tmp / 'int8.onnx').stat().st_size / 1e6:.1f} MB\n")
+    print(table(rows, ["engine", "val accuracy", "batch 1 img/s", "batch 1 ms/img", "batch 32 img/s", "batch 32 ms/img",
+                       "speed-up (b32)"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,436 @@
+"""RUN/report/index.html: one self-contained page that answers "how good is
+it, where does it fail, and can I trust its probabilities?".
+
+Everything is inline (figures as base64 PNG, thumbnails as base64 JPEG, CSS in
+a <style> block, no script, no CDN), so the page opens offline and from a
+copied folder. RUN/report/eval.json holds the same numbers for machines.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+
+GALLERY = 16  # most confident mistakes shown
+CLOSE_CALLS = 8  # least confident correct predictions shown
+GRADCAM_EACH = 4  # Grad-CAM: this many correct and this many wrong
+THUMB = 150  # thumbnail size, pixels (long side)
+
+
+def _b64(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _img(data: bytes, alt: str, cls: str = "fig", mime: str = "image/png") -> str:
+    return f'<img class="{cls}" alt="{html.escape(alt)}" src="{_b64(data, mime)}">'
+
+
+def _jpeg(img, quality: int = 82) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def thumbnail(path: Path, size: int = THUMB) -> bytes | None:
+    """A small JPEG of the image as the model saw it upright (EXIF applied)."""
+    from .images import BadImage, open_image
+
+    try:
+        img = open_image(path, draft_size=size)
+    except (BadImage, OSError):
+        return None
+    img.thumbnail((size, size))
+    return _jpeg(img)
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "n/a" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _e(s) -> str:
+    return html.escape(str(s))
+
+
+# ------------------------------------------------------------------ data
+
+def error_cases(probs: np.ndarray, labels: np.ndarray, paths: list[str], classes: list[str]) -> dict:
+    """The most confident mistakes and the closest correct calls."""
+    pred = probs.argmax(1)
+    conf = probs.max(1)
+    wrong = np.flatnonzero(pred != labels)
+    wrong = wrong[np.argsort(-conf[wrong], kind="stable")]
+    right = np.flatnonzero(pred == labels)
+    right = right[np.argsort(conf[right], kind="stable")]
+
+    def row(i):
+        return {"path": paths[i], "true": classes[labels[i]], "predicted": classes[pred[i]], "pred_idx": int(pred[i]),
+                "probability": float(conf[i]), "p_true": float(probs[i, labels[i]])}
+
+    return {"mistakes": [row(i) for i in wrong[:GALLERY]], "n_mistakes": int(len(wrong)),
+            "close_calls": [row(i) for i in right[:CLOSE_CALLS]]}
+
+
+def gradcam_samples(probs: np.ndarray, labels: np.ndarray, paths: list[str], classes: list[str],
+                    seed: int = 0) -> list[dict]:
+    """GRADCAM_EACH wrong (the most confident mistakes) and GRADCAM_EACH correct
+    (random, spread over the classes) predictions."""
+    pred = probs.argmax(1)
+    conf = probs.max(1)
+    wrong = np.flatnonzero(pred != labels)
+    wrong = list(wrong[np.argsort(-conf[wrong], kind="stable")][:GRADCAM_EACH])
+    rng = np.random.default_rng(seed)
+    right = []
+    by_class = [list(rng.permutation(np.flatnonzero((pred == labels) & (labels == c)))) for c in range(len(classes))]
+    for c in rng.permutation(len(classes)).tolist() * GRADCAM_EACH:  # round-robin over classes
+        if len(right) >= GRADCAM_EACH:
+            break
+        if by_class[c]:
+            right.append(by_class[c].pop())
+    return [{"path": paths[i], "true": classes[labels[i]], "predicted": classes[pred[i]], "pred_idx": int(pred[i]),
+             "probability": float(conf[i]), "correct": bool(pred[i] == labels[i])} for i in right + wrong]
+
+
+# ------------------------------------------------------------------ page
+
+CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1b1f24;margin:0;background:#f6f7f9}
+main{max-width:1180px;margin:0 auto;padding:20px 28px 60px;background:#fff}
+h1{font-size:26px;margin:8px 0 4px}h2{font-size:20px;margin:34px 0 10px;padding-top:10px;border-top:1px solid #e3e6ea}
+h3{font-size:16px;margin:18px 0 8px}
+.sub{color:#59636e;margin:0 0 12px}
+nav{position:sticky;top:0;background:#fff;padding:8px 0;border-bottom:1px solid #e3e6ea;z-index:2;font-size:14px}
+nav a{margin-right:14px;color:#0b61c4;text-decoration:none}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin:12px 0}
+.card{border:1px solid #e3e6ea;border-radius:8px;padding:10px 16px;min-width:130px}
+.card .v{font-size:26px;font-weight:600}.card .k{color:#59636e;font-size:13px}
+table{border-collapse:collapse;margin:8px 0;font-size:14px}
+th,td{padding:4px 10px;border-bottom:1px solid #eceef1;text-align:left;vertical-align:top}
+th{background:#f3f5f7;font-weight:600}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+td.bar{background-repeat:no-repeat;background-size:var(--w) 70%;background-position:left center;
+ background-image:linear-gradient(#cfe3fb,#cfe3fb)}
+tr.low td{background-color:#fff4f2}
+.scroll{max-height:560px;overflow:auto;display:inline-block;border:1px solid #eceef1}
+.fig{max-width:100%;height:auto;border:1px solid #eceef1;margin:4px 0}
+.row{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
+.gallery{display:flex;flex-wrap:wrap;gap:10px}
+.tile{width:164px;border:1px solid #e3e6ea;border-radius:6px;padding:6px;font-size:12.5px;background:#fff}
+.tile.wide{width:326px}
+.tile img{display:block;max-width:100%;margin:0 auto 4px;border-radius:3px}
+.tile .p{color:#59636e;word-break:break-all;font-size:11px}
+.bad{color:#b3261e;font-weight:600}.good{color:#1a7f37;font-weight:600}
+.note{background:#f3f5f7;border-left:3px solid #9aa4ae;padding:6px 12px;margin:8px 0;font-size:14px}
+ul.glance{margin:6px 0 0 0;padding-left:20px}
+"""
+
+
+def _tile(thumb: bytes | None, lines: list[str], path: str, wide: bool = False) -> str:
+    img = _img(thumb, path, cls="", mime="image/jpeg") if thumb else '<div class="p">(unreadable)</div>'
+    return (f'<div class="tile{" wide" if wide else ""}">{img}' + "".join(f"<div>{ln}</div>" for ln in lines)
+            + f'<div class="p" title="{_e(path)}">{_e(path)}</div></div>')
+
+
+def _summary(m: dict, meta: dict) -> str:
+    cards = [("accuracy", _pct(m["accuracy"])), ("balanced accuracy", _pct(m["balanced_accuracy"])),
+             ("macro F1", _f(m["macro"]["f1"])), ("images", f"{m['n']:,}")]
+    if "top5_accuracy" in m:
+        cards.insert(2, ("top-5 accuracy", _pct(m["top5_accuracy"])))
+    if m.get("ece") is not None:
+        cards.append(("calibration error (ECE)", _pct(m["ece"])))
+    out = ['<div class="cards">'] + [f'<div class="card"><div class="v">{v}</div><div class="k">{k}</div></div>'
+                                     for k, v in cards] + ["</div>"]
+    rows = [("model", meta["model"]), ("strategy", meta.get("strategy") or "n/a"), ("data", meta["data"]),
+            ("split", f"{m['split']} ({m['n']:,} images{', ' + str(m['skipped']) + ' unreadable skipped' if m.get('skipped') else ''})"),
+            ("test-time augmentation", m.get("tta") or "none"), ("temperature", _f(m.get("temperature"), 3)),
+            ("log loss", _f(m.get("log_loss"), 4))]
+    out.append('<table><tr><th></th><th class="n">precision</th><th class="n">recall</th><th class="n">F1</th></tr>')
+    for avg in ("macro", "weighted"):
+        a = m[avg]
+        out.append(f'<tr><td>{avg} average</td><td class="n">{_f(a["precision"])}</td><td class="n">{_f(a["recall"])}</td>'
+                   f'<td class="n">{_f(a["f1"])}</td></tr>')
+    out.append("</table><table>" + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows) + "</table>")
+    return "".join(out)
+
+
+def _glance(m: dict, cal: dict | None, errors: dict, suspects: dict | None) -> str:
+    """Three plain sentences: how good, where it fails, can the probabilities be trusted."""
+    pcs = m["per_class"]
+    worst = min(pcs, key=lambda c: (pcs[c]["f1"], c))
+    items = [f"<b>How good:</b> {_pct(m['accuracy'])} of {m['n']:,} {_e(m['split'])} images right "
+             f"(balanced accuracy {_pct(m['balanced_accuracy'])}, macro F1 {_f(m['macro']['f1'])})."]
+    cw = pcs[worst].get("confused_with")
+    items.append(f"<b>Where it fails:</b> weakest class <b>{_e(worst)}</b> (F1 {_f(pcs[worst]['f1'])}, recall "
+                 f"{_f(pcs[worst]['recall'])})" + (f", most often taken for <b>{_e(cw)}</b>" if cw else "")
+                 + f"; {errors['n_mistakes']} mistakes in all.")
+    if cal:
+        items.append(f"<b>Probabilities:</b> expected calibration error {_pct(cal['ece_before'], 2)} as trained, "
+                     f"{_pct(cal['ece_after'], 2)} after temperature scaling (T = {cal['temperature']:.2f}, now stored "
+                     f"in the run, so <code>predict</code> returns calibrated probabilities).")
+    elif m.get("ece") is not None:
+        items.append(f"<b>Probabilities:</b> expected calibration error {_pct(m['ece'], 2)} (T = {_f(m.get('temperature'), 2)}).")
+    if suspects and suspects.get("suspects"):
+        items.append(f"<b>Labels:</b> {suspects['below_threshold']} training image(s) look mislabelled; see "
+                     f'<a href="#suspects">label-noise suspects</a>.')
+    return '<ul class="glance">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+
+
+def _per_class(m: dict, curves: dict) -> str:
+    classes = m["classes"]
+    pcs = m["per_class"]
+    cm = np.asarray(m["confusion_matrix"])
+    order = list(classes)
+    many = len(classes) > 10
+    if many:  # the classes that need attention first
+        order.sort(key=lambda c: (pcs[c]["f1"], c))
+    auc = {c: v["roc_auc"] for c, v in curves.get("per_class", {}).items()}
+    show_auc = bool(auc) and not curves.get("positive")
+    head = ('<tr><th>class</th><th class="n">precision</th><th class="n">recall</th><th class="n">F1</th>'
+            '<th class="n">support</th>' + ('<th class="n">ROC AUC</th>' if show_auc else "") +
+            "<th>most confused with</th></tr>")
+    rows = []
+    for c in order:
+        p = pcs[c]
+        i = classes.index(c)
+        cw = p.get("confused_with")
+        cwtxt = f"{_e(cw)} ({int(cm[i, classes.index(cw)])} of {p['support']})" if cw else "&mdash;"
+        low = p["f1"] < m["macro"]["f1"] - 0.1
+        cells = "".join(f'<td class="n bar" style="--w:{100 * p[k]:.0f}%">{_f(p[k])}</td>' for k in ("precision", "recall", "f1"))
+        rows.append(f'<tr class="{"low" if low else ""}"><td>{_e(c)}</td>{cells}<td class="n">{p["support"]}</td>'
+                    + (f'<td class="n">{_f(auc.get(c))}</td>' if show_auc else "") + f"<td>{cwtxt}</td></tr>")
+    note = '<p class="sub">Sorted by F1, weakest first. Shaded rows: F1 more than 0.1 below the macro average.</p>' if many else ""
+    return note + f'<div class="scroll"><table id="per-class-table">{head}{"".join(rows)}</table></div>'
+
+
+def _pairs(pairs: list[dict]) -> str:
+    if not pairs:
+        return "<p>No confusions: every image was classified correctly.</p>"
+    rows = "".join(f'<tr><td>{_e(p["true"])}</td><td>{_e(p["predicted"])}</td><td class="n">{p["count"]}</td>'
+                   f'<td class="n">{_pct(p["rate"])}</td></tr>' for p in pairs)
+    return ('<table id="confused-pairs"><tr><th>true class</th><th>predicted as</th><th class="n">images</th>'
+            f'<th class="n">share of the true class</th></tr>{rows}</table>')
+
+
+def _tta(tta: dict | None) -> str:
+    if not tta:
+        return ("<p>Not used. <code>imgclf evaluate RUN --tta flip</code> averages each prediction with that of the "
+                "mirrored image and shows the difference here.</p>")
+    rows = "".join(f'<tr><td>{_e(k)}</td><td class="n">{_pct(v["accuracy"], 2)}</td><td class="n">{_pct(v["balanced_accuracy"], 2)}</td>'
+                   f'<td class="n">{_f(v["macro_f1"])}</td><td class="n">{_f(v["log_loss"], 4)}</td><td class="n">{_pct(v["ece"], 2)}</td></tr>'
+                   for k, v in (("without TTA", tta["plain"]), ("flip TTA (reported above)", tta["flip"])))
+    return ('<table id="tta-table"><tr><th></th><th class="n">accuracy</th><th class="n">balanced acc.</th><th class="n">macro F1</th>'
+            f'<th class="n">log loss</th><th class="n">ECE</th></tr>{rows}</table>'
+            f'<p>Flip TTA changed {tta["changed"]} prediction(s): {tta["fixed"]} fixed, {tta["broken"]} broken. '
+            "It costs one extra backbone pass per image.</p>")
+
+
+def _calibration(cal: dict | None, m: dict, rel_png: bytes | None) -> str:
+    if not cal:
+        why = m.get("calibration_note") or "not fitted"
+        out = f'<p class="note">Temperature scaling: {_e(why)}.</p>'
+    else:
+        out = (f"<p>One temperature T divides the logits before the softmax; it is fitted on the validation split "
+               f"({cal['fitted_on_n']:,} images) by minimising the log loss, and never changes which class wins. "
+               f"<b>T = {cal['temperature']:.3f}</b> is stored in <code>model.pt</code>: <code>imgclf predict</code>, "
+               f"<code>imgclf.load()</code> and the exports now return calibrated probabilities. "
+               f"{'T &gt; 1: the model was over-confident.' if cal['temperature'] > 1.05 else 'T &lt; 1: the model was under-confident (usual after training with label smoothing).' if cal['temperature'] < 0.95 else 'T is close to 1: the model was already well calibrated.'}</p>"
+               f'<table id="calibration-table"><tr><th>on the {_e(m["split"])} split</th><th class="n">ECE</th><th class="n">log loss</th></tr>'
+               f'<tr><td>before (T = 1)</td><td class="n">{_pct(cal["ece_before"], 2)}</td><td class="n">{_f(cal["nll_before"], 4)}</td></tr>'
+               f'<tr><td>after (T = {cal["temperature"]:.3f})</td><td class="n">{_pct(cal["ece_after"], 2)}</td><td class="n">{_f(cal["nll_after"], 4)}</td></tr></table>')
+        if cal.get("cross_fitted"):
+            out += ('<p class="note">This data has no test split, so the split evaluated is the one T is fitted on. '
+                    'To keep "after" honest, each image here is scored with a T fitted on the other four fifths '
+                    "of the split (5-fold cross-fitting); the stored T uses all of it.</p>")
+    out += ("<p>ECE: the images are binned by the model's confidence (its top probability); in each bin, the gap "
+            "between confidence and actual accuracy, averaged with the bins' sizes as weights. 0 is perfect.</p>")
+    if rel_png:
+        out += _img(rel_png, "reliability diagram")
+    return out
+
+
+def render_html(ctx: dict) -> str:
+    m, meta = ctx["metrics"], ctx["meta"]
+    title = f"imgclf report: {Path(meta['run']).name}"
+    sections = [
+        ("summary", "Summary", _glance(m, ctx["calibration"], ctx["errors"], ctx.get("suspects")) + _summary(m, meta)),
+        ("per-class", "Per class", _per_class(m, ctx["curves"])),
+        ("confusion", "Confusion matrix",
+         '<p class="sub">Rows: true class; columns: predicted class.</p><div class="row">'
+         + _img(ctx["figs"]["cm_counts"], "confusion matrix (counts)", cls="fig cm")
+         + _img(ctx["figs"]["cm_norm"], "confusion matrix (row-normalised)", cls="fig cm") + "</div>"
+         + "<h3>Most confused pairs</h3>" + _pairs(ctx["pairs"])),
+        ("training", "Training curves",
+         _img(ctx["figs"]["curves"], "training curves") if ctx["figs"].get("curves")
+         else '<p class="note">No history.csv in this run.</p>'),
+        ("roc", "ROC and precision-recall",
+         _img(ctx["figs"]["roc_pr"], "ROC and precision-recall curves") if ctx["figs"].get("roc_pr")
+         else '<p class="note">Needs at least one class both present and absent in this split.</p>'),
+        ("calibration", "Calibration", _calibration(ctx["calibration"], m, ctx["figs"].get("reliability"))),
+        ("tta", "Test-time augmentation", _tta(ctx.get("tta"))),
+        ("gallery", "Error gallery", _gallery(ctx)),
+        ("gradcam", "Grad-CAM", _gradcam_html(ctx)),
+        ("suspects", "Label-noise suspects", _suspects_html(ctx)),
+    ]
+    nav = "".join(f'<a href="#{k}">{_e(t)}</a>' for k, t, _ in sections)
+    body = "".join(f'<section id="{k}"><h2>{_e(t)}</h2>{c}</section>' for k, t, c in sections)
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+            f'content="width=device-width,initial-scale=1"><title>{_e(title)}</title><style>{CSS}</style></head><body><main>'
+            f'<h1>{_e(title)}</h1><p class="sub">{_e(meta["model"])} &middot; {_e(m["split"])} split of {_e(meta["data"])} '
+            f'&middot; {_e(meta["created"])} &middot; run <code>{_e(meta["run"])}</code></p><nav>{nav}</nav>{body}'
+            f'<p class="sub" style="margin-top:40px">Written by imgclf {_e(meta["version"])}; the numbers are also in '
+            f"<code>eval.json</code> next to this page.</p></main></body></html>")
+
+
+def _gallery(ctx: dict) -> str:
+    e, thumbs = ctx["errors"], ctx["thumbs"]
+    out = [f"<h3>Most confident mistakes ({min(len(e['mistakes']), GALLERY)} of {e['n_mistakes']})</h3>"]
+    if e["mistakes"]:
+        out.append('<div class="gallery" id="mistakes">' + "".join(
+            _tile(thumbs.get(r["path"]), [f'true: <b>{_e(r["true"])}</b>',
+                                          f'predicted: <span class="bad">{_e(r["predicted"])}</span> {r["probability"]:.2f}'],
+                  r["path"]) for r in e["mistakes"]) + "</div>")
+    else:
+        out.append("<p>None: every image in this split was classified correctly.</p>")
+    if e["close_calls"]:
+        out.append("<h3>Closest correct calls (lowest confidence)</h3>")
+        out.append('<div class="gallery" id="close-calls">' + "".join(
+            _tile(thumbs.get(r["path"]), [f'true: <b>{_e(r["true"])}</b>',
+                                          f'predicted: <span class="good">{_e(r["predicted"])}</span> {r["probability"]:.2f}'],
+                  r["path"]) for r in e["close_calls"]) + "</div>")
+    return "".join(out)
+
+
+def _gradcam_html(ctx: dict) -> str:
+    g = ctx.get("gradcam")
+    if isinstance(g, str):
+        return f'<p class="note">{_e(g)}</p>'
+    if not g:
+        return '<p class="note">Skipped.</p>'
+    tiles = "".join(_tile(s["png"], [
+        ('<span class="good">correct</span>' if s["correct"] else '<span class="bad">wrong</span>')
+        + f': true <b>{_e(s["true"])}</b>, predicted <b>{_e(s["predicted"])}</b> {s["probability"]:.2f}'],
+        s["path"], wide=True) for s in g)
+    return (f'<p class="sub">Left: the image as the model sees it; right: Grad-CAM for the predicted class at layer '
+            f'<code>{_e(g[0]["layer"])}</code> (red: the regions that raised that class\'s score most). '
+            f"{GRADCAM_EACH} random correct and up to {GRADCAM_EACH} most confident wrong predictions.</p>"
+            f'<div class="gallery" id="gradcam-gallery">{tiles}</div>')
+
+
+def _suspects_html(ctx: dict) -> str:
+    s = ctx.get("suspects")
+    if isinstance(s, str):
+        return f'<p class="note">{_e(s)}</p>'
+    if not s:
+        return '<p class="note">Skipped.</p>'
+    intro = (f"<p>Training images whose given label is unlikely according to models that never trained on them "
+             f"({_e(s['method'])}; out-of-fold accuracy {_pct(s['out_of_fold_accuracy'])} on {s['scored']:,} images). "
+             f"{s['below_threshold']} image(s) get less than {s['threshold']:.0%} for their own label; the lowest are shown. "
+             f"Check them and fix or remove the wrong ones, then train again.</p>")
+    if not s["suspects"]:
+        return intro + "<p>None found.</p>"
+    tiles = "".join(_tile(ctx["thumbs"].get(r["path"]), [
+        f'given: <span class="bad">{_e(r["given"])}</span> {r["p_given"]:.2f}',
+        f'looks like: <b>{_e(r["likely"])}</b> {r["p_likely"]:.2f}'], r["path"]) for r in s["suspects"])
+    return intro + f'<div class="gallery" id="suspects-gallery">{tiles}</div>'
+
+
+# ------------------------------------------------------------------ entry point
+
+def build_report(run: Path, clf, splits, split: str, paths: list[str], labels: np.ndarray, probs: np.ndarray,
+                 metrics: dict, calibration: dict | None = None, tta: dict | None = None, workers: int = 1,
+                 bad=None, suspects: bool = True, gradcam: bool = True, printer=print) -> Path:
+    """Write RUN/report/index.html and RUN/report/eval.json; returns the page's path."""
+    from . import __version__
+    from .figures import confusion_png, curves_png, reliability_png, roc_pr_png
+    from .metrics import most_confused_pairs, roc_pr_curves
+    from .runs import atomic_write_text, read_history, read_json, write_json
+
+    t0 = time.time()
+    run = Path(run)
+    classes = clf.classes
+    summary = read_json(run / "summary.json") if (run / "summary.json").exists() else {}
+    curves = roc_pr_curves(labels, probs, classes)
+    pairs = most_confused_pairs(metrics["confusion_matrix"], classes, k=10)
+    errors = error_cases(probs, labels, paths, classes)
+    history = read_history(run / "history.csv")
+    best_epoch = (summary.get("best") or {}).get("epoch")
+    figs = {"cm_counts": confusion_png(metrics["confusion_matrix"], classes, normalize=False),
+            "cm_norm": confusion_png(metrics["confusion_matrix"], classes, normalize=True)}
+    if history:
+        figs["curves"] = curves_png(history, best_epoch)
+    if curves["per_class"]:
+        figs["roc_pr"] = roc_pr_png(curves, classes)
+    if calibration:
+        figs["reliability"] = reliability_png(calibration["reliability_before"], calibration["reliability_after"],
+                                              calibration["temperature"])
+    elif metrics.get("reliability"):
+        figs["reliability"] = reliability_png(metrics["reliability"], None, None)
+    t_figs = time.time() - t0
+
+    root = Path(splits.root)
+    thumbs: dict[str, bytes | None] = {}
+    for r in errors["mistakes"] + errors["close_calls"]:
+        thumbs.setdefault(r["path"], thumbnail(root / r["path"]))
+
+    gc: list[dict] | str | None = None
+    t1 = time.time()
+    if gradcam:
+        try:
+            from .gradcam import gradcam_images
+
+            gc = []
+            for s in gradcam_images(clf, str(root), gradcam_samples(probs, labels, paths, classes)):
+                cam, seen = s.pop("image"), s.pop("input")
+                cam.thumbnail((160, 160))
+                seen.thumbnail((160, 160))
+                gc.append({**s, "png": _side_by_side(seen, cam)})
+        except ValueError as e:  # not a CNN
+            gc = f"Grad-CAM not available for this model: {e}"
+    t_gc = time.time() - t1
+
+    sus: dict | str | None = None
+    t2 = time.time()
+    if suspects:
+        if splits.train:
+            from .label_noise import find_suspects
+
+            sus = find_suspects(clf, splits.root, splits.train, workers=workers, bad=bad)
+            for r in sus["suspects"]:
+                thumbs.setdefault(r["path"], thumbnail(root / r["path"]))
+        else:
+            sus = "No training split is recorded for this data (a new labelled folder), so there are no training labels to check."
+    t_sus = time.time() - t2
+
+    meta = {"run": str(run), "model": clf.arch, "data": str(splits.root), "strategy": summary.get("strategy"),
+            "created": time.strftime("%Y-%m-%d %H:%M"), "version": __version__}
+    ctx = {"metrics": metrics, "meta": meta, "calibration": calibration, "tta": tta, "curves": curves, "pairs": pairs,
+           "errors": errors, "figs": figs, "thumbs": thumbs, "gradcam": gc, "suspects": sus}
+    out_dir = run / "report"
+    page = out_dir / "index.html"
+    atomic_write_text(page, render_html(ctx))
+    gc_json = [{k: v for k, v in s.items() if k != "png"} for s in gc] if isinstance(gc, list) else gc
+    write_json(out_dir / "eval.json", {
+        **metrics, "meta": meta, "curves": curves, "confused_pairs": pairs, "errors": errors,
+        "calibration": {k: v for k, v in calibration.items()} if calibration else None, "tta_comparison": tta,
+        "gradcam": gc_json, "label_noise": sus,
+        "report_seconds": {"figures": round(t_figs, 2), "gradcam": round(t_gc, 2), "label_noise": round(t_sus, 2),
+                           "total": round(time.time() - t0, 2)}})
+    return page
+
+
+def _side_by_side(left, cam_img) -> bytes:
+    """The model's input and its Grad-CAM overlay next to each other, one JPEG."""
+    from PIL import Image
+
+    h = cam_img.height
+    canvas = Image.new("RGB", (left.width + 4 + cam_img.width, h), "white")
+    canvas.paste(left, (0, 0))
+    canvas.paste(cam_img, (left.width + 4, 0))
+    return _jpeg(canvas)

@@ -1,0 +1,118 @@
+// imgclf web page: no framework, no CDN. Each chosen or dropped image is sent
+// on its own to POST /v1/predict (the server batches concurrent requests), and
+// shown with its top-k labels as bars.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const TOP_K = 5;
+
+function headers() {
+  const key = $("api-key").value.trim();
+  return key ? { "X-API-Key": key } : {};
+}
+
+function setStatus(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+async function loadModelInfo() {
+  try {
+    const r = await fetch("/v1/model", { headers: headers() });
+    const j = await r.json();
+    if (!r.ok) {
+      $("model-info").textContent = j.error ? j.error.message : "model information unavailable";
+      if (r.status === 401) $("key-box").open = true;
+      return;
+    }
+    const acc = j.metrics && j.metrics.accuracy != null
+      ? `, ${(100 * j.metrics.accuracy).toFixed(1)}% accuracy on ${j.metrics.split}` : "";
+    $("model-info").textContent =
+      `${j.arch}${j.int8 ? " (INT8)" : ""}: ${j.num_classes} classes (${j.classes.slice(0, 8).join(", ")}` +
+      `${j.num_classes > 8 ? ", …" : ""}), ${j.input_size}px input${acc}`;
+  } catch (e) {
+    $("model-info").textContent = "cannot reach the server: " + e;
+  }
+}
+
+function card(file) {
+  const el = document.createElement("article");
+  el.className = "card";
+  const img = document.createElement("img");
+  img.alt = file.name;
+  img.src = URL.createObjectURL(file);  // local preview; nothing is uploaded for it
+  const body = document.createElement("div");
+  body.className = "body";
+  const name = document.createElement("div");
+  name.className = "name";
+  name.textContent = file.name;
+  const label = document.createElement("div");
+  label.className = "label";
+  label.textContent = "…";
+  body.append(name, label);
+  el.append(img, body);
+  $("results").prepend(el);
+  return { el, body, label };
+}
+
+function showPrediction(c, pred) {
+  c.label.textContent = pred.label;
+  c.label.dataset.testid = "label";
+  c.el.dataset.label = pred.label;
+  for (const t of pred.top) {
+    const row = document.createElement("div");
+    row.className = "bar";
+    const cls = document.createElement("span"); cls.className = "cls"; cls.textContent = t.label;
+    const track = document.createElement("span"); track.className = "track";
+    const fill = document.createElement("span"); fill.className = "fill";
+    fill.style.width = (100 * t.score).toFixed(1) + "%";
+    fill.style.display = "block";
+    track.append(fill);
+    const pct = document.createElement("span"); pct.className = "pct"; pct.textContent = (100 * t.score).toFixed(1) + "%";
+    row.append(cls, track, pct);
+    row.setAttribute("aria-label", `${t.label} ${(100 * t.score).toFixed(1)} percent`);
+    c.body.append(row);
+  }
+}
+
+async function classify(file) {
+  const c = card(file);
+  const form = new FormData();
+  form.append("file", file, file.name);
+  try {
+    const r = await fetch(`/v1/predict?top_k=${TOP_K}`, { method: "POST", body: form, headers: headers() });
+    const j = await r.json();
+    if (!r.ok) {
+      c.label.textContent = "error";
+      c.label.className = "label error";
+      const msg = document.createElement("div");
+      msg.className = "error";
+      msg.textContent = j.error ? j.error.message : `HTTP ${r.status}`;
+      c.body.append(msg);
+      if (r.status === 401) $("key-box").open = true;
+      return false;
+    }
+    showPrediction(c, j.predictions[0]);
+    return true;
+  } catch (e) {
+    c.label.textContent = "error";
+    c.body.append(document.createTextNode(String(e)));
+    return false;
+  }
+}
+
+async function handle(files) {
+  files = Array.from(files);
+  if (!files.length) return;
+  setStatus(`classifying ${files.length} image${files.length > 1 ? "s" : ""}…`);
+  const ok = await Promise.all(files.map(classify));
+  const bad = ok.filter((x) => !x).length;
+  setStatus(bad ? `${bad} of ${files.length} failed` : `done: ${files.length} image${files.length > 1 ? "s" : ""}`, bad > 0);
+}
+
+const drop = $("drop");
+["dragenter", "dragover"].forEach((ev) => drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); }));
+["dragleave", "drop"].forEach((ev) => drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); }));
+drop.addEventListener("drop", (e) => handle(e.dataTransfer.files));
+$("file").addEventListener("change", (e) => { handle(e.target.files); e.target.value = ""; });
+$("api-key").addEventListener("change", loadModelInfo);
+loadModelInfo();

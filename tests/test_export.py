@@ -1,0 +1,183 @@
+"""Export (ONNX fp32 / INT8, TorchScript) of a real model trained on
+cats_dogs_tiny, predicting from the .onnx, and the torch-free path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import ROOT, imgclf
+
+_EXPORTED: dict[str, tuple[Path, dict]] = {}
+
+
+def export_once(tiny_run, tmp_path_factory) -> tuple[Path, dict]:
+    """One fp32 ONNX export per test session, shared by the export, serve and
+    browser tests (a session fixture defined here would be rebuilt per module)."""
+    run, _ = tiny_run
+    if str(run) not in _EXPORTED:
+        out = tmp_path_factory.mktemp("export") / "tiny.onnx"
+        p = imgclf("export", run, "--out", out, "--json")
+        report = json.loads(p.stdout[p.stdout.index("{"):])
+        _EXPORTED[str(run)] = (out, report)
+    return _EXPORTED[str(run)]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    return export_once(tiny_run, tmp_path_factory)
+
+
+def val_images(tiny: Path, n: int = 3) -> dict[str, list[Path]]:
+    return {c: sorted((tiny / "val" / c).iterdir())[:n] for c in ("cats", "dogs")}
+
+
+def test_onnx_export_parity_and_metadata(exported, tiny_run, tiny):
+    import onnx
+    import onnxruntime as ort
+
+    path, report = exported
+    assert path.exists() and report["max_abs_diff"] <= 1e-4 and report["check_images"] >= 16
+    m = onnx.load(str(path))
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert json.loads(meta["classes"]) == ["cats", "dogs"]
+    assert json.loads(meta["input_size"]) == 224 and meta["resize"] == "crop"
+    assert json.loads(meta["preprocess"])["size"] == 224
+    assert meta["imgclf_version"] and meta["arch"] == "efficientnet_lite0"
+    assert 0.8 <= json.loads(meta["metrics"])["accuracy"] <= 1.0
+
+    # The graph: uint8 NHWC in, a dynamic batch, probabilities out.
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    assert inp.type == "tensor(uint8)" and inp.shape[1:] == [224, 224, 3] and not isinstance(inp.shape[0], int)
+
+    # Independently of the export's own check: the .onnx gives PyTorch's
+    # probabilities on real validation images, batched or one at a time.
+    import imgclf as lib
+
+    files = [f for fs in val_images(tiny).values() for f in fs]
+    p_torch = lib.load(tiny_run[0], engine="torch").predict_proba(files)
+    clf = lib.load(path)
+    p_onnx = clf.predict_proba(files)
+    assert np.abs(p_onnx - p_torch).max() <= 1e-4
+    np.testing.assert_allclose(p_onnx.sum(1), 1.0, atol=1e-5)
+    x = np.stack([clf.prepare(f) for f in files])
+    one = np.concatenate([sess.run(None, {"images": x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_allclose(one, p_onnx, atol=1e-5)
+
+
+def test_predict_cli_with_onnx(exported, tiny, tmp_path):
+    path, _ = exported
+    imgs = val_images(tiny, 2)
+    junk = tmp_path / "notes.jpg"
+    junk.write_text("not an image")
+    p = imgclf("predict", path, *imgs["cats"], *imgs["dogs"], junk, "--format", "json", "--top-k", "2", check=False)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)
+    assert [r.get("label") for r in rows[:4]] == ["cats", "cats", "dogs", "dogs"]
+    assert all(len(r["top"]) == 2 and r["score"] > 0.5 for r in rows[:4])
+    assert "not an image" in rows[4]["error"]
+
+
+def test_onnx_without_torch(exported, tiny):
+    """An inference-only install: torch made unimportable, then load, predict,
+    the CLI and the server all work from the .onnx file alone."""
+    path, _ = exported
+    cat, dog = val_images(tiny, 1)["cats"][0], val_images(tiny, 1)["dogs"][0]
+    code = textwrap.dedent(f"""
+        import sys, json
+        sys.modules["torch"] = None  # any `import torch` now raises ImportError
+        import imgclf
+        clf = imgclf.load({str(path)!r})
+        r = clf.predict([{str(cat)!r}, {str(dog)!r}], top_k=1)
+        assert [x["label"] for x in r] == ["cats", "dogs"], r
+        from imgclf.cli import main
+        assert main(["predict", {str(path)!r}, {str(dog)!r}, "--format", "json"]) == 0
+        from fastapi.testclient import TestClient
+        from imgclf.serve import ServeConfig, create_app
+        with TestClient(create_app(ServeConfig({str(path)!r}))) as c:
+            j = c.post("/v1/predict", files={{"file": ("c.jpg", open({str(cat)!r}, "rb").read())}}).json()
+            assert j["predictions"][0]["label"] == "cats", j
+            assert "torch" not in c.get("/v1/model").json()["versions"]
+        print("TORCH_FREE_OK", [m for m in ("torch", "torchvision", "timm") if sys.modules.get(m) is not None])
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "TORCH_FREE_OK []" in p.stdout
+    assert '"label": "dogs"' in p.stdout
+
+
+def test_onnx_load_errors(tmp_path):
+    import imgclf as lib
+
+    with pytest.raises(FileNotFoundError, match="imgclf export"):
+        lib.load(tmp_path / "missing.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a loadable ONNX model"):
+        lib.load(bad)
+
+
+def test_int8_export(tiny_run, exported, tmp_path):
+    """Static INT8, calibrated on train images: accuracy change and speed-up
+    are reported, and the file is written only when the drop is within limits."""
+    run, _ = tiny_run
+    out = tmp_path / "tiny.int8.onnx"
+    p = imgclf("export", run, "--int8", "--calib-images", "32", "--out", out, "--json", check=False)
+    assert "INT8: val accuracy" in p.stdout and "images/s" in p.stdout, p.stdout + p.stderr
+    if p.returncode == 0:
+        r = json.loads(p.stdout[p.stdout.index("{"):])
+        assert r["int8"] and r["calib_images"] == 32 and r["val_images"] == 100
+        assert r["fp32_accuracy"] - r["int8_accuracy"] <= 0.01 + 1e-9 and r["speedup"] > 0
+        assert out.stat().st_size == r["bytes"] < 0.5 * exported[0].stat().st_size  # int8 weights: ~4x smaller
+        import imgclf as lib
+
+        clf = lib.load(out)
+        assert clf.int8 and clf.classes == ["cats", "dogs"]
+        cats = clf.predict(val_images(Path(json.loads((run / "splits.json").read_text())["root"]), 3)["cats"])
+        assert [c["label"] for c in cats].count("cats") >= 2
+    else:  # refused: says why and how to override, writes nothing
+        assert "over the limit" in p.stderr and "--force" in p.stderr and not out.exists()
+
+
+def test_int8_verdict():
+    from imgclf.export import int8_verdict
+
+    assert int8_verdict(0.98, 0.97, 1.0, False) is None
+    assert int8_verdict(0.98, 0.99, 1.0, False) is None
+    why = int8_verdict(0.98, 0.95, 1.0, False)
+    assert "3.0 points" in why and "--force" in why
+    assert int8_verdict(0.98, 0.95, 1.0, True) is None
+    assert int8_verdict(0.98, 0.95, 5.0, False) is None
+
+
+def test_torchscript_export(tiny_run, exported, tiny, tmp_path):
+    import torch
+
+    import imgclf as lib
+
+    run, _ = tiny_run
+    out = tmp_path / "m.torchscript.pt"
+    imgclf("export", run, "--format", "torchscript", "--out", out)
+    extra = {"imgclf.json": ""}
+    m = torch.jit.load(str(out), _extra_files=extra)
+    meta = json.loads(extra["imgclf.json"])
+    assert json.loads(meta["classes"]) == ["cats", "dogs"]
+    clf = lib.load(exported[0])
+    files = [f for fs in val_images(tiny, 2).values() for f in fs]
+    x = np.stack([clf.prepare(f) for f in files])
+    with torch.inference_mode():
+        p = m(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(p, clf.probs(x), atol=1e-4)
+
+
+def test_export_errors(tmp_path):
+    p = imgclf("export", tmp_path / "nope", check=False)
+    assert p.returncode == 2 and "no trained model here" in p.stderr

@@ -1,0 +1,183 @@
+"""`imgclf serve`: every endpoint, the API key, micro-batching, and each bad
+input with its status code, against a real exported model (FastAPI TestClient)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .test_export import export_once, val_images
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tiny_run, tmp_path_factory) -> Path:
+    return export_once(tiny_run, tmp_path_factory)[0]
+
+
+@pytest.fixture(scope="module")
+def client(onnx_path):
+    from fastapi.testclient import TestClient
+
+    from imgclf.serve import ServeConfig, create_app
+
+    cfg = ServeConfig(str(onnx_path), api_key=KEY, max_body_bytes=2 * 2**20, max_files=4, max_pixels=400_000)
+    with TestClient(create_app(cfg), headers={"X-API-Key": KEY}) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def imgs(tiny) -> dict[str, list[bytes]]:
+    return {c: [p.read_bytes() for p in ps] for c, ps in val_images(tiny, 3).items()}
+
+
+def error(r, status: int, code: str) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    e = r.json()["error"]
+    assert e["code"] == code and e["message"], e
+    return e
+
+
+def png(w: int, h: int, noise: bool = False) -> bytes:
+    a = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8) if noise else np.zeros((h, w, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_predict_multipart(client, imgs):
+    files = [("file", (f"cat{i}.jpg", b, "image/jpeg")) for i, b in enumerate(imgs["cats"][:2])]
+    files.append(("other", ("dog.jpg", imgs["dogs"][0], "application/octet-stream")))  # any field name, any type
+    r = client.post("/v1/predict", files=files, data={"top_k": "1"})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["filename"] for p in preds] == ["cat0.jpg", "cat1.jpg", "dog.jpg"]
+    assert [p["label"] for p in preds] == ["cats", "cats", "dogs"]
+    assert all(len(p["top"]) == 1 and 0.5 < p["score"] <= 1 for p in preds)
+
+
+def test_predict_json_base64(client, imgs):
+    b64 = [base64.b64encode(imgs["dogs"][1]).decode(), "data:image/jpeg;base64," + base64.b64encode(imgs["cats"][2]).decode()]
+    r = client.post("/v1/predict?top_k=2", json={"images": b64})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [p["label"] for p in preds] == ["dogs", "cats"]
+    assert all(len(p["top"]) == 2 and abs(sum(t["score"] for t in p["top"]) - 1) < 1e-4 for p in preds)
+
+
+def test_model_health_metrics_docs(client):
+    m = client.get("/v1/model").json()
+    assert m["classes"] == ["cats", "dogs"] and m["input_size"] == 224 and m["format"] == "onnx"
+    assert m["metrics"]["accuracy"] >= 0.8 and m["versions"]["imgclf"] and m["versions"]["onnxruntime"]
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["status"] == "ready"
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert "/v1/predict" in spec["paths"] and "/v1/model" in spec["paths"]
+    text = client.get("/metrics").text
+    for name in ("imgclf_requests_total", "imgclf_request_duration_seconds_bucket", "imgclf_batch_size_bucket",
+                 "imgclf_errors_total", "imgclf_images_total"):
+        assert f"# TYPE {name.removesuffix('_bucket')}" in text
+    assert 'imgclf_requests_total{method="GET",path="/v1/model",status="200"}' in text
+
+
+def test_page_and_local_assets(client):
+    html = client.get("/")
+    assert html.status_code == 200 and "text/html" in html.headers["content-type"]
+    assert "/static/app.js" in html.text and "http" not in html.text.replace("http-equiv", "")  # no CDN
+    for name, kind in (("app.js", "javascript"), ("style.css", "css")):
+        r = client.get(f"/static/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"]
+    error(client.get("/static/..%2Fserve.py"), 404, "not_found")
+    error(client.get("/static/secrets.txt"), 404, "not_found")
+
+
+def test_api_key(client, imgs):
+    from fastapi.testclient import TestClient
+
+    anon = TestClient(client.app)  # same running app, no default key header
+    error(anon.post("/v1/predict", files={"file": ("a.jpg", imgs["cats"][0])}), 401, "missing_api_key")
+    error(anon.post("/v1/predict", files={"file": ("a.jpg", imgs["cats"][0])}, headers={"X-API-Key": "nope"}),
+          401, "wrong_api_key")
+    error(anon.get("/v1/model", headers={"Authorization": "Bearer nope"}), 401, "wrong_api_key")
+    r = anon.get("/v1/model", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+    assert anon.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_bad_inputs_then_still_right(client, imgs, monkeypatch, tmp_path):
+    # Nothing may be spooled to a temp file: point tempfile at an empty folder and check it stays empty.
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    cat = imgs["cats"][0]
+    post = client.post
+
+    e = error(post("/v1/predict", files={"file": ("cv.pdf", b"%PDF-1.4 not an image at all")}), 422, "bad_image")
+    assert "not an image" in e["message"] and e["images"][0]["filename"] == "cv.pdf"
+    e = error(post("/v1/predict", files={"file": ("x.jpg", b"\xff\xd8\xff\xe0" + b"\x00garbage" * 50)}), 422, "bad_image")
+    assert "cat.jpg" not in e["message"]
+    e = error(post("/v1/predict", files={"file": ("half.jpg", cat[:len(cat) // 2])}), 422, "bad_image")
+    assert "truncated" in e["message"]
+    # one bad file among good ones: the whole request is refused, naming the bad one
+    e = error(post("/v1/predict", files=[("file", ("ok.jpg", cat)), ("file", ("bad.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 9))]),
+              422, "bad_image")
+    assert [x["index"] for x in e["images"]] == [1]
+    e = error(post("/v1/predict", files={"file": ("big.png", png(1000, 1000))}), 413, "image_too_large")
+    assert "1000x1000" in e["message"]
+    e = error(post("/v1/predict", files={"file": ("huge.png", png(900, 900, noise=True))}), 413, "body_too_large")
+    error(post("/v1/predict", content=(b"x" * 65536 for _ in range(40)),  # chunked: no Content-Length
+               headers={"Content-Type": "application/json"}), 413, "body_too_large")
+    e = error(post("/v1/predict", files=[("file", (f"{i}.jpg", cat)) for i in range(5)]), 413, "too_many_files")
+    assert "4" in e["message"]
+    error(post("/v1/predict", json={"images": [base64.b64encode(cat).decode()] * 5}), 413, "too_many_files")
+    error(post("/v1/predict", content=b"", headers={"Content-Type": "application/json"}), 400, "empty_request")
+    error(post("/v1/predict", files=[("top_k", (None, "2"))]), 400, "empty_request")  # multipart, no file part
+    error(post("/v1/predict", json={"images": []}), 400, "empty_request")
+    error(post("/v1/predict", json={"images": ["@@not base64@@"]}), 400, "bad_base64")
+    error(post("/v1/predict", content=b"{oops", headers={"Content-Type": "application/json"}), 400, "bad_json")
+    error(post("/v1/predict", content=cat, headers={"Content-Type": "image/jpeg"}), 415, "unsupported_media_type")
+    error(post("/v1/predict?top_k=0", files={"file": ("a.jpg", cat)}), 400, "bad_top_k")
+    error(client.get("/v1/nothing"), 404, "not_found")
+    error(client.get("/v1/predict"), 405, "method_not_allowed")
+    assert list(spool.iterdir()) == []
+
+    # ...and the server still answers, correctly.
+    assert client.get("/readyz").status_code == 200
+    r = post("/v1/predict", files=[("file", ("c.jpg", cat)), ("file", ("d.jpg", imgs["dogs"][2]))])
+    assert r.status_code == 200 and [p["label"] for p in r.json()["predictions"]] == ["cats", "dogs"]
+    m = client.get("/metrics").text
+    assert 'imgclf_errors_total{code="bad_image"} 4' in m and 'imgclf_errors_total{code="too_many_files"} 2' in m
+
+
+def test_micro_batching():
+    """Images from concurrent requests share one model call, up to max_batch."""
+    from imgclf.serve import Batcher, Metrics
+
+    calls: list[int] = []
+
+    def model(x):
+        calls.append(len(x))
+        return x.reshape(len(x), -1)[:, :2].astype(np.float32)
+
+    async def main():
+        b = Batcher(model, max_batch=4, wait_s=0.05, metrics=Metrics())
+        b.start()
+        xs = [np.full((2, 2, 3), i, np.uint8) for i in range(6)]
+        outs = await asyncio.gather(*(b([x]) for x in xs))  # six "requests" at once
+        late = await b([xs[0]])  # alone: waits wait_s, then runs a batch of one
+        await b.stop()
+        return outs, late, b.metrics
+
+    outs, late, metrics = asyncio.run(main())
+    assert calls == [4, 2, 1]
+    assert [int(o[0][0]) for o in outs] == list(range(6))  # each request gets its own row back
+    assert metrics.images == 7 and "imgclf_batch_size_count 3" in metrics.render()

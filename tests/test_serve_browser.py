@@ -1,0 +1,75 @@
+"""The web page of `imgclf serve`, in headless Chromium against a real uvicorn
+server on loopback: pick an image, see its predicted label as bars."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .browser import browser_page, chromium_path
+from .conftest import ROOT
+from .test_export import export_once, val_images
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, tmp_path_factory):
+    chromium_path()  # skip before starting anything where Chromium is missing
+    model = export_once(tiny_run, tmp_path_factory)[0]
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "imgclf", "serve", str(model), "--port", str(port)],
+                                stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"server did not become ready:\n{log.read_text()}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_page_upload_shows_label(server, tiny):
+    cat, dog = val_images(tiny, 1)["cats"][0], val_images(tiny, 1)["dogs"][0]
+    with browser_page() as page:
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(server + "/")
+        page.wait_for_function("document.getElementById('model-info').textContent.includes('2 classes')")
+        page.set_input_files("#file", [str(cat)])
+        card = page.locator("#results .card").first
+        card.locator(".bar").first.wait_for(timeout=20_000)
+        assert card.locator(".label").inner_text() == "cats"
+        assert card.locator(".bar .cls").first.inner_text() == "cats"
+        page.set_input_files("#file", [str(dog)])
+        page.wait_for_function("document.querySelectorAll('#results .card .bar').length >= 4", timeout=20_000)
+        assert page.locator("#results .card").first.locator(".label").inner_text() == "dogs"
+        assert "done" in page.locator("#status").inner_text()
+    # Every asset came from this server: nothing from a CDN.
+    assert requests and all(u.startswith(server) or u.startswith("blob:") for u in requests), requests
