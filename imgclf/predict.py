@@ -65,16 +65,8 @@ class Classifier:
                             workers: int = 1, bad=None, use_cache: bool = True, flip: bool = False):
         """Probabilities for (relative path, label) items under `root`, through the
         feature cache. Returns (probs[N', C], labels[N'], kept_index[N'])."""
-        from .features import FeatureCache, default_cache_dir, extract, feature_key
-
-        ext = self.extractor
         variants = ("plain", "flip") if flip else ("plain",)
-        caches = {}
-        for v in variants:
-            caches[v] = FeatureCache(Path(self.cache_dir) if self.cache_dir else default_cache_dir(),
-                                     feature_key(self.arch, self._bhash, self.preprocess, v),
-                                     {"model": self.arch, "size": self.preprocess.size, "variant": v}) if use_cache else None
-        feats, labels, kept = extract(ext, root, items, caches, batch_size, workers, bad, "predict")
+        feats, labels, kept = self.features_items(root, items, batch_size, workers, bad, variants, use_cache=use_cache)
         if not len(kept):
             return np.zeros((0, len(self.classes))), labels, kept
         probs = self._probs_from_features(feats["plain"])
@@ -83,16 +75,17 @@ class Classifier:
         return probs, labels, kept
 
     def features_items(self, root: str | Path, items: list[tuple[str, int]], batch_size: int = 32, workers: int = 1,
-                       bad=None, variants: tuple[str, ...] = ("plain",), progress: bool = True):
+                       bad=None, variants: tuple[str, ...] = ("plain",), progress: bool = True, use_cache: bool = True):
         """Pooled backbone features for (relative path, label) items, per variant
         ("plain", "flip"), through the feature cache (the same entries training
         wrote). Returns ({variant: features[N', D]}, labels[N'], kept_index[N'])."""
         from .features import FeatureCache, default_cache_dir, extract, feature_key
 
-        ext = self.extractor
+        ext = self.extractor  # computes the backbone hash the cache key needs
         root_dir = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
         caches = {v: FeatureCache(root_dir, feature_key(self.arch, self._bhash, self.preprocess, v),
-                                  {"model": self.arch, "size": self.preprocess.size, "variant": v}) for v in variants}
+                                  {"model": self.arch, "size": self.preprocess.size, "variant": v})
+                  if use_cache else None for v in variants}
         return extract(ext, root, items, caches, batch_size, workers, bad, "features", progress=progress)
 
     def logits_items(self, root: str | Path, items: list[tuple[str, int]], batch_size: int = 32, workers: int = 1,

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .data import BadFileLog, DataError, ImageDataset, Splits, discover, file_hash, make_loader, scan
+from .data import (BadFileLog, DataError, ImageDataset, Splits, default_workers, discover, file_hash, make_loader,
+                   scan)
 from .engine import (EarlyStopping, balanced_class_weights, evaluate, make_loss, train_one_epoch, warmup_cosine)
 from .features import FeatureCache, FeatureExtractor, default_cache_dir, extract, feature_key, state_hash
 from .models import ImageClassifier, build_model, count_params, get_model_info
@@ -208,18 +209,12 @@ class Context:
     def __init__(self, cfg, splits, model, pp, device, run, bad, deadline, tb):
         self.cfg, self.splits, self.model, self.pp, self.device = cfg, splits, model, pp, device
         self.run, self.bad, self.deadline, self.tb = run, bad, deadline, tb
-        self.workers = cfg.workers if cfg.workers is not None else _default_workers()
+        self.workers = cfg.workers if cfg.workers is not None else default_workers()
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         self.class_weights = None
         if cfg.class_weights == "auto":
             self.class_weights = balanced_class_weights([y for _, y in splits.train], len(splits.classes))
         self.features_per_s: float | None = None
-
-
-def _default_workers() -> int:
-    from .data import default_workers
-
-    return default_workers()
 
 
 def _caches(ctx: Context, variants: tuple[str, ...], bhash: str) -> dict[str, FeatureCache | None]:
