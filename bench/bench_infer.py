@@ -52,29 +52,30 @@ def main() -> None:
 
     import torch
 
-    from imgclf.export import _wrapper, export, split_images
-    from imgclf.onnx_model import OnnxClassifier
-    from imgclf.preprocess import Preprocess
-    from imgclf.runs import model_from_record, torch_load
+    from imgclf.config import ExportConfig
+    from imgclf.data.preprocess import Preprocess
+    from imgclf.deploy.export import export, probs_module, split_images
+    from imgclf.inference.onnx_predictor import OnnxPredictor
+    from imgclf.runs import RunDir, model_from_record
 
-    run = ensure_run(a.run)
-    record = torch_load(run / "model.pt")
-    x_val, y_val = split_images(run, "val", None, record)
+    run = RunDir(ensure_run(a.run))
+    record = run.record()
+    pp = Preprocess.from_dict(record["preprocess"])
+    x_val, y_val = split_images(run, "val", None, pp)
     tmp = Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
     quiet = lambda *_: None  # noqa: E731
-    export(run, out=tmp / "fp32.onnx", printer=quiet)
-    r8 = export(run, out=tmp / "int8.onnx", int8=True, force=True, printer=quiet)
+    export(ExportConfig(run=str(run), out=str(tmp / "fp32.onnx")), printer=quiet)
+    r8 = export(ExportConfig(run=str(run), out=str(tmp / "int8.onnx"), int8=True, force=True), printer=quiet)
 
-    wrapped = _wrapper(model_from_record(record), Preprocess.from_dict(record["preprocess"]),
-                       record.get("temperature", 1.0))
+    wrapped = probs_module(model_from_record(record), pp, record.get("temperature", 1.0))
 
     def torch_fn(x):
         with torch.inference_mode():
             return wrapped(torch.from_numpy(x)).numpy()
 
     engines = {"PyTorch eager (baseline)": torch_fn,
-               "ONNX Runtime fp32": OnnxClassifier(tmp / "fp32.onnx").probs,
-               "ONNX Runtime INT8": OnnxClassifier(tmp / "int8.onnx").probs}
+               "ONNX Runtime fp32": OnnxPredictor(tmp / "fp32.onnx").probs,
+               "ONNX Runtime INT8": OnnxPredictor(tmp / "int8.onnx").probs}
     rows = []
     for name, fn in engines.items():
         acc = float((np.concatenate([fn(x_val[i:i + 32]) for i in range(0, len(x_val), 32)]).argmax(1) == y_val).mean())

@@ -23,8 +23,8 @@ from common import DATASETS, machine, table
 def loader_rate(kind: str, workers: int, limit: int) -> float:
     from torch.utils.data import DataLoader, Subset
 
-    from imgclf.data import ImageDataset, collate, discover
-    from imgclf.preprocess import Preprocess, eval_transform, normalize
+    from imgclf.data.datasets import ImageDataset, collate, discover
+    from imgclf.data.preprocess import Preprocess, eval_transform, normalize
 
     root = DATASETS / "dogs_vs_cats_2k_fullres"
     pp = Preprocess(size=224)
@@ -50,7 +50,7 @@ def extraction_rate(engine: str, bs: int, n: int = 128) -> float:
     import io
     import warnings
 
-    from imgclf.models import build_model
+    from imgclf.models.registry import build_model
 
     m = build_model("efficientnet_lite0", 2, pretrained=True).backbone.eval()
     x = torch.randn(bs, 3, 224, 224)

@@ -37,14 +37,14 @@ def naive_app(run: str):
     import torch
     from fastapi import FastAPI, File, UploadFile
 
-    from imgclf.export import _wrapper
-    from imgclf.images import open_image
-    from imgclf.preprocess import Preprocess, resize_image
-    from imgclf.runs import model_from_record, torch_load
+    from imgclf.data.images import open_image
+    from imgclf.data.preprocess import Preprocess, resize_image
+    from imgclf.deploy.export import probs_module
+    from imgclf.runs import RunDir, model_from_record
 
-    rec = torch_load(Path(run) / "model.pt")
+    rec = RunDir(run).record()
     pp = Preprocess.from_dict(rec["preprocess"])
-    model = _wrapper(model_from_record(rec), pp, rec.get("temperature", 1.0))
+    model = probs_module(model_from_record(rec), pp, rec.get("temperature", 1.0))
     app = FastAPI()
 
     @app.get("/readyz")

@@ -41,7 +41,7 @@ def plain_recipe(data: Path, target: float, max_epochs: int) -> list[dict]:
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    from imgclf.models import build_model
+    from imgclf.models.registry import build_model
 
     t0 = time.time()
     torch.manual_seed(0)

@@ -9,26 +9,31 @@ and served CNN image classifier.
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "load", "TrainConfig", "__version__"]
+__all__ = ["train", "load", "TrainConfig", "ImgclfError", "__version__"]
 
 
 def train(config=None, **overrides):
     """Train a classifier; see `imgclf.TrainConfig` for the settings."""
-    from .train import train as _train
+    from imgclf.training.train import train as _train
 
     return _train(config, **overrides)
 
 
 def load(path, **kw):
-    """A trained classifier from a run directory or model file; `.predict()` it."""
-    from .predict import load as _load
+    """A trained classifier from a run directory, model.pt or exported .onnx;
+    `.predict()` it (see imgclf.inference.Predictor)."""
+    from imgclf.inference import load as _load
 
     return _load(path, **kw)
 
 
 def __getattr__(name):
     if name == "TrainConfig":
-        from .config import TrainConfig
+        from imgclf.config import TrainConfig
 
         return TrainConfig
+    if name == "ImgclfError":
+        from imgclf.errors import ImgclfError
+
+        return ImgclfError
     raise AttributeError(name)

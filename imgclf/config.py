@@ -1,6 +1,7 @@
-"""The one training configuration. The CLI (`imgclf train --help`) is generated
-from these fields, one flag per field, and the resolved config is saved in the
-run directory and inside model.pt."""
+"""One dataclass per command. The CLI is generated from them (cli.py): one
+flag per field, its help from the field's comment, positional arguments where
+the field says so. TrainConfig, resolved, is saved in the run directory and
+inside model.pt. Nothing here imports torch."""
 
 from __future__ import annotations
 
@@ -8,12 +9,17 @@ from dataclasses import asdict, dataclass, field, fields
 
 
 def _f(default, help: str, **kw):
+    """A field with its CLI help; kw: positional="?"|"+"|1 (an argument, not a
+    flag), choices=(...) (argparse checks them)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
 class TrainConfig:
-    data: str = _f("", "image folder (DATA/<class>/*, or DATA/train|val|test/<class>/*) or a CSV of path,label")
+    data: str = _f("", "image folder (DATA/<class>/*, or DATA/train|val|test/<class>/*) or a CSV of path,label",
+                   positional="?")
     out: str = _f("", "run directory for weights, splits, history, metrics (default: runs/<data name>, numbered if taken)")
     model: str = _f("efficientnet_lite0", "architecture, see `imgclf models`")
     pretrained: bool = _f(True, "start from ImageNet weights (--no-pretrained: random init)")
@@ -65,8 +71,8 @@ class TrainConfig:
         return cls(**d)
 
     def validate(self) -> None:
-        from .models import MODELS
-        from .preprocess import AUGMENTS, RESIZE_POLICIES
+        from imgclf.models.registry import MODELS
+        from imgclf.data.preprocess import AUGMENTS, RESIZE_POLICIES
 
         checks = [
             (self.model in MODELS, f"--model {self.model!r} is unknown; choose one of {', '.join(MODELS)}"),
@@ -84,4 +90,104 @@ class TrainConfig:
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(msg)
+                from imgclf.errors import ConfigError
+
+                raise ConfigError(msg)
+
+
+@dataclass
+class EvaluateConfig:
+    run: str = _f("", "run directory", positional=1)
+    data: str | None = _f(None, "data root (default: the one recorded in the run)", positional="?")
+    split: str | None = _f(None, "split to evaluate (default: test, else val)", choices=("test", "val", "train"))
+    tta: str = _f("none", "test-time augmentation: flip averages with the mirrored image (the report shows both)",
+                  choices=("none", "flip"))
+    calibrate: bool = _f(False, "refit the temperature on val and store it in model.pt (training already does; "
+                                "for runs made before it did)")
+    report: bool = _f(True, "write RUN/report/index.html and RUN/report/eval.json")
+    suspects: bool = _f(True, "report training images whose label looks wrong (out-of-fold)")
+    gradcam: bool = _f(True, "Grad-CAM heatmaps for a few predictions in the report")
+    device: str = _f("auto", "auto | cpu | cuda")
+    engine: str = _f("auto", "feature extraction: auto | torch | onnxruntime")
+    cache_dir: str | None = _f(None, "feature cache folder")
+
+
+@dataclass
+class CompareConfig:
+    runs: list = _f([], "run directories", positional="+")
+    split: str | None = _f(None, "split (default: each run's held-out split)", choices=("test", "val"))
+    json: bool = _f(False, "machine-readable output")
+    device: str = _f("auto", "auto | cpu | cuda")
+    engine: str = _f("auto", "feature extraction: auto | torch | onnxruntime")
+    cache_dir: str | None = _f(None, "feature cache folder")
+
+
+@dataclass
+class PredictConfig:
+    run: str = _f("", "run directory, model.pt, or an exported .onnx", positional=1)
+    paths: list = _f([], "image files or folders", positional="+")
+    top_k: int = _f(3, "labels per image")
+    format: str = _f("table", "output format", choices=("table", "json", "csv"))
+    batch_size: int = _f(32, "images per model call")
+    device: str = _f("auto", "auto | cpu | cuda")
+    engine: str = _f("auto", "feature extraction: auto | torch | onnxruntime")
+    cache_dir: str | None = _f(None, "feature cache folder")
+
+
+@dataclass
+class CheckConfig:
+    data: str = _f("", "image folder or CSV, as for `imgclf train`", positional=1)
+    json: bool = _f(False, "machine-readable output")
+    val_fraction: float = _f(0.1, "as for train: share held out for validation when the data has no split")
+    test_fraction: float = _f(0.1, "as for train: share held out for testing when the data has no split")
+    seed: int = _f(0, "as for train: the split's seed")
+
+
+@dataclass
+class ModelsConfig:
+    pass
+
+
+@dataclass
+class CacheConfig:
+    action: str = _f("info", "info: what is cached; clear: empty it", positional=1, choices=("info", "clear"))
+    cache_dir: str | None = _f(None, "feature cache folder (default: $IMGCLF_CACHE_DIR, else ~/.cache/imgclf)")
+
+
+@dataclass
+class ExportConfig:
+    run: str = _f("", "run directory or model.pt", positional=1)
+    format: str = _f("onnx", "file format", choices=("onnx", "torchscript"))
+    out: str | None = _f(None, "output file (default: RUN/model.onnx, model.int8.onnx, model.torchscript.pt)")
+    int8: bool = _f(False, "static INT8 quantization (onnxruntime), calibrated on training images; "
+                           "reports accuracy change and speed-up")
+    max_drop: float = _f(1.0, "refuse an INT8 model whose validation accuracy drops by more points than this")
+    force: bool = _f(False, "write the INT8 model even over --max-drop")
+    calib_images: int = _f(100, "training images for INT8 calibration")
+    check_images: int = _f(32, "validation images for the PyTorch parity check")
+    json: bool = _f(False, "print the export report as JSON")
+
+
+@dataclass
+class ServeConfig:
+    model: str = _f("", "an .onnx from `imgclf export` (no torch needed) or a run directory", positional=1)
+    host: str = _f("127.0.0.1", "0.0.0.0 to listen on every interface")
+    port: int = _f(8000, "TCP port")
+    workers: int = _f(1, "server processes (each loads the model)")
+    max_batch: int = _f(32, "most images per model call (micro-batching)")
+    batch_wait_ms: float = _f(5.0, "how long a batch waits for more images")
+    api_key: str | None = _f(None, "require this key on /v1/* (X-API-Key or Authorization: Bearer); "
+                                   "or set IMGCLF_API_KEY")
+    max_body_mb: float = _f(20.0, "largest request body, MiB")
+    max_files: int = _f(16, "most images per request")
+    max_pixels: int = _f(40_000_000, "largest decoded image, pixels (a 12 MP photo is far below)")
+    top_k: int = _f(5, "labels per image unless the request says otherwise")
+    threads: int | None = _f(None, "onnxruntime threads (default: all cores / workers)")
+    max_concurrent: int = _f(64, "requests in progress at once; more get 503 busy")
+    decode_pixels: int | None = _f(None, "pixels being decoded at once across all requests (default: 2 x max-pixels)")
+    body_timeout_s: float = _f(30.0, "seconds a client may take between body chunks before a 408")
+    public_metrics: bool = _f(False, "serve /metrics without the API key when one is set")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)

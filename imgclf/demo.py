@@ -45,9 +45,10 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="data/mnist")
     p.add_argument("--out", default="runs/demo-mnist")
     args = p.parse_args(argv)
-    from .check import check_dataset, format_report
-    from .predict import load
-    from .train import train
+    from imgclf.data.check import check_dataset, format_report
+    from imgclf.inference import load
+    from imgclf.runs import RunDir
+    from imgclf.training.train import train
 
     t0 = time.time()
     data = write_mnist_folder(Path(args.data))
@@ -58,10 +59,8 @@ def main(argv=None) -> int:
     res = train(data=str(data), out=args.out, image_size=112, flip_features=False)
     print("\n== predict a few held-out test images")
     clf = load(args.out)
-    import json
-
-    splits = json.loads((Path(args.out) / "splits.json").read_text())
-    sample = [str(Path(splits["root"]) / p) for p, _ in splits["test"][::100][:5]]
+    splits = RunDir(args.out).splits()
+    sample = [str(splits.path(p)) for p, _ in splits.test[::100][:5]]
     for r in clf.predict(sample, top_k=3):
         print(f"  {r['path']}: " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"]))
     acc = res.test["accuracy"] if res.test else float("nan")

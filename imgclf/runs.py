@@ -1,16 +1,21 @@
-"""The run directory: everything a later command needs, written atomically.
+"""The run directory: everything a later command needs, written atomically,
+read through one object, `RunDir`, which owns every artifact name.
 
 RUN/
-  model.pt        best weights + architecture, classes, preprocessing, config, version
+  model.pt        best weights + architecture, classes, preprocessing, config,
+                  temperature (fitted on val at the end of training), version
   last.pt         latest checkpoint for --resume (optimizer, schedule, early stopping)
   config.json     resolved TrainConfig
   splits.json     the exact train/val/test files (relative paths)
   history.csv     one row per epoch
-  summary.json    strategy chosen, timings, skipped files
-  eval_<split>.json  metrics
+  summary.json    strategy chosen, timings, calibration, skipped files
+  eval_<split>.json         metrics;  predictions_<split>.csv: per-image probabilities
+  report/         index.html and eval.json
+  model.onnx, model.int8.onnx, model.torchscript.pt   exports (they record model.pt's hash)
 
 model.pt holds only tensors, numbers, strings, lists and dicts, so it loads
 with torch.load(weights_only=True) and across imgclf versions: no pickled code.
+This module imports no torch at module level: the .onnx path uses RunDir too.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 FORMAT_VERSION = 1
+RECORD_KEYS = ("arch", "classes", "num_classes", "preprocess", "state_dict")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -81,10 +87,29 @@ def torch_save_atomic(obj, path: str | Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def torch_load(path: str | Path) -> dict:
-    import torch
+def torch_load(path: str | Path, required: tuple[str, ...] = ()) -> dict:
+    """A model record or checkpoint, loaded safely (weights_only=True: tensors
+    and plain data, never code). Anything else is a ModelFileError naming the
+    file; PyTorch's own advice to retry with weights_only=False is never shown."""
+    from imgclf.errors import MissingExtra, ModelFileError
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        import torch
+    except ImportError:
+        raise MissingExtra(f"{path} is a PyTorch file and PyTorch is not installed",
+                           "pip install 'imgclf[train]', or use an exported .onnx (imgclf export RUN)") from None
+    fix = "restore it from a backup or train again; do not load it with weights_only=False unless you made it"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        unsafe = "weights_only" in str(e) or "Unsupported global" in str(e)
+        what = "it holds Python objects or code, which imgclf never loads" if unsafe else \
+            f"it is truncated or not a PyTorch file ({type(e).__name__})"
+        raise ModelFileError(f"{path}: cannot be loaded: {what}", fix) from None
+    missing = [k for k in required if not isinstance(obj, dict) or k not in obj]
+    if not isinstance(obj, dict) or missing:
+        raise ModelFileError(f"{path}: not an imgclf file (missing {', '.join(missing) or 'everything'})", fix)
+    return obj
 
 
 def write_history(path: str | Path, rows: list[dict]) -> None:
@@ -107,21 +132,114 @@ def read_history(path: str | Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def model_file_path(run: str | Path) -> Path:
-    """RUN dir -> RUN/model.pt; a .pt file is taken as is."""
-    p = Path(run)
-    if p.is_dir():
-        p = p / "model.pt"
-    if not p.exists():
-        raise FileNotFoundError(
-            f"{p}: no trained model here. Train one with `imgclf train DATA --out {run}`"
-            + (f", or resume an interrupted run with `imgclf train --resume --out {run}`" if (p.parent / 'last.pt').exists() else ""))
-    return p
+class RunDir:
+    """A run directory: its artifact names and the questions every command asks.
+
+    Accepts RUN or RUN/model.pt (or any .pt inside RUN)."""
+
+    MODEL, LAST, CONFIG, SPLITS = "model.pt", "last.pt", "config.json", "splits.json"
+    HISTORY, SUMMARY, REPORT = "history.csv", "summary.json", "report"
+    EXPORTS = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "torchscript": "model.torchscript.pt"}
+
+    def __init__(self, path: str | Path):
+        p = Path(path)
+        self.path = p.parent if p.suffix == ".pt" else p
+        self.model_file = p if p.suffix == ".pt" else p / self.MODEL
+
+    last_file = property(lambda self: self.path / self.LAST)
+    config_file = property(lambda self: self.path / self.CONFIG)
+    splits_file = property(lambda self: self.path / self.SPLITS)
+    history_file = property(lambda self: self.path / self.HISTORY)
+    summary_file = property(lambda self: self.path / self.SUMMARY)
+    report_dir = property(lambda self: self.path / self.REPORT)
+
+    def eval_file(self, split: str) -> Path:
+        return self.path / f"eval_{split}.json"
+
+    def predictions_file(self, split: str) -> Path:
+        return self.path / f"predictions_{split}.csv"
+
+    def export_file(self, fmt: str, int8: bool = False) -> Path:
+        return self.path / self.EXPORTS[fmt + ("-int8" if int8 else "")]
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # ---- questions
+    def require_model(self) -> Path:
+        """model.pt, or an error that says how to make one."""
+        if not self.model_file.exists():
+            from imgclf.errors import RunError
+
+            fix = f"train one with `imgclf train DATA --out {self.path}`"
+            if self.last_file.exists():
+                fix += f", or resume the interrupted run with `imgclf train --resume --out {self.path}`"
+            raise RunError(f"{self.model_file}: no trained model here", fix)
+        return self.model_file
+
+    def record(self) -> dict:
+        """The model record in model.pt (loaded safely: tensors and plain data only)."""
+        return torch_load(self.require_model(), RECORD_KEYS)
+
+    def model_sha256(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(self.require_model(), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def splits(self, root: str | None = None):
+        """The exact files of each split (Splits), optionally under another data root."""
+        from imgclf.data.datasets import Splits
+
+        if not self.splits_file.exists():
+            from imgclf.errors import RunError
+
+            raise RunError(f"{self.splits_file} is missing", "use the run directory that `imgclf train` wrote")
+        return Splits.from_dict(read_json(self.splits_file), root=root)
+
+    def held_out_split(self) -> str:
+        """Where headline metrics come from: test if the data has one, else val."""
+        if self.splits_file.exists():
+            return self.splits().held_out
+        found = sorted(self.path.glob("eval_*.json"))
+        if found:
+            return found[0].stem.removeprefix("eval_")
+        from imgclf.errors import RunError
+
+        raise RunError(f"{self.path}: no splits.json and no eval_*.json",
+                       "is this a run directory (imgclf train DATA --out RUN)?")
+
+    def selection_split(self) -> str:
+        """The split choices (epoch, temperature) are made on: val, else test."""
+        d = read_json(self.splits_file)
+        return "val" if d.get("val") else "test"
+
+    def metrics(self, split: str | None = None) -> dict:
+        f = self.eval_file(split or self.held_out_split())
+        return read_json(f) if f.exists() else {}
+
+    def headline_metrics(self) -> dict:
+        """The held-out accuracy a deployment shows (/v1/model, export metadata)."""
+        for split in ("test", "val"):
+            if self.eval_file(split).exists():
+                m = read_json(self.eval_file(split))
+                return {"split": split, "n": m.get("n"), "accuracy": m.get("accuracy"),
+                        "balanced_accuracy": m.get("balanced_accuracy")}
+        return {}
+
+    def history(self) -> list[dict]:
+        return read_history(self.history_file)
+
+    def summary(self) -> dict:
+        return read_json(self.summary_file) if self.summary_file.exists() else {}
 
 
 def make_model_record(model, model_name: str, classes: list[str], preprocess, config: dict,
                       temperature: float = 1.0, extra: dict | None = None) -> dict:
-    from . import __version__
+    from imgclf import __version__
 
     return {
         "format_version": FORMAT_VERSION,
@@ -143,11 +261,17 @@ def make_model_record(model, model_name: str, classes: list[str], preprocess, co
 def model_from_record(rec: dict):
     """Rebuild the network from a model record (no pretrained download: the
     record's own weights replace them)."""
-    from .models import build_model
+    from imgclf.errors import ModelFileError
+    from imgclf.models.registry import build_model
 
     if rec.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"model file format {rec['format_version']} is newer than this imgclf understands; upgrade imgclf")
+        raise ModelFileError(f"model file format {rec['format_version']} is newer than this imgclf understands",
+                             "upgrade imgclf (pip install -U imgclf)")
     m = build_model(rec["arch"], rec["num_classes"], pretrained=False,
                     head_hidden=tuple(rec.get("head_hidden") or ()), dropout=rec.get("dropout", 0.2))
-    m.load_state_dict(rec["state_dict"])
+    try:
+        m.load_state_dict(rec["state_dict"])
+    except RuntimeError as e:
+        raise ModelFileError(f"the model file's weights do not fit a {rec['arch']} ({str(e).splitlines()[0]})",
+                             "the file is damaged or was edited; train again") from None
     return m.eval()

@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from imgclf.check import check_dataset, format_report
-from imgclf.data import DataError, discover
+from imgclf.data.check import check_dataset, format_report
+from imgclf.data.datasets import DataError, discover
 
 from .conftest import DATASETS, imgclf, need
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from imgclf.engine import EarlyStopping, balanced_class_weights, warmup_cosine
+from imgclf.training.engine import EarlyStopping, balanced_class_weights, warmup_cosine
 
 
 def test_early_stopping_tracks_best_and_patience():

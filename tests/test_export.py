@@ -101,7 +101,7 @@ def test_onnx_without_torch(exported, tiny):
         from imgclf.cli import main
         assert main(["predict", {str(path)!r}, {str(dog)!r}, "--format", "json"]) == 0
         from fastapi.testclient import TestClient
-        from imgclf.serve import ServeConfig, create_app
+        from imgclf.deploy.serve import ServeConfig, create_app
         with TestClient(create_app(ServeConfig({str(path)!r}))) as c:
             j = c.post("/v1/predict", files={{"file": ("c.jpg", open({str(cat)!r}, "rb").read())}}).json()
             assert j["predictions"][0]["label"] == "cats", j
@@ -148,7 +148,7 @@ def test_int8_export(tiny_run, exported, tmp_path):
 
 
 def test_int8_verdict():
-    from imgclf.export import int8_verdict
+    from imgclf.deploy.export import int8_verdict
 
     assert int8_verdict(0.98, 0.97, 1.0, False) is None
     assert int8_verdict(0.98, 0.99, 1.0, False) is None

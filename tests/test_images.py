@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.images import BadImage, open_image, sniff
+from imgclf.data.images import BadImage, open_image, sniff
 
 
 @pytest.fixture()

@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from imgclf.models import MODELS, WeightsUnavailable, build_model
-from imgclf.preprocess import eval_transform, normalize
+from imgclf.models.registry import MODELS, WeightsUnavailable, build_model
+from imgclf.data.preprocess import eval_transform, normalize
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -26,7 +26,7 @@ def test_lite0_imagenet_weights_recognise_a_dog(tiny):
     ImageNet's dog classes (151-268), which random weights would not do."""
     import timm
 
-    from imgclf.models import _lite_weights_file, convert_lite_state_dict
+    from imgclf.models.registry import _lite_weights_file, convert_lite_state_dict
 
     m = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     m.load_state_dict(convert_lite_state_dict(torch.load(_lite_weights_file(0), weights_only=True), m))

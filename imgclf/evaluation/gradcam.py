@@ -81,8 +81,7 @@ def gradcam_images(clf, root: str, samples: list[dict]) -> list[dict]:
     import copy
     from pathlib import Path
 
-    from .images import open_image
-    from .preprocess import eval_transform, normalize
+    from imgclf.data.preprocess import normalize, to_chw
 
     if not samples:
         return []
@@ -90,7 +89,6 @@ def gradcam_images(clf, root: str, samples: list[dict]) -> list[dict]:
 
     pp = clf.preprocess
     model = copy.deepcopy(clf.model).cpu().float().to(memory_format=torch.contiguous_format).eval()
-    tf = eval_transform(pp)
     out = []
     # One image at a time is too little work to share: with 2 threads on a
     # busy 2-core machine, thread synchronisation made a backward pass 10-40x
@@ -100,7 +98,7 @@ def gradcam_images(clf, root: str, samples: list[dict]) -> list[dict]:
     try:
         name, layer = find_target_layer(model.backbone, pp.size)
         for s in samples:
-            img = tf(open_image(Path(root) / s["path"], draft_size=pp.draft_size))
+            img = to_chw(pp.load(Path(root) / s["path"]))
             cam = gradcam(model, layer, normalize(img[None], pp).float(), int(s["pred_idx"]))
             out.append({**s, "image": overlay(img, cam), "input": Image.fromarray(img.permute(1, 2, 0).numpy()),
                         "layer": name})

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from imgclf.config import CompareConfig
+
 # (key, label, higher is better)
 METRICS = [("accuracy", "accuracy", True), ("balanced_accuracy", "balanced accuracy", True),
            ("macro_f1", "macro F1", True), ("weighted_f1", "weighted F1", True), ("top5_accuracy", "top-5 accuracy", True),
@@ -16,40 +18,24 @@ INFO = [("model", "model"), ("strategy", "strategy"), ("split", "split"), ("n", 
         ("tta", "TTA"), ("train_seconds", "train seconds")]
 
 
-def _split_of(run: Path, split: str | None) -> str:
-    from .runs import read_json
-
-    if split:
-        return split
-    sp = run / "splits.json"
-    if sp.exists():
-        d = read_json(sp)
-        return "test" if d.get("test") else "val"
-    found = sorted(run.glob("eval_*.json"))
-    if found:
-        return found[0].stem.removeprefix("eval_")
-    raise FileNotFoundError(f"{run}: no splits.json and no eval_*.json; is this a run directory (imgclf train ... --out RUN)?")
-
-
-def compare_runs(runs: list[str | Path], split: str | None = None, device: str = "auto", engine: str = "auto",
-                 cache_dir: str | None = None, printer=None) -> list[dict]:
-    """One row per run: its metrics on `split` (default: each run's held-out
+def compare_runs(cfg: CompareConfig, printer=None) -> list[dict]:
+    """One row per run: its metrics on cfg.split (default: each run's held-out
     split) plus model, strategy and training time from summary.json."""
-    from .runs import model_file_path, read_json
+    from imgclf.runs import RunDir
 
     rows = []
-    for r in runs:
-        run = Path(r)
-        model_file_path(run)  # a clear error for a folder that is not a run
-        name = _split_of(run, split)
-        path = run / f"eval_{name}.json"
-        if not path.exists():
-            from .evaluate import evaluate_run
+    for r in cfg.runs:
+        run = RunDir(r)
+        run.require_model()  # a clear error for a folder that is not a run
+        name = cfg.split or run.held_out_split()
+        if not run.eval_file(name).exists():
+            from imgclf.config import EvaluateConfig
+            from imgclf.evaluation.evaluate import evaluate_run
 
-            evaluate_run(run, split=name, device=device, engine=engine, cache_dir=cache_dir,
+            evaluate_run(EvaluateConfig(run=str(run), split=name, device=cfg.device, engine=cfg.engine,
+                                        cache_dir=cfg.cache_dir, report=False),
                          printer=printer or (lambda *a, **k: None))
-        m = read_json(path)
-        summary = read_json(run / "summary.json") if (run / "summary.json").exists() else {}
+        m, summary = run.metrics(name), run.summary()
         rows.append({"run": str(run), "model": m.get("model"), "strategy": summary.get("strategy"), "split": name,
                      "data": m.get("data"), "n": m.get("n"), "accuracy": m.get("accuracy"),
                      "balanced_accuracy": m.get("balanced_accuracy"), "macro_f1": (m.get("macro") or {}).get("f1"),

@@ -5,7 +5,8 @@ Temperature scaling (Guo et al., 2017) divides the logits by one scalar T fit
 on held-out data by minimising the negative log-likelihood. It never changes
 which class wins (accuracy is untouched), only how confident the model says it
 is. The fitted T is stored in RUN/model.pt (`record["temperature"]`), which
-`imgclf.load(...).predict` and the exporters already apply as softmax(logits / T).
+`imgclf train` fits T on the validation split as its last step; every
+prediction path applies it through `imgclf.inference.torch_predictor.calibrated_probs`.
 """
 
 from __future__ import annotations
@@ -14,23 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.inference.torch_predictor import probs_from_logits
+
 T_MIN, T_MAX = 0.05, 20.0  # beyond these the model is broken, not miscalibrated
 
 
-def softmax(logits: np.ndarray, temperature: float | np.ndarray = 1.0) -> np.ndarray:
-    """softmax(logits / T); T a scalar or a column (N, 1) of per-row values."""
-    z = np.asarray(logits, dtype=np.float64) / np.asarray(temperature, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of the true labels under softmax(logits / T)."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    m = z.max(axis=1, keepdims=True)
-    logp = z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))
-    return float(-logp[np.arange(len(labels)), np.asarray(labels)].mean())
+    """Mean negative log-likelihood of the true labels under the calibrated
+    probabilities (in float64: the fit compares NLLs that differ by 1e-6)."""
+    p = probs_from_logits({"plain": np.asarray(logits, dtype=np.float64)}, temperature)
+    return float(-np.log(np.clip(p[np.arange(len(labels)), np.asarray(labels)], 1e-300, 1)).mean())
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -90,14 +84,21 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     return reliability(probs, labels, bins)["ece"]
 
 
-def store_temperature(run: str | Path, temperature: float) -> None:
-    """Write T into RUN/model.pt atomically (a crash leaves the old file)."""
-    from .runs import model_file_path, torch_load, torch_save_atomic
-
-    path = model_file_path(run)
-    rec = torch_load(path)
-    rec["temperature"] = float(temperature)
-    torch_save_atomic(rec, path)
+def fit_calibration(val_logits: np.ndarray, val_labels: np.ndarray) -> dict | None:
+    """T fitted on validation logits, with ECE and NLL before (T = 1) and
+    after. "After" is cross-fitted: each image is scored with a T fit on the
+    other folds, since these same images chose T. None when there are too few
+    images (or one class) to fit on."""
+    if len(val_labels) < 10 or len(np.unique(val_labels)) < 2:
+        return None
+    t = fit_temperature(val_logits, val_labels)
+    before = probs_from_logits({"plain": val_logits}, 1.0)
+    after = probs_from_logits({"plain": val_logits}, cross_fit_temperatures(val_logits, val_labels)[:, None])
+    idx = np.arange(len(val_labels))
+    return {"temperature": t, "fitted_on": "val", "n": int(len(val_labels)),
+            "ece_before": ece(before, val_labels), "ece_after": ece(after, val_labels),
+            "nll_before": float(-np.log(np.clip(before[idx, val_labels], 1e-12, 1)).mean()),
+            "nll_after": float(-np.log(np.clip(after[idx, val_labels], 1e-12, 1)).mean())}
 
 
 def _nan_to_none(a: np.ndarray) -> list:

@@ -16,13 +16,12 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .images import BadImage, list_files, open_image, sniff
+from imgclf.data.images import BadImage, list_files, open_image, sniff
 
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
 
 
-class DataError(Exception):
-    """The data can't be used as given; the message says how to fix it."""
+from imgclf.errors import DataError  # noqa: F401 (re-exported: imgclf.data.datasets.DataError)
 
 
 @dataclass
@@ -50,16 +49,19 @@ class Splits:
             seed=d.get("seed", 0), **{k: [(p, int(y)) for p, y in d[k]] for k in ("train", "val", "test")},
         )
 
+    @property
+    def held_out(self) -> str:
+        """Where headline metrics come from: test if the data has one, else val."""
+        return "test" if self.test else "val"
+
     def eval_split(self, name: str | None = None) -> tuple[str, list[tuple[str, int]]]:
-        """The split to evaluate on: `name`, else test, else val."""
-        if name:
-            if name not in ("train", "val", "test"):
-                raise DataError(f"unknown split {name!r}; use test, val or train")
-            items = getattr(self, name)
-            if not items:
-                raise DataError(f"split {name!r} is empty for this data")
-            return name, items
-        return ("test", self.test) if self.test else ("val", self.val)
+        """The split to evaluate on: `name`, else the held-out one."""
+        name = name or self.held_out
+        if name not in ("train", "val", "test"):
+            raise DataError(f"--split {name!r} is unknown", "use test, val or train")
+        if not getattr(self, name):
+            raise DataError(f"split {name!r} is empty for this data", "choose another with --split")
+        return name, getattr(self, name)
 
     def path(self, rel: str) -> Path:
         return Path(self.root) / rel

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Splits, discover, file_hash
-from .images import BadImage, open_image, sniff
+from imgclf.data.datasets import Splits, discover, file_hash
+from imgclf.data.images import BadImage, open_image, sniff
 
 
 def _image_stats(path: Path) -> dict:
@@ -36,7 +36,7 @@ def _image_stats(path: Path) -> dict:
 
 def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
                   progress: bool = True) -> dict:
-    from .progress import Progress
+    from imgclf.progress import Progress
 
     s: Splits = discover(data, val_fraction, test_fraction, seed)
     given = s.layout == "split-folders"

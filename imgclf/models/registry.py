@@ -4,7 +4,7 @@ Every model is an `ImageClassifier`: a backbone that maps images to a pooled
 feature vector and a head that maps features to logits (timm's API:
 `forward_features`, `forward_head`, `reset_classifier`). `forward` returns
 logits; the loss lives in the training loop. The split matters: a frozen
-backbone's features can be computed once and cached (see features.py).
+backbone's features can be computed once and cached (see models/features.py).
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .preprocess import Preprocess
+from imgclf.data.preprocess import Preprocess
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class WeightsUnavailable(Exception):
-    """Pretrained weights can't be had here; the message says how to supply them."""
+from imgclf.errors import ConfigError, ModelFileError, WeightsUnavailable  # noqa: F401 (re-exported)
 
 
 class ImageClassifier(nn.Module):
@@ -90,11 +89,11 @@ def convert_lite_state_dict(src: dict, model: nn.Module) -> dict:
     any mismatch that a name table would."""
     dst = model.state_dict()
     if len(src) != len(dst):
-        raise ValueError(f"weights have {len(src)} tensors, the model {len(dst)}: not an EfficientNet-Lite of this size")
+        raise ModelFileError(f"weights have {len(src)} tensors, the model {len(dst)}: not an EfficientNet-Lite of this size")
     out = {}
     for (ks, vs), (kd, vd) in zip(src.items(), dst.items()):
         if vs.shape != vd.shape:
-            raise ValueError(f"weights tensor {ks} {tuple(vs.shape)} does not fit {kd} {tuple(vd.shape)}")
+            raise ModelFileError(f"weights tensor {ks} {tuple(vs.shape)} does not fit {kd} {tuple(vd.shape)}")
         out[kd] = vs
     return out
 
@@ -148,7 +147,7 @@ def _load_backbone_file(backbone: nn.Module, path: str, head_prefixes: tuple[str
     missing, unexpected = backbone.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith(head_prefixes)]
     if missing or unexpected:
-        raise ValueError(f"{path}: does not fit this model (missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
+        raise ModelFileError(f"{path}: does not fit this model (missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
 
 
 def _build_tv(arch: str, weights_enum: str, head_attr: str):
@@ -229,7 +228,7 @@ MODELS["small_cnn"] = ModelInfo(
 
 def get_model_info(name: str) -> ModelInfo:
     if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(MODELS)} (see `imgclf models`)")
+        raise ConfigError(f"--model {name!r} is unknown", f"choose one of {', '.join(MODELS)} (see `imgclf models`)")
     return MODELS[name]
 
 

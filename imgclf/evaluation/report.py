@@ -12,9 +12,27 @@ import base64
 import html
 import io
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+@dataclass
+class Page:
+    """Everything the page's sections read (and eval.json records)."""
+
+    metrics: dict
+    meta: dict  # run, model, data, strategy, created, version
+    calibration: dict | None
+    tta: dict | None
+    curves: dict
+    pairs: list[dict]
+    errors: dict
+    figs: dict[str, bytes]
+    thumbs: dict[str, bytes | None] = field(default_factory=dict)
+    gradcam: list[dict] | str | None = None
+    suspects: dict | str | None = None
+
 
 GALLERY = 16  # most confident mistakes shown
 CLOSE_CALLS = 8  # least confident correct predictions shown
@@ -38,7 +56,7 @@ def _jpeg(img, quality: int = 82) -> bytes:
 
 def thumbnail(path: Path, size: int = THUMB) -> bytes | None:
     """A small JPEG of the image as the model saw it upright (EXIF applied)."""
-    from .images import BadImage, open_image
+    from imgclf.data.images import BadImage, open_image
 
     try:
         img = open_image(path, draft_size=size)
@@ -171,9 +189,9 @@ def _glance(m: dict, cal: dict | None, errors: dict, suspects: dict | None) -> s
                  f"{_f(pcs[worst]['recall'])})" + (f", most often taken for <b>{_e(cw)}</b>" if cw else "")
                  + f"; {errors['n_mistakes']} mistakes in all.")
     if cal:
-        items.append(f"<b>Probabilities:</b> expected calibration error {_pct(cal['ece_before'], 2)} as trained, "
-                     f"{_pct(cal['ece_after'], 2)} after temperature scaling (T = {cal['temperature']:.2f}, now stored "
-                     f"in the run, so <code>predict</code> returns calibrated probabilities).")
+        items.append(f"<b>Probabilities:</b> expected calibration error {_pct(cal['ece_before'], 2)} at T = 1, "
+                     f"{_pct(cal['ece_after'], 2)} with the temperature fitted in training (T = {cal['temperature']:.2f}, "
+                     f"stored in the run, so <code>predict</code> returns calibrated probabilities).")
     elif m.get("ece") is not None:
         items.append(f"<b>Probabilities:</b> expected calibration error {_pct(m['ece'], 2)} (T = {_f(m.get('temperature'), 2)}).")
     if suspects and suspects.get("suspects"):
@@ -232,21 +250,19 @@ def _tta(tta: dict | None) -> str:
 
 
 def _calibration(cal: dict | None, m: dict, rel_png: bytes | None) -> str:
-    if not cal:
-        why = m.get("calibration_note") or "not fitted"
-        out = f'<p class="note">Temperature scaling: {_e(why)}.</p>'
+    if not cal or cal["temperature"] == 1.0:
+        out = '<p class="note">Temperature scaling: not fitted (T = 1); the validation split was too small.</p>'
     else:
-        out = (f"<p>One temperature T divides the logits before the softmax; it is fitted on the validation split "
-               f"({cal['fitted_on_n']:,} images) by minimising the log loss, and never changes which class wins. "
+        out = (f"<p>One temperature T divides the logits before the softmax; <code>imgclf train</code> fits it on "
+               f"the validation split by minimising the log loss, and it never changes which class wins. "
                f"<b>T = {cal['temperature']:.3f}</b> is stored in <code>model.pt</code>: <code>imgclf predict</code>, "
-               f"<code>imgclf.load()</code> and the exports now return calibrated probabilities. "
+               f"<code>imgclf.load()</code>, the server and the exports return calibrated probabilities. "
                f"{'T &gt; 1: the model was over-confident.' if cal['temperature'] > 1.05 else 'T &lt; 1: the model was under-confident (usual after training with label smoothing).' if cal['temperature'] < 0.95 else 'T is close to 1: the model was already well calibrated.'}</p>"
                f'<table id="calibration-table"><tr><th>on the {_e(m["split"])} split</th><th class="n">ECE</th><th class="n">log loss</th></tr>'
                f'<tr><td>before (T = 1)</td><td class="n">{_pct(cal["ece_before"], 2)}</td><td class="n">{_f(cal["nll_before"], 4)}</td></tr>'
                f'<tr><td>after (T = {cal["temperature"]:.3f})</td><td class="n">{_pct(cal["ece_after"], 2)}</td><td class="n">{_f(cal["nll_after"], 4)}</td></tr></table>')
         if cal.get("cross_fitted"):
-            out += ('<p class="note">This data has no test split, so the split evaluated is the one T is fitted on. '
-                    'To keep "after" honest, each image here is scored with a T fitted on the other four fifths '
+            out += ('<p class="note">This is the split T was fitted on. To keep "after" honest, each image here is scored with a T fitted on the other four fifths '
                     "of the split (5-fold cross-fitting); the stored T uses all of it.</p>")
     out += ("<p>ECE: the images are binned by the model's confidence (its top probability); in each bin, the gap "
             "between confidence and actual accuracy, averaged with the bins' sizes as weights. 0 is perfect.</p>")
@@ -255,28 +271,28 @@ def _calibration(cal: dict | None, m: dict, rel_png: bytes | None) -> str:
     return out
 
 
-def render_html(ctx: dict) -> str:
-    m, meta = ctx["metrics"], ctx["meta"]
+def render_html(page: Page) -> str:
+    m, meta = page.metrics, page.meta
     title = f"imgclf report: {Path(meta['run']).name}"
     sections = [
-        ("summary", "Summary", _glance(m, ctx["calibration"], ctx["errors"], ctx.get("suspects")) + _summary(m, meta)),
-        ("per-class", "Per class", _per_class(m, ctx["curves"])),
+        ("summary", "Summary", _glance(m, page.calibration, page.errors, page.suspects) + _summary(m, meta)),
+        ("per-class", "Per class", _per_class(m, page.curves)),
         ("confusion", "Confusion matrix",
          '<p class="sub">Rows: true class; columns: predicted class.</p><div class="row">'
-         + _img(ctx["figs"]["cm_counts"], "confusion matrix (counts)", cls="fig cm")
-         + _img(ctx["figs"]["cm_norm"], "confusion matrix (row-normalised)", cls="fig cm") + "</div>"
-         + "<h3>Most confused pairs</h3>" + _pairs(ctx["pairs"])),
+         + _img(page.figs["cm_counts"], "confusion matrix (counts)", cls="fig cm")
+         + _img(page.figs["cm_norm"], "confusion matrix (row-normalised)", cls="fig cm") + "</div>"
+         + "<h3>Most confused pairs</h3>" + _pairs(page.pairs)),
         ("training", "Training curves",
-         _img(ctx["figs"]["curves"], "training curves") if ctx["figs"].get("curves")
+         _img(page.figs["curves"], "training curves") if page.figs.get("curves")
          else '<p class="note">No history.csv in this run.</p>'),
         ("roc", "ROC and precision-recall",
-         _img(ctx["figs"]["roc_pr"], "ROC and precision-recall curves") if ctx["figs"].get("roc_pr")
+         _img(page.figs["roc_pr"], "ROC and precision-recall curves") if page.figs.get("roc_pr")
          else '<p class="note">Needs at least one class both present and absent in this split.</p>'),
-        ("calibration", "Calibration", _calibration(ctx["calibration"], m, ctx["figs"].get("reliability"))),
-        ("tta", "Test-time augmentation", _tta(ctx.get("tta"))),
-        ("gallery", "Error gallery", _gallery(ctx)),
-        ("gradcam", "Grad-CAM", _gradcam_html(ctx)),
-        ("suspects", "Label-noise suspects", _suspects_html(ctx)),
+        ("calibration", "Calibration", _calibration(page.calibration, m, page.figs.get("reliability"))),
+        ("tta", "Test-time augmentation", _tta(page.tta)),
+        ("gallery", "Error gallery", _gallery(page)),
+        ("gradcam", "Grad-CAM", _gradcam_html(page)),
+        ("suspects", "Label-noise suspects", _suspects_html(page)),
     ]
     nav = "".join(f'<a href="#{k}">{_e(t)}</a>' for k, t, _ in sections)
     body = "".join(f'<section id="{k}"><h2>{_e(t)}</h2>{c}</section>' for k, t, c in sections)
@@ -288,8 +304,8 @@ def render_html(ctx: dict) -> str:
             f"<code>eval.json</code> next to this page.</p></main></body></html>")
 
 
-def _gallery(ctx: dict) -> str:
-    e, thumbs = ctx["errors"], ctx["thumbs"]
+def _gallery(page: Page) -> str:
+    e, thumbs = page.errors, page.thumbs
     out = [f"<h3>Most confident mistakes ({min(len(e['mistakes']), GALLERY)} of {e['n_mistakes']})</h3>"]
     if e["mistakes"]:
         out.append('<div class="gallery" id="mistakes">' + "".join(
@@ -307,8 +323,8 @@ def _gallery(ctx: dict) -> str:
     return "".join(out)
 
 
-def _gradcam_html(ctx: dict) -> str:
-    g = ctx.get("gradcam")
+def _gradcam_html(page: Page) -> str:
+    g = page.gradcam
     if isinstance(g, str):
         return f'<p class="note">{_e(g)}</p>'
     if not g:
@@ -323,8 +339,8 @@ def _gradcam_html(ctx: dict) -> str:
             f'<div class="gallery" id="gradcam-gallery">{tiles}</div>')
 
 
-def _suspects_html(ctx: dict) -> str:
-    s = ctx.get("suspects")
+def _suspects_html(page: Page) -> str:
+    s = page.suspects
     if isinstance(s, str):
         return f'<p class="note">{_e(s)}</p>'
     if not s:
@@ -335,7 +351,7 @@ def _suspects_html(ctx: dict) -> str:
              f"Check them and fix or remove the wrong ones, then train again.</p>")
     if not s["suspects"]:
         return intro + "<p>None found.</p>"
-    tiles = "".join(_tile(ctx["thumbs"].get(r["path"]), [
+    tiles = "".join(_tile(page.thumbs.get(r["path"]), [
         f'given: <span class="bad">{_e(r["given"])}</span> {r["p_given"]:.2f}',
         f'looks like: <b>{_e(r["likely"])}</b> {r["p_likely"]:.2f}'], r["path"]) for r in s["suspects"])
     return intro + f'<div class="gallery" id="suspects-gallery">{tiles}</div>'
@@ -343,86 +359,93 @@ def _suspects_html(ctx: dict) -> str:
 
 # ------------------------------------------------------------------ entry point
 
-def build_report(run: Path, clf, splits, split: str, paths: list[str], labels: np.ndarray, probs: np.ndarray,
-                 metrics: dict, calibration: dict | None = None, tta: dict | None = None, workers: int = 1,
-                 bad=None, suspects: bool = True, gradcam: bool = True, printer=print) -> Path:
-    """Write RUN/report/index.html and RUN/report/eval.json; returns the page's path."""
-    from . import __version__
-    from .figures import confusion_png, curves_png, reliability_png, roc_pr_png
-    from .metrics import most_confused_pairs, roc_pr_curves
-    from .runs import atomic_write_text, read_history, read_json, write_json
+def build_report(run, clf, sc, metrics: dict, workers: int = 1, bad=None, suspects: bool = True,
+                 gradcam: bool = True, printer=print) -> Path:
+    """Write RUN/report/index.html and RUN/report/eval.json for an evaluated
+    split (`sc`, evaluate.Scored); returns the page's path."""
+    from imgclf import __version__
+    from imgclf.runs import atomic_write_text
 
     t0 = time.time()
-    run = Path(run)
-    classes = clf.classes
-    summary = read_json(run / "summary.json") if (run / "summary.json").exists() else {}
-    curves = roc_pr_curves(labels, probs, classes)
-    pairs = most_confused_pairs(metrics["confusion_matrix"], classes, k=10)
-    errors = error_cases(probs, labels, paths, classes)
-    history = read_history(run / "history.csv")
-    best_epoch = (summary.get("best") or {}).get("epoch")
-    figs = {"cm_counts": confusion_png(metrics["confusion_matrix"], classes, normalize=False),
-            "cm_norm": confusion_png(metrics["confusion_matrix"], classes, normalize=True)}
-    if history:
-        figs["curves"] = curves_png(history, best_epoch)
-    if curves["per_class"]:
-        figs["roc_pr"] = roc_pr_png(curves, classes)
-    if calibration:
-        figs["reliability"] = reliability_png(calibration["reliability_before"], calibration["reliability_after"],
-                                              calibration["temperature"])
-    elif metrics.get("reliability"):
-        figs["reliability"] = reliability_png(metrics["reliability"], None, None)
+    page = _analyse(run, clf, sc, metrics)
     t_figs = time.time() - t0
-
-    root = Path(splits.root)
-    thumbs: dict[str, bytes | None] = {}
-    for r in errors["mistakes"] + errors["close_calls"]:
-        thumbs.setdefault(r["path"], thumbnail(root / r["path"]))
-
-    gc: list[dict] | str | None = None
+    root = Path(sc.splits.root)
+    for r in page.errors["mistakes"] + page.errors["close_calls"]:
+        page.thumbs.setdefault(r["path"], thumbnail(root / r["path"]))
     t1 = time.time()
     if gradcam:
-        try:
-            from .gradcam import gradcam_images
-
-            gc = []
-            for s in gradcam_images(clf, str(root), gradcam_samples(probs, labels, paths, classes)):
-                cam, seen = s.pop("image"), s.pop("input")
-                cam.thumbnail((160, 160))
-                seen.thumbnail((160, 160))
-                gc.append({**s, "png": _side_by_side(seen, cam)})
-        except ValueError as e:  # not a CNN
-            gc = f"Grad-CAM not available for this model: {e}"
-    t_gc = time.time() - t1
-
-    sus: dict | str | None = None
-    t2 = time.time()
+        page.gradcam = _gradcam_tiles(clf, str(root), gradcam_samples(sc.probs, sc.labels, sc.paths, clf.classes))
+    t_gc, t2 = time.time() - t1, time.time()
     if suspects:
-        if splits.train:
-            from .label_noise import find_suspects
-
-            sus = find_suspects(clf, splits.root, splits.train, workers=workers, bad=bad)
-            for r in sus["suspects"]:
-                thumbs.setdefault(r["path"], thumbnail(root / r["path"]))
-        else:
-            sus = "No training split is recorded for this data (a new labelled folder), so there are no training labels to check."
+        page.suspects = _suspects(clf, sc.splits, workers, bad, page.thumbs)
     t_sus = time.time() - t2
+    page.meta.update(created=time.strftime("%Y-%m-%d %H:%M"), version=__version__)
+    path = run.report_dir / "index.html"
+    atomic_write_text(path, render_html(page))
+    seconds = {"figures": round(t_figs, 2), "gradcam": round(t_gc, 2), "label_noise": round(t_sus, 2),
+               "total": round(time.time() - t0, 2)}
+    _write_eval_json(run.report_dir / "eval.json", page, seconds)
+    return path
 
-    meta = {"run": str(run), "model": clf.arch, "data": str(splits.root), "strategy": summary.get("strategy"),
-            "created": time.strftime("%Y-%m-%d %H:%M"), "version": __version__}
-    ctx = {"metrics": metrics, "meta": meta, "calibration": calibration, "tta": tta, "curves": curves, "pairs": pairs,
-           "errors": errors, "figs": figs, "thumbs": thumbs, "gradcam": gc, "suspects": sus}
-    out_dir = run / "report"
-    page = out_dir / "index.html"
-    atomic_write_text(page, render_html(ctx))
-    gc_json = [{k: v for k, v in s.items() if k != "png"} for s in gc] if isinstance(gc, list) else gc
-    write_json(out_dir / "eval.json", {
-        **metrics, "meta": meta, "curves": curves, "confused_pairs": pairs, "errors": errors,
-        "calibration": {k: v for k, v in calibration.items()} if calibration else None, "tta_comparison": tta,
-        "gradcam": gc_json, "label_noise": sus,
-        "report_seconds": {"figures": round(t_figs, 2), "gradcam": round(t_gc, 2), "label_noise": round(t_sus, 2),
-                           "total": round(time.time() - t0, 2)}})
+
+def _analyse(run, clf, sc, metrics: dict) -> Page:
+    """Curves, confused pairs, error cases and figures of the evaluated split."""
+    from imgclf.evaluation.figures import confusion_png, curves_png, reliability_png, roc_pr_png
+    from imgclf.evaluation.metrics import most_confused_pairs, roc_pr_curves
+
+    classes, summary, history = clf.classes, run.summary(), run.history()
+    cal = metrics.get("calibration")
+    page = Page(metrics=metrics, calibration=cal, tta=metrics.get("tta_comparison"),
+                curves=roc_pr_curves(sc.labels, sc.probs, classes),
+                pairs=most_confused_pairs(metrics["confusion_matrix"], classes, k=10),
+                errors=error_cases(sc.probs, sc.labels, sc.paths, classes),
+                meta={"run": str(run), "model": clf.arch, "data": str(sc.splits.root), "strategy": summary.get("strategy")},
+                figs={"cm_counts": confusion_png(metrics["confusion_matrix"], classes, normalize=False),
+                      "cm_norm": confusion_png(metrics["confusion_matrix"], classes, normalize=True)})
+    if history:
+        page.figs["curves"] = curves_png(history, (summary.get("best") or {}).get("epoch"))
+    if page.curves["per_class"]:
+        page.figs["roc_pr"] = roc_pr_png(page.curves, classes)
+    if cal:
+        page.figs["reliability"] = reliability_png(cal["reliability_before"], cal["reliability_after"], cal["temperature"])
     return page
+
+
+def _gradcam_tiles(clf, root: str, samples: list[dict]) -> list[dict] | str:
+    from imgclf.evaluation.gradcam import gradcam_images
+
+    try:
+        out = []
+        for s in gradcam_images(clf, root, samples):
+            cam, seen = s.pop("image"), s.pop("input")
+            cam.thumbnail((160, 160))
+            seen.thumbnail((160, 160))
+            out.append({**s, "png": _side_by_side(seen, cam)})
+        return out
+    except ValueError as e:  # not a CNN
+        return f"Grad-CAM not available for this model: {e}"
+
+
+def _suspects(clf, splits, workers: int, bad, thumbs: dict) -> dict | str:
+    if not splits.train:
+        return "No training split is recorded for this data (a new labelled folder), so there are no training labels to check."
+    from imgclf.evaluation.label_noise import find_suspects
+
+    sus = find_suspects(clf, splits.root, splits.train, workers=workers, bad=bad)
+    for r in sus["suspects"]:
+        thumbs.setdefault(r["path"], thumbnail(Path(splits.root) / r["path"]))
+    return sus
+
+
+def _write_eval_json(path: Path, page: Page, seconds: dict) -> None:
+    from imgclf.runs import write_json
+
+    gc = page.gradcam
+    cal = {k: v for k, v in page.calibration.items()} if page.calibration else None
+    write_json(path, {**page.metrics, "meta": page.meta, "curves": page.curves, "confused_pairs": page.pairs,
+                      "errors": page.errors, "calibration": cal, "tta_comparison": page.tta,
+                      "gradcam": [{k: v for k, v in s.items() if k != "png"} for s in gc] if isinstance(gc, list) else gc,
+                      "label_noise": page.suspects, "report_seconds": seconds})
 
 
 def _side_by_side(left, cam_img) -> bytes:

@@ -1,0 +1,1 @@
+"""Deployment: export (ONNX, INT8, TorchScript) and serve (a REST API)."""

@@ -1,0 +1,48 @@
+"""`imgclf serve RUN_OR_ONNX`: a REST API and a web page for a trained model.
+
+  app.py       routes, errors, authentication
+  parsing.py   bounded, in-memory request parsing and decoding
+  batching.py  micro-batching of concurrent requests
+  metrics.py   Prometheus text format
+  openapi.py   the schema of every request, status code and body
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from imgclf.config import ServeConfig
+from imgclf.deploy.serve.app import create_app  # noqa: F401 (the public entry point)
+
+_ENV = "IMGCLF_SERVE_CONFIG"
+
+
+def app_from_env():
+    """uvicorn factory for --workers > 1 (each worker process builds its own app)."""
+    return create_app(ServeConfig(**json.loads(os.environ[_ENV])))
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Check the model loads (a clear error now, not inside a worker), then run uvicorn."""
+    import uvicorn
+
+    from imgclf.errors import RunError
+    from imgclf.inference import load
+
+    if not Path(cfg.model).exists():
+        raise RunError(f"{cfg.model}: no such model", "serve a run directory or an .onnx from `imgclf export`")
+    if cfg.threads is None and cfg.workers > 1:
+        cfg.threads = max(1, (os.cpu_count() or 1) // cfg.workers)  # workers must not oversubscribe the cores
+    load(cfg.model, threads=1)  # fail before the banner, with the reason
+    print(f"imgclf serve: {cfg.model} on http://{cfg.host}:{cfg.port}/  (API: POST /v1/predict, docs: /docs)"
+          + (", API key required" if cfg.api_key else ""), flush=True)
+    common = {"host": cfg.host, "port": cfg.port, "log_level": "warning", "timeout_keep_alive": 5,
+              "h11_max_incomplete_event_size": 64 * 1024}
+    if cfg.workers > 1:
+        os.environ[_ENV] = json.dumps(asdict(cfg))
+        uvicorn.run("imgclf.deploy.serve:app_from_env", factory=True, workers=cfg.workers, **common)
+    else:
+        uvicorn.run(create_app(cfg), **common)

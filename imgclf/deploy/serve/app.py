@@ -1,0 +1,282 @@
+"""The FastAPI app of `imgclf serve`: routes, errors, authentication.
+
+    POST /v1/predict   images as multipart form data (any field name) or JSON
+                       {"images": ["<base64>", ...], "top_k": 3}; top-k per image
+    GET  /v1/model     classes, input size, metrics from the run, versions
+    GET  /healthz      the process is up;  GET /readyz: the model is loaded
+    GET  /metrics      Prometheus text format
+    GET  /             a page to drop images on;  /docs: OpenAPI
+
+The model is any `imgclf.inference.Predictor` (an .onnx without torch, or a
+run directory), its answers built by the shared `top_k`. Every error is a
+JSON body {"error": {"code", "message", ...}} that says what to fix.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoint
+# annotations (Request) at runtime, and Request is imported inside create_app.
+
+import hmac
+import logging
+import platform
+import time
+from importlib import resources
+from pathlib import Path
+
+from imgclf.config import ServeConfig
+from imgclf.data.images import BadImage
+from imgclf.deploy.serve.batching import Batcher
+from imgclf.deploy.serve.metrics import Metrics
+from imgclf.deploy.serve.parsing import (ApiError, PixelBudget, header_pixels, media_type, parse_json,
+                                         parse_multipart, parse_top_k, read_body)
+from imgclf.inference import top_k
+
+STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+                "style.css": "text/css; charset=utf-8"}
+log = logging.getLogger("imgclf.serve")
+
+
+class State:
+    """What the routes share: the model, the batcher, limits in force."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg, self.metrics = cfg, Metrics()
+        self.predictor = None
+        self.batcher: Batcher | None = None
+        self.pixels = PixelBudget(cfg.decode_pixels or 2 * cfg.max_pixels)
+        self.in_flight = 0
+
+    def ready(self):
+        if self.predictor is None:
+            raise ApiError(503, "not_ready", "the model is still loading; retry in a moment (see /readyz)")
+        return self.predictor
+
+
+def create_app(cfg: ServeConfig):
+    """The FastAPI app; the model loads at start-up (see /readyz)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from starlette.concurrency import run_in_threadpool
+
+    from imgclf import __version__
+    from imgclf.inference import load
+
+    st = State(cfg)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        st.predictor = await run_in_threadpool(load, cfg.model, threads=cfg.threads)
+        st.batcher = Batcher(st.predictor.probs, cfg.max_batch, cfg.batch_wait_ms / 1000, st.metrics)
+        st.batcher.start()
+        yield
+        await st.batcher.stop()
+
+    app = FastAPI(title="imgclf", version=__version__, lifespan=lifespan,
+                  description="Image classification with a model trained by imgclf. "
+                              "POST images to /v1/predict; GET / for a page to try it.")
+    add_error_handlers(app, st)
+    add_predict_route(app, st)
+    add_info_routes(app, st)
+    add_page_routes(app)
+    app.state.imgclf = st
+    return app
+
+
+def error_response(st: State, status: int, code: str, message: str, headers: dict | None = None, **extra):
+    from fastapi.responses import JSONResponse
+
+    st.metrics.error(code)
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers)
+
+
+def add_error_handlers(app, st: State) -> None:
+    """ApiError, Starlette's 404/405 (keeping Allow), validation errors, and a
+    middleware that turns any other exception into a counted JSON 500."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return error_response(st, e.status, e.code, e.message, **e.extra)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return error_response(st, e.status_code, code, str(e.detail), headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e):
+        msg = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        return error_response(st, 400, "bad_parameters", msg[:500])
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        t0 = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:  # last resort: a JSON 500, counted, never a dead server
+            log.exception("internal error on %s %s", request.method, request.url.path)
+            response = error_response(st, 500, "internal", "internal error; see the server log")
+        route = getattr(request.scope.get("route"), "path", None) or "other"  # the template: bounded labels
+        st.metrics.request(request.method, route, response.status_code, time.perf_counter() - t0)
+        return response
+
+
+def check_key(st: State, request) -> None:
+    key = st.cfg.api_key
+    if not key:
+        return
+    given = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if given is None and auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if given is None:
+        raise ApiError(401, "missing_api_key", "this server needs an API key: send it as 'X-API-Key: KEY' "
+                       "or 'Authorization: Bearer KEY'")
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise ApiError(401, "wrong_api_key", "the API key is wrong")
+
+
+def parse_request(st: State, body: bytes, ctype: str, query_k) -> tuple[list[tuple[str, bytes]], object]:
+    """(files, raw top_k) from a multipart or JSON body (runs in a worker thread)."""
+    cfg, kind = st.cfg, media_type(ctype)
+    if kind == "multipart/form-data":
+        parts = parse_multipart(body, ctype, cfg.max_files, cfg.max_files + 8)
+        files = [(n, d) for n, d in parts if not n.startswith("field:")]
+        fields = {n[6:]: d for n, d in parts if n.startswith("field:")}
+        k = query_k if query_k is not None else fields.get("top_k")
+    elif kind == "application/json":
+        files, jk = parse_json(body, cfg.max_files)
+        k = query_k if query_k is not None else jk
+    else:
+        raise ApiError(415, "unsupported_media_type", f"Content-Type {ctype[:100] or '(none)'} is not supported; "
+                       "use multipart/form-data or application/json")
+    if not files:
+        raise ApiError(400, "empty_request", "no image files in the request; send at least one file part "
+                       "(curl -F 'file=@cat.jpg') or JSON {\"images\": [\"<base64>\"]}")
+    return files, k
+
+
+def decode_all(st: State, files: list[tuple[str, bytes]]) -> list:
+    """Model inputs for every file, under the shared pixel budget; a 413/422
+    naming every bad file otherwise (runs in a worker thread)."""
+    xs, bad = [], []
+    for i, (name, data) in enumerate(files):
+        try:
+            with st.pixels.hold(header_pixels(data)):
+                xs.append(st.predictor.prepare(data, max_pixels=st.cfg.max_pixels))
+        except BadImage as e:
+            bad.append({"index": i, "filename": name, "error": e.reason, "too_large": "over the limit" in e.reason})
+    if bad:
+        big = [b for b in bad if b.pop("too_large")]
+        if big:
+            raise ApiError(413, "image_too_large", f"{big[0]['filename']}: {big[0]['error']}; "
+                           f"resize it below {st.cfg.max_pixels:,} pixels", images=bad)
+        raise ApiError(422, "bad_image", f"{bad[0]['filename']}: {bad[0]['error']}", images=bad)
+    return xs
+
+
+def add_predict_route(app, st: State) -> None:
+    from fastapi import Request
+    from starlette.concurrency import run_in_threadpool
+
+    from imgclf.deploy.serve.openapi import PREDICT_OPENAPI
+
+    @app.post("/v1/predict", openapi_extra=PREDICT_OPENAPI, summary="Top-k labels for one or more images",
+              responses={})
+    async def predict(request: Request):
+        check_key(st, request)
+        pred = st.ready()
+        if st.in_flight >= st.cfg.max_concurrent:
+            raise ApiError(503, "busy", f"{st.in_flight} requests are in progress, the limit; retry shortly")
+        st.in_flight += 1
+        try:
+            body = await read_body(request, st.cfg.max_body_bytes, st.cfg.body_timeout_s)
+            if not body:
+                raise ApiError(400, "empty_request", "no images in the request; send multipart files "
+                               "(curl -F 'file=@cat.jpg') or JSON {\"images\": [\"<base64>\"]}")
+            files, k_raw = await run_in_threadpool(parse_request, st, body, request.headers.get("content-type", ""),
+                                                   request.query_params.get("top_k"))
+            k = parse_top_k(k_raw, st.cfg.top_k, len(pred.classes))
+            xs = await run_in_threadpool(decode_all, st, files)
+            t0 = time.perf_counter()
+            probs = await st.batcher(xs)
+        finally:
+            st.in_flight -= 1
+        preds = [{"filename": name, **top_k(p, pred.classes, k)} for (name, _), p in zip(files, probs)]
+        return {"predictions": preds, "model_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+
+def add_info_routes(app, st: State) -> None:
+    from fastapi import Request
+    from fastapi.responses import Response
+
+    from imgclf.deploy.serve.openapi import METRICS_OPENAPI, MODEL_OPENAPI, STATUS_OPENAPI
+
+    @app.get("/v1/model", summary="Classes, input size, metrics and versions", openapi_extra=MODEL_OPENAPI)
+    async def model_info(request: Request):
+        check_key(st, request)
+        return model_description(st.ready(), st.cfg)
+
+    @app.get("/healthz", summary="Liveness: the process answers", openapi_extra=STATUS_OPENAPI)
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: the model is loaded", openapi_extra=STATUS_OPENAPI)
+    async def readyz():
+        st.ready()
+        return {"status": "ready", "model": Path(st.cfg.model).name}
+
+    @app.get("/metrics", summary="Prometheus metrics (text format)", openapi_extra=METRICS_OPENAPI,
+             response_class=Response)
+    async def prom(request: Request):
+        if not st.cfg.public_metrics:
+            check_key(st, request)
+        return Response(st.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def add_page_routes(app) -> None:
+    from fastapi.responses import Response
+
+    static = {name: resources.files("imgclf.deploy.serve").joinpath("static", name).read_bytes()
+              for name in STATIC_FILES}
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return Response(static["index.html"], media_type=STATIC_FILES["index.html"])
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static_file(name: str):
+        # Looked up in a fixed in-memory table: a request never names a path on disk.
+        if name not in static:
+            raise ApiError(404, "not_found", "no such static file")
+        return Response(static[name], media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
+
+
+def model_description(pred, cfg: ServeConfig) -> dict:
+    """/v1/model: what is served, how well it did on held-out data, the limits."""
+    import sys
+
+    import onnxruntime
+
+    from imgclf import __version__
+
+    meta = pred.metadata
+    onnx = cfg.model.lower().endswith(".onnx")
+    versions = {"imgclf": __version__, "python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
+    if meta.get("trained_with"):
+        versions["trained_with_imgclf"] = meta["trained_with"]
+    if not onnx and "torch" in sys.modules:
+        versions["torch"] = sys.modules["torch"].__version__
+    pp = pred.preprocess
+    return {"model": Path(cfg.model).name, "arch": pred.arch, "format": "onnx" if onnx else "pytorch",
+            "int8": bool(getattr(pred, "int8", False)), "classes": pred.classes, "num_classes": len(pred.classes),
+            "input_size": pp.size, "resize": pp.resize, "temperature": pred.temperature,
+            "metrics": meta.get("metrics") or {}, "versions": versions,
+            "limits": {"max_batch": cfg.max_batch, "max_files": cfg.max_files, "max_body_bytes": cfg.max_body_bytes,
+                       "max_pixels": cfg.max_pixels, "max_concurrent": cfg.max_concurrent},
+            "api_key_required": bool(cfg.api_key)}

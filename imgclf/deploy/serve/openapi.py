@@ -1,0 +1,57 @@
+"""The OpenAPI description of every request, status code and body the server
+really uses (tests/test_serve_fuzz.py holds the server to it with Schemathesis)."""
+
+from __future__ import annotations
+
+ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["code", "message"],
+    "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                   "images": {"type": "array", "items": {"type": "object"}}, "index": {"type": "integer"}}}}}
+
+
+def _errors(*codes: int) -> dict:
+    why = {400: "bad request: empty, malformed JSON or multipart, bad base64, bad top_k",
+           401: "missing or wrong API key", 404: "no such route", 405: "method not allowed",
+           408: "the body did not arrive in time", 413: "body, files, parts or pixels over the limit",
+           415: "content type other than multipart/form-data or application/json",
+           422: "not an image, corrupt or truncated", 500: "internal error (a bug; see the server log)",
+           503: "model still loading, or too many requests in progress"}
+    return {str(c): {"description": why[c], "content": {"application/json": {"schema": ERROR}}} for c in codes}
+
+
+TOP = {"type": "object", "required": ["label", "score"],
+       "properties": {"label": {"type": "string"}, "score": {"type": "number", "minimum": 0, "maximum": 1}}}
+PREDICTIONS = {"type": "object", "required": ["predictions"], "properties": {
+    "predictions": {"type": "array", "items": {"type": "object", "required": ["filename", "label", "score", "top"],
+                                               "properties": {"filename": {"type": "string"},
+                                                              "label": {"type": "string"},
+                                                              "score": {"type": "number"},
+                                                              "top": {"type": "array", "items": TOP}}}},
+    "model_ms": {"type": "number"}}}
+
+PREDICT_OPENAPI = {
+    "parameters": [{"name": "top_k", "in": "query", "required": False,
+                    "schema": {"type": "integer", "minimum": 1},
+                    "description": "labels per image (default: the server's --top-k)"}],
+    "requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+            "file": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
+            "top_k": {"type": "integer", "minimum": 1}}}},
+        "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
+            "images": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "byte"}},
+            "top_k": {"type": "integer", "minimum": 1}}}}}},
+    "responses": {"200": {"description": "top-k labels per image, in request order",
+                          "content": {"application/json": {"schema": PREDICTIONS}}},
+                  **_errors(400, 401, 408, 413, 415, 422, 500, 503)},
+}
+MODEL_OPENAPI = {"responses": {"200": {"description": "the model and its limits",
+                                       "content": {"application/json": {"schema": {"type": "object"}}}},
+                               **_errors(401, 500, 503)}}
+STATUS_OPENAPI = {"responses": {"200": {"description": "status",
+                                        "content": {"application/json": {"schema": {
+                                            "type": "object", "required": ["status"],
+                                            "properties": {"status": {"type": "string"}}}}}},
+                                **_errors(500, 503)}}
+METRICS_OPENAPI = {"responses": {"200": {"description": "Prometheus text format",
+                                         "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                 **_errors(401, 500)}}

@@ -1,0 +1,197 @@
+"""Request parsing, in memory and bounded in every dimension.
+
+The body is read up to a byte limit and a time limit; multipart is parsed in
+one linear pass with a cap on parts (Starlette's own form parser spools large
+files to temp files, so it is not used); JSON depth errors are caught; images
+are told by content and decoded under a pixel limit per image and a pixel
+budget shared by all requests. Parsing and decoding run in worker threads,
+never on the event loop. Request data never becomes a path."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import threading
+from contextlib import contextmanager
+
+MAX_TOP_K_DIGITS = 6  # any top_k beyond the class count means "all classes"
+
+
+class ApiError(Exception):
+    """A 4xx/5xx with a JSON body {"error": {"code", "message", ...}}."""
+
+    def __init__(self, status: int, code: str, message: str, **extra):
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+
+def media_type(content_type: str) -> str:
+    """'Multipart/Form-Data; boundary=x' -> 'multipart/form-data' (RFC 9110: case-insensitive)."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+async def read_body(request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, or 413 past `limit` bytes (checked against
+    Content-Length first, then as chunks arrive) and 408 when the client
+    stops sending for `timeout_s` (a short body under a long Content-Length)."""
+    from starlette.requests import ClientDisconnect
+
+    n = request.headers.get("content-length")
+    if n is not None:
+        if not n.isdigit():
+            raise ApiError(400, "bad_request", "Content-Length is not a number")
+        if int(n) > limit:
+            raise ApiError(413, "body_too_large", f"request body is {int(n):,} bytes, over the limit of {limit:,}; "
+                           f"send fewer or smaller images (resize them to about the model's input size)")
+    chunks, size, stream = [], 0, request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout_s)
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except asyncio.TimeoutError:
+            raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s; "
+                           "send the whole body promptly (check Content-Length)") from None
+        except ClientDisconnect:
+            raise ApiError(400, "client_disconnected", "the client closed the connection mid-request") from None
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"request body is over the limit of {limit:,} bytes; "
+                           f"send fewer or smaller images")
+        chunks.append(chunk)
+
+
+def parse_multipart(body: bytes, content_type: str, max_files: int, max_parts: int) -> list[tuple[str, bytes]]:
+    """(filename, bytes) for every file part of a multipart/form-data body, in
+    one pass (python-multipart's streaming parser); other fields come back as
+    ("field:<name>", bytes). More than max_files files or max_parts parts is a 413."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "bad_multipart", "multipart/form-data without a boundary; let your HTTP client "
+                       "build the body (curl -F 'file=@cat.jpg')")
+    out: list[tuple[str, bytes]] = []
+    cur: dict = {}
+    counts = {"parts": 0, "files": 0}
+
+    def on_part_begin():
+        counts["parts"] += 1
+        if counts["parts"] > max_parts:
+            raise ApiError(413, "too_many_parts", f"more than {max_parts} parts in one multipart body; "
+                           f"send at most {max_files} images and the top_k field")
+        cur.clear()
+        cur.update(field=b"", value=b"", headers={}, data=[])
+
+    def on_header_end():
+        cur["headers"][cur["field"].lower()] = cur["value"]
+        cur["field"] = cur["value"] = b""
+
+    def on_part_end():
+        _, disp = parse_options_header(cur["headers"].get(b"content-disposition", b""))
+        data = b"".join(cur["data"])
+        if b"filename" in disp:
+            counts["files"] += 1
+            if counts["files"] > max_files:
+                raise ApiError(413, "too_many_files", f"more than {max_files} images in one request; "
+                               f"split them over several requests")
+            out.append((disp[b"filename"].decode("utf-8", "replace")[:200], data))
+        elif b"name" in disp:
+            out.append(("field:" + disp[b"name"].decode("utf-8", "replace")[:100], data))
+
+    callbacks = {"on_part_begin": on_part_begin, "on_part_end": on_part_end, "on_header_end": on_header_end,
+                 "on_header_field": lambda d, s, e: cur.__setitem__("field", cur["field"] + d[s:e]),
+                 "on_header_value": lambda d, s, e: cur.__setitem__("value", cur["value"] + d[s:e]),
+                 "on_part_data": lambda d, s, e: cur["data"].append(d[s:e])}
+    parser = MultipartParser(boundary, callbacks)
+    try:
+        parser.write(body)
+        parser.finalize()
+    except ApiError:
+        raise
+    except Exception as e:
+        raise ApiError(400, "bad_multipart", f"malformed multipart body ({type(e).__name__})") from None
+    return out
+
+
+def parse_json(body: bytes, max_files: int) -> tuple[list[tuple[str, bytes]], object]:
+    """([(name, image bytes)], top_k or None) from {"images": ["<base64>", ...], "top_k": k}."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise ApiError(400, "bad_json", f"body is not valid JSON ({why}); send {{\"images\": [\"<base64>\", ...]}}") from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, "bad_json", 'expected a JSON object {"images": ["<base64>", ...]}')
+    imgs = doc.get("images", [doc["image"]] if "image" in doc else None)
+    if not isinstance(imgs, list) or not all(isinstance(s, str) for s in imgs):
+        raise ApiError(400, "bad_json", 'expected {"images": ["<base64>", ...]} (a list of base64 strings)')
+    if len(imgs) > max_files:
+        raise ApiError(413, "too_many_files", f"{len(imgs)} images in one request, over the limit of {max_files}; "
+                       f"split them over several requests")
+    out = []
+    for i, s in enumerate(imgs):
+        if s.startswith("data:") and "," in s:  # a data URL, as browsers make them
+            s = s.split(",", 1)[1]
+        try:
+            out.append((f"images[{i}]", base64.b64decode(s, validate=True)))
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64", index=i) from None
+    return out, doc.get("top_k")
+
+
+def parse_top_k(v, default: int, n_classes: int) -> int:
+    """A positive integer (JSON number or decimal string); beyond the class
+    count means all classes. Floats, booleans and other strings are a 400."""
+    if v is None or v == "" or v == b"":
+        return min(default, n_classes)
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    if isinstance(v, str) and v.strip().isascii() and v.strip().isdigit():
+        s = v.strip()
+        v = n_classes if len(s) > MAX_TOP_K_DIGITS else int(s)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ApiError(400, "bad_top_k", f"top_k must be a positive integer, got {str(v)[:40]!r}")
+    if v < 1:
+        raise ApiError(400, "bad_top_k", f"top_k must be at least 1, got {v}")
+    return min(v, n_classes)
+
+
+class PixelBudget:
+    """Bounds the pixels being decoded at once across all requests, so many
+    small files that decode to huge images (a 5 KB PNG of 40 MP) cannot
+    exhaust memory together: a decode waits until its pixels fit."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int):
+        pixels = min(pixels, self.limit)  # one image over the budget still runs, alone
+        with self.cond:
+            self.cond.wait_for(lambda: self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= pixels
+                self.cond.notify_all()
+
+
+def header_pixels(data: bytes) -> int:
+    """Width x height from the image header (no decode); 0 if unreadable (the
+    decode then fails with the reason)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return int(im.size[0]) * int(im.size[1])
+    except Exception:
+        return 0

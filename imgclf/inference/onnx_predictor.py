@@ -1,0 +1,99 @@
+"""An exported `.onnx` classifier as a Predictor, on onnxruntime alone: no torch.
+
+`imgclf export` writes a graph that takes uint8 RGB images (N, S, S, 3) at the
+model's input size and returns calibrated probabilities; normalisation and the
+temperature are inside it, traced from the same functions PyTorch runs. What
+is left outside is the resize, done by `Preprocess.load` exactly as in
+training; class names and preprocessing come from the file's metadata, so the
+file alone is enough for `imgclf predict` and `imgclf serve`.
+
+This module must never import torch (tests/test_export.py checks it).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.data.preprocess import Preprocess
+from imgclf.errors import ModelFileError, RunError
+from imgclf.inference import Predictor
+
+FORMAT = "imgclf-onnx-1"  # metadata "format": what this reader understands
+INPUT, OUTPUT = "images", "probs"
+
+
+def ort_session(src: str | Path | bytes, threads: int | None = None, arena: bool = True):
+    """An onnxruntime CPU session, quiet, telemetry off. The one place imgclf
+    makes sessions: predicting, serving, the export checks and the backbone."""
+    import onnxruntime as ort
+
+    try:
+        ort.disable_telemetry_events()  # a no-op on Linux builds; honours the user's privacy elsewhere
+    except AttributeError:
+        pass
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    so.enable_cpu_mem_arena = arena
+    return ort.InferenceSession(src if isinstance(src, bytes) else str(src), so, providers=["CPUExecutionProvider"])
+
+
+class OnnxPredictor(Predictor):
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.source = str(path)
+        if not Path(path).is_file():
+            raise RunError(f"{path}: no such model file", "write one with `imgclf export RUN --format onnx`")
+        try:
+            self.session = ort_session(path, threads)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
+            raise ModelFileError(f"{path}: not a loadable ONNX model ({type(e).__name__})",
+                                 "export it again with `imgclf export RUN`") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("format") != FORMAT:
+            raise ModelFileError(f"{path}: not an imgclf export (metadata format={meta.get('format')!r})",
+                                 "export the run with `imgclf export RUN --format onnx`")
+        self.metadata: dict = {k: _maybe_json(v) for k, v in meta.items()}
+        self.classes: list[str] = list(self.metadata["classes"])
+        self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
+        self.temperature = float(self.metadata.get("temperature", 1.0))
+        self.int8 = bool(self.metadata.get("int8", False))
+        # One model call at a time: onnxruntime already uses every core inside a call.
+        self._lock = threading.Lock()
+        warn_if_stale(self.metadata, path)
+
+    @property
+    def arch(self) -> str:
+        return str(self.metadata.get("arch", "?"))
+
+    def probs(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch, dtype=np.uint8)})[0]
+
+
+def warn_if_stale(meta: dict, path: str | Path) -> bool:
+    """Warn when the run this file was exported from has a different model.pt
+    now (retrained, or recalibrated): the export no longer matches it."""
+    from imgclf.runs import RunDir
+
+    run_path, sha = meta.get("run_path"), meta.get("model_sha256")
+    if not run_path or not sha:
+        return False
+    run = RunDir(run_path)
+    if not run.model_file.is_file() or run.model_sha256() == sha:
+        return False
+    print(f"warning: {path} was exported from {run.model_file}, which has changed since (retrained or "
+          f"recalibrated); re-export it with `imgclf export {run.path}`", file=sys.stderr)
+    return True
+
+
+def _maybe_json(v: str):
+    try:
+        return json.loads(v)
+    except (ValueError, TypeError):
+        return v

@@ -1,0 +1,102 @@
+"""A run directory (or model.pt) as a Predictor, on PyTorch.
+
+The backbone runs through the same `FeatureExtractor` (onnxruntime on CPU)
+and feature cache as training, so evaluating a run's splits reuses the
+features training computed. `calibrated_probs` is the only place where a
+temperature meets logits; the ONNX export traces it into its graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgclf.data.datasets import BadFileLog
+from imgclf.data.preprocess import Preprocess, to_nchw
+from imgclf.inference import Predictor
+
+
+def calibrated_probs(logits: torch.Tensor, temperature) -> torch.Tensor:
+    """softmax(logits / T): T a scalar, or a column (N, 1) of per-row values."""
+    return torch.softmax(logits / temperature, dim=1)
+
+
+def probs_from_logits(logits: dict[str, np.ndarray], temperature) -> np.ndarray:
+    """Calibrated probabilities from cached logits per variant; with a "flip"
+    variant, averaged with the mirrored image's (test-time augmentation)."""
+    dtype = np.float64 if any(np.asarray(lg).dtype == np.float64 for lg in logits.values()) else np.float32
+    t = torch.as_tensor(np.asarray(temperature, dtype=dtype))
+    ps = [calibrated_probs(torch.from_numpy(np.asarray(lg, dtype=dtype)), t).numpy() for lg in logits.values()]
+    return sum(ps) / len(ps)
+
+
+class TorchPredictor(Predictor):
+    def __init__(self, record: dict, device: str = "auto", engine: str = "auto",
+                 cache_dir: str | Path | None = None, source: str = "", metadata: dict | None = None):
+        from imgclf.models import resolve_device
+        from imgclf.runs import model_from_record
+
+        self.record, self.source = record, source
+        self.classes: list[str] = list(record["classes"])
+        self.preprocess = Preprocess.from_dict(record["preprocess"])
+        self.temperature = float(record.get("temperature", 1.0))
+        self.model = model_from_record(record)
+        self.device = resolve_device(device)
+        self.engine, self.cache_dir = engine, cache_dir
+        self.metadata = metadata or {}
+        self._extractor = None
+        self.model.head.to(self.device)
+
+    @classmethod
+    def from_run(cls, path: str | Path, **kw) -> "TorchPredictor":
+        from imgclf.runs import RunDir
+
+        run = RunDir(path)
+        meta = {"metrics": run.headline_metrics(), "trained_with": None}
+        rec = run.record()
+        meta["trained_with"] = rec.get("imgclf_version")
+        return cls(rec, source=str(path), metadata=meta, **kw)
+
+    @property
+    def arch(self) -> str:
+        return self.record["arch"]
+
+    @property
+    def extractor(self):
+        from imgclf.models.features import FeatureExtractor
+
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.model.backbone, self.preprocess, self.device, self.engine,
+                                               self.cache_dir)
+        return self._extractor
+
+    def logits_from_features(self, f: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            x = torch.from_numpy(np.asarray(f, dtype=np.float32)).to(self.device)
+            return self.model.head(x).float().cpu().numpy()
+
+    def probs(self, batch: np.ndarray) -> np.ndarray:
+        logits = self.logits_from_features(self.extractor(to_nchw(batch)))
+        return probs_from_logits({"plain": logits}, self.temperature)
+
+    def features_items(self, root: str | Path, items: list[tuple[str, int]], batch_size: int = 32, workers: int = 1,
+                       bad: BadFileLog | None = None, variants: tuple[str, ...] = ("plain",), progress: bool = True,
+                       use_cache: bool = True):
+        """Pooled backbone features for (relative path, label) items, per variant
+        ("plain", "flip"), through the feature cache (the same entries training
+        wrote). Returns ({variant: features[N', D]}, labels[N'], kept_index[N'])."""
+        from imgclf.models.features import extract, feature_caches
+
+        ext = self.extractor
+        caches = feature_caches(self.cache_dir, self.arch, ext.backbone_hash, self.preprocess, variants, use_cache)
+        return extract(ext, root, items, caches, batch_size, workers, bad, "features", progress=progress)
+
+    def logits_items(self, root: str | Path, items: list[tuple[str, int]], batch_size: int = 32, workers: int = 1,
+                     bad: BadFileLog | None = None, variants: tuple[str, ...] = ("plain",), progress: bool = True):
+        """Raw logits (before temperature) per variant, for evaluation and
+        calibration. Returns ({variant: logits[N', C]}, labels[N'], kept_index[N'])."""
+        feats, labels, kept = self.features_items(root, items, batch_size, workers, bad, variants, progress)
+        empty = np.zeros((0, len(self.classes)), np.float32)
+        return {v: self.logits_from_features(f) if len(kept) else empty for v, f in feats.items()}, labels, kept

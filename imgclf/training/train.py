@@ -1,0 +1,267 @@
+"""`imgclf train`: the recipe, top to bottom.
+
+  resolve config -> data and split -> check files -> model -> strategy
+  -> stages (head on cached features | whole network on images)
+  -> save the best epoch -> fit the temperature on val -> evaluate on held-out data
+
+Stages live in stages.py, checkpoints in checkpoint.py, the epoch functions
+in engine.py. Strategies:
+  linear    head only, on cached frozen-backbone features (seconds per epoch)
+  finetune  head on cached features, then every layer on images with a lower
+            learning rate for the backbone
+  scratch   every layer on images from random initialisation
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgclf.config import TrainConfig
+from imgclf.data.datasets import BadFileLog, Splits, default_workers, discover, scan
+from imgclf.data.preprocess import Preprocess
+from imgclf.errors import ConfigError, DataError, MissingExtra, RunError
+from imgclf.models import build_model, count_params, get_model_info, resolve_device
+from imgclf.runs import RunDir, read_json, torch_load, write_history, write_json
+from imgclf.training.checkpoint import CKPT_KEYS, RunState
+from imgclf.training.engine import balanced_class_weights
+from imgclf.training.stages import Context, log, plan_stages, run_stages
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    strategy: str
+    best: dict  # validation metrics of the restored best epoch
+    test: dict | None  # metrics on the held-out split, if evaluated
+    seconds: float
+    calibration: dict | None = None  # temperature and val ECE before/after
+
+
+def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
+    """Train a classifier; the settings are TrainConfig's fields, e.g.
+    `imgclf.train(data="photos", out="runs/photos", epochs=20)`."""
+    t_start = time.time()
+    cfg, run, ckpt, splits = resolve_run(config, overrides)
+    device = resolve_device(cfg.device)
+    set_threads(device)
+    seed_everything(cfg.seed)
+    pp = resolve_preprocess(cfg)
+    strategy, why = choose_strategy(cfg, device)
+    describe_data(splits, run, fresh=ckpt is None, cfg=cfg)
+    bad = check_files(splits)
+    model = build_model(cfg.model, len(splits.classes), pretrained=cfg.pretrained, weights=cfg.weights,
+                        head_hidden=cfg.head_hidden, dropout=cfg.dropout)
+    log(f"model: {cfg.model} ({count_params(model) / 1e6:.1f}M parameters), input {pp.size}px {pp.resize}, "
+        f"device {device}{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}")
+    log(f"strategy: {strategy}: {why}")
+    state = RunState(cfg.to_dict(), run)
+    if ckpt:
+        state.restore(ckpt, model)
+    ctx = make_context(cfg, splits, model, pp, device, state, bad, t_start)
+    try:
+        run_stages(ctx, plan_stages(strategy, cfg), budgeted=strategy == "linear+finetune")
+    except KeyboardInterrupt:
+        log(f"\ninterrupted: the last completed epoch is saved; continue with `imgclf train --resume --out {run}`")
+        raise
+    record = ctx.save_best()
+    calibration = calibrate(ctx, record)
+    write_history(run.history_file, state.history)
+    summary = write_summary(ctx, strategy, why, calibration, t_start)
+    test = evaluate_held_out(ctx, summary) if cfg.evaluate else None
+    summary["total_seconds"] = round(time.time() - t_start, 2)
+    write_json(run.summary_file, summary)
+    log(f"done in {summary['total_seconds']:.1f}s. Run: {run}  (predict: imgclf predict {run} IMAGE...)")
+    return TrainResult(run.path, strategy, state.best_metrics, test, summary["total_seconds"], calibration)
+
+
+# ---------------------------------------------------------------- the recipe's steps
+
+def resolve_run(config: TrainConfig | None, overrides: dict) -> tuple[TrainConfig, RunDir, dict | None, Splits]:
+    """The config (from the checkpoint when resuming), the run directory, the
+    checkpoint to resume from, and the data split."""
+    cfg = replace(config or TrainConfig(), **overrides)
+    if isinstance(cfg.head_hidden, (str, list)):
+        cfg.head_hidden = parse_ints(cfg.head_hidden)
+    if not cfg.out:
+        if cfg.resume:
+            raise ConfigError("--resume needs the run to continue", "imgclf train --resume --out RUN")
+        cfg.out = str(free_run_dir(cfg.data))
+    run = RunDir(cfg.out)
+    if cfg.resume:
+        if not run.last_file.exists():
+            raise RunError(f"{run.last_file} not found: nothing to resume",
+                           f"start a run with `imgclf train DATA --out {run}`")
+        ckpt = torch_load(run.last_file, CKPT_KEYS)
+        saved = TrainConfig.from_dict(ckpt["config"])
+        cfg = replace(saved, resume=True, workers=cfg.workers if cfg.workers is not None else saved.workers)
+        log(f"resuming {run}: stage {ckpt['stage_idx'] + 1}, {ckpt['epoch']} epochs done")
+        cfg.validate()
+        return cfg, run, ckpt, run.splits()
+    if not cfg.data:
+        raise ConfigError("no data given", "imgclf train DATA --out RUN")
+    if run.model_file.exists() or run.last_file.exists():
+        raise RunError(f"{run} already holds a run", f"continue it with `imgclf train --resume --out {run}`, "
+                       f"or pick another --out (or delete {run})")
+    cfg.validate()
+    return cfg, run, None, discover(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+
+
+def describe_data(splits: Splits, run: RunDir, fresh: bool, cfg: TrainConfig) -> None:
+    """Say what was found; a new run records its split and config."""
+    log(f"data: {splits.root} ({splits.layout}), {len(splits.classes)} classes: {', '.join(splits.classes[:10])}"
+        f"{' ...' if len(splits.classes) > 10 else ''}")
+    log(f"split: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test")
+    for note in splits.notes:
+        log(f"note: {note}")
+    run.path.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        write_json(run.splits_file, splits.to_dict())
+        write_json(run.config_file, cfg.to_dict())
+
+
+def check_files(splits: Splits) -> BadFileLog:
+    """Header-check every file; unreadable ones are reported once and dropped."""
+    bad = BadFileLog(log)
+    for rel, reason in scan(splits):
+        bad.add(rel, reason)
+    for name in ("train", "val"):
+        if not getattr(splits, name):
+            raise DataError(f"the {name} split has no readable images", "add images or check the skipped files above")
+    return bad
+
+
+def make_context(cfg: TrainConfig, splits: Splits, model, pp: Preprocess, device: torch.device, state: RunState,
+                 bad: BadFileLog, t_start: float) -> Context:
+    tb = None
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise MissingExtra("--tensorboard needs the tensorboard package", "pip install tensorboard") from None
+        tb = SummaryWriter(str(state.run.path / "tensorboard"))
+    weights = None
+    if cfg.class_weights == "auto":
+        weights = balanced_class_weights([y for _, y in splits.train], len(splits.classes))
+    return Context(cfg, splits, model, pp, device, state, bad,
+                   workers=cfg.workers if cfg.workers is not None else default_workers(),
+                   deadline=t_start - state.elapsed + cfg.time_budget if cfg.time_budget else None,
+                   tb=tb, class_weights=weights)
+
+
+def calibrate(ctx: Context, record: dict) -> dict | None:
+    """Fit the temperature on the validation split and store it in model.pt,
+    so a freshly trained run predicts calibrated probabilities. The "after"
+    ECE is cross-fitted (each image scored with a T fit on the other folds):
+    the same images chose T, so a plain refit would flatter itself."""
+    from imgclf.evaluation.calibration import fit_calibration
+    from imgclf.inference.torch_predictor import TorchPredictor
+
+    clf = TorchPredictor(record, device=ctx.cfg.device, engine=ctx.cfg.engine, cache_dir=ctx.cfg.cache_dir)
+    logits, labels, _ = clf.logits_items(ctx.splits.root, ctx.splits.val, ctx.cfg.batch_size, ctx.workers, ctx.bad,
+                                         progress=False)
+    cal = fit_calibration(logits["plain"], labels)
+    if cal is None:
+        log(f"calibration: {len(labels)} validation images are too few to fit a temperature; T stays 1")
+        return None
+    ctx.save_best(cal["temperature"], extra={"calibration": cal})
+    log(f"calibration: T = {cal['temperature']:.3f} fitted on val ({cal['n']} images); val ECE "
+        f"{100 * cal['ece_before']:.2f}% -> {100 * cal['ece_after']:.2f}% (cross-fitted)")
+    return cal
+
+
+def write_summary(ctx: Context, strategy: str, why: str, calibration: dict | None, t_start: float) -> dict:
+    state, bad, splits = ctx.state, ctx.bad, ctx.splits
+    secs = time.time() - t_start
+    best = state.best_metrics
+    log(f"best: {best.get('stage')} epoch {best.get('epoch')}, val acc {best.get('acc', 0):.4f}, "
+        f"val loss {best.get('loss', 0):.4f}; trained in {secs:.1f}s; saved {state.run.model_file}")
+    if bad.seen:
+        log(f"skipped {len(bad.seen)} unreadable file(s); listed in {state.run.summary_file}")
+    summary = {"strategy": strategy, "why": why, "device": str(ctx.device), "train_seconds": round(secs, 2),
+               "best": best, "calibration": calibration,
+               "skipped_files": [{"path": p, "reason": r} for p, r in bad.seen.items()], "skipped": len(bad.seen),
+               "counts": {k: len(getattr(splits, k)) for k in ("train", "val", "test")},
+               "features_per_second": ctx.features_per_s}
+    write_json(state.run.summary_file, summary)
+    return summary
+
+
+def evaluate_held_out(ctx: Context, summary: dict) -> dict:
+    """Metrics on the held-out split; files that only fail when decoded
+    (truncated data) may sit there, so they join the summary's list."""
+    from imgclf.config import EvaluateConfig
+    from imgclf.evaluation.evaluate import evaluate_run
+
+    cfg = ctx.cfg
+    test = evaluate_run(EvaluateConfig(run=str(ctx.state.run), device=cfg.device, engine=cfg.engine,
+                                       cache_dir=cfg.cache_dir, calibrate=False, report=False), workers=ctx.workers)
+    known = {d["path"] for d in summary["skipped_files"]}
+    summary["skipped_files"] += [d for d in test.get("skipped_files", []) if d["path"] not in known]
+    summary["skipped"] = len(summary["skipped_files"])
+    return test
+
+
+# ---------------------------------------------------------------- small helpers
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_threads(device: torch.device) -> None:
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def resolve_preprocess(cfg: TrainConfig) -> Preprocess:
+    pp = copy.deepcopy(get_model_info(cfg.model).preprocess)
+    if cfg.image_size:
+        pp.size = cfg.image_size
+    if cfg.resize:
+        pp.resize = cfg.resize
+    return pp
+
+
+def choose_strategy(cfg: TrainConfig, device: torch.device) -> tuple[str, str]:
+    """The fastest path to a good model for this model and hardware, and why."""
+    info = get_model_info(cfg.model)
+    pretrained = info.pretrained and (cfg.pretrained or cfg.weights)
+    if cfg.strategy != "auto":
+        if cfg.strategy in ("linear", "finetune") and not pretrained:
+            raise ConfigError(f"--strategy {cfg.strategy} needs a pretrained backbone; {cfg.model} has none here",
+                              "use --strategy scratch, or drop --no-pretrained")
+        return cfg.strategy, "chosen with --strategy"
+    if not pretrained:
+        return "scratch", f"{cfg.model} has no pretrained weights in use, so every layer is trained"
+    if device.type == "cuda":
+        return "finetune", "GPU: fine-tuning every layer is affordable and usually the most accurate"
+    if cfg.time_budget:
+        return "linear+finetune", (f"CPU with --time-budget {cfg.time_budget:g}s: a head on cached features first, "
+                                   "then fine-tuning for as long as the budget allows")
+    return "linear", ("CPU: the frozen backbone's features are computed once and cached, so the head trains in "
+                      "seconds; full fine-tuning recomputes them every epoch (about 10x slower per epoch)")
+
+
+def free_run_dir(data: str) -> Path:
+    """runs/<data name>, or runs/<data name>-2, -3... if taken (as Ultralytics numbers exp, exp2...)."""
+    name = Path(data).stem or "exp"
+    for i in range(1, 10000):
+        p = Path("runs") / (name if i == 1 else f"{name}-{i}")
+        if not p.exists():
+            return p
+    raise RunError("runs/ holds 10,000 runs of this name", "pass --out")
+
+
+def parse_ints(v) -> tuple[int, ...]:
+    if isinstance(v, str):
+        return tuple(int(s) for s in v.replace(" ", "").split(",") if s)
+    return tuple(int(s) for s in v)
