@@ -98,12 +98,12 @@ def torch_load(path: str | Path, required: tuple[str, ...] = ()) -> dict:
     except ImportError:
         raise MissingExtra(f"{path} is a PyTorch file and PyTorch is not installed",
                            "pip install 'imgclf[train]', or use an exported .onnx (imgclf export RUN)") from None
-    fix = "restore it from a backup or train again; do not load it with weights_only=False unless you made it"
+    fix = "restore it from a backup, or train again"
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         unsafe = "weights_only" in str(e) or "Unsupported global" in str(e)
-        what = "it holds Python objects or code, which imgclf never loads" if unsafe else \
+        what = "it holds Python objects or code, which imgclf never runs" if unsafe else \
             f"it is truncated or not a PyTorch file ({type(e).__name__})"
         raise ModelFileError(f"{path}: cannot be loaded: {what}", fix) from None
     missing = [k for k in required if not isinstance(obj, dict) or k not in obj]

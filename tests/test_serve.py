@@ -182,3 +182,40 @@ def test_micro_batching():
     assert calls == [4, 2, 1]
     assert [int(o[0][0]) for o in outs] == list(range(6))  # each request gets its own row back
     assert metrics.images == 7 and "imgclf_batch_size_count 3" in metrics.render()
+
+
+def test_internal_errors_are_json_500s_and_counted(onnx_path, imgs, caplog):
+    """A failure inside the model (here: the model function raising, as a
+    broken runtime would) is a JSON 500, counted in the metrics, logged once;
+    the server keeps answering."""
+    from fastapi.testclient import TestClient
+
+    from imgclf.deploy.serve import ServeConfig, create_app
+
+    with TestClient(create_app(ServeConfig(str(onnx_path)))) as c:
+        st = c.app.state.imgclf
+        good = st.batcher.fn
+
+        def broken(x):
+            raise RuntimeError("onnxruntime failed")
+
+        st.batcher.fn = broken
+        error(c.post("/v1/predict", files={"file": ("a.jpg", imgs["cats"][0])}), 500, "internal")
+        st.batcher.fn = good
+        assert c.post("/v1/predict", files={"file": ("a.jpg", imgs["cats"][0])}).status_code == 200
+        m = c.get("/metrics").text
+    assert 'imgclf_requests_total{method="POST",path="/v1/predict",status="500"} 1' in m
+    assert 'imgclf_errors_total{code="internal"} 1' in m
+    assert "onnxruntime failed" in caplog.text
+
+
+def test_metrics_need_the_key_unless_public(onnx_path):
+    from fastapi.testclient import TestClient
+
+    from imgclf.deploy.serve import ServeConfig, create_app
+
+    with TestClient(create_app(ServeConfig(str(onnx_path), api_key=KEY))) as c:
+        error(c.get("/metrics"), 401, "missing_api_key")
+        assert c.get("/metrics", headers={"X-API-Key": KEY}).status_code == 200
+    with TestClient(create_app(ServeConfig(str(onnx_path), api_key=KEY, public_metrics=True))) as c:
+        assert c.get("/metrics").status_code == 200

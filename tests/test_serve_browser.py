@@ -3,56 +3,19 @@ server on loopback: pick an image, see its predicted label as bars."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import pytest
 
 from .browser import browser_page, chromium_path
-from .conftest import ROOT
+from .servers import running_server
 from .test_export import export_once, val_images
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
     chromium_path()  # skip before starting anything where Chromium is missing
     model = export_once(tiny_run, tmp_path_factory)[0]
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "imgclf", "serve", str(model), "--port", str(port)],
-                                stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"server did not become ready:\n{log.read_text()}")
-            time.sleep(0.3)
+    with running_server(model, tmp_path_factory.mktemp("serve") / "server.log") as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_page_upload_shows_label(server, tiny):

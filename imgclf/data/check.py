@@ -36,11 +36,33 @@ def _image_stats(path: Path) -> dict:
 
 def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
                   progress: bool = True) -> dict:
-    from imgclf.progress import Progress
-
+    """Everything `imgclf check` reports, as one dict (`--json` prints it)."""
     s: Splits = discover(data, val_fraction, test_fraction, seed)
     given = s.layout == "split-folders"
     entries = [(name, rel, y) for name in ("train", "val", "test") for rel, y in getattr(s, name)]
+    bad, stats, by_hash = _scan(s, entries, progress)
+    counts = {c: {n: 0 for n in ("train", "val", "test")} for c in s.classes}
+    for name, rel, y in entries:
+        if rel in stats:
+            counts[s.classes[y]][name] += 1
+    totals = {c: sum(v.values()) for c, v in counts.items()}
+    dups = _duplicates(by_hash, s.classes, given)
+    widths = [st["size"][0] for st in stats.values()] or [0]
+    heights = [st["size"][1] for st in stats.values()] or [0]
+    return {
+        "root": s.root, "layout": s.layout, "classes": s.classes, "counts": counts, "totals": totals,
+        "images": len(stats), "formats": dict(Counter(st["format"] for st in stats.values())),
+        "modes": dict(Counter(st["mode"] for st in stats.values())),
+        "size_range": {"width": [min(widths), max(widths)], "height": [min(heights), max(heights)]},
+        "bad_files": bad, "duplicates": dups, "outliers": _outliers(stats),
+        "warnings": _warnings(totals, dups, s.notes), "notes": s.notes, "split_given": given,
+    }
+
+
+def _scan(s: Splits, entries: list, progress: bool) -> tuple[list[dict], dict, dict]:
+    """Per readable file its statistics and content hash; the unreadable ones with why."""
+    from imgclf.progress import Progress
+
     bad, stats, by_hash = [], {}, defaultdict(list)
     with Progress(total=len(entries), desc="checking", unit="img", enabled=progress) as bar:
         for name, rel, y in entries:
@@ -53,27 +75,27 @@ def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: fl
             except Exception as e:  # anything PIL throws is a bad file, not a crash of check
                 bad.append({"path": rel, "reason": f"unreadable: {e}"})
             bar.update()
+    return bad, stats, by_hash
 
-    counts = {c: {n: 0 for n in ("train", "val", "test")} for c in s.classes}
-    for name, rel, y in entries:
-        if rel in stats:
-            counts[s.classes[y]][name] += 1
-    totals = {c: sum(v.values()) for c, v in counts.items()}
 
+def _duplicates(by_hash: dict, classes: list[str], given: bool) -> dict:
     dups = {"within_class": [], "across_classes": [], "across_splits": []}
-    for h, group in by_hash.items():
+    for group in by_hash.values():
         if len(group) < 2:
             continue
         files = [rel for _, rel, _ in group]
         multi_label = len({y for _, _, y in group}) > 1
         multi_split = given and len({n for n, _, _ in group}) > 1
         if multi_label:
-            dups["across_classes"].append({"files": files, "labels": [s.classes[y] for _, _, y in group]})
+            dups["across_classes"].append({"files": files, "labels": [classes[y] for _, _, y in group]})
         if multi_split:
             dups["across_splits"].append({"files": files, "splits": [n for n, _, _ in group]})
         if not multi_label and not multi_split:
             dups["within_class"].append({"files": files})
+    return dups
 
+
+def _outliers(stats: dict) -> list[dict]:
     fmts = Counter(st["format"] for st in stats.values())
     modes = Counter(st["mode"] for st in stats.values())
     n = max(1, len(stats))
@@ -94,9 +116,10 @@ def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: fl
             why.append(f"animated ({st['frames']} frames; only the first is used)")
         if why:
             outliers.append({"path": rel, "why": why})
+    return outliers
 
-    widths = [st["size"][0] for st in stats.values()] or [0]
-    heights = [st["size"][1] for st in stats.values()] or [0]
+
+def _warnings(totals: dict, dups: dict, notes: list[str]) -> list[str]:
     big, small = max(totals.values() or [0]), min(totals.values() or [0])
     warnings = []
     if small and big / small >= 1.5:
@@ -109,13 +132,9 @@ def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: fl
         warnings.append(f"{len(dups['across_splits'])} file(s) appear in more than one split: test/val figures are inflated (leakage)")
     if dups["across_classes"]:
         warnings.append(f"{len(dups['across_classes'])} identical file(s) carry different labels")
-    return {
-        "root": s.root, "layout": s.layout, "classes": s.classes, "counts": counts, "totals": totals,
-        "images": len(stats), "formats": dict(fmts), "modes": dict(modes),
-        "size_range": {"width": [min(widths), max(widths)], "height": [min(heights), max(heights)]},
-        "bad_files": bad, "duplicates": dups, "outliers": outliers, "warnings": warnings, "notes": s.notes,
-        "split_given": given,
-    }
+    # Rows the CSV reader repaired or skipped, and classes a given split lacks.
+    warnings += [n for n in notes if "row skipped" in n or "kept line" in n or "have no images in" in n]
+    return warnings
 
 
 def format_report(r: dict) -> str:
@@ -131,7 +150,8 @@ def format_report(r: dict) -> str:
           f"sizes:   width {r['size_range']['width'][0]}-{r['size_range']['width'][1]}, "
           f"height {r['size_range']['height'][0]}-{r['size_range']['height'][1]} px"]
     for note in r["notes"]:
-        L.append(f"note: {note}")
+        if note not in r["warnings"]:
+            L.append(f"note: {note}")
     if r["bad_files"]:
         L += ["", f"unreadable files ({len(r['bad_files'])}; training skips them):"]
         L += [f"  {b['path']}: {b['reason']}" for b in r["bad_files"]]

@@ -120,8 +120,9 @@ def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float =
     if train_dir is not None:
         val_dir, test_dir = _find_split_dir(root, "val"), _find_split_dir(root, "test")
         classes = _class_dirs(train_dir)
-        if not classes:
-            raise DataError(f"{train_dir}: no class sub-folders; expected {train_dir}/<class>/<image files>")
+        if len(classes) < 2:
+            raise DataError(f"{train_dir}: found {len(classes)} class folder(s) {classes}; a classifier needs at least 2",
+                            f"put each class's images in {train_dir}/<class>/")
         train = _labelled(train_dir, root, classes)
         val = _labelled(val_dir, root, classes) if val_dir else []
         test = _labelled(test_dir, root, classes) if test_dir else []
@@ -134,6 +135,7 @@ def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float =
             notes.append(f"no validation folder: {len(val)} images of train/ were held out for validation")
         if not test:
             notes.append(f"no test folder: evaluating on {val_dir.name if val_dir else 'the held-out validation images'}")
+        notes += _missing_classes(classes, {"val": val, "test": test})
         return Splits(str(root), classes, train, val, test, "split-folders", notes, seed)
     classes = _class_dirs(root)
     if len(classes) < 2:
@@ -147,24 +149,57 @@ def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float =
 
 def _from_csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Splits:
     root = path.parent.resolve()
-    rows = []
-    with open(path, newline="") as f:
-        for i, row in enumerate(csv.reader(f)):
-            if not row or row[0].startswith("#"):
-                continue
-            if i == 0 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
-                continue
-            if len(row) < 2:
-                raise DataError(f"{path}, line {i + 1}: expected 'path,label', got {row!r}")
-            p = Path(row[0].strip())
-            rows.append((str(p), row[1].strip()))  # absolute paths stay absolute (root / abs == abs)
-    classes = sorted({lab for _, lab in rows})
+    items, notes = read_label_csv(path)
+    classes = sorted({lab for _, lab in items})
     if len(classes) < 2:
-        raise DataError(f"{path}: needs at least 2 distinct labels, found {classes}")
+        raise DataError(f"{path}: needs at least 2 distinct labels, found {classes}",
+                        "label every row with its class (path,label)")
     idx = {c: i for i, c in enumerate(classes)}
-    items = [(p, idx[lab]) for p, lab in rows]
-    val, test, train = stratified_split(items, (val_fraction, test_fraction), seed)
-    return Splits(str(root), classes, train, val, test, "csv", [], seed)
+    val, test, train = stratified_split([(p, idx[lab]) for p, lab in items], (val_fraction, test_fraction), seed)
+    return Splits(str(root), classes, train, val, test, "csv", notes, seed)
+
+
+def read_label_csv(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """(path, label) rows of a `path,label` CSV, and a note for every row that
+    was repaired or skipped: blank labels and paths, repeated rows, a path
+    given two labels. A UTF-8 byte-order mark (Excel's "CSV UTF-8") is removed."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})",
+                        "save the file as UTF-8 (Excel: Save As > CSV UTF-8)") from None
+    rows, notes, seen = [], [], {}
+    for i, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row or not "".join(row).strip() or row[0].startswith("#"):
+            continue
+        if i == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
+            continue
+        if len(row) < 2:
+            raise DataError(f"{path}, line {i}: expected 'path,label', got {row!r}", "give every row a path and a label")
+        rel, lab = row[0].strip(), row[1].strip()
+        if not rel or not lab:
+            notes.append(f"{path.name} line {i}: empty {'path' if not rel else 'label'}; row skipped")
+            continue
+        if rel in seen:
+            first, first_lab = seen[rel]
+            what = f"repeats line {first}" if first_lab == lab else \
+                f"labels {rel} {lab!r}, line {first} labels it {first_lab!r}"
+            notes.append(f"{path.name} line {i}: {what}; kept line {first} only")
+            continue
+        seen[rel] = (i, lab)
+        rows.append((str(Path(rel)), lab))  # absolute paths stay absolute (root / abs == abs)
+    return rows, notes
+
+
+def _missing_classes(classes: list[str], parts: dict[str, list]) -> list[str]:
+    """A note per given split that lacks a class: its metrics cannot cover it."""
+    out = []
+    for name, items in parts.items():
+        missing = [c for i, c in enumerate(classes) if items and not any(y == i for _, y in items)]
+        if missing:
+            out.append(f"class(es) {', '.join(missing)} have no images in {name}: {name} metrics cannot measure them")
+    return out
 
 
 def file_hash(path: str | Path) -> str:

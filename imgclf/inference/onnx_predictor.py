@@ -50,6 +50,9 @@ class OnnxPredictor(Predictor):
         if not Path(path).is_file():
             raise RunError(f"{path}: no such model file", "write one with `imgclf export RUN --format onnx`")
         try:
+            # The memory arena stays on here: it holds the peak of the batch shapes
+            # seen (bounded by --max-batch, ~450 MB at 32) and serving without it
+            # was 35% slower (bench/bench_soak.py).
             self.session = ort_session(path, threads)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
             raise ModelFileError(f"{path}: not a loadable ONNX model ({type(e).__name__})",

@@ -70,11 +70,13 @@ class FeatureCache:
             self._mem = {}
             for shard in sorted(self.dir.glob("shard-*.npz")):
                 try:
-                    with np.load(shard) as z:
+                    with np.load(shard, allow_pickle=False) as z:  # npz checks each member's CRC
                         for h, f in zip(z["hashes"], z["features"]):
                             self._mem[str(h)] = f
-                except Exception:
-                    continue  # a damaged shard only costs recomputation
+                except Exception:  # a damaged shard only costs recomputation: drop it, say so
+                    print(f"note: feature cache shard {shard} is damaged; removed, its images will be "
+                          f"recomputed", flush=True)
+                    shard.unlink(missing_ok=True)
         return self._mem
 
     def add(self, hashes: list[str], feats: np.ndarray) -> None:
@@ -225,30 +227,53 @@ def extract(extractor: FeatureExtractor, root: str | Path, items: list[tuple[str
     stores = {v: (c.load() if c is not None else {}) for v, c in caches.items()}
     todo = [i for i, h in enumerate(hashes) if any(h not in s for s in stores.values())]
     if todo:
-        ds = ImageDataset(root, [items[i] for i in todo], eval_transform(extractor.pp), draft_size=extractor.pp.draft_size)
-        loader = make_loader(ds, batch_size, shuffle=False, workers=workers)
-        new: dict[str, list] = {v: [] for v in caches}
-        new_h: list[str] = []
-        with Progress(total=len(todo), desc=desc, unit="img", enabled=progress) as bar:
-            for x, _, idx, badb in loader:
-                for j, reason in badb:
-                    if bad is not None:
-                        bad.add(items[todo[j]][0], reason)
-                if x is not None:
-                    for v in caches:
-                        xv = torch.flip(x, dims=[3]) if v == "flip" else x
-                        new[v].append(extractor(xv))
-                    new_h += [hashes[todo[int(j)]] for j in idx]
-                bar.update(len(badb) + (0 if x is None else len(x)))
-        for v, c in caches.items():
-            if new_h:
-                f = np.concatenate(new[v])
-                if c is not None:
-                    c.add(new_h, f)
-                else:
-                    stores[v].update(zip(new_h, f))
+        _compute(extractor, root, items, todo, hashes, caches, stores, batch_size, workers, bad, desc, progress)
     kept = np.array([i for i, h in enumerate(hashes) if all(h in s for s in stores.values())], dtype=np.int64)
     feats = {v: np.stack([s[hashes[i]] for i in kept]) if len(kept) else np.zeros((0, 0), np.float32)
              for v, s in stores.items()}
     labels = np.array([items[i][1] for i in kept], dtype=np.int64)
     return feats, labels, kept
+
+
+# New features reach the on-disk cache at least this often (IMGCLF_FLUSH_SECONDS overrides).
+FLUSH_SECONDS = float(os.environ.get("IMGCLF_FLUSH_SECONDS", 20.0))
+
+
+def _compute(extractor: FeatureExtractor, root, items, todo: list[int], hashes: list[str],
+             caches: dict[str, FeatureCache | None], stores: dict[str, dict], batch_size: int, workers: int,
+             bad: BadFileLog | None, desc: str, progress: bool) -> None:
+    """Run the backbone over items[todo], writing shards as it goes (every
+    FLUSH_SECONDS), so a crash at 90% of a large dataset keeps 90% of the work."""
+    from imgclf.progress import Progress
+
+    ds = ImageDataset(root, [items[i] for i in todo], eval_transform(extractor.pp), draft_size=extractor.pp.draft_size)
+    loader = make_loader(ds, batch_size, shuffle=False, workers=workers)
+    new: dict[str, list] = {v: [] for v in caches}
+    new_h: list[str] = []
+
+    def flush():
+        for v, c in caches.items():
+            if new_h:
+                f = np.concatenate(new[v])
+                if c is not None:
+                    c.add(new_h, f)  # also updates stores[v], the cache's in-memory view
+                else:
+                    stores[v].update(zip(new_h, f))
+            new[v].clear()
+        new_h.clear()
+
+    last = time.time()
+    with Progress(total=len(todo), desc=desc, unit="img", enabled=progress) as bar:
+        for x, _, idx, badb in loader:
+            for j, reason in badb:
+                if bad is not None:
+                    bad.add(items[todo[j]][0], reason)
+            if x is not None:
+                for v in caches:
+                    new[v].append(extractor(torch.flip(x, dims=[3]) if v == "flip" else x))
+                new_h += [hashes[todo[int(j)]] for j in idx]
+            bar.update(len(badb) + (0 if x is None else len(x)))
+            if time.time() - last > FLUSH_SECONDS:
+                flush()
+                last = time.time()
+    flush()

@@ -141,17 +141,15 @@ def check_key(st: State, request) -> None:
         raise ApiError(401, "wrong_api_key", "the API key is wrong")
 
 
-def parse_request(st: State, body: bytes, ctype: str, query_k) -> tuple[list[tuple[str, bytes]], object]:
-    """(files, raw top_k) from a multipart or JSON body (runs in a worker thread)."""
+def parse_request(st: State, body: bytes, ctype: str) -> tuple[list[tuple[str, bytes]], object]:
+    """(files, raw top_k from the body) from a multipart or JSON body (runs in a worker thread)."""
     cfg, kind = st.cfg, media_type(ctype)
     if kind == "multipart/form-data":
         parts = parse_multipart(body, ctype, cfg.max_files, cfg.max_files + 8)
         files = [(n, d) for n, d in parts if not n.startswith("field:")]
-        fields = {n[6:]: d for n, d in parts if n.startswith("field:")}
-        k = query_k if query_k is not None else fields.get("top_k")
+        k = {n[6:]: d for n, d in parts if n.startswith("field:")}.get("top_k")
     elif kind == "application/json":
-        files, jk = parse_json(body, cfg.max_files)
-        k = query_k if query_k is not None else jk
+        files, k = parse_json(body, cfg.max_files)
     else:
         raise ApiError(415, "unsupported_media_type", f"Content-Type {ctype[:100] or '(none)'} is not supported; "
                        "use multipart/form-data or application/json")
@@ -159,6 +157,19 @@ def parse_request(st: State, body: bytes, ctype: str, query_k) -> tuple[list[tup
         raise ApiError(400, "empty_request", "no image files in the request; send at least one file part "
                        "(curl -F 'file=@cat.jpg') or JSON {\"images\": [\"<base64>\"]}")
     return files, k
+
+
+def top_k_of(request, body_k, default: int, n_classes: int) -> int:
+    """top_k from the query (which wins) or the body; both are checked, and
+    any other query parameter is an error rather than silently ignored."""
+    unknown = sorted(set(request.query_params) - {"top_k"})
+    if unknown:
+        raise ApiError(400, "bad_parameters", f"unknown query parameter {unknown[0][:40]!r}; the only one is top_k")
+    query = request.query_params.getlist("top_k")
+    if len(query) > 1:
+        raise ApiError(400, "bad_top_k", "top_k is given more than once in the query")
+    k = parse_top_k(body_k, default, n_classes)
+    return parse_top_k(query[0], default, n_classes) if query else k
 
 
 def decode_all(st: State, files: list[tuple[str, bytes]]) -> list:
@@ -184,10 +195,10 @@ def add_predict_route(app, st: State) -> None:
     from fastapi import Request
     from starlette.concurrency import run_in_threadpool
 
-    from imgclf.deploy.serve.openapi import PREDICT_OPENAPI
+    from imgclf.deploy.serve.openapi import predict_openapi
 
-    @app.post("/v1/predict", openapi_extra=PREDICT_OPENAPI, summary="Top-k labels for one or more images",
-              responses={})
+    @app.post("/v1/predict", openapi_extra=predict_openapi(st.cfg.max_files),
+              summary="Top-k labels for one or more images")
     async def predict(request: Request):
         check_key(st, request)
         pred = st.ready()
@@ -199,9 +210,8 @@ def add_predict_route(app, st: State) -> None:
             if not body:
                 raise ApiError(400, "empty_request", "no images in the request; send multipart files "
                                "(curl -F 'file=@cat.jpg') or JSON {\"images\": [\"<base64>\"]}")
-            files, k_raw = await run_in_threadpool(parse_request, st, body, request.headers.get("content-type", ""),
-                                                   request.query_params.get("top_k"))
-            k = parse_top_k(k_raw, st.cfg.top_k, len(pred.classes))
+            files, body_k = await run_in_threadpool(parse_request, st, body, request.headers.get("content-type", ""))
+            k = top_k_of(request, body_k, st.cfg.top_k, len(pred.classes))
             xs = await run_in_threadpool(decode_all, st, files)
             t0 = time.perf_counter()
             probs = await st.batcher(xs)

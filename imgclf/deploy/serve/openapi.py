@@ -29,21 +29,26 @@ PREDICTIONS = {"type": "object", "required": ["predictions"], "properties": {
                                                               "top": {"type": "array", "items": TOP}}}},
     "model_ms": {"type": "number"}}}
 
-PREDICT_OPENAPI = {
-    "parameters": [{"name": "top_k", "in": "query", "required": False,
-                    "schema": {"type": "integer", "minimum": 1},
-                    "description": "labels per image (default: the server's --top-k)"}],
-    "requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-            "file": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
-            "top_k": {"type": "integer", "minimum": 1}}}},
-        "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
-            "images": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "byte"}},
-            "top_k": {"type": "integer", "minimum": 1}}}}}},
-    "responses": {"200": {"description": "top-k labels per image, in request order",
-                          "content": {"application/json": {"schema": PREDICTIONS}}},
-                  **_errors(400, 401, 408, 413, 415, 422, 500, 503)},
-}
+def predict_openapi(max_files: int) -> dict:
+    """/v1/predict: multipart files or JSON base64 images, at most max_files."""
+    images = {"type": "array", "minItems": 1, "maxItems": max_files}
+    top = {"type": "integer", "minimum": 1}
+    multipart = {"type": "object", "required": ["file"],
+                 "properties": {"file": {**images, "items": {"type": "string", "format": "binary"}}, "top_k": top}}
+    json_body = {"type": "object", "required": ["images"],
+                 "properties": {"images": {**images, "items": {"type": "string", "format": "byte", "minLength": 4}},
+                                "top_k": top}}
+    return {
+        "parameters": [{"name": "top_k", "in": "query", "required": False, "schema": top,
+                        "description": "labels per image (default: the server's --top-k)"}],
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": multipart},
+                                                      "application/json": {"schema": json_body}}},
+        "responses": {"200": {"description": "top-k labels per image, in request order",
+                              "content": {"application/json": {"schema": PREDICTIONS}}},
+                      **_errors(400, 401, 408, 413, 415, 422, 500, 503)},
+    }
+
+
 MODEL_OPENAPI = {"responses": {"200": {"description": "the model and its limits",
                                        "content": {"application/json": {"schema": {"type": "object"}}}},
                                **_errors(401, 500, 503)}}

@@ -153,6 +153,8 @@ def parse_top_k(v, default: int, n_classes: int) -> int:
     if isinstance(v, str) and v.strip().isascii() and v.strip().isdigit():
         s = v.strip()
         v = n_classes if len(s) > MAX_TOP_K_DIGITS else int(s)
+    if isinstance(v, float) and v.is_integer():  # JSON Schema: 3.0 is an integer, 2.7 and 1e999 are not
+        v = min(int(v), n_classes + 1)
     if isinstance(v, bool) or not isinstance(v, int):
         raise ApiError(400, "bad_top_k", f"top_k must be a positive integer, got {str(v)[:40]!r}")
     if v < 1:

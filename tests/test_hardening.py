@@ -1,0 +1,159 @@
+"""Data files that cannot silently mislead, caches and model files that fail
+with a message (issue 14): each test is a case a careless user or an attacker
+hits, on real images and real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import DATASETS, ROOT, imgclf as run_cli, need
+from .servers import free_port
+
+
+def _csv_data(tmp_path: Path, tiny: Path) -> Path:
+    d = tmp_path / "csvdata"
+    d.mkdir()
+    rows = []
+    for c, label in (("cats", "cat"), ("dogs", "dog")):
+        for f in sorted((tiny / "train" / c).iterdir())[:15]:
+            shutil.copy(f, d / f.name)
+            rows.append(f"{f.name},{label}")
+    extra = [rows[0], rows[20].split(",")[0] + ",cat", "cat.1.jpg, ", ",dog"]  # repeat, conflict, blank label, blank path
+    (d / "labels.csv").write_bytes("\ufeffpath,label\n".encode() + "\n".join(rows + extra).encode() + b"\n")
+    return d / "labels.csv"
+
+
+def test_csv_problems_are_named_repaired_and_reported(tmp_path, tiny):
+    csv = _csv_data(tmp_path, tiny)
+    r = run_cli("check", csv)
+    for line in ("line 32: repeats line 2", "line 33: labels dog.", "line 34: empty label", "line 35: empty path"):
+        assert line in r.stdout, r.stdout
+    out = tmp_path / "run"
+    t = run_cli("train", csv, "--out", out, "--epochs", "5", "--no-evaluate")
+    assert "empty label; row skipped" in t.stdout
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["classes"] == ["cat", "dog"]  # no class "" and no class "label" from a BOM'd header
+    files = [p for k in ("train", "val", "test") for p, _ in splits[k]]
+    assert len(files) == len(set(files)) == 30  # a repeated row never lands in two splits
+
+
+def test_csv_not_utf8_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "labels.csv"
+    bad.write_bytes(b"path,label\na.jpg,cat\ncaf\xe9.jpg,cat\n")
+    for cmd in ("check", "train"):
+        p = run_cli(cmd, bad, check=False)
+        assert p.returncode == 2 and f"{bad}, line 3: not UTF-8" in p.stderr and "CSV UTF-8" in p.stderr
+
+
+def test_one_class_is_refused_before_training(tmp_path, tiny):
+    d = tmp_path / "one"
+    for split in ("train", "val"):
+        shutil.copytree(tiny / split / "cats", d / split / "cats")
+    for cmd in ("check", "train"):
+        p = run_cli(cmd, d, "--out", tmp_path / "r", check=False) if cmd == "train" else run_cli(cmd, d, check=False)
+        assert p.returncode == 2 and "found 1 class folder" in p.stderr and "at least 2" in p.stderr
+    assert not (tmp_path / "r" / "model.pt").exists()
+
+
+def test_class_missing_from_val_is_warned(tmp_path, tiny):
+    d = tmp_path / "missing"
+    shutil.copytree(tiny / "train", d / "train")
+    shutil.copytree(tiny / "val" / "cats", d / "val" / "cats")
+    r = run_cli("check", d)
+    assert "warning: class(es) dogs have no images in val" in r.stdout
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run, ignore=shutil.ignore_patterns("report", "*.onnx"))
+    return run
+
+
+def _bad_model_files(run: Path) -> dict[str, bytes]:
+    good = (run / "model.pt").read_bytes()
+    marker = run.parent / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = run.parent / "evil.pt"
+    torch.save({"arch": Evil()}, evil)
+    empty = run.parent / "empty.pt"
+    torch.save({}, empty)
+    return {"truncated": good[: len(good) // 3], "code": evil.read_bytes(), "empty": empty.read_bytes()}
+
+
+@pytest.mark.parametrize("kind", ["truncated", "code", "empty"])
+def test_bad_model_file_gives_a_message_in_every_command(run_copy, tiny, kind):
+    run = run_copy
+    (run / "model.pt").write_bytes(_bad_model_files(run)[kind])
+    img = next((tiny / "val" / "cats").iterdir())
+    commands = [("predict", run, img), ("evaluate", run), ("export", run), ("serve", run, "--port", str(free_port()))]
+    for args in commands:
+        p = run_cli(*args, check=False, timeout=120)
+        assert p.returncode == 2, (args, p.stdout, p.stderr)
+        assert "Traceback" not in p.stderr and str(run / "model.pt") in p.stderr, (args, p.stderr)
+        assert "weights_only=False" not in p.stderr and "imgclf serve:" not in p.stdout  # no banner before failing
+    assert not (run.parent / "PWNED").exists()
+
+
+def test_bad_checkpoint_on_resume(run_copy):
+    run = run_copy
+    (run / "last.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    p = run_cli("train", "--resume", "--out", run, check=False)
+    assert p.returncode == 2 and f"{run / 'last.pt'}: cannot be loaded" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_corrupt_cached_backbone_and_shards_are_rebuilt(tiny_run, tiny, tmp_path):
+    run, _ = tiny_run
+    cache = tmp_path / "cache"
+    img = str(next((tiny / "val" / "dogs").iterdir()))
+    first = run_cli("predict", run, img, "--cache-dir", cache, "--format", "json")
+    [onnx] = list((cache / "onnx").glob("backbone-*.onnx"))
+    os.truncate(onnx, 1_000_000)
+    again = run_cli("predict", run, img, "--cache-dir", cache, "--format", "json")
+    assert "is damaged; rebuilding it" in again.stdout and "Traceback" not in again.stderr
+    assert json.loads(again.stdout[again.stdout.index("["):])[0]["label"] == "dogs"
+    assert json.loads(first.stdout)[0]["score"] == pytest.approx(json.loads(again.stdout[again.stdout.index("["):])[0]["score"])
+    # A damaged feature shard: reported, removed, recomputed.
+    run_cli("evaluate", run, "--cache-dir", cache, "--no-report")
+    shard = max((cache / "features").rglob("shard-*.npz"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:500])
+    e = run_cli("evaluate", run, "--cache-dir", cache, "--no-report")
+    assert "is damaged; removed" in e.stdout and not shard.exists()
+
+
+def test_feature_extraction_keeps_its_work_when_killed(tmp_path):
+    """Shards are written as extraction goes: a run killed mid-way leaves
+    features that the next run reads instead of computing."""
+    data = need(DATASETS / "hymenoptera")
+    cache = tmp_path / "cache"
+    env = {**os.environ, "IMGCLF_FLUSH_SECONDS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "imgclf", "train", str(data), "--cache-dir", str(cache), "--no-evaluate"]
+    p = subprocess.Popen(cmd + ["--out", str(tmp_path / "a")], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(cache.glob("features/*/shard-*.npz")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.5)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "a" / "model.pt").exists()  # killed during feature extraction
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "b")], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("features:"))
+    from_cache = int(line.split("; ")[1].split("/")[0])
+    assert 0 < from_cache < 245, line

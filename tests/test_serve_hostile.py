@@ -1,0 +1,159 @@
+"""`imgclf serve` under attack: a real uvicorn process, started from the CLI
+with torch made unimportable, and requests a hostile client would send. Each
+test names the defect it guards against (issue 14)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import json
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from .servers import memory_mb, running_server
+from .test_export import export_once, val_images
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, tmp_path_factory):
+    model = export_once(tiny_run, tmp_path_factory)[0]
+    log = tmp_path_factory.mktemp("hostile") / "server.log"
+    with running_server(model, log, "--body-timeout-s", "2", torch_free=True) as (url, proc):
+        yield url, proc, log
+
+
+@pytest.fixture(scope="module")
+def cat(tiny) -> bytes:
+    return val_images(tiny, 1)["cats"][0].read_bytes()
+
+
+def _error(r: httpx.Response, status: int, code: str) -> dict:
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    assert r.headers["content-type"].startswith("application/json")
+    e = r.json()["error"]
+    assert e["code"] == code and e["message"], e
+    return e
+
+
+def test_serving_an_onnx_never_imports_torch(server):
+    url, proc, _ = server
+    # The server process was started with torch unimportable; it answers, and
+    # is far smaller than one that loaded torch (641 MB before this was fixed).
+    assert httpx.get(url + "/v1/model").json()["format"] == "onnx"
+    assert memory_mb(proc.pid)["VmRSS"] < 450
+
+
+def test_many_parts_are_refused_at_once_and_never_stall(server, cat):
+    """20,000 empty parts (200 KB) took the old quadratic parser 37 s on the event loop."""
+    url, _, _ = server
+    body = b"--X\r\n\r\nv\r\n" * 20_000 + b"--X--\r\n"
+    with cf.ThreadPoolExecutor(2) as pool:
+        t0 = time.perf_counter()
+        flood = pool.submit(httpx.post, url + "/v1/predict", content=body, timeout=60,
+                            headers={"Content-Type": "multipart/form-data; boundary=X"})
+        health = pool.submit(httpx.get, url + "/healthz", timeout=60)
+        r, h = flood.result(), health.result()
+    assert time.perf_counter() - t0 < 5
+    _error(r, 413, "too_many_parts")
+    assert h.status_code == 200 and h.elapsed.total_seconds() < 1.0
+
+
+def test_small_files_decoding_to_huge_images_stay_in_bounded_memory(server):
+    """A 5 KB PNG of 6300x6300 (39.7 MP) is under the pixel limit; 16 at once
+    took the old server from 0.96 to 3.8 GB. The pixel budget decodes at most
+    two of them at a time."""
+    url, proc, _ = server
+    buf = io.BytesIO()
+    Image.new("1", (6300, 6300)).save(buf, "PNG", optimize=True)
+    png = buf.getvalue()
+    assert len(png) < 10_000
+    before = memory_mb(proc.pid)
+    with cf.ThreadPoolExecutor(16) as pool:
+        rs = list(pool.map(lambda _: httpx.post(url + "/v1/predict", files={"file": ("b.png", png)}, timeout=120),
+                           range(16)))
+    assert all(r.status_code == 200 for r in rs), [r.text[:200] for r in rs if r.status_code != 200]
+    after = memory_mb(proc.pid)
+    assert after["VmHWM"] - before["VmHWM"] < 900, (before, after)  # two 119 MB decodes and their copies
+
+
+def test_metrics_labels_stay_bounded(server):
+    url, _, _ = server
+    with httpx.Client() as c:
+        for i in range(100):
+            c.request("X" * 2000 + str(i), url + f"/no/such/{i}")
+    text = httpx.get(url + "/metrics").text
+    assert len(text) < 20_000 and 'method="other"' in text and "XXXX" not in text and "/no/such" not in text
+
+
+def test_json_edge_cases_are_400s(server, cat):
+    url, _, _ = server
+    import base64
+
+    img = base64.b64encode(cat).decode()
+    post = lambda **kw: httpx.post(url + "/v1/predict", timeout=30, **kw)  # noqa: E731
+    raw = lambda s: post(content=s, headers={"Content-Type": "application/json"})  # noqa: E731
+    _error(raw('{"images": ["%s"], "top_k": 1e999}' % img), 400, "bad_top_k")
+    _error(raw("[" * 100_000 + "]" * 100_000), 400, "bad_json")
+    for bad in ("2.7", "true", '"abc"', "-1", "0"):
+        _error(raw('{"images": ["%s"], "top_k": %s}' % (img, bad)), 400, "bad_top_k")
+    _error(post(files={"file": ("a.jpg", cat)}, params={"top_k": "abc"}), 400, "bad_top_k")
+    _error(post(files={"file": ("a.jpg", cat)}, data={"top_k": "2.7"}), 400, "bad_top_k")
+    ok = post(content=json.dumps({"images": [img], "top_k": 1}),
+              headers={"Content-Type": "Application/JSON; charset=UTF-8"})  # media types are case-insensitive
+    assert ok.status_code == 200 and len(ok.json()["predictions"][0]["top"]) == 1
+    many = post(content=json.dumps({"images": [img], "top_k": "99999999999999"}), headers={"Content-Type": "application/json"})
+    assert many.status_code == 200 and len(many.json()["predictions"][0]["top"]) == 2
+
+
+def test_405_says_allow(server):
+    url, _, _ = server
+    r = httpx.get(url + "/v1/predict")
+    assert r.status_code == 405 and "POST" in r.headers["allow"] and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def _raw(url: str, data: bytes) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(data)
+    return s
+
+
+def test_a_short_body_gets_408_not_a_held_connection(server):
+    url, _, _ = server
+    s = _raw(url, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"images\": ")
+    t0 = time.perf_counter()
+    reply = b""
+    while b"}}" not in reply and time.perf_counter() - t0 < 9:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        reply += chunk
+    s.close()
+    assert reply.startswith(b"HTTP/1.1 408") and b"body_timeout" in reply
+    assert time.perf_counter() - t0 < 8  # --body-timeout-s 2
+
+
+def test_client_disconnects_are_not_logged_as_errors(server):
+    url, _, log = server
+    for _ in range(5):
+        _raw(url, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100000\r\n\r\n{\"images\": [").close()
+    time.sleep(1.0)
+    assert httpx.get(url + "/healthz").status_code == 200
+    text = log.read_text()
+    assert "Traceback" not in text and "internal error" not in text, text[-3000:]
+
+
+def test_still_correct_after_all_that(server, tiny):
+    url, _, _ = server
+    files = [("file", (p.name, p.read_bytes())) for c in ("cats", "dogs") for p in val_images(tiny, 2)[c]]
+    r = httpx.post(url + "/v1/predict", files=files, timeout=60)
+    assert [p["label"] for p in r.json()["predictions"]] == ["cats", "cats", "dogs", "dogs"]
+    m = httpx.get(url + "/metrics").text
+    assert 'imgclf_errors_total{code="too_many_parts"} 1' in m
