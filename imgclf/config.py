@@ -96,7 +96,16 @@ class TrainConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class RuntimeConfig:
+    """Where a run's model runs: shared by the commands that load one."""
+
+    device: str = _f("auto", "auto | cpu | cuda")
+    engine: str = _f("auto", "feature extraction: auto | torch | onnxruntime")
+    cache_dir: str | None = _f(None, "feature cache folder")
+
+
+@dataclass
+class EvaluateConfig(RuntimeConfig):
     run: str = _f("", "run directory", positional=1)
     data: str | None = _f(None, "data root (default: the one recorded in the run)", positional="?")
     split: str | None = _f(None, "split to evaluate (default: test, else val)", choices=("test", "val", "train"))
@@ -107,31 +116,22 @@ class EvaluateConfig:
     report: bool = _f(True, "write RUN/report/index.html and RUN/report/eval.json")
     suspects: bool = _f(True, "report training images whose label looks wrong (out-of-fold)")
     gradcam: bool = _f(True, "Grad-CAM heatmaps for a few predictions in the report")
-    device: str = _f("auto", "auto | cpu | cuda")
-    engine: str = _f("auto", "feature extraction: auto | torch | onnxruntime")
-    cache_dir: str | None = _f(None, "feature cache folder")
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(RuntimeConfig):
     runs: list = _f([], "run directories", positional="+")
     split: str | None = _f(None, "split (default: each run's held-out split)", choices=("test", "val"))
     json: bool = _f(False, "machine-readable output")
-    device: str = _f("auto", "auto | cpu | cuda")
-    engine: str = _f("auto", "feature extraction: auto | torch | onnxruntime")
-    cache_dir: str | None = _f(None, "feature cache folder")
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(RuntimeConfig):
     run: str = _f("", "run directory, model.pt, or an exported .onnx", positional=1)
     paths: list = _f([], "image files or folders", positional="+")
     top_k: int = _f(3, "labels per image")
     format: str = _f("table", "output format", choices=("table", "json", "csv"))
     batch_size: int = _f(32, "images per model call")
-    device: str = _f("auto", "auto | cpu | cuda")
-    engine: str = _f("auto", "feature extraction: auto | torch | onnxruntime")
-    cache_dir: str | None = _f(None, "feature cache folder")
 
 
 @dataclass

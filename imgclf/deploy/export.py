@@ -34,7 +34,7 @@ import numpy as np
 
 from imgclf.config import ExportConfig
 from imgclf.errors import ConfigError, ExportError
-from imgclf.inference.onnx_predictor import FORMAT, INPUT, OUTPUT, ort_session
+from imgclf.inference.onnx_predictor import FORMAT, INPUT, OUTPUT, OnnxPredictor
 from imgclf.runs import RunDir, atomic_write_bytes
 
 PARITY_ATOL = 1e-4  # fp32 onnxruntime vs PyTorch probabilities, max abs difference
@@ -73,19 +73,18 @@ class Source:
 
 
 def load_source(run: RunDir, check_images: int) -> Source:
-    import torch
-
-    from imgclf.data.preprocess import Preprocess
+    """The run's model, and the reference probabilities every export must
+    reproduce: the eager-PyTorch Predictor's, the path `imgclf.load(run)` takes."""
+    from imgclf.inference.torch_predictor import TorchPredictor
     from imgclf.runs import model_from_record
 
     record = run.record()
-    pp = Preprocess.from_dict(record["preprocess"])
-    wrapped = probs_module(model_from_record(record), pp, record.get("temperature", 1.0))
+    reference = TorchPredictor(record, device="cpu", engine="torch")
+    pp = reference.preprocess
+    wrapped = probs_module(model_from_record(record), pp, reference.temperature)
     split = run.selection_split()
     x_check, _ = split_images(run, split, check_images, pp)
-    with torch.inference_mode():
-        p_torch = wrapped(torch.from_numpy(x_check)).numpy()
-    return Source(run, record, pp, wrapped, split, x_check, p_torch)
+    return Source(run, record, pp, wrapped, split, x_check, reference.probs(x_check))
 
 
 def metadata(src: Source, int8: bool) -> dict[str, str]:
@@ -126,16 +125,16 @@ def split_images(run: RunDir, split: str, limit: int | None, pp) -> tuple[np.nda
     return np.stack(xs), np.array(ys)
 
 
-def ort_probs(sess, x: np.ndarray, batch: int = 32) -> np.ndarray:
-    return np.concatenate([sess.run([OUTPUT], {INPUT: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+def batched_probs(pred, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    return np.concatenate([pred.probs(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-def images_per_second(sess, x: np.ndarray, repeats: int = 3) -> float:
-    sess.run([OUTPUT], {INPUT: x[:1]})  # warm-up
+def images_per_second(pred, x: np.ndarray, repeats: int = 3) -> float:
+    pred.probs(x[:1])  # warm-up
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        sess.run([OUTPUT], {INPUT: x})
+        pred.probs(x)
         best = min(best, time.perf_counter() - t0)
     return len(x) / best
 
@@ -190,7 +189,7 @@ def export_torchscript(src: Source, cfg: ExportConfig, meta: dict, report: dict,
 def export_onnx(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer) -> bytes:
     """fp32 ONNX, checked against PyTorch; with --int8, quantized and gated on accuracy."""
     fp32 = to_onnx(src.wrapped, src.pp.size, meta)
-    diff = float(np.abs(ort_probs(ort_session(fp32), src.x_check) - src.p_torch).max())
+    diff = float(np.abs(OnnxPredictor(fp32).probs(src.x_check) - src.p_torch).max())
     report["max_abs_diff"] = diff
     if diff > PARITY_ATOL:
         raise ExportError(f"onnxruntime's probabilities differ from PyTorch's by {diff:.2e} on {len(src.x_check)} "
@@ -270,9 +269,9 @@ def quantize_checked(fp32: bytes, src: Source, cfg: ExportConfig, meta: dict, re
     q = quantize(fp32, x_cal, meta)
     report.update(calib_images=len(x_cal), calib_seconds=round(time.time() - t0, 1))
     x_val, y_val = split_images(src.run, src.split, None, src.pp)
-    s32, s8 = ort_session(fp32), ort_session(q)
-    acc32 = float((ort_probs(s32, x_val).argmax(1) == y_val).mean())
-    acc8 = float((ort_probs(s8, x_val).argmax(1) == y_val).mean())
+    s32, s8 = OnnxPredictor(fp32), OnnxPredictor(q)
+    acc32 = float((batched_probs(s32, x_val).argmax(1) == y_val).mean())
+    acc8 = float((batched_probs(s8, x_val).argmax(1) == y_val).mean())
     ips32, ips8 = images_per_second(s32, x_val[:16]), images_per_second(s8, x_val[:16])
     report.update({"val_images": len(x_val), "fp32_accuracy": acc32, "int8_accuracy": acc8,
                    "accuracy_change_points": round((acc8 - acc32) * 100, 2),

@@ -45,9 +45,10 @@ def ort_session(src: str | Path | bytes, threads: int | None = None, arena: bool
 
 
 class OnnxPredictor(Predictor):
-    def __init__(self, path: str | Path, threads: int | None = None):
-        self.source = str(path)
-        if not Path(path).is_file():
+    def __init__(self, path: str | Path | bytes, threads: int | None = None):
+        """path: an .onnx file, or its bytes (the export checks a model before writing it)."""
+        self.source = "<bytes>" if isinstance(path, bytes) else str(path)
+        if not isinstance(path, bytes) and not Path(path).is_file():
             raise RunError(f"{path}: no such model file", "write one with `imgclf export RUN --format onnx`")
         try:
             # The memory arena stays on here: it holds the peak of the batch shapes
@@ -55,11 +56,11 @@ class OnnxPredictor(Predictor):
             # was 35% slower (bench/bench_soak.py).
             self.session = ort_session(path, threads)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
-            raise ModelFileError(f"{path}: not a loadable ONNX model ({type(e).__name__})",
+            raise ModelFileError(f"{self.source}: not a loadable ONNX model ({type(e).__name__})",
                                  "export it again with `imgclf export RUN`") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("format") != FORMAT:
-            raise ModelFileError(f"{path}: not an imgclf export (metadata format={meta.get('format')!r})",
+            raise ModelFileError(f"{self.source}: not an imgclf export (metadata format={meta.get('format')!r})",
                                  "export the run with `imgclf export RUN --format onnx`")
         self.metadata: dict = {k: _maybe_json(v) for k, v in meta.items()}
         self.classes: list[str] = list(self.metadata["classes"])
@@ -68,7 +69,8 @@ class OnnxPredictor(Predictor):
         self.int8 = bool(self.metadata.get("int8", False))
         # One model call at a time: onnxruntime already uses every core inside a call.
         self._lock = threading.Lock()
-        warn_if_stale(self.metadata, path)
+        if not isinstance(path, bytes):
+            warn_if_stale(self.metadata, path)
 
     @property
     def arch(self) -> str:

@@ -15,7 +15,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from imgclf.config import ServeConfig
-from imgclf.deploy.serve.app import create_app  # noqa: F401 (the public entry point)
+
+
+def create_app(cfg: ServeConfig):
+    """The FastAPI app (imported here lazily: app.py imports this package's modules)."""
+    from imgclf.deploy.serve.app import create_app as _create_app
+
+    return _create_app(cfg)
 
 _ENV = "IMGCLF_SERVE_CONFIG"
 
