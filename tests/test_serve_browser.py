@@ -36,3 +36,17 @@ def test_page_upload_shows_label(server, tiny):
         assert "done" in page.locator("#status").inner_text()
     # Every asset came from this server: nothing from a CDN.
     assert requests and all(u.startswith(server) or u.startswith("blob:") for u in requests), requests
+
+
+def test_api_docs_render_offline(server):
+    """/docs is Swagger UI from files the server holds: it renders every route
+    with no request leaving the server (this machine has no CDN to reach)."""
+    with browser_page() as page:
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(server + "/docs")
+        page.wait_for_selector(".swagger-ui .opblock", timeout=20_000)
+        assert "imgclf" in page.inner_text(".swagger-ui .info .title")
+        paths = page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.innerText)")
+        assert {"/v1/predict", "/v1/model", "/metrics"} <= {p.replace("\u200b", "") for p in paths}
+    assert requests and all(u.startswith(server) or u.startswith("data:") for u in requests), requests

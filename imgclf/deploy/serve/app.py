@@ -71,7 +71,8 @@ def create_app(cfg: ServeConfig):
         yield
         await st.batcher.stop()
 
-    app = FastAPI(title="imgclf", version=__version__, lifespan=lifespan,
+    # /docs is served below from local files (no CDN); ReDoc would need one.
+    app = FastAPI(title="imgclf", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Image classification with a model trained by imgclf. "
                               "POST images to /v1/predict; GET / for a page to try it.")
     add_error_handlers(app, st)
@@ -249,22 +250,53 @@ def add_info_routes(app, st: State) -> None:
         return Response(st.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+SWAGGER_FILES = {"swagger-ui-bundle.js": "text/javascript; charset=utf-8", "swagger-ui.css": "text/css; charset=utf-8",
+                 "favicon-32x32.png": "image/png"}
+
+
+def static_table() -> dict[str, tuple[bytes, str]]:
+    """Every file the server serves, read once into memory: the page's own
+    assets and Swagger UI's (from the swagger-ui-bundle-v2 package), so /docs
+    works offline and no request ever names a path on disk."""
+    table = {name: (resources.files("imgclf.deploy.serve").joinpath("static", name).read_bytes(), mime)
+             for name, mime in STATIC_FILES.items()}
+    try:
+        import swagger_ui_bundle
+    except ImportError:  # an install without it keeps a working API; /docs says what to install
+        return table
+    folder = Path(swagger_ui_bundle.swagger_ui_path)
+    table.update({name: ((folder / name).read_bytes(), mime) for name, mime in SWAGGER_FILES.items()})
+    return table
+
+
 def add_page_routes(app) -> None:
+    from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.responses import Response
 
-    static = {name: resources.files("imgclf.deploy.serve").joinpath("static", name).read_bytes()
-              for name in STATIC_FILES}
+    static = static_table()
 
     @app.get("/", include_in_schema=False)
     async def index():
-        return Response(static["index.html"], media_type=STATIC_FILES["index.html"])
+        data, mime = static["index.html"]
+        return Response(data, media_type=mime)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        if "swagger-ui-bundle.js" not in static:
+            raise ApiError(404, "not_found", "API docs need the swagger-ui-bundle-v2 package "
+                           "(pip install 'imgclf[serve]'); the schema is at /openapi.json")
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="imgclf API",
+                                   swagger_js_url="/static/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/swagger-ui.css",
+                                   swagger_favicon_url="/static/favicon-32x32.png")
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static_file(name: str):
         # Looked up in a fixed in-memory table: a request never names a path on disk.
         if name not in static:
             raise ApiError(404, "not_found", "no such static file")
-        return Response(static[name], media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
+        data, mime = static[name]
+        return Response(data, media_type=mime, headers={"Cache-Control": "no-cache"})
 
 
 def model_description(pred, cfg: ServeConfig) -> dict:
