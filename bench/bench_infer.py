@@ -24,8 +24,11 @@ import numpy as np
 from common import DATASETS, ROOT, machine, table
 
 
+
 def ensure_run(run: Path) -> Path:
-    if not (run / "model.pt").exists():
+    from imgclf.runs import RunDir
+
+    if not RunDir(run).model_file.exists():
         print(f"training {run} on cats_dogs_tiny (once)...", flush=True)
         subprocess.run([sys.executable, "-m", "imgclf", "train", str(DATASETS / "cats_dogs_tiny"), "--out", str(run)],
                        check=True, capture_output=True)

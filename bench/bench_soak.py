@@ -102,7 +102,9 @@ def main() -> None:
     import subprocess
 
     run = ensure_run(a.run)
-    onnx = run / "model.onnx"
+    from imgclf.runs import RunDir
+
+    onnx = RunDir(run).export_file("onnx")
     if not onnx.exists():
         subprocess.run([sys.executable, "-m", "imgclf", "export", str(run), "--out", str(onnx)], check=True,
                        capture_output=True)

@@ -116,6 +116,7 @@ class EvaluateConfig(RuntimeConfig):
     report: bool = _f(True, "write RUN/report/index.html and RUN/report/eval.json")
     suspects: bool = _f(True, "report training images whose label looks wrong (out-of-fold)")
     gradcam: bool = _f(True, "Grad-CAM heatmaps for a few predictions in the report")
+    cache: bool = _f(True, "read and write the feature cache (--no-cache: compute every feature afresh)")
 
 
 @dataclass
@@ -183,9 +184,11 @@ class ServeConfig:
     max_pixels: int = _f(40_000_000, "largest decoded image, pixels (a 12 MP photo is far below)")
     top_k: int = _f(5, "labels per image unless the request says otherwise")
     threads: int | None = _f(None, "onnxruntime threads (default: all cores / workers)")
-    max_concurrent: int = _f(64, "requests in progress at once; more get 503 busy")
+    max_concurrent: int = _f(64, "requests being parsed, decoded or classified at once; more get 503 busy")
     decode_pixels: int | None = _f(None, "pixels being decoded at once across all requests (default: 2 x max-pixels)")
-    body_timeout_s: float = _f(30.0, "seconds a client may take between body chunks before a 408")
+    body_timeout_s: float = _f(30.0, "seconds a client may pause between body chunks before a 408")
+    body_deadline_s: float = _f(120.0, "seconds a whole request body may take before a 408")
+    max_connections: int = _f(256, "open connections at once (uvicorn's limit); more get 503 at once")
     public_metrics: bool = _f(False, "serve /metrics without the API key when one is set")
 
     @property

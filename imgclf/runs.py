@@ -152,6 +152,8 @@ class RunDir:
     history_file = property(lambda self: self.path / self.HISTORY)
     summary_file = property(lambda self: self.path / self.SUMMARY)
     report_dir = property(lambda self: self.path / self.REPORT)
+    report_page = property(lambda self: self.path / self.REPORT / "index.html")
+    report_json = property(lambda self: self.path / self.REPORT / "eval.json")
 
     def eval_file(self, split: str) -> Path:
         return self.path / f"eval_{split}.json"
@@ -222,13 +224,17 @@ class RunDir:
         return read_json(f) if f.exists() else {}
 
     def headline_metrics(self) -> dict:
-        """The held-out accuracy a deployment shows (/v1/model, export metadata)."""
-        for split in ("test", "val"):
-            if self.eval_file(split).exists():
-                m = read_json(self.eval_file(split))
-                return {"split": split, "n": m.get("n"), "accuracy": m.get("accuracy"),
-                        "balanced_accuracy": m.get("balanced_accuracy")}
-        return {}
+        """The held-out accuracy a deployment shows (/v1/model, export metadata):
+        the held-out split of the run's own data, never another folder's."""
+        try:
+            split = self.held_out_split()
+        except FileNotFoundError:  # not a run directory (RunError)
+            return {}
+        m = self.metrics(split)
+        if not m or (self.splits_file.exists() and m.get("data") != self.splits().root):
+            return {}
+        return {"split": split, "n": m.get("n"), "accuracy": m.get("accuracy"),
+                "balanced_accuracy": m.get("balanced_accuracy")}
 
     def history(self) -> list[dict]:
         return read_history(self.history_file)

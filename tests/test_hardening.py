@@ -28,15 +28,15 @@ def _csv_data(tmp_path: Path, tiny: Path) -> Path:
         for f in sorted((tiny / "train" / c).iterdir())[:15]:
             shutil.copy(f, d / f.name)
             rows.append(f"{f.name},{label}")
-    extra = [rows[0], rows[20].split(",")[0] + ",cat", "cat.1.jpg, ", ",dog"]  # repeat, conflict, blank label, blank path
-    (d / "labels.csv").write_bytes("\ufeffpath,label\n".encode() + "\n".join(rows + extra).encode() + b"\n")
+    extra = [rows[0], "./" + rows[20].split(",")[0] + ",cat", "cat.1.jpg, ", ",dog"]  # repeat, conflict, blank label, blank path
+    (d / "labels.csv").write_bytes("\ufeff# exported from a spreadsheet\npath,label\n".encode() + "\n".join(rows + extra).encode() + b"\n")
     return d / "labels.csv"
 
 
 def test_csv_problems_are_named_repaired_and_reported(tmp_path, tiny):
     csv = _csv_data(tmp_path, tiny)
     r = run_cli("check", csv)
-    for line in ("line 32: repeats line 2", "line 33: labels dog.", "line 34: empty label", "line 35: empty path"):
+    for line in ("line 33: repeats line 3", "line 34: labels dog.", "line 35: empty label", "line 36: empty path"):
         assert line in r.stdout, r.stdout
     out = tmp_path / "run"
     t = run_cli("train", csv, "--out", out, "--epochs", "5", "--no-evaluate")
@@ -159,3 +159,12 @@ def test_feature_extraction_keeps_its_work_when_killed(tmp_path):
     line = next(x for x in r.stdout.splitlines() if x.startswith("features:"))
     from_cache = int(line.split("; ")[1].split("/")[0])
     assert 0 < from_cache < 245, line
+
+
+def test_empty_class_folder_is_caught(tmp_path, tiny):
+    d = tmp_path / "empty"
+    shutil.copytree(tiny / "train" / "cats", d / "cats")
+    (d / "dogs").mkdir()
+    (d / "dogs" / "notes.txt").write_text("not an image")
+    p = run_cli("train", d, "--out", tmp_path / "r", check=False)
+    assert p.returncode == 2 and "dogs have no readable training images" in p.stderr

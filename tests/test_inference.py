@@ -59,7 +59,7 @@ def test_same_probabilities_everywhere(tiny_run, tmp_path_factory, val_files):
                "imgclf.load(run, engine=torch)": imgclf.load(run, engine="torch").predict_proba(paths),
                "serve model.onnx": _server_probs(str(onnx_path), paths, classes),
                "serve run": _server_probs(str(run), paths, classes)}
-    run_cli("evaluate", run, "--no-report")
+    run_cli("evaluate", run, "--no-report", "--tta", "flip")  # the CSV holds what predict returns, TTA or not
     rows = {r["path"]: r for r in csv.DictReader(open(run / "predictions_val.csv"))}
     results["imgclf evaluate"] = np.array([[float(rows[rel][f"p_{c}"]) for c in classes] for rel, _ in val_files])
     for name, p in results.items():

@@ -157,3 +157,53 @@ def test_still_correct_after_all_that(server, tiny):
     assert [p["label"] for p in r.json()["predictions"]] == ["cats", "cats", "dogs", "dogs"]
     m = httpx.get(url + "/metrics").text
     assert 'imgclf_errors_total{code="too_many_parts"} 1' in m
+
+
+def _la_tiff() -> bytes:
+    """A ~150-byte TIFF that PIL opens as mode "La" (associated alpha) but cannot convert."""
+    b = io.BytesIO()
+    Image.new("LA", (8, 8), (100, 200)).save(b, "TIFF")
+    return b.getvalue().replace(b"\x52\x01\x03\x00\x01\x00\x00\x00\x02\x00", b"\x52\x01\x03\x00\x01\x00\x00\x00\x01\x00")
+
+
+def test_odd_images_are_422_or_answered_never_500(server):
+    url, proc, _ = server
+    la = httpx.post(url + "/v1/predict", files={"file": ("a.tif", _la_tiff())}, timeout=30)
+    assert _error(la, 422, "bad_image")["images"][0]["filename"] == "a.tif"
+    before = memory_mb(proc.pid)["VmHWM"]
+    for size in ((100_000, 2), (2, 100_000), (1_000_000, 1)):  # 274-byte strips: a crop resize once needed ~10 GB
+        buf = io.BytesIO()
+        Image.new("L", size).save(buf, "PNG", optimize=True)
+        r = httpx.post(url + "/v1/predict", files={"file": ("strip.png", buf.getvalue())}, timeout=30)
+        assert r.status_code == 200, r.text[:300]
+    assert memory_mb(proc.pid)["VmHWM"] - before < 200
+
+
+def test_slow_uploads_never_take_processing_slots(tiny_run, tmp_path_factory, cat):
+    """--max-concurrent counts requests whose body has arrived: clients that
+    trickle bytes hold only connections, and are cut off by --body-deadline-s."""
+    model = export_once(tiny_run, tmp_path_factory)[0]
+    log = tmp_path_factory.mktemp("slow") / "server.log"
+    args = ("--max-concurrent", "1", "--body-timeout-s", "2", "--body-deadline-s", "4")
+    with running_server(model, log, *args, torch_free=True) as (url, _):
+        slow = [_raw(url, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100000\r\n\r\n{") for _ in range(3)]
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/predict", files={"file": ("a.jpg", cat)}, timeout=30)
+        assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "cats"
+        for s in slow:  # a byte a second keeps each under --body-timeout-s, but not under the deadline
+            replies = b""
+            for _ in range(8):
+                try:
+                    s.sendall(b" ")
+                    s.settimeout(1.0)
+                    replies += s.recv(4096)
+                except (TimeoutError, socket.timeout):
+                    continue
+                except OSError:
+                    break
+                if b"}}" in replies:
+                    break
+            s.close()
+            assert replies.startswith(b"HTTP/1.1 408"), replies[:200]
+        assert time.perf_counter() - t0 < 20

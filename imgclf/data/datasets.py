@@ -169,15 +169,17 @@ def read_label_csv(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
         line = path.read_bytes()[:e.start].count(b"\n") + 1
         raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})",
                         "save the file as UTF-8 (Excel: Save As > CSV UTF-8)") from None
-    rows, notes, seen = [], [], {}
+    rows, notes, seen, first = [], [], {}, True
     for i, row in enumerate(csv.reader(text.splitlines()), start=1):
         if not row or not "".join(row).strip() or row[0].startswith("#"):
             continue
-        if i == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
+        header, first = first and [c.strip().lower() for c in row[:2]] == ["path", "label"], False
+        if header:
             continue
         if len(row) < 2:
             raise DataError(f"{path}, line {i}: expected 'path,label', got {row!r}", "give every row a path and a label")
         rel, lab = row[0].strip(), row[1].strip()
+        rel = str(Path(rel)) if rel else rel  # "./a.jpg" and "a.jpg" are one file
         if not rel or not lab:
             notes.append(f"{path.name} line {i}: empty {'path' if not rel else 'label'}; row skipped")
             continue
@@ -188,7 +190,7 @@ def read_label_csv(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
             notes.append(f"{path.name} line {i}: {what}; kept line {first} only")
             continue
         seen[rel] = (i, lab)
-        rows.append((str(Path(rel)), lab))  # absolute paths stay absolute (root / abs == abs)
+        rows.append((rel, lab))  # absolute paths stay absolute (root / abs == abs)
     return rows, notes
 
 
@@ -248,6 +250,8 @@ class ImageDataset:
             return self.transform(img), y, i, None
         except BadImage as e:
             return None, y, i, e.reason
+        except Exception as e:  # a transform failing on an odd image: reported and skipped, not a dead worker
+            return None, y, i, f"cannot transform this image ({type(e).__name__}: {e})"
 
 
 def collate(batch):

@@ -89,7 +89,10 @@ def open_image(src: Source, draft_size: int | None = None, max_pixels: int = MAX
         img = ImageOps.exif_transpose(img)
     except Exception:
         pass  # a broken EXIF block should not cost us the pixels
-    return to_rgb(shrink(img, draft_size) if draft_size else img)
+    try:
+        return to_rgb(shrink(img, draft_size) if draft_size else img)
+    except Exception as e:  # an odd mode PIL opens but cannot convert (e.g. TIFF "La")
+        raise BadImage(name, f"cannot convert colour mode {img.mode} to RGB ({e})") from None
 
 
 def shrink(img: Image.Image, draft_size: int) -> Image.Image:

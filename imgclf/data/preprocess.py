@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
-from imgclf.data.images import MAX_PIXELS, Source, open_image
+from imgclf.data.images import MAX_PIXELS, BadImage, Source, open_image
 
 RESIZE_POLICIES = ("crop", "squash", "pad")
 AUGMENTS = ("none", "light", "trivial", "randaug")
@@ -59,8 +59,12 @@ class Preprocess:
         return open_image(src, draft_size=self.draft_size, max_pixels=max_pixels)
 
     def load(self, src: Source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-        """Any image source -> uint8 (size, size, 3), as every model sees it."""
-        return np.asarray(resize_image(self.open(src, max_pixels), self), dtype=np.uint8)
+        """Any image source -> uint8 (size, size, 3), as every model sees it; raises BadImage."""
+        img = self.open(src, max_pixels)
+        try:
+            return np.asarray(resize_image(img, self), dtype=np.uint8)
+        except Exception as e:  # PIL's many error types for odd modes and sizes
+            raise BadImage(getattr(src, "name", None) or str(src)[:200], f"cannot resize this image ({e})") from None
 
 
 def resize_image(img: Image.Image, pp: Preprocess) -> Image.Image:
@@ -80,6 +84,13 @@ def resize_image(img: Image.Image, pp: Preprocess) -> Image.Image:
     short = pp.draft_size
     r = short / min(w, h)
     nw, nh = max(short, round(w * r)), max(short, round(h * r))
+    if max(nw, nh) > 8 * short:
+        # An extreme aspect ratio (a 100000x2 strip would need an 11,200,000 x
+        # 224 intermediate): crop the centre square in source coordinates and
+        # resize only that. Ordinary photos keep the exact path below.
+        side = min(w, h) * s / short
+        left, top = (w - side) / 2, (h - side) / 2
+        return img.resize((s, s), interp, box=(left, top, left + side, top + side), reducing_gap=3.0)
     img = img.resize((nw, nh), interp, reducing_gap=3.0)
     left, top = (nw - s) // 2, (nh - s) // 2
     return img.crop((left, top, left + s, top + s))

@@ -35,7 +35,7 @@ class Scored:
     logits: dict[str, np.ndarray]  # per variant ("plain", "flip")
     temperature: np.ndarray | float  # what metrics are scored with (per row when cross-fitted)
     scored: np.ndarray  # probabilities at `temperature`: what the metrics use
-    probs: np.ndarray  # probabilities at the stored temperature: what predict and serve return
+    probs: np.ndarray  # plain images at the stored temperature: what predict and serve return
 
 
 def evaluate_run(cfg: EvaluateConfig, predictor: TorchPredictor | None = None, workers: int | None = None,
@@ -85,13 +85,14 @@ def score_split(run: RunDir, clf: TorchPredictor, cfg: EvaluateConfig, workers: 
         bad.add(rel, reason)
     items = getattr(holder, name)
     variants = ("plain", "flip") if cfg.tta == "flip" else ("plain",)
-    logits, labels, kept = clf.logits_items(splits.root, items, workers=workers, bad=bad, variants=variants)
+    logits, labels, kept = clf.logits_items(splits.root, items, workers=workers, bad=bad, variants=variants,
+                                            use_cache=cfg.cache)
     # The temperature was fitted on val: scoring val with it would flatter the
     # "after" figures, so there each image gets a T fitted on the other folds.
     t = cross_fit_temperatures(logits["plain"], labels)[:, None] if name == "val" and clf.temperature != 1.0 \
         else clf.temperature
     return Scored(name, splits, [items[i][0] for i in kept], labels, logits, t, probs_from_logits(logits, t),
-                  probs_from_logits(logits, clf.temperature))
+                  probs_from_logits({"plain": logits["plain"]}, clf.temperature))
 
 
 def calibration_section(sc: Scored, clf: TorchPredictor) -> dict:

@@ -380,11 +380,11 @@ def build_report(run, clf, sc, metrics: dict, workers: int = 1, bad=None, suspec
         page.suspects = _suspects(clf, sc.splits, workers, bad, page.thumbs)
     t_sus = time.time() - t2
     page.meta.update(created=time.strftime("%Y-%m-%d %H:%M"), version=__version__)
-    path = run.report_dir / "index.html"
+    path = run.report_page
     atomic_write_text(path, render_html(page))
     seconds = {"figures": round(t_figs, 2), "gradcam": round(t_gc, 2), "label_noise": round(t_sus, 2),
                "total": round(time.time() - t0, 2)}
-    _write_eval_json(run.report_dir / "eval.json", page, seconds)
+    _write_eval_json(run.report_json, page, seconds)
     return path
 
 

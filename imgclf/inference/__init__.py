@@ -49,6 +49,9 @@ class Predictor:
         """uint8 (N, S, S, 3) -> (N, C) calibrated probabilities."""
         raise NotImplementedError
 
+    def warm_up(self) -> None:
+        """Build whatever the first call would (a server calls this before it says ready)."""
+
     def predict(self, inputs, top_k: int = 5, batch_size: int = 32, raw: bool = False) -> list[dict]:
         """Top-k labels for each input (a path, bytes, PIL image, HxWx3 array,
         or a list of them). A bad input gives {"error": reason} in its place

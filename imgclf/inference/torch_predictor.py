@@ -72,6 +72,9 @@ class TorchPredictor(Predictor):
                                                self.cache_dir)
         return self._extractor
 
+    def warm_up(self) -> None:
+        self.extractor  # noqa: B018 (exports and caches the backbone for onnxruntime on first use)
+
     def logits_from_features(self, f: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             x = torch.from_numpy(np.asarray(f, dtype=np.float32)).to(self.device)
@@ -94,9 +97,10 @@ class TorchPredictor(Predictor):
         return extract(ext, root, items, caches, batch_size, workers, bad, "features", progress=progress)
 
     def logits_items(self, root: str | Path, items: list[tuple[str, int]], batch_size: int = 32, workers: int = 1,
-                     bad: BadFileLog | None = None, variants: tuple[str, ...] = ("plain",), progress: bool = True):
+                     bad: BadFileLog | None = None, variants: tuple[str, ...] = ("plain",), progress: bool = True,
+                     use_cache: bool = True):
         """Raw logits (before temperature) per variant, for evaluation and
         calibration. Returns ({variant: logits[N', C]}, labels[N'], kept_index[N'])."""
-        feats, labels, kept = self.features_items(root, items, batch_size, workers, bad, variants, progress)
+        feats, labels, kept = self.features_items(root, items, batch_size, workers, bad, variants, progress, use_cache)
         empty = np.zeros((0, len(self.classes)), np.float32)
         return {v: self.logits_from_features(f) if len(kept) else empty for v, f in feats.items()}, labels, kept

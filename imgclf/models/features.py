@@ -52,8 +52,9 @@ def state_hash(module: torch.nn.Module) -> str:
 
 
 def feature_key(model_name: str, backbone_hash: str, pp: Preprocess, variant: str) -> str:
+    # v2: images far over the input size are shrunk before RGB (data/images.py: shrink).
     desc = json.dumps({"model": model_name, "backbone": backbone_hash, "pp": pp.to_dict(), "variant": variant,
-                       "v": 1}, sort_keys=True)
+                       "v": 2}, sort_keys=True)
     return hashlib.sha256(desc.encode()).hexdigest()[:20]
 
 

@@ -135,6 +135,12 @@ def check_files(splits: Splits) -> BadFileLog:
     for name in ("train", "val"):
         if not getattr(splits, name):
             raise DataError(f"the {name} split has no readable images", "add images or check the skipped files above")
+    empty = [c for i, c in enumerate(splits.classes) if not any(y == i for _, y in splits.train)]
+    if len(splits.classes) - len(empty) < 2:
+        raise DataError(f"class(es) {', '.join(empty)} have no readable training images, which leaves fewer than 2",
+                        "add images to those class folders, or remove the empty folders")
+    for c in empty:
+        log(f"warning: class {c} has no readable training images; the model can never predict it")
     return bad
 
 
@@ -166,7 +172,7 @@ def calibrate(ctx: Context, record: dict) -> dict | None:
 
     clf = TorchPredictor(record, device=ctx.cfg.device, engine=ctx.cfg.engine, cache_dir=ctx.cfg.cache_dir)
     logits, labels, _ = clf.logits_items(ctx.splits.root, ctx.splits.val, ctx.cfg.batch_size, ctx.workers, ctx.bad,
-                                         progress=False)
+                                         progress=False, use_cache=ctx.cfg.cache)
     cal = fit_calibration(logits["plain"], labels)
     if cal is None:
         log(f"calibration: {len(labels)} validation images are too few to fit a temperature; T stays 1")
@@ -202,7 +208,8 @@ def evaluate_held_out(ctx: Context, summary: dict) -> dict:
 
     cfg = ctx.cfg
     test = evaluate_run(EvaluateConfig(run=str(ctx.state.run), device=cfg.device, engine=cfg.engine,
-                                       cache_dir=cfg.cache_dir, calibrate=False, report=False), workers=ctx.workers)
+                                       cache_dir=cfg.cache_dir, cache=cfg.cache, calibrate=False, report=False),
+                         workers=ctx.workers)
     known = {d["path"] for d in summary["skipped_files"]}
     summary["skipped_files"] += [d for d in test.get("skipped_files", []) if d["path"] not in known]
     summary["skipped"] = len(summary["skipped_files"])

@@ -64,8 +64,9 @@ def serve(cfg: ServeConfig) -> None:
     return_memory_promptly()
     print(f"imgclf serve: {cfg.model} on http://{cfg.host}:{cfg.port}/  (API: POST /v1/predict, docs: /docs)"
           + (", API key required" if cfg.api_key else ""), flush=True)
-    common = {"host": cfg.host, "port": cfg.port, "log_level": "warning", "timeout_keep_alive": 5,
-              "h11_max_incomplete_event_size": 64 * 1024}
+    # h11 (not httptools, even where installed): its header-size limit applies.
+    common = {"host": cfg.host, "port": cfg.port, "log_level": "warning", "timeout_keep_alive": 5, "http": "h11",
+              "h11_max_incomplete_event_size": 64 * 1024, "limit_concurrency": cfg.max_connections}
     if cfg.workers > 1:
         os.environ[_ENV] = json.dumps(asdict(cfg))
         uvicorn.run("imgclf.deploy.serve:app_from_env", factory=True, workers=cfg.workers, **common)

@@ -66,6 +66,7 @@ def create_app(cfg: ServeConfig):
     @asynccontextmanager
     async def lifespan(app):
         st.predictor = await run_in_threadpool(load, cfg.model, threads=cfg.threads)
+        await run_in_threadpool(st.predictor.warm_up)
         st.batcher = Batcher(st.predictor.probs, cfg.max_batch, cfg.batch_wait_ms / 1000, st.metrics)
         st.batcher.start()
         yield
@@ -203,14 +204,16 @@ def add_predict_route(app, st: State) -> None:
     async def predict(request: Request):
         check_key(st, request)
         pred = st.ready()
+        body = await read_body(request, st.cfg.max_body_bytes, st.cfg.body_timeout_s, st.cfg.body_deadline_s)
+        if not body:
+            raise ApiError(400, "empty_request", "no images in the request; send multipart files "
+                           "(curl -F 'file=@cat.jpg') or JSON {\"images\": [\"<base64>\"]}")
+        # Counted once the body is in: slow uploads hold a connection (bounded
+        # by --max-connections), never a processing slot.
         if st.in_flight >= st.cfg.max_concurrent:
             raise ApiError(503, "busy", f"{st.in_flight} requests are in progress, the limit; retry shortly")
         st.in_flight += 1
         try:
-            body = await read_body(request, st.cfg.max_body_bytes, st.cfg.body_timeout_s)
-            if not body:
-                raise ApiError(400, "empty_request", "no images in the request; send multipart files "
-                               "(curl -F 'file=@cat.jpg') or JSON {\"images\": [\"<base64>\"]}")
             files, body_k = await run_in_threadpool(parse_request, st, body, request.headers.get("content-type", ""))
             k = top_k_of(request, body_k, st.cfg.top_k, len(pred.classes))
             xs = await run_in_threadpool(decode_all, st, files)

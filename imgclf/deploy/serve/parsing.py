@@ -32,10 +32,11 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
-async def read_body(request, limit: int, timeout_s: float) -> bytes:
+async def read_body(request, limit: int, timeout_s: float, deadline_s: float) -> bytes:
     """The whole body, or 413 past `limit` bytes (checked against
-    Content-Length first, then as chunks arrive) and 408 when the client
-    stops sending for `timeout_s` (a short body under a long Content-Length)."""
+    Content-Length first, then as chunks arrive), and 408 when the client
+    stops sending for `timeout_s` (a short body under a long Content-Length)
+    or takes longer than `deadline_s` in all (a byte every few seconds)."""
     from starlette.requests import ClientDisconnect
 
     n = request.headers.get("content-length")
@@ -46,14 +47,16 @@ async def read_body(request, limit: int, timeout_s: float) -> bytes:
             raise ApiError(413, "body_too_large", f"request body is {int(n):,} bytes, over the limit of {limit:,}; "
                            f"send fewer or smaller images (resize them to about the model's input size)")
     chunks, size, stream = [], 0, request.stream().__aiter__()
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
     while True:
         try:
-            chunk = await asyncio.wait_for(stream.__anext__(), timeout_s)
+            chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, min(timeout_s, end - loop.time())))
         except StopAsyncIteration:
             return b"".join(chunks)
         except asyncio.TimeoutError:
-            raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s; "
-                           "send the whole body promptly (check Content-Length)") from None
+            raise ApiError(408, "body_timeout", f"the request body stalled for {timeout_s:g} s or took over "
+                           f"{deadline_s:g} s; send the whole body promptly (check Content-Length)") from None
         except ClientDisconnect:
             raise ApiError(400, "client_disconnected", "the client closed the connection mid-request") from None
         size += len(chunk)
