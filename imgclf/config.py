@@ -128,7 +128,7 @@ class CompareConfig(RuntimeConfig):
 
 @dataclass
 class PredictConfig(RuntimeConfig):
-    run: str = _f("", "run directory, model.pt, or an exported .onnx", positional=1)
+    run: str = _f("", "run directory, model.pt, or an exported .onnx or .ort", positional=1)
     paths: list = _f([], "image files or folders", positional="+")
     top_k: int = _f(3, "labels per image")
     format: str = _f("table", "output format", choices=("table", "json", "csv"))
@@ -158,8 +158,10 @@ class CacheConfig:
 @dataclass
 class ExportConfig:
     run: str = _f("", "run directory or model.pt", positional=1)
-    format: str = _f("onnx", "file format", choices=("onnx", "torchscript"))
-    out: str | None = _f(None, "output file (default: RUN/model.onnx, model.int8.onnx, model.torchscript.pt)")
+    format: str = _f("onnx", "file format: onnx; ort (ONNX Runtime Mobile, for apps); torchscript",
+                     choices=("onnx", "ort", "torchscript"))
+    out: str | None = _f(None, "output file (default: RUN/model.onnx, model.int8.onnx, model.ort, model.int8.ort, "
+                               "model.torchscript.pt)")
     int8: bool = _f(False, "static INT8 quantization (onnxruntime), calibrated on training images; "
                            "reports accuracy change and speed-up")
     max_drop: float = _f(1.0, "refuse an INT8 model whose validation accuracy drops by more points than this")
@@ -171,7 +173,7 @@ class ExportConfig:
 
 @dataclass
 class ServeConfig:
-    model: str = _f("", "an .onnx from `imgclf export` (no torch needed) or a run directory", positional=1)
+    model: str = _f("", "an .onnx or .ort from `imgclf export` (no torch needed) or a run directory", positional=1)
     host: str = _f("127.0.0.1", "0.0.0.0 to listen on every interface")
     port: int = _f(8000, "TCP port")
     workers: int = _f(1, "server processes (each loads the model)")

@@ -139,7 +139,9 @@ class RunDir:
 
     MODEL, LAST, CONFIG, SPLITS = "model.pt", "last.pt", "config.json", "splits.json"
     HISTORY, SUMMARY, REPORT = "history.csv", "summary.json", "report"
-    EXPORTS = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "torchscript": "model.torchscript.pt"}
+    EXPORTS = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "ort": "model.ort", "ort-int8": "model.int8.ort",
+               "torchscript": "model.torchscript.pt"}
+    ONNX_SUFFIXES = (".onnx", ".ort")  # files onnxruntime runs: no torch needed
 
     def __init__(self, path: str | Path):
         p = Path(path)

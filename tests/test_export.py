@@ -181,3 +181,22 @@ def test_torchscript_export(tiny_run, exported, tiny, tmp_path):
 def test_export_errors(tmp_path):
     p = imgclf("export", tmp_path / "nope", check=False)
     assert p.returncode == 2 and "no trained model here" in p.stderr
+
+
+def test_ort_format_export(tiny_run, exported, tiny, tmp_path):
+    """ONNX Runtime Mobile's .ort: checked against the .onnx and PyTorch, same
+    metadata, and predicted and served like an .onnx (no torch)."""
+    import imgclf as lib
+
+    run, _ = tiny_run
+    out = tmp_path / "m.ort"
+    p = imgclf("export", run, "--format", "ort", "--out", out, "--json")
+    r = json.loads(p.stdout[p.stdout.index("{"):])
+    assert r["format"] == "ort" and r["ort_max_abs_diff_vs_onnx"] <= 1e-5 and r["ort_max_abs_diff_vs_torch"] <= 1e-4
+    assert out.read_bytes()[4:8] == b"ORTM"  # the flatbuffer's file identifier: ORT format, not protobuf ONNX
+    files = [f for fs in val_images(tiny, 3).values() for f in fs]
+    ort_clf, onnx_clf = lib.load(out), lib.load(exported[0])
+    assert ort_clf.classes == ["cats", "dogs"] and ort_clf.preprocess == onnx_clf.preprocess
+    np.testing.assert_allclose(ort_clf.predict_proba(files), onnx_clf.predict_proba(files), atol=1e-5)
+    rows = json.loads(imgclf("predict", out, *files, "--format", "json").stdout)
+    assert [x["label"] for x in rows] == ["cats"] * 3 + ["dogs"] * 3

@@ -38,6 +38,7 @@ from imgclf.inference.onnx_predictor import FORMAT, INPUT, OUTPUT, OnnxPredictor
 from imgclf.runs import RunDir, atomic_write_bytes
 
 PARITY_ATOL = 1e-4  # fp32 onnxruntime vs PyTorch probabilities, max abs difference
+ORT_ATOL = 1e-5  # .ort vs the .onnx it was saved from: the same engine and graph
 
 
 def probs_module(model, pp, temperature: float):
@@ -151,19 +152,19 @@ def int8_verdict(fp32_acc: float, int8_acc: float, max_drop: float, force: bool)
 
 def export(cfg: ExportConfig, printer=print) -> dict:
     """Export a run; returns a report dict (path, parity, INT8 accuracy and speed)."""
-    if cfg.int8 and cfg.format != "onnx":
-        raise ConfigError("--int8 is for --format onnx (onnxruntime quantization)", "drop --int8 or use --format onnx")
+    if cfg.int8 and cfg.format not in ("onnx", "ort"):
+        raise ConfigError("--int8 is for --format onnx or ort (onnxruntime quantization)", "drop --int8")
     run = RunDir(cfg.run)
     src = load_source(run, cfg.check_images)
     out = Path(cfg.out) if cfg.out else run.export_file(cfg.format, cfg.int8)
     meta = metadata(src, cfg.int8)
     report: dict = {"format": cfg.format, "path": str(out), "int8": cfg.int8, "classes": src.record["classes"],
                     "input_size": src.pp.size, "check_split": src.split, "check_images": len(src.x_check)}
-    data = (export_torchscript if cfg.format == "torchscript" else export_onnx)(src, cfg, meta, report, printer)
+    data = EXPORTERS[cfg.format](src, cfg, meta, report, printer)
     atomic_write_bytes(out, data)
     report["bytes"] = len(data)
     printer(f"wrote {out} ({len(data) / 1e6:.1f} MB{', INT8' if cfg.int8 else ''}); "
-            f"try it: imgclf predict {out} IMAGE" + ("  |  imgclf serve " + str(out) if cfg.format == "onnx" else ""))
+            f"try it: imgclf predict {out} IMAGE" + ("" if cfg.format == "torchscript" else f"  |  imgclf serve {out}"))
     return report
 
 
@@ -198,6 +199,36 @@ def export_onnx(src: Source, cfg: ExportConfig, meta: dict, report: dict, printe
     printer(f"parity: max |p_onnx - p_torch| = {diff:.1e} on {len(src.x_check)} {src.split} images "
             f"(limit {PARITY_ATOL:g})")
     return quantize_checked(fp32, src, cfg, meta, report, printer) if cfg.int8 else fp32
+
+
+def export_ort(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer) -> bytes:
+    """ONNX Runtime's own format (.ort) for apps that embed onnxruntime-mobile:
+    the checked (and, with --int8, accuracy-gated) ONNX model, saved by
+    onnxruntime itself with basic graph optimisations only, which stay valid on
+    any device (the "extended" ones can fuse ops for this CPU), then checked
+    again against PyTorch through onnxruntime."""
+    import onnxruntime as ort
+
+    onnx_bytes = export_onnx(src, cfg, meta, report, printer)
+    with tempfile.TemporaryDirectory(prefix="imgclf-ort-") as tmp:
+        path = Path(tmp) / "model.ort"
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(path)
+        so.add_session_config_entry("session.save_model_format", "ORT")
+        ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+        data = path.read_bytes()
+    # The .ort must answer exactly as the checked ONNX model does (which itself
+    # matched PyTorch, or passed the INT8 accuracy gate).
+    p_ort = OnnxPredictor(data).probs(src.x_check)
+    diff = float(np.abs(p_ort - OnnxPredictor(onnx_bytes).probs(src.x_check)).max())
+    report.update(ort_max_abs_diff_vs_onnx=diff, ort_max_abs_diff_vs_torch=float(np.abs(p_ort - src.p_torch).max()))
+    if diff > ORT_ATOL:
+        raise ExportError(f"the .ort model's probabilities differ from the ONNX model's by {diff:.2e} "
+                          f"(limit {ORT_ATOL:g})", "the export is wrong and was not written; report it with model.pt")
+    printer(f"parity (.ort): max |p_ort - p_onnx| = {diff:.1e}, max |p_ort - p_torch| = "
+            f"{report['ort_max_abs_diff_vs_torch']:.1e} on {len(src.x_check)} {src.split} images")
+    return data
 
 
 def to_onnx(wrapped, size: int, meta: dict[str, str]) -> bytes:
@@ -286,3 +317,6 @@ def quantize_checked(fp32: bytes, src: Source, cfg: ExportConfig, meta: dict, re
     if cfg.force and (acc32 - acc8) * 100 > cfg.max_drop:
         printer(f"warning: writing the INT8 model despite a drop over {cfg.max_drop:g} points (--force)")
     return q
+
+
+EXPORTERS = {"onnx": export_onnx, "ort": export_ort, "torchscript": export_torchscript}

@@ -92,7 +92,9 @@ def load(path: str | Path, device: str = "auto", engine: str = "auto", cache_dir
          threads: int | None = None) -> Predictor:
     """A trained classifier from a run directory or its model.pt (PyTorch), or
     an exported .onnx file (onnxruntime alone, no torch); same `.predict()`."""
-    if str(path).lower().endswith(".onnx"):
+    from imgclf.runs import RunDir
+
+    if str(path).lower().endswith(RunDir.ONNX_SUFFIXES):
         from imgclf.inference.onnx_predictor import OnnxPredictor
 
         return OnnxPredictor(path, threads=threads)

@@ -29,6 +29,7 @@ from imgclf.deploy.serve.metrics import Metrics
 from imgclf.deploy.serve.parsing import (ApiError, PixelBudget, header_pixels, media_type, parse_json,
                                          parse_multipart, parse_top_k, read_body)
 from imgclf.inference import top_k
+from imgclf.runs import RunDir
 
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                 "style.css": "text/css; charset=utf-8"}
@@ -311,7 +312,7 @@ def model_description(pred, cfg: ServeConfig) -> dict:
     from imgclf import __version__
 
     meta = pred.metadata
-    onnx = cfg.model.lower().endswith(".onnx")
+    onnx = cfg.model.lower().endswith(RunDir.ONNX_SUFFIXES)
     versions = {"imgclf": __version__, "python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
     if meta.get("trained_with"):
         versions["trained_with_imgclf"] = meta["trained_with"]
