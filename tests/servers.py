@@ -55,6 +55,18 @@ def running_server(model: Path, log: Path, *args: str, torch_free: bool = False)
             proc.kill()
 
 
+@contextlib.contextmanager
+def served_tiny_onnx(tiny_run, tmp_path_factory, name: str, *args: str):
+    """The session's exported cats_dogs_tiny model behind a torch-free
+    `imgclf serve ARGS`; yields (url, process, log path)."""
+    from .test_export import export_once
+
+    model = export_once(tiny_run, tmp_path_factory)[0]
+    log = tmp_path_factory.mktemp(name) / "server.log"
+    with running_server(model, log, *args, torch_free=True) as (url, proc):
+        yield url, proc, log
+
+
 def memory_mb(pid: int) -> dict[str, float]:
     """Current (VmRSS) and peak (VmHWM) resident memory of a process, MB."""
     out = {}

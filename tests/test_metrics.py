@@ -64,3 +64,19 @@ def test_temperature_scaling_softens_overconfident_logits():
     p = softmax(logits, t)
     assert p.max(1).mean() == pytest.approx(0.8, abs=0.03)  # confidence now matches accuracy
     assert ece(p, labels) < ece(softmax(logits), labels)
+
+
+def test_no_temperature_is_fitted_without_mistakes():
+    """All validation images right: the log loss keeps falling as T shrinks, so
+    any fitted T would be the search bound. T must stay 1, saying why."""
+    from imgclf.evaluation.calibration import fit_calibration
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 2
+    right = np.stack([np.where(labels == 0, 2.0, -2.0), np.where(labels == 0, -2.0, 2.0)], 1) + rng.normal(0, 0.3, (40, 2))
+    cal = fit_calibration(right, labels)
+    assert cal["temperature"] == 1.0 and "0 of 40" in cal["skipped"]
+    noisy = right.copy()
+    noisy[:6] = noisy[:6, ::-1]  # six confident mistakes: an over-confident model, T > 1
+    cal = fit_calibration(noisy, labels)
+    assert "skipped" not in cal and 1.0 < cal["temperature"] < 20 and cal["nll_after"] < cal["nll_before"]

@@ -19,8 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .conftest import ROOT
-from .servers import memory_mb, running_server
-from .test_export import export_once
+from .servers import memory_mb, served_tiny_onnx
 
 EXAMPLES = 60  # hand-written generators, per test, in `make test`
 SCHEMA_EXAMPLES = 100  # Schemathesis examples per operation, in `make test`
@@ -30,9 +29,7 @@ MAX_GROWTH_MB = 300  # resident memory growth over a whole fuzzing test
 
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
-    model = export_once(tiny_run, tmp_path_factory)[0]
-    log = tmp_path_factory.mktemp("fuzz") / "server.log"
-    with running_server(model, log, "--body-timeout-s", "2", torch_free=True) as (url, proc):
+    with served_tiny_onnx(tiny_run, tmp_path_factory, "fuzz", "--body-timeout-s", "2") as (url, proc, log):
         yield url, proc, log
     assert "Traceback" not in log.read_text()
 

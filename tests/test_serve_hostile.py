@@ -15,16 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .servers import memory_mb, running_server
-from .test_export import export_once, val_images
+from .servers import memory_mb, served_tiny_onnx
+from .test_export import val_images
 
 
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
-    model = export_once(tiny_run, tmp_path_factory)[0]
-    log = tmp_path_factory.mktemp("hostile") / "server.log"
-    with running_server(model, log, "--body-timeout-s", "2", torch_free=True) as (url, proc):
-        yield url, proc, log
+    with served_tiny_onnx(tiny_run, tmp_path_factory, "hostile", "--body-timeout-s", "2") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -182,10 +180,8 @@ def test_odd_images_are_422_or_answered_never_500(server):
 def test_slow_uploads_never_take_processing_slots(tiny_run, tmp_path_factory, cat):
     """--max-concurrent counts requests whose body has arrived: clients that
     trickle bytes hold only connections, and are cut off by --body-deadline-s."""
-    model = export_once(tiny_run, tmp_path_factory)[0]
-    log = tmp_path_factory.mktemp("slow") / "server.log"
     args = ("--max-concurrent", "1", "--body-timeout-s", "2", "--body-deadline-s", "4")
-    with running_server(model, log, *args, torch_free=True) as (url, _):
+    with served_tiny_onnx(tiny_run, tmp_path_factory, "slow", *args) as (url, _, _):
         slow = [_raw(url, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                           b"Content-Length: 100000\r\n\r\n{") for _ in range(3)]
         t0 = time.perf_counter()

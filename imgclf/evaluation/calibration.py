@@ -84,14 +84,22 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     return reliability(probs, labels, bins)["ece"]
 
 
-def fit_calibration(val_logits: np.ndarray, val_labels: np.ndarray) -> dict | None:
+def fit_calibration(val_logits: np.ndarray, val_labels: np.ndarray) -> dict:
     """T fitted on validation logits, with ECE and NLL before (T = 1) and
     after. "After" is cross-fitted: each image is scored with a T fit on the
-    other folds, since these same images chose T. None when there are too few
-    images (or one class) to fit on."""
+    other folds, since these same images chose T. When no T can be fitted the
+    result is {"temperature": 1.0, "skipped": why}."""
     if len(val_labels) < 10 or len(np.unique(val_labels)) < 2:
-        return None
+        return {"temperature": 1.0, "skipped": f"{len(val_labels)} validation images of "
+                f"{len(np.unique(val_labels))} class(es) are too few to fit a temperature"}
     t = fit_temperature(val_logits, val_labels)
+    wrong = int((np.asarray(val_logits).argmax(1) != np.asarray(val_labels)).sum())
+    if wrong == 0 or not T_MIN * 1.01 < t < T_MAX / 1.01:
+        # With no mistakes on val the log loss keeps falling as T shrinks: the
+        # "optimum" is wherever the search stops, a guess, not a fit. Every
+        # prediction would then claim ~100% and mistakes could not be caught.
+        return {"temperature": 1.0, "skipped": f"no temperature fits: {wrong} of {len(val_labels)} validation "
+                f"images are misclassified, too few to tell how confident the model should be"}
     before = probs_from_logits({"plain": val_logits}, 1.0)
     after = probs_from_logits({"plain": val_logits}, cross_fit_temperatures(val_logits, val_labels)[:, None])
     idx = np.arange(len(val_labels))

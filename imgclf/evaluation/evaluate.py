@@ -120,8 +120,8 @@ def recalibrate(run: RunDir, clf: TorchPredictor, workers: int, bad: BadFileLog,
         return
     logits, labels, _ = clf.logits_items(splits.root, splits.val, workers=workers, bad=bad, progress=False)
     cal = fit_calibration(logits["plain"], labels)
-    if cal is None:
-        printer(f"note: {len(labels)} validation image(s) are too few to fit a temperature; keeping the stored one")
+    if "skipped" in cal:
+        printer(f"note: {cal['skipped']}; keeping the stored temperature")
         return
     clf.record["temperature"], clf.record["calibration"] = cal["temperature"], cal
     clf.temperature = cal["temperature"]

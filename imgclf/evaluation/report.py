@@ -323,12 +323,17 @@ def _gallery(page: Page) -> str:
     return "".join(out)
 
 
+def _not_shown(section) -> str | None:
+    """A note in place of a section that was skipped (None) or not possible (a reason)."""
+    if isinstance(section, str):
+        return f'<p class="note">{_e(section)}</p>'
+    return None if section else '<p class="note">Skipped.</p>'
+
+
 def _gradcam_html(page: Page) -> str:
     g = page.gradcam
-    if isinstance(g, str):
-        return f'<p class="note">{_e(g)}</p>'
-    if not g:
-        return '<p class="note">Skipped.</p>'
+    if _not_shown(g):
+        return _not_shown(g)
     tiles = "".join(_tile(s["png"], [
         ('<span class="good">correct</span>' if s["correct"] else '<span class="bad">wrong</span>')
         + f': true <b>{_e(s["true"])}</b>, predicted <b>{_e(s["predicted"])}</b> {s["probability"]:.2f}'],
@@ -341,10 +346,8 @@ def _gradcam_html(page: Page) -> str:
 
 def _suspects_html(page: Page) -> str:
     s = page.suspects
-    if isinstance(s, str):
-        return f'<p class="note">{_e(s)}</p>'
-    if not s:
-        return '<p class="note">Skipped.</p>'
+    if _not_shown(s):
+        return _not_shown(s)
     intro = (f"<p>Training images whose given label is unlikely according to models that never trained on them "
              f"({_e(s['method'])}; out-of-fold accuracy {_pct(s['out_of_fold_accuracy'])} on {s['scored']:,} images). "
              f"{s['below_threshold']} image(s) get less than {s['threshold']:.0%} for their own label; the lowest are shown. "

@@ -174,8 +174,8 @@ def calibrate(ctx: Context, record: dict) -> dict | None:
     logits, labels, _ = clf.logits_items(ctx.splits.root, ctx.splits.val, ctx.cfg.batch_size, ctx.workers, ctx.bad,
                                          progress=False, use_cache=ctx.cfg.cache)
     cal = fit_calibration(logits["plain"], labels)
-    if cal is None:
-        log(f"calibration: {len(labels)} validation images are too few to fit a temperature; T stays 1")
+    if "skipped" in cal:
+        log(f"calibration: {cal['skipped']}; T stays 1")
         return None
     ctx.save_best(cal["temperature"], extra={"calibration": cal})
     log(f"calibration: T = {cal['temperature']:.3f} fitted on val ({cal['n']} images); val ECE "
