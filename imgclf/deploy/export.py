@@ -34,16 +34,19 @@ import numpy as np
 
 from imgclf.config import ExportConfig
 from imgclf.errors import ConfigError, ExportError
-from imgclf.inference.onnx_predictor import FORMAT, INPUT, OUTPUT, OnnxPredictor
+from imgclf.inference.onnx_predictor import FORMAT, INPUT, OUTPUT, REJECTED_OUTPUT, UNKNOWN_OUTPUT, OnnxPredictor
 from imgclf.runs import RunDir, atomic_write_bytes
 
 PARITY_ATOL = 1e-4  # fp32 onnxruntime vs PyTorch probabilities, max abs difference
 ORT_ATOL = 1e-5  # .ort vs the .onnx it was saved from: the same engine and graph
 
 
-def probs_module(model, pp, temperature: float):
+def probs_module(model, pp, temperature: float, scorer=None, reject: float | None = None):
     """PyTorch module: uint8 (N, H, W, 3) -> calibrated probabilities (N, C),
-    from the same functions every other path runs."""
+    from the same functions every other path runs. With an unknown-input
+    scorer, also the unknown score (N,) and whether it is rejected (N,): the
+    decision is in the graph, so an app needs no threshold logic of its own."""
+    import torch
     from torch import nn
 
     from imgclf.data.preprocess import normalize
@@ -52,12 +55,21 @@ def probs_module(model, pp, temperature: float):
     class Probs(nn.Module):
         def __init__(self):
             super().__init__()
-            self.model = model
+            self.model, self.scorer = model, scorer
 
         def forward(self, images):
-            return calibrated_probs(self.model(normalize(images.permute(0, 3, 1, 2), pp)), float(temperature))
+            f = self.model.forward_features(normalize(images.permute(0, 3, 1, 2), pp))
+            p = calibrated_probs(self.model.forward_head(f), float(temperature))
+            if self.scorer is None:
+                return p
+            u = self.scorer(f)
+            return p, u, (u > reject) if reject is not None else torch.zeros_like(u, dtype=torch.bool)
 
     return Probs().eval()
+
+
+def output_names(src: "Source") -> list[str]:
+    return [OUTPUT, UNKNOWN_OUTPUT, REJECTED_OUTPUT] if src.record.get("unknown") else [OUTPUT]
 
 
 @dataclass
@@ -71,6 +83,7 @@ class Source:
     split: str  # the split the parity and accuracy checks use
     x_check: np.ndarray
     p_torch: np.ndarray
+    u_torch: np.ndarray | None  # unknown scores, if the run has a scorer
 
 
 def load_source(run: RunDir, check_images: int) -> Source:
@@ -82,10 +95,10 @@ def load_source(run: RunDir, check_images: int) -> Source:
     record = run.record()
     reference = TorchPredictor(record, device="cpu", engine="torch")
     pp = reference.preprocess
-    wrapped = probs_module(model_from_record(record), pp, reference.temperature)
+    wrapped = probs_module(model_from_record(record), pp, reference.temperature, reference.scorer, reference.reject)
     split = run.selection_split()
     x_check, _ = split_images(run, split, check_images, pp)
-    return Source(run, record, pp, wrapped, split, x_check, reference.probs(x_check))
+    return Source(run, record, pp, wrapped, split, x_check, *reference.outputs(x_check))
 
 
 def metadata(src: Source, int8: bool) -> dict[str, str]:
@@ -96,7 +109,10 @@ def metadata(src: Source, int8: bool) -> dict[str, str]:
         "format": FORMAT, "classes": record["classes"], "preprocess": pp.to_dict(), "input_size": pp.size,
         "resize": pp.resize,
         "input": f"uint8 RGB images (N, {pp.size}, {pp.size}, 3), resized by '{pp.resize}' outside the graph",
-        "output": "calibrated probabilities (N, C) = softmax(logits / temperature)",
+        "output": "calibrated probabilities (N, C) = softmax(logits / temperature)" + (
+            "; unknown (N,): share of known validation images more familiar than the input (kNN distance in "
+            "feature space); rejected (N,): unknown > reject" if record.get("unknown") else ""),
+        "reject": record.get("reject"),
         "temperature": float(record.get("temperature", 1.0)), "arch": record["arch"], "imgclf_version": __version__,
         "trained_with": record.get("imgclf_version", "?"), "metrics": src.run.headline_metrics(), "int8": int8,
         "run": src.run.path.name, "run_path": str(src.run.path.resolve()), "model_sha256": src.run.model_sha256(),
@@ -176,7 +192,8 @@ def export_torchscript(src: Source, cfg: ExportConfig, meta: dict, report: dict,
 
     with torch.inference_mode():
         traced = torch.jit.trace(src.wrapped, torch.from_numpy(src.x_check[:2]), check_trace=False)
-        diff = float(np.abs(traced(torch.from_numpy(src.x_check)).numpy() - src.p_torch).max())
+        out = traced(torch.from_numpy(src.x_check))
+        diff = float(np.abs((out[0] if isinstance(out, tuple) else out).numpy() - src.p_torch).max())
     if diff > PARITY_ATOL:
         raise ExportError(f"TorchScript probabilities differ from eager PyTorch by {diff:.2e} (limit {PARITY_ATOL:g})",
                           "the export is wrong and was not written; report it with the run's model.pt")
@@ -189,9 +206,12 @@ def export_torchscript(src: Source, cfg: ExportConfig, meta: dict, report: dict,
 
 def export_onnx(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer) -> bytes:
     """fp32 ONNX, checked against PyTorch; with --int8, quantized and gated on accuracy."""
-    fp32 = to_onnx(src.wrapped, src.pp.size, meta)
-    diff = float(np.abs(OnnxPredictor(fp32).probs(src.x_check) - src.p_torch).max())
+    fp32 = to_onnx(src.wrapped, src.pp.size, meta, output_names(src))
+    p, u = OnnxPredictor(fp32).outputs(src.x_check)
+    diff = float(np.abs(p - src.p_torch).max())
     report["max_abs_diff"] = diff
+    if src.u_torch is not None:
+        check_unknown_parity(u, src, report)
     if diff > PARITY_ATOL:
         raise ExportError(f"onnxruntime's probabilities differ from PyTorch's by {diff:.2e} on {len(src.x_check)} "
                           f"{src.split} images (limit {PARITY_ATOL:g}); the export is wrong, not written",
@@ -231,7 +251,18 @@ def export_ort(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer
     return data
 
 
-def to_onnx(wrapped, size: int, meta: dict[str, str]) -> bytes:
+def check_unknown_parity(u: np.ndarray | None, src: Source, report: dict) -> None:
+    """The unknown score is a rank among the validation distances: a float
+    difference at a boundary may move it by one step, never more."""
+    step = 1 / len(src.record["unknown"]["val_sorted"])
+    diff = float(np.abs(u - src.u_torch).max()) if u is not None else float("inf")
+    report["unknown_max_abs_diff"] = diff
+    if diff > step + 1e-6:
+        raise ExportError(f"the exported unknown scores differ from PyTorch's by {diff:.3g} (limit one rank step, "
+                          f"{step:.3g}); the export is wrong, not written", "report it with the run's model.pt")
+
+
+def to_onnx(wrapped, size: int, meta: dict[str, str], outputs: list[str] = (OUTPUT,)) -> bytes:
     import io
     import warnings
 
@@ -242,8 +273,9 @@ def to_onnx(wrapped, size: int, meta: dict[str, str]) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapped, torch.zeros(1, size, size, 3, dtype=torch.uint8), buf,
-                          input_names=[INPUT], output_names=[OUTPUT],
-                          dynamic_axes={INPUT: {0: "n"}, OUTPUT: {0: "n"}}, opset_version=17, dynamo=False)
+                          input_names=[INPUT], output_names=list(outputs),
+                          dynamic_axes={INPUT: {0: "n"}, **{o: {0: "n"} for o in outputs}}, opset_version=17,
+                          dynamo=False)
     return with_metadata(onnx.load_from_string(buf.getvalue()), meta)
 
 
@@ -280,13 +312,15 @@ def quantize(fp32: bytes, x_cal: np.ndarray, meta: dict[str, str]) -> bytes:
         # the only variant faster than fp32 (1.2x; QDQ was 0.9x, u8/u8 QDQ 0.25x).
         # Only convolutions and the classifier are quantized: normalisation and
         # softmax stay float.
+        # The unknown scorer stays float: its scale is a rank among validation distances.
+        skip = [n.name for n in onnx.load(str(pre)).graph.node if n.name.startswith("/scorer/")]
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)  # the quantizer warns per tensor about bias scales
         try:
             quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=["Conv", "Gemm", "MatMul"],
+                            op_types_to_quantize=["Conv", "Gemm", "MatMul"], nodes_to_exclude=skip,
                             calibrate_method=CalibrationMethod.MinMax)
         finally:
             root.setLevel(level)

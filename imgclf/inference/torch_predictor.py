@@ -43,6 +43,12 @@ class TorchPredictor(Predictor):
         self.preprocess = Preprocess.from_dict(record["preprocess"])
         self.temperature = float(record.get("temperature", 1.0))
         self.model = model_from_record(record)
+        self.scorer = None
+        if record.get("unknown"):
+            from imgclf.inference.unknown import UnknownScorer
+
+            self.scorer = UnknownScorer.from_record(record["unknown"]).eval()
+        self.has_unknown, self.reject = self.scorer is not None, record.get("reject")
         self.device = resolve_device(device)
         self.engine, self.cache_dir = engine, cache_dir
         self.metadata = metadata or {}
@@ -80,9 +86,16 @@ class TorchPredictor(Predictor):
             x = torch.from_numpy(np.asarray(f, dtype=np.float32)).to(self.device)
             return self.model.head(x).float().cpu().numpy()
 
-    def probs(self, batch: np.ndarray) -> np.ndarray:
-        logits = self.logits_from_features(self.extractor(to_nchw(batch)))
-        return probs_from_logits({"plain": logits}, self.temperature)
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        f = self.extractor(to_nchw(batch))
+        p = probs_from_logits({"plain": self.logits_from_features(f)}, self.temperature)
+        return p, self.unknown_from_features(f)
+
+    def unknown_from_features(self, f: np.ndarray) -> np.ndarray | None:
+        if self.scorer is None:
+            return None
+        with torch.inference_mode():
+            return self.scorer(torch.from_numpy(np.asarray(f, dtype=np.float32))).numpy()
 
     def features_items(self, root: str | Path, items: list[tuple[str, int]], batch_size: int = 32, workers: int = 1,
                        bad: BadFileLog | None = None, variants: tuple[str, ...] = ("plain",), progress: bool = True,

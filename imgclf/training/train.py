@@ -73,6 +73,9 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
         raise
     record = ctx.save_best()
     calibration = calibrate(ctx, record)
+    unknown = fit_unknown(ctx, record)
+    ctx.save_best(calibration["temperature"] if calibration else 1.0,
+                  extra={**({"calibration": calibration} if calibration else {}), **unknown})
     write_history(run.history_file, state.history)
     summary = write_summary(ctx, strategy, why, calibration, t_start)
     test = evaluate_held_out(ctx, summary) if cfg.evaluate else None
@@ -163,8 +166,8 @@ def make_context(cfg: TrainConfig, splits: Splits, model, pp: Preprocess, device
 
 
 def calibrate(ctx: Context, record: dict) -> dict | None:
-    """Fit the temperature on the validation split and store it in model.pt,
-    so a freshly trained run predicts calibrated probabilities. The "after"
+    """Fit the temperature on the validation split (stored in model.pt, so a
+    freshly trained run predicts calibrated probabilities). The "after"
     ECE is cross-fitted (each image scored with a T fit on the other folds):
     the same images chose T, so a plain refit would flatter itself."""
     from imgclf.evaluation.calibration import fit_calibration
@@ -177,10 +180,29 @@ def calibrate(ctx: Context, record: dict) -> dict | None:
     if "skipped" in cal:
         log(f"calibration: {cal['skipped']}; T stays 1")
         return None
-    ctx.save_best(cal["temperature"], extra={"calibration": cal})
     log(f"calibration: T = {cal['temperature']:.3f} fitted on val ({cal['n']} images); val ECE "
         f"{100 * cal['ece_before']:.2f}% -> {100 * cal['ece_after']:.2f}% (cross-fitted)")
     return cal
+
+
+def fit_unknown(ctx: Context, record: dict) -> dict:
+    """The unknown-input scorer (inference/unknown.py): the training images'
+    features (cached: training just computed them) as the kNN bank, the
+    validation images' distances as its scale, and --reject's threshold."""
+    from imgclf.inference import reject_threshold
+    from imgclf.inference.torch_predictor import TorchPredictor
+    from imgclf.inference.unknown import fit_scorer
+
+    clf = TorchPredictor(record, device=ctx.cfg.device, engine=ctx.cfg.engine, cache_dir=ctx.cfg.cache_dir)
+    kw = dict(batch_size=ctx.cfg.batch_size, workers=ctx.workers, bad=ctx.bad, progress=False, use_cache=ctx.cfg.cache)
+    ftr, ytr, _ = clf.features_items(ctx.splits.root, ctx.splits.train, **kw)
+    fva, _, _ = clf.features_items(ctx.splits.root, ctx.splits.val, **kw)
+    scorer = fit_scorer(ftr["plain"], ytr, fva["plain"], ctx.cfg.seed)
+    reject = reject_threshold(ctx.cfg.reject, None)
+    log(f"unknown inputs: kNN scorer on {len(scorer.bank)} training images (k={scorer.k}); "
+        + (f"answers 'unknown' above {reject:g} (--reject {ctx.cfg.reject})" if reject is not None else
+           "the score is returned, rejection is off (--reject auto turns it on)"))
+    return {"unknown": scorer.to_record(), "reject": reject}
 
 
 def write_summary(ctx: Context, strategy: str, why: str, calibration: dict | None, t_start: float) -> dict:
