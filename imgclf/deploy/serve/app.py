@@ -333,6 +333,7 @@ def model_description(pred, cfg: ServeConfig) -> dict:
     return {"model": Path(cfg.model).name, "arch": pred.arch, "format": "onnx" if onnx else "pytorch",
             "int8": bool(getattr(pred, "int8", False)), "classes": pred.classes, "num_classes": len(pred.classes),
             "input_size": pp.size, "resize": pp.resize, "temperature": pred.temperature,
+            "unknown_score": pred.has_unknown, "reject": pred.reject,
             "metrics": meta.get("metrics") or {}, "versions": versions,
             "limits": {"max_batch": cfg.max_batch, "max_files": cfg.max_files, "max_body_bytes": cfg.max_body_bytes,
                        "max_pixels": cfg.max_pixels, "max_concurrent": cfg.max_concurrent},
