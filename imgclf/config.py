@@ -56,6 +56,10 @@ class TrainConfig:
     resume: bool = _f(False, "continue the interrupted run in --out from its last checkpoint")
     tensorboard: bool = _f(False, "also log to RUN/tensorboard (needs `pip install tensorboard`)")
     evaluate: bool = _f(True, "evaluate on the test split (or val) when training ends")
+    multi_label: bool = _f(False, "several labels per image: sigmoid outputs, per-label thresholds (automatic for a "
+                                  "CSV with a 'labels' header or ';'-separated labels)")
+    threshold: float | None = _f(None, "multi-label: one decision threshold for every label (default: per label, "
+                                       "tuned on val for the best F1)")
     reject: str = _f("off", "answer 'unknown' for inputs unlike the training images: auto (keeps 95%% of known "
                             "validation images), a threshold in (0, 1] on the unknown score, or off (the score is "
                             "still returned); stored with the model")
@@ -90,6 +94,7 @@ class TrainConfig:
              "--val-fraction and --test-fraction must be in [0, 1) and leave images for training"),
             (self.batch_size > 0 and self.feature_batch_size > 0, "--batch-size must be positive"),
             (self.image_size is None or self.image_size >= 16, "--image-size must be at least 16"),
+            (self.threshold is None or 0 < self.threshold < 1, "--threshold must be in (0, 1)"),
             (_valid_reject(self.reject), f"--reject {self.reject!r}: use auto, off or a number in (0, 1]"),
         ]
         for ok, msg in checks:

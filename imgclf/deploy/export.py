@@ -34,18 +34,21 @@ import numpy as np
 
 from imgclf.config import ExportConfig
 from imgclf.errors import ConfigError, ExportError
-from imgclf.inference.onnx_predictor import FORMAT, INPUT, OUTPUT, REJECTED_OUTPUT, UNKNOWN_OUTPUT, OnnxPredictor
+from imgclf.inference.onnx_predictor import (FORMAT, INPUT, OUTPUT, REJECTED_OUTPUT, SELECTED_OUTPUT, UNKNOWN_OUTPUT,
+                                             OnnxPredictor)
 from imgclf.runs import RunDir, atomic_write_bytes
 
 PARITY_ATOL = 1e-4  # fp32 onnxruntime vs PyTorch probabilities, max abs difference
 ORT_ATOL = 1e-5  # .ort vs the .onnx it was saved from: the same engine and graph
 
 
-def probs_module(model, pp, temperature: float, scorer=None, reject: float | None = None):
+def probs_module(model, pp, temperature: float, scorer=None, reject: float | None = None, thresholds=None):
     """PyTorch module: uint8 (N, H, W, 3) -> calibrated probabilities (N, C),
     from the same functions every other path runs. With an unknown-input
-    scorer, also the unknown score (N,) and whether it is rejected (N,): the
-    decision is in the graph, so an app needs no threshold logic of its own."""
+    scorer, also the unknown score (N,) and whether it is rejected (N,); for a
+    multi-label model (sigmoid scores), the labels at or above their
+    thresholds (N, C) last. Decisions are in the graph, so an app needs no
+    threshold logic of its own."""
     import torch
     from torch import nn
 
@@ -56,20 +59,26 @@ def probs_module(model, pp, temperature: float, scorer=None, reject: float | Non
         def __init__(self):
             super().__init__()
             self.model, self.scorer = model, scorer
+            self.register_buffer("thresholds", torch.as_tensor(thresholds if thresholds is not None else [],
+                                                               dtype=torch.float32))
 
         def forward(self, images):
             f = self.model.forward_features(normalize(images.permute(0, 3, 1, 2), pp))
-            p = calibrated_probs(self.model.forward_head(f), float(temperature))
-            if self.scorer is None:
-                return p
-            u = self.scorer(f)
-            return p, u, (u > reject) if reject is not None else torch.zeros_like(u, dtype=torch.bool)
+            p = calibrated_probs(self.model.forward_head(f), float(temperature), thresholds is not None)
+            out = [p]
+            if self.scorer is not None:
+                u = self.scorer(f)
+                out += [u, (u > reject) if reject is not None else torch.zeros_like(u, dtype=torch.bool)]
+            if thresholds is not None:
+                out.append(p >= self.thresholds)
+            return tuple(out) if len(out) > 1 else p
 
     return Probs().eval()
 
 
 def output_names(src: "Source") -> list[str]:
-    return [OUTPUT, UNKNOWN_OUTPUT, REJECTED_OUTPUT] if src.record.get("unknown") else [OUTPUT]
+    return ([OUTPUT] + ([UNKNOWN_OUTPUT, REJECTED_OUTPUT] if src.record.get("unknown") else [])
+            + ([SELECTED_OUTPUT] if src.record.get("multi_label") else []))
 
 
 @dataclass
@@ -95,7 +104,8 @@ def load_source(run: RunDir, check_images: int) -> Source:
     record = run.record()
     reference = TorchPredictor(record, device="cpu", engine="torch")
     pp = reference.preprocess
-    wrapped = probs_module(model_from_record(record), pp, reference.temperature, reference.scorer, reference.reject)
+    wrapped = probs_module(model_from_record(record), pp, reference.temperature, reference.scorer, reference.reject,
+                           reference.thresholds if reference.multi_label else None)
     split = run.selection_split()
     x_check, _ = split_images(run, split, check_images, pp)
     return Source(run, record, pp, wrapped, split, x_check, *reference.outputs(x_check))
@@ -109,10 +119,13 @@ def metadata(src: Source, int8: bool) -> dict[str, str]:
         "format": FORMAT, "classes": record["classes"], "preprocess": pp.to_dict(), "input_size": pp.size,
         "resize": pp.resize,
         "input": f"uint8 RGB images (N, {pp.size}, {pp.size}, 3), resized by '{pp.resize}' outside the graph",
-        "output": "calibrated probabilities (N, C) = softmax(logits / temperature)" + (
+        "output": ("per-label probabilities (N, C) = sigmoid(logits); selected (N, C): at or above the label's "
+                   "threshold" if record.get("multi_label") else
+                   "calibrated probabilities (N, C) = softmax(logits / temperature)") + (
             "; unknown (N,): share of known validation images more familiar than the input (kNN distance in "
             "feature space); rejected (N,): unknown > reject" if record.get("unknown") else ""),
         "reject": record.get("reject"),
+        "multi_label": bool(record.get("multi_label")), "thresholds": record.get("thresholds"),
         "temperature": float(record.get("temperature", 1.0)), "arch": record["arch"], "imgclf_version": __version__,
         "trained_with": record.get("imgclf_version", "?"), "metrics": src.run.headline_metrics(), "int8": int8,
         "run": src.run.path.name, "run_path": str(src.run.path.resolve()), "model_sha256": src.run.model_sha256(),
@@ -139,7 +152,21 @@ def split_images(run: RunDir, split: str, limit: int | None, pp) -> tuple[np.nda
             continue
     if not xs:
         raise ExportError(f"no readable images in the run's {split} split under {s.root}", "is the data still there?")
+    if s.multi_label:
+        from imgclf.data.datasets import multi_hot
+
+        return np.stack(xs), multi_hot(ys, len(s.classes))
     return np.stack(xs), np.array(ys)
+
+
+def quality(pred, x: np.ndarray, y: np.ndarray) -> float:
+    """What the INT8 gate compares: accuracy; multi-label: mAP."""
+    p = batched_probs(pred, x)
+    if y.ndim == 2:
+        from imgclf.evaluation.metrics import mean_average_precision
+
+        return mean_average_precision(y, p)
+    return float((p.argmax(1) == y).mean())
 
 
 def batched_probs(pred, x: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -335,8 +362,7 @@ def quantize_checked(fp32: bytes, src: Source, cfg: ExportConfig, meta: dict, re
     report.update(calib_images=len(x_cal), calib_seconds=round(time.time() - t0, 1))
     x_val, y_val = split_images(src.run, src.split, None, src.pp)
     s32, s8 = OnnxPredictor(fp32), OnnxPredictor(q)
-    acc32 = float((batched_probs(s32, x_val).argmax(1) == y_val).mean())
-    acc8 = float((batched_probs(s8, x_val).argmax(1) == y_val).mean())
+    acc32, acc8 = quality(s32, x_val, y_val), quality(s8, x_val, y_val)
     ips32, ips8 = images_per_second(s32, x_val[:16]), images_per_second(s8, x_val[:16])
     report.update({"val_images": len(x_val), "fp32_accuracy": acc32, "int8_accuracy": acc8,
                    "accuracy_change_points": round((acc8 - acc32) * 100, 2),

@@ -53,6 +53,10 @@ def evaluate_run(cfg: EvaluateConfig, predictor: TorchPredictor | None = None, w
         recalibrate(run, clf, w, bad, printer)
     t0 = time.time()
     sc = score_split(run, clf, cfg, w, bad, printer)
+    if clf.multi_label:
+        from imgclf.evaluation.multilabel import evaluate_multilabel
+
+        return evaluate_multilabel(run, clf, sc, cfg, bad, t0, printer)
     m = classification_metrics(sc.labels, sc.scored, clf.classes)
     m.update({"split": sc.name, "run": str(run), "data": sc.splits.root, "model": clf.arch, "tta": cfg.tta,
               "skipped": len(bad.seen), "skipped_files": [{"path": p, "reason": r} for p, r in bad.seen.items()],
@@ -98,8 +102,9 @@ def score_split(run: RunDir, clf: TorchPredictor, cfg: EvaluateConfig, workers: 
     # "after" figures, so there each image gets a T fitted on the other folds.
     t = cross_fit_temperatures(logits["plain"], labels)[:, None] if name == "val" and clf.temperature != 1.0 \
         else clf.temperature
-    return Scored(name, splits, [items[i][0] for i in kept], labels, logits, t, probs_from_logits(logits, t),
-                  probs_from_logits({"plain": logits["plain"]}, clf.temperature),
+    ml = clf.multi_label
+    return Scored(name, splits, [items[i][0] for i in kept], labels, logits, t, probs_from_logits(logits, t, ml),
+                  probs_from_logits({"plain": logits["plain"]}, clf.temperature, ml),
                   clf.unknown_from_features(feats["plain"]) if len(kept) else None)
 
 

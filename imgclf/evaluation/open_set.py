@@ -33,7 +33,7 @@ def unknown_section(clf, sc, folder: str | Path, workers: int, bad, use_cache: b
     feats, _, kept = clf.features_items(folder, [(str(f.relative_to(folder)), 0) for f in files], workers=workers,
                                         bad=bad, progress=False, use_cache=use_cache)
     u_unk = clf.unknown_from_features(feats["plain"])
-    u_known, correct = sc.unknown, sc.probs.argmax(1) == sc.labels
+    u_known, correct = sc.unknown, answered_right(clf, sc)
     y = np.r_[np.zeros(len(u_known)), np.ones(len(u_unk))]
     auroc = float(roc_auc_score(y, np.r_[u_known, u_unk])) if len(u_known) and len(u_unk) else None
     ts = sorted({*THRESHOLDS, *([clf.reject] if clf.reject is not None else [])})
@@ -46,6 +46,15 @@ def unknown_section(clf, sc, folder: str | Path, workers: int, bad, use_cache: b
             "reject": clf.reject, "tradeoff": rows,
             "most_familiar_unknowns": [{"path": str(folder / files[kept[i]].relative_to(folder)),
                                         "unknown": float(u_unk[i])} for i in order]}
+
+
+def answered_right(clf, sc) -> np.ndarray:
+    """Per known image: the top class is right; multi-label: the label set is."""
+    if clf.multi_label:
+        from imgclf.data.datasets import multi_hot
+
+        return ((sc.probs >= clf.thresholds[None]) == (multi_hot(sc.labels, len(clf.classes)) > 0.5)).all(1)
+    return sc.probs.argmax(1) == sc.labels
 
 
 def format_unknown(u: dict) -> str:

@@ -29,17 +29,25 @@ AUTO_KEEP = 0.95  # --reject auto: keep this share of the known validation image
 
 
 def top_k(p: np.ndarray, classes: list[str], k: int, unknown: float | None = None,
-          reject: float | None = None) -> dict:
+          reject: float | None = None, thresholds: np.ndarray | None = None) -> dict:
     """One image's answer: the best label, its score and the k best labels;
     with an unknown score, that score, and the label "unknown" (scored by it)
-    when it is above the rejection threshold."""
+    when it is above the rejection threshold. Multi-label (`thresholds`
+    given): "labels" lists every label at or above its threshold, best first
+    (possibly none), and "label" is them joined by ";" as in the training CSV."""
     order = np.argsort(-p, kind="stable")[:max(1, min(k, len(classes)))]
     out = {"label": classes[order[0]], "score": float(p[order[0]]),
            "top": [{"label": classes[j], "score": float(p[j])} for j in order]}
+    if thresholds is not None:
+        on = [j for j in np.argsort(-p, kind="stable") if p[j] >= thresholds[j]]
+        out["labels"] = [{"label": classes[j], "score": float(p[j])} for j in on]
+        out["label"] = ";".join(classes[j] for j in on)
     if unknown is not None:
         out["unknown"] = float(unknown)
         if reject is not None and unknown > reject:
             out["label"], out["score"] = UNKNOWN, float(unknown)
+            if thresholds is not None:
+                out["labels"] = []
     return out
 
 
@@ -75,6 +83,8 @@ class Predictor:
     source: str
     metadata: dict  # what /v1/model shows: metrics, versions, export provenance
     has_unknown: bool = False  # the model carries an unknown-input scorer
+    multi_label: bool = False  # sigmoid scores per label, decided by `thresholds`
+    thresholds: np.ndarray | None = None  # multi-label: per-label decision thresholds
     reject: float | None = None  # unknown scores above this answer "unknown"; None: never
 
     def prepare(self, src: Source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -121,7 +131,8 @@ class Predictor:
                 continue
             ps, us = self.outputs(np.stack(xs))
             for j, (i, p) in enumerate(zip(ids, ps)):
-                out[i].update(_top_k(p, self.classes, top_k, None if us is None else us[j], self.reject))
+                out[i].update(_top_k(p, self.classes, top_k, None if us is None else us[j], self.reject,
+                                     self.thresholds if self.multi_label else None))
                 if raw:
                     out[i]["probs"] = p
         return out

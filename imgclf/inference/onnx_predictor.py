@@ -26,6 +26,7 @@ from imgclf.inference import Predictor
 FORMAT = "imgclf-onnx-1"  # metadata "format": what this reader understands
 INPUT, OUTPUT = "images", "probs"
 UNKNOWN_OUTPUT, REJECTED_OUTPUT = "unknown", "rejected"  # present when the run has an unknown-input scorer
+SELECTED_OUTPUT = "selected"  # multi-label models: (N, C) bool, each label at or above its threshold
 
 
 def ort_session(src: str | Path | bytes, threads: int | None = None, arena: bool = True):
@@ -72,6 +73,9 @@ class OnnxPredictor(Predictor):
         self._outputs = [OUTPUT, UNKNOWN_OUTPUT] if UNKNOWN_OUTPUT in names else [OUTPUT]
         self.has_unknown = len(self._outputs) == 2
         self.reject = self.metadata.get("reject") if self.has_unknown else None
+        self.multi_label = bool(self.metadata.get("multi_label", False))
+        th = self.metadata.get("thresholds")
+        self.thresholds = np.asarray(th, np.float32) if th else None
         # One model call at a time: onnxruntime already uses every core inside a call.
         self._lock = threading.Lock()
         if not isinstance(path, bytes):

@@ -18,17 +18,21 @@ from imgclf.data.preprocess import Preprocess, to_nchw
 from imgclf.inference import Predictor
 
 
-def calibrated_probs(logits: torch.Tensor, temperature) -> torch.Tensor:
-    """softmax(logits / T): T a scalar, or a column (N, 1) of per-row values."""
+def calibrated_probs(logits: torch.Tensor, temperature, multi_label: bool = False) -> torch.Tensor:
+    """softmax(logits / T): T a scalar, or a column (N, 1) of per-row values.
+    Multi-label: an independent sigmoid per label."""
+    if multi_label:
+        return torch.sigmoid(logits / temperature)
     return torch.softmax(logits / temperature, dim=1)
 
 
-def probs_from_logits(logits: dict[str, np.ndarray], temperature) -> np.ndarray:
+def probs_from_logits(logits: dict[str, np.ndarray], temperature, multi_label: bool = False) -> np.ndarray:
     """Calibrated probabilities from cached logits per variant; with a "flip"
     variant, averaged with the mirrored image's (test-time augmentation)."""
     dtype = np.float64 if any(np.asarray(lg).dtype == np.float64 for lg in logits.values()) else np.float32
     t = torch.as_tensor(np.asarray(temperature, dtype=dtype))
-    ps = [calibrated_probs(torch.from_numpy(np.asarray(lg, dtype=dtype)), t).numpy() for lg in logits.values()]
+    ps = [calibrated_probs(torch.from_numpy(np.asarray(lg, dtype=dtype)), t, multi_label).numpy()
+          for lg in logits.values()]
     return sum(ps) / len(ps)
 
 
@@ -49,6 +53,8 @@ class TorchPredictor(Predictor):
 
             self.scorer = UnknownScorer.from_record(record["unknown"]).eval()
         self.has_unknown, self.reject = self.scorer is not None, record.get("reject")
+        self.multi_label = bool(record.get("multi_label"))
+        self.thresholds = np.asarray(record["thresholds"], np.float32) if record.get("thresholds") else None
         self.device = resolve_device(device)
         self.engine, self.cache_dir = engine, cache_dir
         self.metadata = metadata or {}
@@ -88,7 +94,7 @@ class TorchPredictor(Predictor):
 
     def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         f = self.extractor(to_nchw(batch))
-        p = probs_from_logits({"plain": self.logits_from_features(f)}, self.temperature)
+        p = probs_from_logits({"plain": self.logits_from_features(f)}, self.temperature, self.multi_label)
         return p, self.unknown_from_features(f)
 
     def unknown_from_features(self, f: np.ndarray) -> np.ndarray | None:

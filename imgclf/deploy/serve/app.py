@@ -233,7 +233,9 @@ def add_predict_route(app, st: State) -> None:
             outs = await st.batcher(xs)
         finally:
             st.in_flight -= 1
-        preds = [{"filename": name, **top_k(p, pred.classes, k, u, pred.reject)} for (name, _), (p, u) in zip(files, outs)]
+        thr = pred.thresholds if pred.multi_label else None
+        preds = [{"filename": name, **top_k(p, pred.classes, k, u, pred.reject, thr)}
+                 for (name, _), (p, u) in zip(files, outs)]
         return {"predictions": preds, "model_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
 
@@ -333,7 +335,8 @@ def model_description(pred, cfg: ServeConfig) -> dict:
     return {"model": Path(cfg.model).name, "arch": pred.arch, "format": "onnx" if onnx else "pytorch",
             "int8": bool(getattr(pred, "int8", False)), "classes": pred.classes, "num_classes": len(pred.classes),
             "input_size": pp.size, "resize": pp.resize, "temperature": pred.temperature,
-            "unknown_score": pred.has_unknown, "reject": pred.reject,
+            "unknown_score": pred.has_unknown, "reject": pred.reject, "multi_label": pred.multi_label,
+            "thresholds": None if pred.thresholds is None else [float(t) for t in pred.thresholds],
             "metrics": meta.get("metrics") or {}, "versions": versions,
             "limits": {"max_batch": cfg.max_batch, "max_files": cfg.max_files, "max_body_bytes": cfg.max_body_bytes,
                        "max_pixels": cfg.max_pixels, "max_concurrent": cfg.max_concurrent},

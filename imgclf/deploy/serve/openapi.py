@@ -28,6 +28,9 @@ PREDICTIONS = {"type": "object", "required": ["predictions"], "properties": {
                                                                         "the best class, or 'unknown' when rejected"},
                                                               "score": {"type": "number"},
                                                               "top": {"type": "array", "items": TOP},
+                                                              "labels": {"type": "array", "items": TOP, "description":
+                                                                         "multi-label models: every label at or "
+                                                                         "above its threshold, best first"},
                                                               "unknown": {"type": "number", "minimum": 0,
                                                                           "maximum": 1, "description":
                                                                           "how unlike the training images (share of "
