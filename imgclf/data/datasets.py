@@ -1,7 +1,9 @@
 """From a folder (or CSV) to reproducible, stratified splits and a DataLoader.
 
 Layouts, detected in this order:
-  * a CSV file of `path,label` rows (paths relative to the CSV's folder);
+  * a CSV file of `path,label` rows (paths relative to the CSV's folder), with
+    an optional third column `split` (train|val|test: used as given, as
+    `imgclf check --fix` writes it);
   * DATA/train|val|validation|test/<class>/*  (used as given);
   * DATA/<class>/*  (split for you: stratified, seeded, default 80/10/10).
 Splits hold paths relative to the data root, so a run can be evaluated on a
@@ -31,7 +33,7 @@ class Splits:
     train: list[tuple[str, int]]
     val: list[tuple[str, int]]
     test: list[tuple[str, int]]
-    layout: str  # "split-folders" | "class-folders" | "csv"
+    layout: str  # "split-folders" | "class-folders" | "csv" | "csv-split" (a CSV with a split column)
     notes: list[str] = field(default_factory=list)  # things a person should know (e.g. no test split)
     seed: int = 0
 
@@ -48,6 +50,11 @@ class Splits:
             root=root or d["root"], classes=list(d["classes"]), layout=d["layout"], notes=list(d.get("notes", [])),
             seed=d.get("seed", 0), **{k: [(p, int(y)) for p, y in d[k]] for k in ("train", "val", "test")},
         )
+
+    @property
+    def given(self) -> bool:
+        """The split came with the data (folders or a CSV's split column), not from imgclf."""
+        return self.layout in ("split-folders", "csv-split")
 
     @property
     def held_out(self) -> str:
@@ -149,32 +156,45 @@ def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float =
 
 def _from_csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Splits:
     root = path.parent.resolve()
-    items, notes = read_label_csv(path)
+    items, notes, splits_given = read_label_csv(path)
     classes = sorted({lab for _, lab in items})
     if len(classes) < 2:
         raise DataError(f"{path}: needs at least 2 distinct labels, found {classes}",
                         "label every row with its class (path,label)")
     idx = {c: i for i, c in enumerate(classes)}
+    if splits_given:
+        parts = {k: [(p, idx[lab]) for p, lab in items if splits_given[p] == k] for k in ("train", "val", "test")}
+        if not parts["train"]:
+            raise DataError(f"{path}: no row has split 'train'", "give some rows split train, or drop the split column")
+        notes += _missing_classes(classes, {"val": parts["val"], "test": parts["test"]})
+        return Splits(str(root), classes, parts["train"], parts["val"], parts["test"], "csv-split", notes, seed)
     val, test, train = stratified_split([(p, idx[lab]) for p, lab in items], (val_fraction, test_fraction), seed)
     return Splits(str(root), classes, train, val, test, "csv", notes, seed)
 
 
-def read_label_csv(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
+SPLIT_NAMES = {n: k for k, names in SPLIT_DIRS.items() for n in names}  # "validation" -> "val"
+
+
+def read_label_csv(path: Path) -> tuple[list[tuple[str, str]], list[str], dict[str, str]]:
     """(path, label) rows of a `path,label` CSV, and a note for every row that
     was repaired or skipped: blank labels and paths, repeated rows, a path
-    given two labels. A UTF-8 byte-order mark (Excel's "CSV UTF-8") is removed."""
+    given two labels. A UTF-8 byte-order mark (Excel's "CSV UTF-8") is removed.
+    The third part: {path: split} when the header names a third column
+    `split` (empty otherwise)."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[:e.start].count(b"\n") + 1
         raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})",
                         "save the file as UTF-8 (Excel: Save As > CSV UTF-8)") from None
-    rows, notes, seen, first = [], [], {}, True
+    rows, notes, seen, first, splits, has_split = [], [], {}, True, {}, False
     for i, row in enumerate(csv.reader(text.splitlines()), start=1):
         if not row or not "".join(row).strip() or row[0].startswith("#"):
             continue
-        header, first = first and [c.strip().lower() for c in row[:2]] == ["path", "label"], False
+        cols = [c.strip().lower() for c in row[:3]]
+        header, first = first and cols[:2] == ["path", "label"], False
         if header:
+            has_split = cols[2:] == ["split"]
             continue
         if len(row) < 2:
             raise DataError(f"{path}, line {i}: expected 'path,label', got {row!r}", "give every row a path and a label")
@@ -189,9 +209,15 @@ def read_label_csv(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
                 f"labels {rel} {lab!r}, line {first} labels it {first_lab!r}"
             notes.append(f"{path.name} line {i}: {what}; kept line {first} only")
             continue
+        if has_split:
+            given = row[2].strip().lower() if len(row) > 2 else ""
+            if given not in SPLIT_NAMES:
+                raise DataError(f"{path}, line {i}: split {given!r} for {rel}; the header names a split column",
+                                "give every row train, val or test (or remove the split column)")
+            splits[rel] = SPLIT_NAMES[given]
         seen[rel] = (i, lab)
         rows.append((rel, lab))  # absolute paths stay absolute (root / abs == abs)
-    return rows, notes
+    return rows, notes, splits
 
 
 def _missing_classes(classes: list[str], parts: dict[str, list]) -> list[str]:
