@@ -143,8 +143,9 @@ class CheckConfig:
     val_fraction: float = _f(0.1, "as for train: share held out for validation when the data has no split")
     test_fraction: float = _f(0.1, "as for train: share held out for testing when the data has no split")
     seed: int = _f(0, "as for train: the split's seed")
-    near_dup: str = _f("hash", "near-duplicate search: hash (perceptual hash; no model, fast) | embed (backbone "
-                               "embeddings: also finds cropped copies; fills the feature cache `train` reads) | off",
+    near_dup: str = _f("hash", "near-duplicate search: hash (perceptual hash; no model, fast; misses most cropped "
+                               "copies) | embed (hash or backbone embeddings: finds crops too; fills the feature "
+                               "cache `train` reads) | off",
                        choices=("hash", "embed", "off"))
     model: str = _f("efficientnet_lite0", "--near-dup embed: the pretrained backbone that embeds the images")
     cache_dir: str | None = _f(None, "feature cache folder (default: $IMGCLF_CACHE_DIR, else ~/.cache/imgclf)")

@@ -43,6 +43,7 @@ def copies(tmp_path_factory):
         planted["leaks"].append(str(leak.relative_to(data)))
         second = files[1].stem
         wrong = data / "train" / other / f"{second}_mirror.jpg"  # the same photo, the other label
+        wrong.parent.mkdir(parents=True, exist_ok=True)
         (data / "train" / c / wrong.name).rename(wrong)
         photo[str(wrong.relative_to(data))] = photo.pop(f"train/{c}/{wrong.name}")
         planted["relabelled"].append(str(wrong.relative_to(data)))
@@ -55,21 +56,23 @@ def _pairs_of(r: dict) -> set[tuple[str, str]]:
     return {tuple(sorted(p)) for g in groups for p in itertools.combinations(g, 2)}
 
 
-def _score(r: dict, photo: dict) -> tuple[float, float]:
-    truth = {tuple(sorted(p)) for p in itertools.combinations(photo, 2) if photo[p[0]] == photo[p[1]]}
-    reported = _pairs_of(r)
+def _score(r: dict, photo: dict, skip: str | None) -> tuple[float, float]:
+    """(recall of copy pairs, false share of reported pairs), leaving out files named *skip*."""
+    files = [f for f in photo if not (skip and skip in f)]
+    truth = {tuple(sorted(p)) for p in itertools.combinations(files, 2) if photo[p[0]] == photo[p[1]]}
+    reported = {p for p in _pairs_of(r) if not (skip and (skip in p[0] or skip in p[1]))}
     return len(reported & truth) / len(truth), len(reported - truth) / max(1, len(reported))
 
 
-@pytest.mark.parametrize("method, min_recall", [("embed", 0.95), ("hash", 0.80)])
-def test_near_duplicates_recall_precision_and_kinds(copies, method, min_recall):
-    """embed: the bar the issue sets (>= 95% of copy pairs, <= 1% false);
-    hash: what it measures on other photos (docs/benchmarks.md: it misses
-    most 10% crops), also with <= 1% false."""
+@pytest.mark.parametrize("method, skip", [("embed", None), ("hash", "_crop10")])
+def test_near_duplicates_recall_precision_and_kinds(copies, method, skip):
+    """At least 95% of copy pairs found, at most 1% of reported pairs false.
+    hash: on every kind of copy but the 10% crops, which a perceptual hash
+    mostly misses (docs/benchmarks.md); embed: on all of them."""
     data, photo, planted = copies
     r = check_dataset(data, progress=False, near_dup=method)
-    recall, false = _score(r, photo)
-    assert recall >= min_recall and false <= 0.01, (method, recall, false)
+    recall, false = _score(r, photo, skip)
+    assert recall >= 0.95 and false <= 0.01, (method, recall, false)
     nd = r["near_duplicates"]
     leaked = {f for g in nd["across_splits"] for f in g["files"] if f.startswith("val/")}
     assert leaked == set(planted["leaks"])
@@ -100,7 +103,7 @@ def test_fix_writes_clean_split_that_train_reads(copies, tmp_path):
     assert sorted(photo[f] for f in kept) == sorted(set(photo.values()) - conflicted)
     assert not set(planted["leaks"]) & set(kept)
     assert all(kept[f][1] == f.split("/")[0] for f in kept)
-    commented = [ln for ln in text.splitlines() if ln.startswith("#") and "," in ln and "/" in ln]
+    commented = [ln for ln in text.splitlines() if ln.startswith("#") and not ln.startswith("# ")]  # rows, not notes
     assert {f for f in photo if photo[f] in conflicted} == {rel(ln[1:].split(",")[0]) for ln in commented}
     s = discover(out)
     assert s.layout == "csv-split" and len(s.train) + len(s.val) == len(kept)

@@ -47,12 +47,12 @@ def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: fl
                   progress: bool = True, near_dup: str = "hash", model: str = "efficientnet_lite0",
                   cache_dir: str | None = None, fix: str | Path | None = None) -> dict:
     """Everything `imgclf check` reports, as one dict (`--json` prints it).
-    near_dup: hash | embed | off (see data/near_dup.py); fix: write a cleaned
+    near_dup: hash | embed (hash or embedding) | off (see data/near_dup.py); fix: write a cleaned
     split to this CSV path."""
     s: Splits = discover(data, val_fraction, test_fraction, seed)
     given = s.given
     entries = [(name, rel, y) for name in ("train", "val", "test") for rel, y in getattr(s, name)]
-    bad, stats, by_hash = _scan(s, entries, progress, near_dup == "hash")
+    bad, stats, by_hash = _scan(s, entries, progress, near_dup != "off")
     counts = {c: {n: 0 for n in ("train", "val", "test")} for c in s.classes}
     for name, rel, y in entries:
         if rel in stats:
@@ -61,6 +61,7 @@ def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: fl
     exact = [g for g in by_hash.values() if len(g) > 1]
     dups = _kinds(exact, s.classes, given)
     near = _near_duplicates(s, entries, stats, by_hash, near_dup, model, cache_dir, progress)
+    copies = exact + near.pop("_groups")
     widths = [st["size"][0] for st in stats.values()] or [0]
     heights = [st["size"][1] for st in stats.values()] or [0]
     return {
@@ -70,7 +71,7 @@ def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: fl
         "size_range": {"width": [min(widths), max(widths)], "height": [min(heights), max(heights)]},
         "bad_files": bad, "duplicates": dups, "near_duplicates": near, "outliers": _outliers(stats),
         "warnings": _warnings(totals, dups, near, s.notes), "notes": s.notes, "split_given": given,
-        "fix": write_clean_csv(s, data, fix, exact + near.pop("_groups", []), bad, stats) if fix else None,
+        "fix": write_clean_csv(s, data, fix, copies, bad, stats) if fix else None,
     }
 
 
@@ -122,16 +123,17 @@ def _near_duplicates(s: Splits, entries: list, stats: dict, by_hash: dict, metho
     if method == "off":
         return {"method": "off", **_kinds([], s.classes, s.given), "_groups": []}
     readable = [e for e in entries if e[1] in stats]
-    if method == "hash":
-        h = np.stack([stats[rel]["phash"] for _, rel, _ in readable]) if readable else np.zeros((0, 2), np.uint64)
-        i, j, _ = nd.hash_pairs(h)
-        desc = f"pHash of each image and its mirror, Hamming distance <= {nd.HASH_MAX_DISTANCE} of 64 bits"
-    else:
+    if method == "embed":  # the backbone may not read every file the header check passed
         feats, kept = nd.embeddings(s.root, [(rel, y) for _, rel, y in readable], model, cache_dir,
                                     progress=progress)
         readable = [readable[k] for k in kept]
-        i, j, _ = nd.embed_pairs(feats["plain"], feats["flip"])
-        desc = f"{model} embeddings of each image and its mirror, cosine similarity >= {nd.EMBED_MIN_COSINE}"
+    h = np.stack([stats[rel]["phash"] for _, rel, _ in readable]) if readable else np.zeros((0, 2), np.uint64)
+    i, j, _ = nd.hash_pairs(h)
+    desc = f"pHash of each image and its mirror, Hamming distance <= {nd.HASH_MAX_DISTANCE} of 64 bits"
+    if method == "embed":  # either detector links a pair: the embedding finds the crops pHash misses
+        ei, ej, _ = nd.embed_pairs(feats["plain"], feats["flip"])
+        i, j = np.concatenate([i, ei]), np.concatenate([j, ej])
+        desc += f", or {model} embeddings of each image and its mirror with cosine similarity >= {nd.EMBED_MIN_COSINE}"
     found = [[readable[k] for k in g] for g in nd.groups(len(readable), i, j)]
     content = {rel: h for h, group in by_hash.items() for _, rel, _ in group}
     near = [g for g in found if len({content[rel] for _, rel, _ in g}) > 1]
@@ -215,6 +217,8 @@ def format_report(r: dict) -> str:
     near = r["near_duplicates"]
     L += ["", f"near-duplicates: {near.get('criterion', 'not searched (--near-dup off)')}"
           + (f"; {near['groups']} group(s)" if near["method"] != "off" else "")]
+    if near["method"] == "hash":
+        L.append("  (a perceptual hash misses most slightly cropped copies; --near-dup embed finds them too)")
     if r.get("fix"):
         L += ["", format_fix(r["fix"])]
     if r["outliers"]:
