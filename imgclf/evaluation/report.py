@@ -296,7 +296,7 @@ def render_html(page: Page) -> str:
         ("gallery", "Error gallery", _gallery(page)),
         ("gradcam", "Grad-CAM", _gradcam_html(page)),
         ("suspects", "Label-noise suspects", _suspects_html(page)),
-        ("data-map", "Data map", _map_html(page)),
+        ("map", "Data map", _map_html(page)),
     ]
     nav = "".join(f'<a href="#{k}">{_e(t)}</a>' for k, t, _ in sections)
     body = "".join(f'<section id="{k}"><h2>{_e(t)}</h2>{c}</section>' for k, t, c in sections)
