@@ -16,8 +16,7 @@ from imgclf.data.datasets import Splits, discover, file_hash
 from imgclf.data.images import BadImage, open_image, sniff
 from imgclf.data.near_dup import image_hash
 
-KINDS = (("across_splits", "in more than one split (leakage)"),
-         ("across_classes", "the same photo with different labels"),
+KINDS = (("across_splits", "leakage across splits"), ("across_classes", "different labels"),
          ("within_class", "within a class"))
 
 
@@ -207,16 +206,15 @@ def format_report(r: dict) -> str:
         L += ["", f"unreadable files ({len(r['bad_files'])}; training skips them):"]
         L += [f"  {b['path']}: {b['reason']}" for b in r["bad_files"]]
     for key, word, sep in (("duplicates", "identical files", "  ==  "), ("near_duplicates", "near-duplicates", "  ~  ")):
-        for kind, title in KINDS:
-            d = r[key][kind]
-            if d:
-                L += ["", f"{word} {title} ({len(d)}):"]
-                L += ["  " + sep.join(_member(g, i) for i in range(len(g["files"]))) for g in d[:20]]
-                if len(d) > 20:
-                    L.append(f"  ... and {len(d) - 20} more")
+        tagged = _tagged(r[key])
+        if tagged:
+            L += ["", f"{word} ({len(tagged)} group(s)):"]
+            L += [f"  [{', '.join(tags)}] " + sep.join(_member(g, i) for i in range(len(g["files"])))
+                  for g, tags in tagged[:20]]
+            if len(tagged) > 20:
+                L.append(f"  ... and {len(tagged) - 20} more")
     near = r["near_duplicates"]
-    L += ["", f"near-duplicates: {near.get('criterion', 'not searched (--near-dup off)')}"
-          + (f"; {near['groups']} group(s)" if near["method"] != "off" else "")]
+    L += ["", f"near-duplicates searched by: {near.get('criterion', 'nothing (--near-dup off)')}"]
     if near["method"] == "hash":
         L.append("  (a perceptual hash misses most slightly cropped copies; --near-dup embed finds them too)")
     if r.get("fix"):
@@ -230,6 +228,15 @@ def format_report(r: dict) -> str:
             or r["near_duplicates"].get("groups")):
         L += ["", "no problems found"]
     return "\n".join(L)
+
+
+def _tagged(d: dict) -> list[tuple[dict, list[str]]]:
+    """Each group once, with every kind it is (leakage first)."""
+    out: dict[tuple, tuple[dict, list[str]]] = {}
+    for kind, tag in KINDS:
+        for g in d.get(kind, []):
+            out.setdefault(tuple(g["files"]), (g, []))[1].append(tag)
+    return list(out.values())
 
 
 def _member(g: dict, i: int) -> str:
@@ -255,12 +262,13 @@ def clean_entries(entries: list[tuple], groups: list[list[tuple]], stats: dict, 
     index = {e[1]: k for k, e in enumerate(entries)}
     i = [index[g[0][1]] for g in groups for _ in g[1:]]
     j = [index[e[1]] for g in groups for e in g[1:]]
-    why = {}
+    why, n_conflicts = {}, 0
     for comp in components(len(entries), np.array(i, np.int64), np.array(j, np.int64)):
         members = [entries[k] for k in comp]
         if len({y for _, _, y in members}) > 1:
+            n_conflicts += 1
             for m in members:
-                why[m[1]] = "conflict"
+                why[m[1]] = f"conflict {n_conflicts}"
             continue
         px = {rel: stats[rel]["size"][0] * stats[rel]["size"][1] for _, rel, _ in members}
         keep = min(members, key=lambda m: (SPLIT_RANK[m[0]], -px[m[1]], m[1]))
@@ -282,8 +290,6 @@ def write_clean_csv(s: Splits, data: str | Path, out: str | Path, groups: list[l
     its folder; the split column when the data came with one), atomically.
     Rows with conflicting labels are written commented out at the end for a
     person to decide. The user's images and files are never touched."""
-    import csv
-    import io
     import os
 
     from imgclf.errors import DataError
@@ -295,26 +301,33 @@ def write_clean_csv(s: Splits, data: str | Path, out: str | Path, groups: list[l
                         "name another file, or leave --fix-out out to write next to the data")
     entries = [(n, rel, y) for n in ("train", "val", "test") for rel, y in getattr(s, n) if rel in stats]
     kept, why = clean_entries(entries, groups, stats, s.given)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    rel_path = lambda rel: os.path.relpath(s.path(rel), out.parent)  # noqa: E731
+    cells = lambda n, rel, y: [os.path.relpath(s.path(rel), out.parent), s.classes[y], n][:3 if s.given else 2]  # noqa: E731
     counts = {k: sum(v.startswith(k) for v in why.values()) for k in ("copy", "leak", "conflict")}
-    buf.write(f"# imgclf check --fix of {s.root}: {len(kept)} of {len(entries) + len(bad)} images kept; dropped "
-              f"{counts['copy']} copies within a split, {counts['leak']} copies of training images from val/test "
-              f"(leakage), {counts['conflict']} with conflicting labels (at the end), {len(bad)} unreadable\n")
-    w.writerow(["path", "label", "split"] if s.given else ["path", "label"])
-    for n, rel, y in kept:
-        w.writerow([rel_path(rel), s.classes[y], n][:3 if s.given else 2])
-    conflicts = [e for e in entries if why.get(e[1]) == "conflict"]
+    lines = [f"# imgclf check --fix of {s.root}: {len(kept)} of {len(entries) + len(bad)} images kept; dropped "
+             f"{counts['copy']} copies within a split, {counts['leak']} copies of training images from val/test "
+             f"(leakage), {counts['conflict']} with conflicting labels (at the end), {len(bad)} unreadable",
+             _csv_line(["path", "label", "split"] if s.given else ["path", "label"])]
+    lines += [_csv_line(cells(*e)) for e in kept]
+    conflicts = sorted((e for e in entries if why.get(e[1], "").startswith("conflict")),
+                       key=lambda e: int(why[e[1]].split()[1]))
     if conflicts:
-        buf.write("# The same photo with different labels: left out. Remove the '#' of the right row to keep it.\n")
-        for n, rel, y in conflicts:
-            row = io.StringIO()
-            csv.writer(row, lineterminator="\n").writerow([rel_path(rel), s.classes[y], n][:3 if s.given else 2])
-            buf.write("#" + row.getvalue())
-    atomic_write_text(out, buf.getvalue())
+        lines.append("# The same photo with different labels: left out. To keep one, remove the '#' of its right row.")
+    for k, e in enumerate(conflicts):
+        if k == 0 or why[e[1]] != why[conflicts[k - 1][1]]:
+            lines.append(f"# {why[e[1]]}:")
+        lines.append("#" + _csv_line(cells(*e)))
+    atomic_write_text(out, "\n".join(lines) + "\n")
     return {"path": str(out), "kept": len(kept), "of": len(entries) + len(bad), **counts, "unreadable": len(bad),
             "dropped": [{"path": rel, "why": v} for rel, v in why.items()]}
+
+
+def _csv_line(cells: list[str]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow(cells)
+    return buf.getvalue()
 
 
 def format_fix(f: dict) -> str:
