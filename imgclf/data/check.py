@@ -136,8 +136,10 @@ def _near_duplicates(s: Splits, entries: list, stats: dict, by_hash: dict, metho
     found = [[readable[k] for k in g] for g in nd.groups(len(readable), i, j)]
     content = {rel: h for h, group in by_hash.items() for _, rel, _ in group}
     near = [g for g in found if len({content[rel] for _, rel, _ in g}) > 1]
+    # With no given split, copies that imgclf's own split would put on both sides leak just the same.
+    straddling = 0 if s.given else sum(len({n for n, _, _ in g}) > 1 for g in found)
     return {"method": method, "criterion": desc, "groups": len(near), **_kinds(near, s.classes, s.given),
-            "_groups": found}
+            "straddling": straddling, "_groups": found}
 
 
 def _outliers(stats: dict) -> list[dict]:
@@ -180,6 +182,9 @@ def _warnings(totals: dict, dups: dict, near: dict, notes: list[str]) -> list[st
     if near["across_splits"]:
         warnings.append(f"{len(near['across_splits'])} group(s) of near-identical photos span splits: test/val "
                         f"figures are inflated (leakage); `imgclf check --fix` writes a split without them")
+    if near.get("straddling"):
+        warnings.append(f"{near['straddling']} group(s) of copies would fall on both sides of the split imgclf makes "
+                        f"(leakage); `imgclf check --fix` keeps one of each")
     if near["across_classes"]:
         warnings.append(f"{len(near['across_classes'])} group(s) of near-identical photos carry different labels")
     # Rows the CSV reader repaired or skipped, and classes a given split lacks.
