@@ -4,10 +4,10 @@ class, with misclassified images and label-noise suspects marked. Hovering
 over a point shows its thumbnail (a small inline SVG and script; no CDN).
 
 Points are capped at MAP_POINTS: every misclassified image and suspect, then
-an even random sample (seeded) of the rest, evaluated split first. t-SNE on
-1,000 points of 1,280 features takes a few seconds on 2 cores after a PCA to
-50 dimensions (bench/bench_neardup.py does not time it; report_seconds in
-eval.json does).
+a seeded random sample of the rest. t-SNE (scikit-learn, installed with the
+train extra; umap-learn would add numba) on 1,000 points of 1,280 features
+takes about 7 s on one core after a PCA to 50 dimensions, the thumbnails 2 s,
+and the map adds 2.3 MB to the page (bench/bench_map.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -43,20 +43,24 @@ def choose_points(eval_items: list[tuple[str, int, int]], train_items: list[tupl
     return [pts[k] for k in sorted(must[:limit] + rest)]
 
 
-def project(features: np.ndarray, seed: int = 0) -> np.ndarray:
+def project(features: np.ndarray, seed: int = 0, threads: int = 1) -> np.ndarray:
     """t-SNE to 2-D, scaled into [0, 1]. PCA to 50 dimensions first (the usual
     practice: faster, and the neighbourhoods t-SNE keeps survive it)."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     x = np.asarray(features, np.float32)
     n = len(x)
     if n < 3:
         return np.full((n, 2), 0.5)
-    if x.shape[1] > 50 and n > 50:
-        x = PCA(n_components=50, random_state=seed).fit_transform(x)
-    perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
-    y = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, max_iter=500).fit_transform(x)
+    # One thread: on a busy 2-core machine OpenMP's second thread mostly waits
+    # (1,000 points: 7.0 s on one thread, 33.1 s on two; bench/bench_map.py).
+    with threadpool_limits(threads):
+        if x.shape[1] > 50 and n > 50:
+            x = PCA(n_components=50, random_state=seed).fit_transform(x)
+        perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
+        y = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, max_iter=500).fit_transform(x)
     y = y - y.min(0)
     return y / np.maximum(y.max(0), 1e-9)
 
