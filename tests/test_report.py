@@ -73,12 +73,17 @@ def _hover_map(page, run) -> None:
     # Every mistake is drawn (the cap keeps them) and marked.
     assert page.locator("#data-map .pt.wrong").count() == dm["wrong"] == info["errors"]["n_mistakes"]
     assert page.locator("#map-card").is_hidden()
-    for sel, wrong in (("#data-map .pt.wrong", True), ("#data-map .pt:not(.wrong)", False)):
-        if not page.locator(sel).count():
+    page.locator("#data-map").scroll_into_view_if_needed()
+    for wrong in (True, False):
+        # A point no other point covers (the pointer would reach the one on top).
+        i = page.evaluate("""w => { for (const e of document.querySelectorAll('#data-map .pt')) {
+            if (e.classList.contains('wrong') !== w) continue; const b = e.getBoundingClientRect();
+            if (document.elementFromPoint(b.x + b.width / 2, b.y + b.height / 2) === e) return e.dataset.i; }
+            return null }""", wrong)
+        if i is None:
+            assert not wrong or dm["wrong"] == 0
             continue
-        point = page.locator(sel).first
-        point.scroll_into_view_if_needed()
-        point.hover()
+        page.hover(f'#data-map [data-i="{i}"]')
         card = page.locator("#map-card")
         card.wait_for(state="visible", timeout=5000)
         assert page.eval_on_selector("#map-card img", "e => e.complete && e.naturalWidth") > 0
