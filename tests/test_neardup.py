@@ -112,3 +112,30 @@ def test_fix_writes_clean_split_that_train_reads(copies, tmp_path):
     n = len(s.train)
     assert f"{n}/{n} train images from cache" in t.stdout, t.stdout
     assert (run / "model.pt").exists()
+
+
+def test_class_folders_copies_that_would_straddle_the_split(tmp_path, tiny):
+    """With no given split, copies the split imgclf makes would put on both
+    sides are leakage too: warned, and --fix keeps one of each (no split column)."""
+    data = tmp_path / "flat"
+    for c in ("cats", "dogs"):
+        (data / c).mkdir(parents=True)
+        for f in sorted((tiny / "train" / c).iterdir())[:20]:
+            shutil.copy(f, data / c / f.name)
+    src = sorted((tiny / "train" / "cats").iterdir())[0]
+    made = write_copies(src, tmp_path / "copies", "copy", seed=0)
+    for f in made[1:]:
+        if "_crop10" not in f.name:  # pHash (the default) misses most crops
+            shutil.copy(f, data / "cats" / f.name)
+    group = {f"cats/{f.name}" for f in made if (data / "cats" / f.name).exists()} | {f"cats/{src.name}"}
+
+    def parts(seed):  # how many of imgclf's splits the copies land in
+        s = discover(data, seed=seed)
+        return sum(bool(group & {p for p, _ in getattr(s, n)}) for n in ("train", "val", "test"))
+
+    seed = next(k for k in range(20) if parts(k) > 1)
+    r = check_dataset(data, seed=seed, progress=False, fix=tmp_path / "clean.csv")
+    assert r["near_duplicates"]["straddling"] == 1 and any("both sides" in w for w in r["warnings"])
+    rows = [ln.split(",") for ln in (tmp_path / "clean.csv").read_text().splitlines() if not ln.startswith("#")]
+    assert rows[0] == ["path", "label"] and len(rows) - 1 == 40 and r["fix"]["copy"] == 5
+    assert sum(src.name in p or "copy_" in p for p, _ in rows[1:]) == 1
