@@ -106,9 +106,11 @@ def print_predictions(results: list[dict], fmt: str) -> None:
 
 
 def cmd_check(cfg: C.CheckConfig) -> int:
-    from imgclf.data.check import check_dataset, format_report
+    from imgclf.data.check import check_dataset, default_fix_path, format_report
 
-    r = check_dataset(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    fix = (cfg.fix_out or default_fix_path(cfg.data)) if cfg.fix else None
+    r = check_dataset(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, near_dup=cfg.near_dup,
+                      model=cfg.model, cache_dir=cfg.cache_dir, fix=fix)
     print(json.dumps(r, indent=2) if cfg.json else format_report(r))
     return 0
 
@@ -170,7 +172,7 @@ COMMANDS = {  # name: (config class, function, one-line help)
     "evaluate": (C.EvaluateConfig, cmd_evaluate, "metrics, calibration and an HTML report of a run on its held-out split"),
     "compare": (C.CompareConfig, cmd_compare, "side-by-side metrics of several runs on the same split"),
     "predict": (C.PredictConfig, cmd_predict, "top-k labels for image files or folders"),
-    "check": (C.CheckConfig, cmd_check, "report counts, formats, unreadable files, duplicates, leakage, imbalance, outliers"),
+    "check": (C.CheckConfig, cmd_check, "report counts, formats, unreadable files, exact and near duplicates, leakage, imbalance, outliers; --fix writes a cleaned split"),
     "models": (C.ModelsConfig, cmd_models, "list the available models"),
     "cache": (C.CacheConfig, cmd_cache, "show or empty the feature cache"),
     "export": (C.ExportConfig, cmd_export, "write a self-contained ONNX (optionally INT8) or TorchScript model file"),
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-EXTRAS = {"torch": "train", "torchvision": "train", "timm": "train", "sklearn": "train", "onnx": "train",
+EXTRAS = {"imagehash": "train", "torch": "train", "torchvision": "train", "timm": "train", "sklearn": "train", "onnx": "train",
           "scipy": "train", "matplotlib": "report", "fastapi": "serve", "uvicorn": "serve", "python_multipart": "serve"}
 
 

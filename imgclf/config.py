@@ -132,6 +132,7 @@ class EvaluateConfig(RuntimeConfig):
     report: bool = _f(True, "write RUN/report/index.html and RUN/report/eval.json")
     suspects: bool = _f(True, "report training images whose label looks wrong (out-of-fold)")
     gradcam: bool = _f(True, "Grad-CAM heatmaps for a few predictions in the report")
+    map: bool = _f(True, "a 2-D map of the images in the report (t-SNE of the embeddings; hover shows each image)")
     cache: bool = _f(True, "read and write the feature cache (--no-cache: compute every feature afresh)")
     unknown: str | None = _f(None, "a folder of images from none of the classes: adds the unknown-input section "
                                    "(AUROC, acceptance/rejection trade-off) to the report")
@@ -162,6 +163,16 @@ class CheckConfig:
     val_fraction: float = _f(0.1, "as for train: share held out for validation when the data has no split")
     test_fraction: float = _f(0.1, "as for train: share held out for testing when the data has no split")
     seed: int = _f(0, "as for train: the split's seed")
+    near_dup: str = _f("hash", "near-duplicate search: hash (perceptual hash; no model, fast; misses most cropped "
+                               "copies) | embed (hash or backbone embeddings: finds crops too; fills the feature "
+                               "cache `train` reads) | off",
+                       choices=("hash", "embed", "off"))
+    model: str = _f("efficientnet_lite0", "--near-dup embed: the pretrained backbone that embeds the images")
+    cache_dir: str | None = _f(None, "feature cache folder (default: $IMGCLF_CACHE_DIR, else ~/.cache/imgclf)")
+    fix: bool = _f(False, "write a cleaned split as a CSV for `imgclf train`: one image per group of copies, leaks "
+                          "dropped from val/test, conflicting labels left out for you to decide; your files are "
+                          "never changed")
+    fix_out: str | None = _f(None, "--fix: the CSV to write (default: next to the data, DATA_clean.csv)")
 
 
 @dataclass

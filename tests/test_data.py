@@ -76,3 +76,17 @@ def test_check_reports_bad_files_duplicates_and_leakage(tmp_path, tiny):
     text = imgclf("check", tmp_path).stdout
     assert "leakage" in text and "notes.jpg" in text and "not an image" in text
     assert format_report(r) in text
+
+
+def test_csv_split_column_used_as_given(tmp_path, tiny):
+    cats, dogs = sorted((tiny / "train" / "cats").iterdir())[:6], sorted((tiny / "train" / "dogs").iterdir())[:6]
+    rows = ["path,label,split"] + [f"{p},{p.parent.name},{'train' if k < 4 else 'validation' if k == 4 else 'test'}"
+                                   for k, p in list(enumerate(cats)) + list(enumerate(dogs))]
+    (tmp_path / "labels.csv").write_text("\n".join(rows))
+    s = discover(tmp_path / "labels.csv")
+    assert s.layout == "csv-split" and s.given
+    assert (len(s.train), len(s.val), len(s.test)) == (8, 2, 2)
+    assert {p for p, _ in s.val} == {str(cats[4]), str(dogs[4])}
+    (tmp_path / "bad.csv").write_text("\n".join(rows[:3] + [f"{cats[5]},cats,holdout"]))
+    with pytest.raises(DataError, match=r"bad.csv, line 4: split 'holdout'"):
+        discover(tmp_path / "bad.csv")

@@ -53,14 +53,43 @@ def test_report_renders_in_chromium(evaluated, tmp_path):
         page.wait_for_load_state("load")
         titles = page.eval_on_selector_all("h2", "els => els.map(e => e.innerText)")
         for section in ("Summary", "Per class", "Confusion matrix", "Error gallery", "Calibration", "Grad-CAM",
-                        "Label-noise suspects", "Training curves"):
+                        "Label-noise suspects", "Training curves", "Data map"):
             assert any(section in t for t in titles), (section, titles)
-        widths = page.eval_on_selector_all("img", "els => els.map(e => e.complete ? e.naturalWidth : 0)")
+        widths = page.eval_on_selector_all("img:not(#map-card img)", "els => els.map(e => e.complete ? e.naturalWidth : 0)")
         assert len(widths) >= 8 and min(widths) > 0  # every figure and thumbnail loaded
         body = page.inner_text("body")
         assert "cats" in body and "dogs" in body and "accuracy" in body.lower()
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        _hover_map(page, out)
     assert (tmp_path / "report.png").stat().st_size > 50_000
+
+
+def _hover_map(page, run) -> None:
+    """The data map: one point per drawn image, misclassified ones ringed, and
+    hovering over a point shows that image's thumbnail and labels."""
+    info = json.loads((run / "report" / "eval.json").read_text())
+    dm = info["data_map"]
+    assert page.locator("#data-map .pt").count() == dm["points"] >= 20
+    # Every mistake is drawn (the cap keeps them) and marked.
+    assert page.locator("#data-map .pt.wrong").count() == dm["wrong"] == info["errors"]["n_mistakes"]
+    assert page.locator("#map-card").is_hidden()
+    page.locator("#data-map").scroll_into_view_if_needed()
+    for wrong in (True, False):
+        # A point no other point covers (the pointer would reach the one on top).
+        i = page.evaluate("""w => { for (const e of document.querySelectorAll('#data-map .pt')) {
+            if (e.classList.contains('wrong') !== w) continue; const b = e.getBoundingClientRect();
+            if (document.elementFromPoint(b.x + b.width / 2, b.y + b.height / 2) === e) return e.dataset.i; }
+            return null }""", wrong)
+        if i is None:
+            assert not wrong or dm["wrong"] == 0
+            continue
+        page.hover(f'#data-map [data-i="{i}"]')
+        card = page.locator("#map-card")
+        card.wait_for(state="visible", timeout=5000)
+        assert page.eval_on_selector("#map-card img", "e => e.complete && e.naturalWidth") > 0
+        text = card.inner_text()
+        assert ("predicted" in text or "training image" in text) and "/" in text  # labels and the path
+        assert ("predicted correctly" in text or "training image" in text) != wrong
 
 
 def test_report_with_ten_classes(tmp_path, tiny):
@@ -93,10 +122,13 @@ def test_report_with_ten_classes(tmp_path, tiny):
     assert len(m["per_class"]) == 10 and "top5_accuracy" in m
     with browser_page() as page:
         page.goto((out / "report" / "index.html").as_uri())
-        widths = page.eval_on_selector_all("img", "els => els.map(e => e.complete ? e.naturalWidth : 0)")
+        widths = page.eval_on_selector_all("img:not(#map-card img)", "els => els.map(e => e.complete ? e.naturalWidth : 0)")
         assert min(widths) > 0
         rows = page.eval_on_selector_all("table", "els => els.map(e => e.rows.length)")
         assert max(rows) >= 11  # per-class table: header + 10 classes
+        _hover_map(page, out)
+        legend = page.inner_text(".legend")
+        assert all(c in legend for c in ("cats", "ants_grey", "bees", "misclassified"))
 
 
 def test_compare_runs_side_by_side(evaluated, tmp_path, tiny):

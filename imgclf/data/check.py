@@ -1,7 +1,9 @@
 """`imgclf check DATA`: what is in a dataset and what is wrong with it,
 before any compute is spent: counts, formats, sizes, unreadable files, exact
-duplicates (within a class, across classes, across splits), imbalance, and
-outliers worth a look (odd format or colour mode, near-blank placeholders)."""
+and near duplicates (within a class, across classes, across splits),
+imbalance, and outliers worth a look (odd format or colour mode, near-blank
+placeholders). `--fix` writes a cleaned split as a CSV (never touching the
+user's files)."""
 
 from __future__ import annotations
 
@@ -12,11 +14,16 @@ import numpy as np
 
 from imgclf.data.datasets import Splits, discover, file_hash
 from imgclf.data.images import BadImage, open_image, sniff
+from imgclf.data.near_dup import image_hash
+
+KINDS = (("across_splits", "leakage across splits"), ("across_classes", "different labels"),
+         ("within_class", "within a class"))
 
 
-def _image_stats(path: Path) -> dict:
-    """Format, mode, size and how 'photo-like' the pixels are, from a small
-    thumbnail (decoding at reduced scale keeps this fast on big JPEGs)."""
+def _image_stats(path: Path, hashes: bool = True) -> dict:
+    """Format, mode, size, how 'photo-like' the pixels are and the perceptual
+    hash, from one small thumbnail (decoding at reduced scale keeps this fast
+    on big JPEGs)."""
     from PIL import Image
 
     fmt, mode, size = sniff(path)  # BadImage for non-images, with the reason
@@ -31,23 +38,30 @@ def _image_stats(path: Path) -> dict:
     # on a white background can be flat too, but have hundreds of colours
     # from noise and shading (the flattest ant photo there: 529, 81%).
     return {"format": fmt, "mode": mode, "size": size, "frames": frames, "std": float(a.std()),
-            "flat": float(counts.max() / len(a)), "colours": int(len(counts))}
+            "flat": float(counts.max() / len(a)), "colours": int(len(counts)),
+            "phash": image_hash(img) if hashes else None}
 
 
 def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-                  progress: bool = True) -> dict:
-    """Everything `imgclf check` reports, as one dict (`--json` prints it)."""
+                  progress: bool = True, near_dup: str = "hash", model: str = "efficientnet_lite0",
+                  cache_dir: str | None = None, fix: str | Path | None = None) -> dict:
+    """Everything `imgclf check` reports, as one dict (`--json` prints it).
+    near_dup: hash | embed (hash or embedding) | off (see data/near_dup.py); fix: write a cleaned
+    split to this CSV path."""
     s: Splits = discover(data, val_fraction, test_fraction, seed)
-    given = s.layout == "split-folders"
+    given = s.given
     entries = [(name, rel, y) for name in ("train", "val", "test") for rel, y in getattr(s, name)]
-    bad, stats, by_hash = _scan(s, entries, progress)
+    bad, stats, by_hash = _scan(s, entries, progress, near_dup != "off")
     counts = {c: {n: 0 for n in ("train", "val", "test")} for c in s.classes}
     for name, rel, y in entries:
         if rel in stats:
             for i in (y if isinstance(y, tuple) else (y,)):  # multi-label: an image counts for each of its labels
                 counts[s.classes[i]][name] += 1
     totals = {c: sum(v.values()) for c, v in counts.items()}
-    dups = _duplicates(by_hash, s.classes, given)
+    exact = [g for g in by_hash.values() if len(g) > 1]
+    dups = _kinds(exact, s.classes, given)
+    near = _near_duplicates(s, entries, stats, by_hash, near_dup, model, cache_dir, progress)
+    copies = exact + near.pop("_groups")
     widths = [st["size"][0] for st in stats.values()] or [0]
     heights = [st["size"][1] for st in stats.values()] or [0]
     return {
@@ -55,12 +69,13 @@ def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: fl
         "images": len(stats), "formats": dict(Counter(st["format"] for st in stats.values())),
         "modes": dict(Counter(st["mode"] for st in stats.values())),
         "size_range": {"width": [min(widths), max(widths)], "height": [min(heights), max(heights)]},
-        "bad_files": bad, "duplicates": dups, "outliers": _outliers(stats),
-        "warnings": _warnings(totals, dups, s.notes), "notes": s.notes, "split_given": given,
+        "bad_files": bad, "duplicates": dups, "near_duplicates": near, "outliers": _outliers(stats),
+        "warnings": _warnings(totals, dups, near, s.notes), "notes": s.notes, "split_given": given,
+        "fix": write_clean_csv(s, data, fix, copies, bad, stats) if fix else None,
     }
 
 
-def _scan(s: Splits, entries: list, progress: bool) -> tuple[list[dict], dict, dict]:
+def _scan(s: Splits, entries: list, progress: bool, hashes: bool) -> tuple[list[dict], dict, dict]:
     """Per readable file its statistics and content hash; the unreadable ones with why."""
     from imgclf.progress import Progress
 
@@ -69,7 +84,7 @@ def _scan(s: Splits, entries: list, progress: bool) -> tuple[list[dict], dict, d
         for name, rel, y in entries:
             p = s.path(rel)
             try:
-                stats[rel] = _image_stats(p)
+                stats[rel] = _image_stats(p, hashes)
                 by_hash[file_hash(p)].append((name, rel, y))
             except BadImage as e:
                 bad.append({"path": rel, "reason": e.reason})
@@ -79,22 +94,58 @@ def _scan(s: Splits, entries: list, progress: bool) -> tuple[list[dict], dict, d
     return bad, stats, by_hash
 
 
-def _duplicates(by_hash: dict, classes: list[str], given: bool) -> dict:
+def label_name(classes: list[str], y) -> str:
+    """A label as the CSV writes it: multi-label sets joined by ';'."""
+    return ";".join(classes[i] for i in y) if isinstance(y, tuple) else classes[y]
+
+
+def _kinds(groups: list[list[tuple]], classes: list[str], given: bool) -> dict:
+    """Groups of (split, path, label) by what they break: a group with several
+    labels is a conflict, one in several given splits is leakage (both at
+    once is listed under both), any other is a copy within a class."""
     dups = {"within_class": [], "across_classes": [], "across_splits": []}
-    for group in by_hash.values():
-        if len(group) < 2:
-            continue
-        files = [rel for _, rel, _ in group]
+    for group in groups:
+        entry = {"files": [rel for _, rel, _ in group], "labels": [label_name(classes, y) for _, _, y in group]}
+        if given:  # a split imgclf would make is no property of the data
+            entry["splits"] = [n for n, _, _ in group]
         multi_label = len({y for _, _, y in group}) > 1
         multi_split = given and len({n for n, _, _ in group}) > 1
         if multi_label:
-            dups["across_classes"].append({"files": files, "labels": [
-                ";".join(classes[i] for i in y) if isinstance(y, tuple) else classes[y] for _, _, y in group]})
+            dups["across_classes"].append(entry)
         if multi_split:
-            dups["across_splits"].append({"files": files, "splits": [n for n, _, _ in group]})
+            dups["across_splits"].append(entry)
         if not multi_label and not multi_split:
-            dups["within_class"].append({"files": files})
+            dups["within_class"].append(entry)
     return dups
+
+
+def _near_duplicates(s: Splits, entries: list, stats: dict, by_hash: dict, method: str, model: str,
+                     cache_dir: str | None, progress: bool) -> dict:
+    """Groups of near-identical images, other than groups of identical files
+    (listed as exact duplicates); "_groups" (all of them) is for --fix."""
+    from imgclf.data import near_dup as nd
+
+    if method == "off":
+        return {"method": "off", **_kinds([], s.classes, s.given), "_groups": []}
+    readable = [e for e in entries if e[1] in stats]
+    if method == "embed":  # the backbone may not read every file the header check passed
+        feats, kept = nd.embeddings(s.root, [(rel, y) for _, rel, y in readable], model, cache_dir,
+                                    progress=progress)
+        readable = [readable[k] for k in kept]
+    h = np.stack([stats[rel]["phash"] for _, rel, _ in readable]) if readable else np.zeros((0, 2), np.uint64)
+    i, j, _ = nd.hash_pairs(h)
+    desc = f"pHash of each image and its mirror, Hamming distance <= {nd.HASH_MAX_DISTANCE} of 64 bits"
+    if method == "embed":  # either detector links a pair: the embedding finds the crops pHash misses
+        ei, ej, _ = nd.embed_pairs(feats["plain"], feats["flip"])
+        i, j = np.concatenate([i, ei]), np.concatenate([j, ej])
+        desc += f", or {model} embeddings of each image and its mirror with cosine similarity >= {nd.EMBED_MIN_COSINE}"
+    found = [[readable[k] for k in g] for g in nd.groups(len(readable), i, j)]
+    content = {rel: h for h, group in by_hash.items() for _, rel, _ in group}
+    near = [g for g in found if len({content[rel] for _, rel, _ in g}) > 1]
+    # With no given split, copies that imgclf's own split would put on both sides leak just the same.
+    straddling = 0 if s.given else sum(len({n for n, _, _ in g}) > 1 for g in found)
+    return {"method": method, "criterion": desc, "groups": len(near), **_kinds(near, s.classes, s.given),
+            "straddling": straddling, "_groups": found}
 
 
 def _outliers(stats: dict) -> list[dict]:
@@ -121,7 +172,7 @@ def _outliers(stats: dict) -> list[dict]:
     return outliers
 
 
-def _warnings(totals: dict, dups: dict, notes: list[str]) -> list[str]:
+def _warnings(totals: dict, dups: dict, near: dict, notes: list[str]) -> list[str]:
     big, small = max(totals.values() or [0]), min(totals.values() or [0])
     warnings = []
     if small and big / small >= 1.5:
@@ -134,6 +185,14 @@ def _warnings(totals: dict, dups: dict, notes: list[str]) -> list[str]:
         warnings.append(f"{len(dups['across_splits'])} file(s) appear in more than one split: test/val figures are inflated (leakage)")
     if dups["across_classes"]:
         warnings.append(f"{len(dups['across_classes'])} identical file(s) carry different labels")
+    if near["across_splits"]:
+        warnings.append(f"{len(near['across_splits'])} group(s) of near-identical photos span splits: test/val "
+                        f"figures are inflated (leakage); `imgclf check --fix` writes a split without them")
+    if near.get("straddling"):
+        warnings.append(f"{near['straddling']} group(s) of copies would fall on both sides of the split imgclf makes "
+                        f"(leakage); `imgclf check --fix` keeps one of each")
+    if near["across_classes"]:
+        warnings.append(f"{len(near['across_classes'])} group(s) of near-identical photos carry different labels")
     # Rows the CSV reader repaired or skipped, and classes a given split lacks.
     warnings += [n for n in notes if "row skipped" in n or "kept line" in n or "have no images in" in n]
     return warnings
@@ -157,20 +216,133 @@ def format_report(r: dict) -> str:
     if r["bad_files"]:
         L += ["", f"unreadable files ({len(r['bad_files'])}; training skips them):"]
         L += [f"  {b['path']}: {b['reason']}" for b in r["bad_files"]]
-    for kind, title in (("across_splits", "in more than one split (leakage)"),
-                        ("across_classes", "identical files with different labels"),
-                        ("within_class", "exact duplicates within a class")):
-        d = r["duplicates"][kind]
-        if d:
-            L += ["", f"duplicates {title} ({len(d)}):"]
-            L += ["  " + "  ==  ".join(g["files"]) for g in d[:20]]
-            if len(d) > 20:
-                L.append(f"  ... and {len(d) - 20} more")
+    for key, word, sep in (("duplicates", "identical files", "  ==  "), ("near_duplicates", "near-duplicates", "  ~  ")):
+        tagged = _tagged(r[key])
+        if tagged:
+            L += ["", f"{word} ({len(tagged)} group(s)):"]
+            L += [f"  [{', '.join(tags)}] " + sep.join(_member(g, i) for i in range(len(g["files"])))
+                  for g, tags in tagged[:20]]
+            if len(tagged) > 20:
+                L.append(f"  ... and {len(tagged) - 20} more")
+    near = r["near_duplicates"]
+    L += ["", f"near-duplicates searched by: {near.get('criterion', 'nothing (--near-dup off)')}"]
+    if near["method"] == "hash":
+        L.append("  (a perceptual hash misses most slightly cropped copies; --near-dup embed finds them too)")
+    if r.get("fix"):
+        L += ["", format_fix(r["fix"])]
     if r["outliers"]:
         L += ["", f"worth a look ({len(r['outliers'])}):"]
         L += [f"  {o['path']}: {'; '.join(o['why'])}" for o in r["outliers"][:50]]
     if r["warnings"]:
         L += [""] + [f"warning: {w}" for w in r["warnings"]]
-    if not (r["bad_files"] or r["outliers"] or r["warnings"] or any(r["duplicates"].values())):
+    if not (r["bad_files"] or r["outliers"] or r["warnings"] or any(r["duplicates"].values())
+            or r["near_duplicates"].get("groups")):
         L += ["", "no problems found"]
     return "\n".join(L)
+
+
+def _tagged(d: dict) -> list[tuple[dict, list[str]]]:
+    """Each group once, with every kind it is (leakage first)."""
+    out: dict[tuple, tuple[dict, list[str]]] = {}
+    for kind, tag in KINDS:
+        for g in d.get(kind, []):
+            out.setdefault(tuple(g["files"]), (g, []))[1].append(tag)
+    return list(out.values())
+
+
+def _member(g: dict, i: int) -> str:
+    """A group member as listed: its path, with its label or split where those differ."""
+    extra = [v[i] for v in (g["labels"], g.get("splits", [])) if len(set(v)) > 1]
+    return g["files"][i] + (f" ({', '.join(extra)})" if extra else "")
+
+
+# ------------------------------------------------------------------ --fix
+
+SPLIT_RANK = {"train": 0, "val": 1, "test": 2}
+
+
+def clean_entries(entries: list[tuple], groups: list[list[tuple]], stats: dict, given: bool
+                  ) -> tuple[list[tuple], dict]:
+    """The entries (split, path, label) to keep, and why each other one goes.
+    Per group of copies (exact or near, merged where they overlap): one label ->
+    keep one image, from the earliest split (train, then val, then test: a leak
+    leaves the evaluation side) and with the most pixels; several labels ->
+    keep none (which label is right is for a person to say)."""
+    from imgclf.data.near_dup import groups as components
+
+    index = {e[1]: k for k, e in enumerate(entries)}
+    i = [index[g[0][1]] for g in groups for _ in g[1:]]
+    j = [index[e[1]] for g in groups for e in g[1:]]
+    why, n_conflicts = {}, 0
+    for comp in components(len(entries), np.array(i, np.int64), np.array(j, np.int64)):
+        members = [entries[k] for k in comp]
+        if len({y for _, _, y in members}) > 1:
+            n_conflicts += 1
+            for m in members:
+                why[m[1]] = f"conflict {n_conflicts}"
+            continue
+        px = {rel: stats[rel]["size"][0] * stats[rel]["size"][1] for _, rel, _ in members}
+        keep = min(members, key=lambda m: (SPLIT_RANK[m[0]], -px[m[1]], m[1]))
+        for m in members:
+            if m is not keep:
+                why[m[1]] = f"leak of {keep[1]}" if given and m[0] != keep[0] else f"copy of {keep[1]}"
+    return [e for e in entries if e[1] not in why], why
+
+
+def default_fix_path(data: str | Path) -> Path:
+    """Next to the data: PHOTOS_clean.csv beside the folder PHOTOS, LABELS_clean.csv beside LABELS.csv."""
+    d = Path(data).expanduser().resolve()
+    return d.with_name(f"{d.stem if d.is_file() else d.name}_clean.csv")
+
+
+def write_clean_csv(s: Splits, data: str | Path, out: str | Path, groups: list[list[tuple]], bad: list[dict],
+                    stats: dict) -> dict:
+    """Write the cleaned split as a `path,label[,split]` CSV (paths relative to
+    its folder; the split column when the data came with one), atomically.
+    Rows with conflicting labels are written commented out at the end for a
+    person to decide. The user's images and files are never touched."""
+    import os
+
+    from imgclf.errors import DataError
+    from imgclf.runs import atomic_write_text
+
+    out = Path(out).expanduser().resolve()
+    if Path(data).is_file() and out == Path(data).resolve():
+        raise DataError(f"--fix-out {out} is the input CSV; imgclf never overwrites your files",
+                        "name another file, or leave --fix-out out to write next to the data")
+    entries = [(n, rel, y) for n in ("train", "val", "test") for rel, y in getattr(s, n) if rel in stats]
+    kept, why = clean_entries(entries, groups, stats, s.given)
+    cells = lambda n, rel, y: [os.path.relpath(s.path(rel), out.parent), label_name(s.classes, y), n][:3 if s.given else 2]  # noqa: E731
+    counts = {k: sum(v.startswith(k) for v in why.values()) for k in ("copy", "leak", "conflict")}
+    lines = [f"# imgclf check --fix of {s.root}: {len(kept)} of {len(entries) + len(bad)} images kept; dropped "
+             f"{counts['copy']} copies within a split, {counts['leak']} copies of training images from val/test "
+             f"(leakage), {counts['conflict']} with conflicting labels (at the end), {len(bad)} unreadable",
+             _csv_line(["path", "labels" if s.multi_label else "label"] + (["split"] if s.given else []))]
+    lines += [_csv_line(cells(*e)) for e in kept]
+    conflicts = sorted((e for e in entries if why.get(e[1], "").startswith("conflict")),
+                       key=lambda e: int(why[e[1]].split()[1]))
+    if conflicts:
+        lines.append("# The same photo with different labels: left out. To keep one, remove the '#' of its right row.")
+    for k, e in enumerate(conflicts):
+        if k == 0 or why[e[1]] != why[conflicts[k - 1][1]]:
+            lines.append(f"# {why[e[1]]}:")
+        lines.append("#" + _csv_line(cells(*e)))
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    return {"path": str(out), "kept": len(kept), "of": len(entries) + len(bad), **counts, "unreadable": len(bad),
+            "dropped": [{"path": rel, "why": v} for rel, v in why.items()]}
+
+
+def _csv_line(cells: list[str]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow(cells)
+    return buf.getvalue()
+
+
+def format_fix(f: dict) -> str:
+    return (f"cleaned split: {f['path']}\n  kept {f['kept']} of {f['of']} images: dropped {f['copy']} copies within "
+            f"a split, {f['leak']} copies of training images from val/test, {f['conflict']} with conflicting labels "
+            f"(commented out at the end of the file), {f['unreadable']} unreadable\n"
+            f"  train on it: imgclf train {f['path']}")

@@ -4,6 +4,8 @@ Layouts, detected in this order:
   * a CSV file of `path,label` rows (paths relative to the CSV's folder), or
     `path,labels` with several labels per image separated by ";" (an empty
     value: none of the labels): multi-label, where an item's label is a tuple;
+    either with an optional third column `split` (train|val|test: used as
+    given, as `imgclf check --fix` writes it);
   * DATA/train|val|validation|test/<class>/*  (used as given);
   * DATA/<class>/*  (split for you: stratified, seeded, default 80/10/10).
 Splits hold paths relative to the data root, so a run can be evaluated on a
@@ -33,7 +35,7 @@ class Splits:
     train: list[tuple[str, int]]
     val: list[tuple[str, int]]
     test: list[tuple[str, int]]
-    layout: str  # "split-folders" | "class-folders" | "csv"
+    layout: str  # "split-folders" | "class-folders" | "csv" | "csv-split" (a CSV with a split column)
     notes: list[str] = field(default_factory=list)  # things a person should know (e.g. no test split)
     seed: int = 0
     multi_label: bool = False  # items' labels are tuples of class indices (possibly empty)
@@ -55,6 +57,11 @@ class Splits:
             seed=d.get("seed", 0), multi_label=ml,
             **{k: [(p, y_in(y)) for p, y in d[k]] for k in ("train", "val", "test")},
         )
+
+    @property
+    def given(self) -> bool:
+        """The split came with the data (folders or a CSV's split column), not from imgclf."""
+        return self.layout in ("split-folders", "csv-split")
 
     @property
     def held_out(self) -> str:
@@ -200,24 +207,30 @@ def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float =
 
 def _from_csv(path: Path, val_fraction: float, test_fraction: float, seed: int, multi_label: bool = False) -> Splits:
     root = path.parent.resolve()
-    items, notes, header = read_label_csv(path, keep_empty=multi_label)
+    items, notes, header, splits_given = read_label_csv(path, keep_empty=multi_label)
     items, missing = [(p, lab) for p, lab in items if (root / p).exists()], [p for p, _ in items if not (root / p).exists()]
     notes += [f"{path.name}: {p} does not exist (relative to {root}); row skipped" for p in missing[:20]]
     if len(missing) > 20:
         notes.append(f"{path.name}: {len(missing) - 20} more rows name files that do not exist; skipped")
     if multi_label or header == "labels" or any(";" in lab for _, lab in items):
-        return _multilabel_from_csv(path, root, items, notes, val_fraction, test_fraction, seed)
+        return _multilabel_from_csv(path, root, items, notes, val_fraction, test_fraction, seed, splits_given)
     classes = sorted({lab for _, lab in items})
     if len(classes) < 2:
         raise DataError(f"{path}: needs at least 2 distinct labels, found {classes}",
                         "label every row with its class (path,label)")
     idx = {c: i for i, c in enumerate(classes)}
+    if splits_given:
+        parts = {k: [(p, idx[lab]) for p, lab in items if splits_given[p] == k] for k in ("train", "val", "test")}
+        if not parts["train"]:
+            raise DataError(f"{path}: no row has split 'train'", "give some rows split train, or drop the split column")
+        notes += _missing_classes(classes, {"val": parts["val"], "test": parts["test"]})
+        return Splits(str(root), classes, parts["train"], parts["val"], parts["test"], "csv-split", notes, seed)
     val, test, train = stratified_split([(p, idx[lab]) for p, lab in items], (val_fraction, test_fraction), seed)
     return Splits(str(root), classes, train, val, test, "csv", notes, seed)
 
 
 def _multilabel_from_csv(path: Path, root: Path, items, notes: list[str], val_fraction: float, test_fraction: float,
-                         seed: int) -> Splits:
+                         seed: int, splits_given: dict[str, str]) -> Splits:
     rows = []
     for rel, lab in items:
         labels, why = parse_labels(lab)
@@ -231,6 +244,10 @@ def _multilabel_from_csv(path: Path, root: Path, items, notes: list[str], val_fr
                         f"{len(classes)} label(s) in {len(rows)} row(s)", "give rows as path,label1;label2")
     idx = {c: i for i, c in enumerate(classes)}
     items = [(p, tuple(sorted(idx[c] for c in labels))) for p, labels in rows]
+    if splits_given:
+        parts = {k: [(p, y) for p, y in items if splits_given[p] == k] for k in ("train", "val", "test")}
+        return Splits(str(root), classes, parts["train"], parts["val"], parts["test"], "csv-split", notes, seed,
+                      multi_label=True)
     val, test, train = multilabel_split(items, len(classes), (val_fraction, test_fraction), seed)
     return Splits(str(root), classes, train, val, test, "csv", notes, seed, multi_label=True)
 
@@ -250,26 +267,31 @@ def parse_labels(value: str) -> tuple[list[str], str | None]:
     return parts, None
 
 
-def read_label_csv(path: Path, keep_empty: bool = False) -> tuple[list[tuple[str, str]], list[str], str]:
+SPLIT_NAMES = {n: k for k, names in SPLIT_DIRS.items() for n in names}  # "validation" -> "val"
+
+
+def read_label_csv(path: Path, keep_empty: bool = False) -> tuple[list[tuple[str, str]], list[str], str, dict[str, str]]:
     """(path, label) rows of a `path,label` (or `path,labels`) CSV, a note for
     every row that was repaired or skipped (blank paths, repeated rows, a path
     given two labels), and the header's second column name ("" without one).
     A blank label is kept as "" (none of the labels) under a `path,labels`
-    header or with keep_empty (--multi-label); otherwise the row is skipped. A UTF-8 byte-order mark (Excel's "CSV UTF-8") is removed."""
+    header or with keep_empty (--multi-label); otherwise the row is skipped.
+    A UTF-8 byte-order mark (Excel's "CSV UTF-8") is removed. The fourth part:
+    {path: split} when the header names a third column `split` (empty otherwise)."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[:e.start].count(b"\n") + 1
         raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})",
                         "save the file as UTF-8 (Excel: Save As > CSV UTF-8)") from None
-    rows, notes, seen, first, header_name = [], [], {}, True, ""
+    rows, notes, seen, first, header_name, splits, has_split = [], [], {}, True, "", {}, False
     for i, row in enumerate(csv.reader(text.splitlines()), start=1):
         if not row or not "".join(row).strip() or row[0].startswith("#"):
             continue
-        cells = [c.strip().lower() for c in row[:2]]
-        header, first = first and len(cells) == 2 and cells[0] == "path" and cells[1] in ("label", "labels"), False
+        cols = [c.strip().lower() for c in row[:3]]
+        header, first = first and len(cols) >= 2 and cols[0] == "path" and cols[1] in ("label", "labels"), False
         if header:
-            header_name = cells[1]
+            header_name, has_split = cols[1], cols[2:] == ["split"]
             continue
         if len(row) < 2:
             raise DataError(f"{path}, line {i}: expected 'path,label', got {row!r}", "give every row a path and a label")
@@ -278,16 +300,21 @@ def read_label_csv(path: Path, keep_empty: bool = False) -> tuple[list[tuple[str
         if not rel or not (lab or keep_empty or header_name == "labels"):
             notes.append(f"{path.name} line {i}: empty {'path' if not rel else 'label'}; row skipped")
             continue
-
         if rel in seen:
             first, first_lab = seen[rel]
             what = f"repeats line {first}" if first_lab == lab else \
                 f"labels {rel} {lab!r}, line {first} labels it {first_lab!r}"
             notes.append(f"{path.name} line {i}: {what}; kept line {first} only")
             continue
+        if has_split:
+            given = row[2].strip().lower() if len(row) > 2 else ""
+            if given not in SPLIT_NAMES:
+                raise DataError(f"{path}, line {i}: split {given!r} for {rel}; the header names a split column",
+                                "give every row train, val or test (or remove the split column)")
+            splits[rel] = SPLIT_NAMES[given]
         seen[rel] = (i, lab)
         rows.append((rel, lab))  # absolute paths stay absolute (root / abs == abs)
-    return rows, notes, header_name
+    return rows, notes, header_name, splits
 
 
 def _missing_classes(classes: list[str], parts: dict[str, list]) -> list[str]:

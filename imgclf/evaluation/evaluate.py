@@ -75,7 +75,7 @@ def evaluate_run(cfg: EvaluateConfig, predictor: TorchPredictor | None = None, w
         from imgclf.evaluation.report import build_report
 
         page = build_report(run, clf, sc, m, workers=w, bad=bad, suspects=cfg.suspects, gradcam=cfg.gradcam,
-                            printer=printer)
+                            data_map=cfg.map, printer=printer)
         printer(f"report: {page} (open it in a browser)")
     return m
 
@@ -213,6 +213,6 @@ def new_data(data, classes: list[str]) -> Splits:
                         "evaluate on folders named after the model's classes")
     remap = {i: classes.index(c) for i, c in enumerate(s.classes)}
     items = [(p, remap[y]) for p, y in (s.train + s.val + s.test)]
-    if s.layout == "split-folders" and (s.test or s.val):
+    if s.given and (s.test or s.val):
         items = [(p, remap[y]) for p, y in (s.test or s.val)]
     return Splits(s.root, classes, [], [], items, s.layout)

@@ -2,8 +2,8 @@
 it, where does it fail, and can I trust its probabilities?".
 
 Everything is inline (figures as base64 PNG, thumbnails as base64 JPEG, CSS in
-a <style> block, no script, no CDN), so the page opens offline and from a
-copied folder. RUN/report/eval.json holds the same numbers for machines.
+a <style> block, the data map's few lines of script in a <script> block, no
+CDN), so the page opens offline and from a copied folder. RUN/report/eval.json holds the same numbers for machines.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class Page:
     gradcam: list[dict] | str | None = None
     suspects: dict | str | None = None
     unknown: dict | None = None  # evaluate --unknown DIR: the open-set section
+    data_map: dict | str | None = None  # evaluation/data_map.py: {"html", "points", ...}, or why not
 
 
 GALLERY = 16  # most confident mistakes shown
@@ -274,6 +275,8 @@ def _calibration(cal: dict | None, m: dict, rel_png: bytes | None) -> str:
 
 
 def render_html(page: Page) -> str:
+    from imgclf.evaluation.data_map import MAP_CSS
+
     m, meta = page.metrics, page.meta
     title = f"imgclf report: {Path(meta['run']).name}"
     sections = [
@@ -296,11 +299,12 @@ def render_html(page: Page) -> str:
         ("gradcam", "Grad-CAM", _gradcam_html(page)),
         ("suspects", "Label-noise suspects", _suspects_html(page)),
         ("unknown", "Unknown inputs", _unknown_html(page)),
+        ("map", "Data map", _map_html(page)),
     ]
     nav = "".join(f'<a href="#{k}">{_e(t)}</a>' for k, t, _ in sections)
     body = "".join(f'<section id="{k}"><h2>{_e(t)}</h2>{c}</section>' for k, t, c in sections)
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
-            f'content="width=device-width,initial-scale=1"><title>{_e(title)}</title><style>{CSS}</style></head><body><main>'
+            f'content="width=device-width,initial-scale=1"><title>{_e(title)}</title><style>{CSS}{MAP_CSS}</style></head><body><main>'
             f'<h1>{_e(title)}</h1><p class="sub">{_e(meta["model"])} &middot; {_e(m["split"])} split of {_e(meta["data"])} '
             f'&middot; {_e(meta["created"])} &middot; run <code>{_e(meta["run"])}</code></p><nav>{nav}</nav>{body}'
             f'<p class="sub" style="margin-top:40px">Written by imgclf {_e(meta["version"])}; the numbers are also in '
@@ -386,10 +390,48 @@ def _suspects_html(page: Page) -> str:
     return intro + f'<div class="gallery" id="suspects-gallery">{tiles}</div>'
 
 
+def _map_html(page: Page) -> str:
+    m = page.data_map
+    if _not_shown(m):
+        return _not_shown(m)
+    return (f"<p>Each point is an image: the backbone's pooled features of {m['points']:,} images "
+            f"({m['of']:,} in the training and evaluated splits: every misclassified image and label-noise suspect, "
+            f"and a random sample of the rest) placed by t-SNE, so that images the model sees as alike lie close. "
+            f"Colour: the given label. A black ring: misclassified ({m['wrong']}); a square: label-noise suspect "
+            f"({m['suspects']}). Hover over a point to see the image. Islands of one colour inside another's are "
+            f"worth a look: mislabelled images, or a kind of picture the model mixes up.</p>" + m["html"])
+
+
+def _data_map(clf, sc, suspects: dict | str | None, workers: int, bad) -> dict | str:
+    """Points (capped), their features through the cache, t-SNE, thumbnails."""
+    from imgclf.evaluation.data_map import MAP_THUMB, choose_points, project, render_map
+
+    t0 = time.time()
+    sus = {r["path"] for r in suspects["suspects"]} if isinstance(suspects, dict) else set()
+    pred = sc.probs.argmax(1)
+    eval_items = [(p, int(y), int(q)) for p, y, q in zip(sc.paths, sc.labels, pred)]
+    train = sc.splits.train if sc.name != "train" else []
+    points = choose_points(eval_items, train, sus)
+    if len(points) < 3:
+        return "Too few images for a map."
+    feats, _, kept = clf.features_items(sc.splits.root, [(pt["path"], pt["true"]) for pt in points], workers=workers,
+                                        bad=bad, progress=False)
+    points = [points[int(k)] for k in kept]
+    xy = project(feats["plain"])
+    root = Path(sc.splits.root)
+    thumbs = {}
+    for pt in points:
+        t = thumbnail(root / pt["path"], size=MAP_THUMB)
+        thumbs[pt["path"]] = _b64(t, "image/jpeg") if t else None
+    return {"html": render_map(points, xy, clf.classes, thumbs), "points": len(points),
+            "of": len(eval_items) + len(train), "wrong": sum(pt["wrong"] for pt in points),
+            "suspects": sum(pt["suspect"] for pt in points), "seconds": round(time.time() - t0, 2)}
+
+
 # ------------------------------------------------------------------ entry point
 
 def build_report(run, clf, sc, metrics: dict, workers: int = 1, bad=None, suspects: bool = True,
-                 gradcam: bool = True, printer=print) -> Path:
+                 gradcam: bool = True, data_map: bool = True, printer=print) -> Path:
     """Write RUN/report/index.html and RUN/report/eval.json for an evaluated
     split (`sc`, evaluate.Scored); returns the page's path."""
     from imgclf import __version__
@@ -410,12 +452,15 @@ def build_report(run, clf, sc, metrics: dict, workers: int = 1, bad=None, suspec
     t_gc, t2 = time.time() - t1, time.time()
     if suspects:
         page.suspects = _suspects(clf, sc.splits, workers, bad, page.thumbs)
-    t_sus = time.time() - t2
+    t_sus, t3 = time.time() - t2, time.time()
+    if data_map:
+        page.data_map = _data_map(clf, sc, page.suspects, workers, bad)
+    t_map = time.time() - t3
     page.meta.update(created=time.strftime("%Y-%m-%d %H:%M"), version=__version__)
     path = run.report_page
     atomic_write_text(path, render_html(page))
     seconds = {"figures": round(t_figs, 2), "gradcam": round(t_gc, 2), "label_noise": round(t_sus, 2),
-               "total": round(time.time() - t0, 2)}
+               "data_map": round(t_map, 2), "total": round(time.time() - t0, 2)}
     _write_eval_json(run.report_json, page, seconds)
     return path
 
@@ -477,7 +522,9 @@ def _write_eval_json(path: Path, page: Page, seconds: dict) -> None:
     write_json(path, {**page.metrics, "meta": page.meta, "curves": page.curves, "confused_pairs": page.pairs,
                       "errors": page.errors, "calibration": cal, "tta_comparison": page.tta,
                       "gradcam": [{k: v for k, v in s.items() if k != "png"} for s in gc] if isinstance(gc, list) else gc,
-                      "label_noise": page.suspects, "report_seconds": seconds})
+                      "label_noise": page.suspects, "report_seconds": seconds,
+                      "data_map": {k: v for k, v in page.data_map.items() if k != "html"}
+                      if isinstance(page.data_map, dict) else page.data_map})
 
 
 def _side_by_side(left, cam_img) -> bytes:
