@@ -1,0 +1,101 @@
+// An imgclf model in the browser: decode an image, preprocess it exactly as
+// imgclf does in Python (preprocess.js), run the exported ONNX graph (uint8
+// NHWC in, calibrated probabilities out) with ONNX Runtime Web, answer top-k.
+//
+//   import { loadClassifier } from "./classifier.js";
+//   const clf = await loadClassifier("./");            // folder of model.onnx + model.json
+//   const { top } = await clf.classify(fileOrBlob, 3);  // [{label, score}, ...]
+import * as ort from "./ort/ort.wasm.min.mjs";
+import { decodeJpegScaled, orient } from "./jpeg.js";
+import { draftSize, fromRGBA, jpegDraftScale, reduce, resizeImage, shrink } from "./preprocess.js";
+
+function isJpeg(bytes) {
+  return bytes.length > 3 && bytes[0] === 0xff && bytes[1] === 0xd8 && bytes[2] === 0xff;
+}
+
+function canvas(w, h) {
+  if (typeof OffscreenCanvas !== "undefined") return new OffscreenCanvas(w, h);
+  return Object.assign(document.createElement("canvas"), { width: w, height: h });
+}
+
+/** Any drawable (ImageBitmap, video frame, canvas) -> RGB pixels, transparency
+ * on white as imgclf/data/images.py to_rgb does. */
+export function pixels(source, width, height) {
+  const c = canvas(width, height);
+  const ctx = c.getContext("2d", { willReadFrequently: true });
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, width, height);
+  ctx.drawImage(source, 0, 0, width, height);
+  return fromRGBA(ctx.getImageData(0, 0, width, height).data, width, height);
+}
+
+/** A file or blob -> RGB pixels as images.py open_image delivers them: decoded
+ * without colour management (Pillow applies none), upright by EXIF
+ * orientation, big JPEGs at Pillow's draft scale, far larger images shrunk.
+ * `exact` is false only for the rare JPEGs jpeg.js cannot decode (CMYK,
+ * arithmetic-coded): those are approximated by a block mean of the full decode. */
+export async function decode(blob, pp) {
+  const bitmap = await createImageBitmap(blob, {
+    colorSpaceConversion: "none", premultiplyAlpha: "none", imageOrientation: "from-image",
+  });
+  const draft = draftSize(pp), s = jpegDraftScale(bitmap.width, bitmap.height, draft);
+  let img = null, exact = true;
+  if (s > 1) {
+    const bytes = new Uint8Array(await blob.arrayBuffer());
+    if (isJpeg(bytes)) {
+      const scaled = decodeJpegScaled(bytes, s);
+      if (scaled) img = orient(scaled, scaled.orientation);
+      else { img = reduce(pixels(bitmap, bitmap.width, bitmap.height), s, s); exact = false; }
+    }
+  }
+  img = img || pixels(bitmap, bitmap.width, bitmap.height);
+  bitmap.close();
+  return { img: shrink(img, draft), exact };
+}
+
+export async function loadClassifier(base = "./", options = {}) {
+  const root = new URL(base, typeof document !== "undefined" ? document.baseURI : self.location.href);
+  const meta = await (await fetch(new URL("model.json", root))).json();
+  ort.env.wasm.wasmPaths = new URL("ort/", root).href;
+  // One thread: threads need SharedArrayBuffer, i.e. cross-origin isolation
+  // headers that plain static hosts do not send.
+  ort.env.wasm.numThreads = options.numThreads || 1;
+  const session = await ort.InferenceSession.create(new URL("model.onnx", root).href, {
+    executionProviders: ["wasm"], graphOptimizationLevel: "all",
+  });
+  const pp = meta.preprocess, classes = meta.classes, input = session.inputNames[0];
+
+  /** RGB pixels (any size) -> the (S, S, 3) model input. */
+  const prepare = (img) => resizeImage(img, pp);
+
+  /** (S, S, 3) inputs -> calibrated probabilities, one Float32Array per image. */
+  async function probs(inputs) {
+    const s = pp.size, batch = new Uint8Array(inputs.length * s * s * 3);
+    inputs.forEach((x, i) => batch.set(x.data, i * s * s * 3));
+    const out = await session.run({ [input]: new ort.Tensor("uint8", batch, [inputs.length, s, s, 3]) });
+    const p = out[session.outputNames[0]].data, c = classes.length;
+    return inputs.map((_, i) => p.slice(i * c, (i + 1) * c));
+  }
+
+  /** inference/__init__.py top_k: highest first, ties in class order. */
+  function topK(p, k = 5) {
+    const order = [...p.keys()].sort((a, b) => p[b] - p[a]).slice(0, Math.max(1, Math.min(k, classes.length)));
+    return { label: classes[order[0]], score: p[order[0]],
+      top: order.map((j) => ({ label: classes[j], score: p[j] })) };
+  }
+
+  /** A File/Blob, or an {width, height, data} RGB image (e.g. a camera frame) -> top-k answer. */
+  async function classify(source, k = 5) {
+    const t0 = performance.now();
+    // Pixels (a camera frame) go straight to the resize, as an array does in Python.
+    const { img, exact } = source instanceof Blob ? await decode(source, pp) : { img: source, exact: true };
+    const x = prepare(img);
+    const t1 = performance.now();
+    const [p] = await probs([x]);
+    const t2 = performance.now();
+    return { ...topK(p, k), probs: Array.from(p), input: x, exact,
+      ms: { preprocess: t1 - t0, inference: t2 - t1, total: t2 - t0 } };
+  }
+
+  return { meta, classes, preprocess: pp, session, prepare, probs, topK, classify };
+}

@@ -1,0 +1,151 @@
+"""`imgclf export --format web`: the static folder, served by a plain static
+server on loopback, classifies real images in headless Chromium with the same
+labels and probabilities (within 1e-3) as `imgclf predict`, from the same
+model input bytes, and keeps working with the server gone and the network off."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .browser import browser_page, chromium_path
+from .conftest import DATASETS, imgclf, need
+
+PROB_ATOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def web(tiny_run, tmp_path_factory) -> tuple[Path, dict]:
+    run, _ = tiny_run
+    out = tmp_path_factory.mktemp("web") / "site"
+    p = imgclf("export", run, "--format", "web", "--out", out, "--json")
+    return out, json.loads(p.stdout[p.stdout.index("{"):])
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class StaticServer:
+    """python -m http.server, in a thread: what anyone would host the folder with."""
+
+    def __init__(self, folder: Path):
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                     functools.partial(_Quiet, directory=str(folder)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_web_folder(web):
+    """One command writes the page, manifest, service worker, model and the runtime."""
+    out, report = web
+    files = report["files"]
+    for f in ("index.html", "app.js", "classifier.js", "preprocess.js", "sw.js", "manifest.webmanifest",
+              "model.onnx", "model.json", "icon-192.png", "icon-512.png", "ort/ort.wasm.min.mjs",
+              "ort/ort-wasm-simd-threaded.mjs", "ort/ort-wasm-simd-threaded.wasm"):
+        assert (out / f).is_file() and (out / f).stat().st_size == files[f], f
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["classes"] == ["cats", "dogs"] and meta["preprocess"]["size"] == 224 and "run_path" not in meta
+    assert report["max_abs_diff"] <= 1e-4  # the ONNX model itself was checked against PyTorch
+    sw = (out / "sw.js").read_text()
+    assert all(f'"./{f}"' in sw for f in files if f != "sw.js")
+    # Nothing in the page reaches outside the folder.
+    for f in ("index.html", "app.js", "classifier.js", "preprocess.js", "sw.js"):
+        assert "http://" not in (out / f).read_text() and "https://" not in (out / f).read_text(), f
+
+
+def test_web_refuses_a_folder_that_is_not_an_export(tiny_run, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    p = imgclf("export", tiny_run[0], "--format", "web", "--out", tmp_path, check=False)
+    assert p.returncode != 0 and "not an earlier export" in p.stderr and (tmp_path / "notes.txt").exists()
+
+
+def real_images(tmp: Path) -> list[Path]:
+    """Validation photos: six 200x200 from cats_dogs_tiny, odd sizes from the
+    full-resolution sets (some big enough for Pillow's JPEG draft scaling), one
+    JPEG that stands on its side by EXIF orientation and one transparent PNG."""
+    from PIL import Image
+
+    tiny, full, hym = DATASETS / "cats_dogs_tiny" / "val", DATASETS / "dogs_vs_cats_2k_fullres", DATASETS / "hymenoptera"
+    paths = [*sorted(need(tiny / "cats").iterdir())[:3], *sorted(need(tiny / "dogs").iterdir())[:3],
+             need(full / "dogs" / "dog.1.jpg"),  # 327x499
+             need(full / "cats" / "cat.10.jpg"),  # 489x499: decoded at 1/2 scale by Pillow
+             need(hym / "val" / "ants" / "desert_ant.jpg"),  # 812x642: 1/2
+             need(hym / "train" / "ants" / "Nepenthes_rafflesiana_ant.jpg")]  # 1488x1984: 1/4
+    src = Image.open(paths[7])
+    exif = src.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    src.save(tmp / "rotated.jpg", quality=90, exif=exif.tobytes())
+    rgba = Image.open(paths[6]).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    rgba.save(tmp / "transparent.png")
+    return paths + [tmp / "rotated.jpg", tmp / "transparent.png"]
+
+
+LAST = """() => { const a = window.imgclfLast; let s = '';
+  for (const b of a.input.data) s += String.fromCharCode(b);
+  return {label: a.label, probs: a.probs, top: a.top, input: btoa(s), ms: a.ms}; }"""
+
+
+def classify_in_page(page, path: Path) -> dict:
+    """Pick the file with the page's own file input and read its answer."""
+    page.set_input_files("#file", str(path))
+    page.wait_for_function("(n) => document.getElementById('status').textContent === 'done: ' + n",
+                           arg=path.name, timeout=30_000)
+    return page.evaluate(LAST)
+
+
+def predict_cli(model: Path, paths: list[Path]) -> dict[str, dict]:
+    p = imgclf("predict", model, *paths, "--format", "json", "--top-k", "2")
+    return {Path(r["path"]).name: r for r in json.loads(p.stdout[p.stdout.index("["):])}
+
+
+def test_browser_matches_predict_and_works_offline(web, tmp_path):
+    """The headline test: what `imgclf predict` says is what the page says."""
+    from imgclf.data.preprocess import Preprocess
+
+    chromium_path()
+    out, _ = web
+    paths = real_images(tmp_path)
+    want = predict_cli(out / "model.onnx", paths)
+    pp = Preprocess.from_dict(json.loads((out / "model.json").read_text())["preprocess"])
+    server = StaticServer(out)
+    try:
+        with browser_page() as page:
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(server.url)
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('ready')",
+                                   timeout=60_000)
+            got = {}
+            for p in paths:
+                got[p.name] = classify_in_page(page, p)
+                x_js = np.frombuffer(base64.b64decode(got[p.name]["input"]), np.uint8).reshape(pp.size, pp.size, 3)
+                x_py = pp.load(p).astype(int)
+                d = np.abs(x_js.astype(int) - x_py)
+                print(p.name, "input diff: pixels", int((d > 0).sum()), "max", int(d.max()),
+                      "prob diff", abs(got[p.name]["probs"][0] - want[p.name]["top"][0]["score"]
+                                       if want[p.name]["top"][0]["label"] == "cats" else 0),
+                      got[p.name]["ms"])
+            for name, r in want.items():
+                g = got[name]
+                assert g["label"] == r["label"], name
+                p_py = {t["label"]: t["score"] for t in r["top"]}
+                p_js = dict(zip(["cats", "dogs"], g["probs"]))
+                assert all(abs(p_js[c] - p_py[c]) <= PROB_ATOL for c in p_py), (name, p_js, p_py)
+    finally:
+        server.stop()
