@@ -46,15 +46,17 @@ class StaticServer:
         self.thread.start()
 
     def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        if self.thread.is_alive():
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.thread.join()
 
 
 def test_web_folder(web):
     """One command writes the page, manifest, service worker, model and the runtime."""
     out, report = web
     files = report["files"]
-    for f in ("index.html", "app.js", "classifier.js", "preprocess.js", "sw.js", "manifest.webmanifest",
+    for f in ("index.html", "app.js", "classifier.js", "preprocess.js", "jpeg.js", "sw.js", "manifest.webmanifest",
               "model.onnx", "model.json", "icon-192.png", "icon-512.png", "ort/ort.wasm.min.mjs",
               "ort/ort-wasm-simd-threaded.mjs", "ort/ort-wasm-simd-threaded.wasm"):
         assert (out / f).is_file() and (out / f).stat().st_size == files[f], f
@@ -114,8 +116,28 @@ def predict_cli(model: Path, paths: list[Path]) -> dict[str, dict]:
     return {Path(r["path"]).name: r for r in json.loads(p.stdout[p.stdout.index("["):])}
 
 
+DROP = """([name, b64]) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const dt = new DataTransfer(); dt.items.add(new File([bytes], name, {type: 'image/jpeg'}));
+  document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true})); }"""
+
+
+def check_answers(got: dict, want: dict, inputs: dict) -> None:
+    """Same model input (within 1 level; in practice identical), same label,
+    probabilities within PROB_ATOL."""
+    for name, g in got.items():
+        x_js = np.frombuffer(base64.b64decode(g["input"]), np.uint8).astype(int)
+        diff = int(np.abs(x_js - inputs[name].reshape(-1)).max())
+        assert diff <= 1, f"{name}: the page's model input differs from Python's by up to {diff} levels"
+        assert g["label"] == want[name]["label"], (name, g["top"], want[name]["top"])
+        p_py = {t["label"]: t["score"] for t in want[name]["top"]}
+        p_js = {t["label"]: t["score"] for t in g["top"]}
+        assert p_js.keys() == p_py.keys() and all(abs(p_js[c] - p_py[c]) <= PROB_ATOL for c in p_py), (name, p_js, p_py)
+
+
 def test_browser_matches_predict_and_works_offline(web, tmp_path):
-    """The headline test: what `imgclf predict` says is what the page says."""
+    """The headline test: a plain static server, Chromium, real photos; the page
+    says what `imgclf predict` says; then the server goes away, the network is
+    cut, the page reloads from its service worker and still classifies."""
     from imgclf.data.preprocess import Preprocess
 
     chromium_path()
@@ -123,29 +145,51 @@ def test_browser_matches_predict_and_works_offline(web, tmp_path):
     paths = real_images(tmp_path)
     want = predict_cli(out / "model.onnx", paths)
     pp = Preprocess.from_dict(json.loads((out / "model.json").read_text())["preprocess"])
+    inputs = {p.name: pp.load(p).astype(int) for p in paths}
     server = StaticServer(out)
+    fake_camera = ("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")
     try:
-        with browser_page() as page:
+        with browser_page(extra_args=fake_camera) as page:
             requests: list[str] = []
             page.on("request", lambda r: requests.append(r.url))
             page.goto(server.url)
             page.wait_for_function("document.getElementById('status').textContent.startsWith('ready')",
                                    timeout=60_000)
-            got = {}
-            for p in paths:
-                got[p.name] = classify_in_page(page, p)
-                x_js = np.frombuffer(base64.b64decode(got[p.name]["input"]), np.uint8).reshape(pp.size, pp.size, 3)
-                x_py = pp.load(p).astype(int)
-                d = np.abs(x_js.astype(int) - x_py)
-                print(p.name, "input diff: pixels", int((d > 0).sum()), "max", int(d.max()),
-                      "prob diff", abs(got[p.name]["probs"][0] - want[p.name]["top"][0]["score"]
-                                       if want[p.name]["top"][0]["label"] == "cats" else 0),
-                      got[p.name]["ms"])
-            for name, r in want.items():
-                g = got[name]
-                assert g["label"] == r["label"], name
-                p_py = {t["label"]: t["score"] for t in r["top"]}
-                p_js = dict(zip(["cats", "dogs"], g["probs"]))
-                assert all(abs(p_js[c] - p_py[c]) <= PROB_ATOL for c in p_py), (name, p_js, p_py)
+            assert "cats, dogs" in page.inner_text("#model-info")
+            got = {p.name: classify_in_page(page, p) for p in paths[:-1]}
+            # Drag and drop, the other way in.
+            page.evaluate(DROP, [paths[-1].name, base64.b64encode(paths[-1].read_bytes()).decode()])
+            page.wait_for_function("(n) => document.getElementById('status').textContent === 'done: ' + n",
+                                   arg=paths[-1].name, timeout=30_000)
+            got[paths[-1].name] = page.evaluate(LAST)
+            check_answers(got, want, inputs)
+            shown = page.locator("#top li")
+            assert shown.count() == 2 and page.inner_text("#label") == want[paths[-1].name]["label"]
+            assert page.locator("#top li .cls").first.inner_text() == want[paths[-1].name]["label"]
+
+            # The camera (Chromium's fake device): a frame goes through the same resize and model.
+            page.click("#camera-start")
+            page.wait_for_function("document.getElementById('video').videoWidth > 0", timeout=20_000)
+            page.click("#capture")
+            page.wait_for_function("document.getElementById('status').textContent === 'done: camera frame'",
+                                   timeout=30_000)
+            cam = page.evaluate(LAST)
+            assert cam["label"] in ("cats", "dogs") and abs(sum(t["score"] for t in cam["top"]) - 1) < 1e-4
+            page.click("#camera-stop")
+
+            # Installable: manifest and service worker as Chromium judges them.
+            page.wait_for_function("document.body.dataset.offlineReady === '1'", timeout=60_000)
+            errors = page.context.new_cdp_session(page).send("Page.getInstallabilityErrors")["installabilityErrors"]
+            assert [e for e in errors if e["errorId"] != "in-incognito"] == []  # Playwright's contexts are incognito
+            assert all(u.startswith(server.url) or u.startswith(("blob:", "data:")) for u in requests), requests
+
+            # Offline: no server, no network; reload and classify again.
+            server.stop()
+            page.context.set_offline(True)
+            page.reload()
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('ready')",
+                                   timeout=60_000)
+            again = {p.name: classify_in_page(page, p) for p in (paths[0], paths[9])}
+            check_answers(again, want, inputs)
     finally:
         server.stop()
