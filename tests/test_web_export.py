@@ -193,3 +193,86 @@ def test_browser_matches_predict_and_works_offline(web, tmp_path):
             check_answers(again, want, inputs)
     finally:
         server.stop()
+
+
+PORT = """async (cases) => {
+  // Each case: input file, expected file, what to do. Returns, per case, how
+  // many bytes differ from Pillow's (and the largest difference).
+  const P = await import('./preprocess.js'), J = await import('./jpeg.js');
+  const load = async (u) => new Uint8Array(await (await fetch(u)).arrayBuffer());
+  const out = [];
+  for (const c of cases) {
+    const input = await load(c.input), want = await load(c.want);
+    let got;
+    if (c.jpeg) got = J.decodeJpegScaled(input, c.jpeg);
+    else {
+      const img = {width: c.width, height: c.height, data: input};
+      got = c.pp === 'shrink' ? P.shrink(img, 224) : P.resizeImage(img, c.pp);
+    }
+    if (!got || got.data.length !== want.length) { out.push([-1, -1]); continue; }
+    let n = 0, max = 0;
+    for (let i = 0; i < want.length; i++) { const d = Math.abs(got.data[i] - want[i]); if (d) { n++; max = Math.max(max, d); } }
+    out.push([n, max]);
+  }
+  return out;
+}"""
+
+
+def port_cases(folder: Path) -> list[dict]:
+    """Inputs and Pillow's outputs as raw files under `folder`, described for PORT."""
+    from PIL import Image
+
+    from imgclf.data.images import open_image, shrink
+    from imgclf.data.preprocess import Preprocess, resize_image
+
+    photo = need(DATASETS / "hymenoptera" / "val" / "ants" / "desert_ant.jpg")
+    imgs = [open_image(need(DATASETS / "cats_dogs_tiny" / "val" / "cats" / "cat.2003.jpg")),
+            open_image(need(DATASETS / "dogs_vs_cats_2k_fullres" / "dogs" / "dog.1.jpg")), open_image(photo)]
+    pps = [Preprocess(), Preprocess(crop_pct=0.875), Preprocess(size=64, resize="squash", interpolation="bicubic"),
+           Preprocess(size=96, resize="pad", pad_color=(10, 200, 30)), Preprocess(size=160, interpolation="bicubic")]
+    big = imgs[2].resize((1200, 900))
+    todo = [(im, pp) for im in imgs for pp in pps]
+    todo += [(imgs[2].resize((3000, 40)), Preprocess()),  # the centre-square box path
+             (big, Preprocess(size=48, resize="squash")),  # reduce((8, 6)) before resampling
+             (big, "shrink")]
+    cases = []
+    for i, (im, pp) in enumerate(todo):
+        (folder / f"in{i}").write_bytes(np.asarray(im).tobytes())
+        (folder / f"want{i}").write_bytes(np.asarray(shrink(im, 224) if pp == "shrink" else resize_image(im, pp)).tobytes())
+        cases.append({"input": f"../data/in{i}", "want": f"../data/want{i}", "width": im.width, "height": im.height,
+                      "pp": pp if pp == "shrink" else pp.to_dict(), "what": f"{im.size} {pp}"})
+    src = Image.open(photo)
+    variants = {"grayscale": {}, "progressive": {"progressive": True}, "4:2:2": {"subsampling": 1},
+                "4:4:4 progressive": {"subsampling": 0, "progressive": True}, "restarts": {"restart_marker_blocks": 3}}
+    for name, kw in variants.items():
+        f = folder / f"{len(cases)}.jpg"
+        (src.convert("L") if name == "grayscale" else src).save(f, "JPEG", quality=85, **kw)
+        for s, draft in ((2, 300), (4, 160), (8, 80)):
+            im = Image.open(f)
+            im.draft(im.mode, (draft, draft))
+            assert im.size[0] == -(-src.width // s)  # Pillow does decode at 1/s
+            (folder / f"want{len(cases)}").write_bytes(np.asarray(im.convert("RGB")).tobytes())
+            cases.append({"input": f"../data/{f.name}", "want": f"../data/want{len(cases)}", "jpeg": s,
+                          "what": f"{name} JPEG at 1/{s}"})
+    return cases
+
+
+def test_preprocess_port_matches_pillow(web, tmp_path):
+    """preprocess.js and jpeg.js against Pillow itself, beyond what the tiny
+    model uses: every resize policy, bicubic, integer reduce (reducing_gap and
+    shrink), the extreme-aspect box path, and JPEG draft decoding at 1/2, 1/4
+    and 1/8 of grayscale, progressive, 4:2:2, 4:4:4 and restart-marker files:
+    byte for byte."""
+    chromium_path()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "site").symlink_to(web[0].resolve(), target_is_directory=True)
+    cases = port_cases(tmp_path / "data")
+    server = StaticServer(tmp_path)
+    try:
+        with browser_page() as page:
+            page.goto(server.url + "site/model.json")
+            result = page.evaluate(PORT, cases)
+    finally:
+        server.stop()
+    wrong = [(c["what"], n, mx) for c, (n, mx) in zip(cases, result) if n != 0]
+    assert not wrong, f"(case, bytes that differ from Pillow, largest difference): {wrong}"
