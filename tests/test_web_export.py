@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from .browser import browser_page, chromium_path
-from .conftest import DATASETS, imgclf, need
+from .conftest import DATASETS, ROOT, imgclf, need
 
 PROB_ATOL = 1e-3
 
@@ -265,14 +265,25 @@ def test_preprocess_port_matches_pillow(web, tmp_path):
     byte for byte."""
     chromium_path()
     (tmp_path / "data").mkdir()
-    (tmp_path / "site").symlink_to(web[0].resolve(), target_is_directory=True)
+    (tmp_path / "web").symlink_to(web[0].resolve(), target_is_directory=True)
     cases = port_cases(tmp_path / "data")
+    # The README's "in your own page" snippet, as written, in a page beside the folder.
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme[readme.index("In your own page"):].split("```html\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "own.html").write_text(f"<!doctype html><title>mine</title>\n{snippet}")
+    cat = need(DATASETS / "cats_dogs_tiny" / "val" / "cats" / "cat.2004.jpg")
     server = StaticServer(tmp_path)
     try:
         with browser_page() as page:
-            page.goto(server.url + "site/model.json")
+            page.goto(server.url + "web/model.json")
             result = page.evaluate(PORT, cases)
+            page.goto(server.url + "own.html")
+            page.wait_for_function("document.getElementById('pick').onchange !== null", timeout=60_000)
+            with page.expect_console_message(timeout=30_000) as message:
+                page.set_input_files("#pick", str(cat))
+            label, score = message.value.args[0].json_value(), message.value.args[1].json_value()
     finally:
         server.stop()
     wrong = [(c["what"], n, mx) for c, (n, mx) in zip(cases, result) if n != 0]
     assert not wrong, f"(case, bytes that differ from Pillow, largest difference): {wrong}"
+    assert label == "cats" and 0.5 < score <= 1, (label, score)

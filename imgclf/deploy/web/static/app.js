@@ -11,6 +11,7 @@ const ready = loadClassifier("./").then((c) => {
   document.title = `imgclf: ${c.classes.join(", ")}`.slice(0, 80);
   $("model-info").textContent = `${m.arch}, ${c.classes.length} classes (${c.classes.join(", ")}), ` +
     `${m.input_size} px ${m.resize}` + (acc !== undefined ? `, held-out accuracy ${(acc * 100).toFixed(1)}%` : "");
+  window.imgclfReadyAt = performance.now(); // ms since navigation: bench/bench_web.py reads it
   status("ready: choose, drop or photograph an image");
   return c;
 }).catch((e) => { status(`could not load the model: ${e.message || e}`); throw e; });
