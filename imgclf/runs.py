@@ -55,23 +55,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def check_replaceable_folder(path: Path, marker: str) -> None:
-    """Refuse to overwrite anything but an empty folder or an earlier output holding `marker`."""
+def check_replaceable_folder(path: Path, is_ours) -> None:
+    """Refuse to overwrite anything but an empty folder or an earlier output
+    (`is_ours(path)` says which), so a mistyped --out never deletes a user's folder."""
     from imgclf.errors import ConfigError
 
-    if path.exists() and not (path.is_dir() and (path / marker).exists()) and (path.is_file() or any(path.iterdir())):
+    if path.exists() and not (path.is_dir() and is_ours(path)) and (path.is_file() or any(path.iterdir())):
         raise ConfigError(f"--out {path} already exists and is not an earlier export of this kind",
                           "give a new or empty folder, or delete that one")
 
 
-def atomic_write_folder(path: str | Path, files: dict[str, bytes], marker: str) -> None:
+def atomic_write_folder(path: str | Path, files: dict[str, bytes], is_ours) -> None:
     """Write a folder of files (relative path -> bytes) beside `path`, then
-    rename it into place. An existing folder is replaced only when it holds
-    `marker`, i.e. it is an earlier output of the same kind: never a user's folder."""
+    rename it into place. An existing folder is replaced only when
+    `is_ours(path)`: an earlier output of the same kind, never a user's folder."""
     import shutil
 
     path = Path(path)
-    check_replaceable_folder(path, marker)
+    check_replaceable_folder(path, is_ours)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:

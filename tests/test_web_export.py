@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import functools
 import http.server
-import io
 import json
 import threading
 from pathlib import Path

@@ -161,18 +161,18 @@ def export(cfg: ExportConfig, printer=print) -> dict:
     run = RunDir(cfg.run)
     out = Path(cfg.out) if cfg.out else run.export_file(cfg.format, cfg.int8)
     if cfg.format == "web":  # a folder: say now, not after the export, that --out is taken
-        from imgclf.deploy.web.site import MARKER
+        from imgclf.deploy.web.site import is_export
 
-        check_replaceable_folder(out, MARKER)
+        check_replaceable_folder(out, is_export)
     src = load_source(run, cfg.check_images)
     meta = metadata(src, cfg.int8)
     report: dict = {"format": cfg.format, "path": str(out), "int8": cfg.int8, "classes": src.record["classes"],
                     "input_size": src.pp.size, "check_split": src.split, "check_images": len(src.x_check)}
     data = EXPORTERS[cfg.format](src, cfg, meta, report, printer)
     if isinstance(data, dict):  # a folder: relative path -> content
-        from imgclf.deploy.web.site import MARKER
+        from imgclf.deploy.web.site import is_export
 
-        atomic_write_folder(out, data, MARKER)
+        atomic_write_folder(out, data, is_export)
         report["bytes"] = sum(map(len, data.values()))
         report["files"] = {k: len(v) for k, v in sorted(data.items())}
         printer(f"wrote {out}/ ({len(data)} files, {report['bytes'] / 1e6:.1f} MB); try it: "

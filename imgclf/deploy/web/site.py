@@ -8,10 +8,18 @@ import json
 from pathlib import Path
 
 from imgclf.errors import ExportError
+from imgclf.inference.onnx_predictor import FORMAT
 
 STATIC = Path(__file__).resolve().parent / "static"
-MARKER = "model.json"  # what makes a folder an earlier web export (atomic_write_folder replaces only those)
 INTERPOLATIONS = ("bilinear", "bicubic")  # the Pillow filters static/preprocess.js reproduces
+
+
+def is_export(folder: Path) -> bool:
+    """An earlier web export (which a new one may replace): its model.json says so."""
+    try:
+        return json.loads((folder / "model.json").read_text())["format"] == FORMAT and (folder / "sw.js").exists()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def require_runtime() -> Path:

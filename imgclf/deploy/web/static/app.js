@@ -30,7 +30,8 @@ function show(answer, previewUrl) {
   }));
   const ms = answer.ms;
   $("timing").textContent = `${ms.total.toFixed(0)} ms (preprocessing ${ms.preprocess.toFixed(0)} ms, ` +
-    `model ${ms.inference.toFixed(0)} ms)`;
+    `model ${ms.inference.toFixed(0)} ms)` +
+    (answer.exact ? "" : "; this kind of JPEG (CMYK or arithmetic-coded) was resized approximately");
   $("result").hidden = false;
 }
 

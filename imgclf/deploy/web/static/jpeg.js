@@ -84,62 +84,72 @@ function parse(data) {
     const m = data[pos + 1];
     if (m === 0xff) { pos++; continue; }
     pos += 2;
-    if (m === 0xd8 || (m >= 0xd0 && m <= 0xd7) || m === 0x01) continue;
+    if (m === 0xd8 || (m >= 0xd0 && m <= 0xd7) || m === 0x01) continue; // no length
     if (m === 0xd9) break;
-    const len = (data[pos] << 8) | data[pos + 1], end = pos + len, p = pos + 2;
-    if (m === 0xc0 || m === 0xc1 || m === 0xc2) {
-      if (data[p] !== 8) throw new Unsupported(`${data[p]}-bit JPEG`);
-      const height = (data[p + 1] << 8) | data[p + 2], width = (data[p + 3] << 8) | data[p + 4], n = data[p + 5];
-      const comps = [];
-      for (let i = 0; i < n; i++) {
-        const q = p + 6 + i * 3;
-        comps.push({ id: data[q], h: data[q + 1] >> 4, v: data[q + 1] & 15, tq: data[q + 2] });
-      }
-      f.frame = { progressive: m === 0xc2, width, height, comps };
-      if (!height) throw new Unsupported("DNL-defined height");
-      setupComponents(f.frame);
-    } else if (m >= 0xc3 && m <= 0xcf && m !== 0xc4 && m !== 0xc8 && m !== 0xcc) {
-      throw new Unsupported("arithmetic, lossless or hierarchical JPEG");
-    } else if (m === 0xc4) {
-      for (let q = p; q < end;) {
-        const tc = data[q] >> 4, th = data[q] & 15, counts = data.subarray(q + 1, q + 17);
-        const total = counts.reduce((a, b) => a + b, 0);
-        (tc ? f.ac : f.dc)[th] = huffmanTable(counts, data.slice(q + 17, q + 17 + total));
-        q += 17 + total;
-      }
-    } else if (m === 0xdb) {
-      for (let q = p; q < end;) {
-        const pq = data[q] >> 4, tq = data[q] & 15, table = new Int32Array(64);
-        for (let i = 0; i < 64; i++) table[ZIGZAG[i]] = pq ? (data[q + 1 + 2 * i] << 8) | data[q + 2 + 2 * i] : data[q + 1 + i];
-        f.qt[tq] = table;
-        q += 1 + (pq ? 128 : 64);
-      }
-    } else if (m === 0xdd) {
-      f.restart = (data[p] << 8) | data[p + 1];
-    } else if (m === 0xe0 && data[p] === 0x4a && data[p + 1] === 0x46) {
-      f.jfif = true;
-    } else if (m === 0xee && String.fromCharCode(...data.subarray(p, p + 5)) === "Adobe") {
-      f.adobe = data[p + 11];
-    } else if (m === 0xe1 && String.fromCharCode(...data.subarray(p, p + 4)) === "Exif" && f.orientation === 1) {
-      f.orientation = exifOrientation(data, p + 6, end);
-    } else if (m === 0xda) {
-      if (!f.frame) throw new Unsupported("scan before frame header");
-      const n = data[p], scomps = [];
-      for (let i = 0; i < n; i++) {
-        const c = f.frame.comps.find((x) => x.id === data[p + 1 + 2 * i]);
-        c.dcTable = f.dc[data[p + 2 + 2 * i] >> 4]; c.acTable = f.ac[data[p + 2 + 2 * i] & 15];
-        scomps.push(c);
-      }
-      const q = p + 1 + 2 * n;
-      const scan = { comps: scomps, ss: data[q], se: data[q + 1], ah: data[q + 2] >> 4, al: data[q + 2] & 15 };
-      pos = decodeScan(data, end, f, scan);
-      f.scans++;
-      continue;
-    }
+    const end = pos + ((data[pos] << 8) | data[pos + 1]), p = pos + 2;
+    if (m === 0xda) { pos = decodeScan(data, end, f, readScanHeader(data, p, f)); f.scans++; continue; }
+    readSegment(m, data, p, end, f);
     pos = end;
   }
   if (!f.frame || !f.scans) throw new Unsupported("no image data");
   return f;
+}
+
+const text = (data, p, n) => String.fromCharCode(...data.subarray(p, p + n));
+
+function readSegment(m, data, p, end, f) {
+  if (m === 0xc0 || m === 0xc1 || m === 0xc2) f.frame = readFrame(data, p, m === 0xc2);
+  else if (m >= 0xc3 && m <= 0xcf && m !== 0xc4 && m !== 0xc8 && m !== 0xcc) {
+    throw new Unsupported("arithmetic, lossless or hierarchical JPEG");
+  } else if (m === 0xc4) readHuffman(data, p, end, f);
+  else if (m === 0xdb) readQuant(data, p, end, f);
+  else if (m === 0xdd) f.restart = (data[p] << 8) | data[p + 1];
+  else if (m === 0xe0 && text(data, p, 4) === "JFIF") f.jfif = true;
+  else if (m === 0xee && text(data, p, 5) === "Adobe") f.adobe = data[p + 11];
+  else if (m === 0xe1 && text(data, p, 4) === "Exif" && f.orientation === 1) f.orientation = exifOrientation(data, p + 6, end);
+}
+
+function readFrame(data, p, progressive) {
+  if (data[p] !== 8) throw new Unsupported(`${data[p]}-bit JPEG`);
+  const height = (data[p + 1] << 8) | data[p + 2], width = (data[p + 3] << 8) | data[p + 4], comps = [];
+  if (!height) throw new Unsupported("DNL-defined height");
+  for (let i = 0, q = p + 6; i < data[p + 5]; i++, q += 3) {
+    comps.push({ id: data[q], h: data[q + 1] >> 4, v: data[q + 1] & 15, tq: data[q + 2] });
+  }
+  const frame = { progressive, width, height, comps };
+  setupComponents(frame);
+  return frame;
+}
+
+function readHuffman(data, p, end, f) {
+  for (let q = p; q < end;) {
+    const tc = data[q] >> 4, th = data[q] & 15, counts = data.subarray(q + 1, q + 17);
+    const total = counts.reduce((a, b) => a + b, 0);
+    (tc ? f.ac : f.dc)[th] = huffmanTable(counts, data.slice(q + 17, q + 17 + total));
+    q += 17 + total;
+  }
+}
+
+function readQuant(data, p, end, f) {
+  for (let q = p; q < end;) {
+    const pq = data[q] >> 4, table = new Int32Array(64);
+    for (let i = 0; i < 64; i++) table[ZIGZAG[i]] = pq ? (data[q + 1 + 2 * i] << 8) | data[q + 2 + 2 * i] : data[q + 1 + i];
+    f.qt[data[q] & 15] = table;
+    q += 1 + (pq ? 128 : 64);
+  }
+}
+
+function readScanHeader(data, p, f) {
+  if (!f.frame) throw new Unsupported("scan before frame header");
+  const n = data[p], comps = [];
+  for (let i = 0; i < n; i++) {
+    const c = f.frame.comps.find((x) => x.id === data[p + 1 + 2 * i]);
+    if (!c) throw new Unsupported("scan of an unknown component");
+    c.dcTable = f.dc[data[p + 2 + 2 * i] >> 4]; c.acTable = f.ac[data[p + 2 + 2 * i] & 15];
+    comps.push(c);
+  }
+  const q = p + 1 + 2 * n;
+  return { comps, ss: data[q], se: data[q + 1], ah: data[q + 2] >> 4, al: data[q + 2] & 15 };
 }
 
 function exifOrientation(d, t, end) {
