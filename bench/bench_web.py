@@ -78,7 +78,8 @@ def browser_numbers(web: Path, groups: dict[str, list[Path]]) -> tuple[list[dict
             page.wait_for_function("window.imgclfReadyAt !== undefined", timeout=120_000)
             first = pick(page, next(iter(groups.values()))[1])
             wall = (time.perf_counter() - t0) * 1000
-            loads.append({"visit": "again (service worker cache)", "model ready ms": f"{page.evaluate('window.imgclfReadyAt'):.0f}",
+            ready = page.evaluate("window.imgclfReadyAt")
+            loads.append({"visit": "again (service worker cache)", "model ready ms": f"{ready:.0f}",
                           "first prediction ms": f"{first['ms']['total']:.0f}",
                           "time to first prediction ms": f"{wall:.0f}"})
             browser.close()

@@ -81,7 +81,8 @@ def real_images(tmp: Path) -> list[Path]:
     JPEG that stands on its side by EXIF orientation and one transparent PNG."""
     from PIL import Image
 
-    tiny, full, hym = DATASETS / "cats_dogs_tiny" / "val", DATASETS / "dogs_vs_cats_2k_fullres", DATASETS / "hymenoptera"
+    tiny, full = DATASETS / "cats_dogs_tiny" / "val", DATASETS / "dogs_vs_cats_2k_fullres"
+    hym = DATASETS / "hymenoptera"
     paths = [*sorted(need(tiny / "cats").iterdir())[:3], *sorted(need(tiny / "dogs").iterdir())[:3],
              need(full / "dogs" / "dog.1.jpg"),  # 327x499
              need(full / "cats" / "cat.10.jpg"),  # 489x499: decoded at 1/2 scale by Pillow
@@ -210,7 +211,10 @@ PORT = """async (cases) => {
     }
     if (!got || got.data.length !== want.length) { out.push([-1, -1]); continue; }
     let n = 0, max = 0;
-    for (let i = 0; i < want.length; i++) { const d = Math.abs(got.data[i] - want[i]); if (d) { n++; max = Math.max(max, d); } }
+    for (let i = 0; i < want.length; i++) {
+      const d = Math.abs(got.data[i] - want[i]);
+      if (d) { n++; max = Math.max(max, d); }
+    }
     out.push([n, max]);
   }
   return out;
@@ -237,7 +241,8 @@ def port_cases(folder: Path) -> list[dict]:
     cases = []
     for i, (im, pp) in enumerate(todo):
         (folder / f"in{i}").write_bytes(np.asarray(im).tobytes())
-        (folder / f"want{i}").write_bytes(np.asarray(shrink(im, 224) if pp == "shrink" else resize_image(im, pp)).tobytes())
+        out = shrink(im, 224) if pp == "shrink" else resize_image(im, pp)
+        (folder / f"want{i}").write_bytes(np.asarray(out).tobytes())
         cases.append({"input": f"../data/in{i}", "want": f"../data/want{i}", "width": im.width, "height": im.height,
                       "pp": pp if pp == "shrink" else pp.to_dict(), "what": f"{im.size} {pp}"})
     src = Image.open(photo)

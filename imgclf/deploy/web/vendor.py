@@ -30,7 +30,8 @@ VERSION = "1.30.0"
 TARBALL = f"https://registry.npmjs.org/onnxruntime-web/-/onnxruntime-web-{VERSION}.tgz"
 # npm's dist.integrity for that tarball (`npm view onnxruntime-web@1.30.0 dist.integrity`).
 INTEGRITY = "sha512-q0y+JrrtukXSzsBWEMccVfqX25LRmosXHF+CaRJmg8pZClzcV7svNc4rKY3jL02Vb7QmRMDs1SigqR4CXAfKYQ=="
-FILES = ("dist/ort.wasm.min.mjs", "dist/ort-wasm-simd-threaded.mjs", "dist/ort-wasm-simd-threaded.wasm")  # MIT; the notice is in each file
+# MIT licensed; the notice is in each file.
+FILES = ("dist/ort.wasm.min.mjs", "dist/ort-wasm-simd-threaded.mjs", "dist/ort-wasm-simd-threaded.wasm")
 VENDOR = Path(__file__).resolve().parent / "vendor"
 STAMP = VENDOR / f"onnxruntime-web-{VERSION}"
 

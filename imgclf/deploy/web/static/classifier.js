@@ -97,5 +97,8 @@ export async function loadClassifier(base = "./", options = {}) {
       ms: { preprocess: t1 - t0, inference: t2 - t1, total: t2 - t0 } };
   }
 
+  // One run on a blank image: the wasm's first call is several times slower
+  // (bench/bench_web.py), better spent while the page says "loading".
+  if (options.warmUp !== false) await probs([{ data: new Uint8Array(pp.size * pp.size * 3) }]);
   return { meta, classes, preprocess: pp, session, prepare, probs, topK, classify };
 }

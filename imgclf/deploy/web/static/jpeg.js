@@ -106,7 +106,9 @@ function readSegment(m, data, p, end, f) {
   else if (m === 0xdd) f.restart = (data[p] << 8) | data[p + 1];
   else if (m === 0xe0 && text(data, p, 4) === "JFIF") f.jfif = true;
   else if (m === 0xee && text(data, p, 5) === "Adobe") f.adobe = data[p + 11];
-  else if (m === 0xe1 && text(data, p, 4) === "Exif" && f.orientation === 1) f.orientation = exifOrientation(data, p + 6, end);
+  else if (m === 0xe1 && text(data, p, 4) === "Exif" && f.orientation === 1) {
+    f.orientation = exifOrientation(data, p + 6, end);
+  }
 }
 
 function readFrame(data, p, progressive) {
@@ -133,7 +135,9 @@ function readHuffman(data, p, end, f) {
 function readQuant(data, p, end, f) {
   for (let q = p; q < end;) {
     const pq = data[q] >> 4, table = new Int32Array(64);
-    for (let i = 0; i < 64; i++) table[ZIGZAG[i]] = pq ? (data[q + 1 + 2 * i] << 8) | data[q + 2 + 2 * i] : data[q + 1 + i];
+    for (let i = 0; i < 64; i++) {
+      table[ZIGZAG[i]] = pq ? (data[q + 1 + 2 * i] << 8) | data[q + 2 + 2 * i] : data[q + 1 + i];
+    }
     f.qt[data[q] & 15] = table;
     q += 1 + (pq ? 128 : 64);
   }
@@ -267,7 +271,8 @@ function decodeScan(data, pos, f, scan) {
   }
   // Continue after the scan's data: the next marker that is not a restart.
   let p = r.pos;
-  while (p + 1 < data.length && !(data[p] === 0xff && data[p + 1] !== 0 && !(data[p + 1] >= 0xd0 && data[p + 1] <= 0xd7))) p++;
+  const isMarker = (i) => data[i] === 0xff && data[i + 1] !== 0 && !(data[i + 1] >= 0xd0 && data[i + 1] <= 0xd7);
+  while (p + 1 < data.length && !isMarker(p)) p++;
   return p;
 }
 
@@ -370,7 +375,9 @@ function componentPlane(f, c, size) {
   const rows = fr.mcusPerColumn * c.v, cols = c.stride, stride = cols * size;
   const data = new Uint8Array(rows * size * stride);
   for (let br = 0; br < rows; br++) {
-    for (let bc = 0; bc < cols; bc++) idct(c.coefs, (br * cols + bc) * 64, q, ws, data, stride, br * size * stride + bc * size);
+    for (let bc = 0; bc < cols; bc++) {
+      idct(c.coefs, (br * cols + bc) * 64, q, ws, data, stride, br * size * stride + bc * size);
+    }
   }
   return {
     width: Math.ceil((fr.width * c.h * size) / (fr.hmax * 8)),
@@ -466,7 +473,8 @@ export function orient(img, orientation) {
   const w = swap ? H : W, h = swap ? W : H, out = new Uint8Array(data.length);
   const src = [null, null,
     (x, y) => [W - 1 - x, y], (x, y) => [W - 1 - x, H - 1 - y], (x, y) => [x, H - 1 - y],
-    (x, y) => [y, x], (x, y) => [y, H - 1 - x], (x, y) => [W - 1 - y, H - 1 - x], (x, y) => [W - 1 - y, x]][orientation];
+    (x, y) => [y, x], (x, y) => [y, H - 1 - x], (x, y) => [W - 1 - y, H - 1 - x],
+    (x, y) => [W - 1 - y, x]][orientation];
   for (let y = 0, o = 0; y < h; y++) {
     for (let x = 0; x < w; x++, o += 3) {
       const [sx, sy] = src(x, y), s = (sy * W + sx) * 3;
