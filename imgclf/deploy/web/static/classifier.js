@@ -9,6 +9,8 @@ import * as ort from "./ort/ort.wasm.min.mjs";
 import { decodeJpegScaled, orient } from "./jpeg.js";
 import { draftSize, fromRGBA, jpegDraftScale, reduce, resizeImage, shrink } from "./preprocess.js";
 
+const MAX_PIXELS = 100_000_000; // imgclf/data/images.py MAX_PIXELS: Python refuses bigger images too
+
 function isJpeg(bytes) {
   return bytes.length > 3 && bytes[0] === 0xff && bytes[1] === 0xd8 && bytes[2] === 0xff;
 }
@@ -38,6 +40,10 @@ export async function decode(blob, pp) {
   const bitmap = await createImageBitmap(blob, {
     colorSpaceConversion: "none", premultiplyAlpha: "none", imageOrientation: "from-image",
   });
+  if (bitmap.width * bitmap.height > MAX_PIXELS) {
+    bitmap.close();
+    throw new Error(`${bitmap.width}x${bitmap.height} pixels is over the limit of ${MAX_PIXELS / 1e6} MP`);
+  }
   const draft = draftSize(pp), s = jpegDraftScale(bitmap.width, bitmap.height, draft);
   let img = null, exact = true;
   if (s > 1) {

@@ -4,7 +4,10 @@
 const CACHE = `imgclf:${self.registration.scope}:${VERSION}`;
 
 self.addEventListener("install", (event) => {
-  event.waitUntil(caches.open(CACHE).then((c) => c.addAll(FILES)).then(() => self.skipWaiting()));
+  // cache: "reload": from the server, not the browser's HTTP cache, which may
+  // still hold an earlier export's model under the same URL.
+  const fresh = FILES.map((url) => new Request(url, { cache: "reload" }));
+  event.waitUntil(caches.open(CACHE).then((c) => c.addAll(fresh)).then(() => self.skipWaiting()));
 });
 
 self.addEventListener("activate", (event) => {
