@@ -291,3 +291,20 @@ def test_preprocess_port_matches_pillow(web, tmp_path):
     wrong = [(c["what"], n, mx) for c, (n, mx) in zip(cases, result) if n != 0]
     assert not wrong, f"(case, bytes that differ from Pillow, largest difference): {wrong}"
     assert label == "cats" and 0.5 < score <= 1, (label, score)
+
+
+def test_runtime_fetch_is_checked_and_its_absence_explained(tmp_path, monkeypatch):
+    """ONNX Runtime Web comes from npm at build time: a tarball that does not
+    match the registry's sha512 is refused, and without the files the export
+    says how to get them (before any model is loaded)."""
+    from imgclf.deploy.web import site, vendor
+    from imgclf.errors import ExportError
+
+    with pytest.raises(RuntimeError, match="refusing"):
+        vendor.check_integrity(b"not the onnxruntime-web tarball")
+    assert vendor.vendored() is not None  # `make setup` fetched it
+    monkeypatch.setattr(vendor, "VENDOR", tmp_path / "vendor")
+    monkeypatch.setattr(vendor, "STAMP", tmp_path / "vendor" / "stamp")
+    with pytest.raises(ExportError) as e:
+        site.require_runtime()
+    assert "make setup" in str(e.value) and "imgclf.deploy.web.vendor" in str(e.value)
