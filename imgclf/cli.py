@@ -74,6 +74,7 @@ def cmd_predict(cfg: C.PredictConfig) -> int:
     from imgclf.inference import expand_paths, load
 
     clf = load(cfg.run, device=cfg.device, engine=cfg.engine, cache_dir=cfg.cache_dir)
+    clf.set_reject(cfg.reject)
     results = clf.predict(expand_paths(cfg.paths), top_k=cfg.top_k, batch_size=cfg.batch_size)
     print_predictions(results, cfg.format)
     bad = sum("error" in r for r in results)
@@ -89,15 +90,17 @@ def print_predictions(results: list[dict], fmt: str) -> None:
         print(json.dumps(results, indent=2))
     elif fmt == "csv":
         w = csv.writer(sys.stdout)
-        w.writerow(["path", "label", "score", "top", "error"])
+        w.writerow(["path", "label", "score", "top", "unknown", "error"])
         for r in results:
             top = ";".join(f"{t['label']}:{t['score']:.4f}" for t in r.get("top", []))
             w.writerow([r["path"], r.get("label", ""), f"{r['score']:.4f}" if "score" in r else "", top,
-                        r.get("error", "")])
+                        f"{r['unknown']:.4f}" if "unknown" in r else "", r.get("error", "")])
     else:
         wp = max(10, *(len(r["path"]) for r in results)) if results else 10
         for r in results:
             body = f"ERROR {r['error']}" if "error" in r else "  ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"])
+            if "unknown" in r:
+                body = ("UNKNOWN  " if r["label"] == "unknown" else "") + body + f"  (unknown {r['unknown']:.2f})"
             print(f"{r['path']:<{wp}}  {body}")
 
 

@@ -56,6 +56,13 @@ class TrainConfig:
     resume: bool = _f(False, "continue the interrupted run in --out from its last checkpoint")
     tensorboard: bool = _f(False, "also log to RUN/tensorboard (needs `pip install tensorboard`)")
     evaluate: bool = _f(True, "evaluate on the test split (or val) when training ends")
+    multi_label: bool = _f(False, "several labels per image: sigmoid outputs, per-label thresholds (automatic for a "
+                                  "CSV with a 'labels' header or ';'-separated labels)")
+    threshold: float | None = _f(None, "multi-label: one decision threshold for every label (default: per label, "
+                                       "tuned on val for the best F1)")
+    reject: str = _f("off", "answer 'unknown' for inputs unlike the training images: auto (keeps 95%% of known "
+                            "validation images), a threshold in (0, 1] on the unknown score, or off (the score is "
+                            "still returned); stored with the model")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -87,12 +94,21 @@ class TrainConfig:
              "--val-fraction and --test-fraction must be in [0, 1) and leave images for training"),
             (self.batch_size > 0 and self.feature_batch_size > 0, "--batch-size must be positive"),
             (self.image_size is None or self.image_size >= 16, "--image-size must be at least 16"),
+            (self.threshold is None or 0 < self.threshold < 1, "--threshold must be in (0, 1)"),
+            (_valid_reject(self.reject), f"--reject {self.reject!r}: use auto, off or a number in (0, 1]"),
         ]
         for ok, msg in checks:
             if not ok:
                 from imgclf.errors import ConfigError
 
                 raise ConfigError(msg)
+
+
+def _valid_reject(v) -> bool:
+    try:
+        return v in ("auto", "off") or 0 < float(v) <= 1
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass
@@ -117,6 +133,8 @@ class EvaluateConfig(RuntimeConfig):
     suspects: bool = _f(True, "report training images whose label looks wrong (out-of-fold)")
     gradcam: bool = _f(True, "Grad-CAM heatmaps for a few predictions in the report")
     cache: bool = _f(True, "read and write the feature cache (--no-cache: compute every feature afresh)")
+    unknown: str | None = _f(None, "a folder of images from none of the classes: adds the unknown-input section "
+                                   "(AUROC, acceptance/rejection trade-off) to the report")
 
 
 @dataclass
@@ -133,6 +151,8 @@ class PredictConfig(RuntimeConfig):
     top_k: int = _f(3, "labels per image")
     format: str = _f("table", "output format", choices=("table", "json", "csv"))
     batch_size: int = _f(32, "images per model call")
+    reject: str | None = _f(None, "override the model's rejection of unknown inputs: auto, off, or a threshold "
+                                  "in (0, 1] on the unknown score")
 
 
 @dataclass
@@ -193,6 +213,8 @@ class ServeConfig:
     body_deadline_s: float = _f(120.0, "seconds a whole request body may take before a 408")
     max_connections: int = _f(256, "open connections at once (uvicorn's limit); more get 503 at once")
     public_metrics: bool = _f(False, "serve /metrics without the API key when one is set")
+    reject: str | None = _f(None, "override the model's rejection of unknown inputs: auto, off, or a threshold "
+                                  "in (0, 1] on the unknown score")
 
     @property
     def max_body_bytes(self) -> int:

@@ -174,8 +174,9 @@ def test_torchscript_export(tiny_run, exported, tiny, tmp_path):
     files = [f for fs in val_images(tiny, 2).values() for f in fs]
     x = np.stack([clf.prepare(f) for f in files])
     with torch.inference_mode():
-        p = m(torch.from_numpy(x)).numpy()
+        p, u, rejected = (t.numpy() for t in m(torch.from_numpy(x)))  # as the ONNX graph's outputs
     np.testing.assert_allclose(p, clf.probs(x), atol=1e-4)
+    assert np.abs(u - clf.outputs(x)[1]).max() <= 0.011 and not rejected.any()  # this run has --reject off
 
 
 def test_export_errors(tmp_path):

@@ -44,7 +44,8 @@ def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: fl
     counts = {c: {n: 0 for n in ("train", "val", "test")} for c in s.classes}
     for name, rel, y in entries:
         if rel in stats:
-            counts[s.classes[y]][name] += 1
+            for i in (y if isinstance(y, tuple) else (y,)):  # multi-label: an image counts for each of its labels
+                counts[s.classes[i]][name] += 1
     totals = {c: sum(v.values()) for c, v in counts.items()}
     dups = _duplicates(by_hash, s.classes, given)
     widths = [st["size"][0] for st in stats.values()] or [0]
@@ -87,7 +88,8 @@ def _duplicates(by_hash: dict, classes: list[str], given: bool) -> dict:
         multi_label = len({y for _, _, y in group}) > 1
         multi_split = given and len({n for n, _, _ in group}) > 1
         if multi_label:
-            dups["across_classes"].append({"files": files, "labels": [classes[y] for _, _, y in group]})
+            dups["across_classes"].append({"files": files, "labels": [
+                ";".join(classes[i] for i in y) if isinstance(y, tuple) else classes[y] for _, _, y in group]})
         if multi_split:
             dups["across_splits"].append({"files": files, "splits": [n for n, _, _ in group]})
         if not multi_label and not multi_split:

@@ -1,7 +1,9 @@
 """From a folder (or CSV) to reproducible, stratified splits and a DataLoader.
 
 Layouts, detected in this order:
-  * a CSV file of `path,label` rows (paths relative to the CSV's folder);
+  * a CSV file of `path,label` rows (paths relative to the CSV's folder), or
+    `path,labels` with several labels per image separated by ";" (an empty
+    value: none of the labels): multi-label, where an item's label is a tuple;
   * DATA/train|val|validation|test/<class>/*  (used as given);
   * DATA/<class>/*  (split for you: stratified, seeded, default 80/10/10).
 Splits hold paths relative to the data root, so a run can be evaluated on a
@@ -34,19 +36,24 @@ class Splits:
     layout: str  # "split-folders" | "class-folders" | "csv"
     notes: list[str] = field(default_factory=list)  # things a person should know (e.g. no test split)
     seed: int = 0
+    multi_label: bool = False  # items' labels are tuples of class indices (possibly empty)
 
     def to_dict(self) -> dict:
+        y_out = list if self.multi_label else int
         return {
             "root": self.root, "layout": self.layout, "classes": self.classes, "seed": self.seed,
-            "notes": self.notes,
-            **{k: [[p, int(y)] for p, y in getattr(self, k)] for k in ("train", "val", "test")},
+            "notes": self.notes, "multi_label": self.multi_label,
+            **{k: [[p, y_out(y)] for p, y in getattr(self, k)] for k in ("train", "val", "test")},
         }
 
     @classmethod
     def from_dict(cls, d: dict, root: str | None = None) -> "Splits":
+        ml = bool(d.get("multi_label"))
+        y_in = tuple if ml else int
         return cls(
             root=root or d["root"], classes=list(d["classes"]), layout=d["layout"], notes=list(d.get("notes", [])),
-            seed=d.get("seed", 0), **{k: [(p, int(y)) for p, y in d[k]] for k in ("train", "val", "test")},
+            seed=d.get("seed", 0), multi_label=ml,
+            **{k: [(p, y_in(y)) for p, y in d[k]] for k in ("train", "val", "test")},
         )
 
     @property
@@ -108,12 +115,56 @@ def stratified_split(items: list[tuple[str, int]], fractions: tuple[float, ...],
     return [sorted(p) for p in parts]
 
 
-def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0) -> Splits:
+def has_label(y, i: int) -> bool:
+    """Whether an item's label (an int, or a tuple for multi-label) includes class i."""
+    return i in y if isinstance(y, tuple) else y == i
+
+
+def multi_hot(labels, num_classes: int):
+    """Tuples of class indices -> float32 (N, C) 0/1 targets."""
+    import numpy as np
+
+    out = np.zeros((len(labels), num_classes), np.float32)
+    for r, y in enumerate(labels):
+        out[r, list(y)] = 1
+    return out
+
+
+def multilabel_split(items: list[tuple[str, tuple]], num_classes: int, fractions: tuple[float, ...],
+                     seed: int) -> list[list]:
+    """Like stratified_split for multi-label items: iterative stratification
+    (Sechidis et al., 2011, via the iterative-stratification package) keeps
+    each label's share as even as possible across the parts."""
+    import numpy as np
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    rest, parts = sorted(items), []
+    left = 1.0
+    for f in fractions:
+        n = int(round(len(items) * f))
+        if n == 0 or len(rest) - n < 1:
+            parts.append([])
+            continue
+        y = multi_hot([t for _, t in rest], num_classes)
+        y = np.c_[y, y.sum(1) == 0]  # "no label" is stratified like a label
+        split = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=n, random_state=seed % 2**32)
+        keep, take = next(split.split(np.zeros(len(rest)), y))
+        parts.append(sorted(rest[i] for i in take))
+        rest = [rest[i] for i in keep]
+        left -= f
+    return parts + [sorted(rest)]
+
+
+def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
+             multi_label: bool = False) -> Splits:
     data = Path(data).expanduser()
     if not data.exists():
         raise DataError(f"{data}: no such file or folder")
     if data.is_file():
-        return _from_csv(data, val_fraction, test_fraction, seed)
+        return _from_csv(data, val_fraction, test_fraction, seed, multi_label)
+    if multi_label:
+        raise DataError(f"{data}: --multi-label needs a CSV of path,labels (labels separated by ';')",
+                        "list each image with its labels in a CSV and pass the CSV")
     root = data.resolve()
     train_dir = _find_split_dir(root, "train")
     notes = []
@@ -147,9 +198,15 @@ def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float =
     return Splits(str(root), classes, train, val, test, "class-folders", notes, seed)
 
 
-def _from_csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Splits:
+def _from_csv(path: Path, val_fraction: float, test_fraction: float, seed: int, multi_label: bool = False) -> Splits:
     root = path.parent.resolve()
-    items, notes = read_label_csv(path)
+    items, notes, header = read_label_csv(path, keep_empty=multi_label)
+    items, missing = [(p, lab) for p, lab in items if (root / p).exists()], [p for p, _ in items if not (root / p).exists()]
+    notes += [f"{path.name}: {p} does not exist (relative to {root}); row skipped" for p in missing[:20]]
+    if len(missing) > 20:
+        notes.append(f"{path.name}: {len(missing) - 20} more rows name files that do not exist; skipped")
+    if multi_label or header == "labels" or any(";" in lab for _, lab in items):
+        return _multilabel_from_csv(path, root, items, notes, val_fraction, test_fraction, seed)
     classes = sorted({lab for _, lab in items})
     if len(classes) < 2:
         raise DataError(f"{path}: needs at least 2 distinct labels, found {classes}",
@@ -159,30 +216,69 @@ def _from_csv(path: Path, val_fraction: float, test_fraction: float, seed: int) 
     return Splits(str(root), classes, train, val, test, "csv", notes, seed)
 
 
-def read_label_csv(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
-    """(path, label) rows of a `path,label` CSV, and a note for every row that
-    was repaired or skipped: blank labels and paths, repeated rows, a path
-    given two labels. A UTF-8 byte-order mark (Excel's "CSV UTF-8") is removed."""
+def _multilabel_from_csv(path: Path, root: Path, items, notes: list[str], val_fraction: float, test_fraction: float,
+                         seed: int) -> Splits:
+    rows = []
+    for rel, lab in items:
+        labels, why = parse_labels(lab)
+        if why:
+            notes.append(f"{path.name}: {rel}: {why}; row skipped")
+        else:
+            rows.append((rel, labels))
+    classes = sorted({c for _, labels in rows for c in labels})
+    if len(classes) < 1 or len(rows) < 3:
+        raise DataError(f"{path}: a multi-label CSV needs at least 1 label and 3 usable rows, found "
+                        f"{len(classes)} label(s) in {len(rows)} row(s)", "give rows as path,label1;label2")
+    idx = {c: i for i, c in enumerate(classes)}
+    items = [(p, tuple(sorted(idx[c] for c in labels))) for p, labels in rows]
+    val, test, train = multilabel_split(items, len(classes), (val_fraction, test_fraction), seed)
+    return Splits(str(root), classes, train, val, test, "csv", notes, seed, multi_label=True)
+
+
+def parse_labels(value: str) -> tuple[list[str], str | None]:
+    """'cat;ant' -> ['cat', 'ant']; '' -> [] (none of the labels). Stray spaces,
+    empty or repeated labels are refused with the reason, not guessed at."""
+    if value == "":
+        return [], None
+    parts = value.split(";")
+    if any(p != p.strip() for p in parts):
+        return [], f"labels {value!r} have stray spaces; write them as {';'.join(p.strip() for p in parts)!r}"
+    if any(not p for p in parts):
+        return [], f"labels {value!r} have an empty label between ';'; remove the extra ';'"
+    if len(set(parts)) < len(parts):
+        return [], f"labels {value!r} repeat a label; list each once"
+    return parts, None
+
+
+def read_label_csv(path: Path, keep_empty: bool = False) -> tuple[list[tuple[str, str]], list[str], str]:
+    """(path, label) rows of a `path,label` (or `path,labels`) CSV, a note for
+    every row that was repaired or skipped (blank paths, repeated rows, a path
+    given two labels), and the header's second column name ("" without one).
+    A blank label is kept as "" (none of the labels) under a `path,labels`
+    header or with keep_empty (--multi-label); otherwise the row is skipped. A UTF-8 byte-order mark (Excel's "CSV UTF-8") is removed."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[:e.start].count(b"\n") + 1
         raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})",
                         "save the file as UTF-8 (Excel: Save As > CSV UTF-8)") from None
-    rows, notes, seen, first = [], [], {}, True
+    rows, notes, seen, first, header_name = [], [], {}, True, ""
     for i, row in enumerate(csv.reader(text.splitlines()), start=1):
         if not row or not "".join(row).strip() or row[0].startswith("#"):
             continue
-        header, first = first and [c.strip().lower() for c in row[:2]] == ["path", "label"], False
+        cells = [c.strip().lower() for c in row[:2]]
+        header, first = first and len(cells) == 2 and cells[0] == "path" and cells[1] in ("label", "labels"), False
         if header:
+            header_name = cells[1]
             continue
         if len(row) < 2:
             raise DataError(f"{path}, line {i}: expected 'path,label', got {row!r}", "give every row a path and a label")
-        rel, lab = row[0].strip(), row[1].strip()
+        rel, lab = row[0].strip(), row[1] if header_name == "labels" else row[1].strip()
         rel = str(Path(rel)) if rel else rel  # "./a.jpg" and "a.jpg" are one file
-        if not rel or not lab:
+        if not rel or not (lab or keep_empty or header_name == "labels"):
             notes.append(f"{path.name} line {i}: empty {'path' if not rel else 'label'}; row skipped")
             continue
+
         if rel in seen:
             first, first_lab = seen[rel]
             what = f"repeats line {first}" if first_lab == lab else \
@@ -191,14 +287,14 @@ def read_label_csv(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
             continue
         seen[rel] = (i, lab)
         rows.append((rel, lab))  # absolute paths stay absolute (root / abs == abs)
-    return rows, notes
+    return rows, notes, header_name
 
 
 def _missing_classes(classes: list[str], parts: dict[str, list]) -> list[str]:
     """A note per given split that lacks a class: its metrics cannot cover it."""
     out = []
     for name, items in parts.items():
-        missing = [c for i, c in enumerate(classes) if items and not any(y == i for _, y in items)]
+        missing = [c for i, c in enumerate(classes) if items and not any(has_label(y, i) for _, y in items)]
         if missing:
             out.append(f"class(es) {', '.join(missing)} have no images in {name}: {name} metrics cannot measure them")
     return out
@@ -237,14 +333,19 @@ class ImageDataset:
     so one bad file among 100,000 does not end a long run; `collate` drops it
     and passes the reason up to be reported once."""
 
-    def __init__(self, root: str | Path, items: list[tuple[str, int]], transform, draft_size: int | None = None):
+    def __init__(self, root: str | Path, items: list[tuple[str, int]], transform, draft_size: int | None = None,
+                 num_classes: int | None = None):
+        """num_classes: given for multi-label items, whose tuples become 0/1 target vectors."""
         self.root, self.items, self.transform, self.draft_size = Path(root), items, transform, draft_size
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
         rel, y = self.items[i]
+        if self.num_classes is not None:
+            y = multi_hot([y], self.num_classes)[0]
         try:
             img = open_image(self.root / rel, draft_size=self.draft_size)
             return self.transform(img), y, i, None
@@ -255,6 +356,7 @@ class ImageDataset:
 
 
 def collate(batch):
+    import numpy as np
     import torch
 
     good = [b for b in batch if b[0] is not None]
@@ -262,7 +364,13 @@ def collate(batch):
     if not good:
         return None, None, None, bad
     x = torch.stack([b[0] for b in good])
-    y = torch.tensor([b[1] for b in good], dtype=torch.long)
+    ys = [b[1] for b in good]
+    if hasattr(ys[0], "shape"):  # multi-hot rows (ImageDataset with num_classes)
+        y = torch.from_numpy(np.stack(ys))
+    elif isinstance(ys[0], tuple):  # multi-label tuples where only the images matter (feature extraction)
+        y = ys
+    else:
+        y = torch.tensor(ys, dtype=torch.long)
     idx = torch.tensor([b[2] for b in good], dtype=torch.long)
     return x, y, idx, bad
 

@@ -38,16 +38,22 @@ import numpy as np
 
 from imgclf.config import ExportConfig
 from imgclf.errors import ConfigError, ExportError
-from imgclf.inference.onnx_predictor import FORMAT, INPUT, OUTPUT, OnnxPredictor
+from imgclf.inference.onnx_predictor import (FORMAT, INPUT, OUTPUT, REJECTED_OUTPUT, SELECTED_OUTPUT, UNKNOWN_OUTPUT,
+                                             OnnxPredictor)
 from imgclf.runs import RunDir, atomic_write_bytes, atomic_write_folder, check_replaceable_folder
 
 PARITY_ATOL = 1e-4  # fp32 onnxruntime vs PyTorch probabilities, max abs difference
 ORT_ATOL = 1e-5  # .ort vs the .onnx it was saved from: the same engine and graph
 
 
-def probs_module(model, pp, temperature: float):
+def probs_module(model, pp, temperature: float, scorer=None, reject: float | None = None, thresholds=None):
     """PyTorch module: uint8 (N, H, W, 3) -> calibrated probabilities (N, C),
-    from the same functions every other path runs."""
+    from the same functions every other path runs. With an unknown-input
+    scorer, also the unknown score (N,) and whether it is rejected (N,); for a
+    multi-label model (sigmoid scores), the labels at or above their
+    thresholds (N, C) last. Decisions are in the graph, so an app needs no
+    threshold logic of its own."""
+    import torch
     from torch import nn
 
     from imgclf.data.preprocess import normalize
@@ -56,12 +62,27 @@ def probs_module(model, pp, temperature: float):
     class Probs(nn.Module):
         def __init__(self):
             super().__init__()
-            self.model = model
+            self.model, self.scorer = model, scorer
+            self.register_buffer("thresholds", torch.as_tensor(thresholds if thresholds is not None else [],
+                                                               dtype=torch.float32))
 
         def forward(self, images):
-            return calibrated_probs(self.model(normalize(images.permute(0, 3, 1, 2), pp)), float(temperature))
+            f = self.model.forward_features(normalize(images.permute(0, 3, 1, 2), pp))
+            p = calibrated_probs(self.model.forward_head(f), float(temperature), thresholds is not None)
+            out = [p]
+            if self.scorer is not None:
+                u = self.scorer(f)
+                out += [u, (u > reject) if reject is not None else torch.zeros_like(u, dtype=torch.bool)]
+            if thresholds is not None:
+                out.append(p >= self.thresholds)
+            return tuple(out) if len(out) > 1 else p
 
     return Probs().eval()
+
+
+def output_names(src: "Source") -> list[str]:
+    return ([OUTPUT] + ([UNKNOWN_OUTPUT, REJECTED_OUTPUT] if src.record.get("unknown") else [])
+            + ([SELECTED_OUTPUT] if src.record.get("multi_label") else []))
 
 
 @dataclass
@@ -75,6 +96,7 @@ class Source:
     split: str  # the split the parity and accuracy checks use
     x_check: np.ndarray
     p_torch: np.ndarray
+    u_torch: np.ndarray | None  # unknown scores, if the run has a scorer
 
 
 def load_source(run: RunDir, check_images: int) -> Source:
@@ -86,10 +108,11 @@ def load_source(run: RunDir, check_images: int) -> Source:
     record = run.record()
     reference = TorchPredictor(record, device="cpu", engine="torch")
     pp = reference.preprocess
-    wrapped = probs_module(model_from_record(record), pp, reference.temperature)
+    wrapped = probs_module(model_from_record(record), pp, reference.temperature, reference.scorer, reference.reject,
+                           reference.thresholds if reference.multi_label else None)
     split = run.selection_split()
     x_check, _ = split_images(run, split, check_images, pp)
-    return Source(run, record, pp, wrapped, split, x_check, reference.probs(x_check))
+    return Source(run, record, pp, wrapped, split, x_check, *reference.outputs(x_check))
 
 
 def metadata(src: Source, int8: bool) -> dict[str, str]:
@@ -100,7 +123,13 @@ def metadata(src: Source, int8: bool) -> dict[str, str]:
         "format": FORMAT, "classes": record["classes"], "preprocess": pp.to_dict(), "input_size": pp.size,
         "resize": pp.resize,
         "input": f"uint8 RGB images (N, {pp.size}, {pp.size}, 3), resized by '{pp.resize}' outside the graph",
-        "output": "calibrated probabilities (N, C) = softmax(logits / temperature)",
+        "output": ("per-label probabilities (N, C) = sigmoid(logits); selected (N, C): at or above the label's "
+                   "threshold" if record.get("multi_label") else
+                   "calibrated probabilities (N, C) = softmax(logits / temperature)") + (
+            "; unknown (N,): share of known validation images more familiar than the input (kNN distance in "
+            "feature space); rejected (N,): unknown > reject" if record.get("unknown") else ""),
+        "reject": record.get("reject"),
+        "multi_label": bool(record.get("multi_label")), "thresholds": record.get("thresholds"),
         "temperature": float(record.get("temperature", 1.0)), "arch": record["arch"], "imgclf_version": __version__,
         "trained_with": record.get("imgclf_version", "?"), "metrics": src.run.headline_metrics(), "int8": int8,
         "run": src.run.path.name, "run_path": str(src.run.path.resolve()), "model_sha256": src.run.model_sha256(),
@@ -127,7 +156,21 @@ def split_images(run: RunDir, split: str, limit: int | None, pp) -> tuple[np.nda
             continue
     if not xs:
         raise ExportError(f"no readable images in the run's {split} split under {s.root}", "is the data still there?")
+    if s.multi_label:
+        from imgclf.data.datasets import multi_hot
+
+        return np.stack(xs), multi_hot(ys, len(s.classes))
     return np.stack(xs), np.array(ys)
+
+
+def quality(pred, x: np.ndarray, y: np.ndarray) -> float:
+    """What the INT8 gate compares: accuracy; multi-label: mAP."""
+    p = batched_probs(pred, x)
+    if y.ndim == 2:
+        from imgclf.evaluation.metrics import mean_average_precision
+
+        return mean_average_precision(y, p)
+    return float((p.argmax(1) == y).mean())
 
 
 def batched_probs(pred, x: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -193,7 +236,8 @@ def export_torchscript(src: Source, cfg: ExportConfig, meta: dict, report: dict,
 
     with torch.inference_mode():
         traced = torch.jit.trace(src.wrapped, torch.from_numpy(src.x_check[:2]), check_trace=False)
-        diff = float(np.abs(traced(torch.from_numpy(src.x_check)).numpy() - src.p_torch).max())
+        out = traced(torch.from_numpy(src.x_check))
+        diff = float(np.abs((out[0] if isinstance(out, tuple) else out).numpy() - src.p_torch).max())
     if diff > PARITY_ATOL:
         raise ExportError(f"TorchScript probabilities differ from eager PyTorch by {diff:.2e} (limit {PARITY_ATOL:g})",
                           "the export is wrong and was not written; report it with the run's model.pt")
@@ -206,9 +250,12 @@ def export_torchscript(src: Source, cfg: ExportConfig, meta: dict, report: dict,
 
 def export_onnx(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer) -> bytes:
     """fp32 ONNX, checked against PyTorch; with --int8, quantized and gated on accuracy."""
-    fp32 = to_onnx(src.wrapped, src.pp.size, meta)
-    diff = float(np.abs(OnnxPredictor(fp32).probs(src.x_check) - src.p_torch).max())
+    fp32 = to_onnx(src.wrapped, src.pp.size, meta, output_names(src))
+    p, u = OnnxPredictor(fp32).outputs(src.x_check)
+    diff = float(np.abs(p - src.p_torch).max())
     report["max_abs_diff"] = diff
+    if src.u_torch is not None:
+        check_unknown_parity(u, src, report)
     if diff > PARITY_ATOL:
         raise ExportError(f"onnxruntime's probabilities differ from PyTorch's by {diff:.2e} on {len(src.x_check)} "
                           f"{src.split} images (limit {PARITY_ATOL:g}); the export is wrong, not written",
@@ -248,7 +295,18 @@ def export_ort(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer
     return data
 
 
-def to_onnx(wrapped, size: int, meta: dict[str, str]) -> bytes:
+def check_unknown_parity(u: np.ndarray | None, src: Source, report: dict) -> None:
+    """The unknown score is a rank among the validation distances: a float
+    difference at a boundary may move it by one step, never more."""
+    step = 1 / len(src.record["unknown"]["val_sorted"])
+    diff = float(np.abs(u - src.u_torch).max()) if u is not None else float("inf")
+    report["unknown_max_abs_diff"] = diff
+    if diff > step + 1e-6:
+        raise ExportError(f"the exported unknown scores differ from PyTorch's by {diff:.3g} (limit one rank step, "
+                          f"{step:.3g}); the export is wrong, not written", "report it with the run's model.pt")
+
+
+def to_onnx(wrapped, size: int, meta: dict[str, str], outputs: list[str] = (OUTPUT,)) -> bytes:
     import io
     import warnings
 
@@ -259,8 +317,9 @@ def to_onnx(wrapped, size: int, meta: dict[str, str]) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapped, torch.zeros(1, size, size, 3, dtype=torch.uint8), buf,
-                          input_names=[INPUT], output_names=[OUTPUT],
-                          dynamic_axes={INPUT: {0: "n"}, OUTPUT: {0: "n"}}, opset_version=17, dynamo=False)
+                          input_names=[INPUT], output_names=list(outputs),
+                          dynamic_axes={INPUT: {0: "n"}, **{o: {0: "n"} for o in outputs}}, opset_version=17,
+                          dynamo=False)
     return with_metadata(onnx.load_from_string(buf.getvalue()), meta)
 
 
@@ -297,13 +356,15 @@ def quantize(fp32: bytes, x_cal: np.ndarray, meta: dict[str, str]) -> bytes:
         # the only variant faster than fp32 (1.2x; QDQ was 0.9x, u8/u8 QDQ 0.25x).
         # Only convolutions and the classifier are quantized: normalisation and
         # softmax stay float.
+        # The unknown scorer stays float: its scale is a rank among validation distances.
+        skip = [n.name for n in onnx.load(str(pre)).graph.node if n.name.startswith("/scorer/")]
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)  # the quantizer warns per tensor about bias scales
         try:
             quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=["Conv", "Gemm", "MatMul"],
+                            op_types_to_quantize=["Conv", "Gemm", "MatMul"], nodes_to_exclude=skip,
                             calibrate_method=CalibrationMethod.MinMax)
         finally:
             root.setLevel(level)
@@ -318,8 +379,7 @@ def quantize_checked(fp32: bytes, src: Source, cfg: ExportConfig, meta: dict, re
     report.update(calib_images=len(x_cal), calib_seconds=round(time.time() - t0, 1))
     x_val, y_val = split_images(src.run, src.split, None, src.pp)
     s32, s8 = OnnxPredictor(fp32), OnnxPredictor(q)
-    acc32 = float((batched_probs(s32, x_val).argmax(1) == y_val).mean())
-    acc8 = float((batched_probs(s8, x_val).argmax(1) == y_val).mean())
+    acc32, acc8 = quality(s32, x_val, y_val), quality(s8, x_val, y_val)
     ips32, ips8 = images_per_second(s32, x_val[:16]), images_per_second(s8, x_val[:16])
     report.update({"val_images": len(x_val), "fp32_accuracy": acc32, "int8_accuracy": acc8,
                    "accuracy_change_points": round((acc8 - acc32) * 100, 2),

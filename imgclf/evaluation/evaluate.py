@@ -36,6 +36,7 @@ class Scored:
     temperature: np.ndarray | float  # what metrics are scored with (per row when cross-fitted)
     scored: np.ndarray  # probabilities at `temperature`: what the metrics use
     probs: np.ndarray  # plain images at the stored temperature: what predict and serve return
+    unknown: np.ndarray | None = None  # unknown-input scores (None: the model has no scorer)
 
 
 def evaluate_run(cfg: EvaluateConfig, predictor: TorchPredictor | None = None, workers: int | None = None,
@@ -52,6 +53,10 @@ def evaluate_run(cfg: EvaluateConfig, predictor: TorchPredictor | None = None, w
         recalibrate(run, clf, w, bad, printer)
     t0 = time.time()
     sc = score_split(run, clf, cfg, w, bad, printer)
+    if clf.multi_label:
+        from imgclf.evaluation.multilabel import evaluate_multilabel
+
+        return evaluate_multilabel(run, clf, sc, cfg, bad, t0, printer)
     m = classification_metrics(sc.labels, sc.scored, clf.classes)
     m.update({"split": sc.name, "run": str(run), "data": sc.splits.root, "model": clf.arch, "tta": cfg.tta,
               "skipped": len(bad.seen), "skipped_files": [{"path": p, "reason": r} for p, r in bad.seen.items()],
@@ -59,6 +64,10 @@ def evaluate_run(cfg: EvaluateConfig, predictor: TorchPredictor | None = None, w
     m["calibration"] = calibration_section(sc, clf)
     if cfg.tta == "flip":
         m["tta_comparison"] = tta_comparison(sc, clf.classes)
+    if cfg.unknown:
+        from imgclf.evaluation.open_set import unknown_section
+
+        m["unknown"] = unknown_section(clf, sc, cfg.unknown, w, bad, cfg.cache)
     write_json(run.eval_file(sc.name), m)
     write_predictions(run.predictions_file(sc.name), sc, clf.classes)
     print_summary(m, sc, run, printer)
@@ -85,14 +94,18 @@ def score_split(run: RunDir, clf: TorchPredictor, cfg: EvaluateConfig, workers: 
         bad.add(rel, reason)
     items = getattr(holder, name)
     variants = ("plain", "flip") if cfg.tta == "flip" else ("plain",)
-    logits, labels, kept = clf.logits_items(splits.root, items, workers=workers, bad=bad, variants=variants,
-                                            use_cache=cfg.cache)
+    feats, labels, kept = clf.features_items(splits.root, items, workers=workers, bad=bad, variants=variants,
+                                             use_cache=cfg.cache)
+    logits = {v: clf.logits_from_features(f) if len(kept) else np.zeros((0, len(clf.classes)), np.float32)
+              for v, f in feats.items()}
     # The temperature was fitted on val: scoring val with it would flatter the
     # "after" figures, so there each image gets a T fitted on the other folds.
     t = cross_fit_temperatures(logits["plain"], labels)[:, None] if name == "val" and clf.temperature != 1.0 \
         else clf.temperature
-    return Scored(name, splits, [items[i][0] for i in kept], labels, logits, t, probs_from_logits(logits, t),
-                  probs_from_logits({"plain": logits["plain"]}, clf.temperature))
+    ml = clf.multi_label
+    return Scored(name, splits, [items[i][0] for i in kept], labels, logits, t, probs_from_logits(logits, t, ml),
+                  probs_from_logits({"plain": logits["plain"]}, clf.temperature, ml),
+                  clf.unknown_from_features(feats["plain"]) if len(kept) else None)
 
 
 def calibration_section(sc: Scored, clf: TorchPredictor) -> dict:
@@ -149,9 +162,11 @@ def write_predictions(path: Path, sc: Scored, classes: list[str]) -> None:
     (repr precision: the file reproduces the numbers exactly)."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "label", "predicted", *[f"p_{c}" for c in classes]])
-    for rel, y, p in zip(sc.paths, sc.labels, sc.probs):
-        w.writerow([rel, classes[int(y)], classes[int(p.argmax())], *[repr(float(v)) for v in p]])
+    u = sc.unknown if sc.unknown is not None else [None] * len(sc.paths)
+    w.writerow(["path", "label", "predicted", *[f"p_{c}" for c in classes], "unknown"])
+    for rel, y, p, s in zip(sc.paths, sc.labels, sc.probs, u):
+        w.writerow([rel, classes[int(y)], classes[int(p.argmax())], *[repr(float(v)) for v in p],
+                    "" if s is None else repr(float(s))])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -166,6 +181,10 @@ def print_summary(m: dict, sc: Scored, run: RunDir, printer) -> None:
         t = m["tta_comparison"]
         printer(f"flip TTA: accuracy {t['plain']['accuracy']:.4f} -> {t['flip']['accuracy']:.4f} "
                 f"({t['fixed']} fixed, {t['broken']} broken)")
+    if m.get("unknown"):
+        from imgclf.evaluation.open_set import format_unknown
+
+        printer(format_unknown(m["unknown"]))
     printer(f"\nwritten {run.eval_file(sc.name)}, {run.predictions_file(sc.name)}")
 
 

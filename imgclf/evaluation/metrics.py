@@ -123,3 +123,76 @@ def _thin(a: np.ndarray, n: int) -> list[float]:
         return [round(float(v), 5) for v in a]
     idx = np.unique(np.r_[np.linspace(0, len(a) - 1, n).astype(int), len(a) - 1])
     return [round(float(a[i]), 5) for i in idx]
+
+
+# ------------------------------------------------------------------ multi-label
+
+def mean_average_precision(y: np.ndarray, p: np.ndarray) -> float:
+    """Macro average precision over the labels present in y (0/1, (N, L))."""
+    from sklearn.metrics import average_precision_score
+
+    present = y.sum(0) > 0
+    if not present.any():
+        return 0.0
+    return float(np.mean([average_precision_score(y[:, j], p[:, j]) for j in np.flatnonzero(present)]))
+
+
+def tune_thresholds(y: np.ndarray, p: np.ndarray, fixed: float | None = None) -> np.ndarray:
+    """Per-label decision thresholds maximising F1 on (y, p), each halfway
+    between two neighbouring scores so it does not sit on an image; a label
+    without positives here keeps 0.5. `fixed` sets every one instead."""
+    from sklearn.metrics import precision_recall_curve
+
+    out = np.full(y.shape[1], 0.5 if fixed is None else fixed, np.float32)
+    if fixed is not None:
+        return out
+    for j in range(y.shape[1]):
+        if y[:, j].sum() == 0 or y[:, j].sum() == len(y):
+            continue
+        prec, rec, thr = precision_recall_curve(y[:, j], p[:, j])
+        f1 = 2 * prec[:-1] * rec[:-1] / np.clip(prec[:-1] + rec[:-1], 1e-12, None)
+        k = int(np.argmax(f1))
+        below = p[:, j][p[:, j] < thr[k]]
+        out[j] = (thr[k] + below.max()) / 2 if len(below) else thr[k] / 2
+    return out
+
+
+def multilabel_metrics(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray, classes: list[str]) -> dict:
+    """mAP and per-label AP (threshold-free); precision, recall and F1 per
+    label and micro/macro at the stored thresholds; subset accuracy (every
+    label right), Hamming loss (share of wrong label decisions); and the
+    labels most often missed (false negatives) or added (false positives)."""
+    from sklearn.metrics import average_precision_score, precision_recall_fscore_support
+
+    pred = p >= thresholds[None]
+    yb = y > 0.5
+    pr, rc, f1, sup = precision_recall_fscore_support(yb, pred, average=None, zero_division=0)
+    mi = precision_recall_fscore_support(yb, pred, average="micro", zero_division=0)
+    per = {c: {"ap": float(average_precision_score(yb[:, j], p[:, j])) if yb[:, j].any() else None,
+               "precision": float(pr[j]), "recall": float(rc[j]), "f1": float(f1[j]), "support": int(sup[j]),
+               "threshold": float(thresholds[j]), "missed": int((yb[:, j] & ~pred[:, j]).sum()),
+               "added": int((~yb[:, j] & pred[:, j]).sum())} for j, c in enumerate(classes)}
+    present = [j for j in range(len(classes)) if yb[:, j].any()]
+    return {"multi_label": True, "n": len(y), "map": mean_average_precision(y, p), "per_label": per,
+            "micro": {"precision": float(mi[0]), "recall": float(mi[1]), "f1": float(mi[2])},
+            "macro": {"precision": float(np.mean(pr[present])) if present else 0.0,
+                      "recall": float(np.mean(rc[present])) if present else 0.0,
+                      "f1": float(np.mean(f1[present])) if present else 0.0},
+            "subset_accuracy": float((pred == yb).all(1).mean()), "hamming_loss": float((pred != yb).mean()),
+            "accuracy": float((pred == yb).all(1).mean()),  # what run summaries and /v1/model show
+            "most_missed": sorted(({"label": c, "count": per[c]["missed"]} for c in classes),
+                                  key=lambda d: -d["count"])[:5],
+            "most_added": sorted(({"label": c, "count": per[c]["added"]} for c in classes),
+                                 key=lambda d: -d["count"])[:5]}
+
+
+def format_multilabel(m: dict) -> str:
+    w = max(8, *(len(c) for c in m["per_label"]))
+    lines = [f"mAP {m['map']:.4f}   micro F1 {m['micro']['f1']:.4f}   macro F1 {m['macro']['f1']:.4f}   "
+             f"subset accuracy {m['subset_accuracy']:.4f}   Hamming loss {m['hamming_loss']:.4f}",
+             f"{'label':<{w}}  {'AP':>6}  {'thresh':>6}  {'prec':>6}  {'recall':>6}  {'F1':>6}  {'support':>7}"]
+    for c, d in m["per_label"].items():
+        ap = f"{d['ap']:.4f}" if d["ap"] is not None else "   n/a"
+        lines.append(f"{c:<{w}}  {ap:>6}  {d['threshold']:>6.3f}  {d['precision']:>6.3f}  {d['recall']:>6.3f}  "
+                     f"{d['f1']:>6.3f}  {d['support']:>7}")
+    return "\n".join(lines)

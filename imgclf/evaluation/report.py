@@ -32,6 +32,7 @@ class Page:
     thumbs: dict[str, bytes | None] = field(default_factory=dict)
     gradcam: list[dict] | str | None = None
     suspects: dict | str | None = None
+    unknown: dict | None = None  # evaluate --unknown DIR: the open-set section
 
 
 GALLERY = 16  # most confident mistakes shown
@@ -147,6 +148,7 @@ tr.low td{background-color:#fff4f2}
 .bad{color:#b3261e;font-weight:600}.good{color:#1a7f37;font-weight:600}
 .note{background:#f3f5f7;border-left:3px solid #9aa4ae;padding:6px 12px;margin:8px 0;font-size:14px}
 ul.glance{margin:6px 0 0 0;padding-left:20px}
+tr.hl td{font-weight:600;background:#fff7e0}
 """
 
 
@@ -293,6 +295,7 @@ def render_html(page: Page) -> str:
         ("gallery", "Error gallery", _gallery(page)),
         ("gradcam", "Grad-CAM", _gradcam_html(page)),
         ("suspects", "Label-noise suspects", _suspects_html(page)),
+        ("unknown", "Unknown inputs", _unknown_html(page)),
     ]
     nav = "".join(f'<a href="#{k}">{_e(t)}</a>' for k, t, _ in sections)
     body = "".join(f'<section id="{k}"><h2>{_e(t)}</h2>{c}</section>' for k, t, c in sections)
@@ -321,6 +324,29 @@ def _gallery(page: Page) -> str:
                                           f'predicted: <span class="good">{_e(r["predicted"])}</span> {r["probability"]:.2f}'],
                   r["path"]) for r in e["close_calls"]) + "</div>")
     return "".join(out)
+
+
+def _unknown_html(page: Page) -> str:
+    u = page.unknown
+    if not u:
+        return ('<p class="note">Pass a folder of images from none of the classes to see how well the model '
+                'answers "unknown": <code>imgclf evaluate RUN --unknown DIR</code>.</p>')
+    hl = ' class="hl"'
+    rows = "".join(f"<tr{hl if r['stored'] else ''}><td>{r['threshold']:.2f}</td>"
+                   f"<td>{_pct(r['known_kept'])}</td><td>{_pct(r['known_correct'])}</td>"
+                   f"<td>{_pct(r['unknown_rejected'])}</td></tr>" for r in u["tradeoff"])
+    tiles = "".join(_tile(page.thumbs.get(d["path"]), [f"unknown {d['unknown']:.2f}"], d["path"])
+                    for d in u["most_familiar_unknowns"])
+    caveat = (" These known images are the validation split, which set the score's scale, so their kept share "
+              "is close to the threshold by construction; a test split gives the honest figure."
+              if u.get("split") == "val" else "")
+    return (f'<p>{u["n_known"]} known images of this split against {u["n_unknown"]} images of '
+            f'<code>{_e(u["folder"])}</code>. Score: {_e(u["method"])}. AUROC <b>{_f(u["auroc"], 4)}</b>. '
+            f'Rejection is {"at " + format(u["reject"], "g") if u["reject"] is not None else "off"} in this model '
+            f'(<code>--reject</code> at train, predict or serve time changes it).{_e(caveat)}</p>'
+            f'<table id="unknown-tradeoff"><tr><th>threshold</th><th>known kept</th><th>known kept and correct</th>'
+            f'<th>unknown rejected</th></tr>{rows}</table>'
+            f'<h3>Unknown images that look most familiar</h3><div class="gallery">{tiles}</div>')
 
 
 def _not_shown(section) -> str | None:
@@ -375,6 +401,9 @@ def build_report(run, clf, sc, metrics: dict, workers: int = 1, bad=None, suspec
     root = Path(sc.splits.root)
     for r in page.errors["mistakes"] + page.errors["close_calls"]:
         page.thumbs.setdefault(r["path"], thumbnail(root / r["path"]))
+    page.unknown = metrics.get("unknown")
+    for d in (page.unknown or {}).get("most_familiar_unknowns", []):
+        page.thumbs.setdefault(d["path"], thumbnail(Path(d["path"])))
     t1 = time.time()
     if gradcam:
         page.gradcam = _gradcam_tiles(clf, str(root), gradcam_samples(sc.probs, sc.labels, sc.paths, clf.classes))

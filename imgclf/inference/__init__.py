@@ -1,8 +1,8 @@
 """One inference path for every command.
 
     Predictor.prepare(src)  -> uint8 (S, S, 3)   Preprocess.load: the training resize
-    Predictor.probs(batch)  -> (N, C)            calibrated probabilities
-    top_k(p, classes, k)    -> {"label", "score", "top"}   the one answer format
+    Predictor.outputs(batch) -> (N, C) calibrated probabilities, (N,) unknown scores (or None)
+    top_k(p, classes, k, unknown, reject) -> {"label", "score", "top", "unknown"}   the one answer format
 
 `TorchPredictor` (a run directory or model.pt) and `OnnxPredictor` (an
 exported .onnx, no torch) implement `probs`; everything above it is shared
@@ -24,11 +24,53 @@ from imgclf.data.images import MAX_PIXELS, BadImage, Source, list_files
 from imgclf.data.preprocess import Preprocess
 
 
-def top_k(p: np.ndarray, classes: list[str], k: int) -> dict:
-    """One image's answer: the best label, its score and the k best labels."""
+UNKNOWN = "unknown"  # the label of a rejected image
+AUTO_KEEP = 0.95  # --reject auto: keep this share of the known validation images
+
+
+def top_k(p: np.ndarray, classes: list[str], k: int, unknown: float | None = None,
+          reject: float | None = None, thresholds: np.ndarray | None = None) -> dict:
+    """One image's answer: the best label, its score and the k best labels;
+    with an unknown score, that score, and the label "unknown" (scored by it)
+    when it is above the rejection threshold. Multi-label (`thresholds`
+    given): "labels" lists every label at or above its threshold, best first
+    (possibly none), and "label" is them joined by ";" as in the training CSV."""
     order = np.argsort(-p, kind="stable")[:max(1, min(k, len(classes)))]
-    return {"label": classes[order[0]], "score": float(p[order[0]]),
-            "top": [{"label": classes[j], "score": float(p[j])} for j in order]}
+    out = {"label": classes[order[0]], "score": float(p[order[0]]),
+           "top": [{"label": classes[j], "score": float(p[j])} for j in order]}
+    if thresholds is not None:
+        on = [j for j in np.argsort(-p, kind="stable") if p[j] >= thresholds[j]]
+        out["labels"] = [{"label": classes[j], "score": float(p[j])} for j in on]
+        out["label"] = ";".join(classes[j] for j in on)
+    if unknown is not None:
+        out["unknown"] = float(unknown)
+        if reject is not None and unknown > reject:
+            out["label"], out["score"] = UNKNOWN, float(unknown)
+            if thresholds is not None:
+                out["labels"] = []
+    return out
+
+
+def reject_threshold(setting: str | float | None, stored: float | None) -> float | None:
+    """--reject: "auto" keeps AUTO_KEEP of known validation images, a number
+    in (0, 1] is the threshold on the unknown score, "off" disables; None
+    keeps the model's stored setting (chosen at training time)."""
+    from imgclf.errors import ConfigError
+
+    if setting is None or setting == "":
+        return stored
+    if str(setting) == "off":
+        return None
+    if str(setting) == "auto":
+        return AUTO_KEEP
+    try:
+        t = float(setting)
+    except ValueError:
+        t = -1.0
+    if not 0 < t <= 1:
+        raise ConfigError(f"--reject {setting!r} is not auto, off or a number in (0, 1]",
+                          "e.g. --reject auto (keeps 95% of known images) or --reject 0.99")
+    return t
 
 
 class Predictor:
@@ -40,14 +82,31 @@ class Predictor:
     arch: str
     source: str
     metadata: dict  # what /v1/model shows: metrics, versions, export provenance
+    has_unknown: bool = False  # the model carries an unknown-input scorer
+    multi_label: bool = False  # sigmoid scores per label, decided by `thresholds`
+    thresholds: np.ndarray | None = None  # multi-label: per-label decision thresholds
+    reject: float | None = None  # unknown scores above this answer "unknown"; None: never
 
     def prepare(self, src: Source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         """Any image source -> uint8 (S, S, 3) as the model was trained; raises BadImage."""
         return self.preprocess.load(src, max_pixels)
 
-    def probs(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 (N, S, S, 3) -> (N, C) calibrated probabilities."""
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 (N, S, S, 3) -> (N, C) calibrated probabilities and (N,)
+        unknown scores in [0, 1] (None for a model without a scorer)."""
         raise NotImplementedError
+
+    def probs(self, batch: np.ndarray) -> np.ndarray:
+        return self.outputs(batch)[0]
+
+    def set_reject(self, setting: str | float | None) -> None:
+        """Override the stored rejection threshold (--reject at predict/serve time)."""
+        from imgclf.errors import ConfigError
+
+        if setting not in (None, "", "off") and not self.has_unknown:
+            raise ConfigError(f"--reject {setting}: {self.source} has no unknown-input scorer",
+                              "retrain it with this imgclf version (every new run has one), or drop --reject")
+        self.reject = reject_threshold(setting, self.reject)
 
     def warm_up(self) -> None:
         """Build whatever the first call would (a server calls this before it says ready)."""
@@ -70,8 +129,10 @@ class Predictor:
                     out[i]["error"] = e.reason
             if not xs:
                 continue
-            for i, p in zip(ids, self.probs(np.stack(xs))):
-                out[i].update(_top_k(p, self.classes, top_k))
+            ps, us = self.outputs(np.stack(xs))
+            for j, (i, p) in enumerate(zip(ids, ps)):
+                out[i].update(_top_k(p, self.classes, top_k, None if us is None else us[j], self.reject,
+                                     self.thresholds if self.multi_label else None))
                 if raw:
                     out[i]["probs"] = p
         return out

@@ -25,6 +25,8 @@ from imgclf.inference import Predictor
 
 FORMAT = "imgclf-onnx-1"  # metadata "format": what this reader understands
 INPUT, OUTPUT = "images", "probs"
+UNKNOWN_OUTPUT, REJECTED_OUTPUT = "unknown", "rejected"  # present when the run has an unknown-input scorer
+SELECTED_OUTPUT = "selected"  # multi-label models: (N, C) bool, each label at or above its threshold
 
 
 def ort_session(src: str | Path | bytes, threads: int | None = None, arena: bool = True):
@@ -67,6 +69,13 @@ class OnnxPredictor(Predictor):
         self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
         self.temperature = float(self.metadata.get("temperature", 1.0))
         self.int8 = bool(self.metadata.get("int8", False))
+        names = [o.name for o in self.session.get_outputs()]
+        self._outputs = [OUTPUT, UNKNOWN_OUTPUT] if UNKNOWN_OUTPUT in names else [OUTPUT]
+        self.has_unknown = len(self._outputs) == 2
+        self.reject = self.metadata.get("reject") if self.has_unknown else None
+        self.multi_label = bool(self.metadata.get("multi_label", False))
+        th = self.metadata.get("thresholds")
+        self.thresholds = np.asarray(th, np.float32) if th else None
         # One model call at a time: onnxruntime already uses every core inside a call.
         self._lock = threading.Lock()
         if not isinstance(path, bytes):
@@ -76,9 +85,10 @@ class OnnxPredictor(Predictor):
     def arch(self) -> str:
         return str(self.metadata.get("arch", "?"))
 
-    def probs(self, batch: np.ndarray) -> np.ndarray:
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         with self._lock:
-            return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch, dtype=np.uint8)})[0]
+            out = self.session.run(self._outputs, {INPUT: np.ascontiguousarray(batch, dtype=np.uint8)})
+        return out[0], (out[1] if self.has_unknown else None)
 
 
 def warn_if_stale(meta: dict, path: str | Path) -> bool:

@@ -18,17 +18,21 @@ from imgclf.data.preprocess import Preprocess, to_nchw
 from imgclf.inference import Predictor
 
 
-def calibrated_probs(logits: torch.Tensor, temperature) -> torch.Tensor:
-    """softmax(logits / T): T a scalar, or a column (N, 1) of per-row values."""
+def calibrated_probs(logits: torch.Tensor, temperature, multi_label: bool = False) -> torch.Tensor:
+    """softmax(logits / T): T a scalar, or a column (N, 1) of per-row values.
+    Multi-label: an independent sigmoid per label."""
+    if multi_label:
+        return torch.sigmoid(logits / temperature)
     return torch.softmax(logits / temperature, dim=1)
 
 
-def probs_from_logits(logits: dict[str, np.ndarray], temperature) -> np.ndarray:
+def probs_from_logits(logits: dict[str, np.ndarray], temperature, multi_label: bool = False) -> np.ndarray:
     """Calibrated probabilities from cached logits per variant; with a "flip"
     variant, averaged with the mirrored image's (test-time augmentation)."""
     dtype = np.float64 if any(np.asarray(lg).dtype == np.float64 for lg in logits.values()) else np.float32
     t = torch.as_tensor(np.asarray(temperature, dtype=dtype))
-    ps = [calibrated_probs(torch.from_numpy(np.asarray(lg, dtype=dtype)), t).numpy() for lg in logits.values()]
+    ps = [calibrated_probs(torch.from_numpy(np.asarray(lg, dtype=dtype)), t, multi_label).numpy()
+          for lg in logits.values()]
     return sum(ps) / len(ps)
 
 
@@ -43,6 +47,14 @@ class TorchPredictor(Predictor):
         self.preprocess = Preprocess.from_dict(record["preprocess"])
         self.temperature = float(record.get("temperature", 1.0))
         self.model = model_from_record(record)
+        self.scorer = None
+        if record.get("unknown"):
+            from imgclf.inference.unknown import UnknownScorer
+
+            self.scorer = UnknownScorer.from_record(record["unknown"]).eval()
+        self.has_unknown, self.reject = self.scorer is not None, record.get("reject")
+        self.multi_label = bool(record.get("multi_label"))
+        self.thresholds = np.asarray(record["thresholds"], np.float32) if record.get("thresholds") else None
         self.device = resolve_device(device)
         self.engine, self.cache_dir = engine, cache_dir
         self.metadata = metadata or {}
@@ -80,9 +92,16 @@ class TorchPredictor(Predictor):
             x = torch.from_numpy(np.asarray(f, dtype=np.float32)).to(self.device)
             return self.model.head(x).float().cpu().numpy()
 
-    def probs(self, batch: np.ndarray) -> np.ndarray:
-        logits = self.logits_from_features(self.extractor(to_nchw(batch)))
-        return probs_from_logits({"plain": logits}, self.temperature)
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        f = self.extractor(to_nchw(batch))
+        p = probs_from_logits({"plain": self.logits_from_features(f)}, self.temperature, self.multi_label)
+        return p, self.unknown_from_features(f)
+
+    def unknown_from_features(self, f: np.ndarray) -> np.ndarray | None:
+        if self.scorer is None:
+            return None
+        with torch.inference_mode():
+            return self.scorer(torch.from_numpy(np.asarray(f, dtype=np.float32))).numpy()
 
     def features_items(self, root: str | Path, items: list[tuple[str, int]], batch_size: int = 32, workers: int = 1,
                        bad: BadFileLog | None = None, variants: tuple[str, ...] = ("plain",), progress: bool = True,

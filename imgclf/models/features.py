@@ -232,7 +232,13 @@ def extract(extractor: FeatureExtractor, root: str | Path, items: list[tuple[str
     kept = np.array([i for i, h in enumerate(hashes) if all(h in s for s in stores.values())], dtype=np.int64)
     feats = {v: np.stack([s[hashes[i]] for i in kept]) if len(kept) else np.zeros((0, 0), np.float32)
              for v, s in stores.items()}
-    labels = np.array([items[i][1] for i in kept], dtype=np.int64)
+    labels = [items[i][1] for i in kept]
+    if labels and isinstance(labels[0], tuple):  # multi-label: an object array of tuples (datasets.multi_hot)
+        labels_arr = np.empty(len(labels), dtype=object)
+        labels_arr[:] = labels
+        labels = labels_arr
+    else:
+        labels = np.array(labels, dtype=np.int64)
     return feats, labels, kept
 
 

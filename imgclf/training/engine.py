@@ -51,7 +51,7 @@ def train_one_epoch(model: nn.Module, batches, loss_fn, optimizer, scheduler=Non
         b = len(y)
         n += b
         loss_sum += loss.item() * b
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += hits(logits, y).sum().item()
         if progress is not None:
             progress.update(b, loss=f"{loss_sum / n:.4f}")
         if deadline is not None and time.time() > deadline:
@@ -76,9 +76,24 @@ def predict_logits(model: nn.Module, batches, device=torch.device("cpu"), amp: b
     return torch.cat(outs), (torch.cat(ys) if ys and ys[0] is not None else None)
 
 
+def hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample correctness: the top class; multi-label (y is 0/1 per label):
+    every label right at probability 0.5 (subset accuracy)."""
+    if y.dim() == 2:
+        return ((logits > 0) == (y > 0.5)).all(1)
+    return logits.argmax(1) == y
+
+
 def evaluate(model: nn.Module, batches, loss_fn, device=torch.device("cpu"), amp: bool = False, prepare=None) -> dict:
-    """Validation loss, accuracy and balanced accuracy of `model` on `batches`."""
+    """Validation loss, accuracy and balanced accuracy of `model` on `batches`;
+    multi-label: loss, subset accuracy and mAP (what early stopping watches)."""
     logits, y = predict_logits(model, batches, device, amp, prepare)
+    if y.dim() == 2:
+        from imgclf.evaluation.metrics import mean_average_precision
+
+        m = mean_average_precision(y.numpy(), torch.sigmoid(logits).numpy())
+        return {"loss": loss_fn(logits, y).item(), "acc": hits(logits, y).float().mean().item(),
+                "balanced_acc": m, "map": m, "n": len(y)}
     pred = logits.argmax(1)
     per_class = [(pred[y == c] == c).float().mean().item() for c in y.unique()]
     return {"loss": loss_fn(logits, y).item(), "acc": (pred == y).float().mean().item(),
@@ -126,8 +141,20 @@ class EarlyStopping:
         self.best_epoch, self.bad_epochs = d["best_epoch"], d["bad_epochs"]
 
 
-def make_loss(class_weights: torch.Tensor | None, label_smoothing: float) -> nn.Module:
+def make_loss(class_weights: torch.Tensor | None, label_smoothing: float, multi_label: bool = False) -> nn.Module:
+    """Cross-entropy; multi-label: binary cross-entropy per label, the weights
+    being positive-class weights for rare labels."""
+    if multi_label:
+        return nn.BCEWithLogitsLoss(pos_weight=class_weights)
     return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
+
+
+def positive_weights(targets, cap: float = 20.0) -> torch.Tensor:
+    """Multi-label: n_negative / n_positive per label (capped), so a rare label's
+    positives weigh as much in the loss as its negatives."""
+    y = torch.as_tensor(targets, dtype=torch.float32)
+    pos = y.sum(0)
+    return ((len(y) - pos) / pos.clamp(min=1)).clamp(max=cap)
 
 
 def balanced_class_weights(labels, num_classes: int) -> torch.Tensor:

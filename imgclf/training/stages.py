@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from imgclf.config import TrainConfig
-from imgclf.data.datasets import BadFileLog, ImageDataset, Splits, file_hash, make_loader
+from imgclf.data.datasets import BadFileLog, ImageDataset, Splits, file_hash, make_loader, multi_hot
 from imgclf.data.preprocess import Preprocess, eval_transform, normalize, train_transform
 from imgclf.errors import DataError
 from imgclf.models import ImageClassifier
@@ -73,8 +73,18 @@ class Context:
     class_weights: torch.Tensor | None = None
     features_per_s: float | None = field(default=None)  # measured, to size a budgeted fine-tuning stage
 
+    @property
+    def multi_label(self) -> bool:
+        return self.splits.multi_label
+
+    def targets(self, labels) -> np.ndarray:
+        """Labels as the loss wants them: class indices, or 0/1 rows for multi-label."""
+        return multi_hot(labels, len(self.splits.classes)) if self.multi_label else np.asarray(labels)
+
     def save_best(self, temperature: float = 1.0, extra: dict | None = None) -> dict:
         """Write model.pt from the best weights so far; returns the record."""
+        if self.multi_label:
+            extra = {"multi_label": True, **(extra or {})}
         rec = best_record(self.model, self.state, self.cfg.model, self.splits.classes, self.pp, temperature, extra)
         save_record(rec, self.state.run)
         return rec
@@ -134,8 +144,8 @@ def cached_features(ctx: Context) -> tuple[torch.Tensor, ...]:
         raise DataError("no readable images in the train or validation split", "see the skipped files above")
     dev = ctx.device
     X = torch.from_numpy(np.concatenate([ftr[v] for v in variants])).to(dev)
-    Y = torch.from_numpy(np.concatenate([ytr] * len(variants))).to(dev)
-    return X, Y, torch.from_numpy(fva["plain"]).to(dev), torch.from_numpy(yva).to(dev)
+    Y = torch.from_numpy(np.concatenate([ctx.targets(ytr)] * len(variants))).to(dev)
+    return X, Y, torch.from_numpy(fva["plain"]).to(dev), torch.from_numpy(ctx.targets(yva)).to(dev)
 
 
 def _feature_batches(X: torch.Tensor, Y: torch.Tensor, batch_size: int, shuffle: bool, gen: torch.Generator | None):
@@ -209,8 +219,9 @@ def run_image_stage(ctx: Context, stage: Stage) -> None:
     cfg, model, pp, dev = ctx.cfg, ctx.model, ctx.pp, ctx.device
     root, tr, va = ctx.splits.root, ctx.splits.train, ctx.splits.val
     sampler = _balanced_sampler(ctx) if cfg.balanced_sampler else None
-    tr_ds = ImageDataset(root, tr, train_transform(pp, cfg.augment), draft_size=pp.draft_size)
-    va_ds = ImageDataset(root, va, eval_transform(pp), draft_size=pp.draft_size)
+    n_ml = len(ctx.splits.classes) if ctx.multi_label else None
+    tr_ds = ImageDataset(root, tr, train_transform(pp, cfg.augment), draft_size=pp.draft_size, num_classes=n_ml)
+    va_ds = ImageDataset(root, va, eval_transform(pp), draft_size=pp.draft_size, num_classes=n_ml)
     model.to(dev)
     if dev.type == "cpu":
         model.to(memory_format=torch.channels_last)
@@ -238,9 +249,11 @@ def train_epochs(ctx: Context, stage: Stage, module, scope: str, opt, sched, tra
     """train_one_epoch + evaluate per epoch; keep the best, checkpoint, stop early."""
     cfg, state, dev = ctx.cfg, ctx.state, ctx.device
     amp = dev.type == "cuda" and torch.cuda.is_bf16_supported()  # bf16 needs no loss scaling
-    loss_fn = make_loss(ctx.class_weights.to(dev) if ctx.class_weights is not None else None, cfg.label_smoothing)
-    val_loss_fn = torch.nn.CrossEntropyLoss()  # plain CE: comparable across settings
-    stopper = EarlyStopping(stage.patience, cfg.monitor)
+    loss_fn = make_loss(ctx.class_weights.to(dev) if ctx.class_weights is not None else None, cfg.label_smoothing,
+                        ctx.multi_label)
+    # Unweighted: comparable across settings. Multi-label runs stop on mAP (threshold-free).
+    val_loss_fn = torch.nn.BCEWithLogitsLoss() if ctx.multi_label else torch.nn.CrossEntropyLoss()
+    stopper = EarlyStopping(stage.patience, "map" if ctx.multi_label and cfg.monitor != "loss" else cfg.monitor)
     if state.opt_state is not None:  # resuming inside this stage
         opt.load_state_dict(state.opt_state)
         sched.load_state_dict(state.sched_state)
@@ -275,7 +288,8 @@ def _history_row(stage: Stage, state: RunState, epoch: int, tr: dict, va: dict, 
     row = {"stage": stage.name, "epoch": len(state.history) + 1, "stage_epoch": epoch + 1,
            "train_loss": round(tr["loss"], 5), "train_acc": round(tr["acc"], 5),
            "val_loss": round(va["loss"], 5), "val_acc": round(va["acc"], 5),
-           "val_balanced_acc": round(va["balanced_acc"], 5), "lr": opt.param_groups[0]["lr"], "seconds": round(secs, 3)}
+           "val_balanced_acc": round(va["balanced_acc"], 5), **({"val_map": round(va["map"], 5)} if "map" in va else {}),
+           "lr": opt.param_groups[0]["lr"], "seconds": round(secs, 3)}
     state.history.append(row)
     return row
 
@@ -287,6 +301,7 @@ def _report_epoch(ctx: Context, stage: Stage, row: dict, improved: bool, verbose
     if verbose:
         log(f"{stage.name} epoch {row['stage_epoch']:>3}/{stage.epochs}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "
+            + (f"mAP {row['val_map']:.4f}  " if "val_map" in row else "") +
             f"{row['seconds']:.1f}s{'  *best' if improved else ''}")
 
 

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from imgclf.config import TrainConfig
-from imgclf.data.datasets import BadFileLog, Splits, default_workers, discover, scan
+from imgclf.data.datasets import BadFileLog, Splits, default_workers, discover, has_label, multi_hot, scan
 from imgclf.data.preprocess import Preprocess
 from imgclf.errors import ConfigError, DataError, MissingExtra, RunError
 from imgclf.models import build_model, count_params, get_model_info, resolve_device
 from imgclf.runs import RunDir, read_json, torch_load, write_history, write_json
 from imgclf.training.checkpoint import CKPT_KEYS, RunState
-from imgclf.training.engine import balanced_class_weights
+from imgclf.training.engine import balanced_class_weights, positive_weights
 from imgclf.training.stages import Context, log, plan_stages, run_stages
 
 
@@ -73,6 +73,10 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
         raise
     record = ctx.save_best()
     calibration = calibrate(ctx, record)
+    decision = fit_thresholds(ctx, record) if ctx.multi_label else {}
+    unknown = fit_unknown(ctx, record)
+    ctx.save_best(calibration["temperature"] if calibration else 1.0,
+                  extra={**({"calibration": calibration} if calibration else {}), **decision, **unknown})
     write_history(run.history_file, state.history)
     summary = write_summary(ctx, strategy, why, calibration, t_start)
     test = evaluate_held_out(ctx, summary) if cfg.evaluate else None
@@ -111,12 +115,13 @@ def resolve_run(config: TrainConfig | None, overrides: dict) -> tuple[TrainConfi
         raise RunError(f"{run} already holds a run", f"continue it with `imgclf train --resume --out {run}`, "
                        f"or pick another --out (or delete {run})")
     cfg.validate()
-    return cfg, run, None, discover(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    return cfg, run, None, discover(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.multi_label)
 
 
 def describe_data(splits: Splits, run: RunDir, fresh: bool, cfg: TrainConfig) -> None:
     """Say what was found; a new run records its split and config."""
-    log(f"data: {splits.root} ({splits.layout}), {len(splits.classes)} classes: {', '.join(splits.classes[:10])}"
+    kind = "labels (multi-label: several per image)" if splits.multi_label else "classes"
+    log(f"data: {splits.root} ({splits.layout}), {len(splits.classes)} {kind}: {', '.join(splits.classes[:10])}"
         f"{' ...' if len(splits.classes) > 10 else ''}")
     log(f"split: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test")
     for note in splits.notes:
@@ -135,8 +140,8 @@ def check_files(splits: Splits) -> BadFileLog:
     for name in ("train", "val"):
         if not getattr(splits, name):
             raise DataError(f"the {name} split has no readable images", "add images or check the skipped files above")
-    empty = [c for i, c in enumerate(splits.classes) if not any(y == i for _, y in splits.train)]
-    if len(splits.classes) - len(empty) < 2:
+    empty = [c for i, c in enumerate(splits.classes) if not any(has_label(y, i) for _, y in splits.train)]
+    if len(splits.classes) - len(empty) < (1 if splits.multi_label else 2):
         raise DataError(f"class(es) {', '.join(empty)} have no readable training images, which leaves fewer than 2",
                         "add images to those class folders, or remove the empty folders")
     for c in empty:
@@ -154,8 +159,13 @@ def make_context(cfg: TrainConfig, splits: Splits, model, pp: Preprocess, device
             raise MissingExtra("--tensorboard needs the tensorboard package", "pip install tensorboard") from None
         tb = SummaryWriter(str(state.run.path / "tensorboard"))
     weights = None
-    if cfg.class_weights == "auto":
+    if cfg.class_weights == "auto" and splits.multi_label:
+        weights = positive_weights(multi_hot([y for _, y in splits.train], len(splits.classes)))
+    elif cfg.class_weights == "auto":
         weights = balanced_class_weights([y for _, y in splits.train], len(splits.classes))
+    if cfg.balanced_sampler and splits.multi_label:
+        raise ConfigError("--balanced-sampler is for single-label data",
+                          "for rare labels in multi-label data use --class-weights auto (positive weights per label)")
     return Context(cfg, splits, model, pp, device, state, bad,
                    workers=cfg.workers if cfg.workers is not None else default_workers(),
                    deadline=t_start - state.elapsed + cfg.time_budget if cfg.time_budget else None,
@@ -163,13 +173,16 @@ def make_context(cfg: TrainConfig, splits: Splits, model, pp: Preprocess, device
 
 
 def calibrate(ctx: Context, record: dict) -> dict | None:
-    """Fit the temperature on the validation split and store it in model.pt,
-    so a freshly trained run predicts calibrated probabilities. The "after"
+    """Fit the temperature on the validation split (stored in model.pt, so a
+    freshly trained run predicts calibrated probabilities). The "after"
     ECE is cross-fitted (each image scored with a T fit on the other folds):
     the same images chose T, so a plain refit would flatter itself."""
     from imgclf.evaluation.calibration import fit_calibration
     from imgclf.inference.torch_predictor import TorchPredictor
 
+    if ctx.multi_label:
+        log("calibration: multi-label: per-label sigmoid scores with decision thresholds tuned on val instead")
+        return None
     clf = TorchPredictor(record, device=ctx.cfg.device, engine=ctx.cfg.engine, cache_dir=ctx.cfg.cache_dir)
     logits, labels, _ = clf.logits_items(ctx.splits.root, ctx.splits.val, ctx.cfg.batch_size, ctx.workers, ctx.bad,
                                          progress=False, use_cache=ctx.cfg.cache)
@@ -177,10 +190,47 @@ def calibrate(ctx: Context, record: dict) -> dict | None:
     if "skipped" in cal:
         log(f"calibration: {cal['skipped']}; T stays 1")
         return None
-    ctx.save_best(cal["temperature"], extra={"calibration": cal})
     log(f"calibration: T = {cal['temperature']:.3f} fitted on val ({cal['n']} images); val ECE "
         f"{100 * cal['ece_before']:.2f}% -> {100 * cal['ece_after']:.2f}% (cross-fitted)")
     return cal
+
+
+def fit_thresholds(ctx: Context, record: dict) -> dict:
+    """Multi-label: per-label decision thresholds, each maximising F1 on val
+    (or --threshold for all). The held-out split then measures them."""
+    from imgclf.evaluation.metrics import tune_thresholds
+    from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
+
+    clf = TorchPredictor(record, device=ctx.cfg.device, engine=ctx.cfg.engine, cache_dir=ctx.cfg.cache_dir)
+    logits, labels, _ = clf.logits_items(ctx.splits.root, ctx.splits.val, ctx.cfg.batch_size, ctx.workers, ctx.bad,
+                                         progress=False, use_cache=ctx.cfg.cache)
+    p = probs_from_logits(logits, 1.0, multi_label=True)
+    thr = tune_thresholds(ctx.targets(labels), p, ctx.cfg.threshold)
+    how = f"--threshold {ctx.cfg.threshold:g}" if ctx.cfg.threshold else "tuned on val for the best F1 per label"
+    log(f"thresholds ({how}): " + ", ".join(f"{c} {t:.2f}" for c, t in zip(ctx.splits.classes[:10], thr))
+        + (" ..." if len(thr) > 10 else ""))
+    return {"thresholds": [float(t) for t in thr]}
+
+
+def fit_unknown(ctx: Context, record: dict) -> dict:
+    """The unknown-input scorer (inference/unknown.py): the training images'
+    features (cached: training just computed them) as the kNN bank, the
+    validation images' distances as its scale, and --reject's threshold."""
+    from imgclf.inference import reject_threshold
+    from imgclf.inference.torch_predictor import TorchPredictor
+    from imgclf.inference.unknown import fit_scorer
+
+    clf = TorchPredictor(record, device=ctx.cfg.device, engine=ctx.cfg.engine, cache_dir=ctx.cfg.cache_dir)
+    kw = dict(batch_size=ctx.cfg.batch_size, workers=ctx.workers, bad=ctx.bad, progress=False, use_cache=ctx.cfg.cache)
+    ftr, ytr, _ = clf.features_items(ctx.splits.root, ctx.splits.train, **kw)
+    fva, _, _ = clf.features_items(ctx.splits.root, ctx.splits.val, **kw)
+    groups = np.zeros(len(ytr), int) if ctx.multi_label else ytr  # the bank's sample is class-balanced when it can be
+    scorer = fit_scorer(ftr["plain"], groups, fva["plain"], ctx.cfg.seed)
+    reject = reject_threshold(ctx.cfg.reject, None)
+    log(f"unknown inputs: kNN scorer on {len(scorer.bank)} training images (k={scorer.k}); "
+        + (f"answers 'unknown' above {reject:g} (--reject {ctx.cfg.reject})" if reject is not None else
+           "the score is returned, rejection is off (--reject auto turns it on)"))
+    return {"unknown": scorer.to_record(), "reject": reject}
 
 
 def write_summary(ctx: Context, strategy: str, why: str, calibration: dict | None, t_start: float) -> dict:

@@ -67,8 +67,9 @@ def create_app(cfg: ServeConfig):
     @asynccontextmanager
     async def lifespan(app):
         st.predictor = await run_in_threadpool(load, cfg.model, threads=cfg.threads)
+        st.predictor.set_reject(cfg.reject)
         await run_in_threadpool(st.predictor.warm_up)
-        st.batcher = Batcher(st.predictor.probs, cfg.max_batch, cfg.batch_wait_ms / 1000, st.metrics)
+        st.batcher = Batcher(per_image_outputs(st.predictor), cfg.max_batch, cfg.batch_wait_ms / 1000, st.metrics)
         st.batcher.start()
         yield
         await st.batcher.stop()
@@ -194,6 +195,16 @@ def decode_all(st: State, files: list[tuple[str, bytes]]) -> list:
     return xs
 
 
+def per_image_outputs(pred):
+    """The batcher's model call: a batch -> one (probs, unknown score) per image."""
+
+    def run(batch) -> list[tuple]:
+        p, u = pred.outputs(batch)
+        return [(p[i], None if u is None else float(u[i])) for i in range(len(p))]
+
+    return run
+
+
 def add_predict_route(app, st: State) -> None:
     from fastapi import Request
     from starlette.concurrency import run_in_threadpool
@@ -219,10 +230,12 @@ def add_predict_route(app, st: State) -> None:
             k = top_k_of(request, body_k, st.cfg.top_k, len(pred.classes))
             xs = await run_in_threadpool(decode_all, st, files)
             t0 = time.perf_counter()
-            probs = await st.batcher(xs)
+            outs = await st.batcher(xs)
         finally:
             st.in_flight -= 1
-        preds = [{"filename": name, **top_k(p, pred.classes, k)} for (name, _), p in zip(files, probs)]
+        thr = pred.thresholds if pred.multi_label else None
+        preds = [{"filename": name, **top_k(p, pred.classes, k, u, pred.reject, thr)}
+                 for (name, _), (p, u) in zip(files, outs)]
         return {"predictions": preds, "model_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
 
@@ -322,6 +335,8 @@ def model_description(pred, cfg: ServeConfig) -> dict:
     return {"model": Path(cfg.model).name, "arch": pred.arch, "format": "onnx" if onnx else "pytorch",
             "int8": bool(getattr(pred, "int8", False)), "classes": pred.classes, "num_classes": len(pred.classes),
             "input_size": pp.size, "resize": pp.resize, "temperature": pred.temperature,
+            "unknown_score": pred.has_unknown, "reject": pred.reject, "multi_label": pred.multi_label,
+            "thresholds": None if pred.thresholds is None else [float(t) for t in pred.thresholds],
             "metrics": meta.get("metrics") or {}, "versions": versions,
             "limits": {"max_batch": cfg.max_batch, "max_files": cfg.max_files, "max_body_bytes": cfg.max_body_bytes,
                        "max_pixels": cfg.max_pixels, "max_concurrent": cfg.max_concurrent},

@@ -24,9 +24,17 @@ TOP = {"type": "object", "required": ["label", "score"],
 PREDICTIONS = {"type": "object", "required": ["predictions"], "properties": {
     "predictions": {"type": "array", "items": {"type": "object", "required": ["filename", "label", "score", "top"],
                                                "properties": {"filename": {"type": "string"},
-                                                              "label": {"type": "string"},
+                                                              "label": {"type": "string", "description":
+                                                                        "the best class, or 'unknown' when rejected"},
                                                               "score": {"type": "number"},
-                                                              "top": {"type": "array", "items": TOP}}}},
+                                                              "top": {"type": "array", "items": TOP},
+                                                              "labels": {"type": "array", "items": TOP, "description":
+                                                                         "multi-label models: every label at or "
+                                                                         "above its threshold, best first"},
+                                                              "unknown": {"type": "number", "minimum": 0,
+                                                                          "maximum": 1, "description":
+                                                                          "how unlike the training images (share of "
+                                                                          "known validation images more familiar)"}}}},
     "model_ms": {"type": "number"}}}
 
 def predict_openapi(max_files: int) -> dict:

@@ -55,8 +55,9 @@ function card(file) {
 }
 
 function showPrediction(c, pred) {
-  c.label.textContent = pred.label;
+  c.label.textContent = pred.label === "unknown" ? "unknown (none of the classes)" : pred.label;
   c.label.dataset.testid = "label";
+  if (typeof pred.unknown === "number") c.label.title = `unknown score ${pred.unknown.toFixed(2)}`;
   c.el.dataset.label = pred.label;
   for (const t of pred.top) {
     const row = document.createElement("div");
