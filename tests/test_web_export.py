@@ -19,6 +19,10 @@ from .browser import browser_page, chromium_path
 from .conftest import DATASETS, ROOT, imgclf, need
 
 PROB_ATOL = 1e-3
+# The unknown-input score is a share of validation images (steps of 1/100 for
+# this run); a float-level difference in a kNN distance moves it by one step,
+# as between PyTorch and ONNX (tests/test_open_set.py).
+UNKNOWN_ATOL = 0.011
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +104,8 @@ def real_images(tmp: Path) -> list[Path]:
 
 LAST = """() => { const a = window.imgclfLast; let s = '';
   for (const b of a.input.data) s += String.fromCharCode(b);
-  return {label: a.label, probs: a.probs, top: a.top, input: btoa(s), ms: a.ms}; }"""
+  return {label: a.label, probs: a.probs, top: a.top, unknown: a.unknown ?? null, exact: a.exact,
+          input: btoa(s), ms: a.ms}; }"""
 
 
 def classify_in_page(page, path: Path) -> dict:
@@ -132,6 +137,9 @@ def check_answers(got: dict, want: dict, inputs: dict) -> None:
         p_py = {t["label"]: t["score"] for t in want[name]["top"]}
         p_js = {t["label"]: t["score"] for t in g["top"]}
         assert p_js.keys() == p_py.keys() and all(abs(p_js[c] - p_py[c]) <= PROB_ATOL for c in p_py), (name, p_js, p_py)
+        assert g["exact"] and (g["unknown"] is None) == ("unknown" not in want[name]), name
+        if g["unknown"] is not None:  # the unknown-input score: a share of validation images, from the same graph
+            assert abs(g["unknown"] - want[name]["unknown"]) <= UNKNOWN_ATOL, (name, g["unknown"], want[name]["unknown"])
 
 
 def test_browser_matches_predict_and_works_offline(web, tmp_path):

@@ -18,7 +18,8 @@ const ready = loadClassifier("./").then((c) => {
 
 function show(answer, previewUrl) {
   $("preview").src = previewUrl;
-  $("label").textContent = answer.label;
+  $("label").textContent = answer.label === "unknown" ? "unknown: none of the classes" : answer.label || "no label";
+  const extra = answer.unknown === undefined ? "" : `unknown score ${answer.unknown.toFixed(3)}; `;
   $("top").replaceChildren(...answer.top.map(({ label, score }) => {
     const li = document.createElement("li");
     li.className = "row";
@@ -29,7 +30,7 @@ function show(answer, previewUrl) {
     return li;
   }));
   const ms = answer.ms;
-  $("timing").textContent = `${ms.total.toFixed(0)} ms (preprocessing ${ms.preprocess.toFixed(0)} ms, ` +
+  $("timing").textContent = extra + `${ms.total.toFixed(0)} ms (preprocessing ${ms.preprocess.toFixed(0)} ms, ` +
     `model ${ms.inference.toFixed(0)} ms)` +
     (answer.exact ? "" : "; this kind of JPEG (CMYK or arithmetic-coded) was resized approximately");
   $("result").hidden = false;

@@ -74,20 +74,40 @@ export async function loadClassifier(base = "./", options = {}) {
   /** RGB pixels (any size) -> the (S, S, 3) model input. */
   const prepare = (img) => resizeImage(img, pp);
 
-  /** (S, S, 3) inputs -> calibrated probabilities, one Float32Array per image. */
-  async function probs(inputs) {
+  /** (S, S, 3) inputs -> per image {probs, unknown, rejected, selected}: the
+   * graph's outputs (inference/onnx_predictor.py names them); the last three
+   * only for models with an unknown-input scorer / multi-label models. */
+  async function outputs(inputs) {
     const s = pp.size, batch = new Uint8Array(inputs.length * s * s * 3);
     inputs.forEach((x, i) => batch.set(x.data, i * s * s * 3));
     const out = await session.run({ [input]: new ort.Tensor("uint8", batch, [inputs.length, s, s, 3]) });
-    const p = out[session.outputNames[0]].data, c = classes.length;
-    return inputs.map((_, i) => p.slice(i * c, (i + 1) * c));
+    const c = classes.length, row = (name, i, w) => (out[name] ? out[name].data.slice(i * w, (i + 1) * w) : null);
+    return inputs.map((_, i) => ({
+      probs: row("probs", i, c), unknown: out.unknown ? out.unknown.data[i] : null,
+      rejected: out.rejected ? Boolean(out.rejected.data[i]) : false, selected: row("selected", i, c),
+    }));
   }
 
-  /** inference/__init__.py top_k: highest first, ties in class order. */
-  function topK(p, k = 5) {
-    const order = [...p.keys()].sort((a, b) => p[b] - p[a]).slice(0, Math.max(1, Math.min(k, classes.length)));
-    return { label: classes[order[0]], score: p[order[0]],
-      top: order.map((j) => ({ label: classes[j], score: p[j] })) };
+  /** (S, S, 3) inputs -> calibrated probabilities, one Float32Array per image. */
+  const probs = async (inputs) => (await outputs(inputs)).map((o) => o.probs);
+
+  /** inference/__init__.py top_k: the k best, highest first, ties in class
+   * order; multi-label: every selected label; "unknown" when rejected. */
+  function topK({ probs: p, unknown = null, rejected = false, selected = null }, k = 5) {
+    const order = [...p.keys()].sort((a, b) => p[b] - p[a]);
+    const best = order.slice(0, Math.max(1, Math.min(k, classes.length)));
+    const out = { label: classes[best[0]], score: p[best[0]],
+      top: best.map((j) => ({ label: classes[j], score: p[j] })) };
+    if (selected) {
+      const on = order.filter((j) => selected[j]);
+      out.labels = on.map((j) => ({ label: classes[j], score: p[j] }));
+      out.label = on.map((j) => classes[j]).join(";");
+    }
+    if (unknown !== null) {
+      out.unknown = unknown;
+      if (rejected) { out.label = "unknown"; out.score = unknown; if (selected) out.labels = []; }
+    }
+    return out;
   }
 
   /** A File/Blob, or an {width, height, data} RGB image (e.g. a camera frame) -> top-k answer. */
@@ -97,14 +117,14 @@ export async function loadClassifier(base = "./", options = {}) {
     const { img, exact } = source instanceof Blob ? await decode(source, pp) : { img: source, exact: true };
     const x = prepare(img);
     const t1 = performance.now();
-    const [p] = await probs([x]);
+    const [o] = await outputs([x]);
     const t2 = performance.now();
-    return { ...topK(p, k), probs: Array.from(p), input: x, exact,
+    return { ...topK(o, k), probs: Array.from(o.probs), input: x, exact,
       ms: { preprocess: t1 - t0, inference: t2 - t1, total: t2 - t0 } };
   }
 
   // One run on a blank image: the wasm's first call is several times slower
   // (bench/bench_web.py), better spent while the page says "loading".
   if (options.warmUp !== false) await probs([{ data: new Uint8Array(pp.size * pp.size * 3) }]);
-  return { meta, classes, preprocess: pp, session, prepare, probs, topK, classify };
+  return { meta, classes, preprocess: pp, session, prepare, outputs, probs, topK, classify };
 }
