@@ -71,8 +71,9 @@ def cmd_compare(cfg: C.CompareConfig) -> int:
 
 
 def cmd_predict(cfg: C.PredictConfig) -> int:
-    from imgclf.inference import expand_paths, load
+    from imgclf.inference import expand_paths, load, reject_threshold
 
+    reject_threshold(cfg.reject, None)  # a bad --reject fails before the model loads
     clf = load(cfg.run, device=cfg.device, engine=cfg.engine, cache_dir=cfg.cache_dir)
     clf.set_reject(cfg.reject)
     results = clf.predict(expand_paths(cfg.paths), top_k=cfg.top_k, batch_size=cfg.batch_size)

@@ -190,6 +190,8 @@ class ExportConfig:
     calib_images: int = _f(100, "training images for INT8 calibration")
     check_images: int = _f(32, "validation images for the PyTorch parity check")
     json: bool = _f(False, "print the export report as JSON")
+    reject: str | None = _f(None, "bake another rejection of unknown inputs into the file's `rejected` output: "
+                                  "auto, off, or a threshold in (0, 1] (default: the run's)")
 
 
 @dataclass

@@ -103,3 +103,15 @@ def test_bad_multilabel_rows_are_named_and_skipped(tmp_path):
     assert "empty path; row skipped" in out
     assert "stray spaces; write them as 'cat;pet'" in out
     assert "repeat a label" in out
+
+
+def test_multilabel_on_images_whole_network(tmp_path):
+    """The image path (fine-tuning and scratch share it): multi-hot batches, BCE, mAP for early stopping."""
+    data = compose(DATASETS, tmp_path / "data", n=40)
+    out = tmp_path / "run"
+    p = run_cli("train", data, "--out", out, "--model", "small_cnn", "--epochs", "2", "--image-size", "32",
+                "--resize", "squash", "--class-weights", "auto", "--no-evaluate")
+    assert "mAP" in p.stdout
+    hist = list(csv.DictReader(open(out / "history.csv")))
+    assert len(hist) == 2 and all(0 <= float(r["val_map"]) <= 1 for r in hist)
+    assert [r["label"] for r in imgclf.load(out).predict([str(data.parent / "images/0000.jpg")])][0] is not None

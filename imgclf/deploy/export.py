@@ -99,7 +99,7 @@ class Source:
     u_torch: np.ndarray | None  # unknown scores, if the run has a scorer
 
 
-def load_source(run: RunDir, check_images: int) -> Source:
+def load_source(run: RunDir, check_images: int, reject: str | None = None) -> Source:
     """The run's model, and the reference probabilities every export must
     reproduce: the eager-PyTorch Predictor's, the path `imgclf.load(run)` takes."""
     from imgclf.inference.torch_predictor import TorchPredictor
@@ -107,6 +107,8 @@ def load_source(run: RunDir, check_images: int) -> Source:
 
     record = run.record()
     reference = TorchPredictor(record, device="cpu", engine="torch")
+    reference.set_reject(reject)
+    record["reject"] = reference.reject  # what the metadata and the graph carry
     pp = reference.preprocess
     wrapped = probs_module(model_from_record(record), pp, reference.temperature, reference.scorer, reference.reject,
                            reference.thresholds if reference.multi_label else None)
@@ -207,7 +209,7 @@ def export(cfg: ExportConfig, printer=print) -> dict:
         from imgclf.deploy.web.site import is_export
 
         check_replaceable_folder(out, is_export)
-    src = load_source(run, cfg.check_images)
+    src = load_source(run, cfg.check_images, cfg.reject)
     meta = metadata(src, cfg.int8)
     report: dict = {"format": cfg.format, "path": str(out), "int8": cfg.int8, "classes": src.record["classes"],
                     "input_size": src.pp.size, "check_split": src.split, "check_images": len(src.x_check)}
