@@ -12,7 +12,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-setup: $(STAMP)
+# ONNX Runtime Web for `export --format web`: the pinned npm tarball, sha512-checked,
+# unpacked into imgclf/deploy/web/vendor/ (git-ignored, package data). Once.
+WEB_VENDOR := imgclf/deploy/web/vendor/onnxruntime-web-$(shell sed -n 's/^VERSION = "\(.*\)"/\1/p' imgclf/deploy/web/vendor.py)
+$(WEB_VENDOR): imgclf/deploy/web/vendor.py | $(STAMP)
+	$(BIN)/python -m imgclf.deploy.web.vendor
+
+setup: $(STAMP) $(WEB_VENDOR)
 
 demo: setup
 	$(BIN)/python -m imgclf.demo

@@ -175,7 +175,7 @@ COMMANDS = {  # name: (config class, function, one-line help)
     "check": (C.CheckConfig, cmd_check, "report counts, formats, unreadable files, exact and near duplicates, leakage, imbalance, outliers; --fix writes a cleaned split"),
     "models": (C.ModelsConfig, cmd_models, "list the available models"),
     "cache": (C.CacheConfig, cmd_cache, "show or empty the feature cache"),
-    "export": (C.ExportConfig, cmd_export, "write a self-contained ONNX (optionally INT8) or TorchScript model file"),
+    "export": (C.ExportConfig, cmd_export, "a self-contained model file (ONNX, INT8, .ort, TorchScript) or web app"),
     "serve": (C.ServeConfig, cmd_serve, "REST API (/v1/predict) and a web page for a run or an exported .onnx"),
 }
 

@@ -189,10 +189,11 @@ class CacheConfig:
 @dataclass
 class ExportConfig:
     run: str = _f("", "run directory or model.pt", positional=1)
-    format: str = _f("onnx", "file format: onnx; ort (ONNX Runtime Mobile, for apps); torchscript",
-                     choices=("onnx", "ort", "torchscript"))
+    format: str = _f("onnx", "file format: onnx; ort (ONNX Runtime Mobile, for apps); torchscript; "
+                             "web (a static folder that classifies in the browser, offline)",
+                     choices=("onnx", "ort", "torchscript", "web"))
     out: str | None = _f(None, "output file (default: RUN/model.onnx, model.int8.onnx, model.ort, model.int8.ort, "
-                               "model.torchscript.pt)")
+                               "model.torchscript.pt), or folder for web (default: RUN/web)")
     int8: bool = _f(False, "static INT8 quantization (onnxruntime), calibrated on training images; "
                            "reports accuracy change and speed-up")
     max_drop: float = _f(1.0, "refuse an INT8 model whose validation accuracy drops by more points than this")

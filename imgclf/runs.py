@@ -12,6 +12,7 @@ RUN/
   eval_<split>.json         metrics;  predictions_<split>.csv: per-image probabilities
   report/         index.html and eval.json
   model.onnx, model.int8.onnx, model.torchscript.pt   exports (they record model.pt's hash)
+  web/            `export --format web`: a static site that classifies in the browser
 
 model.pt holds only tensors, numbers, strings, lists and dicts, so it loads
 with torch.load(weights_only=True) and across imgclf versions: no pickled code.
@@ -51,6 +52,42 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.unlink(tmp)
         except OSError:
             pass
+        raise
+
+
+def check_replaceable_folder(path: Path, is_ours) -> None:
+    """Refuse to overwrite anything but an empty folder or an earlier output
+    (`is_ours(path)` says which), so a mistyped --out never deletes a user's folder."""
+    from imgclf.errors import ConfigError
+
+    if path.exists() and not (path.is_dir() and is_ours(path)) and (path.is_file() or any(path.iterdir())):
+        raise ConfigError(f"--out {path} already exists and is not an earlier export of this kind",
+                          "give a new or empty folder, or delete that one")
+
+
+def atomic_write_folder(path: str | Path, files: dict[str, bytes], is_ours) -> None:
+    """Write a folder of files (relative path -> bytes) beside `path`, then
+    rename it into place. An existing folder is replaced only when
+    `is_ours(path)`: an earlier output of the same kind, never a user's folder."""
+    import shutil
+
+    path = Path(path)
+    check_replaceable_folder(path, is_ours)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a static site is meant to be served
+        for rel, data in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
+        if old:
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -140,7 +177,7 @@ class RunDir:
     MODEL, LAST, CONFIG, SPLITS = "model.pt", "last.pt", "config.json", "splits.json"
     HISTORY, SUMMARY, REPORT = "history.csv", "summary.json", "report"
     EXPORTS = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "ort": "model.ort", "ort-int8": "model.int8.ort",
-               "torchscript": "model.torchscript.pt"}
+               "torchscript": "model.torchscript.pt", "web": "web"}
     ONNX_SUFFIXES = (".onnx", ".ort")  # files onnxruntime runs: no torch needed
 
     def __init__(self, path: str | Path):

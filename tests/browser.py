@@ -23,15 +23,15 @@ def chromium_path() -> str:
 
 
 @contextlib.contextmanager
-def browser_page(width: int = 1280, height: int = 900):
-    """A fresh headless Chromium page; closed afterwards."""
+def browser_page(width: int = 1280, height: int = 900, extra_args: tuple[str, ...] = ()):
+    """A fresh headless Chromium page (in its own context); closed afterwards."""
     exe = chromium_path()
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.skip("the playwright Python package is not installed (pip install playwright)")
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS + list(extra_args))
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
             yield page

@@ -19,6 +19,10 @@ more than `max_drop` points unless forced.
 
 TorchScript: the same wrapper (uint8 NHWC in, probabilities out), traced,
 with the metadata as an extra file `imgclf.json`.
+
+Web: a static folder (imgclf/deploy/web) holding the checked ONNX model, its
+metadata as model.json, ONNX Runtime Web and a page that preprocesses exactly
+as Python does; it works offline after the first visit.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from imgclf.config import ExportConfig
 from imgclf.errors import ConfigError, ExportError
 from imgclf.inference.onnx_predictor import (FORMAT, INPUT, OUTPUT, REJECTED_OUTPUT, SELECTED_OUTPUT, UNKNOWN_OUTPUT,
                                              OnnxPredictor)
-from imgclf.runs import RunDir, atomic_write_bytes
+from imgclf.runs import RunDir, atomic_write_bytes, atomic_write_folder, check_replaceable_folder
 
 PARITY_ATOL = 1e-4  # fp32 onnxruntime vs PyTorch probabilities, max abs difference
 ORT_ATOL = 1e-5  # .ort vs the .onnx it was saved from: the same engine and graph
@@ -200,12 +204,25 @@ def export(cfg: ExportConfig, printer=print) -> dict:
     if cfg.int8 and cfg.format not in ("onnx", "ort"):
         raise ConfigError("--int8 is for --format onnx or ort (onnxruntime quantization)", "drop --int8")
     run = RunDir(cfg.run)
-    src = load_source(run, cfg.check_images, cfg.reject)
     out = Path(cfg.out) if cfg.out else run.export_file(cfg.format, cfg.int8)
+    if cfg.format == "web":  # a folder: say now, not after the export, that --out is taken
+        from imgclf.deploy.web.site import is_export
+
+        check_replaceable_folder(out, is_export)
+    src = load_source(run, cfg.check_images, cfg.reject)
     meta = metadata(src, cfg.int8)
     report: dict = {"format": cfg.format, "path": str(out), "int8": cfg.int8, "classes": src.record["classes"],
                     "input_size": src.pp.size, "check_split": src.split, "check_images": len(src.x_check)}
     data = EXPORTERS[cfg.format](src, cfg, meta, report, printer)
+    if isinstance(data, dict):  # a folder: relative path -> content
+        from imgclf.deploy.web.site import is_export
+
+        atomic_write_folder(out, data, is_export)
+        report["bytes"] = sum(map(len, data.values()))
+        report["files"] = {k: len(v) for k, v in sorted(data.items())}
+        printer(f"wrote {out}/ ({len(data)} files, {report['bytes'] / 1e6:.1f} MB); try it: "
+                f"python -m http.server -d {out} 8000  and open http://localhost:8000/")
+        return report
     atomic_write_bytes(out, data)
     report["bytes"] = len(data)
     printer(f"wrote {out} ({len(data) / 1e6:.1f} MB{', INT8' if cfg.int8 else ''}); "
@@ -381,4 +398,16 @@ def quantize_checked(fp32: bytes, src: Source, cfg: ExportConfig, meta: dict, re
     return q
 
 
-EXPORTERS = {"onnx": export_onnx, "ort": export_ort, "torchscript": export_torchscript}
+def export_web(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer) -> dict[str, bytes]:
+    """A static site: the checked fp32 ONNX model (without the run's local path,
+    since the folder is meant to be published) and the page that runs it."""
+    from imgclf.deploy.web import site
+
+    site.require_runtime()  # before the export's own cost
+    site.check_preprocess(src.pp)
+    meta = {k: v for k, v in meta.items() if k != "run_path"}
+    onnx_bytes = export_onnx(src, cfg, meta, report, printer)
+    return site.build(onnx_bytes, OnnxPredictor(onnx_bytes).metadata)
+
+
+EXPORTERS = {"onnx": export_onnx, "ort": export_ort, "torchscript": export_torchscript, "web": export_web}
