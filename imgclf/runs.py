@@ -12,6 +12,8 @@ RUN/
   eval_<split>.json         metrics;  predictions_<split>.csv: per-image probabilities
   report/         index.html and eval.json
   model.onnx, model.int8.onnx, model.torchscript.pt   exports (they record model.pt's hash)
+  similar.npz     training images' embeddings and thumbnails for `similar` and /v1/similar
+                  (built on first use, rebuilt when model.pt changes)
 
 model.pt holds only tensors, numbers, strings, lists and dicts, so it loads
 with torch.load(weights_only=True) and across imgclf versions: no pickled code.
@@ -139,6 +141,7 @@ class RunDir:
 
     MODEL, LAST, CONFIG, SPLITS = "model.pt", "last.pt", "config.json", "splits.json"
     HISTORY, SUMMARY, REPORT = "history.csv", "summary.json", "report"
+    SIMILAR = "similar.npz"
     EXPORTS = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "ort": "model.ort", "ort-int8": "model.int8.ort",
                "torchscript": "model.torchscript.pt"}
     ONNX_SUFFIXES = (".onnx", ".ort")  # files onnxruntime runs: no torch needed
@@ -154,6 +157,7 @@ class RunDir:
     history_file = property(lambda self: self.path / self.HISTORY)
     summary_file = property(lambda self: self.path / self.SUMMARY)
     report_dir = property(lambda self: self.path / self.REPORT)
+    similar_file = property(lambda self: self.path / self.SIMILAR)
     report_page = property(lambda self: self.path / self.REPORT / "index.html")
     report_json = property(lambda self: self.path / self.REPORT / "eval.json")
 

@@ -1,0 +1,120 @@
+"""`imgclf suggest RUN UNLABELED_DIR -n N`: which images to label next.
+
+Each unlabeled image gets
+  uncertainty  1 - (p1 - p2), the margin between the two best calibrated
+               probabilities (or their entropy / log C with --uncertainty entropy)
+  novelty      how likely it is of a class the model does not know: the
+               open-set unknown score where the caller has one (the `novelty`
+               argument of `rank_for_labelling`), else how far the image is
+               from every training image, compared with how far training
+               images are from each other (0 = as close as usual, 1 = farther
+               than any training image is from its nearest neighbour)
+and the N are chosen greedily, uncertainty-weighted k-center style: each
+pick maximises max(uncertainty, novelty) x (cosine distance to the nearest
+labelled or already picked image), so a batch covers many uncertain regions
+instead of N copies of one ambiguous scene (Sener & Savarese 2018, core-sets;
+weighted by uncertainty as in Zhdanov 2019). Measured against random choice
+in bench/bench_suggest.py (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def uncertainty(probs: np.ndarray, kind: str = "margin") -> np.ndarray:
+    """Per row in [0, 1]: 1 - (p1 - p2) (margin) or entropy / log(C)."""
+    if kind == "entropy":
+        p = np.clip(probs, 1e-12, 1.0)
+        return -(p * np.log(p)).sum(1) / np.log(max(2, probs.shape[1]))
+    top2 = -np.sort(-probs, axis=1)[:, :2]
+    return 1.0 - (top2[:, 0] - top2[:, 1])
+
+
+def distance_novelty(d_pool: np.ndarray, train_unit: np.ndarray, sample: int = 2000, seed: int = 0) -> np.ndarray:
+    """Novelty from distances alone: where each pool image's distance to its
+    nearest training image falls among the training images' own
+    nearest-neighbour distances, mapped so only the farthest 5% count
+    (0 below the 95th percentile, 1 beyond every training image's)."""
+    from imgclf.inference.similar import brute_force
+
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(train_unit), min(sample, len(train_unit)), replace=False)
+    _, sims = brute_force(train_unit, train_unit[idx], 2)  # the first neighbour is the image itself
+    nn = np.sort(1.0 - sims[:, 1]) if sims.shape[1] > 1 else np.zeros(1)
+    cdf = np.searchsorted(nn, d_pool, side="right") / len(nn)
+    return np.clip((cdf - 0.95) / 0.05, 0.0, 1.0)
+
+
+def rank_for_labelling(probs: np.ndarray, pool_unit: np.ndarray, labelled_unit: np.ndarray, n: int,
+                       kind: str = "margin", novelty: np.ndarray | None = None) -> tuple[list[int], dict]:
+    """Indices of the n pool images to label next, best first, and the
+    per-image scores behind them. `novelty` (in [0, 1], one per pool image)
+    is the hook for an open-set unknown score; None uses distance_novelty."""
+    from imgclf.inference.similar import nearest_distance
+
+    unc = uncertainty(probs, kind)
+    d = nearest_distance(pool_unit, labelled_unit) if len(labelled_unit) else np.ones(len(pool_unit), np.float32)
+    d0 = d.copy()
+    if novelty is None:
+        novelty = distance_novelty(d0, labelled_unit) if len(labelled_unit) > 1 else np.zeros(len(pool_unit))
+    priority = np.maximum(unc, novelty)
+    chosen: list[int] = []
+    taken = np.zeros(len(pool_unit), bool)
+    for _ in range(min(n, len(pool_unit))):
+        score = np.where(taken, -1.0, (priority + 1e-3) * np.maximum(d, 0.0))  # +1e-3: spread even when all are certain
+        i = int(np.argmax(score))
+        chosen.append(i)
+        taken[i] = True
+        d = np.minimum(d, 1.0 - pool_unit @ pool_unit[i])
+    return chosen, {"uncertainty": unc, "novelty": np.asarray(novelty, np.float32), "distance": d0}
+
+
+def suggest(cfg) -> tuple[list[dict], Path]:
+    """Rank the images under cfg.unlabeled for labelling; write cfg.out (CSV)."""
+    from imgclf.data.datasets import BadFileLog
+    from imgclf.errors import ConfigError, DataError
+    from imgclf.inference import expand_paths
+    from imgclf.inference.similar import unit_rows
+    from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
+    from imgclf.runs import RunDir, atomic_write_text
+
+    if cfg.n < 1:
+        raise ConfigError(f"-n {cfg.n}: must be at least 1", "ask for the number of images you will label, e.g. -n 50")
+    run = RunDir(cfg.run)
+    clf = TorchPredictor.from_run(run.path, device=cfg.device, engine=cfg.engine, cache_dir=cfg.cache_dir)
+    files = [str(Path(p).resolve()) for p in expand_paths([cfg.unlabeled])]
+    if not files:
+        raise DataError(f"{cfg.unlabeled}: no files found", "point it at a folder of images to label")
+    bad = BadFileLog(lambda m: print(m, file=sys.stderr))
+    feats, _, kept = clf.features_items("", [(p, -1) for p in files], cfg.batch_size, cfg.workers, bad,
+                                        progress=False)
+    if not len(kept):
+        raise DataError(f"{cfg.unlabeled}: none of the {len(files)} files is a readable image", "see the list above")
+    splits = run.splits()
+    lab, _, _ = clf.features_items(splits.root, splits.train, cfg.batch_size, cfg.workers, bad, progress=False)
+    pool = feats["plain"]
+    probs = probs_from_logits({"plain": clf.logits_from_features(pool)}, clf.temperature)
+    order, s = rank_for_labelling(probs, unit_rows(pool), unit_rows(lab["plain"]), cfg.n, cfg.uncertainty)
+    rows = []
+    for rank, i in enumerate(order, 1):
+        top = np.argsort(-probs[i])[:2]
+        odds = f"{clf.classes[top[0]]} {probs[i, top[0]]:.2f} vs {clf.classes[top[-1]]} {probs[i, top[-1]]:.2f}"
+        why = ("possibly a new class: far from every training image" if s["novelty"][i] > s["uncertainty"][i] else
+               f"uncertain: {odds}" if s["uncertainty"][i] >= 0.5 else f"unlike the images chosen so far ({odds})")
+        rows.append({"path": files[int(kept[i])], "label": "", "rank": rank, "predicted": clf.classes[top[0]],
+                     "confidence": round(float(probs[i, top[0]]), 4), "uncertainty": round(float(s["uncertainty"][i]), 4),
+                     "novelty": round(float(s["novelty"][i]), 4),
+                     "distance_to_training": round(float(s["distance"][i]), 4), "why": why})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    out = Path(cfg.out)
+    atomic_write_text(out, buf.getvalue())
+    return rows, out
