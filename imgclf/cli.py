@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-EXTRAS = {"torch": "train", "torchvision": "train", "timm": "train", "sklearn": "train", "onnx": "train",
+EXTRAS = {"torch": "train", "torchvision": "train", "timm": "train", "sklearn": "train", "onnx": "train", "usearch": "train",
           "scipy": "train", "matplotlib": "report", "fastapi": "serve", "uvicorn": "serve", "python_multipart": "serve"}
 
 
