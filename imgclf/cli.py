@@ -247,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-EXTRAS = {"torch": "train", "torchvision": "train", "timm": "train", "sklearn": "train", "onnx": "train", "usearch": "train",
-          "scipy": "train", "matplotlib": "report", "fastapi": "serve", "uvicorn": "serve", "python_multipart": "serve"}
+EXTRAS = {"torch": "train", "torchvision": "train", "timm": "train", "sklearn": "train", "onnx": "train",
+          "usearch": "train", "scipy": "train", "matplotlib": "report", "fastapi": "serve", "uvicorn": "serve", "python_multipart": "serve"}
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ def test_similar_served_with_thumbnails(run_client, tiny_run, tiny):
     rel = splits.train[0][0]
     info = run_client.get("/v1/model").json()["similar"]
     assert info == {"available": True, "images": len(splits.train)}
+    assert "k" in str(run_client.get("/openapi.json").json()["paths"]["/v1/similar"]["post"]["parameters"])
     r = run_client.post("/v1/similar?k=3", files=[("file", ("q.jpg", splits.path(rel).read_bytes()))])
     assert r.status_code == 200, r.text
     nbs = r.json()["results"][0]["neighbours"]
@@ -131,6 +132,7 @@ def test_similar_unavailable_for_onnx(tiny_run, tmp_path_factory):
         r = c.post("/v1/similar", json={"images": ["aGVsbG8="]})
         assert r.status_code == 404 and r.json()["error"]["code"] == "similar_unavailable"
         assert "serve the run directory" in r.json()["error"]["message"]
+        assert "/v1/similar" not in c.get("/openapi.json").json()["paths"]  # not offered, so not in the schema
 
 
 def test_page_shows_similar_training_images(tiny_run, tiny, tmp_path):

@@ -9,12 +9,14 @@ Each unlabeled image gets
                from every training image, compared with how far training
                images are from each other (0 = as close as usual, 1 = farther
                than any training image is from its nearest neighbour)
+  density      how typical it is: mean similarity to its 10 nearest pool images
 and the N are chosen greedily, uncertainty-weighted k-center style: each
-pick maximises max(uncertainty, novelty) x (cosine distance to the nearest
-labelled or already picked image), so a batch covers many uncertain regions
-instead of N copies of one ambiguous scene (Sener & Savarese 2018, core-sets;
-weighted by uncertainty as in Zhdanov 2019). Measured against random choice
-in bench/bench_suggest.py (docs/benchmarks.md).
+pick maximises max(uncertainty x density, novelty) x (cosine distance to the
+nearest labelled or already picked image), so a batch covers many uncertain,
+typical regions instead of N copies of one ambiguous scene or N outliers
+(core-sets, Sener & Savarese 2018; information density, Settles & Craven
+2008). bench/bench_suggest.py measured it against random choice and chose
+density weighting over plain uncertainty (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -51,6 +53,23 @@ def distance_novelty(d_pool: np.ndarray, train_unit: np.ndarray, sample: int = 2
     return np.clip((cdf - 0.95) / 0.05, 0.0, 1.0)
 
 
+def density(pool_unit: np.ndarray, k: int = 10, sample: int = 5000, seed: int = 0) -> np.ndarray:
+    """How typical each pool image is, in [0, 1]: its mean similarity to its k
+    nearest pool images (among a random sample of at most `sample`, so the
+    cost stays linear in the pool), min-max scaled."""
+    from imgclf.inference.similar import brute_force
+
+    rng = np.random.default_rng(seed)
+    ref = pool_unit[rng.choice(len(pool_unit), min(sample, len(pool_unit)), replace=False)]
+    k = min(k + 1, len(ref))
+    dens = np.empty(len(pool_unit), np.float32)
+    for i in range(0, len(pool_unit), 2048):
+        _, sims = brute_force(ref, pool_unit[i:i + 2048], k)
+        dens[i:i + 2048] = sims[:, 1:].mean(1) if k > 1 else sims[:, 0]  # the first is usually the image itself
+    span = dens.max() - dens.min()
+    return (dens - dens.min()) / span if span > 0 else np.ones_like(dens)
+
+
 def rank_for_labelling(probs: np.ndarray, pool_unit: np.ndarray, labelled_unit: np.ndarray, n: int,
                        kind: str = "margin", novelty: np.ndarray | None = None) -> tuple[list[int], dict]:
     """Indices of the n pool images to label next, best first, and the
@@ -59,11 +78,14 @@ def rank_for_labelling(probs: np.ndarray, pool_unit: np.ndarray, labelled_unit: 
     from imgclf.inference.similar import nearest_distance
 
     unc = uncertainty(probs, kind)
+    dens = density(pool_unit)
     d = nearest_distance(pool_unit, labelled_unit) if len(labelled_unit) else np.ones(len(pool_unit), np.float32)
     d0 = d.copy()
     if novelty is None:
         novelty = distance_novelty(d0, labelled_unit) if len(labelled_unit) > 1 else np.zeros(len(pool_unit))
-    priority = np.maximum(unc, novelty)
+    # Uncertain and typical (information density, Settles & Craven 2008): an
+    # uncertain outlier teaches little about the images the model will meet.
+    priority = np.maximum(unc * dens, novelty)
     chosen: list[int] = []
     taken = np.zeros(len(pool_unit), bool)
     for _ in range(min(n, len(pool_unit))):
@@ -72,7 +94,7 @@ def rank_for_labelling(probs: np.ndarray, pool_unit: np.ndarray, labelled_unit: 
         chosen.append(i)
         taken[i] = True
         d = np.minimum(d, 1.0 - pool_unit @ pool_unit[i])
-    return chosen, {"uncertainty": unc, "novelty": np.asarray(novelty, np.float32), "distance": d0}
+    return chosen, {"uncertainty": unc, "density": dens, "novelty": np.asarray(novelty, np.float32), "distance": d0}
 
 
 def suggest(cfg) -> tuple[list[dict], Path]:
@@ -109,7 +131,7 @@ def suggest(cfg) -> tuple[list[dict], Path]:
                f"uncertain: {odds}" if s["uncertainty"][i] >= 0.5 else f"unlike the images chosen so far ({odds})")
         rows.append({"path": files[int(kept[i])], "label": "", "rank": rank, "predicted": clf.classes[top[0]],
                      "confidence": round(float(probs[i, top[0]]), 4), "uncertainty": round(float(s["uncertainty"][i]), 4),
-                     "novelty": round(float(s["novelty"][i]), 4),
+                     "density": round(float(s["density"][i]), 4), "novelty": round(float(s["novelty"][i]), 4),
                      "distance_to_training": round(float(s["distance"][i]), 4), "why": why})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))

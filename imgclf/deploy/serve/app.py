@@ -287,8 +287,10 @@ def add_similar_route(app, st: State) -> None:
 
     from imgclf.deploy.serve.openapi import similar_openapi
 
+    # An exported model never has it: the route answers why, and stays out of the schema.
     @app.post("/v1/similar", openapi_extra=similar_openapi(st.cfg.max_files, MAX_SIMILAR_K),
-              summary="The most similar training images of each image, with thumbnails")
+              summary="The most similar training images of each image, with thumbnails",
+              include_in_schema=not st.cfg.model.lower().endswith(RunDir.ONNX_SUFFIXES))
     async def similar(request: Request):
         check_key(st, request)
         st.ready()
