@@ -75,12 +75,19 @@ def main() -> None:
     ap.add_argument("--vectors", choices=("real", "random"), default="real")
     a = ap.parse_args()
 
-    from usearch.index import Index
-
-    from imgclf.inference.similar import brute_force
+    from imgclf.inference.similar import brute_force, import_usearch
 
     k, rows = 10, []
-    spectrum = real_spectrum() if a.vectors == "real" else None
+    spectrum = None
+    if a.vectors == "real":
+        # In a child process: this one then never runs torch or onnxruntime,
+        # whose idle worker threads would be timed along with numpy.
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+            spectrum = ex.submit(real_spectrum).result()
+    Index = import_usearch().Index
     queries = unit_vectors(a.queries, a.dim, 1, spectrum)
     for n in [int(s) for s in a.sizes.split(",")]:
         X = unit_vectors(n, a.dim, 0, spectrum)

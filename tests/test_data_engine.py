@@ -221,3 +221,33 @@ def test_train_from_adds_a_class_encoding_only_its_images(tiny, tmp_path, cache_
     rec = RunDir(tmp_path / "b").record()
     assert rec["classes"] == ["ants", "cats", "dogs"] and rec["config"]["patience"] == 30
     assert json.loads((tmp_path / "b" / "eval_val.json").read_text())["accuracy"] >= 0.8
+
+
+def test_hnsw_index_agrees_with_brute_force_and_onnxruntime_still_loads(tiny_run):
+    """Above HNSW_MIN images the index searches with usearch: the same
+    neighbours as numpy on real embeddings, in a fresh process where
+    onnxruntime is imported afterwards (the order that once crashed)."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    code = f"""
+import numpy as np
+from imgclf.inference import similar
+from imgclf.runs import RunDir
+run = RunDir({str(tiny_run[0])!r})
+idx = similar.SimilarityIndex.load(run.similar_file) if run.similar_file.exists() else None
+X = idx.vectors if idx is not None else similar.unit_rows(np.random.default_rng(0).random((200, 1280)))
+exact, _ = similar.brute_force(X, X[:20], 5)
+similar.HNSW_MIN = 0
+fast = similar.SimilarityIndex(X, [str(i) for i in range(len(X))], np.zeros(len(X), np.int64), ["a"],
+                               np.zeros(0, np.uint8), np.zeros(len(X) + 1, np.int64), "")
+found = [[int(n["path"]) for n in row] for row in fast.search(X[:20], 5)]
+recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact.tolist(), found)])
+import onnxruntime
+print("recall", recall)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert float(p.stdout.split("recall")[1]) >= 0.95, p.stdout

@@ -29,6 +29,19 @@ HNSW_MIN = 100_000
 THUMB_SIZE = 96  # pixels, longest side; about 3 KB as JPEG
 
 
+def import_usearch():
+    """usearch.index, imported after onnxruntime: the other way round,
+    onnxruntime's import crashes the process in libstdc++ (usearch 2.26,
+    onnxruntime 1.2x, this machine; tests/test_data_engine.py checks it)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        pass
+    from usearch import index
+
+    return index
+
+
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to length 1 (float32), so a dot product is a cosine similarity."""
     x = np.asarray(x, dtype=np.float32)
@@ -80,9 +93,7 @@ class SimilarityIndex:
 
     def _search_hnsw(self, Q: np.ndarray, k: int):
         if self._hnsw is None:
-            from usearch.index import Index
-
-            idx = Index(ndim=self.vectors.shape[1], metric="cos", dtype="f32", connectivity=16, expansion_add=128,
+            idx = import_usearch().Index(ndim=self.vectors.shape[1], metric="cos", dtype="f32", connectivity=16, expansion_add=128,
                         expansion_search=max(64, 2 * k))
             idx.add(np.arange(len(self)), self.vectors)
             self._hnsw = idx

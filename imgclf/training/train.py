@@ -59,7 +59,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     bad = check_files(splits)
     model = build_model(cfg.model, len(splits.classes), pretrained=cfg.pretrained, weights=cfg.weights,
                         head_hidden=cfg.head_hidden, dropout=cfg.dropout)
-    if cfg.from_run and ckpt is None:
+    if cfg.from_run:  # also on --resume: a checkpoint of a frozen-backbone stage holds only the head
         load_earlier_backbone(model, cfg.from_run)
     log(f"model: {cfg.model} ({count_params(model) / 1e6:.1f}M parameters), input {pp.size}px {pp.resize}, "
         f"device {device}{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}")
