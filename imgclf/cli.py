@@ -31,7 +31,7 @@ def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
             nargs = meta["positional"]
             p.add_argument(f.name, **({} if nargs == 1 else {"nargs": nargs, "default": default}), **kw)
             continue
-        flags = [meta.get("flag") or "--" + f.name.replace("_", "-")] + ([meta["short"]] if "short" in meta else [])
+        flags = ([meta["short"]] if "short" in meta else []) + [meta.get("flag") or "--" + f.name.replace("_", "-")]
         kw["dest"] = f.name
         if t is bool:
             p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, **kw)

@@ -223,10 +223,11 @@ def test_train_from_adds_a_class_encoding_only_its_images(tiny, tmp_path, cache_
     assert json.loads((tmp_path / "b" / "eval_val.json").read_text())["accuracy"] >= 0.8
 
 
-def test_hnsw_index_agrees_with_brute_force_and_onnxruntime_still_loads(tiny_run):
-    """Above HNSW_MIN images the index searches with usearch: the same
-    neighbours as numpy on real embeddings, in a fresh process where
-    onnxruntime is imported afterwards (the order that once crashed)."""
+def test_hnsw_index_agrees_with_brute_force_and_onnxruntime_still_loads(tiny_run, tmp_path):
+    """From HNSW_MIN images on, the index searches a saved usearch graph
+    (memory-mapped on later loads): the same neighbours as numpy on real
+    embeddings, in a fresh process where onnxruntime is imported afterwards
+    (the order that crashes when usearch is imported first)."""
     import subprocess
     import sys
 
@@ -234,16 +235,23 @@ def test_hnsw_index_agrees_with_brute_force_and_onnxruntime_still_loads(tiny_run
 
     code = f"""
 import numpy as np
+from pathlib import Path
+from types import SimpleNamespace
 from imgclf.inference import similar
 from imgclf.runs import RunDir
 run = RunDir({str(tiny_run[0])!r})
-idx = similar.SimilarityIndex.load(run.similar_file) if run.similar_file.exists() else None
-X = idx.vectors if idx is not None else similar.unit_rows(np.random.default_rng(0).random((200, 1280)))
+X = (similar.SimilarityIndex.load(run.similar_file).vectors if run.similar_file.exists()  # by the tests above
+     else similar.unit_rows(np.random.default_rng(0).standard_normal((200, 1280))))
 exact, _ = similar.brute_force(X, X[:20], 5)
 similar.HNSW_MIN = 0
-fast = similar.SimilarityIndex(X, [str(i) for i in range(len(X))], np.zeros(len(X), np.int64), ["a"],
-                               np.zeros(0, np.uint8), np.zeros(len(X) + 1, np.int64), "")
-found = [[int(n["path"]) for n in row] for row in fast.search(X[:20], 5)]
+fake_run = SimpleNamespace(similar_graph_file=Path({str(tmp_path)!r}) / "similar.usearch")
+def index():
+    return similar.SimilarityIndex(X, [str(i) for i in range(len(X))], np.zeros(len(X), np.int64), ["a"],
+                                   np.zeros(0, np.uint8), np.zeros(len(X) + 1, np.int64), "")
+similar.with_graph(index(), fake_run)  # builds and saves the graph
+assert fake_run.similar_graph_file.exists()
+fresh = similar.with_graph(index(), fake_run)  # maps the saved one
+found = [[int(n["path"]) for n in row] for row in fresh.search(X[:20], 5)]
 recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact.tolist(), found)])
 import onnxruntime
 print("recall", recall)

@@ -7,10 +7,11 @@ image, so a server can show neighbours without ever opening a path a request
 could name. It is built once per model.pt and saved as RUN/similar.npz.
 
 Search is exact numpy brute force (one matrix-vector product) below
-HNSW_MIN training images and an HNSW graph (usearch) at or above it:
-bench/bench_index.py measured, for 1280-d vectors on this 2-core CPU,
-brute force at about 0.1 ms for 1k, 1 ms for 10k and 30 ms for 100k vectors,
-and about 0.2-0.5 ms for HNSW at those sizes (docs/benchmarks.md).
+HNSW_MIN training images, and an HNSW graph (usearch) from there on, built
+once and saved as RUN/similar.usearch. bench/bench_index.py measured, for
+1280-d vectors on this 2-core CPU (shared, load 10): brute force 0.17 ms at
+1k, 16 ms at 10k and 174 ms at 100k vectors; HNSW 0.7 ms at 1k and 1.8 ms at
+10k with recall@10 0.98-1.0 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-# At 100k vectors brute force takes ~30 ms a query (no longer instant) while
-# HNSW stays under 1 ms; below it, building the graph costs more than it saves.
-HNSW_MIN = 100_000
+# Brute force grows linearly (16 ms at 10k, 174 ms at 100k, measured on a
+# loaded machine), so by 50k it is no longer instant, while HNSW stays near
+# 2 ms; below it, exact answers cost nothing noticeable and need no graph.
+HNSW_MIN = 50_000
 THUMB_SIZE = 96  # pixels, longest side; about 3 KB as JPEG
 
 
@@ -76,6 +78,7 @@ class SimilarityIndex:
     thumbs: np.ndarray  # every thumbnail's JPEG bytes, concatenated (uint8)
     offsets: np.ndarray  # (N + 1,) where each thumbnail starts and ends in `thumbs`
     model_sha: str  # sha256 of the model.pt it was built from
+    graph_file: Path | None = None  # the saved HNSW graph (RUN/similar.usearch), when len >= HNSW_MIN
     _hnsw: object = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -91,13 +94,22 @@ class SimilarityIndex:
         return [[{"id": int(i), "path": self.paths[i], "label": self.classes[int(self.labels[i])],
                   "similarity": round(float(s), 4)} for i, s in zip(row_i, row_s)] for row_i, row_s in zip(ids, sims)]
 
-    def _search_hnsw(self, Q: np.ndarray, k: int):
+    def hnsw(self):
+        """The HNSW graph: memory-mapped from graph_file when saved (building
+        one takes minutes at 100k images), else built now."""
         if self._hnsw is None:
-            idx = import_usearch().Index(ndim=self.vectors.shape[1], metric="cos", dtype="f32", connectivity=16, expansion_add=128,
-                        expansion_search=max(64, 2 * k))
-            idx.add(np.arange(len(self)), self.vectors)
-            self._hnsw = idx
-        m = self._hnsw.search(Q, min(k, len(self)))
+            usearch = import_usearch()
+            if self.graph_file is not None and self.graph_file.exists():
+                self._hnsw = usearch.Index.restore(str(self.graph_file), view=True)
+            else:
+                idx = usearch.Index(ndim=self.vectors.shape[1], metric="cos", dtype="f32", connectivity=16,
+                                    expansion_add=128, expansion_search=64)
+                idx.add(np.arange(len(self)), self.vectors)
+                self._hnsw = idx
+        return self._hnsw
+
+    def _search_hnsw(self, Q: np.ndarray, k: int):
+        m = self.hnsw().search(Q, min(k, len(self)))
         keys, dist = np.atleast_2d(m.keys), np.atleast_2d(m.distances)
         return keys.astype(np.int64), 1.0 - dist
 
@@ -157,13 +169,35 @@ def load_index(run, clf, workers: int = 1, progress: bool = True) -> SimilarityI
         try:
             index = SimilarityIndex.load(path)
             if index.model_sha == run.model_sha256():
-                return index
+                return with_graph(index, run)
         except Exception:  # damaged or from another version: rebuilt below, said once
             print(f"note: {path} is unreadable; rebuilding it", file=sys.stderr)
     print(f"building the similarity index of {run}'s training images (once; saved as {path})", file=sys.stderr,
           flush=True)
+    run.similar_graph_file.unlink(missing_ok=True)  # a graph of the old vectors
     index = build_index(run, clf, workers, progress)
     atomic_write_bytes(path, index.to_bytes())
+    return with_graph(index, run)
+
+
+def with_graph(index: SimilarityIndex, run) -> SimilarityIndex:
+    """At HNSW_MIN images or more, the HNSW graph saved beside the index (built once, then memory-mapped)."""
+    if len(index) < HNSW_MIN:
+        return index
+    index.graph_file = run.similar_graph_file
+    if not index.graph_file.exists():
+        import os
+        import tempfile
+
+        print(f"building the HNSW graph of {len(index):,} images (once; saved as {index.graph_file})",
+              file=sys.stderr, flush=True)
+        fd, tmp = tempfile.mkstemp(dir=index.graph_file.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            index.hnsw().save(tmp)
+            os.replace(tmp, index.graph_file)  # atomic, as every run file
+        finally:
+            Path(tmp).unlink(missing_ok=True)
     return index
 
 
