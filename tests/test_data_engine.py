@@ -187,7 +187,7 @@ def test_rank_for_labelling_skips_near_copies():
     assert order[0] in (0, 1) and not {0, 1} <= set(order)
 
 
-def test_train_from_adds_a_class_encoding_only_its_images(tiny, tmp_path, cache_dir):
+def test_train_from_adds_a_class_encoding_only_its_images(tiny, tmp_path, cache_dir, capsys):
     """A run on cats and dogs; then ants are added and `train --from` encodes
     exactly the ants' images: every cat and dog comes from the cache."""
     from imgclf.models.features import cache_info
@@ -214,9 +214,9 @@ def test_train_from_adds_a_class_encoding_only_its_images(tiny, tmp_path, cache_
         (data / split / "ants").mkdir()
         for p in [p for p in sorted((hym / split / "ants").iterdir()) if p.suffix.lower() == ".jpg"][:n]:
             shutil.copy(p, data / split / "ants" / p.name)
-    p = imgclf("train", data, "--from", tmp_path / "a", "--out", tmp_path / "b")
-    assert "(none given here)" in p.stdout  # its settings, --cache-dir and --patience included, came from run a
-    assert "24/34 train images from cache; 14 images encoded" in p.stdout  # 10 train + 4 val ants, nothing else
+    rc, out, _ = cli(capsys, "train", data, "--from", tmp_path / "a", "--out", tmp_path / "b")
+    assert rc == 0 and "(none given here)" in out  # its settings, --cache-dir and --patience included, came from a
+    assert "24/34 train images from cache; 14 images encoded" in out  # 10 train + 4 val ants, nothing else
     assert entries() == {"plain": 50, "flip": 34}
     rec = RunDir(tmp_path / "b").record()
     assert rec["classes"] == ["ants", "cats", "dogs"] and rec["config"]["patience"] == 30
