@@ -44,6 +44,15 @@ def choose(variant, probs, Up, Ul, n):
             i = int(np.argmax(np.where(taken, -9, (pr + 1e-3) * d))); chosen.append(i); taken[i] = True
             d = np.minimum(d, 1 - Up @ Up[i])
         return chosen
+    if variant == "dens_gamma":  # typicality first, uncertainty as labels grow (Cardoso-style schedule)
+        from imgclf.inference.suggest import density
+        gamma = len(Ul) / (len(Ul) + len(Up))
+        pr = density(Up) * unc ** gamma
+        d = nearest_distance(Up, Ul); chosen = []; taken = np.zeros(len(Up), bool)
+        for _ in range(n):
+            i = int(np.argmax(np.where(taken, -9, (pr + 1e-3) * d))); chosen.append(i); taken[i] = True
+            d = np.minimum(d, 1 - Up @ Up[i])
+        return chosen
     if variant == "random":
         return list(np.random.default_rng(len(Ul)).permutation(len(Up))[:n])
     if variant == "current":

@@ -11,12 +11,14 @@ Each unlabeled image gets
                than any training image is from its nearest neighbour)
   density      how typical it is: mean similarity to its 10 nearest pool images
 and the N are chosen greedily, uncertainty-weighted k-center style: each
-pick maximises max(uncertainty x density, novelty) x (cosine distance to the
-nearest labelled or already picked image), so a batch covers many uncertain,
-typical regions instead of N copies of one ambiguous scene or N outliers
-(core-sets, Sener & Savarese 2018; information density, Settles & Craven
-2008). bench/bench_suggest.py measured it against random choice and chose
-density weighting over plain uncertainty (docs/benchmarks.md).
+pick maximises max(density x uncertainty^g, novelty) x (cosine distance to
+the nearest labelled or already picked image), g = labelled / (labelled +
+unlabeled), so a batch covers many uncertain, typical regions instead of N
+copies of one ambiguous scene or N outliers, and leans on uncertainty only as
+labels make it reliable (core-sets, Sener & Savarese 2018; information
+density, Settles & Craven 2008; the schedule of Cardoso et al. 2017).
+bench/bench_suggest.py measures it against random choice; the variants tried
+are in bench/bench_suggest_variants.py (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -83,9 +85,13 @@ def rank_for_labelling(probs: np.ndarray, pool_unit: np.ndarray, labelled_unit: 
     d0 = d.copy()
     if novelty is None:
         novelty = distance_novelty(d0, labelled_unit) if len(labelled_unit) > 1 else np.zeros(len(pool_unit))
-    # Uncertain and typical (information density, Settles & Craven 2008): an
+    # Typical and uncertain (information density, Settles & Craven 2008): an
     # uncertain outlier teaches little about the images the model will meet.
-    priority = np.maximum(unc * dens, novelty)
+    # Uncertainty counts more as the labelled share grows (exponent
+    # |L| / (|L| + |U|), the schedule of Cardoso et al. 2017): with few labels
+    # the head's uncertainty is least reliable (measured: no cold-start dip).
+    gamma = len(labelled_unit) / max(1, len(labelled_unit) + len(pool_unit))
+    priority = np.maximum(dens * unc ** gamma, novelty)
     chosen: list[int] = []
     taken = np.zeros(len(pool_unit), bool)
     for _ in range(min(n, len(pool_unit))):
