@@ -31,15 +31,16 @@ def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
             nargs = meta["positional"]
             p.add_argument(f.name, **({} if nargs == 1 else {"nargs": nargs, "default": default}), **kw)
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ([meta["short"]] if "short" in meta else []) + [meta.get("flag") or "--" + f.name.replace("_", "-")]
+        kw["dest"] = f.name
         if t is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kw)
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, **kw)
             continue
         base = [a for a in typing.get_args(t) if a is not type(None)] or [t]
         typ = str if f.name == "head_hidden" or typing.get_origin(base[0]) is tuple else base[0]
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         kw["help"] += f" (default: {shown})" if shown not in (None, "") else ""
-        p.add_argument(flag, type=typ, default=default, **kw)
+        p.add_argument(*flags, type=typ, default=default, **kw)
 
 
 def config_from_args(cls, a: argparse.Namespace):
@@ -103,6 +104,37 @@ def print_predictions(results: list[dict], fmt: str) -> None:
             if "unknown" in r:
                 body = ("UNKNOWN  " if r["label"] == "unknown" else "") + body + f"  (unknown {r['unknown']:.2f})"
             print(f"{r['path']:<{wp}}  {body}")
+
+
+def cmd_embed(cfg: C.EmbedConfig) -> int:
+    from imgclf.inference.embed import embed_command, write_embeddings
+
+    emb = embed_command(cfg)
+    files = write_embeddings(emb, cfg.out)
+    dim = emb.vectors.shape[1] if len(emb.vectors) else 0
+    print(f"{len(emb.paths)} embeddings of {dim} dimensions ({emb.model}, {emb.source}) -> "
+          f"{', '.join(map(str, files))}" + (f"; {len(emb.skipped)} unreadable file(s) skipped" if emb.skipped else ""))
+    return 0
+
+
+def cmd_similar(cfg: C.SimilarConfig) -> int:
+    from imgclf.inference.similar import format_similar, similar_images
+    from imgclf.runs import RunDir
+
+    results = similar_images(cfg)
+    print(json.dumps(results, indent=2) if cfg.format == "json" else format_similar(results, RunDir(cfg.run).splits().root))
+    return 0 if any("neighbours" in r for r in results) else 1
+
+
+def cmd_suggest(cfg: C.SuggestConfig) -> int:
+    from imgclf.inference.suggest import suggest
+
+    rows, out = suggest(cfg)
+    for r in rows[:10]:
+        print(f"{r['rank']:>4}  {r['path']}  ({r['why']})")
+    more = f" ({len(rows) - 10} more in the file)" if len(rows) > 10 else ""
+    print(f"{len(rows)} images to label next{more} -> {out}: fill in the label column, then train on it")
+    return 0
 
 
 def cmd_check(cfg: C.CheckConfig) -> int:
@@ -173,6 +205,9 @@ COMMANDS = {  # name: (config class, function, one-line help)
     "compare": (C.CompareConfig, cmd_compare, "side-by-side metrics of several runs on the same split"),
     "predict": (C.PredictConfig, cmd_predict, "top-k labels for image files or folders"),
     "check": (C.CheckConfig, cmd_check, "report counts, formats, unreadable files, exact and near duplicates, leakage, imbalance, outliers; --fix writes a cleaned split"),
+    "embed": (C.EmbedConfig, cmd_embed, "one embedding per image (path, label, split) to Parquet or .npy"),
+    "similar": (C.SimilarConfig, cmd_similar, "the training images most similar to each given image"),
+    "suggest": (C.SuggestConfig, cmd_suggest, "rank unlabeled images by how much labelling them should help"),
     "models": (C.ModelsConfig, cmd_models, "list the available models"),
     "cache": (C.CacheConfig, cmd_cache, "show or empty the feature cache"),
     "export": (C.ExportConfig, cmd_export, "a self-contained model file (ONNX, INT8, .ort, TorchScript) or web app"),
@@ -218,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-EXTRAS = {"imagehash": "train", "torch": "train", "torchvision": "train", "timm": "train", "sklearn": "train", "onnx": "train",
-          "scipy": "train", "matplotlib": "report", "fastapi": "serve", "uvicorn": "serve", "python_multipart": "serve"}
+EXTRAS = {"imagehash": "train", "torch": "train", "torchvision": "train", "timm": "train", "sklearn": "train",
+          "onnx": "train", "usearch": "train", "scipy": "train", "matplotlib": "report", "fastapi": "serve",
+          "uvicorn": "serve", "python_multipart": "serve"}
 
 
 if __name__ == "__main__":

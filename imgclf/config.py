@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 
 def _f(default, help: str, **kw):
-    """A field with its CLI help; kw: positional="?"|"+"|1 (an argument, not a
-    flag), choices=(...) (argparse checks them)."""
+    """A field with its CLI help; kw: positional="?"|"+"|"*"|1 (an argument, not a
+    flag), choices=(...) (argparse checks them), flag="--name" (instead of the
+    field's name), short="-k" (a one-letter alias)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -54,6 +55,9 @@ class TrainConfig:
     cache: bool = _f(True, "cache frozen-backbone features on disk (--no-cache: recompute)")
     cache_dir: str | None = _f(None, "feature cache folder (default: $XDG_CACHE_HOME/imgclf or ~/.cache/imgclf)")
     resume: bool = _f(False, "continue the interrupted run in --out from its last checkpoint")
+    from_run: str | None = _f(None, "start from an earlier run: its settings (flags given here win), its backbone, its "
+                                    "split for the files it had, and its feature cache, so only new files are encoded",
+                              flag="--from")
     tensorboard: bool = _f(False, "also log to RUN/tensorboard (needs `pip install tensorboard`)")
     evaluate: bool = _f(True, "evaluate on the test split (or val) when training ends")
     multi_label: bool = _f(False, "several labels per image: sigmoid outputs, per-label thresholds (automatic for a "
@@ -154,6 +158,42 @@ class PredictConfig(RuntimeConfig):
     batch_size: int = _f(32, "images per model call")
     reject: str | None = _f(None, "override the model's rejection of unknown inputs: auto, off, or a threshold "
                                   "in (0, 1] on the unknown score")
+
+
+@dataclass
+class EmbedConfig(RuntimeConfig):
+    inputs: list = _f([], "a dataset (folder or CSV, as for train: labels and splits kept) or image files and "
+                          "folders (default with --run: the run's own images)", positional="*")
+    out: str = _f("", "FILE.parquet (path, label, split, embedding) or FILE.npy (+ FILE.csv: row, path, label, split)")
+    run: str | None = _f(None, "embed with this run's own backbone (fine-tuned or not); labels and splits of its files")
+    model: str | None = _f(None, "embed with a pretrained model's backbone instead (default: efficientnet_lite0)")
+    labels: bool = _f(True, "read one folder or CSV as a labelled dataset (--no-labels: as plain image files)")
+    val_fraction: float = _f(0.1, "as for train: the split of a dataset without split folders")
+    test_fraction: float = _f(0.1, "as for train: the split of a dataset without split folders")
+    seed: int = _f(0, "as for train: the split's seed")
+    batch_size: int = _f(32, "images per model call")
+    workers: int = _f(1, "image-decoding processes")
+    cache: bool = _f(True, "read and write the feature cache")
+
+
+@dataclass
+class SimilarConfig(RuntimeConfig):
+    run: str = _f("", "run directory (its training images are searched)", positional=1)
+    images: list = _f([], "query image files or folders", positional="+")
+    k: int = _f(10, "neighbours per image", short="-k")
+    format: str = _f("table", "output format", choices=("table", "json"))
+
+
+@dataclass
+class SuggestConfig(RuntimeConfig):
+    run: str = _f("", "run directory", positional=1)
+    unlabeled: str = _f("", "folder of unlabeled images", positional=1)
+    n: int = _f(50, "how many images to suggest", short="-n")
+    out: str = _f("to_label.csv", "CSV to write: path, label (empty, to fill in), rank, predicted, scores, why")
+    uncertainty: str = _f("margin", "margin (1 - gap between the two best probabilities) or entropy",
+                          choices=("margin", "entropy"))
+    batch_size: int = _f(32, "images per model call")
+    workers: int = _f(1, "image-decoding processes")
 
 
 @dataclass

@@ -13,6 +13,9 @@ RUN/
   report/         index.html and eval.json
   model.onnx, model.int8.onnx, model.torchscript.pt   exports (they record model.pt's hash)
   web/            `export --format web`: a static site that classifies in the browser
+  similar.npz     training images' embeddings and thumbnails for `similar` and /v1/similar
+                  (built on first use, rebuilt when model.pt changes); similar.usearch: its
+                  HNSW graph, from 100,000 training images on
 
 model.pt holds only tensors, numbers, strings, lists and dicts, so it loads
 with torch.load(weights_only=True) and across imgclf versions: no pickled code.
@@ -176,6 +179,7 @@ class RunDir:
 
     MODEL, LAST, CONFIG, SPLITS = "model.pt", "last.pt", "config.json", "splits.json"
     HISTORY, SUMMARY, REPORT = "history.csv", "summary.json", "report"
+    SIMILAR, SIMILAR_GRAPH = "similar.npz", "similar.usearch"
     EXPORTS = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "ort": "model.ort", "ort-int8": "model.int8.ort",
                "torchscript": "model.torchscript.pt", "web": "web"}
     ONNX_SUFFIXES = (".onnx", ".ort")  # files onnxruntime runs: no torch needed
@@ -191,6 +195,8 @@ class RunDir:
     history_file = property(lambda self: self.path / self.HISTORY)
     summary_file = property(lambda self: self.path / self.SUMMARY)
     report_dir = property(lambda self: self.path / self.REPORT)
+    similar_file = property(lambda self: self.path / self.SIMILAR)
+    similar_graph_file = property(lambda self: self.path / self.SIMILAR_GRAPH)
     report_page = property(lambda self: self.path / self.REPORT / "index.html")
     report_json = property(lambda self: self.path / self.REPORT / "eval.json")
 

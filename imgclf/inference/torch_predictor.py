@@ -103,17 +103,21 @@ class TorchPredictor(Predictor):
         with torch.inference_mode():
             return self.scorer(torch.from_numpy(np.asarray(f, dtype=np.float32))).numpy()
 
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) -> (N, D) pooled backbone features: the embedding of
+        `imgclf embed`, `similar` and `suggest` (inference/embed.py)."""
+        return self.extractor(to_nchw(batch))
+
     def features_items(self, root: str | Path, items: list[tuple[str, int]], batch_size: int = 32, workers: int = 1,
                        bad: BadFileLog | None = None, variants: tuple[str, ...] = ("plain",), progress: bool = True,
                        use_cache: bool = True):
         """Pooled backbone features for (relative path, label) items, per variant
         ("plain", "flip"), through the feature cache (the same entries training
         wrote). Returns ({variant: features[N', D]}, labels[N'], kept_index[N'])."""
-        from imgclf.models.features import extract, feature_caches
+        from imgclf.models.features import backbone_features
 
-        ext = self.extractor
-        caches = feature_caches(self.cache_dir, self.arch, ext.backbone_hash, self.preprocess, variants, use_cache)
-        return extract(ext, root, items, caches, batch_size, workers, bad, "features", progress=progress)
+        return backbone_features(self.extractor, self.arch, root, items, self.cache_dir, variants, use_cache,
+                                 batch_size, workers, bad, progress)
 
     def logits_items(self, root: str | Path, items: list[tuple[str, int]], batch_size: int = 32, workers: int = 1,
                      bad: BadFileLog | None = None, variants: tuple[str, ...] = ("plain",), progress: bool = True,

@@ -142,6 +142,7 @@ class FeatureExtractor:
                  cache_dir: str | Path | None = None, backbone_hash: str | None = None):
         self.backbone, self.pp, self.device = backbone.eval(), pp, device
         self.backbone_hash = backbone_hash or state_hash(backbone)
+        self.encoded = 0  # images run through the backbone (cache misses), counted by extract
         self.session = None
         self.engine = "torch"
         if engine == "auto":
@@ -242,6 +243,16 @@ def extract(extractor: FeatureExtractor, root: str | Path, items: list[tuple[str
     return feats, labels, kept
 
 
+def backbone_features(extractor: FeatureExtractor, arch: str, root: str | Path, items: list[tuple[str, int]],
+                      cache_dir: str | Path | None = None, variants: tuple[str, ...] = ("plain",),
+                      use_cache: bool = True, batch_size: int = 32, workers: int = 1, bad: BadFileLog | None = None,
+                      progress: bool = True, desc: str = "features"):
+    """`extract` through this backbone's caches: what a run's predictor and a
+    pretrained embedder (inference/embed.py) both call, so they share entries."""
+    caches = feature_caches(cache_dir, arch, extractor.backbone_hash, extractor.pp, variants, use_cache)
+    return extract(extractor, root, items, caches, batch_size, workers, bad, desc, progress=progress)
+
+
 # New features reach the on-disk cache at least this often (IMGCLF_FLUSH_SECONDS overrides).
 FLUSH_SECONDS = float(os.environ.get("IMGCLF_FLUSH_SECONDS", 20.0))
 
@@ -279,6 +290,7 @@ def _compute(extractor: FeatureExtractor, root, items, todo: list[int], hashes: 
                 for v in caches:
                     new[v].append(extractor(torch.flip(x, dims=[3]) if v == "flip" else x))
                 new_h += [hashes[todo[int(j)]] for j in idx]
+                extractor.encoded += len(idx)
             bar.update(len(badb) + (0 if x is None else len(x)))
             if time.time() - last > FLUSH_SECONDS:
                 flush()

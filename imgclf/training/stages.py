@@ -137,7 +137,7 @@ def cached_features(ctx: Context) -> tuple[torch.Tensor, ...]:
     secs = time.time() - t0
     n_new = len(train) - n_cached
     log(f"features: {len(ytr)} train x {len(variants)} ({'+'.join(variants)}), {len(yva)} val in {secs:.1f}s "
-        f"[{extractor.engine}; {n_cached}/{len(train)} train images from cache]")
+        f"[{extractor.engine}; {n_cached}/{len(train)} train images from cache; {extractor.encoded} images encoded]")
     if n_new > 20 and secs > 0:
         ctx.features_per_s = (n_new * len(variants) + len(ctx.splits.val)) / secs
     if len(ytr) == 0 or len(yva) == 0:

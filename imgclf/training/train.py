@@ -59,6 +59,8 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     bad = check_files(splits)
     model = build_model(cfg.model, len(splits.classes), pretrained=cfg.pretrained, weights=cfg.weights,
                         head_hidden=cfg.head_hidden, dropout=cfg.dropout)
+    if cfg.from_run:  # also on --resume: a checkpoint of a frozen-backbone stage holds only the head
+        load_earlier_backbone(model, cfg.from_run)
     log(f"model: {cfg.model} ({count_params(model) / 1e6:.1f}M parameters), input {pp.size}px {pp.resize}, "
         f"device {device}{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}")
     log(f"strategy: {strategy}: {why}")
@@ -114,8 +116,62 @@ def resolve_run(config: TrainConfig | None, overrides: dict) -> tuple[TrainConfi
     if run.model_file.exists() or run.last_file.exists():
         raise RunError(f"{run} already holds a run", f"continue it with `imgclf train --resume --out {run}`, "
                        f"or pick another --out (or delete {run})")
+    earlier = None
+    if cfg.from_run:
+        cfg, earlier = settings_from(cfg)
     cfg.validate()
-    return cfg, run, None, discover(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.multi_label)
+    splits = discover(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.multi_label)
+    return cfg, run, None, keep_split(splits, earlier) if earlier is not None else splits
+
+
+# Never taken from the earlier run: what names this run and where it starts.
+OWN_FIELDS = ("data", "out", "resume", "from_run")
+
+
+def settings_from(cfg: TrainConfig) -> tuple[TrainConfig, Splits]:
+    """--from RUN: the earlier run's settings, except the flags given now
+    (those that differ from the defaults), and its split."""
+    from dataclasses import fields
+
+    earlier = RunDir(cfg.from_run)
+    earlier.require_model()
+    saved = TrainConfig.from_dict(read_json(earlier.config_file))
+    default = TrainConfig()
+    given = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)
+             if f.name in OWN_FIELDS or getattr(cfg, f.name) != getattr(default, f.name)}
+    if given.get("model", saved.model) != saved.model:
+        raise ConfigError(f"--model {cfg.model} differs from {earlier}'s {saved.model}; --from continues from its "
+                          f"backbone", f"drop --model, or train afresh without --from")
+    merged = replace(saved, **given)
+    if isinstance(merged.head_hidden, list):
+        merged.head_hidden = tuple(merged.head_hidden)
+    log(f"from {earlier}: its settings ({', '.join(sorted(set(given) - set(OWN_FIELDS))) or 'none'} given here), "
+        f"backbone, split and feature cache")
+    return merged, earlier.splits()
+
+
+def keep_split(new: Splits, old: Splits) -> Splits:
+    """Files the earlier run had stay in its split (its test images stay
+    unseen, whatever the new files do to the shuffle); new files keep the
+    split they were given. Split folders are used as given."""
+    if new.layout == "split-folders":
+        return new
+    where = {rel: name for name in ("train", "val", "test") for rel, _ in getattr(old, name)}
+    parts: dict[str, list] = {"train": [], "val": [], "test": []}
+    for name in parts:
+        for rel, y in getattr(new, name):
+            parts[where.get(rel, name)].append((rel, y))
+    kept = sum(rel in where for p in parts.values() for rel, _ in p)
+    note = f"--from: {kept} files keep the earlier run's split; {sum(map(len, parts.values())) - kept} new ones were split afresh"
+    return replace(new, **{k: sorted(v) for k, v in parts.items()}, notes=[*new.notes, note])
+
+
+def load_earlier_backbone(model, from_run: str) -> None:
+    """The earlier run's backbone weights (fine-tuned ones included); the head
+    starts afresh, since the classes may have changed."""
+    rec = RunDir(from_run).record()
+    prefix = "backbone."
+    model.backbone.load_state_dict({k[len(prefix):]: v for k, v in rec["state_dict"].items() if k.startswith(prefix)})
 
 
 def describe_data(splits: Splits, run: RunDir, fresh: bool, cfg: TrainConfig) -> None:

@@ -2,6 +2,8 @@
 
     POST /v1/predict   images as multipart form data (any field name) or JSON
                        {"images": ["<base64>", ...], "top_k": 3}; top-k per image
+    POST /v1/similar   the same bodies; the k most similar training images of
+                       each, with thumbnails (serving a run directory only)
     GET  /v1/model     classes, input size, metrics from the run, versions
     GET  /healthz      the process is up;  GET /readyz: the model is loaded
     GET  /metrics      Prometheus text format
@@ -45,6 +47,8 @@ class State:
         self.batcher: Batcher | None = None
         self.pixels = PixelBudget(cfg.decode_pixels or 2 * cfg.max_pixels)
         self.in_flight = 0
+        self.similar = None  # SimilarityIndex of the run's training images, when serving a run directory
+        self.similar_why = "the model is still loading"  # why /v1/similar is unavailable
 
     def ready(self):
         if self.predictor is None:
@@ -69,6 +73,7 @@ def create_app(cfg: ServeConfig):
         st.predictor = await run_in_threadpool(load, cfg.model, threads=cfg.threads)
         st.predictor.set_reject(cfg.reject)
         await run_in_threadpool(st.predictor.warm_up)
+        await run_in_threadpool(load_similar, st)
         st.batcher = Batcher(per_image_outputs(st.predictor), cfg.max_batch, cfg.batch_wait_ms / 1000, st.metrics)
         st.batcher.start()
         yield
@@ -80,6 +85,7 @@ def create_app(cfg: ServeConfig):
                               "POST images to /v1/predict; GET / for a page to try it.")
     add_error_handlers(app, st)
     add_predict_route(app, st)
+    add_similar_route(app, st)
     add_info_routes(app, st)
     add_page_routes(app)
     app.state.imgclf = st
@@ -239,6 +245,88 @@ def add_predict_route(app, st: State) -> None:
         return {"predictions": preds, "model_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
 
+MAX_SIMILAR_K = 50  # neighbours per image: each carries a ~3 KB thumbnail
+
+
+def load_similar(st: State) -> None:
+    """The run's similarity index (built once and saved in the run when
+    missing). An exported model has no embedding output, so a bare .onnx
+    serves predictions only and /v1/similar says why."""
+    if st.cfg.model.lower().endswith(RunDir.ONNX_SUFFIXES) or not hasattr(st.predictor, "embed"):
+        st.similar_why = ("an exported model computes probabilities only, not the embeddings similarity search "
+                          "needs; serve the run directory instead (imgclf serve RUN)")
+        return
+    from imgclf.errors import ImgclfError
+    from imgclf.inference.similar import load_index
+
+    try:
+        st.similar = load_index(RunDir(st.cfg.model), st.predictor, progress=False)
+    except (ImgclfError, OSError) as e:  # e.g. the training images moved: predictions still work
+        st.similar_why = f"the run's similarity index could not be built ({e})"
+        log.warning("/v1/similar disabled: %s", st.similar_why)
+
+
+def similar_results(st: State, files, xs: list, k: int) -> list[dict]:
+    """Neighbours of each decoded image, thumbnails inline (runs in a worker thread).
+    Thumbnails come from the index by id: no request ever names a file."""
+    import base64
+
+    import numpy as np
+
+    found = st.similar.search(st.predictor.embed(np.stack(xs)), k)
+    for nbs in found:
+        for nb in nbs:
+            nb["thumbnail"] = "data:image/jpeg;base64," + base64.b64encode(st.similar.thumbnail(nb["id"])).decode()
+    return [{"filename": name, "neighbours": nbs} for (name, _), nbs in zip(files, found)]
+
+
+def k_of(request, default: int, limit: int) -> int:
+    """k from the query string (the only parameter /v1/similar takes)."""
+    unknown = sorted(set(request.query_params) - {"k"})
+    if unknown:
+        raise ApiError(400, "bad_parameters", f"unknown query parameter {unknown[0][:40]!r}; the only one is k")
+    query = request.query_params.getlist("k")
+    if len(query) > 1:
+        raise ApiError(400, "bad_k", "k is given more than once in the query")
+    try:
+        return parse_top_k(query[0] if query else None, default, limit)
+    except ApiError as e:
+        raise ApiError(400, "bad_k", e.message.replace("top_k", "k")) from None
+
+
+def add_similar_route(app, st: State) -> None:
+    from fastapi import Request
+    from starlette.concurrency import run_in_threadpool
+
+    from imgclf.deploy.serve.openapi import similar_openapi
+
+    # An exported model never has it: the route answers why, and stays out of the schema.
+    @app.post("/v1/similar", openapi_extra=similar_openapi(st.cfg.max_files, MAX_SIMILAR_K),
+              summary="The most similar training images of each image, with thumbnails",
+              include_in_schema=not st.cfg.model.lower().endswith(RunDir.ONNX_SUFFIXES))
+    async def similar(request: Request):
+        check_key(st, request)
+        st.ready()
+        if st.similar is None:
+            raise ApiError(404, "similar_unavailable", f"similarity search is not available: {st.similar_why}")
+        k = k_of(request, 10, min(MAX_SIMILAR_K, len(st.similar)))
+        body = await read_body(request, st.cfg.max_body_bytes, st.cfg.body_timeout_s, st.cfg.body_deadline_s)
+        if not body:
+            raise ApiError(400, "empty_request", "no images in the request; send multipart files "
+                           "(curl -F 'file=@cat.jpg') or JSON {\"images\": [\"<base64>\"]}")
+        if st.in_flight >= st.cfg.max_concurrent:
+            raise ApiError(503, "busy", f"{st.in_flight} requests are in progress, the limit; retry shortly")
+        st.in_flight += 1
+        try:
+            files, _ = await run_in_threadpool(parse_request, st, body, request.headers.get("content-type", ""))
+            xs = await run_in_threadpool(decode_all, st, files)
+            t0 = time.perf_counter()
+            results = await run_in_threadpool(similar_results, st, files, xs, k)
+        finally:
+            st.in_flight -= 1
+        return {"results": results, "model_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+
 def add_info_routes(app, st: State) -> None:
     from fastapi import Request
     from fastapi.responses import Response
@@ -248,7 +336,7 @@ def add_info_routes(app, st: State) -> None:
     @app.get("/v1/model", summary="Classes, input size, metrics and versions", openapi_extra=MODEL_OPENAPI)
     async def model_info(request: Request):
         check_key(st, request)
-        return model_description(st.ready(), st.cfg)
+        return model_description(st.ready(), st.cfg, st)
 
     @app.get("/healthz", summary="Liveness: the process answers", openapi_extra=STATUS_OPENAPI)
     async def healthz():
@@ -316,7 +404,7 @@ def add_page_routes(app) -> None:
         return Response(data, media_type=mime, headers={"Cache-Control": "no-cache"})
 
 
-def model_description(pred, cfg: ServeConfig) -> dict:
+def model_description(pred, cfg: ServeConfig, st: State) -> dict:
     """/v1/model: what is served, how well it did on held-out data, the limits."""
     import sys
 
@@ -340,4 +428,6 @@ def model_description(pred, cfg: ServeConfig) -> dict:
             "metrics": meta.get("metrics") or {}, "versions": versions,
             "limits": {"max_batch": cfg.max_batch, "max_files": cfg.max_files, "max_body_bytes": cfg.max_body_bytes,
                        "max_pixels": cfg.max_pixels, "max_concurrent": cfg.max_concurrent},
-            "api_key_required": bool(cfg.api_key)}
+            "api_key_required": bool(cfg.api_key),
+            "similar": {"available": st.similar is not None, "images": len(st.similar) if st.similar is not None else 0,
+                        **({} if st.similar is not None else {"why_not": st.similar_why})}}

@@ -57,6 +57,32 @@ def predict_openapi(max_files: int) -> dict:
     }
 
 
+NEIGHBOUR = {"type": "object", "required": ["id", "path", "label", "similarity", "thumbnail"],
+             "properties": {"id": {"type": "integer", "minimum": 0}, "path": {"type": "string"},
+                            "label": {"type": "string"}, "similarity": {"type": "number"},
+                            "thumbnail": {"type": "string", "description": "data:image/jpeg;base64,..."}}}
+SIMILAR = {"type": "object", "required": ["results"], "properties": {
+    "results": {"type": "array", "items": {"type": "object", "required": ["filename", "neighbours"],
+                                           "properties": {"filename": {"type": "string"},
+                                                          "neighbours": {"type": "array", "items": NEIGHBOUR}}}},
+    "model_ms": {"type": "number"}}}
+
+
+def similar_openapi(max_files: int, max_k: int) -> dict:
+    """/v1/similar: the bodies of /v1/predict, and k in the query."""
+    spec = predict_openapi(max_files)
+    spec["parameters"] = [{"name": "k", "in": "query", "required": False,
+                           "schema": {"type": "integer", "minimum": 1},
+                           "description": f"neighbours per image (default 10, at most {max_k})"}]
+    for body in spec["requestBody"]["content"].values():
+        body["schema"]["properties"].pop("top_k")
+    spec["responses"] = {"200": {"description": "the k most similar training images of each image, best first",
+                                 "content": {"application/json": {"schema": SIMILAR}}},
+                         **_errors(400, 401, 404, 408, 413, 415, 422, 500, 503)}
+    spec["responses"]["404"]["description"] = "similarity search unavailable (serving an exported model)"
+    return spec
+
+
 MODEL_OPENAPI = {"responses": {"200": {"description": "the model and its limits",
                                        "content": {"application/json": {"schema": {"type": "object"}}}},
                                **_errors(401, 500, 503)}}

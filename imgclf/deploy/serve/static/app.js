@@ -1,9 +1,12 @@
 // imgclf web page: no framework, no CDN. Each chosen or dropped image is sent
 // on its own to POST /v1/predict (the server batches concurrent requests), and
-// shown with its top-k labels as bars.
+// shown with its top-k labels as bars; when the server holds the run's
+// similarity index, also with the most similar training images (/v1/similar).
 "use strict";
 const $ = (id) => document.getElementById(id);
 const TOP_K = 5;
+const SIMILAR_K = 6;
+let similarAvailable = false;
 
 function headers() {
   const key = $("api-key").value.trim();
@@ -24,6 +27,7 @@ async function loadModelInfo() {
       if (r.status === 401) $("key-box").open = true;
       return;
     }
+    similarAvailable = Boolean(j.similar && j.similar.available);
     const acc = j.metrics && j.metrics.accuracy != null
       ? `, ${(100 * j.metrics.accuracy).toFixed(1)}% accuracy on ${j.metrics.split}` : "";
     $("model-info").textContent =
@@ -75,6 +79,37 @@ function showPrediction(c, pred) {
   }
 }
 
+async function showSimilar(c, file) {
+  const form = new FormData();
+  form.append("file", file, file.name);
+  const box = document.createElement("div");
+  box.className = "similar";
+  c.body.append(box);
+  try {
+    const r = await fetch(`/v1/similar?k=${SIMILAR_K}`, { method: "POST", body: form, headers: headers() });
+    const j = await r.json();
+    if (!r.ok) { box.textContent = j.error ? j.error.message : `HTTP ${r.status}`; return; }
+    const title = document.createElement("div");
+    title.className = "muted";
+    title.textContent = "most similar training images";
+    box.append(title);
+    for (const nb of j.results[0].neighbours) {
+      const fig = document.createElement("figure");
+      fig.dataset.label = nb.label;
+      const img = document.createElement("img");
+      img.src = nb.thumbnail;  // a data: URL from the server's in-memory index
+      img.alt = `${nb.label}, similarity ${nb.similarity.toFixed(2)}`;
+      img.title = nb.path;
+      const cap = document.createElement("figcaption");
+      cap.textContent = `${nb.label} ${nb.similarity.toFixed(2)}`;
+      fig.append(img, cap);
+      box.append(fig);
+    }
+  } catch (e) {
+    box.textContent = String(e);
+  }
+}
+
 async function classify(file) {
   const c = card(file);
   const form = new FormData();
@@ -93,6 +128,7 @@ async function classify(file) {
       return false;
     }
     showPrediction(c, j.predictions[0]);
+    if (similarAvailable) await showSimilar(c, file);
     return true;
   } catch (e) {
     c.label.textContent = "error";

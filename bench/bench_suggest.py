@@ -1,0 +1,160 @@
+"""`imgclf suggest` against random choice: accuracy for the number of labels.
+
+  .venv/bin/python bench/bench_suggest.py [--seeds 3] [--rounds 10] [--out docs/suggest.png]
+
+Simulated labelling on cats_and_dogs_filtered and hymenoptera: the training
+images are the unlabeled pool, 5% of them (random, stratified-free) start
+labelled, and each round 5% more are chosen, by `rank_for_labelling` (what
+`imgclf suggest` runs) or at random; the head is retrained from scratch on
+the labelled images' cached features every round and scored on the data's
+validation folder, which nothing in the loop looks at (no early stopping, no
+selection: a fixed number of epochs).
+
+The head recipe is `imgclf train`'s on cached features (EfficientNet-Lite0
+pretrained backbone, plain + mirrored features, dropout 0.2 + linear layer,
+AdamW lr 1e-3, weight decay 0.01, label smoothing 0.1, 1 warm-up epoch then
+cosine, batch 128) with a fixed 40 epochs instead of early stopping on a
+validation split (the simulation has none to spare), and temperature 1
+(margin ranks do not depend on a temperature for two classes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import DATASETS, ROOT, machine, table
+
+
+def features(data: Path):
+    """(train plain, train flip, train labels, val plain, val labels) through the feature cache."""
+    from imgclf.data.datasets import discover
+    from imgclf.inference.embed import PretrainedEmbedder
+
+    emb = PretrainedEmbedder("efficientnet_lite0")
+    s = discover(data)
+    tr, ytr, _ = emb.features_items(s.root, s.train, variants=("plain", "flip"), workers=1)
+    va, yva, _ = emb.features_items(s.root, s.val, workers=1)
+    return tr["plain"], tr["flip"], ytr, va["plain"], yva
+
+
+def fit_head(X: np.ndarray, Xf: np.ndarray, y: np.ndarray, classes: int, seed: int, epochs: int = 40):
+    """imgclf's head recipe on features (see the module docstring); returns a predict_proba function."""
+    import torch
+
+    from imgclf.training.engine import make_loss, train_one_epoch, warmup_cosine
+
+    torch.manual_seed(seed)
+    head = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(X.shape[1], classes))
+    XX = torch.from_numpy(np.concatenate([X, Xf])).float()
+    YY = torch.from_numpy(np.concatenate([y, y])).long()
+    steps = (len(XX) + 127) // 128
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps, steps))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        idx = torch.randperm(len(XX), generator=gen)
+        batches = [(XX[idx[i:i + 128]], YY[idx[i:i + 128]]) for i in range(0, len(XX), 128)]
+        train_one_epoch(head, batches, make_loss(None, 0.1), opt, sched)
+    head.eval()
+
+    def proba(F: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return torch.softmax(head(torch.from_numpy(F).float()), 1).numpy()
+
+    return proba
+
+
+def simulate(data, strategy: str, seed: int, rounds: int, step: float):
+    from imgclf.inference.similar import unit_rows
+    from imgclf.inference.suggest import rank_for_labelling
+
+    X, Xf, y, Xv, yv = data
+    classes = int(y.max()) + 1
+    rng = np.random.default_rng(seed)
+    n_step = max(1, int(round(step * len(y))))
+    labelled = list(rng.choice(len(y), n_step, replace=False))
+    U = unit_rows(X)
+    curve = []
+    for r in range(rounds):
+        proba = fit_head(X[labelled], Xf[labelled], y[labelled], classes, seed * 100 + r)
+        curve.append((len(labelled), float((proba(Xv).argmax(1) == yv).mean())))
+        if r == rounds - 1:
+            break
+        pool = np.setdiff1d(np.arange(len(y)), labelled)
+        if strategy == "random":
+            pick = rng.choice(pool, n_step, replace=False)
+        else:
+            order, _ = rank_for_labelling(proba(X[pool]), U[pool], U[labelled], n_step)
+            pick = pool[order]
+        labelled += [int(i) for i in pick]
+    return curve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=10, help="labelled fractions 5%%, 10%%, ... (rounds x 5%%)")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "suggest.png")
+    a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # tiny matmuls: one thread is faster (training/stages.py)
+    results, t0 = {}, time.time()
+    for name in ("cats_and_dogs_filtered", "hymenoptera"):
+        data = features(DATASETS / name)
+        for strategy in ("suggest", "random"):
+            curves = [simulate(data, strategy, s, a.rounds, 0.05) for s in range(a.seeds)]
+            n = [c[0] for c in curves[0]]
+            acc = np.array([[c[1] for c in cur] for cur in curves])
+            results[(name, strategy)] = (n, acc.mean(0), acc.std(0))
+            print(name, strategy, [f"{x:.4f}" for x in acc.mean(0)], flush=True)
+        X, Xf, y, Xv, yv = data  # the ceiling: every training label
+        full = [float((fit_head(X, Xf, y, int(y.max()) + 1, s)(Xv).argmax(1) == yv).mean()) for s in range(a.seeds)]
+        results[(name, "all")] = (len(y), float(np.mean(full)), float(np.std(full)))
+    print(f"\n{machine()}; {time.time() - t0:.0f} s\n")
+    rows = []
+    for name in ("cats_and_dogs_filtered", "hymenoptera"):
+        n, sug, sug_sd = results[(name, "suggest")]
+        _, rnd, rnd_sd = results[(name, "random")]
+        for i, k in enumerate(n):
+            rows.append({"data": name, "labels": k, "suggest acc %": f"{100 * sug[i]:.2f} ± {100 * sug_sd[i]:.2f}",
+                         "random acc %": f"{100 * rnd[i]:.2f} ± {100 * rnd_sd[i]:.2f}"})
+        reach = next((k for k, v in zip(n, sug) if v >= rnd[-1]), None)
+        n_all, acc_all, sd_all = results[(name, "all")]
+        print(f"{name}: random reaches {100 * rnd[-1]:.2f}% with {n[-1]} labels; suggest reaches it with "
+              f"{reach if reach is not None else 'more than ' + str(n[-1])} labels; all {n_all} labels: "
+              f"{100 * acc_all:.2f} ± {100 * sd_all:.2f}%")
+    print(table(rows, ["data", "labels", "suggest acc %", "random acc %"]))
+    plot(results, a.out)
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, name in zip(axes, ("cats_and_dogs_filtered", "hymenoptera")):
+        n_all, acc_all, _ = results[(name, "all")]
+        ax.axhline(100 * acc_all, color="tab:green", ls="--", lw=1, label=f"all {n_all} labels")
+        for strategy, color in (("suggest", "tab:blue"), ("random", "tab:gray")):
+            n, m, sd = results[(name, strategy)]
+            ax.plot(n, 100 * m, "o-", color=color, label=f"imgclf suggest" if strategy == "suggest" else "random")
+            ax.fill_between(n, 100 * (m - sd), 100 * (m + sd), color=color, alpha=0.15)
+        ax.set_title(f"{name} (mean of seeds, ± sd)")
+        ax.set_xlabel("labelled training images")
+        ax.set_ylabel("validation accuracy, %")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"plot: {out}")
+
+
+if __name__ == "__main__":
+    main()
