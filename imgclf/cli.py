@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 EXTRAS = {"torch": "train", "torchvision": "train", "timm": "train", "sklearn": "train", "onnx": "train",
-          "scipy": "train", "matplotlib": "report", "fastapi": "serve", "uvicorn": "serve", "python_multipart": "serve"}
+          "scipy": "train", "matplotlib": "report", "fastapi": "serve", "uvicorn": "serve", "python_multipart": "serve",
+          "ai_edge_litert": "litert", "litert_torch": "mobile", "ai_edge_quantizer": "mobile"}
 
 
 if __name__ == "__main__":

@@ -158,12 +158,13 @@ class CacheConfig:
 @dataclass
 class ExportConfig:
     run: str = _f("", "run directory or model.pt", positional=1)
-    format: str = _f("onnx", "file format: onnx; ort (ONNX Runtime Mobile, for apps); torchscript",
-                     choices=("onnx", "ort", "torchscript"))
+    format: str = _f("onnx", "file format: onnx; ort (ONNX Runtime Mobile, for apps); torchscript; "
+                             "tflite (LiteRT, for Android; needs imgclf[mobile])",
+                     choices=("onnx", "ort", "torchscript", "tflite"))
     out: str | None = _f(None, "output file (default: RUN/model.onnx, model.int8.onnx, model.ort, model.int8.ort, "
-                               "model.torchscript.pt)")
-    int8: bool = _f(False, "static INT8 quantization (onnxruntime), calibrated on training images; "
-                           "reports accuracy change and speed-up")
+                               "model.torchscript.pt, model.tflite, model.int8.tflite)")
+    int8: bool = _f(False, "INT8: static for onnx/ort (onnxruntime, calibrated on training images), dynamic-range "
+                           "for tflite; reports accuracy change and speed-up, refused over --max-drop")
     max_drop: float = _f(1.0, "refuse an INT8 model whose validation accuracy drops by more points than this")
     force: bool = _f(False, "write the INT8 model even over --max-drop")
     calib_images: int = _f(100, "training images for INT8 calibration")
