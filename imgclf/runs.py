@@ -11,7 +11,7 @@ RUN/
   summary.json    strategy chosen, timings, calibration, skipped files
   eval_<split>.json         metrics;  predictions_<split>.csv: per-image probabilities
   report/         index.html and eval.json
-  model.onnx, model.int8.onnx, model.torchscript.pt   exports (they record model.pt's hash)
+  model.onnx, model.int8.onnx, model.ort, model.torchscript.pt, model.tflite, ...   exports (they record model.pt's hash)
 
 model.pt holds only tensors, numbers, strings, lists and dicts, so it loads
 with torch.load(weights_only=True) and across imgclf versions: no pickled code.

@@ -123,6 +123,11 @@ def test_onnx_load_errors(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a loadable ONNX model"):
         lib.load(bad)
+    (tmp_path / "bad.tflite").write_bytes(b"not a model either")
+    with pytest.raises(ValueError, match="not a TFLite model.*--format tflite"):
+        lib.load(tmp_path / "bad.tflite")
+    with pytest.raises(FileNotFoundError, match="--format tflite"):
+        lib.load(tmp_path / "missing.tflite")
 
 
 def test_int8_export(tiny_run, exported, tmp_path):
@@ -256,10 +261,17 @@ def test_tflite_export(tiny_run, tiny, tmp_path):
     assert 0.9 <= r8["int8_top1_agreement_vs_fp32"] <= 1.0 and "int8_max_abs_diff_vs_fp32" in r8
     assert int8.stat().st_size < 0.5 * len(data) and read_metadata(int8.read_bytes())["int8"] is True
 
-    # The phone's file on the desktop: imgclf.load and the CLI, torch unimportable.
+    # The phone's file on the desktop: the server and the CLI, torch unimportable.
     code = textwrap.dedent(f"""
         import sys
         sys.modules["torch"] = None
+        from fastapi.testclient import TestClient
+        from imgclf.deploy.serve import ServeConfig, create_app
+        with TestClient(create_app(ServeConfig({str(int8)!r}))) as c:
+            j = c.post("/v1/predict", files={{"file": ("d.jpg", open({str(paths[-1])!r}, "rb").read())}}).json()
+            assert j["predictions"][0]["label"] == "dogs", j
+            m = c.get("/v1/model").json()
+            assert m["format"] == "tflite" and m["int8"] and "torch" not in m["versions"], m
         from imgclf.cli import main
         sys.exit(main(["predict", {str(int8)!r}, *{[str(f) for f in paths]!r}, "--format", "json"]))
     """)

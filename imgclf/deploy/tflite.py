@@ -102,7 +102,9 @@ def with_metadata(model: bytes, meta: dict[str, str]) -> bytes:
     m.metadata = [e for e in (m.metadata or []) if e.name != METADATA_NAME.encode()] + [entry]
     out = io.BytesIO(bytes(flatbuffer_utils.convert_object_to_bytearray(m)))
     out.seek(0, io.SEEK_END)
-    with zipfile.ZipFile(out, "a") as z:  # "a" on a non-zip appends an archive, offsets from the file start
+    # "a" on a non-zip appends an archive with offsets from the file start; STORED
+    # (uncompressed), as Android's MetadataExtractor.getAssociatedFile reads raw entries.
+    with zipfile.ZipFile(out, "a", compression=zipfile.ZIP_STORED) as z:
         z.writestr("labels.txt", "\n".join(json.loads(meta["classes"])) + "\n")
         z.writestr("imgclf.json", blob)
     return out.getvalue()

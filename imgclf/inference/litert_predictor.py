@@ -45,11 +45,15 @@ def read_metadata(model: bytes, source: str = "<bytes>") -> dict:
     """The imgclf metadata of a .tflite, decoded like the ONNX export's
     (values that are JSON become objects). Raises ModelFileError when the file
     is not a TFLite model or not an imgclf export."""
-    from ai_edge_litert import schema_py_generated as schema
-
+    if model[4:8] != b"TFL3":  # the flatbuffer's file identifier
+        raise ModelFileError(f"{source}: not a TFLite model (no TFL3 identifier)",
+                             "export one with `imgclf export RUN --format tflite`")
     try:
-        if model[4:8] != b"TFL3":  # the flatbuffer's file identifier
-            raise ValueError("no TFL3 identifier")
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        raise MissingExtra("reading a .tflite needs ai-edge-litert, which is not installed",
+                           "pip install 'imgclf[litert]'") from None
+    try:
         m = schema.Model.GetRootAs(model, 0)
         entries = {m.Metadata(i).Name(): m.Metadata(i).Buffer() for i in range(m.MetadataLength())}
         raw = entries.get(METADATA_NAME.encode())
