@@ -169,7 +169,7 @@ COMMANDS = {  # name: (config class, function, one-line help)
     "check": (C.CheckConfig, cmd_check, "report counts, formats, unreadable files, duplicates, leakage, imbalance, outliers"),
     "models": (C.ModelsConfig, cmd_models, "list the available models"),
     "cache": (C.CacheConfig, cmd_cache, "show or empty the feature cache"),
-    "export": (C.ExportConfig, cmd_export, "write a self-contained ONNX (optionally INT8) or TorchScript model file"),
+    "export": (C.ExportConfig, cmd_export, "write a self-contained model file: ONNX, ORT, TorchScript or TFLite (INT8 optional)"),
     "serve": (C.ServeConfig, cmd_serve, "REST API (/v1/predict) and a web page for a run or an exported .onnx"),
 }
 

@@ -352,8 +352,9 @@ def quantize_checked(fp32: bytes, src: Source, cfg: ExportConfig, report: dict, 
                    "speedup": round(ips8 / ips32, 2)})
     how = f"calibrated on {len(x_cal)} train images" if calibrated else "dynamic range, no calibration"
     printer(f"INT8: {src.split} accuracy {acc32:.1%} -> {acc8:.1%} ({(acc8 - acc32) * 100:+.1f} points, "
-            f"{len(x_val)} images; top-1 as fp32 on {agree:.0%}, max |p8 - p32| = {diff:.3f}); speed {ips32:.0f} -> "
-            f"{ips8:.0f} images/s at batch {len(x_val[:16])} ({ips8 / ips32:.2f}x); {how} in {report['calib_seconds']} s")
+            f"{len(x_val)} images; top-1 as fp32 on {agree:.0%}, max |p8 - p32| = {diff:.3f}); speed "
+            f"{ips32:.0f} -> {ips8:.0f} images/s at batch {len(x_val[:16])} ({ips8 / ips32:.2f}x); {how} in "
+            f"{report['calib_seconds']} s")
     why = int8_verdict(acc32, acc8, cfg.max_drop, cfg.force)
     if why:
         raise ExportError(why)
