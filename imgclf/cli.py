@@ -210,7 +210,7 @@ COMMANDS = {  # name: (config class, function, one-line help)
     "suggest": (C.SuggestConfig, cmd_suggest, "rank unlabeled images by how much labelling them should help"),
     "models": (C.ModelsConfig, cmd_models, "list the available models"),
     "cache": (C.CacheConfig, cmd_cache, "show or empty the feature cache"),
-    "export": (C.ExportConfig, cmd_export, "a self-contained model file (ONNX, INT8, .ort, TorchScript) or web app"),
+    "export": (C.ExportConfig, cmd_export, "a self-contained model: ONNX, .ort, TorchScript, TFLite (INT8 optional) or a web app"),
     "serve": (C.ServeConfig, cmd_serve, "REST API (/v1/predict) and a web page for a run or an exported .onnx"),
 }
 
@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
 
 EXTRAS = {"imagehash": "train", "torch": "train", "torchvision": "train", "timm": "train", "sklearn": "train",
           "onnx": "train", "usearch": "train", "scipy": "train", "matplotlib": "report", "fastapi": "serve",
-          "uvicorn": "serve", "python_multipart": "serve"}
+          "uvicorn": "serve", "python_multipart": "serve", "ai_edge_litert": "litert", "litert_torch": "mobile",
+          "ai_edge_quantizer": "mobile"}
 
 
 if __name__ == "__main__":

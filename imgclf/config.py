@@ -230,12 +230,14 @@ class CacheConfig:
 class ExportConfig:
     run: str = _f("", "run directory or model.pt", positional=1)
     format: str = _f("onnx", "file format: onnx; ort (ONNX Runtime Mobile, for apps); torchscript; "
+                             "tflite (LiteRT, for Android; needs imgclf[mobile]); "
                              "web (a static folder that classifies in the browser, offline)",
-                     choices=("onnx", "ort", "torchscript", "web"))
+                     choices=("onnx", "ort", "torchscript", "tflite", "web"))
     out: str | None = _f(None, "output file (default: RUN/model.onnx, model.int8.onnx, model.ort, model.int8.ort, "
-                               "model.torchscript.pt), or folder for web (default: RUN/web)")
-    int8: bool = _f(False, "static INT8 quantization (onnxruntime), calibrated on training images; "
-                           "reports accuracy change and speed-up")
+                               "model.torchscript.pt, model.tflite, model.int8.tflite), or folder for web "
+                               "(default: RUN/web)")
+    int8: bool = _f(False, "INT8: static for onnx/ort (onnxruntime, calibrated on training images), dynamic-range "
+                           "for tflite; reports accuracy change and speed-up, refused over --max-drop")
     max_drop: float = _f(1.0, "refuse an INT8 model whose validation accuracy drops by more points than this")
     force: bool = _f(False, "write the INT8 model even over --max-drop")
     calib_images: int = _f(100, "training images for INT8 calibration")

@@ -11,7 +11,7 @@ RUN/
   summary.json    strategy chosen, timings, calibration, skipped files
   eval_<split>.json         metrics;  predictions_<split>.csv: per-image probabilities
   report/         index.html and eval.json
-  model.onnx, model.int8.onnx, model.torchscript.pt   exports (they record model.pt's hash)
+  model.onnx, model.int8.onnx, model.ort, model.torchscript.pt, model.tflite, ...   exports (they record model.pt's hash)
   web/            `export --format web`: a static site that classifies in the browser
   similar.npz     training images' embeddings and thumbnails for `similar` and /v1/similar
                   (built on first use, rebuilt when model.pt changes); similar.usearch: its
@@ -181,8 +181,10 @@ class RunDir:
     HISTORY, SUMMARY, REPORT = "history.csv", "summary.json", "report"
     SIMILAR, SIMILAR_GRAPH = "similar.npz", "similar.usearch"
     EXPORTS = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "ort": "model.ort", "ort-int8": "model.int8.ort",
-               "torchscript": "model.torchscript.pt", "web": "web"}
+               "torchscript": "model.torchscript.pt", "tflite": "model.tflite", "tflite-int8": "model.int8.tflite",
+               "web": "web"}
     ONNX_SUFFIXES = (".onnx", ".ort")  # files onnxruntime runs: no torch needed
+    TFLITE_SUFFIXES = (".tflite",)  # files the LiteRT interpreter runs (imgclf[litert]): no torch either
 
     def __init__(self, path: str | Path):
         p = Path(path)

@@ -123,6 +123,11 @@ def test_onnx_load_errors(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a loadable ONNX model"):
         lib.load(bad)
+    (tmp_path / "bad.tflite").write_bytes(b"not a model either")
+    with pytest.raises(ValueError, match="not a TFLite model.*--format tflite"):
+        lib.load(tmp_path / "bad.tflite")
+    with pytest.raises(FileNotFoundError, match="--format tflite"):
+        lib.load(tmp_path / "missing.tflite")
 
 
 def test_int8_export(tiny_run, exported, tmp_path):
@@ -201,3 +206,93 @@ def test_ort_format_export(tiny_run, exported, tiny, tmp_path):
     np.testing.assert_allclose(ort_clf.predict_proba(files), onnx_clf.predict_proba(files), atol=1e-5)
     rows = json.loads(imgclf("predict", out, *files, "--format", "json").stdout)
     assert [x["label"] for x in rows] == ["cats"] * 3 + ["dogs"] * 3
+
+
+def test_tflite_export(tiny_run, tiny, tmp_path):
+    """LiteRT for Android: fp32 and INT8 from one conversion (the converter is
+    slow to import), each checked on real validation images with the LiteRT
+    interpreter; metadata readable from the file; INT8 refused over the gate;
+    `imgclf predict` runs the .tflite without torch."""
+    pytest.importorskip("litert_torch", reason="needs the mobile extra: pip install 'imgclf[mobile]' (make setup)")
+    from ai_edge_litert.interpreter import Interpreter
+
+    import imgclf as lib
+    from imgclf.config import ExportConfig
+    from imgclf.deploy.export import export
+    from imgclf.errors import ExportError
+    from imgclf.inference.litert_predictor import associated_files, read_metadata
+    from imgclf.runs import RunDir
+
+    run, _ = tiny_run
+    fp32, int8 = tmp_path / "m.tflite", tmp_path / "m.int8.tflite"
+    said: list[str] = []
+    r = export(ExportConfig(run=str(run), format="tflite", out=str(fp32)), printer=said.append)
+    assert r["max_abs_diff"] <= 1e-4 and r["top1_agreement"] == 1.0 and r["check_images"] >= 16
+    assert any("parity (LiteRT)" in s for s in said)
+
+    data = fp32.read_bytes()
+    assert data[4:8] == b"TFL3" and r["bytes"] == len(data)
+    meta = read_metadata(data)
+    assert meta["classes"] == ["cats", "dogs"] and meta["preprocess"]["size"] == 224 and meta["resize"] == "crop"
+    assert meta["model_sha256"] == RunDir(run).model_sha256() and meta["int8"] is False
+    assert meta["temperature"] == pytest.approx(RunDir(run).record().get("temperature", 1.0))
+    files = associated_files(data)  # TFLite's associated-files zip, for apps
+    assert files["labels.txt"].decode().split() == ["cats", "dogs"]
+    assert json.loads(json.loads(files["imgclf.json"])["classes"]) == ["cats", "dogs"]
+
+    # Independently of the export's own check: the interpreter, called as an
+    # app would (uint8 NHWC in, probabilities out), gives PyTorch's answers.
+    it = Interpreter(model_path=str(fp32))
+    inp = it.get_signature_runner("serving_default").get_input_details()["images"]
+    assert inp["dtype"] == np.uint8 and list(inp["shape"]) == [1, 224, 224, 3]
+    runner = it.get_signature_runner("serving_default")
+    torch_clf = lib.load(run, engine="torch")
+    paths = [f for fs in val_images(tiny, 3).values() for f in fs]
+    x = np.stack([torch_clf.prepare(f) for f in paths])
+    p = np.concatenate([runner(images=x[i:i + 1])["probs"] for i in range(len(x))])
+    assert np.abs(p - torch_clf.probs(x)).max() <= 1e-4
+
+    # INT8: refused (nothing written) when the gate cannot be met, written when it is.
+    with pytest.raises(ExportError, match="over the limit"):
+        export(ExportConfig(run=str(run), format="tflite", int8=True, max_drop=-0.5, out=str(int8)),
+               printer=lambda *_: None)
+    assert not int8.exists()
+    r8 = export(ExportConfig(run=str(run), format="tflite", int8=True, out=str(int8)), printer=said.append)
+    assert r8["val_images"] == 100 and r8["fp32_accuracy"] - r8["int8_accuracy"] <= 0.01 + 1e-9
+    assert 0.9 <= r8["int8_top1_agreement_vs_fp32"] <= 1.0 and "int8_max_abs_diff_vs_fp32" in r8
+    assert int8.stat().st_size < 0.5 * len(data) and read_metadata(int8.read_bytes())["int8"] is True
+
+    # The phone's file on the desktop: the server and the CLI, torch unimportable.
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None
+        from fastapi.testclient import TestClient
+        from imgclf.deploy.serve import ServeConfig, create_app
+        with TestClient(create_app(ServeConfig({str(int8)!r}))) as c:
+            j = c.post("/v1/predict", files={{"file": ("d.jpg", open({str(paths[-1])!r}, "rb").read())}}).json()
+            assert j["predictions"][0]["label"] == "dogs", j
+            m = c.get("/v1/model").json()
+            assert m["format"] == "tflite" and m["int8"] and "torch" not in m["versions"], m
+        from imgclf.cli import main
+        sys.exit(main(["predict", {str(int8)!r}, *{[str(f) for f in paths]!r}, "--format", "json"]))
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [row["label"] for row in json.loads(p.stdout)] == ["cats"] * 3 + ["dogs"] * 3
+    assert "XNNPACK" not in p.stderr  # the interpreter's C++ chatter stays hidden
+
+
+def test_tflite_needs_mobile_extra():
+    """Without the converter installed, the error names the extra to install."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["litert_torch"] = None
+        from imgclf.deploy.tflite import _need_mobile
+        from imgclf.errors import MissingExtra
+        try:
+            _need_mobile()
+        except MissingExtra as e:
+            print("MISSING", e)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert "MISSING" in p.stdout and "pip install 'imgclf[mobile]'" in p.stdout, p.stdout + p.stderr

@@ -20,6 +20,11 @@ more than `max_drop` points unless forced.
 TorchScript: the same wrapper (uint8 NHWC in, probabilities out), traced,
 with the metadata as an extra file `imgclf.json`.
 
+TFLite (LiteRT, for Android): the same wrapper converted by litert-torch
+(deploy/tflite.py says why that converter), the metadata in the flatbuffer,
+checked with the LiteRT interpreter; `--int8` is dynamic-range INT8 behind the
+same accuracy gate.
+
 Web: a static folder (imgclf/deploy/web) holding the checked ONNX model, its
 metadata as model.json, ONNX Runtime Web and a page that preprocesses exactly
 as Python does; it works offline after the first visit.
@@ -165,9 +170,8 @@ def split_images(run: RunDir, split: str, limit: int | None, pp) -> tuple[np.nda
     return np.stack(xs), np.array(ys)
 
 
-def quality(pred, x: np.ndarray, y: np.ndarray) -> float:
+def quality(p: np.ndarray, y: np.ndarray) -> float:
     """What the INT8 gate compares: accuracy; multi-label: mAP."""
-    p = batched_probs(pred, x)
     if y.ndim == 2:
         from imgclf.evaluation.metrics import mean_average_precision
 
@@ -189,6 +193,11 @@ def images_per_second(pred, x: np.ndarray, repeats: int = 3) -> float:
     return len(x) / best
 
 
+def parity(p: np.ndarray, p_ref: np.ndarray) -> tuple[float, float]:
+    """Max |p - p_ref| over every image and class, and the share of images whose top-1 label agrees."""
+    return float(np.abs(p - p_ref).max()), float((p.argmax(1) == p_ref.argmax(1)).mean())
+
+
 def int8_verdict(fp32_acc: float, int8_acc: float, max_drop: float, force: bool) -> str | None:
     """None if the INT8 model may be written; otherwise why not (and how to override)."""
     drop = (fp32_acc - int8_acc) * 100
@@ -201,8 +210,8 @@ def int8_verdict(fp32_acc: float, int8_acc: float, max_drop: float, force: bool)
 
 def export(cfg: ExportConfig, printer=print) -> dict:
     """Export a run; returns a report dict (path, parity, INT8 accuracy and speed)."""
-    if cfg.int8 and cfg.format not in ("onnx", "ort"):
-        raise ConfigError("--int8 is for --format onnx or ort (onnxruntime quantization)", "drop --int8")
+    if cfg.int8 and cfg.format not in ("onnx", "ort", "tflite"):
+        raise ConfigError(f"--int8 is for --format onnx, ort or tflite, not {cfg.format}", "drop --int8")
     run = RunDir(cfg.run)
     out = Path(cfg.out) if cfg.out else run.export_file(cfg.format, cfg.int8)
     if cfg.format == "web":  # a folder: say now, not after the export, that --out is taken
@@ -264,7 +273,9 @@ def export_onnx(src: Source, cfg: ExportConfig, meta: dict, report: dict, printe
                           "set IMGCLF_DEBUG=1 and report it with the run's model.pt")
     printer(f"parity: max |p_onnx - p_torch| = {diff:.1e} on {len(src.x_check)} {src.split} images "
             f"(limit {PARITY_ATOL:g})")
-    return quantize_checked(fp32, src, cfg, meta, report, printer) if cfg.int8 else fp32
+    if not cfg.int8:
+        return fp32
+    return quantize_checked(fp32, src, cfg, report, printer, lambda x_cal: quantize(fp32, x_cal, meta))
 
 
 def export_ort(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer) -> bytes:
@@ -306,6 +317,37 @@ def check_unknown_parity(u: np.ndarray | None, src: Source, report: dict) -> Non
     if diff > step + 1e-6:
         raise ExportError(f"the exported unknown scores differ from PyTorch's by {diff:.3g} (limit one rank step, "
                           f"{step:.3g}); the export is wrong, not written", "report it with the run's model.pt")
+
+
+
+def export_tflite(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer) -> bytes:
+    """LiteRT (TFLite) for Android: converted from the same wrapper by litert-torch,
+    checked with the LiteRT interpreter against PyTorch (max probability
+    difference within PARITY_ATOL, top-1 agreement reported); with --int8,
+    dynamic-range INT8 behind the same accuracy gate as ONNX INT8."""
+    from imgclf.deploy.tflite import quantize_tflite, to_tflite, with_metadata as tflite_metadata
+    from imgclf.inference.litert_predictor import LiteRTPredictor
+
+    t0 = time.time()
+    plain = to_tflite(src.wrapped, src.pp.size, (src.run.model_sha256(), src.pp.size, src.record.get("reject")),
+                      tuple(output_names(src)))
+    fp32 = tflite_metadata(plain, meta)
+    report["convert_seconds"] = round(time.time() - t0, 1)
+    p, u = LiteRTPredictor(fp32).outputs(src.x_check)
+    diff, agree = parity(p, src.p_torch)
+    report.update(max_abs_diff=diff, top1_agreement=agree)
+    if src.u_torch is not None:
+        check_unknown_parity(u, src, report)
+    if diff > PARITY_ATOL:
+        raise ExportError(f"LiteRT's probabilities differ from PyTorch's by {diff:.2e} on {len(src.x_check)} "
+                          f"{src.split} images (limit {PARITY_ATOL:g}); the export is wrong, not written",
+                          "set IMGCLF_DEBUG=1 and report it with the run's model.pt")
+    printer(f"parity (LiteRT): max |p_tflite - p_torch| = {diff:.1e} (limit {PARITY_ATOL:g}), top-1 agreement "
+            f"{agree:.0%} on {len(src.x_check)} {src.split} images; converted in {report['convert_seconds']} s")
+    if not cfg.int8:
+        return fp32
+    return quantize_checked(fp32, src, cfg, report, printer, lambda _: tflite_metadata(quantize_tflite(plain), meta),
+                            LiteRTPredictor, calibrated=False)
 
 
 def to_onnx(wrapped, size: int, meta: dict[str, str], outputs: list[str] = (OUTPUT,)) -> bytes:
@@ -373,23 +415,30 @@ def quantize(fp32: bytes, x_cal: np.ndarray, meta: dict[str, str]) -> bytes:
         return with_metadata(onnx.load(str(dst)), meta)
 
 
-def quantize_checked(fp32: bytes, src: Source, cfg: ExportConfig, meta: dict, report: dict, printer) -> bytes:
-    """INT8, refused when validation accuracy drops by more than --max-drop points."""
+def quantize_checked(fp32: bytes, src: Source, cfg: ExportConfig, report: dict, printer, quantize_fn,
+                     predictor=OnnxPredictor, calibrated: bool = True) -> bytes:
+    """INT8 = quantize_fn(calibration images), refused when validation accuracy
+    drops by more than --max-drop points; `predictor` runs both models."""
     t0 = time.time()
-    x_cal, _ = split_images(src.run, "train", cfg.calib_images, src.pp)
-    q = quantize(fp32, x_cal, meta)
+    x_cal = split_images(src.run, "train", cfg.calib_images, src.pp)[0] if calibrated else np.zeros((0,))
+    q = quantize_fn(x_cal)
     report.update(calib_images=len(x_cal), calib_seconds=round(time.time() - t0, 1))
     x_val, y_val = split_images(src.run, src.split, None, src.pp)
-    s32, s8 = OnnxPredictor(fp32), OnnxPredictor(q)
-    acc32, acc8 = quality(s32, x_val, y_val), quality(s8, x_val, y_val)
+    s32, s8 = predictor(fp32), predictor(q)
+    p32, p8 = batched_probs(s32, x_val), batched_probs(s8, x_val)
+    acc32, acc8 = quality(p32, y_val), quality(p8, y_val)
+    diff, agree = parity(p8, p32)
     ips32, ips8 = images_per_second(s32, x_val[:16]), images_per_second(s8, x_val[:16])
     report.update({"val_images": len(x_val), "fp32_accuracy": acc32, "int8_accuracy": acc8,
                    "accuracy_change_points": round((acc8 - acc32) * 100, 2),
+                   "int8_max_abs_diff_vs_fp32": diff, "int8_top1_agreement_vs_fp32": agree,
                    "fp32_images_per_s": round(ips32, 1), "int8_images_per_s": round(ips8, 1),
                    "speedup": round(ips8 / ips32, 2)})
+    how = f"calibrated on {len(x_cal)} train images" if calibrated else "dynamic range, no calibration"
     printer(f"INT8: {src.split} accuracy {acc32:.1%} -> {acc8:.1%} ({(acc8 - acc32) * 100:+.1f} points, "
-            f"{len(x_val)} images); speed {ips32:.0f} -> {ips8:.0f} images/s at batch {len(x_val[:16])} "
-            f"({ips8 / ips32:.2f}x); calibrated on {len(x_cal)} train images in {report['calib_seconds']} s")
+            f"{len(x_val)} images; top-1 as fp32 on {agree:.0%}, max |p8 - p32| = {diff:.3f}); speed "
+            f"{ips32:.0f} -> {ips8:.0f} images/s at batch {len(x_val[:16])} ({ips8 / ips32:.2f}x); {how} in "
+            f"{report['calib_seconds']} s")
     why = int8_verdict(acc32, acc8, cfg.max_drop, cfg.force)
     if why:
         raise ExportError(why)
@@ -410,4 +459,5 @@ def export_web(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer
     return site.build(onnx_bytes, OnnxPredictor(onnx_bytes).metadata)
 
 
-EXPORTERS = {"onnx": export_onnx, "ort": export_ort, "torchscript": export_torchscript, "web": export_web}
+EXPORTERS = {"onnx": export_onnx, "ort": export_ort, "torchscript": export_torchscript, "tflite": export_tflite,
+             "web": export_web}

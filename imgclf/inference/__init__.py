@@ -151,14 +151,19 @@ _top_k = top_k  # `predict`'s parameter shadows the function's name
 
 def load(path: str | Path, device: str = "auto", engine: str = "auto", cache_dir: str | Path | None = None,
          threads: int | None = None) -> Predictor:
-    """A trained classifier from a run directory or its model.pt (PyTorch), or
-    an exported .onnx file (onnxruntime alone, no torch); same `.predict()`."""
+    """A trained classifier from a run directory or its model.pt (PyTorch), an
+    exported .onnx / .ort (onnxruntime alone, no torch) or .tflite (the LiteRT
+    interpreter, no torch); same `.predict()`."""
     from imgclf.runs import RunDir
 
     if str(path).lower().endswith(RunDir.ONNX_SUFFIXES):
         from imgclf.inference.onnx_predictor import OnnxPredictor
 
         return OnnxPredictor(path, threads=threads)
+    if str(path).lower().endswith(RunDir.TFLITE_SUFFIXES):
+        from imgclf.inference.litert_predictor import LiteRTPredictor
+
+        return LiteRTPredictor(path, threads=threads)
     from imgclf.inference.torch_predictor import TorchPredictor
 
     return TorchPredictor.from_run(path, device=device, engine=engine, cache_dir=cache_dir)

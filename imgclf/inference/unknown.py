@@ -37,9 +37,16 @@ def normalise_bank(features: np.ndarray) -> torch.Tensor:
 
 
 def knn_distance(features: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
-    """1 - cosine similarity to the k-th nearest row of `bank` (rows unit-norm)."""
+    """1 - cosine similarity to the k-th nearest row of `bank` (rows unit-norm).
+    The k-th largest similarity is found by taking the maximum k times, each
+    time masking out the one position it came from (ties count separately, as
+    in topk): topk lowers to a sort that LiteRT's interpreter cannot run, and
+    k argmax passes over the bank cost the same here."""
     sims = nn.functional.normalize(features.float(), dim=1) @ bank.float().T
-    return 1 - sims.topk(min(k, bank.shape[0]), dim=1).values[:, -1]
+    cols = torch.arange(sims.shape[1], device=sims.device)[None]
+    for _ in range(min(k, bank.shape[0]) - 1):
+        sims = torch.where(cols == sims.argmax(dim=1, keepdim=True), torch.full_like(sims, -2.0), sims)
+    return 1 - sims.max(dim=1).values
 
 
 def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -404,6 +404,11 @@ def add_page_routes(app) -> None:
         return Response(data, media_type=mime, headers={"Cache-Control": "no-cache"})
 
 
+def model_format(path: str) -> str:
+    p = path.lower()
+    return "tflite" if p.endswith(RunDir.TFLITE_SUFFIXES) else "onnx" if p.endswith(RunDir.ONNX_SUFFIXES) else "pytorch"
+
+
 def model_description(pred, cfg: ServeConfig, st: State) -> dict:
     """/v1/model: what is served, how well it did on held-out data, the limits."""
     import sys
@@ -413,14 +418,14 @@ def model_description(pred, cfg: ServeConfig, st: State) -> dict:
     from imgclf import __version__
 
     meta = pred.metadata
-    onnx = cfg.model.lower().endswith(RunDir.ONNX_SUFFIXES)
+    onnx = cfg.model.lower().endswith(RunDir.ONNX_SUFFIXES + RunDir.TFLITE_SUFFIXES)  # exports: no torch
     versions = {"imgclf": __version__, "python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
     if meta.get("trained_with"):
         versions["trained_with_imgclf"] = meta["trained_with"]
     if not onnx and "torch" in sys.modules:
         versions["torch"] = sys.modules["torch"].__version__
     pp = pred.preprocess
-    return {"model": Path(cfg.model).name, "arch": pred.arch, "format": "onnx" if onnx else "pytorch",
+    return {"model": Path(cfg.model).name, "arch": pred.arch, "format": model_format(cfg.model),
             "int8": bool(getattr(pred, "int8", False)), "classes": pred.classes, "num_classes": len(pred.classes),
             "input_size": pp.size, "resize": pp.resize, "temperature": pred.temperature,
             "unknown_score": pred.has_unknown, "reject": pred.reject, "multi_label": pred.multi_label,
