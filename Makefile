@@ -23,12 +23,14 @@ setup: $(STAMP) $(WEB_VENDOR)
 demo: setup
 	$(BIN)/python -m imgclf.demo
 
-# The suite: real images from ../shared/datasets, a few minutes on 2 cores.
+# The suite: real images from ../shared/datasets, about 8 minutes on 2 cores.
+# Two workers (pytest-xdist), a test file each at a time: much of the suite
+# waits on subprocesses, servers and Chromium, so the second core fills in.
 test: setup browser
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 test-all: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python bench/bench_train.py

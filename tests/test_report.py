@@ -92,6 +92,7 @@ def _hover_map(page, run) -> None:
         assert ("predicted correctly" in text or "training image" in text) != wrong
 
 
+@pytest.mark.slow  # `make test-all`: keeps `make test` within ~10 minutes
 def test_report_with_ten_classes(tmp_path, tiny):
     """10 classes made from real photos (cats, dogs, ants, bees, and grey,
     upside-down versions of them): every figure renders and the tables hold them."""

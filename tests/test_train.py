@@ -161,6 +161,7 @@ def test_refuses_to_overwrite_a_run(tiny_run, tiny):
     assert p.returncode == 2 and "--resume" in p.stderr
 
 
+@pytest.mark.slow  # `make test-all`: keeps `make test` within ~10 minutes
 def test_feature_cache_hit_and_misses(tmp_path, tiny):
     """Hit: same files, other head settings. Miss: a changed file; other preprocessing."""
     cache = tmp_path / "cache"
@@ -199,6 +200,7 @@ def test_auto_strategy_choice():
         choose_strategy(TrainConfig(model="small_cnn", strategy="linear"), cpu)
 
 
+@pytest.mark.slow  # `make test-all`: keeps `make test` within ~10 minutes
 def test_small_cnn_from_scratch_learns(tmp_path, tiny):
     out = tmp_path / "run"
     run_cli("train", tiny, "--out", out, "--model", "small_cnn", "--image-size", "64", "--epochs", "8",
@@ -263,6 +265,7 @@ def _wide_photos(tmp_path: Path, tiny: Path, n: int = 60) -> Path:
     return d
 
 
+@pytest.mark.slow  # `make test-all`: keeps `make test` within ~10 minutes
 def test_pad_run_trains_and_predicts_letterboxed(tmp_path, tiny):
     """--resize pad: fine-tuning augments letterboxed crops (not square crops),
     and prediction letterboxes the same way."""
