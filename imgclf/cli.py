@@ -101,6 +101,8 @@ def print_predictions(results: list[dict], fmt: str) -> None:
         wp = max(10, *(len(r["path"]) for r in results)) if results else 10
         for r in results:
             body = f"ERROR {r['error']}" if "error" in r else "  ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"])
+            if "labels" in r and "error" not in r:  # multi-label: the decided set first
+                body = f"[{r['label'] or 'none'}]  " + body
             if "unknown" in r:
                 body = ("UNKNOWN  " if r["label"] == "unknown" else "") + body + f"  (unknown {r['unknown']:.2f})"
             print(f"{r['path']:<{wp}}  {body}")
