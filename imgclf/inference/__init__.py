@@ -108,6 +108,21 @@ class Predictor:
                               "retrain it with this imgclf version (every new run has one), or drop --reject")
         self.reject = reject_threshold(setting, self.reject)
 
+    def read_export_metadata(self, meta: dict, has_unknown: bool) -> None:
+        """An exported file's metadata (.onnx, .ort, .tflite): classes, the
+        preprocessing, the temperature, INT8, and the decisions its graph was
+        exported with (the rejection threshold, multi-label thresholds)."""
+        self.metadata = meta
+        self.classes = list(meta["classes"])
+        self.preprocess = Preprocess.from_dict(meta["preprocess"])
+        self.temperature = float(meta.get("temperature", 1.0))
+        self.int8 = bool(meta.get("int8", False))
+        self.has_unknown = has_unknown
+        self.reject = meta.get("reject") if has_unknown else None
+        self.multi_label = bool(meta.get("multi_label", False))
+        th = meta.get("thresholds")
+        self.thresholds = np.asarray(th, np.float32) if th else None
+
     def warm_up(self) -> None:
         """Build whatever the first call would (a server calls this before it says ready)."""
 

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data.preprocess import Preprocess
 from imgclf.errors import MissingExtra, ModelFileError, RunError
 from imgclf.inference import Predictor
 from imgclf.inference.onnx_predictor import FORMAT, _maybe_json, warn_if_stale
@@ -131,17 +130,8 @@ class LiteRTPredictor(Predictor):
         if not isinstance(path, bytes) and not Path(path).is_file():
             raise RunError(f"{path}: no such model file", "write one with `imgclf export RUN --format tflite`")
         data = path if isinstance(path, bytes) else Path(path).read_bytes()
-        self.metadata: dict = read_metadata(data, self.source)
-        self.classes: list[str] = list(self.metadata["classes"])
-        self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
-        self.temperature = float(self.metadata.get("temperature", 1.0))
-        self.int8 = bool(self.metadata.get("int8", False))
         self.runner = signature_runner(data, threads)
-        self.has_unknown = "unknown" in self.runner.get_output_details()
-        self.reject = self.metadata.get("reject") if self.has_unknown else None
-        self.multi_label = bool(self.metadata.get("multi_label", False))
-        th = self.metadata.get("thresholds")
-        self.thresholds = np.asarray(th, np.float32) if th else None
+        self.read_export_metadata(read_metadata(data, self.source), "unknown" in self.runner.get_output_details())
         # The interpreter is not thread-safe: one call at a time (it uses every core inside one).
         self._lock = threading.Lock()
         if not isinstance(path, bytes):

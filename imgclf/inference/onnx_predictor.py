@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data.preprocess import Preprocess
 from imgclf.errors import ModelFileError, RunError
 from imgclf.inference import Predictor
 
@@ -64,18 +63,9 @@ class OnnxPredictor(Predictor):
         if meta.get("format") != FORMAT:
             raise ModelFileError(f"{self.source}: not an imgclf export (metadata format={meta.get('format')!r})",
                                  "export the run with `imgclf export RUN --format onnx`")
-        self.metadata: dict = {k: _maybe_json(v) for k, v in meta.items()}
-        self.classes: list[str] = list(self.metadata["classes"])
-        self.preprocess = Preprocess.from_dict(self.metadata["preprocess"])
-        self.temperature = float(self.metadata.get("temperature", 1.0))
-        self.int8 = bool(self.metadata.get("int8", False))
         names = [o.name for o in self.session.get_outputs()]
         self._outputs = [OUTPUT, UNKNOWN_OUTPUT] if UNKNOWN_OUTPUT in names else [OUTPUT]
-        self.has_unknown = len(self._outputs) == 2
-        self.reject = self.metadata.get("reject") if self.has_unknown else None
-        self.multi_label = bool(self.metadata.get("multi_label", False))
-        th = self.metadata.get("thresholds")
-        self.thresholds = np.asarray(th, np.float32) if th else None
+        self.read_export_metadata({k: _maybe_json(v) for k, v in meta.items()}, UNKNOWN_OUTPUT in names)
         # One model call at a time: onnxruntime already uses every core inside a call.
         self._lock = threading.Lock()
         if not isinstance(path, bytes):
