@@ -17,6 +17,7 @@ JSON body {"error": {"code", "message", ...}} that says what to fix.
 # No `from __future__ import annotations`: FastAPI reads the endpoint
 # annotations (Request) at runtime, and Request is imported inside create_app.
 
+import contextlib
 import hmac
 import logging
 import platform
@@ -201,6 +202,29 @@ def decode_all(st: State, files: list[tuple[str, bytes]]) -> list:
     return xs
 
 
+async def images_body(request, st: State) -> bytes:
+    """The whole request body, within the size and time limits; 400 when empty."""
+    body = await read_body(request, st.cfg.max_body_bytes, st.cfg.body_timeout_s, st.cfg.body_deadline_s)
+    if not body:
+        raise ApiError(400, "empty_request", "no images in the request; send multipart files "
+                       "(curl -F 'file=@cat.jpg') or JSON {\"images\": [\"<base64>\"]}")
+    return body
+
+
+@contextlib.contextmanager
+def processing_slot(st: State):
+    """One of --max-concurrent slots for parsing, decoding and the model, or 503.
+    Taken once the body is in: slow uploads hold a connection (bounded by
+    --max-connections), never a processing slot."""
+    if st.in_flight >= st.cfg.max_concurrent:
+        raise ApiError(503, "busy", f"{st.in_flight} requests are in progress, the limit; retry shortly")
+    st.in_flight += 1
+    try:
+        yield
+    finally:
+        st.in_flight -= 1
+
+
 def per_image_outputs(pred):
     """The batcher's model call: a batch -> one (probs, unknown score) per image."""
 
@@ -222,23 +246,13 @@ def add_predict_route(app, st: State) -> None:
     async def predict(request: Request):
         check_key(st, request)
         pred = st.ready()
-        body = await read_body(request, st.cfg.max_body_bytes, st.cfg.body_timeout_s, st.cfg.body_deadline_s)
-        if not body:
-            raise ApiError(400, "empty_request", "no images in the request; send multipart files "
-                           "(curl -F 'file=@cat.jpg') or JSON {\"images\": [\"<base64>\"]}")
-        # Counted once the body is in: slow uploads hold a connection (bounded
-        # by --max-connections), never a processing slot.
-        if st.in_flight >= st.cfg.max_concurrent:
-            raise ApiError(503, "busy", f"{st.in_flight} requests are in progress, the limit; retry shortly")
-        st.in_flight += 1
-        try:
+        body = await images_body(request, st)
+        with processing_slot(st):
             files, body_k = await run_in_threadpool(parse_request, st, body, request.headers.get("content-type", ""))
             k = top_k_of(request, body_k, st.cfg.top_k, len(pred.classes))
             xs = await run_in_threadpool(decode_all, st, files)
             t0 = time.perf_counter()
             outs = await st.batcher(xs)
-        finally:
-            st.in_flight -= 1
         thr = pred.thresholds if pred.multi_label else None
         preds = [{"filename": name, **top_k(p, pred.classes, k, u, pred.reject, thr)}
                  for (name, _), (p, u) in zip(files, outs)]
@@ -310,20 +324,12 @@ def add_similar_route(app, st: State) -> None:
         if st.similar is None:
             raise ApiError(404, "similar_unavailable", f"similarity search is not available: {st.similar_why}")
         k = k_of(request, 10, min(MAX_SIMILAR_K, len(st.similar)))
-        body = await read_body(request, st.cfg.max_body_bytes, st.cfg.body_timeout_s, st.cfg.body_deadline_s)
-        if not body:
-            raise ApiError(400, "empty_request", "no images in the request; send multipart files "
-                           "(curl -F 'file=@cat.jpg') or JSON {\"images\": [\"<base64>\"]}")
-        if st.in_flight >= st.cfg.max_concurrent:
-            raise ApiError(503, "busy", f"{st.in_flight} requests are in progress, the limit; retry shortly")
-        st.in_flight += 1
-        try:
+        body = await images_body(request, st)
+        with processing_slot(st):
             files, _ = await run_in_threadpool(parse_request, st, body, request.headers.get("content-type", ""))
             xs = await run_in_threadpool(decode_all, st, files)
             t0 = time.perf_counter()
             results = await run_in_threadpool(similar_results, st, files, xs, k)
-        finally:
-            st.in_flight -= 1
         return {"results": results, "model_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
 
