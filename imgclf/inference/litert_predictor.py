@@ -130,8 +130,9 @@ class LiteRTPredictor(Predictor):
         if not isinstance(path, bytes) and not Path(path).is_file():
             raise RunError(f"{path}: no such model file", "write one with `imgclf export RUN --format tflite`")
         data = path if isinstance(path, bytes) else Path(path).read_bytes()
+        meta = read_metadata(data, self.source)  # first: a foreign file gets imgclf's message, not LiteRT's
         self.runner = signature_runner(data, threads)
-        self.read_export_metadata(read_metadata(data, self.source), "unknown" in self.runner.get_output_details())
+        self.read_export_metadata(meta, "unknown" in self.runner.get_output_details())
         # The interpreter is not thread-safe: one call at a time (it uses every core inside one).
         self._lock = threading.Lock()
         if not isinstance(path, bytes):
