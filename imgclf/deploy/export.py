@@ -262,15 +262,7 @@ def export_torchscript(src: Source, cfg: ExportConfig, meta: dict, report: dict,
 def export_onnx(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer) -> bytes:
     """fp32 ONNX, checked against PyTorch; with --int8, quantized and gated on accuracy."""
     fp32 = to_onnx(src.wrapped, src.pp.size, meta, output_names(src))
-    p, u = OnnxPredictor(fp32).outputs(src.x_check)
-    diff = float(np.abs(p - src.p_torch).max())
-    report["max_abs_diff"] = diff
-    if src.u_torch is not None:
-        check_unknown_parity(u, src, report)
-    if diff > PARITY_ATOL:
-        raise ExportError(f"onnxruntime's probabilities differ from PyTorch's by {diff:.2e} on {len(src.x_check)} "
-                          f"{src.split} images (limit {PARITY_ATOL:g}); the export is wrong, not written",
-                          "set IMGCLF_DEBUG=1 and report it with the run's model.pt")
+    diff, _ = check_against_torch(OnnxPredictor(fp32), "onnxruntime", src, report)
     printer(f"parity: max |p_onnx - p_torch| = {diff:.1e} on {len(src.x_check)} {src.split} images "
             f"(limit {PARITY_ATOL:g})")
     if not cfg.int8:
@@ -308,6 +300,22 @@ def export_ort(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer
     return data
 
 
+def check_against_torch(pred, engine: str, src: Source, report: dict) -> tuple[float, float]:
+    """An exported file's answers on the check images against PyTorch's: the
+    probabilities within PARITY_ATOL and the unknown score within a rank step,
+    or ExportError (nothing is written). Returns (max difference, top-1 agreement)."""
+    p, u = pred.outputs(src.x_check)
+    diff, agree = parity(p, src.p_torch)
+    report.update(max_abs_diff=diff, top1_agreement=agree)
+    if src.u_torch is not None:
+        check_unknown_parity(u, src, report)
+    if diff > PARITY_ATOL:
+        raise ExportError(f"{engine}'s probabilities differ from PyTorch's by {diff:.2e} on {len(src.x_check)} "
+                          f"{src.split} images (limit {PARITY_ATOL:g}); the export is wrong, not written",
+                          "set IMGCLF_DEBUG=1 and report it with the run's model.pt")
+    return diff, agree
+
+
 def check_unknown_parity(u: np.ndarray | None, src: Source, report: dict) -> None:
     """The unknown score is a rank among the validation distances: a float
     difference at a boundary may move it by one step, never more."""
@@ -333,15 +341,7 @@ def export_tflite(src: Source, cfg: ExportConfig, meta: dict, report: dict, prin
                       tuple(output_names(src)))
     fp32 = tflite_metadata(plain, meta)
     report["convert_seconds"] = round(time.time() - t0, 1)
-    p, u = LiteRTPredictor(fp32).outputs(src.x_check)
-    diff, agree = parity(p, src.p_torch)
-    report.update(max_abs_diff=diff, top1_agreement=agree)
-    if src.u_torch is not None:
-        check_unknown_parity(u, src, report)
-    if diff > PARITY_ATOL:
-        raise ExportError(f"LiteRT's probabilities differ from PyTorch's by {diff:.2e} on {len(src.x_check)} "
-                          f"{src.split} images (limit {PARITY_ATOL:g}); the export is wrong, not written",
-                          "set IMGCLF_DEBUG=1 and report it with the run's model.pt")
+    diff, agree = check_against_torch(LiteRTPredictor(fp32), "LiteRT", src, report)
     printer(f"parity (LiteRT): max |p_tflite - p_torch| = {diff:.1e} (limit {PARITY_ATOL:g}), top-1 agreement "
             f"{agree:.0%} on {len(src.x_check)} {src.split} images; converted in {report['convert_seconds']} s")
     if not cfg.int8:
