@@ -231,9 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args.cls, args)
+        if args.cls is C.TrainConfig and cfg.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+            from imgclf.training.distributed import launch
+
+            return launch(argv[argv.index("train") + 1:], cfg.nproc_per_node)
         if args.cls is C.TrainConfig:
             from imgclf.training.train import parse_ints
 

@@ -31,7 +31,8 @@ class TrainConfig:
     time_budget: float | None = _f(None, "seconds: plan the stages to fit and return the best model found in time")
     image_size: int | None = _f(None, "input size in pixels (default: the model's own, e.g. 224)")
     resize: str | None = _f(None, "crop | squash | pad (default: the model's own, crop)")
-    batch_size: int = _f(32, "images per step for image batches")
+    batch_size: int = _f(32, "images per step for image batches; under torchrun per process (the global batch "
+                             "is this x the number of processes)")
     feature_batch_size: int = _f(128, "examples per step when training a head on cached features")
     lr: float | None = _f(None, "peak learning rate of the head (default: 1e-3; 2e-3 for scratch)")
     backbone_lr_mult: float = _f(0.1, "finetune: backbone learning rate = lr x this (lower: keep what ImageNet taught)")
@@ -51,6 +52,11 @@ class TrainConfig:
     monitor: str = _f("acc", "validation metric for early stopping and the best model: acc | balanced_acc | loss")
     workers: int | None = _f(None, "data-loading processes (default: half the cores)")
     device: str = _f("auto", "auto | cpu | cuda")
+    nproc_per_node: int = _f(1, "processes on this machine (one per GPU): hands the command to torchrun "
+                                "(torch.distributed.run --standalone); for several machines call torchrun "
+                                "yourself, see docs/scaling.md")
+    sync_bn: bool = _f(False, "distributed on CUDA: synchronise batch-norm statistics across GPUs (SyncBatchNorm), "
+                              "for small per-GPU batches")
     engine: str = _f("auto", "frozen feature extraction: auto (onnxruntime on CPU) | torch | onnxruntime")
     cache: bool = _f(True, "cache frozen-backbone features on disk (--no-cache: recompute)")
     cache_dir: str | None = _f(None, "feature cache folder (default: $XDG_CACHE_HOME/imgclf or ~/.cache/imgclf)")
@@ -97,6 +103,7 @@ class TrainConfig:
             (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1,
              "--val-fraction and --test-fraction must be in [0, 1) and leave images for training"),
             (self.batch_size > 0 and self.feature_batch_size > 0, "--batch-size must be positive"),
+            (self.nproc_per_node >= 1, f"--nproc-per-node {self.nproc_per_node}: use 1 or more"),
             (self.image_size is None or self.image_size >= 16, "--image-size must be at least 16"),
             (self.threshold is None or 0 < self.threshold < 1, "--threshold must be in (0, 1)"),
             (_valid_reject(self.reject), f"--reject {self.reject!r}: use auto, off or a number in (0, 1]"),

@@ -131,7 +131,7 @@ def test_corrupt_cached_backbone_and_shards_are_rebuilt(tiny_run, tiny, tmp_path
     assert json.loads(first.stdout)[0]["score"] == pytest.approx(json.loads(again.stdout[again.stdout.index("["):])[0]["score"])
     # A damaged feature shard: reported, removed, recomputed.
     run_cli("evaluate", run, "--cache-dir", cache, "--no-report")
-    shard = max((cache / "features").rglob("shard-*.npz"), key=lambda p: p.stat().st_size)
+    shard = max((cache / "features").rglob("shard-*.npy"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[:500])
     e = run_cli("evaluate", run, "--cache-dir", cache, "--no-report")
     assert "is damaged; removed" in e.stdout and not shard.exists()
@@ -147,7 +147,7 @@ def test_feature_extraction_keeps_its_work_when_killed(tmp_path):
     p = subprocess.Popen(cmd + ["--out", str(tmp_path / "a")], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not list(cache.glob("features/*/shard-*.npz")) and time.time() < deadline and p.poll() is None:
+    while not list(cache.glob("features/*/shard-*.npy")) and time.time() < deadline and p.poll() is None:
         time.sleep(0.2)
     time.sleep(1.5)
     p.send_signal(signal.SIGKILL)

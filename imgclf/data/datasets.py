@@ -336,21 +336,41 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def scan(splits: Splits, names=("train", "val", "test")) -> list[tuple[str, str]]:
-    """Header-check every file once (no decode, fast); drop and return the bad
-    ones as (relative path, reason). Files that only fail at decode time
-    (truncated data) are caught and reported by the loader."""
+def hash_files(paths: list, threads: int = 8) -> list[str]:
+    """file_hash of many files on a few threads: hashlib releases the GIL on
+    large buffers and the reads wait on the disk, so threads overlap both
+    (a shared network filesystem gains the most)."""
+    if len(paths) < 64:
+        return [file_hash(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(file_hash, paths, chunksize=256))
+
+
+def scan(splits: Splits, names=("train", "val", "test"), share=None) -> list[tuple[str, str]]:
+    """Header-check files (no decode, fast): (relative path, reason) of the bad
+    ones, dropped from `splits`. share(list) -> the part this process checks
+    (torchrun: each rank its share; drop_files then removes every rank's
+    finds). Files that only fail at decode time (truncated data) are caught
+    and reported by the loader."""
     bad = []
     for name in names:
-        keep = []
-        for rel, y in getattr(splits, name):
+        items = getattr(splits, name)
+        for rel, _ in (share(items) if share else items):
             try:
                 sniff(splits.path(rel))
-                keep.append((rel, y))
             except BadImage as e:
                 bad.append((rel, e.reason))
-        setattr(splits, name, keep)
+    if share is None:
+        drop_files(splits, {rel for rel, _ in bad}, names)
     return bad
+
+
+def drop_files(splits: Splits, paths: set[str], names=("train", "val", "test")) -> None:
+    if paths:
+        for name in names:
+            setattr(splits, name, [it for it in getattr(splits, name) if it[0] not in paths])
 
 
 class ImageDataset:

@@ -90,16 +90,22 @@ class UnknownScorer(nn.Module):
         return cls(d["bank"], d["val_sorted"], int(d["k"]))
 
 
+def bank_sample(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Indices of the kNN bank: every image, or at most MAX_BANK drawn evenly
+    from each class (so training picks the images before encoding them)."""
+    idx = np.arange(len(labels))
+    if len(idx) > MAX_BANK:
+        rng = np.random.default_rng(seed)
+        classes = np.unique(labels)
+        per = MAX_BANK // len(classes)
+        idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per] for c in classes]))
+    return idx
+
+
 def fit_scorer(train_features: np.ndarray, train_labels: np.ndarray, val_features: np.ndarray,
                seed: int = 0) -> UnknownScorer:
     """The kNN bank from (at most MAX_BANK, class-balanced) training features;
     the percentile scale from the validation images' distances to it."""
-    idx = np.arange(len(train_features))
-    if len(idx) > MAX_BANK:
-        rng = np.random.default_rng(seed)
-        classes = np.unique(train_labels)
-        per = MAX_BANK // len(classes)
-        idx = np.concatenate([rng.permutation(np.flatnonzero(train_labels == c))[:per] for c in classes])
-    bank = normalise_bank(train_features[idx])
+    bank = normalise_bank(train_features[bank_sample(np.asarray(train_labels), seed)])
     val = knn_distance(torch.from_numpy(np.asarray(val_features, np.float32)), bank.half(), KNN_K)
     return UnknownScorer(bank, val)

@@ -5,8 +5,9 @@ features. We run each image through the backbone once (and once flipped),
 store the pooled feature vector keyed by the file's content hash, and train
 the head on the cache for as many epochs as it needs, in seconds.
 
-Cache layout: CACHE/features/<key>/shard-*.npz, one shard per extraction call,
-each holding content hashes and float32 features, written atomically. The key
+Cache layout: CACHE/features/<key>/shard-*.npy, written atomically at least
+every FLUSH_SECONDS of extraction, each holding content hashes and float16
+features, memory-mapped when read (FeatureCache). The key
 covers the model, a hash of the backbone's actual weights, the preprocessing
 and the variant (plain or flipped), so a fine-tuned backbone or another image
 size never reads stale features, while new or changed files only compute what
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf.data.datasets import BadFileLog, ImageDataset, file_hash, make_loader
+from imgclf.data.datasets import BadFileLog, ImageDataset, hash_files, make_loader
 from imgclf.data.preprocess import Preprocess, eval_transform, normalize
 from imgclf.runs import atomic_write_bytes
 
@@ -53,55 +54,146 @@ def state_hash(module: torch.nn.Module) -> str:
 
 def feature_key(model_name: str, backbone_hash: str, pp: Preprocess, variant: str) -> str:
     # v2: images far over the input size are shrunk before RGB (data/images.py: shrink).
+    # v3: float16 memory-mapped shards (FeatureCache).
     desc = json.dumps({"model": model_name, "backbone": backbone_hash, "pp": pp.to_dict(), "variant": variant,
-                       "v": 2}, sort_keys=True)
+                       "v": 3}, sort_keys=True)
     return hashlib.sha256(desc.encode()).hexdigest()[:20]
 
 
 class FeatureCache:
-    """Content-hash -> feature vector for one key, stored in append-only shards."""
+    """Content hash -> feature vector for one key, in append-only shards.
 
-    def __init__(self, root: str | Path, key: str, meta: dict | None = None):
-        self.dir = Path(root) / "features" / key
+    A shard is one .npy file of (hash, float16 vector) records, memory-mapped
+    when read: a million images' features (1280-d) are 2.6 GB on disk and
+    stay there, paged in as batches touch them, instead of 5 GB of float32
+    in RAM. float16 keeps the features' first three significant digits, which
+    the head's accuracy does not notice (bench/bench_memory.py). A shard is
+    written atomically under a unique name, so several processes (torchrun
+    ranks, even on several machines sharing the folder) can add to one cache
+    at once: no torn or lost entries, at worst the same image twice.
+    The index is one sorted array of hashes, so lookups are vectorised.
+    With root=None the cache lives in memory only (--no-cache)."""
+
+    def __init__(self, root: str | Path | None, key: str = "", meta: dict | None = None):
+        self.dir = Path(root) / "features" / key if root is not None else None
         self.meta = meta or {}
-        self._mem: dict[str, np.ndarray] | None = None
+        self._files: list[str] = []  # shard names already indexed
+        self._shards: list[np.ndarray] = []  # structured arrays (hash, f), memory-mapped
+        self._hashes = np.zeros(0, "S32")  # sorted
+        self._where = np.zeros((0, 2), np.int64)  # (shard, row) of each sorted hash
 
-    def load(self) -> dict[str, np.ndarray]:
-        if self._mem is None:
-            self._mem = {}
-            for shard in sorted(self.dir.glob("shard-*.npz")):
-                try:
-                    with np.load(shard, allow_pickle=False) as z:  # npz checks each member's CRC
-                        for h, f in zip(z["hashes"], z["features"]):
-                            self._mem[str(h)] = f
-                except Exception:  # a damaged shard only costs recomputation: drop it, say so
-                    print(f"note: feature cache shard {shard} is damaged; removed, its images will be "
-                          f"recomputed", flush=True)
-                    shard.unlink(missing_ok=True)
-        return self._mem
+    def load(self) -> "FeatureCache":
+        """Index the shards on disk not indexed yet (call again to see other
+        processes' new shards). A damaged shard only costs recomputation."""
+        if self.dir is None or not self.dir.exists():
+            return self
+        new = [p for p in sorted(self.dir.glob("shard-*.npy")) if p.name not in set(self._files)]
+        added = []
+        for shard in new:
+            try:
+                arr = np.load(shard, mmap_mode="r", allow_pickle=False)
+                if arr.dtype.names != ("hash", "f") or arr.ndim != 1:
+                    raise ValueError("not a feature shard")
+            except Exception:
+                print(f"note: feature cache shard {shard} is damaged; removed, its images will be "
+                      f"recomputed", flush=True)
+                shard.unlink(missing_ok=True)
+                continue
+            self._files.append(shard.name)
+            added.append(arr)
+        self._index(added)
+        return self
+
+    def _index(self, shards: list[np.ndarray]) -> None:
+        if not shards:
+            return
+        first = len(self._shards)
+        self._shards += shards
+        h = np.concatenate([self._hashes] + [np.asarray(s["hash"]) for s in shards])
+        w = np.concatenate([self._where] + [np.stack([np.full(len(s), first + i), np.arange(len(s))], 1)
+                                            for i, s in enumerate(shards)])
+        order = np.argsort(h, kind="stable")
+        self._hashes, self._where = h[order], w[order]
+
+    def __len__(self) -> int:
+        return len(np.unique(self._hashes)) if len(self._hashes) else 0
+
+    def locate(self, hashes) -> np.ndarray:
+        """(shard, row) of each hash, (-1, -1) where it is not cached. Stable:
+        shards are only ever appended, so later additions never move it."""
+        q = np.asarray(hashes, dtype="S32")
+        if not len(self._hashes) or not len(q):
+            return np.full((len(q), 2), -1, np.int64)
+        i = np.minimum(np.searchsorted(self._hashes, q), len(self._hashes) - 1)
+        return np.where((self._hashes[i] == q)[:, None], self._where[i], -1)
+
+    def gather(self, where: np.ndarray) -> np.ndarray:
+        """float16 features at (shard, row) places (from `locate`), read shard by shard."""
+        dim = self._shards[0]["f"].shape[1] if self._shards else 0
+        out = np.empty((len(where), dim), np.float16)
+        shard, row = where[:, 0], where[:, 1]
+        for s in np.unique(shard):
+            m = shard == s
+            out[m] = self._shards[s]["f"][row[m]]
+        return out
 
     def add(self, hashes: list[str], feats: np.ndarray) -> None:
         if not hashes:
+            return
+        rec = np.empty(len(hashes), dtype=[("hash", "S32"), ("f", np.float16, (feats.shape[1],))])
+        rec["hash"], rec["f"] = hashes, feats
+        if self.dir is None:
+            self._index([rec])
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "meta.json"
         if not meta.exists():
             atomic_write_bytes(meta, json.dumps(self.meta, indent=2).encode())
         buf = io.BytesIO()
-        np.savez(buf, hashes=np.array(hashes), features=feats.astype(np.float32))
-        atomic_write_bytes(self.dir / f"shard-{time.time_ns()}-{uuid.uuid4().hex[:6]}.npz", buf.getvalue())
-        mem = self.load()
-        for h, f in zip(hashes, feats):
-            mem[h] = f
+        np.save(buf, rec, allow_pickle=False)
+        name = f"shard-{time.time_ns()}-{os.environ.get('RANK', '0')}-{uuid.uuid4().hex[:6]}.npy"
+        atomic_write_bytes(self.dir / name, buf.getvalue())
+        self._files.append(name)
+        self._index([rec])
+
+
+class FeatureRows:
+    """Training rows of cached features, several variants stacked (row k is
+    variant k // n of item k % n), read from the memory-mapped shards one
+    batch at a time, so the head trains on more features than fit in RAM."""
+
+    def __init__(self, caches: list[FeatureCache], positions: list[np.ndarray]):
+        self.caches, self.positions = caches, positions
+        self.n = len(positions[0]) if positions else 0
+
+    def __len__(self) -> int:
+        return self.n * len(self.caches)
+
+    @property
+    def nbytes(self) -> int:
+        """Size in RAM when gathered as float16."""
+        dims = [s["f"].shape[1] for c in self.caches for s in c._shards[:1]]
+        return len(self) * (dims[0] if dims else 0) * 2
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.asarray(idx)
+        out = None
+        for v, (cache, pos) in enumerate(zip(self.caches, self.positions)):
+            m = idx // self.n == v
+            if m.any():
+                f = cache.gather(pos[idx[m] % self.n])
+                out = np.empty((len(idx), f.shape[1]), np.float32) if out is None else out
+                out[m] = f
+        return out
 
 
 def feature_caches(cache_dir: str | Path | None, model_name: str, backbone_hash: str, pp: Preprocess,
-                   variants: tuple[str, ...], enabled: bool = True) -> dict[str, FeatureCache | None]:
-    """One cache per variant for this backbone and preprocessing (None: no cache)."""
+                   variants: tuple[str, ...], enabled: bool = True) -> dict[str, FeatureCache]:
+    """One cache per variant for this backbone and preprocessing (in memory only when not enabled)."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    return {v: FeatureCache(root, feature_key(model_name, backbone_hash, pp, v),
-                            {"model": model_name, "size": pp.size, "resize": pp.resize, "variant": v})
-            if enabled else None for v in variants}
+    return {v: FeatureCache(root if enabled else None, feature_key(model_name, backbone_hash, pp, v),
+                            {"model": model_name, "size": pp.size, "resize": pp.resize, "variant": v}).load()
+            for v in variants}
 
 
 def cache_info(root: str | Path) -> list[dict]:
@@ -111,13 +203,7 @@ def cache_info(root: str | Path) -> list[dict]:
         meta = {}
         if (d / "meta.json").exists():
             meta = json.loads((d / "meta.json").read_text())
-        n = 0
-        for shard in d.glob("shard-*.npz"):
-            try:
-                with np.load(shard) as z:
-                    n += len(z["hashes"])
-            except Exception:
-                pass
+        n = len(FeatureCache(d.parent.parent, d.name).load())
         rows.append({"key": d.name, "entries": n, "bytes": size, **meta})
     return rows
 
@@ -214,25 +300,28 @@ def _has_ort() -> bool:
 
 
 def extract(extractor: FeatureExtractor, root: str | Path, items: list[tuple[str, int]],
-            caches: dict[str, FeatureCache | None], batch_size: int = 32, workers: int = 1,
+            caches: dict[str, FeatureCache], batch_size: int = 32, workers: int = 1,
             bad: BadFileLog | None = None, desc: str = "features", progress: bool = True,
-            hashes: list[str] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+            hashes: list[str] | None = None, rows: bool = False):
     """Features of `items` for each variant in `caches` ("plain", "flip").
 
     Returns ({variant: features[N', D]}, labels[N'], kept_index[N']) for the N'
-    items that could be read. Only images missing from a variant's cache are
-    decoded and run through the backbone."""
-    from imgclf.progress import Progress
-
+    items that could be read; rows=True gives one FeatureRows over the variants
+    instead of the arrays (read from the shards batch by batch). Only images
+    missing from a variant's cache are decoded and run through the backbone."""
     if hashes is None:
-        hashes = [file_hash(Path(root) / rel) for rel, _ in items]
-    stores = {v: (c.load() if c is not None else {}) for v, c in caches.items()}
-    todo = [i for i, h in enumerate(hashes) if any(h not in s for s in stores.values())]
-    if todo:
-        _compute(extractor, root, items, todo, hashes, caches, stores, batch_size, workers, bad, desc, progress)
-    kept = np.array([i for i, h in enumerate(hashes) if all(h in s for s in stores.values())], dtype=np.int64)
-    feats = {v: np.stack([s[hashes[i]] for i in kept]) if len(kept) else np.zeros((0, 0), np.float32)
-             for v, s in stores.items()}
+        hashes = hash_files([Path(root) / rel for rel, _ in items])
+    pos = {v: c.locate(hashes)[:, 0] for v, c in caches.items()}
+    todo = np.flatnonzero(np.any([p < 0 for p in pos.values()], axis=0)) if items else []
+    if len(todo):
+        _compute(extractor, root, items, [int(i) for i in todo], hashes, caches, batch_size, workers, bad, desc,
+                 progress)
+    pos = {v: c.locate(hashes) for v, c in caches.items()}
+    kept = np.flatnonzero(np.all([p[:, 0] >= 0 for p in pos.values()], axis=0)) if items else np.zeros(0, np.int64)
+    if rows:
+        feats = FeatureRows(list(caches.values()), [p[kept] for p in pos.values()])
+    else:
+        feats = {v: caches[v].gather(p[kept]).astype(np.float32) for v, p in pos.items()}
     labels = [items[i][1] for i in kept]
     if labels and isinstance(labels[0], tuple):  # multi-label: an object array of tuples (datasets.multi_hot)
         labels_arr = np.empty(len(labels), dtype=object)
@@ -258,7 +347,7 @@ FLUSH_SECONDS = float(os.environ.get("IMGCLF_FLUSH_SECONDS", 20.0))
 
 
 def _compute(extractor: FeatureExtractor, root, items, todo: list[int], hashes: list[str],
-             caches: dict[str, FeatureCache | None], stores: dict[str, dict], batch_size: int, workers: int,
+             caches: dict[str, FeatureCache], batch_size: int, workers: int,
              bad: BadFileLog | None, desc: str, progress: bool) -> None:
     """Run the backbone over items[todo], writing shards as it goes (every
     FLUSH_SECONDS), so a crash at 90% of a large dataset keeps 90% of the work."""
@@ -272,11 +361,7 @@ def _compute(extractor: FeatureExtractor, root, items, todo: list[int], hashes: 
     def flush():
         for v, c in caches.items():
             if new_h:
-                f = np.concatenate(new[v])
-                if c is not None:
-                    c.add(new_h, f)  # also updates stores[v], the cache's in-memory view
-                else:
-                    stores[v].update(zip(new_h, f))
+                c.add(new_h, np.concatenate(new[v]))
             new[v].clear()
         new_h.clear()
 

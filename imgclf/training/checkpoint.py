@@ -24,8 +24,9 @@ def scope_state(model: ImageClassifier, scope: str) -> dict:
 class RunState:
     """Mutable state of one training run: history, position, best weights."""
 
-    def __init__(self, config: dict, run: RunDir):
+    def __init__(self, config: dict, run: RunDir, world_size: int = 1):
         self.config, self.run = config, run
+        self.world_size = world_size  # processes (torchrun): an image stage resumes only on as many
         self.history: list[dict] = []
         self.stage_idx = 0
         self.epoch = 0  # completed epochs in the current stage
@@ -61,6 +62,7 @@ class RunState:
             "scheduler": scheduler.state_dict() if scheduler else None,
             "stopper": stopper.state_dict() if stopper else None,
             "elapsed": self.elapsed, "rng": torch.get_rng_state(), "stage_epochs": self.stage_epochs,
+            "world_size": self.world_size,
         }, self.run.last_file)
 
     def restore(self, ckpt: dict, model: ImageClassifier) -> None:

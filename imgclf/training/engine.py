@@ -84,10 +84,14 @@ def hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return logits.argmax(1) == y
 
 
-def evaluate(model: nn.Module, batches, loss_fn, device=torch.device("cpu"), amp: bool = False, prepare=None) -> dict:
+def evaluate(model: nn.Module, batches, loss_fn, device=torch.device("cpu"), amp: bool = False, prepare=None,
+             gather=None) -> dict:
     """Validation loss, accuracy and balanced accuracy of `model` on `batches`;
-    multi-label: loss, subset accuracy and mAP (what early stopping watches)."""
+    multi-label: loss, subset accuracy and mAP (what early stopping watches).
+    gather(logits, y) -> (logits, y) joins the shares of several processes."""
     logits, y = predict_logits(model, batches, device, amp, prepare)
+    if gather is not None:
+        logits, y = gather(logits, y)
     if y.dim() == 2:
         from imgclf.evaluation.metrics import mean_average_precision
 

@@ -6,6 +6,9 @@
 
 Each stage builds its batches and optimizer, then hands them to `train_epochs`,
 the one epoch loop: train, validate, keep the best, checkpoint, stop early.
+Under torchrun (distributed.py) the same functions run on every rank: the
+feature stage shares the encoding, then rank 0 trains the head; image stages
+wrap the model in DistributedDataParallel; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -18,19 +21,26 @@ import numpy as np
 import torch
 
 from imgclf.config import TrainConfig
-from imgclf.data.datasets import BadFileLog, ImageDataset, Splits, file_hash, make_loader, multi_hot
+from imgclf.data.datasets import BadFileLog, ImageDataset, Splits, hash_files, make_loader, multi_hot
 from imgclf.data.preprocess import Preprocess, eval_transform, normalize, train_transform
-from imgclf.errors import DataError
+from imgclf.errors import ConfigError, DataError
 from imgclf.models import ImageClassifier
-from imgclf.models.features import FeatureExtractor, extract, feature_caches
+from imgclf.models.features import FeatureExtractor, FeatureRows, extract, feature_caches
 from imgclf.progress import Progress
 from imgclf.training.checkpoint import RunState, best_record, save_record
+from imgclf.training.distributed import Dist, is_main
 from imgclf.training.engine import (EarlyStopping, balanced_class_weights, evaluate, make_loss, train_one_epoch,
                                     warmup_cosine)
 
+# Training features up to this size (float16) are gathered into memory (or onto
+# the GPU) once; above it the head reads them from the memory-mapped shards
+# batch by batch, so a million images' features never need to fit in RAM.
+FEATURES_IN_MEMORY_BYTES = 256 << 20
+
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    if is_main():  # one voice under torchrun
+        print(msg, flush=True)
 
 
 @dataclass
@@ -72,6 +82,18 @@ class Context:
     tb: object | None = None  # tensorboard SummaryWriter
     class_weights: torch.Tensor | None = None
     features_per_s: float | None = field(default=None)  # measured, to size a budgeted fine-tuning stage
+    dist: Dist = field(default_factory=Dist)  # this process's place under torchrun (one process: world 1)
+    strategy: str = ""
+    _hashes: dict = field(default_factory=dict)
+
+    def hashes(self, split: str) -> list[str]:
+        """Content hashes of a split's files, computed once; under torchrun each
+        rank hashes its share (a collective: every rank calls it together)."""
+        if split not in self._hashes:
+            items = getattr(self.splits, split)
+            mine = hash_files([Path(self.splits.root) / rel for rel, _ in self.dist.shard(items)])
+            self._hashes[split] = self.dist.gather_shards(mine)
+        return self._hashes[split]
 
     @property
     def multi_label(self) -> bool:
@@ -82,7 +104,7 @@ class Context:
         return multi_hot(labels, len(self.splits.classes)) if self.multi_label else np.asarray(labels)
 
     def save_best(self, temperature: float = 1.0, extra: dict | None = None) -> dict:
-        """Write model.pt from the best weights so far; returns the record."""
+        """Write model.pt from the best weights so far; returns the record (rank 0 only)."""
         if self.multi_label:
             extra = {"multi_label": True, **(extra or {})}
         rec = best_record(self.model, self.state, self.cfg.model, self.splits.classes, self.pp, temperature, extra)
@@ -92,7 +114,7 @@ class Context:
 
 def run_stages(ctx: Context, stages: list[Stage], budgeted: bool) -> None:
     """Run the planned stages from where the run state says (after --resume)."""
-    model, state = ctx.model, ctx.state
+    model, state, main = ctx.model, ctx.state, ctx.dist.main
     for i in range(state.stage_idx, len(stages)):
         stage = stages[i]
         if state.stage_idx != i:
@@ -100,64 +122,103 @@ def run_stages(ctx: Context, stages: list[Stage], budgeted: bool) -> None:
         fresh = state.epoch == 0  # not resuming inside this stage
         if stage.kind == "images" and budgeted:
             if fresh:
-                state.stage_epochs = finetune_epochs_in_budget(ctx)
+                state.stage_epochs = ctx.dist.broadcast(finetune_epochs_in_budget(ctx) if main else None)
             if not state.stage_epochs:
                 break
             stage.epochs = min(stage.epochs, state.stage_epochs)
         if i > 0 and fresh and state.best_state is not None:
-            model.load_state_dict(state.best_state)  # each stage starts from the best so far
+            model.load_state_dict(state.best_state)  # each stage starts from the best so far (DDP copies rank 0's)
         for p in model.backbone.parameters():
             p.requires_grad_(stage.kind == "images")
         (run_feature_stage if stage.kind == "features" else run_image_stage)(ctx, stage)
-        if stage.kind == "features":
+        if stage.kind == "features" and main:
             ctx.save_best()
-        if ctx.deadline is not None and time.time() > ctx.deadline:
+        if i + 1 < len(stages) and ctx.dist.broadcast(ctx.deadline is not None and time.time() > ctx.deadline):
             break
-    model.load_state_dict(state.best_state)  # the best epoch's weights, not the last epoch's
+    if main:
+        model.load_state_dict(state.best_state)  # the best epoch's weights, not the last epoch's
 
 
 # ---------------------------------------------------------------- head on cached features
 
-def cached_features(ctx: Context) -> tuple[torch.Tensor, ...]:
+def cached_features(ctx: Context) -> tuple | None:
     """Train features (plain, and mirrored unless --no-flip-features) and val
-    features from the frozen backbone, through the on-disk cache."""
-    cfg, model = ctx.cfg, ctx.model
+    features from the frozen backbone, through the on-disk cache. Under
+    torchrun every rank encodes its share first; rank 0 then reads them all
+    and the other ranks get None."""
+    cfg, model, d = ctx.cfg, ctx.model, ctx.dist
     t0 = time.time()
     extractor = FeatureExtractor(model.backbone, ctx.pp, ctx.device, cfg.engine, cfg.cache_dir)
     variants = ("plain", "flip") if cfg.flip_features else ("plain",)
     root, train = ctx.splits.root, ctx.splits.train
-    tr_hashes = [file_hash(Path(root) / r) for r, _ in train]
-    tr_caches = feature_caches(cfg.cache_dir, cfg.model, extractor.backbone_hash, ctx.pp, variants, cfg.cache)
-    n_cached = sum(all(c is not None and h in c.load() for c in tr_caches.values()) for h in tr_hashes)
-    ftr, ytr, _ = extract(extractor, root, train, tr_caches, cfg.batch_size, ctx.workers, ctx.bad,
-                          "features train", hashes=tr_hashes)
-    va_caches = feature_caches(cfg.cache_dir, cfg.model, extractor.backbone_hash, ctx.pp, ("plain",), cfg.cache)
-    fva, yva, _ = extract(extractor, root, ctx.splits.val, va_caches, cfg.batch_size, ctx.workers, ctx.bad,
-                          "features val")
+    caches = feature_caches(cfg.cache_dir, cfg.model, extractor.backbone_hash, ctx.pp, variants, cfg.cache)
+    tr_hashes, va_hashes = ctx.hashes("train"), ctx.hashes("val")
+    n_cached = int(np.all([c.locate(tr_hashes)[:, 0] >= 0 for c in caches.values()], axis=0).sum()) if train else 0
+    encoded = encode_shares(ctx, extractor, caches) if d.enabled else None
+    if not d.main:
+        return None
+    Xtr, ytr, _ = extract(extractor, root, train, caches, cfg.batch_size, ctx.workers, ctx.bad,
+                          "features train", hashes=tr_hashes, rows=True)
+    fva, yva, _ = extract(extractor, root, ctx.splits.val, {"plain": caches["plain"]}, cfg.batch_size, ctx.workers,
+                          ctx.bad, "features val", hashes=va_hashes)
     secs = time.time() - t0
     n_new = len(train) - n_cached
     log(f"features: {len(ytr)} train x {len(variants)} ({'+'.join(variants)}), {len(yva)} val in {secs:.1f}s "
-        f"[{extractor.engine}; {n_cached}/{len(train)} train images from cache; {extractor.encoded} images encoded]")
+        f"[{extractor.engine}; {n_cached}/{len(train)} train images from cache; "
+        f"{encoded if encoded is not None else extractor.encoded} images encoded"
+        f"{f' by {d.world} processes' if d.enabled else ''}]")
     if n_new > 20 and secs > 0:
         ctx.features_per_s = (n_new * len(variants) + len(ctx.splits.val)) / secs
     if len(ytr) == 0 or len(yva) == 0:
         raise DataError("no readable images in the train or validation split", "see the skipped files above")
     dev = ctx.device
-    X = torch.from_numpy(np.concatenate([ftr[v] for v in variants])).to(dev)
+    X = Xtr
+    if Xtr.nbytes <= FEATURES_IN_MEMORY_BYTES:
+        X = torch.from_numpy(Xtr[np.arange(len(Xtr))]).to(dev)  # small: gathered once
     Y = torch.from_numpy(np.concatenate([ctx.targets(ytr)] * len(variants))).to(dev)
     return X, Y, torch.from_numpy(fva["plain"]).to(dev), torch.from_numpy(ctx.targets(yva)).to(dev)
 
 
-def _feature_batches(X: torch.Tensor, Y: torch.Tensor, batch_size: int, shuffle: bool, gen: torch.Generator | None):
+def encode_shares(ctx: Context, extractor: FeatureExtractor, caches: dict) -> int:
+    """torchrun: each rank encodes its disjoint share of the images missing
+    from the shared cache (train in every variant, val; test too when the
+    backbone stays frozen, so rank 0's evaluation finds it cached), then all
+    wait; rank 0 re-reads the cache, now holding every rank's shards.
+    Returns the images encoded by all ranks together."""
+    cfg, d, s = ctx.cfg, ctx.dist, ctx.splits
+    if not cfg.cache:
+        raise ConfigError("--no-cache under torchrun: the processes hand their features to rank 0 through the "
+                          "feature cache", "drop --no-cache (give --cache-dir a shared folder on several machines)")
+    jobs = [("train", caches), ("val", {"plain": caches["plain"]})]
+    if ctx.strategy == "linear" and s.test:
+        jobs.append(("test", {"plain": caches["plain"]}))
+    for split, cs in jobs:
+        items, hashes = getattr(s, split), ctx.hashes(split)
+        extract(extractor, s.root, d.shard(items), cs, cfg.batch_size, ctx.workers, ctx.bad,
+                f"features {split} (rank {d.rank})", progress=d.main, hashes=d.shard(hashes))
+    total = sum(d.gather([extractor.encoded]))  # a collective: also the barrier
+    for c in caches.values():
+        c.load()
+    return total
+
+
+def _feature_batches(X: torch.Tensor | FeatureRows, Y: torch.Tensor, batch_size: int, shuffle: bool,
+                     gen: torch.Generator | None):
     idx = torch.randperm(len(X), generator=gen) if shuffle else torch.arange(len(X))
     for i in range(0, len(X), batch_size):
         j = idx[i:i + batch_size]
-        yield X[j], Y[j]
+        if isinstance(X, FeatureRows):  # read from the memory-mapped shards
+            yield torch.from_numpy(X[j.numpy()]).to(Y.device), Y[j.to(Y.device)]
+        else:
+            yield X[j.to(X.device)], Y[j.to(Y.device)]
 
 
 def run_feature_stage(ctx: Context, stage: Stage) -> None:
     cfg = ctx.cfg
-    X, Y, Xv, Yv = cached_features(ctx)
+    data = cached_features(ctx)
+    if data is None:  # not rank 0: its share is encoded, rank 0 trains the head
+        return
+    X, Y, Xv, Yv = data
     head = ctx.model.head.to(ctx.device)
     steps = (len(X) + cfg.feature_batch_size - 1) // cfg.feature_batch_size
     opt = torch.optim.AdamW(head.parameters(), lr=stage.lr, weight_decay=cfg.weight_decay)
@@ -171,7 +232,7 @@ def run_feature_stage(ctx: Context, stage: Stage) -> None:
     try:
         train_epochs(ctx, stage, head, "head", opt, sched,
                      train_batches=lambda gen: _feature_batches(X, Y, cfg.feature_batch_size, True, gen),
-                     val_batches=lambda: _feature_batches(Xv, Yv, 1024, False, None), prepare=None)
+                     val_batches=lambda: _feature_batches(Xv, Yv, 1024, False, None), prepare=None, solo=True)
     finally:
         torch.set_num_threads(threads)
 
@@ -202,7 +263,8 @@ def _optimizer(ctx: Context, stage: Stage) -> tuple[torch.optim.Optimizer, objec
     else:
         groups = [{"params": model.parameters(), "lr": stage.lr}]
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    steps = (len(ctx.splits.train) + cfg.batch_size - 1) // cfg.batch_size
+    per_rank = -(-len(ctx.splits.train) // ctx.dist.world)  # DistributedSampler's share
+    steps = -(-per_rank // cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(stage.epochs * steps, int(cfg.warmup_epochs * steps)))
     return opt, sched
 
@@ -216,38 +278,70 @@ def _balanced_sampler(ctx: Context):
 
 
 def run_image_stage(ctx: Context, stage: Stage) -> None:
-    cfg, model, pp, dev = ctx.cfg, ctx.model, ctx.pp, ctx.device
+    cfg, model, pp, dev, d = ctx.cfg, ctx.model, ctx.pp, ctx.device, ctx.dist
     root, tr, va = ctx.splits.root, ctx.splits.train, ctx.splits.val
-    sampler = _balanced_sampler(ctx) if cfg.balanced_sampler else None
     n_ml = len(ctx.splits.classes) if ctx.multi_label else None
     tr_ds = ImageDataset(root, tr, train_transform(pp, cfg.augment), draft_size=pp.draft_size, num_classes=n_ml)
-    va_ds = ImageDataset(root, va, eval_transform(pp), draft_size=pp.draft_size, num_classes=n_ml)
+    va_share = d.shard(va)  # each rank validates a disjoint share, gathered: every image counted once
+    va_ds = ImageDataset(root, va_share, eval_transform(pp), draft_size=pp.draft_size, num_classes=n_ml)
     model.to(dev)
-    if dev.type == "cpu":
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and on tensor cores
     for p in model.parameters():
         p.requires_grad_(True)
+    net, sampler = distribute(ctx, model, tr_ds)
     opt, sched = _optimizer(ctx, stage)
 
     def prepare(x):
-        x = normalize(x, pp)
-        return x.contiguous(memory_format=torch.channels_last) if dev.type == "cpu" else x
+        return normalize(x, pp).contiguous(memory_format=torch.channels_last)
 
     def train_batches(gen):
         seed = int(torch.randint(0, 2**31, (1,), generator=gen))
-        return _ImageBatches(make_loader(tr_ds, cfg.batch_size, True, ctx.workers, seed=seed, sampler=sampler), tr, ctx.bad)
+        if isinstance(sampler, torch.utils.data.DistributedSampler):
+            sampler.set_epoch(seed)  # the same permutation on every rank, a new one each epoch
+        loader = make_loader(tr_ds, cfg.batch_size, True, ctx.workers, seed=seed + d.rank, sampler=sampler)
+        return _ImageBatches(loader, tr, ctx.bad)
 
-    train_epochs(ctx, stage, model, "all", opt, sched, train_batches,
-                 val_batches=lambda: _ImageBatches(make_loader(va_ds, cfg.batch_size, False, ctx.workers), va, ctx.bad),
-                 prepare=prepare, images=len(tr))
+    train_epochs(ctx, stage, net, "all", opt, sched, train_batches,
+                 val_batches=lambda: _ImageBatches(make_loader(va_ds, cfg.batch_size, False, ctx.workers), va_share,
+                                                   ctx.bad),
+                 prepare=prepare, images=len(tr) // d.world, eval_module=model)
+
+
+def distribute(ctx: Context, model: ImageClassifier, tr_ds: ImageDataset):
+    """The module to train and the training sampler: DistributedDataParallel and
+    a DistributedSampler under torchrun (the global batch is --batch-size x
+    world size; gradients are averaged, so one process with the global batch
+    takes the same steps), else the model and None (or the balanced sampler)."""
+    cfg, d = ctx.cfg, ctx.dist
+    if not d.enabled:
+        if cfg.sync_bn:
+            log("note: --sync-bn only matters with several processes (torchrun); ignored")
+        return model, _balanced_sampler(ctx) if cfg.balanced_sampler else None
+    if cfg.balanced_sampler:
+        raise ConfigError("--balanced-sampler is not supported under torchrun",
+                          "use --class-weights auto, which weighs the loss instead of the sampling")
+    if cfg.sync_bn:
+        if ctx.device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on CPU (gloo)",
+                              "drop --sync-bn, or train on GPUs")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    sampler = torch.utils.data.DistributedSampler(tr_ds, d.world, d.rank, shuffle=True, seed=cfg.seed)
+    return net, sampler
 
 
 # ---------------------------------------------------------------- the epoch loop
 
 def train_epochs(ctx: Context, stage: Stage, module, scope: str, opt, sched, train_batches, val_batches,
-                 prepare, images: int | None = None) -> None:
-    """train_one_epoch + evaluate per epoch; keep the best, checkpoint, stop early."""
+                 prepare, images: int | None = None, eval_module=None, solo: bool = False) -> None:
+    """train_one_epoch + evaluate per epoch; keep the best, checkpoint, stop early.
+    Under torchrun: validation gathered from every rank, the stop decided on
+    rank 0 and broadcast, only rank 0 keeps, reports and writes. solo: rank 0
+    trains alone (the head on cached features), no collectives."""
     cfg, state, dev = ctx.cfg, ctx.state, ctx.device
+    d = Dist() if solo else ctx.dist
     amp = dev.type == "cuda" and torch.cuda.is_bf16_supported()  # bf16 needs no loss scaling
     loss_fn = make_loss(ctx.class_weights.to(dev) if ctx.class_weights is not None else None, cfg.label_smoothing,
                         ctx.multi_label)
@@ -264,24 +358,37 @@ def train_epochs(ctx: Context, stage: Stage, module, scope: str, opt, sched, tra
         gen.manual_seed(cfg.seed * 1000 + state.stage_idx * 100 + epoch)  # same order after a resume
         t0 = time.time()
         with Progress(total=images, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", unit="img",
-                      enabled=images is not None) as bar:
+                      enabled=images is not None and d.main) as bar:
             tr = train_one_epoch(module, train_batches(gen), loss_fn, opt, sched, dev, amp,
-                                 progress=bar if images else None, prepare=prepare, deadline=ctx.deadline)
-        va = evaluate(module, val_batches(), val_loss_fn, dev, amp, prepare)
+                                 progress=bar if images else None, prepare=prepare,
+                                 deadline=None if d.enabled else ctx.deadline)  # ranks must not stop mid-epoch alone
+        va = evaluate(eval_module or module, val_batches(), val_loss_fn, dev, amp, prepare,
+                      gather=_gather_logits(d) if d.enabled else None)
         secs = time.time() - t0
         state.epoch, state.elapsed = epoch + 1, state.elapsed + secs
         row = _history_row(stage, state, epoch, tr, va, opt, secs)
         stopper.step(va, epoch)
-        improved = state.consider(ctx.model, stopper.score(va), {**va, "stage": stage.name, "epoch": row["epoch"]}, scope)
-        _report_epoch(ctx, stage, row, improved, verbose=images is not None or epoch % 10 == 9 or
-                      (improved and epoch < 3) or stopper.should_stop)
-        state.checkpoint(ctx.model, scope, opt, sched, stopper)
-        if improved and images is not None:
-            ctx.save_best()  # a slow epoch's best is never lost to a crash
-        if _should_stop(ctx, stage, stopper, secs):
+        if d.main:
+            improved = state.consider(ctx.model, stopper.score(va), {**va, "stage": stage.name, "epoch": row["epoch"]},
+                                      scope)
+            _report_epoch(ctx, stage, row, improved, verbose=images is not None or epoch % 10 == 9 or
+                          (improved and epoch < 3) or stopper.should_stop)
+            state.checkpoint(ctx.model, scope, opt, sched, stopper)
+            if improved and images is not None:
+                ctx.save_best()  # a slow epoch's best is never lost to a crash
+        if d.broadcast(_should_stop(ctx, stage, stopper, secs) if d.main else None):
             break
     if ctx.tb is not None:
         ctx.tb.flush()
+
+
+def _gather_logits(d: Dist):
+    """Each rank's validation logits and targets -> all of them, on every rank."""
+    def gather(logits: torch.Tensor, y: torch.Tensor):
+        parts = d.gather([(logits, y)])
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    return gather
 
 
 def _history_row(stage: Stage, state: RunState, epoch: int, tr: dict, va: dict, opt, secs: float) -> dict:

@@ -25,12 +25,14 @@ import numpy as np
 import torch
 
 from imgclf.config import TrainConfig
-from imgclf.data.datasets import BadFileLog, Splits, default_workers, discover, has_label, multi_hot, scan
+from imgclf.data.datasets import (BadFileLog, Splits, default_workers, discover, drop_files, has_label, multi_hot,
+                                  scan)
 from imgclf.data.preprocess import Preprocess
 from imgclf.errors import ConfigError, DataError, MissingExtra, RunError
-from imgclf.models import build_model, count_params, get_model_info, resolve_device
+from imgclf.models import build_model, count_params, get_model_info
 from imgclf.runs import RunDir, read_json, torch_load, write_history, write_json
 from imgclf.training.checkpoint import CKPT_KEYS, RunState
+from imgclf.training.distributed import Dist, init_distributed
 from imgclf.training.engine import balanced_class_weights, positive_weights
 from imgclf.training.stages import Context, log, plan_stages, run_stages
 
@@ -49,14 +51,22 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     """Train a classifier; the settings are TrainConfig's fields, e.g.
     `imgclf.train(data="photos", out="runs/photos", epochs=20)`."""
     t_start = time.time()
-    cfg, run, ckpt, splits = resolve_run(config, overrides)
-    device = resolve_device(cfg.device)
-    set_threads(device)
+    dist, device = init_distributed(overrides.get("device", (config or TrainConfig()).device))
+    try:
+        return _train(config, overrides, dist, device, t_start)
+    finally:
+        dist.close()
+
+
+def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_start: float) -> TrainResult:
+    cfg, run, ckpt, splits = resolve_run(config, overrides, dist)
+    set_threads(device, dist)
     seed_everything(cfg.seed)
     pp = resolve_preprocess(cfg)
     strategy, why = choose_strategy(cfg, device)
-    describe_data(splits, run, fresh=ckpt is None, cfg=cfg)
-    bad = check_files(splits)
+    if dist.main:
+        describe_data(splits, run, fresh=ckpt is None, cfg=cfg)
+    bad = check_files(splits, dist)
     model = build_model(cfg.model, len(splits.classes), pretrained=cfg.pretrained, weights=cfg.weights,
                         head_hidden=cfg.head_hidden, dropout=cfg.dropout)
     if cfg.from_run:  # also on --resume: a checkpoint of a frozen-backbone stage holds only the head
@@ -64,15 +74,20 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     log(f"model: {cfg.model} ({count_params(model) / 1e6:.1f}M parameters), input {pp.size}px {pp.resize}, "
         f"device {device}{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}")
     log(f"strategy: {strategy}: {why}")
-    state = RunState(cfg.to_dict(), run)
+    if dist.enabled:
+        log(f"distributed: {dist.world} processes on {dist.nodes} node(s), {dist.backend}; batch {cfg.batch_size} "
+            f"per process, {cfg.batch_size * dist.world} in all")
+    state = RunState(cfg.to_dict(), run, dist.world)
     if ckpt:
         state.restore(ckpt, model)
-    ctx = make_context(cfg, splits, model, pp, device, state, bad, t_start)
+    ctx = make_context(cfg, splits, model, pp, device, state, bad, t_start, dist, strategy)
     try:
         run_stages(ctx, plan_stages(strategy, cfg), budgeted=strategy == "linear+finetune")
     except KeyboardInterrupt:
         log(f"\ninterrupted: the last completed epoch is saved; continue with `imgclf train --resume --out {run}`")
         raise
+    if not dist.main:  # rank 0 alone calibrates, evaluates and writes the run
+        return TrainResult(run.path, strategy, {}, None, round(time.time() - t_start, 2))
     record = ctx.save_best()
     calibration = calibrate(ctx, record)
     decision = fit_thresholds(ctx, record) if ctx.multi_label else {}
@@ -90,9 +105,12 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
 
 # ---------------------------------------------------------------- the recipe's steps
 
-def resolve_run(config: TrainConfig | None, overrides: dict) -> tuple[TrainConfig, RunDir, dict | None, Splits]:
+def resolve_run(config: TrainConfig | None, overrides: dict, dist: Dist | None = None
+                ) -> tuple[TrainConfig, RunDir, dict | None, Splits]:
     """The config (from the checkpoint when resuming), the run directory, the
-    checkpoint to resume from, and the data split."""
+    checkpoint to resume from, and the data split (listed by rank 0 and sent
+    to the others under torchrun)."""
+    dist = dist or Dist()
     cfg = replace(config or TrainConfig(), **overrides)
     if isinstance(cfg.head_hidden, (str, list)):
         cfg.head_hidden = parse_ints(cfg.head_hidden)
@@ -106,6 +124,7 @@ def resolve_run(config: TrainConfig | None, overrides: dict) -> tuple[TrainConfi
             raise RunError(f"{run.last_file} not found: nothing to resume",
                            f"start a run with `imgclf train DATA --out {run}`")
         ckpt = torch_load(run.last_file, CKPT_KEYS)
+        check_world_size(ckpt, dist, run)
         saved = TrainConfig.from_dict(ckpt["config"])
         cfg = replace(saved, resume=True, workers=cfg.workers if cfg.workers is not None else saved.workers)
         log(f"resuming {run}: stage {ckpt['stage_idx'] + 1}, {ckpt['epoch']} epochs done")
@@ -120,8 +139,24 @@ def resolve_run(config: TrainConfig | None, overrides: dict) -> tuple[TrainConfi
     if cfg.from_run:
         cfg, earlier = settings_from(cfg)
     cfg.validate()
-    splits = discover(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.multi_label)
-    return cfg, run, None, keep_split(splits, earlier) if earlier is not None else splits
+    splits = None
+    if dist.main:
+        splits = discover(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.multi_label)
+        splits = keep_split(splits, earlier) if earlier is not None else splits
+    return cfg, run, None, dist.broadcast(splits)
+
+
+def check_world_size(ckpt: dict, dist: Dist, run: RunDir) -> None:
+    """Features stages resume on any number of processes (rank 0 trains the
+    head); an image stage's optimizer steps, sampler order and learning-rate
+    schedule were made for its global batch, so it continues only on as many."""
+    saved = ckpt.get("world_size", 1)
+    if ckpt["scope"] == "all" and saved != dist.world:
+        how = f"torchrun --nproc-per-node {saved} -m imgclf train" if saved > 1 else "imgclf train"
+        raise ConfigError(f"{run} was fine-tuning with {saved} process(es) and this resume has {dist.world}: the "
+                          f"global batch, sampler order and schedule would change mid-stage",
+                          f"resume with as many: `{how} --resume --out {run}` (on several machines: the same "
+                          f"total number of processes)")
 
 
 # Never taken from the earlier run: what names this run and where it starts.
@@ -188,11 +223,14 @@ def describe_data(splits: Splits, run: RunDir, fresh: bool, cfg: TrainConfig) ->
         write_json(run.config_file, cfg.to_dict())
 
 
-def check_files(splits: Splits) -> BadFileLog:
-    """Header-check every file; unreadable ones are reported once and dropped."""
+def check_files(splits: Splits, dist: Dist | None = None) -> BadFileLog:
+    """Header-check every file (each rank a share under torchrun); unreadable
+    ones are reported once and dropped."""
+    dist = dist or Dist()
     bad = BadFileLog(log)
-    for rel, reason in scan(splits):
+    for rel, reason in dist.gather(scan(splits, share=dist.shard)):
         bad.add(rel, reason)
+    drop_files(splits, set(bad.seen))
     for name in ("train", "val"):
         if not getattr(splits, name):
             raise DataError(f"the {name} split has no readable images", "add images or check the skipped files above")
@@ -206,9 +244,9 @@ def check_files(splits: Splits) -> BadFileLog:
 
 
 def make_context(cfg: TrainConfig, splits: Splits, model, pp: Preprocess, device: torch.device, state: RunState,
-                 bad: BadFileLog, t_start: float) -> Context:
+                 bad: BadFileLog, t_start: float, dist: Dist | None = None, strategy: str = "") -> Context:
     tb = None
-    if cfg.tensorboard:
+    if cfg.tensorboard and (dist is None or dist.main):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -222,10 +260,11 @@ def make_context(cfg: TrainConfig, splits: Splits, model, pp: Preprocess, device
     if cfg.balanced_sampler and splits.multi_label:
         raise ConfigError("--balanced-sampler is for single-label data",
                           "for rare labels in multi-label data use --class-weights auto (positive weights per label)")
-    return Context(cfg, splits, model, pp, device, state, bad,
-                   workers=cfg.workers if cfg.workers is not None else default_workers(),
+    dist = dist or Dist()
+    workers = cfg.workers if cfg.workers is not None else default_workers() // dist.local_world  # a share per rank
+    return Context(cfg, splits, model, pp, device, state, bad, workers=workers,
                    deadline=t_start - state.elapsed + cfg.time_budget if cfg.time_budget else None,
-                   tb=tb, class_weights=weights)
+                   tb=tb if dist.main else None, class_weights=weights, dist=dist, strategy=strategy)
 
 
 def calibrate(ctx: Context, record: dict) -> dict | None:
@@ -274,14 +313,15 @@ def fit_unknown(ctx: Context, record: dict) -> dict:
     validation images' distances as its scale, and --reject's threshold."""
     from imgclf.inference import reject_threshold
     from imgclf.inference.torch_predictor import TorchPredictor
-    from imgclf.inference.unknown import fit_scorer
+    from imgclf.inference.unknown import bank_sample, fit_scorer
 
     clf = TorchPredictor(record, device=ctx.cfg.device, engine=ctx.cfg.engine, cache_dir=ctx.cfg.cache_dir)
     kw = dict(batch_size=ctx.cfg.batch_size, workers=ctx.workers, bad=ctx.bad, progress=False, use_cache=ctx.cfg.cache)
-    ftr, ytr, _ = clf.features_items(ctx.splits.root, ctx.splits.train, **kw)
+    train = ctx.splits.train
+    groups = np.zeros(len(train), int) if ctx.multi_label else np.array([y for _, y in train])  # class-balanced bank
+    ftr, _, _ = clf.features_items(ctx.splits.root, [train[i] for i in bank_sample(groups, ctx.cfg.seed)], **kw)
     fva, _, _ = clf.features_items(ctx.splits.root, ctx.splits.val, **kw)
-    groups = np.zeros(len(ytr), int) if ctx.multi_label else ytr  # the bank's sample is class-balanced when it can be
-    scorer = fit_scorer(ftr["plain"], groups, fva["plain"], ctx.cfg.seed)
+    scorer = fit_scorer(ftr["plain"], np.zeros(len(ftr["plain"]), int), fva["plain"])  # already sampled
     reject = reject_threshold(ctx.cfg.reject, None)
     log(f"unknown inputs: kNN scorer on {len(scorer.bank)} training images (k={scorer.k}); "
         + (f"answers 'unknown' above {reject:g} (--reject {ctx.cfg.reject})" if reject is not None else
@@ -301,6 +341,7 @@ def write_summary(ctx: Context, strategy: str, why: str, calibration: dict | Non
                "best": best, "calibration": calibration,
                "skipped_files": [{"path": p, "reason": r} for p, r in bad.seen.items()], "skipped": len(bad.seen),
                "counts": {k: len(getattr(splits, k)) for k in ("train", "val", "test")},
+               "distributed": ctx.dist.describe(ctx.cfg.batch_size),
                "features_per_second": ctx.features_per_s}
     write_json(state.run.summary_file, summary)
     return summary
@@ -330,9 +371,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_threads(device: torch.device) -> None:
+def set_threads(device: torch.device, dist: Dist | None = None) -> None:
+    """All cores for one process; under torchrun a share each (or what
+    OMP_NUM_THREADS says: torchrun sets 1 unless told otherwise)."""
     if device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        share = max(1, (os.cpu_count() or 1) // (dist.local_world if dist else 1))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]) if "OMP_NUM_THREADS" in os.environ and dist
+                              and dist.enabled else share)
 
 
 def resolve_preprocess(cfg: TrainConfig) -> Preprocess:
