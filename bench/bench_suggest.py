@@ -18,8 +18,9 @@ The head recipe is `imgclf train`'s on cached features (EfficientNet-Lite0
 pretrained backbone, plain + mirrored features, dropout 0.2 + linear layer,
 AdamW lr 1e-3, weight decay 0.01, label smoothing 0.1, 1 warm-up epoch then
 cosine, batch 128) with a fixed 40 epochs instead of early stopping on a
-validation split (the simulation has none to spare), and temperature 1
-(margin ranks do not depend on a temperature for two classes).
+validation split (the simulation has none to spare), and temperature 1 (for
+two classes a temperature keeps the order of the margins; it changes only
+how much uncertainty weighs against density).
 """
 
 from __future__ import annotations
