@@ -9,9 +9,10 @@ could name. It is built once per model.pt and saved as RUN/similar.npz.
 Search is exact numpy brute force (one matrix-vector product) below
 HNSW_MIN training images, and an HNSW graph (usearch) from there on, built
 once and saved as RUN/similar.usearch. bench/bench_index.py measured, for
-1280-d vectors on this 2-core CPU (shared, load 10): brute force 0.17 ms at
-1k, 16 ms at 10k and 174 ms at 100k vectors; HNSW 0.7 ms at 1k and 1.8 ms at
-10k with recall@10 0.98-1.0 (docs/benchmarks.md).
+1280-d vectors on this 2-core CPU (shared with other sessions): brute force
+1.8 ms at 10k, 9.6 ms at 50k, 19-32 ms at 100k and 84 ms at 250k vectors;
+HNSW 2-3.5 ms at 50k-100k, its graph built in 82 s (50k) and 280-290 s
+(100k) (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -24,10 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
-# Brute force grows linearly (16 ms at 10k, 174 ms at 100k, measured on a
-# loaded machine), so by 50k it is no longer instant, while HNSW stays near
-# 2 ms; below it, exact answers cost nothing noticeable and need no graph.
-HNSW_MIN = 50_000
+# Measured (bench/bench_index.py, docs/benchmarks.md): brute force takes
+# 9.6 ms at 50k and 19-32 ms at 100k (quiet / loaded machine), still instant
+# next to embedding the query image, while HNSW there saves < 30 ms a query
+# for minutes of graph building (82 s at 50k, 280 s at 100k) and misses 6-15%
+# of the true neighbours. Brute force nears 50 ms by about 150k (84 ms at
+# 250k under load): from there a saved graph's 2-4 ms is worth its build.
+HNSW_MIN = 150_000
+# expansion_search: at 100k vectors 64 found 0.855 of the true top 10 in
+# 2.1 ms, 128 found 0.943 in 3.5 ms, 256 0.973 in 6.0 ms; 128 for recall
+# at a cost still ~10x under brute force. (usearch forgets it on restore.)
+HNSW_EF_SEARCH = 128
 THUMB_SIZE = 96  # pixels, longest side; about 3 KB as JPEG
 
 
@@ -103,9 +111,10 @@ class SimilarityIndex:
                 self._hnsw = usearch.Index.restore(str(self.graph_file), view=True)
             else:
                 idx = usearch.Index(ndim=self.vectors.shape[1], metric="cos", dtype="f32", connectivity=16,
-                                    expansion_add=128, expansion_search=64)
+                                    expansion_add=128)
                 idx.add(np.arange(len(self)), self.vectors)
                 self._hnsw = idx
+            self._hnsw.expansion_search = HNSW_EF_SEARCH
         return self._hnsw
 
     def _search_hnsw(self, Q: np.ndarray, k: int):

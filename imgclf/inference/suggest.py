@@ -3,12 +3,13 @@
 Each unlabeled image gets
   uncertainty  1 - (p1 - p2), the margin between the two best calibrated
                probabilities (or their entropy / log C with --uncertainty entropy)
-  novelty      how likely it is of a class the model does not know: the
-               open-set unknown score where the caller has one (the `novelty`
-               argument of `rank_for_labelling`), else how far the image is
-               from every training image, compared with how far training
-               images are from each other (0 = as close as usual, 1 = farther
-               than any training image is from its nearest neighbour)
+  novelty      how likely it is of a class the model does not know: from the
+               run's open-set unknown score, one minus the false discovery
+               rate of calling it and every image at least as unfamiliar new
+               (open_set_novelty; near 0 when the pool holds no more
+               unfamiliar images than chance gives), else, for a run without
+               a scorer, how far the image is from every training image,
+               compared with how far training images are from each other
   density      how typical it is: mean similarity to its 10 nearest pool images
 and the N are chosen greedily, uncertainty-weighted k-center style: each
 pick maximises max(density x uncertainty^g, novelty) x (cosine distance to
@@ -103,17 +104,29 @@ def rank_for_labelling(probs: np.ndarray, pool_unit: np.ndarray, labelled_unit: 
     return chosen, {"uncertainty": unc, "density": dens, "novelty": np.asarray(novelty, np.float32), "distance": d0}
 
 
-def open_set_novelty(unknown: np.ndarray | None) -> np.ndarray | None:
-    """The run's unknown score (inference/unknown.py) as novelty: 0 up to the
-    `--reject auto` threshold (as familiar as 95% of known images), rising to
-    1 for the least familiar. Below the threshold an image is simply of a known
-    class, and uncertainty, not novelty, should rank it. None (a run without a
-    scorer): rank_for_labelling falls back to distance_novelty."""
-    from imgclf.inference import AUTO_KEEP
-
+def open_set_novelty(unknown: np.ndarray | None, n_calibration: int) -> np.ndarray | None:
+    """The run's unknown score (inference/unknown.py) as novelty: one minus
+    the Benjamini-Hochberg q-value of each image's conformal p-value (Bates et
+    al., "Testing for outliers with conformal p-values", 2023), i.e. about the
+    chance that it and the images at least as unfamiliar are not all of known
+    classes. The p-value is the share of the n_calibration known validation
+    images at least as unfamiliar (+1 for the image itself); unknown = 0.97
+    means 3% of them are. Why not the unknown score itself: 5% of known images
+    score above `--reject auto`'s 0.95 by construction, so a ramp from there
+    sent ordinary outliers to the front of every batch (bench/bench_suggest.py
+    --novelty ramp); the q-value is near 0 unless the pool holds more
+    unfamiliar images than chance gives, as when it holds a new class. None (a
+    run without a scorer): rank_for_labelling falls back to distance_novelty."""
     if unknown is None:
         return None
-    return np.clip((np.asarray(unknown, np.float32) - AUTO_KEEP) / (1 - AUTO_KEEP), 0, 1)
+    s = np.asarray(unknown, np.float64)
+    p = (1 + np.round(n_calibration * (1 - s))) / (n_calibration + 1)
+    order = np.argsort(p, kind="stable")
+    q = p[order] * len(p) / np.arange(1, len(p) + 1)
+    q = np.minimum.accumulate(q[::-1])[::-1]  # BH: the smallest ratio at or beyond each rank
+    out = np.empty(len(p), np.float32)
+    out[order] = 1 - np.minimum(q, 1)
+    return out
 
 
 def suggest(cfg) -> tuple[list[dict], Path]:
@@ -144,8 +157,9 @@ def suggest(cfg) -> tuple[list[dict], Path]:
     lab, _, _ = clf.features_items(splits.root, splits.train, cfg.batch_size, cfg.workers, bad, progress=False)
     pool = feats["plain"]
     probs = probs_from_logits({"plain": clf.logits_from_features(pool)}, clf.temperature)
+    n_cal = len(clf.scorer.val_sorted) if clf.scorer is not None else 0
     order, s = rank_for_labelling(probs, unit_rows(pool), unit_rows(lab["plain"]), cfg.n, cfg.uncertainty,
-                                  open_set_novelty(clf.unknown_from_features(pool)))
+                                  open_set_novelty(clf.unknown_from_features(pool), n_cal))
     rows = []
     for rank, i in enumerate(order, 1):
         top = np.argsort(-probs[i])[:2]
