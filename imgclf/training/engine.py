@@ -72,7 +72,7 @@ def predict_logits(model: nn.Module, batches, device=torch.device("cpu"), amp: b
             x = prepare(x)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outs.append(model(x).float().cpu())
-        ys.append(y)
+        ys.append(y.cpu() if isinstance(y, torch.Tensor) else y)  # features on the GPU: targets there too
     return torch.cat(outs), (torch.cat(ys) if ys and ys[0] is not None else None)
 
 

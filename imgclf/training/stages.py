@@ -173,8 +173,12 @@ def cached_features(ctx: Context) -> tuple | None:
         raise DataError("no readable images in the train or validation split", "see the skipped files above")
     dev = ctx.device
     X = Xtr
-    if Xtr.nbytes <= FEATURES_IN_MEMORY_BYTES:
-        X = torch.from_numpy(Xtr[np.arange(len(Xtr))]).to(dev)  # small: gathered once
+    if Xtr.nbytes <= FEATURES_IN_MEMORY_BYTES or dev.type == "cuda":
+        # Gathered once, in float16 chunks: into RAM when small, onto the GPU at any size
+        # (a million images' features are 2.6 GB there), never all at once through RAM.
+        chunks = [torch.from_numpy(Xtr[np.arange(i, min(i + 65536, len(Xtr)))]).to(dev, torch.float16)
+                  for i in range(0, len(Xtr), 65536)]
+        X = torch.cat(chunks) if dev.type == "cuda" else torch.cat(chunks).float()
     Y = torch.from_numpy(np.concatenate([ctx.targets(ytr)] * len(variants))).to(dev)
     return X, Y, torch.from_numpy(fva["plain"]).to(dev), torch.from_numpy(ctx.targets(yva)).to(dev)
 
@@ -210,7 +214,7 @@ def _feature_batches(X: torch.Tensor | FeatureRows, Y: torch.Tensor, batch_size:
         if isinstance(X, FeatureRows):  # read from the memory-mapped shards
             yield torch.from_numpy(X[j.numpy()]).to(Y.device), Y[j.to(Y.device)]
         else:
-            yield X[j.to(X.device)], Y[j.to(Y.device)]
+            yield X[j.to(X.device)].float(), Y[j.to(Y.device)]
 
 
 def run_feature_stage(ctx: Context, stage: Stage) -> None:
@@ -366,7 +370,7 @@ def train_epochs(ctx: Context, stage: Stage, module, scope: str, opt, sched, tra
                       gather=_gather_logits(d) if d.enabled else None)
         secs = time.time() - t0
         state.epoch, state.elapsed = epoch + 1, state.elapsed + secs
-        row = _history_row(stage, state, epoch, tr, va, opt, secs)
+        row = _history_row(stage, state, epoch, tr, va, opt, secs, d.world)
         stopper.step(va, epoch)
         if d.main:
             improved = state.consider(ctx.model, stopper.score(va), {**va, "stage": stage.name, "epoch": row["epoch"]},
@@ -391,12 +395,15 @@ def _gather_logits(d: Dist):
     return gather
 
 
-def _history_row(stage: Stage, state: RunState, epoch: int, tr: dict, va: dict, opt, secs: float) -> dict:
+def _history_row(stage: Stage, state: RunState, epoch: int, tr: dict, va: dict, opt, secs: float,
+                 world: int = 1) -> dict:
     row = {"stage": stage.name, "epoch": len(state.history) + 1, "stage_epoch": epoch + 1,
            "train_loss": round(tr["loss"], 5), "train_acc": round(tr["acc"], 5),
            "val_loss": round(va["loss"], 5), "val_acc": round(va["acc"], 5),
            "val_balanced_acc": round(va["balanced_acc"], 5), **({"val_map": round(va["map"], 5)} if "map" in va else {}),
-           "lr": opt.param_groups[0]["lr"], "seconds": round(secs, 3)}
+           "lr": opt.param_groups[0]["lr"], "seconds": round(secs, 3),
+           # training throughput of all processes together (each trains its share in the same time)
+           "train_images_per_s": round(tr["n"] * world / max(tr["seconds"], 1e-9), 1)}
     state.history.append(row)
     return row
 
