@@ -154,3 +154,19 @@ def test_two_nodes_simulated_on_one_machine(tmp_path, tiny, shared_cache):
     assert summary["distributed"]["world_size"] == 2 and summary["distributed"]["nodes"] == 2
     assert sum(log.count("done in") for log in logs) == 1
     assert json.loads((out / "eval_val.json").read_text())["accuracy"] >= 0.75
+
+
+def test_head_trains_from_memory_mapped_shards(tmp_path, tiny, shared_cache):
+    """Above IMGCLF_FEATURES_IN_MEMORY_MB the head reads its features from the
+    memory-mapped cache batch by batch (a million images' worth); the batches,
+    and so the training, are the same as from memory."""
+    from imgclf.runs import read_history
+
+    hist = []
+    for name, limit in (("ram", "256"), ("mmap", "0")):
+        out = tmp_path / name
+        subprocess.run([sys.executable, "-m", "imgclf", "train", str(tiny), "--out", str(out), "--cache-dir",
+                        str(shared_cache), "--image-size", "96", "--epochs", "6", "--no-evaluate"], check=True,
+                       env={**ENV, "IMGCLF_FEATURES_IN_MEMORY_MB": limit}, cwd=ROOT, capture_output=True, timeout=120)
+        hist.append([(float(r["val_loss"]), float(r["train_loss"])) for r in read_history(out / "history.csv")])
+    assert len(hist[0]) == 6 and np.allclose(hist[0], hist[1], atol=1e-4)

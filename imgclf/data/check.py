@@ -7,7 +7,6 @@ user's files)."""
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,43 @@ def _image_stats(path: Path, hashes: bool = True) -> dict:
             "phash": image_hash(img) if hashes else None}
 
 
+class FileStats:
+    """What check knows of each file, in numpy columns indexed like `entries`:
+    about 70 bytes a file instead of a dict of ~600, so a million files cost
+    ~70 MB. ok[k] says whether file k could be read."""
+
+    def __init__(self, n: int):
+        self.ok = np.zeros(n, bool)
+        self.fmt = np.zeros(n, np.uint8)  # index into self.names["format"]
+        self.mode = np.zeros(n, np.uint8)
+        self.size = np.zeros((n, 2), np.int32)
+        self.frames = np.zeros(n, np.int32)
+        self.std = np.zeros(n, np.float32)
+        self.flat = np.zeros(n, np.float32)
+        self.colours = np.zeros(n, np.int32)
+        self.phash = np.zeros((n, 2), np.uint64)
+        self.content = np.zeros(n, "S32")  # file_hash: exact copies
+        self.names: dict[str, list[str]] = {"format": [], "mode": []}
+
+    def _code(self, kind: str, name: str) -> int:
+        names = self.names[kind]
+        if name not in names:
+            names.append(name)
+        return names.index(name)
+
+    def set(self, k: int, st: dict) -> None:
+        self.ok[k] = True
+        self.fmt[k], self.mode[k] = self._code("format", st["format"]), self._code("mode", st["mode"])
+        self.size[k], self.frames[k], self.std[k] = st["size"], st["frames"], st["std"]
+        self.flat[k], self.colours[k], self.content[k] = st["flat"], st["colours"], st["content"]
+        if st["phash"] is not None:
+            self.phash[k] = st["phash"]
+
+    def counts(self, kind: str) -> dict[str, int]:
+        col = self.fmt if kind == "format" else self.mode
+        return {name: int((col[self.ok] == i).sum()) for i, name in enumerate(self.names[kind])}
+
+
 def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
                   progress: bool = True, near_dup: str = "hash", model: str = "efficientnet_lite0",
                   cache_dir: str | None = None, fix: str | Path | None = None) -> dict:
@@ -51,47 +87,99 @@ def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: fl
     s: Splits = discover(data, val_fraction, test_fraction, seed)
     given = s.given
     entries = [(name, rel, y) for name in ("train", "val", "test") for rel, y in getattr(s, name)]
-    bad, stats, by_hash = _scan(s, entries, progress, near_dup != "off")
+    bad, stats = _scan(s, entries, progress, near_dup != "off")
     counts = {c: {n: 0 for n in ("train", "val", "test")} for c in s.classes}
-    for name, rel, y in entries:
-        if rel in stats:
-            for i in (y if isinstance(y, tuple) else (y,)):  # multi-label: an image counts for each of its labels
-                counts[s.classes[i]][name] += 1
+    for k in np.flatnonzero(stats.ok):
+        name, _, y = entries[k]
+        for i in (y if isinstance(y, tuple) else (y,)):  # multi-label: an image counts for each of its labels
+            counts[s.classes[i]][name] += 1
     totals = {c: sum(v.values()) for c, v in counts.items()}
-    exact = [g for g in by_hash.values() if len(g) > 1]
+    exact = _exact_groups(entries, stats)
     dups = _kinds(exact, s.classes, given)
-    near = _near_duplicates(s, entries, stats, by_hash, near_dup, model, cache_dir, progress)
+    near = _near_duplicates(s, entries, stats, near_dup, model, cache_dir, progress)
     copies = exact + near.pop("_groups")
-    widths = [st["size"][0] for st in stats.values()] or [0]
-    heights = [st["size"][1] for st in stats.values()] or [0]
+    sizes = stats.size[stats.ok] if stats.ok.any() else np.zeros((1, 2), np.int32)
     return {
         "root": s.root, "layout": s.layout, "classes": s.classes, "counts": counts, "totals": totals,
-        "images": len(stats), "formats": dict(Counter(st["format"] for st in stats.values())),
-        "modes": dict(Counter(st["mode"] for st in stats.values())),
-        "size_range": {"width": [min(widths), max(widths)], "height": [min(heights), max(heights)]},
-        "bad_files": bad, "duplicates": dups, "near_duplicates": near, "outliers": _outliers(stats),
+        "images": int(stats.ok.sum()), "formats": stats.counts("format"), "modes": stats.counts("mode"),
+        "size_range": {"width": [int(sizes[:, 0].min()), int(sizes[:, 0].max())],
+                       "height": [int(sizes[:, 1].min()), int(sizes[:, 1].max())]},
+        "bad_files": bad, "duplicates": dups, "near_duplicates": near, "outliers": _outliers(entries, stats),
         "warnings": _warnings(totals, dups, near, s.notes), "notes": s.notes, "split_given": given,
-        "fix": write_clean_csv(s, data, fix, copies, bad, stats) if fix else None,
+        "fix": write_clean_csv(s, data, fix, copies, bad, entries, stats) if fix else None,
     }
 
 
-def _scan(s: Splits, entries: list, progress: bool, hashes: bool) -> tuple[list[dict], dict, dict]:
-    """Per readable file its statistics and content hash; the unreadable ones with why."""
+def _stats_or_reason(path: Path, hashes: bool) -> dict | str:
+    try:
+        return {**_image_stats(path, hashes), "content": file_hash(path)}
+    except BadImage as e:
+        return e.reason
+    except Exception as e:  # anything PIL throws is a bad file, not a crash of check
+        return f"unreadable: {e}"
+
+
+def _scan_chunk(paths: list[Path], hashes: bool) -> list[dict | str]:
+    return [_stats_or_reason(p, hashes) for p in paths]
+
+
+def _scan(s: Splits, entries: list, progress: bool, hashes: bool) -> tuple[list[dict], FileStats]:
+    """Per readable file its statistics and content hash, streamed into
+    columns; the unreadable ones with why. Decoding thumbnails is CPU work, so
+    chunks of files go to a process per core."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from imgclf.data.datasets import default_workers
     from imgclf.progress import Progress
 
-    bad, stats, by_hash = [], {}, defaultdict(list)
-    with Progress(total=len(entries), desc="checking", unit="img", enabled=progress) as bar:
-        for name, rel, y in entries:
-            p = s.path(rel)
-            try:
-                stats[rel] = _image_stats(p, hashes)
-                by_hash[file_hash(p)].append((name, rel, y))
-            except BadImage as e:
-                bad.append({"path": rel, "reason": e.reason})
-            except Exception as e:  # anything PIL throws is a bad file, not a crash of check
-                bad.append({"path": rel, "reason": f"unreadable: {e}"})
-            bar.update()
-    return bad, stats, by_hash
+    bad, stats = [], FileStats(len(entries))
+    step = 256
+    chunks = ([s.path(rel) for _, rel, _ in entries[i:i + step]] for i in range(0, len(entries), step))
+    # Below a few thousand files, starting the processes costs more than it saves. forkserver:
+    # the workers start clean, not as forks of a process that may hold torch's threads.
+    procs = max(1, 2 * default_workers()) if len(entries) >= 2000 else 1
+    pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("forkserver")) if procs > 1 else None
+    results = _bounded_map(pool, chunks, hashes, 4 * procs) if pool else (_scan_chunk(c, hashes) for c in chunks)
+    try:
+        with Progress(total=len(entries), desc="checking", unit="img", enabled=progress) as bar:
+            for i, part in enumerate(results):
+                for j, r in enumerate(part):
+                    k = i * step + j
+                    if isinstance(r, str):
+                        bad.append({"path": entries[k][1], "reason": r})
+                    else:
+                        stats.set(k, r)
+                bar.update(len(part))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return bad, stats
+
+
+def _bounded_map(pool, chunks, hashes: bool, window: int):
+    """pool.map in order, with at most `window` chunks in flight (Executor.map
+    would queue every chunk of a million files at once)."""
+    from collections import deque
+
+    pending = deque()
+    for c in chunks:
+        pending.append(pool.submit(_scan_chunk, c, hashes))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _exact_groups(entries: list, stats: FileStats) -> list[list[tuple]]:
+    """Groups of byte-identical readable files, from the content-hash column."""
+    idx = np.flatnonzero(stats.ok)
+    _, inv, counts = np.unique(stats.content[idx], return_inverse=True, return_counts=True)
+    groups: dict[int, list] = {}
+    for k, g in zip(idx, inv):
+        if counts[g] > 1:
+            groups.setdefault(int(g), []).append(entries[k])
+    return list(groups.values())
 
 
 def label_name(classes: list[str], y) -> str:
@@ -119,7 +207,7 @@ def _kinds(groups: list[list[tuple]], classes: list[str], given: bool) -> dict:
     return dups
 
 
-def _near_duplicates(s: Splits, entries: list, stats: dict, by_hash: dict, method: str, model: str,
+def _near_duplicates(s: Splits, entries: list, stats: FileStats, method: str, model: str,
                      cache_dir: str | None, progress: bool) -> dict:
     """Groups of near-identical images, other than groups of identical files
     (listed as exact duplicates); "_groups" (all of them) is for --fix."""
@@ -127,48 +215,54 @@ def _near_duplicates(s: Splits, entries: list, stats: dict, by_hash: dict, metho
 
     if method == "off":
         return {"method": "off", **_kinds([], s.classes, s.given), "_groups": []}
-    readable = [e for e in entries if e[1] in stats]
+    where = np.flatnonzero(stats.ok)
     if method == "embed":  # the backbone may not read every file the header check passed
-        feats, kept = nd.embeddings(s.root, [(rel, y) for _, rel, y in readable], model, cache_dir,
-                                    progress=progress)
-        readable = [readable[k] for k in kept]
-    h = np.stack([stats[rel]["phash"] for _, rel, _ in readable]) if readable else np.zeros((0, 2), np.uint64)
+        feats, kept = nd.embeddings(s.root, [entries[k][1:] for k in where], model, cache_dir, progress=progress)
+        where = where[kept]
+    readable = [entries[k] for k in where]
+    h = stats.phash[where]
     i, j, _ = nd.hash_pairs(h)
     desc = f"pHash of each image and its mirror, Hamming distance <= {nd.HASH_MAX_DISTANCE} of 64 bits"
     if method == "embed":  # either detector links a pair: the embedding finds the crops pHash misses
         ei, ej, _ = nd.embed_pairs(feats["plain"], feats["flip"])
         i, j = np.concatenate([i, ei]), np.concatenate([j, ej])
         desc += f", or {model} embeddings of each image and its mirror with cosine similarity >= {nd.EMBED_MIN_COSINE}"
-    found = [[readable[k] for k in g] for g in nd.groups(len(readable), i, j)]
-    content = {rel: h for h, group in by_hash.items() for _, rel, _ in group}
-    near = [g for g in found if len({content[rel] for _, rel, _ in g}) > 1]
+    comps = nd.groups(len(readable), i, j)
+    found = [[readable[k] for k in g] for g in comps]
+    near = [f for f, g in zip(found, comps) if len({stats.content[where[k]] for k in g}) > 1]
     # With no given split, copies that imgclf's own split would put on both sides leak just the same.
     straddling = 0 if s.given else sum(len({n for n, _, _ in g}) > 1 for g in found)
     return {"method": method, "criterion": desc, "groups": len(near), **_kinds(near, s.classes, s.given),
             "straddling": straddling, "_groups": found}
 
 
-def _outliers(stats: dict) -> list[dict]:
-    fmts = Counter(st["format"] for st in stats.values())
-    modes = Counter(st["mode"] for st in stats.values())
-    n = max(1, len(stats))
+def _outliers(entries: list, stats: FileStats) -> list[dict]:
+    ok = stats.ok
+    n = max(1, int(ok.sum()))
+    fmts, modes = stats.counts("format"), stats.counts("mode")
+    top_f, top_m = max(fmts, key=fmts.get, default=""), max(modes, key=modes.get, default="")
+    # "Differs from nearly all others": a format or mode held by under 2% of the files.
+    rare_f = {stats.names["format"].index(f) for f, c in fmts.items() if c / n < 0.02 and len(fmts) > 1}
+    rare_m = {stats.names["mode"].index(m) for m, c in modes.items() if c / n < 0.02 and len(modes) > 1}
+    flagged = ok & (np.isin(stats.fmt, list(rare_f)) | np.isin(stats.mode, list(rare_m)) | (stats.std < 8) |
+                    ((stats.flat >= 0.5) & (stats.colours < 300)) | (stats.frames > 1))
     outliers = []
-    for rel, st in stats.items():
+    for k in np.flatnonzero(flagged):
+        fmt, mode = stats.names["format"][stats.fmt[k]], stats.names["mode"][stats.mode[k]]
         why = []
-        # "Differs from nearly all others": a format or mode held by under 2% of the files.
-        if fmts[st["format"]] / n < 0.02 and len(fmts) > 1:
-            why.append(f"format {st['format']} ({fmts[st['format']]} of {n} files; most are {fmts.most_common(1)[0][0]})")
-        if modes[st["mode"]] / n < 0.02 and len(modes) > 1:
-            why.append(f"colour mode {st['mode']} ({modes[st['mode']]} of {n}; most are {modes.most_common(1)[0][0]})")
-        if st["std"] < 8:
-            why.append(f"near-blank (pixel std {st['std']:.1f})")
-        elif st["flat"] >= 0.5 and st["colours"] < 300:
-            why.append(f"few colours ({st['colours']}), one covering {st['flat']:.0%}: "
+        if stats.fmt[k] in rare_f:
+            why.append(f"format {fmt} ({fmts[fmt]} of {n} files; most are {top_f})")
+        if stats.mode[k] in rare_m:
+            why.append(f"colour mode {mode} ({modes[mode]} of {n}; most are {top_m})")
+        if stats.std[k] < 8:
+            why.append(f"near-blank (pixel std {stats.std[k]:.1f})")
+        elif stats.flat[k] >= 0.5 and stats.colours[k] < 300:
+            why.append(f"few colours ({stats.colours[k]}), one covering {stats.flat[k]:.0%}: "
                        "a graphic or placeholder rather than a photo?")
-        if st["frames"] > 1:
-            why.append(f"animated ({st['frames']} frames; only the first is used)")
+        if stats.frames[k] > 1:
+            why.append(f"animated ({stats.frames[k]} frames; only the first is used)")
         if why:
-            outliers.append({"path": rel, "why": why})
+            outliers.append({"path": entries[k][1], "why": why})
     return outliers
 
 
@@ -261,7 +355,7 @@ def _member(g: dict, i: int) -> str:
 SPLIT_RANK = {"train": 0, "val": 1, "test": 2}
 
 
-def clean_entries(entries: list[tuple], groups: list[list[tuple]], stats: dict, given: bool
+def clean_entries(entries: list[tuple], groups: list[list[tuple]], pixels: dict, given: bool
                   ) -> tuple[list[tuple], dict]:
     """The entries (split, path, label) to keep, and why each other one goes.
     Per group of copies (exact or near, merged where they overlap): one label ->
@@ -281,8 +375,7 @@ def clean_entries(entries: list[tuple], groups: list[list[tuple]], stats: dict, 
             for m in members:
                 why[m[1]] = f"conflict {n_conflicts}"
             continue
-        px = {rel: stats[rel]["size"][0] * stats[rel]["size"][1] for _, rel, _ in members}
-        keep = min(members, key=lambda m: (SPLIT_RANK[m[0]], -px[m[1]], m[1]))
+        keep = min(members, key=lambda m: (SPLIT_RANK[m[0]], -pixels[m[1]], m[1]))
         for m in members:
             if m is not keep:
                 why[m[1]] = f"leak of {keep[1]}" if given and m[0] != keep[0] else f"copy of {keep[1]}"
@@ -296,7 +389,7 @@ def default_fix_path(data: str | Path) -> Path:
 
 
 def write_clean_csv(s: Splits, data: str | Path, out: str | Path, groups: list[list[tuple]], bad: list[dict],
-                    stats: dict) -> dict:
+                    all_entries: list[tuple], stats: FileStats) -> dict:
     """Write the cleaned split as a `path,label[,split]` CSV (paths relative to
     its folder; the split column when the data came with one), atomically.
     Rows with conflicting labels are written commented out at the end for a
@@ -310,8 +403,11 @@ def write_clean_csv(s: Splits, data: str | Path, out: str | Path, groups: list[l
     if Path(data).is_file() and out == Path(data).resolve():
         raise DataError(f"--fix-out {out} is the input CSV; imgclf never overwrites your files",
                         "name another file, or leave --fix-out out to write next to the data")
-    entries = [(n, rel, y) for n in ("train", "val", "test") for rel, y in getattr(s, n) if rel in stats]
-    kept, why = clean_entries(entries, groups, stats, s.given)
+    entries = [all_entries[k] for k in np.flatnonzero(stats.ok)]
+    members = {rel for g in groups for _, rel, _ in g}  # only copies need their pixel counts
+    pixels = {all_entries[k][1]: int(stats.size[k].prod()) for k in np.flatnonzero(stats.ok)
+              if all_entries[k][1] in members}
+    kept, why = clean_entries(entries, groups, pixels, s.given)
     cells = lambda n, rel, y: [os.path.relpath(s.path(rel), out.parent), label_name(s.classes, y), n][:3 if s.given else 2]  # noqa: E731
     counts = {k: sum(v.startswith(k) for v in why.values()) for k in ("copy", "leak", "conflict")}
     lines = [f"# imgclf check --fix of {s.root}: {len(kept)} of {len(entries) + len(bad)} images kept; dropped "

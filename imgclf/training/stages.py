@@ -13,6 +13,7 @@ wrap the model in DistributedDataParallel; only rank 0 writes.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +33,10 @@ from imgclf.training.distributed import Dist, is_main
 from imgclf.training.engine import (EarlyStopping, balanced_class_weights, evaluate, make_loss, train_one_epoch,
                                     warmup_cosine)
 
-# Training features up to this size (float16) are gathered into memory (or onto
-# the GPU) once; above it the head reads them from the memory-mapped shards
-# batch by batch, so a million images' features never need to fit in RAM.
-FEATURES_IN_MEMORY_BYTES = 256 << 20
+# Training features up to this size (float16) are gathered into memory once;
+# above it the head reads them from the memory-mapped shards batch by batch,
+# so a million images' features never need to fit in RAM.
+FEATURES_IN_MEMORY_MB = 256  # IMGCLF_FEATURES_IN_MEMORY_MB overrides
 
 
 def log(msg: str) -> None:
@@ -173,7 +174,8 @@ def cached_features(ctx: Context) -> tuple | None:
         raise DataError("no readable images in the train or validation split", "see the skipped files above")
     dev = ctx.device
     X = Xtr
-    if Xtr.nbytes <= FEATURES_IN_MEMORY_BYTES or dev.type == "cuda":
+    limit = float(os.environ.get("IMGCLF_FEATURES_IN_MEMORY_MB", FEATURES_IN_MEMORY_MB)) * 2**20
+    if Xtr.nbytes <= limit or dev.type == "cuda":
         # Gathered once, in float16 chunks: into RAM when small, onto the GPU at any size
         # (a million images' features are 2.6 GB there), never all at once through RAM.
         chunks = [torch.from_numpy(Xtr[np.arange(i, min(i + 65536, len(Xtr)))]).to(dev, torch.float16)
