@@ -66,7 +66,7 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
     cfg, run, ckpt, splits = resolve_run(config, overrides, dist)
     set_threads(device, dist)
     seed_everything(cfg.seed)
-    look = look_at(splits, seed=cfg.seed) if cfg.strategy in ("auto", "native") and not cfg.image_size else None
+    look = look_at(splits, seed=cfg.seed) if cfg.strategy in ("auto", "native") and not cfg.resume else None
     strategy, why = choose_strategy(cfg, device, look, len(splits.train))
     if strategy == "native":
         cfg = native_settings(cfg, look)
@@ -431,8 +431,9 @@ NATIVE_MAX_SIDE = 64  # any image up to this size (90th percentile of the longer
 NATIVE_GREY_MAX_SIDE = 128  # grayscale (scans, drawings, digits) up to this size, trained at 64 px
 
 
-def native_size(look: ImageLook) -> int:
-    return max(16, min(look.side, NATIVE_MAX_SIDE))
+def native_size(cfg: TrainConfig, look: ImageLook | None) -> int:
+    """--image-size, else the images' own size (at most 64 px)."""
+    return cfg.image_size or (max(16, min(look.side, NATIVE_MAX_SIDE)) if look else NATIVE_MAX_SIDE)
 
 
 def native_reason(cfg: TrainConfig, look: ImageLook | None, n_train: int) -> str | None:
@@ -442,7 +443,7 @@ def native_reason(cfg: TrainConfig, look: ImageLook | None, n_train: int) -> str
     grey = look.grey >= 0.9
     if not (look.side <= NATIVE_MAX_SIDE or (grey and look.side <= NATIVE_GREY_MAX_SIDE)):
         return None
-    size = native_size(look)
+    size = native_size(cfg, look)
     over = check_memory_budget(n_train, size)
     if over:
         log(f"note: images are small ({look.describe()}), but {n_train} of them decoded at {size}px need "
@@ -454,7 +455,7 @@ def native_reason(cfg: TrainConfig, look: ImageLook | None, n_train: int) -> str
 
 
 def check_native_fits(cfg: TrainConfig, look: ImageLook | None, n_train: int) -> None:
-    size = cfg.image_size or (native_size(look) if look else NATIVE_MAX_SIDE)
+    size = native_size(cfg, look)
     over = check_memory_budget(n_train, size)
     if over:
         raise ConfigError(f"--strategy native keeps the {n_train} training images decoded in memory: {over:.0f} MB "
@@ -473,7 +474,7 @@ def native_settings(cfg: TrainConfig, look: ImageLook | None) -> TrainConfig:
     if cfg.flip_features and not flip:
         log("native: grayscale images are not mirrored in training: digits and letters change meaning")
     return replace(cfg, strategy="native", model=model, pretrained=False,
-                   image_size=cfg.image_size or (native_size(look) if look else NATIVE_MAX_SIDE),
+                   image_size=native_size(cfg, look),
                    batch_size=128 if cfg.batch_size == TrainConfig().batch_size else cfg.batch_size,
                    flip_features=flip)
 
