@@ -76,3 +76,13 @@ def test_photos_keep_the_linear_default_and_budget_is_enforced(tiny, digits, mon
     assert choose_strategy(TrainConfig(), cpu, look_at(small), len(small.train))[0] == "linear"
     with pytest.raises(ConfigError, match="IMGCLF_IMAGES_IN_MEMORY_MB"):
         choose_strategy(TrainConfig(strategy="native"), cpu, look_at(small), len(small.train))
+
+
+@pytest.mark.slow  # two processes under torchrun (about 15 s); `make test-all`
+def test_native_under_torchrun_each_rank_takes_its_share(digits, tmp_path):
+    out = tmp_path / "ddp"
+    p = imgclf("train", digits, "--out", out, "--epochs", "2", "--nproc-per-node", "2")
+    assert "strategy: native" in p.stdout and "distributed: 2 processes" in p.stdout
+    hist = (out / "history.csv").read_text().splitlines()
+    assert len(hist) == 3 and (out / "model.pt").exists()
+    assert json.loads((out / "summary.json").read_text())["strategy"] == "native"
