@@ -53,7 +53,6 @@ def demo_rows(data: Path, tmp: Path) -> list[dict]:
 
 def ten_thousand(tmp: Path) -> Path:
     """train/<digit>/: the 5,000 digits and a rotated copy of each; val/: 500 originals."""
-    import numpy as np
     from PIL import Image
 
     from imgclf.demo import mnist_rows
@@ -67,7 +66,6 @@ def ten_thousand(tmp: Path) -> Path:
         if i % 10 == 0:
             (root / "val" / d).mkdir(parents=True, exist_ok=True)
             img.save(root / "val" / d / f"{i}.png")
-    del np
     return root
 
 

@@ -365,7 +365,9 @@ def decode_split(ctx: Context, items: list, what: str) -> tuple[torch.Tensor, to
         for j, reason in badb:
             ctx.bad.add(items[j][0], reason)
         if x is not None:
-            xs.append(x), ys.append(y), kept.extend(items[j] for j in idx.tolist())
+            xs.append(x)
+            ys.append(y)
+            kept.extend(items[j] for j in idx.tolist())
     if not xs:
         raise DataError(f"no readable images in the {what} split", "see the skipped files above")
     X, Y = torch.cat(xs), torch.cat(ys)
