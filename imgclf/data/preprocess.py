@@ -168,3 +168,35 @@ def train_transform(pp: Preprocess, augment: str = "light"):
 def eval_transform(pp: Preprocess):
     """PIL image -> uint8 CHW tensor, exactly as Preprocess.load resizes."""
     return lambda img: to_chw(np.asarray(resize_image(img, pp), dtype=np.uint8))
+
+
+def native_preprocess(size: int) -> Preprocess:
+    """Model input for small images trained at their own size (the `native`
+    strategy): squashed to `size` (a no-op for the usual same-sized sets),
+    grey decoded as RGB like every image, so prediction and export see the
+    same input as training."""
+    return Preprocess(size=size, resize="squash", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def augment_batch(x, pad: int, flip: bool, gen=None):
+    """Random translation (zero-pad, then a random crop back to size) and
+    optional horizontal flips on a uint8 NCHW batch, drawn per image.
+
+    Hand-written because torchvision.transforms.v2 draws one set of parameters
+    per call: a batched call would shift every image alike, and a call per
+    image costs far more than these two gathers (bench/bench_small.py)."""
+    import torch
+    import torch.nn.functional as F
+
+    n, c, h, w = x.shape
+    if pad:
+        xp = F.pad(x, (pad, pad, pad, pad))  # zeros: the background of digits and drawings
+        dy = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=gen)
+        rows = (dy + torch.arange(h).view(1, 1, h, 1)).expand(n, c, h, w + 2 * pad)
+        cols = (dx + torch.arange(w).view(1, 1, 1, w)).expand(n, c, h, w)
+        x = xp.gather(2, rows).gather(3, cols)
+    if flip:
+        m = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(m.view(n, 1, 1, 1), x.flip(-1), x)
+    return x

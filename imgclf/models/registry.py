@@ -195,6 +195,30 @@ for _arch, _enum, _attr in (
 
 # --- a small CNN trained from scratch -------------------------------------------
 
+class AdaptiveAvgPool(nn.Module):
+    """nn.AdaptiveAvgPool2d(size), the same numbers, as two matrix products.
+    Hand-written because torch's ONNX exporter refuses adaptive pooling to a
+    size that does not divide the input (a 28 px digit reaches the pool at
+    3x3), and small_cnn runs export and predict through ONNX Runtime."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def _weights(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        w = torch.zeros(self.size, n, dtype=like.dtype, device=like.device)
+        for i in range(self.size):  # PyTorch's bins: [floor(i*n/s), ceil((i+1)*n/s))
+            a, b = (i * n) // self.size, -(-(i + 1) * n // self.size)
+            w[i, a:b] = 1.0 / (b - a)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        if h % self.size == 0 and w % self.size == 0:
+            return nn.functional.adaptive_avg_pool2d(x, self.size)  # exports as AveragePool
+        return self._weights(h, x) @ x @ self._weights(w, x).T
+
+
 class SmallCNN(nn.Module):
     """Three conv blocks (32, 64, 128 filters, 3x3, ReLU, 2x2 max-pool) and a
     dense layer of 128. Batch norm lets it train at a high learning rate; the
@@ -206,7 +230,7 @@ class SmallCNN(nn.Module):
         def block(i, o):
             return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
 
-        self.features = nn.Sequential(*block(3, 32), *block(32, 64), *block(64, 128), nn.AdaptiveAvgPool2d(4))
+        self.features = nn.Sequential(*block(3, 32), *block(32, 64), *block(64, 128), AdaptiveAvgPool(4))
         self.dense = nn.Sequential(nn.Flatten(), nn.Dropout(0.25), nn.Linear(128 * 16, 128), nn.ReLU(inplace=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
