@@ -32,7 +32,6 @@ from imgclf.data.datasets import (BadFileLog, ImageLook, Splits, default_workers
 from imgclf.data.preprocess import Preprocess, native_preprocess
 from imgclf.errors import ConfigError, DataError, MissingExtra, RunError
 from imgclf.models import build_model, count_params, get_model_info
-from imgclf.models.features import bound_malloc
 from imgclf.runs import RunDir, read_json, torch_load, write_history, write_json
 from imgclf.training.checkpoint import CKPT_KEYS, RunState
 from imgclf.training.distributed import Dist, init_distributed
@@ -54,7 +53,6 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     """Train a classifier; the settings are TrainConfig's fields, e.g.
     `imgclf.train(data="photos", out="runs/photos", epochs=20)`."""
     t_start = time.time()
-    bound_malloc()  # image batches come and go for hours: keep them out of the heap
     dist, device = init_distributed(overrides.get("device", (config or TrainConfig()).device))
     try:
         return _train(config, overrides, dist, device, t_start)
