@@ -1,5 +1,3 @@
-import sys
+from imgclf.cli import run
 
-from imgclf.cli import main
-
-sys.exit(main())
+run()

@@ -33,7 +33,7 @@ def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
             continue
         flags = ([meta["short"]] if "short" in meta else []) + [meta.get("flag") or "--" + f.name.replace("_", "-")]
         kw["dest"] = f.name
-        if t is bool:
+        if t is bool or set(typing.get_args(t)) == {bool, type(None)}:  # None: "auto", decided later
             p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, **kw)
             continue
         base = [a for a in typing.get_args(t) if a is not type(None)] or [t]
@@ -228,6 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_flags(sp, cls)
         sp.set_defaults(cls=cls, fn=fn)
     return p
+
+
+def run() -> None:
+    """The `imgclf` command (and `python -m imgclf`): main, then a fast exit.
+    With torch loaded, the interpreter's teardown takes about 1.1 s (measured:
+    5.3 s wall for 4.0 s of imports); every file imgclf writes is closed (and
+    renamed into place) before main returns, so there is nothing left to do."""
+    code = main()
+    if "torch" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

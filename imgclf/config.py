@@ -22,7 +22,7 @@ class TrainConfig:
     data: str = _f("", "image folder (DATA/<class>/*, or DATA/train|val|test/<class>/*) or a CSV of path,label",
                    positional="?")
     out: str = _f("", "run directory for weights, splits, history, metrics (default: runs/<data name>, numbered if taken)")
-    model: str = _f("efficientnet_lite0", "architecture, see `imgclf models`")
+    model: str = _f("efficientnet_lite1", "architecture, see `imgclf models`")
     pretrained: bool = _f(True, "start from ImageNet weights (--no-pretrained: random init)")
     weights: str | None = _f(None, "local backbone state dict (.pt/.pth) instead of the default pretrained weights")
     strategy: str = _f("auto", "auto | linear (frozen backbone, cached features) | finetune (head, then all layers) | scratch "
@@ -43,9 +43,18 @@ class TrainConfig:
     label_smoothing: float = _f(0.1, "cross-entropy label smoothing")
     dropout: float = _f(0.2, "dropout before each head layer")
     head_hidden: tuple[int, ...] = _f((), "hidden fully connected layers of the head, e.g. 256,128")
+    head_fit: str = _f("auto", "how the head learns on cached features: cv (L-BFGS logistic regression, its L2 strength "
+                               "chosen by k-fold cross-validation on train, so val chooses nothing) | epochs (AdamW "
+                               "epochs early-stopped on val) | auto (cv for a linear head, epochs with --head-hidden)",
+                       choices=("auto", "cv", "epochs"))
+    search: int = _f(0, "N Optuna trials (TPE, pruning) of the head's settings on the cached features, each scored "
+                        "by k-fold cross-validation on train, never val; the best becomes the head, every trial goes "
+                        "to RUN/search.csv")
+    cv_folds: int = _f(5, "folds of the cross-validation that chooses the head's settings (--head-fit cv, --search)")
     augment: str = _f("light", "image training augmentation: none | light (random resized crop + flip) | trivial | randaug")
-    flip_features: bool = _f(True, "mirror training images: cached features also cache each image flipped (augmentation "
-                                    "for free); native: random flips, colour images only")
+    flip_features: bool | None = _f(None, "mirror training images: cached features also cache each image flipped; "
+                                          "native: random flips, colour images only (default: on for native, off "
+                                          "for cached features, where it doubled the encoding for no measured gain)")
     class_weights: str = _f("none", "none | auto (loss weights inversely proportional to class frequency)")
     balanced_sampler: bool = _f(False, "draw training batches with equal class probability")
     val_fraction: float = _f(0.1, "share of each class held out for validation when the data has no split")
@@ -107,6 +116,12 @@ class TrainConfig:
             (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1,
              "--val-fraction and --test-fraction must be in [0, 1) and leave images for training"),
             (self.batch_size > 0 and self.feature_batch_size > 0, "--batch-size must be positive"),
+            (self.search >= 0, f"--search {self.search}: give a number of trials (0: no search)"),
+            (not (self.search and self.strategy in ("scratch", "native")),
+             f"--search tunes a head on cached features; --strategy {self.strategy} has none (use linear or auto)"),
+            (self.cv_folds >= 2, f"--cv-folds {self.cv_folds}: use 2 or more (5 is usual)"),
+            (not (self.head_fit == "cv" and self.head_hidden),
+             "--head-fit cv fits a linear head; with --head-hidden use --head-fit epochs (or auto)"),
             (self.nproc_per_node >= 1, f"--nproc-per-node {self.nproc_per_node}: use 1 or more"),
             (self.image_size is None or self.image_size >= 16, "--image-size must be at least 16"),
             (self.threshold is None or 0 < self.threshold < 1, "--threshold must be in (0, 1)"),

@@ -178,7 +178,7 @@ class RunDir:
     Accepts RUN or RUN/model.pt (or any .pt inside RUN)."""
 
     MODEL, LAST, CONFIG, SPLITS = "model.pt", "last.pt", "config.json", "splits.json"
-    HISTORY, SUMMARY, REPORT = "history.csv", "summary.json", "report"
+    HISTORY, SUMMARY, REPORT, SEARCH = "history.csv", "summary.json", "report", "search.csv"
     SIMILAR, SIMILAR_GRAPH = "similar.npz", "similar.usearch"
     EXPORTS = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "ort": "model.ort", "ort-int8": "model.int8.ort",
                "torchscript": "model.torchscript.pt", "tflite": "model.tflite", "tflite-int8": "model.int8.tflite",
@@ -196,6 +196,7 @@ class RunDir:
     splits_file = property(lambda self: self.path / self.SPLITS)
     history_file = property(lambda self: self.path / self.HISTORY)
     summary_file = property(lambda self: self.path / self.SUMMARY)
+    search_file = property(lambda self: self.path / self.SEARCH)
     report_dir = property(lambda self: self.path / self.REPORT)
     similar_file = property(lambda self: self.path / self.SIMILAR)
     similar_graph_file = property(lambda self: self.path / self.SIMILAR_GRAPH)

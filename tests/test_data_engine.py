@@ -202,7 +202,7 @@ def test_train_from_adds_a_class_encoding_only_its_images(tiny, tmp_path, cache_
     cache = tmp_path / "cache"
     if (cache_dir / "onnx").exists():
         shutil.copytree(cache_dir / "onnx", cache / "onnx")  # the exported backbone: not what is measured
-    imgclf("train", data, "--out", tmp_path / "a", "--cache-dir", cache, "--patience", "30")
+    imgclf("train", data, "--out", tmp_path / "a", "--cache-dir", cache, "--patience", "30", "--flip-features")
 
     def entries() -> dict[str, int]:
         return {r["variant"]: r["entries"] for r in cache_info(cache)}

@@ -57,7 +57,7 @@ def shared_cache(tmp_path_factory) -> Path:
 def test_two_ranks_encode_disjoint_shares_and_rank0_writes_one_run(tmp_path, tiny, shared_cache):
     out = tmp_path / "run"
     p = torchrun("--standalone", "--nproc-per-node", 2, "-m", "imgclf", "train", tiny, "--out", out,
-                 "--cache-dir", shared_cache, "--image-size", 96, "--epochs", 10)
+                 "--cache-dir", shared_cache, "--image-size", 96, "--epochs", 10, "--flip-features", "--head-fit", "epochs")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["distributed"] == {"world_size": 2, "nodes": 1, "backend": "gloo", "per_rank_batch": 32,
                                       "global_batch": 64}
@@ -79,7 +79,8 @@ def test_two_ranks_encode_disjoint_shares_and_rank0_writes_one_run(tmp_path, tin
 
     # One process, its own cache: the same features, the same model.
     one = tmp_path / "one"
-    imgclf("train", tiny, "--out", one, "--cache-dir", tmp_path / "one-cache", "--image-size", 96, "--epochs", 10)
+    imgclf("train", tiny, "--out", one, "--cache-dir", tmp_path / "one-cache", "--image-size", 96, "--epochs", 10,
+           "--flip-features", "--head-fit", "epochs")
     single = cached(tmp_path / "one-cache")
     for v in ("plain", "flip"):
         assert single[v].keys() == feats[v].keys()
@@ -166,7 +167,8 @@ def test_head_trains_from_memory_mapped_shards(tmp_path, tiny, shared_cache):
     for name, limit in (("ram", "256"), ("mmap", "0")):
         out = tmp_path / name
         subprocess.run([sys.executable, "-m", "imgclf", "train", str(tiny), "--out", str(out), "--cache-dir",
-                        str(shared_cache), "--image-size", "96", "--epochs", "6", "--no-evaluate"], check=True,
+                        str(shared_cache), "--image-size", "96", "--epochs", "6", "--no-evaluate", "--head-fit", "epochs"],
+                       check=True,
                        env={**ENV, "IMGCLF_FEATURES_IN_MEMORY_MB": limit}, cwd=ROOT, capture_output=True, timeout=120)
         hist.append([(float(r["val_loss"]), float(r["train_loss"])) for r in read_history(out / "history.csv")])
     assert len(hist[0]) == 6 and np.allclose(hist[0], hist[1], atol=1e-4)

@@ -49,15 +49,15 @@ def test_onnx_export_parity_and_metadata(exported, tiny_run, tiny):
     m = onnx.load(str(path))
     meta = {p.key: p.value for p in m.metadata_props}
     assert json.loads(meta["classes"]) == ["cats", "dogs"]
-    assert json.loads(meta["input_size"]) == 224 and meta["resize"] == "crop"
-    assert json.loads(meta["preprocess"])["size"] == 224
-    assert meta["imgclf_version"] and meta["arch"] == "efficientnet_lite0"
+    assert json.loads(meta["input_size"]) == 208 and meta["resize"] == "crop"
+    assert json.loads(meta["preprocess"])["size"] == 208
+    assert meta["imgclf_version"] and meta["arch"] == "efficientnet_lite1"
     assert 0.8 <= json.loads(meta["metrics"])["accuracy"] <= 1.0
 
     # The graph: uint8 NHWC in, a dynamic batch, probabilities out.
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
-    assert inp.type == "tensor(uint8)" and inp.shape[1:] == [224, 224, 3] and not isinstance(inp.shape[0], int)
+    assert inp.type == "tensor(uint8)" and inp.shape[1:] == [208, 208, 3] and not isinstance(inp.shape[0], int)
 
     # Independently of the export's own check: the .onnx gives PyTorch's
     # probabilities on real validation images, batched or one at a time.
@@ -262,7 +262,7 @@ def test_tflite_export(tiny_run, tiny, tmp_path):
     data = fp32.read_bytes()
     assert data[4:8] == b"TFL3" and r["bytes"] == len(data)
     meta = read_metadata(data)
-    assert meta["classes"] == ["cats", "dogs"] and meta["preprocess"]["size"] == 224 and meta["resize"] == "crop"
+    assert meta["classes"] == ["cats", "dogs"] and meta["preprocess"]["size"] == 208 and meta["resize"] == "crop"
     assert meta["model_sha256"] == RunDir(run).model_sha256() and meta["int8"] is False
     assert meta["temperature"] == pytest.approx(RunDir(run).record().get("temperature", 1.0))
     files = associated_files(data)  # TFLite's associated-files zip, for apps
@@ -273,7 +273,7 @@ def test_tflite_export(tiny_run, tiny, tmp_path):
     # app would (uint8 NHWC in, probabilities out), gives PyTorch's answers.
     it = Interpreter(model_path=str(fp32))
     inp = it.get_signature_runner("serving_default").get_input_details()["images"]
-    assert inp["dtype"] == np.uint8 and list(inp["shape"]) == [1, 224, 224, 3]
+    assert inp["dtype"] == np.uint8 and list(inp["shape"]) == [1, 208, 208, 3]
     runner = it.get_signature_runner("serving_default")
     torch_clf = lib.load(run, engine="torch")
     paths = [f for fs in val_images(tiny, 3).values() for f in fs]

@@ -75,7 +75,7 @@ def test_predict_json_base64(client, imgs):
 
 def test_model_health_metrics_docs(client):
     m = client.get("/v1/model").json()
-    assert m["classes"] == ["cats", "dogs"] and m["input_size"] == 224 and m["format"] == "onnx"
+    assert m["classes"] == ["cats", "dogs"] and m["input_size"] == 208 and m["format"] == "onnx"
     assert m["metrics"]["accuracy"] >= 0.8 and m["versions"]["imgclf"] and m["versions"]["onnxruntime"]
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json()["status"] == "ready"

@@ -29,16 +29,18 @@ def test_cli_train_writes_a_self_describing_run(tiny_run):
         assert (out / f).exists(), f
     assert "strategy: linear" in proc.stdout
     rec = torch.load(out / "model.pt", map_location="cpu", weights_only=True)  # no pickled code
-    assert rec["classes"] == ["cats", "dogs"] and rec["arch"] == "efficientnet_lite0"
-    assert rec["preprocess"]["size"] == 224 and rec["preprocess"]["mean"] == [0.5, 0.5, 0.5]
-    assert rec["config"]["model"] == "efficientnet_lite0" and rec["imgclf_version"] == imgclf.__version__
+    assert rec["classes"] == ["cats", "dogs"] and rec["arch"] == "efficientnet_lite1"
+    assert rec["preprocess"]["size"] == 208 and rec["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    assert rec["preprocess"]["crop_pct"] == pytest.approx(208 / 240)  # Lite1's own 240, centre 208
+    assert rec["config"]["model"] == "efficientnet_lite1" and rec["imgclf_version"] == imgclf.__version__
+    assert rec["config"]["flip_features"] is False  # "auto" resolved and saved
     splits = json.loads((out / "splits.json").read_text())
     assert len(splits["train"]) == 200 and len(splits["val"]) == 100
     assert not any(os.path.isabs(p) for p, _ in splits["train"])
 
 
-def test_frozen_lite0_linear_head_reaches_90_percent(tiny_run):
-    """Pretrained weights really load: a frozen Lite0 + trained linear head >= 90% on cats_dogs_tiny/val."""
+def test_frozen_backbone_linear_head_reaches_90_percent(tiny_run):
+    """Pretrained weights really load: a frozen Lite1 + fitted linear head >= 90% on cats_dogs_tiny/val."""
     out, _ = tiny_run
     m = json.loads((out / "eval_val.json").read_text())
     assert m["n"] == 100 and m["accuracy"] >= 0.90
@@ -75,10 +77,11 @@ def test_python_api_predicts_paths_pil_and_arrays(tiny_run, tiny, tmp_path):
     assert clf.predict_proba([f]).shape == (1, 2)
 
 
-def test_early_stopping_restores_best_weights(tiny_run):
-    """model.pt is the best epoch, not the last: its validation loss, recomputed
-    from the saved file, equals the best row of history.csv."""
-    out, _ = tiny_run
+def test_early_stopping_restores_best_weights(tmp_path, tiny):
+    """--head-fit epochs: model.pt is the best epoch, not the last: its
+    validation loss, recomputed from the saved file, equals the best row of history.csv."""
+    out = tmp_path / "epochs"
+    run_cli("train", tiny, "--out", out, "--head-fit", "epochs", "--no-evaluate")
     hist = read_history(out / "history.csv")
     best = max(hist, key=lambda r: (float(r["val_acc"]), -float(r["val_loss"])))
     last = hist[-1]
@@ -171,6 +174,7 @@ def test_feature_cache_hit_and_misses(tmp_path, tiny):
     a = run_cli("train", data, "--out", tmp_path / "a", *common)
     assert "0/200 train images from cache" in a.stdout
     b = run_cli("train", data, "--out", tmp_path / "b", "--head-hidden", "64", *common)
+    assert "head epoch" in b.stdout  # a hidden layer: trained by epochs (--head-fit auto)
     assert "200/200 train images from cache" in b.stdout
     # Change one training image's content: only it is recomputed.
     f = sorted((data / "train" / "cats").iterdir())[0]
@@ -181,7 +185,7 @@ def test_feature_cache_hit_and_misses(tmp_path, tiny):
     d = run_cli("train", data, "--out", tmp_path / "d", "--image-size", "160", *common)
     assert "0/200 train images from cache" in d.stdout
     info = run_cli("cache", "info", "--cache-dir", cache).stdout
-    assert "efficientnet_lite0" in info and "160px" in info
+    assert "efficientnet_lite1" in info and "160px" in info
     run_cli("cache", "clear", "--cache-dir", cache)
     assert "empty" in run_cli("cache", "info", "--cache-dir", cache).stdout
 

@@ -64,7 +64,7 @@ def test_web_folder(web):
               "ort/ort-wasm-simd-threaded.mjs", "ort/ort-wasm-simd-threaded.wasm"):
         assert (out / f).is_file() and (out / f).stat().st_size == files[f], f
     meta = json.loads((out / "model.json").read_text())
-    assert meta["classes"] == ["cats", "dogs"] and meta["preprocess"]["size"] == 224 and "run_path" not in meta
+    assert meta["classes"] == ["cats", "dogs"] and meta["preprocess"]["size"] == 208 and "run_path" not in meta
     assert report["max_abs_diff"] <= 1e-4  # the ONNX model itself was checked against PyTorch
     sw = (out / "sw.js").read_text()
     assert all(f'"./{f}"' in sw for f in files if f != "sw.js")

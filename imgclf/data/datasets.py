@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,12 +328,24 @@ def _missing_classes(classes: list[str], parts: dict[str, list]) -> list[str]:
     return out
 
 
+# path -> (size, mtime_ns, hash): training, calibration, the unknown scorer and
+# the final evaluation each look up the same files; hashing them once saves
+# about 1.5 s of a one-minute run on 3,000 photos. A changed file is re-hashed.
+_HASHES: dict[str, tuple[int, int, str]] = {}
+
+
 def file_hash(path: str | Path) -> str:
     """Content hash: the identity of an image for the cache and duplicate checks."""
+    key = str(path)
+    st = os.stat(key)
+    known = _HASHES.get(key)
+    if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+        return known[2]
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    _HASHES[key] = (st.st_size, st.st_mtime_ns, h.hexdigest())
     return h.hexdigest()
 
 

@@ -86,8 +86,12 @@ def score_split(run: RunDir, clf: TorchPredictor, cfg: EvaluateConfig, workers: 
     splits = run_splits(run, cfg.data, clf.classes)
     name, items = splits.eval_split(cfg.split)
     if cfg.split is None and name == "val":
-        printer("note: this data has no test split; evaluating on val (which also chose the best epoch, "
-                "so this figure is slightly optimistic)")
+        if clf.record.get("best", {}).get("chosen_by") == "cv":
+            printer("note: this data has no test split; evaluating on val, which chose nothing (the head's "
+                    "settings came from cross-validation on train), so this figure is a held-out estimate")
+        else:
+            printer("note: this data has no test split; evaluating on val (which also chose the best epoch, "
+                    "so this figure is slightly optimistic)")
     holder = Splits(splits.root, splits.classes, [], [], [], splits.layout)
     setattr(holder, name, list(items))
     for rel, reason in scan(holder, (name,)):

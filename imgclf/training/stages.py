@@ -30,6 +30,7 @@ from imgclf.errors import ConfigError, DataError
 from imgclf.models import ImageClassifier
 from imgclf.models.features import FeatureExtractor, FeatureRows, extract, feature_caches
 from imgclf.progress import Progress
+from imgclf.runs import write_json
 from imgclf.training.checkpoint import RunState, best_record, save_record
 from imgclf.training.distributed import Dist, is_main
 from imgclf.training.engine import (EarlyStopping, balanced_class_weights, evaluate, make_loss, train_one_epoch,
@@ -239,6 +240,10 @@ def run_feature_stage(ctx: Context, stage: Stage) -> None:
     if data is None:  # not rank 0: its share is encoded, rank 0 trains the head
         return
     X, Y, Xv, Yv = data
+    if cfg.search:
+        return search_head_stage(ctx, stage, X, Y, Xv, Yv)
+    if head_fit_mode(ctx, X) == "cv":
+        return fit_head_stage(ctx, stage, X, Y, Xv, Yv)
     head = ctx.model.head.to(ctx.device)
     steps = (len(X) + cfg.feature_batch_size - 1) // cfg.feature_batch_size
     opt = torch.optim.AdamW(head.parameters(), lr=stage.lr, weight_decay=cfg.weight_decay)
@@ -255,6 +260,108 @@ def run_feature_stage(ctx: Context, stage: Stage) -> None:
                      val_batches=lambda: _feature_batches(Xv, Yv, 1024, False, None), prepare=None, solo=True)
     finally:
         torch.set_num_threads(threads)
+
+
+def head_fit_mode(ctx: Context, X) -> str:
+    """cv where the head is linear and its features fit in memory (full-batch L-BFGS)."""
+    mode = ctx.cfg.head_fit
+    if mode == "auto":
+        mode = "epochs" if ctx.cfg.head_hidden else "cv"
+    if mode == "cv" and isinstance(X, FeatureRows):
+        log(f"head: {len(X)} training features exceed the in-memory limit; training by epochs instead of "
+            f"cross-validated L-BFGS (raise IMGCLF_FEATURES_IN_MEMORY_MB to change that)")
+        return "epochs"
+    return mode
+
+
+def search_head_stage(ctx: Context, stage: Stage, X, Y: torch.Tensor, Xv: torch.Tensor, Yv: torch.Tensor) -> None:
+    """--search N (training/search.py): Optuna trials scored by cross-validation
+    on train; the winner, refitted on all of train, becomes the head."""
+    from imgclf.runs import atomic_write_text
+    from imgclf.training.search import fit_best, run_search, search_csv
+
+    cfg, state = ctx.cfg, ctx.state
+    if state.epoch >= 1:  # resumed after the search
+        return
+    if isinstance(X, FeatureRows):
+        raise ConfigError(f"--search: {len(X)} training features exceed the in-memory limit "
+                          f"(IMGCLF_FEATURES_IN_MEMORY_MB)", "search on a sample of the data, or raise the limit")
+    t0 = time.time()
+    weights = ctx.class_weights.to(ctx.device) if ctx.class_weights is not None else None
+    variants = 2 if cfg.flip_features else 1
+    Yf = Y.float() if ctx.multi_label else Y
+    timeout = max(1.0, ctx.deadline - time.time()) if ctx.deadline is not None else None
+    with _one_thread(ctx.device):
+        best, rows = run_search(X, Yf, variants, cfg.search, cfg.cv_folds, cfg.seed, cfg.feature_batch_size,
+                                ctx.multi_label, weights, timeout, log)
+        atomic_write_text(ctx.state.run.search_file, search_csv(rows))
+        head = fit_best(X, Yf, best, cfg.seed, cfg.feature_batch_size, ctx.multi_label, weights)
+    if best["head"] == "mlp":  # the winner's shape becomes the run's (model.pt rebuilds the head from it)
+        cfg.head_hidden, cfg.dropout = (best["hidden"],), best["dropout"]
+        ctx.model.reset_classifier(ctx.model.num_classes, cfg.head_hidden, cfg.dropout)
+        state.config = cfg.to_dict()
+        write_json(state.run.config_file, state.config)
+    ctx.model.head.load_state_dict(head.state_dict())
+    log(f"search: wrote {ctx.state.run.search_file}")
+    _record_head_fit(ctx, stage, X, Y, Xv, Yv, time.time() - t0, {"cv_acc": best["cv_acc"], "cv_loss": best["cv_loss"]})
+
+
+class _one_thread:
+    """One CPU thread while fitting heads on features: small ops, and two
+    threads spin-wait on each other (measured in run_feature_stage)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.threads = device, torch.get_num_threads()
+
+    def __enter__(self):
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
+def _record_head_fit(ctx: Context, stage: Stage, X, Y, Xv, Yv, secs: float, cv: dict) -> dict:
+    """A head fitted in one go (cross-validated L-BFGS or a search winner),
+    recorded as one 'epoch': history row, best state, checkpoint."""
+    state, head = ctx.state, ctx.model.head.to(ctx.device)
+    loss_fn = torch.nn.BCEWithLogitsLoss() if ctx.multi_label else torch.nn.CrossEntropyLoss()
+    tr = evaluate(head, _feature_batches(X, Y, 4096, False, None), loss_fn, ctx.device)
+    va = evaluate(head, _feature_batches(Xv, Yv, 4096, False, None), loss_fn, ctx.device)
+    tr["seconds"] = secs
+    state.epoch, state.elapsed = 1, state.elapsed + secs
+    row = _history_row(stage, state, 0, tr, va, None, secs)
+    row.update({k: round(v, 5) for k, v in cv.items()})
+    score = EarlyStopping(1, ctx.cfg.monitor).score(va)
+    state.consider(ctx.model, score, {**va, "stage": stage.name, "epoch": row["epoch"], "chosen_by": "cv", **cv},
+                   "head")
+    state.checkpoint(ctx.model, "head", None, None, None)
+    return va
+
+
+def fit_head_stage(ctx: Context, stage: Stage, X: torch.Tensor, Y: torch.Tensor, Xv: torch.Tensor,
+                   Yv: torch.Tensor) -> None:
+    """The linear head in one exact fit (training/head_fit.py): the L2 strength
+    by k-fold cross-validation on train, then a refit on all of it."""
+    from imgclf.training.head_fit import cv_summary, fit_head_cv
+
+    cfg = ctx.cfg
+    if ctx.state.epoch >= 1:  # resumed after the fit
+        return
+    t0 = time.time()
+    weights = ctx.class_weights.to(ctx.device) if ctx.class_weights is not None else None
+    with _one_thread(ctx.device):
+        fit = fit_head_cv(X.float(), Y.float() if ctx.multi_label else Y, 2 if cfg.flip_features else 1,
+                          cfg.cv_folds, cfg.seed, ctx.multi_label, weights)
+    head = ctx.model.head.to(ctx.device)
+    with torch.no_grad():
+        head[-1].weight.copy_(fit.weight)
+        head[-1].bias.copy_(fit.bias)
+    cv = fit.cv.get(fit.l2) or {}
+    va = _record_head_fit(ctx, stage, X, Y, Xv, Yv, time.time() - t0,
+                          {"l2": fit.l2, **{f"cv_{k}": v for k, v in cv.items()}})
+    log(f"head: {cv_summary(fit, cfg.cv_folds)}; val acc {va['acc']:.4f} (val chose nothing), "
+        f"loss {va['loss']:.4f}  {time.time() - t0:.1f}s")
 
 
 # ---------------------------------------------------------------- whole network on images
@@ -487,7 +594,7 @@ def _history_row(stage: Stage, state: RunState, epoch: int, tr: dict, va: dict, 
            "train_loss": round(tr["loss"], 5), "train_acc": round(tr["acc"], 5),
            "val_loss": round(va["loss"], 5), "val_acc": round(va["acc"], 5),
            "val_balanced_acc": round(va["balanced_acc"], 5), **({"val_map": round(va["map"], 5)} if "map" in va else {}),
-           "lr": opt.param_groups[0]["lr"], "seconds": round(secs, 3),
+           "lr": opt.param_groups[0]["lr"] if opt else None, "seconds": round(secs, 3),
            # training throughput of all processes together (each trains its share in the same time)
            "train_images_per_s": round(tr["n"] * world / max(tr["seconds"], 1e-9), 1)}
     state.history.append(row)

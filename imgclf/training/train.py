@@ -66,6 +66,8 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
     seed_everything(cfg.seed)
     look = look_at(splits, seed=cfg.seed) if cfg.strategy in ("auto", "native") and not cfg.resume else None
     strategy, why = choose_strategy(cfg, device, look, len(splits.train))
+    if cfg.flip_features is None:  # auto: mirrored features doubled the encoding for no gain (benchmarks.md)
+        cfg = replace(cfg, flip_features=strategy == "native")
     if strategy == "native":
         cfg = native_settings(cfg, look)
     pp = resolve_preprocess(cfg)
@@ -91,12 +93,14 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
     except KeyboardInterrupt:
         log(f"\ninterrupted: the last completed epoch is saved; continue with `imgclf train --resume --out {run}`")
         raise
+    if ctx.tb is not None:
+        ctx.tb.close()  # written out now: the CLI exits without interpreter teardown (cli.run)
     if not dist.main:  # rank 0 alone calibrates, evaluates and writes the run
         return TrainResult(run.path, strategy, {}, None, round(time.time() - t_start, 2))
-    record = ctx.save_best()
-    calibration = calibrate(ctx, record)
-    decision = fit_thresholds(ctx, record) if ctx.multi_label else {}
-    unknown = fit_unknown(ctx, record)
+    clf = predictor(ctx, ctx.save_best())  # one predictor (and backbone session) for the three fits below
+    calibration = calibrate(ctx, clf)
+    decision = fit_thresholds(ctx, clf) if ctx.multi_label else {}
+    unknown = fit_unknown(ctx, clf)
     ctx.save_best(calibration["temperature"] if calibration else 1.0,
                   extra={**({"calibration": calibration} if calibration else {}), **decision, **unknown})
     write_history(run.history_file, state.history)
@@ -272,18 +276,24 @@ def make_context(cfg: TrainConfig, splits: Splits, model, pp: Preprocess, device
                    tb=tb if dist.main else None, class_weights=weights, dist=dist, strategy=strategy)
 
 
-def calibrate(ctx: Context, record: dict) -> dict | None:
+def predictor(ctx: Context, record: dict):
+    """The best weights as a TorchPredictor: what prediction will run, so
+    calibration, thresholds and the unknown scorer are fitted on its outputs."""
+    from imgclf.inference.torch_predictor import TorchPredictor
+
+    return TorchPredictor(record, device=ctx.cfg.device, engine=ctx.cfg.engine, cache_dir=ctx.cfg.cache_dir)
+
+
+def calibrate(ctx: Context, clf) -> dict | None:
     """Fit the temperature on the validation split (stored in model.pt, so a
     freshly trained run predicts calibrated probabilities). The "after"
     ECE is cross-fitted (each image scored with a T fit on the other folds):
     the same images chose T, so a plain refit would flatter itself."""
     from imgclf.evaluation.calibration import fit_calibration
-    from imgclf.inference.torch_predictor import TorchPredictor
 
     if ctx.multi_label:
         log("calibration: multi-label: per-label sigmoid scores with decision thresholds tuned on val instead")
         return None
-    clf = TorchPredictor(record, device=ctx.cfg.device, engine=ctx.cfg.engine, cache_dir=ctx.cfg.cache_dir)
     logits, labels, _ = clf.logits_items(ctx.splits.root, ctx.splits.val, ctx.cfg.batch_size, ctx.workers, ctx.bad,
                                          progress=False, use_cache=ctx.cfg.cache)
     cal = fit_calibration(logits["plain"], labels)
@@ -295,13 +305,12 @@ def calibrate(ctx: Context, record: dict) -> dict | None:
     return cal
 
 
-def fit_thresholds(ctx: Context, record: dict) -> dict:
+def fit_thresholds(ctx: Context, clf) -> dict:
     """Multi-label: per-label decision thresholds, each maximising F1 on val
     (or --threshold for all). The held-out split then measures them."""
     from imgclf.evaluation.metrics import tune_thresholds
-    from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
+    from imgclf.inference.torch_predictor import probs_from_logits
 
-    clf = TorchPredictor(record, device=ctx.cfg.device, engine=ctx.cfg.engine, cache_dir=ctx.cfg.cache_dir)
     logits, labels, _ = clf.logits_items(ctx.splits.root, ctx.splits.val, ctx.cfg.batch_size, ctx.workers, ctx.bad,
                                          progress=False, use_cache=ctx.cfg.cache)
     p = probs_from_logits(logits, 1.0, multi_label=True)
@@ -312,15 +321,13 @@ def fit_thresholds(ctx: Context, record: dict) -> dict:
     return {"thresholds": [float(t) for t in thr]}
 
 
-def fit_unknown(ctx: Context, record: dict) -> dict:
+def fit_unknown(ctx: Context, clf) -> dict:
     """The unknown-input scorer (inference/unknown.py): the training images'
     features (cached: training just computed them) as the kNN bank, the
     validation images' distances as its scale, and --reject's threshold."""
     from imgclf.inference import reject_threshold
-    from imgclf.inference.torch_predictor import TorchPredictor
     from imgclf.inference.unknown import bank_sample, fit_scorer
 
-    clf = TorchPredictor(record, device=ctx.cfg.device, engine=ctx.cfg.engine, cache_dir=ctx.cfg.cache_dir)
     kw = dict(batch_size=ctx.cfg.batch_size, workers=ctx.workers, bad=ctx.bad, progress=False, use_cache=ctx.cfg.cache)
     train = ctx.splits.train
     groups = np.zeros(len(train), int) if ctx.multi_label else np.array([y for _, y in train])  # class-balanced bank
