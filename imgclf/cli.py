@@ -155,7 +155,7 @@ def cmd_models(cfg: C.ModelsConfig) -> int:
     rows = [("name", "input", "pretrained weights", "available here")]
     for name, info in MODELS.items():
         avail = "n/a (from scratch)" if not info.pretrained else ("yes" if info.weights_available() else "no (see source)")
-        rows.append((name + (" (default)" if name == "efficientnet_lite0" else ""), f"{info.preprocess.size}px",
+        rows.append((name + (" (default)" if name == C.TrainConfig().model else ""), f"{info.preprocess.size}px",
                      info.weights_source, avail))
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:

@@ -33,6 +33,8 @@ class TrainConfig:
     time_budget: float | None = _f(None, "seconds: plan the stages to fit and return the best model found in time")
     image_size: int | None = _f(None, "input size in pixels (default: the model's own, e.g. 224)")
     resize: str | None = _f(None, "crop | squash | pad (default: the model's own, crop)")
+    crop_pct: float | None = _f(None, "--resize crop: the share of the resized image kept around its centre (timm's "
+                                      "crop_pct; default: the model's own: 208/240 for Lite1, 1 for the others)")
     batch_size: int = _f(32, "images per step for image batches; under torchrun per process (the global batch "
                              "is this x the number of processes)")
     feature_batch_size: int = _f(128, "examples per step when training a head on cached features")
@@ -124,6 +126,8 @@ class TrainConfig:
              "--head-fit cv fits a linear head; with --head-hidden use --head-fit epochs (or auto)"),
             (self.nproc_per_node >= 1, f"--nproc-per-node {self.nproc_per_node}: use 1 or more"),
             (self.image_size is None or self.image_size >= 16, "--image-size must be at least 16"),
+            (self.crop_pct is None or 0.25 <= self.crop_pct <= 1, f"--crop-pct {self.crop_pct}: use a share in "
+                                                                   f"[0.25, 1] (1 keeps the whole resized image)"),
             (self.threshold is None or 0 < self.threshold < 1, "--threshold must be in (0, 1)"),
             (_valid_reject(self.reject), f"--reject {self.reject!r}: use auto, off or a number in (0, 1]"),
         ]

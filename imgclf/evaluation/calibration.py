@@ -103,10 +103,16 @@ def fit_calibration(val_logits: np.ndarray, val_labels: np.ndarray) -> dict:
     before = probs_from_logits({"plain": val_logits}, 1.0)
     after = probs_from_logits({"plain": val_logits}, cross_fit_temperatures(val_logits, val_labels)[:, None])
     idx = np.arange(len(val_labels))
-    return {"temperature": t, "fitted_on": "val", "n": int(len(val_labels)),
-            "ece_before": ece(before, val_labels), "ece_after": ece(after, val_labels),
-            "nll_before": float(-np.log(np.clip(before[idx, val_labels], 1e-12, 1)).mean()),
-            "nll_after": float(-np.log(np.clip(after[idx, val_labels], 1e-12, 1)).mean())}
+    out = {"temperature": t, "fitted_on": "val", "n": int(len(val_labels)),
+           "ece_before": ece(before, val_labels), "ece_after": ece(after, val_labels),
+           "nll_before": float(-np.log(np.clip(before[idx, val_labels], 1e-12, 1)).mean()),
+           "nll_after": float(-np.log(np.clip(after[idx, val_labels], 1e-12, 1)).mean())}
+    if out["nll_after"] >= out["nll_before"]:
+        # Scored honestly, T made held-out probabilities worse: the model is
+        # already calibrated (a logistic-regression head usually is), so T stays 1.
+        out.update({"temperature": 1.0, "declined_temperature": t, "declined_ece": out["ece_after"],
+                    "declined_nll": out["nll_after"], "ece_after": out["ece_before"], "nll_after": out["nll_before"]})
+    return out
 
 
 def _nan_to_none(a: np.ndarray) -> list:

@@ -143,7 +143,9 @@ def recalibrate(run: RunDir, clf: TorchPredictor, workers: int, bad: BadFileLog,
     clf.record["temperature"], clf.record["calibration"] = cal["temperature"], cal
     clf.temperature = cal["temperature"]
     save_record(clf.record, run)
-    printer(f"calibration: T = {cal['temperature']:.3f} fitted on val, stored in {run.model_file}")
+    printer(f"calibration: T = {cal['temperature']:.3f} fitted on val, stored in {run.model_file}"
+            + (f" (T = {cal['declined_temperature']:.3f} raised the cross-fitted log loss: kept 1)"
+               if "declined_temperature" in cal else ""))
 
 
 def tta_comparison(sc: Scored, classes: list[str]) -> dict:

@@ -300,6 +300,11 @@ def calibrate(ctx: Context, clf) -> dict | None:
     if "skipped" in cal:
         log(f"calibration: {cal['skipped']}; T stays 1")
         return None
+    if "declined_temperature" in cal:
+        log(f"calibration: T = 1 kept: the best fit on val, T = {cal['declined_temperature']:.3f}, raised the "
+            f"cross-fitted log loss ({cal['nll_before']:.4f} -> {cal['declined_nll']:.4f}); val ECE "
+            f"{100 * cal['ece_before']:.2f}%: already calibrated")
+        return cal
     log(f"calibration: T = {cal['temperature']:.3f} fitted on val ({cal['n']} images); val ECE "
         f"{100 * cal['ece_before']:.2f}% -> {100 * cal['ece_after']:.2f}% (cross-fitted)")
     return cal
@@ -400,6 +405,8 @@ def resolve_preprocess(cfg: TrainConfig) -> Preprocess:
         pp.size = cfg.image_size
     if cfg.resize:
         pp.resize = cfg.resize
+    if cfg.crop_pct:
+        pp.crop_pct = cfg.crop_pct
     return pp
 
 
