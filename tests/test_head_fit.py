@@ -56,7 +56,7 @@ def test_default_head_is_cross_validated_and_val_chooses_nothing(tmp_path, tiny)
 
 def test_search_writes_every_trial_and_installs_the_winner(tmp_path, tiny):
     out = tmp_path / "search"
-    p = run_cli("train", tiny, "--out", out, "--search", "8", "--cv-folds", "3")
+    p = run_cli("train", tiny, "--out", out, "--search", "8", "--cv-folds", "3", "--crop-pct", "1")
     assert "search: 8 trials" in p.stdout and "best (trial" in p.stdout
     rows = list(csv.DictReader(open(out / "search.csv")))
     assert [int(r["trial"]) for r in rows] == list(range(8))
@@ -70,6 +70,7 @@ def test_search_writes_every_trial_and_installs_the_winner(tmp_path, tiny):
     # The winner's shape is the run's: model.pt rebuilds and predicts with it.
     assert cfg["head_hidden"] == ([int(best["hidden"])] if best["head"] == "mlp" else [])
     assert rec["head_hidden"] == cfg["head_hidden"] and rec["best"]["chosen_by"] == "cv"
+    assert rec["preprocess"]["crop_pct"] == 1.0 and rec["preprocess"]["size"] == 208  # --crop-pct: the whole image
     assert float(read_history(out / "history.csv")[0]["cv_loss"]) == pytest.approx(float(best["cv_loss"]), abs=1e-4)
     clf = imgclf.load(out)
     res = clf.predict(sorted((tiny / "val" / "dogs").iterdir())[:10])

@@ -66,8 +66,15 @@ def fit_linear(X: torch.Tensor, Y: torch.Tensor, l2: float, multi_label: bool = 
     return W.detach(), b.detach()
 
 
-def _metrics(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> tuple[float, float]:
-    """(summed unweighted loss, hits): comparable across strengths and folds."""
+def standardise(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Z, mean, sd): features scaled per dimension, so one L2 strength suits every backbone."""
+    X = X.float()
+    mu, sd = X.mean(0), X.std(0).clamp(min=1e-6)
+    return (X - mu) / sd, mu, sd
+
+
+def held_out(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> tuple[float, float]:
+    """(summed unweighted loss, hits) of a held-out fold: comparable across settings and folds."""
     if multi_label:
         loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1).sum().item()
         return loss, ((logits > 0).float() == y).all(1).sum().item()
@@ -102,7 +109,7 @@ def cross_validate(Z: torch.Tensor, Y: torch.Tensor, folds: np.ndarray, variants
         init = None
         for l2 in grid:  # strongest first, each warm-started from the last
             init = fit_linear(Z[tr], Y[tr], l2, multi_label, weights, init)
-            loss, hits = _metrics(Z[te] @ init[0].T + init[1], Y[te], multi_label)
+            loss, hits = held_out(Z[te] @ init[0].T + init[1], Y[te], multi_label)
             total[l2][0] += loss
             total[l2][1] += hits
     return {l2: {"loss": v[0] / n, "acc": v[1] / n} for l2, v in total.items()}
@@ -119,9 +126,7 @@ def fit_head_cv(X: torch.Tensor, Y: torch.Tensor, variants: int, k: int, seed: i
                 weights: torch.Tensor | None = None, grid=L2_GRID) -> LinearFit:
     """Standardise, cross-validate the L2 strength over `grid`, refit on all of
     X, and fold the standardisation into (W, b) so the head takes raw features."""
-    X = X.float()
-    mu, sd = X.mean(0), X.std(0).clamp(min=1e-6)
-    Z = (X - mu) / sd
+    Z, mu, sd = standardise(X)
     y_img = Y[: len(Y) // variants].cpu().numpy()
     folds = fold_ids(y_img if not multi_label else np.zeros(len(y_img), np.int64), k, seed)
     cv = cross_validate(Z, Y, folds, variants, grid, multi_label, weights) if len(grid) > 1 else {grid[0]: {}}

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgclf.training.head_fit import fit_linear, fold_ids
+from imgclf.training.head_fit import fit_linear, fold_ids, held_out, standardise
 
 
 def suggest_params(trial) -> dict:
@@ -82,15 +82,6 @@ def fit_params(Z: torch.Tensor, Y: torch.Tensor, p: dict, k: int, seed: int, bat
     return lambda z: net(z).detach()
 
 
-def held_out(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> tuple[float, float]:
-    """(summed unweighted loss, hits) of one fold."""
-    with torch.no_grad():
-        if multi_label:
-            loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1).sum().item()
-            return loss, ((logits > 0).float() == y).all(1).sum().item()
-        return F.cross_entropy(logits, y, reduction="sum").item(), (logits.argmax(1) == y).sum().item()
-
-
 def run_search(X: torch.Tensor, Y: torch.Tensor, variants: int, trials: int, folds_k: int, seed: int,
                batch: int, multi_label: bool = False, weights: torch.Tensor | None = None,
                timeout: float | None = None, log=print) -> tuple[dict, list[dict]]:
@@ -98,9 +89,7 @@ def run_search(X: torch.Tensor, Y: torch.Tensor, variants: int, trials: int, fol
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    X = X.float()
-    mu, sd = X.mean(0), X.std(0).clamp(min=1e-6)
-    Z = (X - mu) / sd
+    Z, _, _ = standardise(X)
     n = len(Z) // variants
     k = Y.shape[1] if multi_label else int(Y.max()) + 1
     y_img = Y[:n].cpu().numpy() if not multi_label else np.zeros(n, np.int64)
@@ -163,9 +152,7 @@ def fit_best(X: torch.Tensor, Y: torch.Tensor, best: dict, seed: int, batch: int
              weights: torch.Tensor | None) -> nn.Sequential:
     """The winner refitted on all training features, as a head module taking
     raw features (the standardisation folded into its first layer)."""
-    X = X.float()
-    mu, sd = X.mean(0), X.std(0).clamp(min=1e-6)
-    Z = (X - mu) / sd
+    Z, mu, sd = standardise(X)
     k = Y.shape[1] if multi_label else int(Y.max()) + 1
     if best["head"] == "linear":
         W, b = fit_linear(Z, Y, best["l2"], multi_label, weights)
