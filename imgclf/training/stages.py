@@ -248,18 +248,10 @@ def run_feature_stage(ctx: Context, stage: Stage) -> None:
     steps = (len(X) + cfg.feature_batch_size - 1) // cfg.feature_batch_size
     opt = torch.optim.AdamW(head.parameters(), lr=stage.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(stage.epochs * steps, int(cfg.warmup_epochs * steps)))
-    # A head's matmuls are tiny: with 2 OpenMP threads each op pays thread
-    # wake-up and, when another process holds a core, spin-waits (measured: a
-    # 128x1280 dropout took 9 ms instead of 0.1 ms). One thread is faster.
-    threads = torch.get_num_threads()
-    if ctx.device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    with _one_thread(ctx.device):
         train_epochs(ctx, stage, head, "head", opt, sched,
                      train_batches=lambda gen: _feature_batches(X, Y, cfg.feature_batch_size, True, gen),
                      val_batches=lambda: _feature_batches(Xv, Yv, 1024, False, None), prepare=None, solo=True)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def head_fit_mode(ctx: Context, X) -> str:
@@ -307,8 +299,10 @@ def search_head_stage(ctx: Context, stage: Stage, X, Y: torch.Tensor, Xv: torch.
 
 
 class _one_thread:
-    """One CPU thread while fitting heads on features: small ops, and two
-    threads spin-wait on each other (measured in run_feature_stage)."""
+    """One CPU thread while a head learns on features. Its matmuls are tiny:
+    with 2 OpenMP threads each op pays thread wake-up and, when another
+    process holds a core, spin-waits (measured: a 128x1280 dropout took 9 ms
+    instead of 0.1 ms; the CV head took 65 s instead of 13-16 s under load)."""
 
     def __init__(self, device: torch.device):
         self.device, self.threads = device, torch.get_num_threads()
