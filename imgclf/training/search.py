@@ -22,9 +22,9 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from imgclf.training.engine import make_loss, train_one_epoch
 from imgclf.training.head_fit import fit_linear, fold_ids, held_out, standardise
 
 
@@ -51,24 +51,18 @@ def mlp(d: int, k: int, hidden: int, dropout: float) -> nn.Sequential:
 
 def train_mlp(Z: torch.Tensor, Y: torch.Tensor, p: dict, k: int, seed: int, batch: int,
               multi_label: bool, weights: torch.Tensor | None) -> nn.Sequential:
-    """p['epochs'] AdamW epochs with cosine decay, no early stop (there is no
-    split to stop on: the epochs are a searched setting)."""
+    """p['epochs'] AdamW epochs (engine.train_one_epoch) with cosine decay, no
+    early stop (there is no split to stop on: the epochs are a searched setting)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = mlp(Z.shape[1], k, p["hidden"], p["dropout"]).to(Z.device)
     steps = p["epochs"] * math.ceil(len(Z) / batch)
     opt = torch.optim.AdamW(net.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    loss_fn = make_loss(weights, 0.0, multi_label)  # no smoothing: trials are scored by log loss
     for _ in range(p["epochs"]):
-        for j in torch.randperm(len(Z), generator=g).split(batch):
-            j = j.to(Z.device)
-            out = net(Z[j])
-            loss = (F.binary_cross_entropy_with_logits(out, Y[j], pos_weight=weights) if multi_label else
-                    F.cross_entropy(out, Y[j], weight=weights))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        order = torch.randperm(len(Z), generator=g).to(Z.device)
+        train_one_epoch(net, ((Z[j], Y[j]) for j in order.split(batch)), loss_fn, opt, sched, Z.device)
     return net.eval()
 
 
