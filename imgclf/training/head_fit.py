@@ -129,18 +129,21 @@ def fit_head_cv(X: torch.Tensor, Y: torch.Tensor, variants: int, k: int, seed: i
     Z, mu, sd = standardise(X)
     y_img = Y[: len(Y) // variants].cpu().numpy()
     folds = fold_ids(y_img if not multi_label else np.zeros(len(y_img), np.int64), k, seed)
-    cv = cross_validate(Z, Y, folds, variants, grid, multi_label, weights) if len(grid) > 1 else {grid[0]: {}}
-    l2 = choose_l2(cv) if len(grid) > 1 else grid[0]
+    cv = cross_validate(Z, Y, folds, variants, grid, multi_label, weights)
+    l2 = choose_l2(cv)
     init = None
     for s in [g for g in grid if g >= l2]:  # the same warm-start path as in each fold
         init = fit_linear(Z, Y, s, multi_label, weights, init)
-    W, b = init
-    return LinearFit(W / sd, b - (W / sd) @ mu, l2, cv)
+    return LinearFit(*for_raw_features(*init, mu, sd), l2, cv)
+
+
+def for_raw_features(W: torch.Tensor, b: torch.Tensor, mu: torch.Tensor, sd: torch.Tensor):
+    """(W, b) fitted on z = (x - mu) / sd, rewritten for x: (W / sd, b - (W / sd) mu)."""
+    w = W / sd
+    return w, b - w @ mu
 
 
 def cv_summary(fit: LinearFit, k: int) -> str:
-    v = fit.cv.get(fit.l2) or {}
-    if not v:
-        return f"L2 {fit.l2:g} (given)"
+    v = fit.cv[fit.l2]
     return (f"L2 {fit.l2:.3g} chosen by {k}-fold cross-validation on train: held-out acc {v['acc']:.4f}, "
             f"loss {v['loss']:.4f}")

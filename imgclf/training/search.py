@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from imgclf.training.engine import make_loss, train_one_epoch
-from imgclf.training.head_fit import fit_linear, fold_ids, held_out, standardise
+from imgclf.training.head_fit import fit_linear, fold_ids, for_raw_features, held_out, standardise
 
 
 def suggest_params(trial) -> dict:
@@ -156,8 +156,8 @@ def fit_best(X: torch.Tensor, Y: torch.Tensor, best: dict, seed: int, batch: int
     else:
         head = train_mlp(Z, Y, best, k, seed, batch, multi_label, weights)
         first = head[1]
-    with torch.no_grad():  # W z + b with z = (x - mu) / sd  ==  (W / sd) x + (b - (W / sd) mu)
-        w = first.weight / sd
-        first.bias.copy_(first.bias - w @ mu)
+    with torch.no_grad():
+        w, b = for_raw_features(first.weight, first.bias, mu, sd)
         first.weight.copy_(w)
+        first.bias.copy_(b)
     return head.cpu()

@@ -351,7 +351,7 @@ def fit_head_stage(ctx: Context, stage: Stage, X: torch.Tensor, Y: torch.Tensor,
     with torch.no_grad():
         head[-1].weight.copy_(fit.weight)
         head[-1].bias.copy_(fit.bias)
-    cv = fit.cv.get(fit.l2) or {}
+    cv = fit.cv[fit.l2]
     va = _record_head_fit(ctx, stage, X, Y, Xv, Yv, time.time() - t0,
                           {"l2": fit.l2, **{f"cv_{k}": v for k, v in cv.items()}})
     log(f"head: {cv_summary(fit, cfg.cv_folds)}; val acc {va['acc']:.4f} (val chose nothing), "
