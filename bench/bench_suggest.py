@@ -1,6 +1,7 @@
 """`imgclf suggest` against random choice: accuracy for the number of labels.
 
   .venv/bin/python bench/bench_suggest.py [--seeds 3] [--rounds 10] [--out docs/suggest.png]
+  .venv/bin/python bench/bench_suggest.py --model efficientnet_lite0 --head epochs   # the run before issue 12
   .venv/bin/python bench/bench_suggest.py --score-on dev --novelty suggest,ramp,none   # choosing
 
 Simulated labelling on cats_and_dogs_filtered and hymenoptera: the training
@@ -14,13 +15,16 @@ and scored on the data's validation folder, which nothing in the loop looks at
 ranking are made with --score-on dev, which scores on a held-back quarter of
 the training folder instead and never reads the validation folder.
 
-The head recipe is `imgclf train`'s on cached features (EfficientNet-Lite0
-pretrained backbone, plain + mirrored features, dropout 0.2 + linear layer,
-AdamW lr 1e-3, weight decay 0.01, label smoothing 0.1, 1 warm-up epoch then
-cosine, batch 128) with a fixed 40 epochs instead of early stopping on a
-validation split (the simulation has none to spare), and temperature 1 (for
-two classes a temperature keeps the order of the margins; it changes only
-how much uncertainty weighs against density).
+Features and head are what `imgclf train` does by default: its default
+backbone's cached features (--model; EfficientNet-Lite1 since issue 12) and
+`--head cv`, the linear head of training/head_fit.py with its L2 strength
+chosen by 5-fold cross-validation on the labelled images alone (3-fold below
+50 labels). `--head epochs` is the recipe before issue 12 (plain + mirrored
+features, dropout 0.2 + linear layer, AdamW lr 1e-3, weight decay 0.01, label
+smoothing 0.1, 1 warm-up epoch then cosine, batch 128) for a fixed 40 epochs
+instead of early stopping on a validation split (the simulation has none to
+spare). Temperature 1 in both (for two classes a temperature keeps the order
+of the margins; it changes only how much uncertainty weighs against density).
 """
 
 from __future__ import annotations
@@ -34,20 +38,39 @@ import numpy as np
 from common import DATASETS, ROOT, machine, table
 
 
-def features(data: Path):
+def features(data: Path, model: str):
     """(train plain, train flip, train labels, val plain, val labels) through the feature cache."""
     from imgclf.data.datasets import discover
     from imgclf.inference.embed import PretrainedEmbedder
 
-    emb = PretrainedEmbedder("efficientnet_lite0")
+    emb = PretrainedEmbedder(model)
     s = discover(data)
     tr, ytr, _ = emb.features_items(s.root, s.train, variants=("plain", "flip"), workers=1)
     va, yva, _ = emb.features_items(s.root, s.val, workers=1)
     return tr["plain"], tr["flip"], ytr, va["plain"], yva
 
 
-def fit_head(X: np.ndarray, Xf: np.ndarray, y: np.ndarray, classes: int, seed: int, epochs: int = 40):
-    """imgclf's head recipe on features (see the module docstring); returns a predict_proba function."""
+def fit_head(X: np.ndarray, Xf: np.ndarray, y: np.ndarray, classes: int, seed: int, head: str = "cv"):
+    """imgclf's head on features (see the module docstring); returns a predict_proba function."""
+    return (fit_head_cv if head == "cv" else fit_head_epochs)(X, Xf, y, classes, seed)
+
+
+def fit_head_cv(X: np.ndarray, Xf: np.ndarray, y: np.ndarray, classes: int, seed: int):
+    """`imgclf train`'s default head: head_fit.fit_head_cv on plain features."""
+    import torch
+
+    from imgclf.training.head_fit import fit_head_cv as fit
+
+    k = 5 if np.bincount(y, minlength=classes).min() >= 10 else 3  # each fold needs images of every class
+    f = fit(torch.from_numpy(X).float(), torch.from_numpy(y).long(), 1, k, seed)
+
+    def proba(F: np.ndarray) -> np.ndarray:
+        return torch.softmax(torch.from_numpy(F).float() @ f.weight.T + f.bias, 1).numpy()
+
+    return proba
+
+
+def fit_head_epochs(X: np.ndarray, Xf: np.ndarray, y: np.ndarray, classes: int, seed: int, epochs: int = 40):
     import torch
 
     from imgclf.training.engine import make_loss, train_one_epoch, warmup_cosine
@@ -109,7 +132,7 @@ def novelty_for(kind: str, F_lab: np.ndarray, F_pool: np.ndarray) -> np.ndarray:
     return open_set_novelty(unknown, len(scorer.val_sorted))
 
 
-def simulate(data, strategy: str, seed: int, rounds: int, step: float, novelty: str = "suggest"):
+def simulate(data, strategy: str, seed: int, rounds: int, step: float, novelty: str = "suggest", head: str = "cv"):
     from imgclf.inference.similar import unit_rows
     from imgclf.inference.suggest import rank_for_labelling
 
@@ -121,7 +144,7 @@ def simulate(data, strategy: str, seed: int, rounds: int, step: float, novelty: 
     U = unit_rows(X)
     curve = []
     for r in range(rounds):
-        proba = fit_head(X[labelled], Xf[labelled], y[labelled], classes, seed * 100 + r)
+        proba = fit_head(X[labelled], Xf[labelled], y[labelled], classes, seed * 100 + r, head)
         curve.append((len(labelled), float((proba(Xv).argmax(1) == yv).mean())))
         if r == rounds - 1:
             break
@@ -162,7 +185,12 @@ def main() -> None:
     ap.add_argument("--score-on", choices=("val", "dev"), default="val",
                     help="val: the data's validation folder (report); dev: 25%% of the training folder (choose)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "suggest.png")
+    ap.add_argument("--model", default=None, help="backbone (default: imgclf train's default)")
+    ap.add_argument("--head", choices=("cv", "epochs"), default="cv", help="cv: imgclf train's default head")
     a = ap.parse_args()
+    from imgclf.config import TrainConfig
+
+    a.model = a.model or TrainConfig().model
     import torch
 
     torch.set_num_threads(1)  # tiny matmuls: one thread is faster (training/stages.py)
@@ -170,19 +198,22 @@ def main() -> None:
     strategies = [f"suggest:{k}" for k in kinds] + ["random"]
     results, t0 = {}, time.time()
     for name in names:
-        data = features(DATASETS / name)
+        data = features(DATASETS / name, a.model)
         data = dev_split(data) if a.score_on == "dev" else data
         for strategy in strategies:
             kind = strategy.partition(":")[2]
-            curves = [simulate(data, strategy.partition(":")[0], s, a.rounds, 0.05, kind) for s in range(a.seeds)]
+            curves = [simulate(data, strategy.partition(":")[0], s, a.rounds, 0.05, kind, a.head)
+                      for s in range(a.seeds)]
             n = [c[0] for c in curves[0]]
             acc = np.array([[c[1] for c in cur] for cur in curves])
             results[(name, strategy)] = (n, acc.mean(0), acc.std(0, ddof=1))
             print(name, strategy, [f"{x:.4f}" for x in acc.mean(0)], f"{time.time() - t0:.0f} s", flush=True)
         X, Xf, y, Xv, yv = data  # the ceiling: every training label
-        full = [float((fit_head(X, Xf, y, int(y.max()) + 1, s)(Xv).argmax(1) == yv).mean()) for s in range(a.seeds)]
+        full = [float((fit_head(X, Xf, y, int(y.max()) + 1, s, a.head)(Xv).argmax(1) == yv).mean())
+                for s in range(a.seeds)]
         results[(name, "all")] = (len(y), float(np.mean(full)), float(np.std(full, ddof=1)))
-    print(f"\n{machine()}; {time.time() - t0:.0f} s; scored on {a.score_on}; sd over {a.seeds} seeds (ddof 1)\n")
+    print(f"\n{machine()}; {time.time() - t0:.0f} s; {a.model}, head {a.head}; scored on {a.score_on}; "
+          f"sd over {a.seeds} seeds (ddof 1)\n")
     rows = []
     for name in names:
         _, rnd, rnd_sd = results[(name, "random")]

@@ -28,7 +28,7 @@ class TrainConfig:
     strategy: str = _f("auto", "auto | linear (frozen backbone, cached features) | finetune (head, then all layers) | scratch "
                                  "| native (small images: small_cnn at their own size, decoded once into memory)")
     epochs: int | None = _f(None, "maximum epochs of the main stage (default: 100 linear, 8 finetune, 30 scratch, "
-                                               "10 native)")
+                                               "14 native)")
     head_epochs: int = _f(30, "finetune: epochs of head-only training on cached features before unfreezing")
     time_budget: float | None = _f(None, "seconds: plan the stages to fit and return the best model found in time")
     image_size: int | None = _f(None, "input size in pixels (default: the model's own, e.g. 224)")

@@ -316,12 +316,12 @@ def model_from_record(rec: dict):
     """Rebuild the network from a model record (no pretrained download: the
     record's own weights replace them)."""
     from imgclf.errors import ModelFileError
-    from imgclf.models.registry import build_model
+    from imgclf.models.registry import build_model, record_arch
 
     if rec.get("format_version", 0) > FORMAT_VERSION:
         raise ModelFileError(f"model file format {rec['format_version']} is newer than this imgclf understands",
                              "upgrade imgclf (pip install -U imgclf)")
-    m = build_model(rec["arch"], rec["num_classes"], pretrained=False,
+    m = build_model(record_arch(rec["arch"], rec["state_dict"]), rec["num_classes"], pretrained=False,
                     head_hidden=tuple(rec.get("head_hidden") or ()), dropout=rec.get("dropout", 0.2))
     try:
         m.load_state_dict(rec["state_dict"])

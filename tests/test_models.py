@@ -60,3 +60,32 @@ def test_torchvision_local_weights_file(tmp_path):
     torch.save(ref.state_dict(), tmp_path / "r18.pth")
     m = build_model("resnet18", 2, pretrained=True, weights=str(tmp_path / "r18.pth"))
     assert torch.equal(m.backbone.conv1.weight, ref.conv1.weight)
+
+
+def test_small_cnn_model_files_from_imgclf_0_1_load_as_the_padded_network():
+    """imgclf 0.1 saved its padded small_cnn under the name small_cnn; the
+    unpadded small_cnn has weights of the same shapes, so such a file must be
+    recognised and rebuilt as small_cnn_padded, computing what it computed then."""
+    from imgclf.data.preprocess import Preprocess
+    from imgclf.models.registry import SmallCNN, SmallCNNPadded
+    from imgclf.runs import make_model_record, model_from_record
+
+    torch.manual_seed(0)
+    old = build_model("small_cnn_padded", num_classes=4, pretrained=False).eval()
+    rec = make_model_record(old, "small_cnn", list("abcd"), Preprocess(size=28), {})  # as 0.1 wrote it
+    x = torch.randn(3, 3, 28, 28)
+    loaded = model_from_record(rec)
+    assert isinstance(loaded.backbone, SmallCNNPadded)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), old(x))
+    new = build_model("small_cnn", num_classes=4, pretrained=False).eval()
+    assert isinstance(model_from_record(make_model_record(new, "small_cnn", list("abcd"), Preprocess(size=28),
+                                                          {})).backbone, SmallCNN)
+
+
+def test_small_cnn_needs_its_minimum_input_and_says_so(tmp_path, tiny):
+    from .conftest import imgclf
+
+    p = imgclf("train", tiny, "--out", tmp_path / "r", "--model", "small_cnn", "--image-size", "16", check=False)
+    assert p.returncode != 0 and "--image-size 16 is too small for small_cnn" in p.stderr
+    assert "use --image-size 18 or more" in p.stderr and not (tmp_path / "r" / "model.pt").exists()

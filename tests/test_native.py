@@ -35,7 +35,7 @@ def native_run(digits, tmp_path_factory):
 def test_auto_trains_small_grayscale_images_natively(native_run):
     run, p = native_run
     assert "strategy: native: grayscale images (28px" in p.stdout  # chosen, and why
-    assert "small_cnn (0.4M parameters), input 28px" in p.stdout
+    assert "small_cnn (0.2M parameters), input 28px" in p.stdout
     assert "640 images decoded into memory once" in p.stdout
     summary = json.loads((run / "summary.json").read_text())
     config = json.loads((run / "config.json").read_text())

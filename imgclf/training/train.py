@@ -32,6 +32,7 @@ from imgclf.data.datasets import (BadFileLog, ImageLook, Splits, default_workers
 from imgclf.data.preprocess import Preprocess, native_preprocess
 from imgclf.errors import ConfigError, DataError, MissingExtra, RunError
 from imgclf.models import build_model, count_params, get_model_info
+from imgclf.models.registry import SmallCNN
 from imgclf.runs import RunDir, read_json, torch_load, write_history, write_json
 from imgclf.training.checkpoint import CKPT_KEYS, RunState
 from imgclf.training.distributed import Dist, init_distributed
@@ -398,6 +399,9 @@ def set_threads(device: torch.device, dist: Dist | None = None) -> None:
 
 
 def resolve_preprocess(cfg: TrainConfig) -> Preprocess:
+    if cfg.model == "small_cnn" and cfg.image_size and cfg.image_size < SmallCNN.MIN_SIDE:
+        raise ConfigError(f"--image-size {cfg.image_size} is too small for small_cnn (unpadded convolutions)",
+                          f"use --image-size {SmallCNN.MIN_SIDE} or more: smaller images are upscaled to it")
     if cfg.strategy == "native":
         return native_preprocess(cfg.image_size)
     pp = copy.deepcopy(get_model_info(cfg.model).preprocess)
@@ -445,7 +449,7 @@ NATIVE_GREY_MAX_SIDE = 128  # grayscale (scans, drawings, digits) up to this siz
 
 def native_size(cfg: TrainConfig, look: ImageLook | None) -> int:
     """--image-size, else the images' own size (at most 64 px)."""
-    return cfg.image_size or (max(16, min(look.side, NATIVE_MAX_SIDE)) if look else NATIVE_MAX_SIDE)
+    return cfg.image_size or (max(SmallCNN.MIN_SIDE, min(look.side, NATIVE_MAX_SIDE)) if look else NATIVE_MAX_SIDE)
 
 
 def native_reason(cfg: TrainConfig, look: ImageLook | None, n_train: int) -> str | None:
