@@ -54,6 +54,13 @@ def test_onnx_export_parity_and_metadata(exported, tiny_run, tiny):
     assert meta["imgclf_version"] and meta["arch"] == "efficientnet_lite1"
     assert 0.8 <= json.loads(meta["metrics"])["accuracy"] <= 1.0
 
+    # Lite's TensorFlow padding is folded into the convolutions (models/same_pad.py):
+    # no Pad node is left for onnxruntime to run between them, and yet the
+    # probabilities below match PyTorch's dynamic padding.
+    ops = [n.op_type for n in m.graph.node]
+    assert "Pad" not in ops and any(a.name == "pads" and list(a.ints)[:2] != list(a.ints)[2:]
+                                    for n in m.graph.node if n.op_type == "Conv" for a in n.attribute)
+
     # The graph: uint8 NHWC in, a dynamic batch, probabilities out.
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]

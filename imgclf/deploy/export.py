@@ -357,14 +357,19 @@ def to_onnx(wrapped, size: int, meta: dict[str, str], outputs: list[str] = (OUTP
     import onnx
     import torch
 
+    from imgclf.models.same_pad import fold_pads_into_convs, static_same_padding
+
+    example = torch.zeros(1, size, size, 3, dtype=torch.uint8)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapped, torch.zeros(1, size, size, 3, dtype=torch.uint8), buf,
+        torch.onnx.export(static_same_padding(wrapped, example), example, buf,
                           input_names=[INPUT], output_names=list(outputs),
                           dynamic_axes={INPUT: {0: "n"}, **{o: {0: "n"} for o in outputs}}, opset_version=17,
                           dynamo=False)
-    return with_metadata(onnx.load_from_string(buf.getvalue()), meta)
+    graph = onnx.load_from_string(buf.getvalue())
+    fold_pads_into_convs(graph)  # Lite's TF padding: 25-35% faster in onnxruntime (models/same_pad.py)
+    return with_metadata(graph, meta)
 
 
 def with_metadata(m, meta: dict[str, str]) -> bytes:

@@ -234,6 +234,9 @@ def release_freed_memory() -> None:
             pass
 
 
+# In the cached backbone's file name: bumped when the export changes, so older
+# files are not reused (2: TF padding folded into the convolutions, models/same_pad.py).
+ONNX_RECIPE = "r2"
 ORT_BATCH = 16  # images per onnxruntime call when extracting features (see FeatureExtractor.__call__)
 
 
@@ -271,7 +274,7 @@ class FeatureExtractor:
         from imgclf.inference.onnx_predictor import ort_session
 
         folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / "onnx"
-        stem = f"backbone-{bhash}-{self.pp.size}"
+        stem = f"backbone-{bhash}-{self.pp.size}-{ONNX_RECIPE}"
         for path in sorted(folder.glob(f"{stem}-*.onnx")):
             data = path.read_bytes()
             if path.stem.endswith("-" + hashlib.sha256(data).hexdigest()[:16]):
@@ -288,14 +291,21 @@ class FeatureExtractor:
     def _export_onnx(self) -> bytes:
         import warnings
 
+        import onnx
+
+        from imgclf.models.same_pad import fold_pads_into_convs, static_same_padding
+
         self.backbone.cpu().to(memory_format=torch.contiguous_format)
+        example = torch.zeros(1, 3, self.pp.size, self.pp.size)
         buf = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(self.backbone, torch.zeros(1, 3, self.pp.size, self.pp.size), buf,
+            torch.onnx.export(static_same_padding(self.backbone, example), example, buf,
                               input_names=["x"], output_names=["features"],
                               dynamic_axes={"x": {0: "n"}, "features": {0: "n"}}, opset_version=17, dynamo=False)
-        return buf.getvalue()
+        graph = onnx.load_from_string(buf.getvalue())
+        fold_pads_into_convs(graph)
+        return graph.SerializeToString()
 
     @torch.inference_mode()
     def __call__(self, x_uint8: torch.Tensor) -> np.ndarray:
