@@ -6,7 +6,8 @@ For each backbone, input size and centre crop: frozen features of train
 (and mirrored train where asked) and val, their extraction speed, and the
 validation accuracy of the linear head fitted by cross-validation on train
 (training/head_fit.py; val chooses nothing), over 3 fold seeds. Also the
-Lite0+Lite1 feature ensemble (concatenated) and mirrored features. The
+Lite0+Lite1 feature ensemble and Lite1 at two scales (each concatenated),
+and mirrored features. The
 engine levers (INT8, OpenVINO, batch size, memory arena) are measured by
 hand; their numbers are in docs/benchmarks.md.
 """
@@ -87,14 +88,19 @@ def main() -> None:
                              "cv acc (train folds)": f"{np.mean(cvs):.4f}",
                              "val acc (3 fold seeds)": " / ".join(f"{v:.3f}" for v in vals)})
                 print(rows[-1], flush=True)
-    a, b = feats[("efficientnet_lite0", 224, 1.0)], feats[("efficientnet_lite1", 240, 1.0)]
-    ens = {"tr": np.concatenate([a["tr"], b["tr"]], 1), "va": np.concatenate([a["va"], b["va"]], 1),
-           "trf": None, "ytr": a["ytr"], "yva": a["yva"]}
     torch.set_num_threads(1)
-    vals, cvs = cv_head_acc(ens, False)
-    rows.append({"backbone": "lite0 + lite1 (concatenated)", "input": "224 + 240 px, crop 1", "mirrored train": "no",
-                 "images/s": "", "cv acc (train folds)": f"{np.mean(cvs):.4f}",
-                 "val acc (3 fold seeds)": " / ".join(f"{v:.3f}" for v in vals)})
+    combos = [("lite0 + lite1 (concatenated)", "224 + 240 px, crop 1",
+               ("efficientnet_lite0", 224, 1.0), ("efficientnet_lite1", 240, 1.0)),
+              ("lite1 multi-scale (concatenated)", "208 of 240 + 240 px",  # the default's view and the whole image
+               ("efficientnet_lite1", 208, 208 / 240), ("efficientnet_lite1", 240, 1.0))]
+    for label, inp, ka, kb in combos:
+        a, b = feats[ka], feats[kb]
+        both = {"tr": np.concatenate([a["tr"], b["tr"]], 1), "va": np.concatenate([a["va"], b["va"]], 1),
+                "trf": None, "ytr": a["ytr"], "yva": a["yva"]}
+        vals, cvs = cv_head_acc(both, False)
+        rows.append({"backbone": label, "input": inp, "mirrored train": "no", "images/s": "",
+                     "cv acc (train folds)": f"{np.mean(cvs):.4f}",
+                     "val acc (3 fold seeds)": " / ".join(f"{v:.3f}" for v in vals)})
     print(table(rows, list(rows[0])))
 
 
