@@ -39,6 +39,8 @@ class TrainConfig:
                              "is this x the number of processes)")
     feature_batch_size: int = _f(128, "examples per step when training a head on cached features")
     lr: float | None = _f(None, "peak learning rate of the head (default: 1e-3; 2e-3 for scratch)")
+    freeze_bn: bool = _f(True, "finetune: batch norm keeps the pretrained running statistics (Keras's advice "
+                               "for fine-tuning; they still learn scale and shift); --no-freeze-bn updates them")
     backbone_lr_mult: float = _f(0.1, "finetune: backbone learning rate = lr x this (lower: keep what ImageNet taught)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     warmup_epochs: float = _f(1.0, "linear learning-rate warm-up before the cosine decay, in epochs")

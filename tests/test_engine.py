@@ -35,3 +35,27 @@ def test_warmup_cosine_shape():
 def test_balanced_class_weights():
     w = balanced_class_weights(torch.tensor([0, 0, 0, 1]), 3)
     assert torch.allclose(w, torch.tensor([4 / 9, 4 / 3, 0.0]))
+
+
+def test_frozen_bn_keeps_running_statistics_and_still_learns_scale_and_shift():
+    """Fine-tuning keeps a pretrained network's batch-norm statistics
+    (--freeze-bn, the default): updating them from small augmented batches
+    dropped cats_and_dogs_filtered from 99.1% to 93% after one epoch."""
+    import torch
+    from torch import nn
+
+    from imgclf.training.engine import make_loss, train_one_epoch
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 3, 16, 16) * 3 + 1, torch.randint(0, 2, (8,))) for _ in range(4)]
+    for frozen in (True, False):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(4, 2))
+        bn = net[1]
+        mean0, weight0 = bn.running_mean.clone(), bn.weight.detach().clone()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        train_one_epoch(net, batches, make_loss(None, 0.0), opt, frozen_bn=frozen)
+        assert torch.equal(bn.running_mean, mean0) == frozen
+        assert not torch.equal(bn.weight.detach(), weight0)  # scale still trains
+        assert net.training and bn.training != frozen

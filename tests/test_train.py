@@ -281,18 +281,19 @@ def test_pad_run_trains_and_predicts_letterboxed(tmp_path, tiny):
             "--epochs", "1", "--no-evaluate")
     rec = torch.load(out / "model.pt", weights_only=True)
     pp = Preprocess.from_dict(rec["preprocess"])
-    assert pp.resize == "pad" and pp.size == 224
+    s = pp.size
+    assert pp.resize == "pad" and s == 208  # the default model's input
     assert any(r["stage"] == "finetune" for r in read_history(out / "history.csv"))
 
     wide = Image.open(next((data / "train" / "cats").iterdir()))
     aug = train_transform(pp, rec["config"]["augment"])
     for _ in range(10):  # every random crop of a 2:1 photo is letterboxed: bars above and below
         x = aug(wide).numpy()
-        assert x.shape == (3, 224, 224) and x[:, :30].max() == 0 and x[:, -30:].max() == 0 and x[:, 100:124].max() > 0
+        assert x.shape == (3, s, s) and x[:, :30].max() == 0 and x[:, -30:].max() == 0 and x[:, 100:124].max() > 0
 
     clf = imgclf.load(out)
     seen = clf.prepare(wide)
-    assert seen.shape == (224, 224, 3) and seen[:50].max() == 0 and seen[-50:].max() == 0  # 400x200 -> 224x112 + bars
+    assert seen.shape == (s, s, 3) and seen[:50].max() == 0 and seen[-50:].max() == 0  # 400x200 -> 208x104 + bars
     assert seen[60:164].mean() > 20
     files = sorted((data / "val" / "cats").iterdir()) + sorted((data / "val" / "dogs").iterdir())
     labels = [r["label"] for r in clf.predict(files, top_k=1)]

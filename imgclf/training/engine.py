@@ -30,11 +30,18 @@ def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01):
 
 
 def train_one_epoch(model: nn.Module, batches, loss_fn, optimizer, scheduler=None, device=torch.device("cpu"),
-                    amp: bool = False, progress=None, prepare=None, deadline: float | None = None) -> dict:
+                    amp: bool = False, progress=None, prepare=None, deadline: float | None = None,
+                    frozen_bn: bool = False) -> dict:
     """One pass over `batches`. `prepare(x)` turns a raw batch into model input
-    (e.g. uint8 images -> normalised floats). Returns mean loss, accuracy,
-    images, seconds and whether it stopped early for the deadline."""
+    (e.g. uint8 images -> normalised floats). frozen_bn: batch norm layers
+    normalise with their running statistics and do not update them (their
+    scale and shift still train). Returns mean loss, accuracy, images, seconds
+    and whether it stopped early for the deadline."""
     model.train()
+    if frozen_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     t0, n, loss_sum, correct, stopped = time.time(), 0, 0.0, 0, False
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -425,7 +425,8 @@ def run_image_stage(ctx: Context, stage: Stage) -> None:
     train_epochs(ctx, stage, net, "all", opt, sched, train_batches,
                  val_batches=lambda: _ImageBatches(make_loader(va_ds, cfg.batch_size, False, ctx.workers), va_share,
                                                    ctx.bad),
-                 prepare=prepare, images=len(tr) // d.world, eval_module=model)
+                 prepare=prepare, images=len(tr) // d.world, eval_module=model,
+                 frozen_bn=stage.name == "finetune" and cfg.freeze_bn)
 
 
 def distribute(ctx: Context, model: ImageClassifier, tr_ds: ImageDataset):
@@ -526,7 +527,8 @@ def _epoch_order(sampler, n: int, gen: torch.Generator) -> torch.Tensor:
 # ---------------------------------------------------------------- the epoch loop
 
 def train_epochs(ctx: Context, stage: Stage, module, scope: str, opt, sched, train_batches, val_batches,
-                 prepare, images: int | None = None, eval_module=None, solo: bool = False) -> None:
+                 prepare, images: int | None = None, eval_module=None, solo: bool = False,
+                 frozen_bn: bool = False) -> None:
     """train_one_epoch + evaluate per epoch; keep the best, checkpoint, stop early.
     Under torchrun: validation gathered from every rank, the stop decided on
     rank 0 and broadcast, only rank 0 keeps, reports and writes. solo: rank 0
@@ -552,7 +554,8 @@ def train_epochs(ctx: Context, stage: Stage, module, scope: str, opt, sched, tra
                       enabled=images is not None and d.main) as bar:
             tr = train_one_epoch(module, train_batches(gen), loss_fn, opt, sched, dev, amp,
                                  progress=bar if images else None, prepare=prepare,
-                                 deadline=None if d.enabled else ctx.deadline)  # ranks must not stop mid-epoch alone
+                                 deadline=None if d.enabled else ctx.deadline,  # ranks must not stop mid-epoch alone
+                                 frozen_bn=frozen_bn)
         va = evaluate(eval_module or module, val_batches(), val_loss_fn, dev, amp, prepare,
                       gather=_gather_logits(d) if d.enabled else None)
         secs = time.time() - t0
