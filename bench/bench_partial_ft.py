@@ -19,7 +19,6 @@ shows every epoch, against the frozen features' CV head in the same run.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
 from pathlib import Path
@@ -32,19 +31,12 @@ from common import DATASETS, machine, table  # noqa: E402
 
 
 def trunk_session(backbone, size: int):
-    """Everything before conv_head, as a folded ONNX graph in onnxruntime."""
-    import onnx
-
+    """Everything before conv_head, exported as imgclf exports (folded padding), in onnxruntime."""
     from imgclf.inference.onnx_predictor import ort_session
-    from imgclf.models.same_pad import fold_pads_into_convs, static_same_padding
+    from imgclf.models.same_pad import export_onnx
 
     trunk = torch.nn.Sequential(backbone.conv_stem, backbone.bn1, backbone.blocks).eval()
-    example = torch.zeros(1, 3, size, size)
-    buf = io.BytesIO()
-    torch.onnx.export(static_same_padding(trunk, example), example, buf, input_names=["x"], output_names=["a"],
-                      dynamic_axes={"x": {0: "n"}, "a": {0: "n"}}, opset_version=17, dynamo=False)
-    graph = onnx.load_from_string(buf.getvalue())
-    fold_pads_into_convs(graph)
+    graph = export_onnx(trunk, torch.zeros(1, 3, size, size), ["x"], ["a"])
     return ort_session(graph.SerializeToString(), torch.get_num_threads())
 
 

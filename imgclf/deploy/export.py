@@ -351,25 +351,12 @@ def export_tflite(src: Source, cfg: ExportConfig, meta: dict, report: dict, prin
 
 
 def to_onnx(wrapped, size: int, meta: dict[str, str], outputs: list[str] = (OUTPUT,)) -> bytes:
-    import io
-    import warnings
-
-    import onnx
     import torch
 
-    from imgclf.models.same_pad import fold_pads_into_convs, static_same_padding
+    from imgclf.models.same_pad import export_onnx
 
     example = torch.zeros(1, size, size, 3, dtype=torch.uint8)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(static_same_padding(wrapped, example), example, buf,
-                          input_names=[INPUT], output_names=list(outputs),
-                          dynamic_axes={INPUT: {0: "n"}, **{o: {0: "n"} for o in outputs}}, opset_version=17,
-                          dynamo=False)
-    graph = onnx.load_from_string(buf.getvalue())
-    fold_pads_into_convs(graph)  # Lite's TF padding: 25-35% faster in onnxruntime (models/same_pad.py)
-    return with_metadata(graph, meta)
+    return with_metadata(export_onnx(wrapped, example, [INPUT], list(outputs)), meta)
 
 
 def with_metadata(m, meta: dict[str, str]) -> bytes:

@@ -289,23 +289,11 @@ class FeatureExtractor:
         return ort_session(data, torch.get_num_threads())
 
     def _export_onnx(self) -> bytes:
-        import warnings
-
-        import onnx
-
-        from imgclf.models.same_pad import fold_pads_into_convs, static_same_padding
+        from imgclf.models.same_pad import export_onnx
 
         self.backbone.cpu().to(memory_format=torch.contiguous_format)
         example = torch.zeros(1, 3, self.pp.size, self.pp.size)
-        buf = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(static_same_padding(self.backbone, example), example, buf,
-                              input_names=["x"], output_names=["features"],
-                              dynamic_axes={"x": {0: "n"}, "features": {0: "n"}}, opset_version=17, dynamo=False)
-        graph = onnx.load_from_string(buf.getvalue())
-        fold_pads_into_convs(graph)
-        return graph.SerializeToString()
+        return export_onnx(self.backbone, example, ["x"], ["features"]).SerializeToString()
 
     @torch.inference_mode()
     def __call__(self, x_uint8: torch.Tensor) -> np.ndarray:

@@ -65,6 +65,26 @@ def static_same_padding(module: nn.Module, example: torch.Tensor) -> nn.Module:
     return out
 
 
+def export_onnx(module: nn.Module, example: torch.Tensor, inputs: list[str], outputs: list[str]):
+    """`module` as an onnx.ModelProto (opset 17, batch dimension dynamic), its
+    TF padding fixed and folded: the one way imgclf writes ONNX (the cached
+    backbone, `imgclf export`)."""
+    import io
+    import warnings
+
+    import onnx
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(static_same_padding(module, example), example, buf, input_names=inputs,
+                          output_names=outputs, dynamic_axes={n: {0: "n"} for n in [*inputs, *outputs]},
+                          opset_version=17, dynamo=False)
+    graph = onnx.load_from_string(buf.getvalue())
+    fold_pads_into_convs(graph)
+    return graph
+
+
 def fold_pads_into_convs(model) -> int:
     """Fold each constant zero Pad whose only reader is a Conv into that
     Conv's `pads` attribute, in place; returns how many were folded. The pads
