@@ -60,7 +60,8 @@ def main() -> None:
     import imgclf
     from imgclf.config import ExportConfig
     from imgclf.deploy.export import export, int8_verdict, probs_module, split_images
-    from imgclf.runs import RunDir, model_from_record
+    from imgclf.runs import RunDir
+    from imgclf.models.records import model_from_record
 
     run = RunDir(ensure_run(a.run))
     record = run.record()

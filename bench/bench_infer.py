@@ -59,7 +59,8 @@ def main() -> None:
     from imgclf.data.preprocess import Preprocess
     from imgclf.deploy.export import export, probs_module, split_images
     from imgclf.inference.onnx_predictor import OnnxPredictor
-    from imgclf.runs import RunDir, model_from_record
+    from imgclf.runs import RunDir
+    from imgclf.models.records import model_from_record
 
     run = RunDir(ensure_run(a.run))
     record = run.record()

@@ -39,7 +39,7 @@ CONFIGS = [  # (model, size, crop_pct, with mirrored train features)
 
 
 def features(name: str, size: int, crop: float, flip: bool, splits, cache: Path) -> tuple[dict, float]:
-    from imgclf.models import build_model, get_model_info
+    from imgclf.models.registry import build_model, get_model_info
     from imgclf.models.features import FeatureExtractor, extract, feature_caches
 
     model = build_model(name, 2, pretrained=True)

@@ -32,7 +32,7 @@ from common import DATASETS, machine, table  # noqa: E402
 
 def trunk_session(backbone, size: int):
     """Everything before conv_head, exported as imgclf exports (folded padding), in onnxruntime."""
-    from imgclf.inference.onnx_predictor import ort_session
+    from imgclf.ort import ort_session
     from imgclf.models.same_pad import export_onnx
 
     trunk = torch.nn.Sequential(backbone.conv_stem, backbone.bn1, backbone.blocks).eval()
@@ -62,7 +62,7 @@ def main() -> None:
                     help="frozen: bn2 keeps ImageNet's running statistics (its scale and shift still train)")
     a = ap.parse_args()
     from imgclf.data.datasets import discover
-    from imgclf.models import build_model, get_model_info
+    from imgclf.models.registry import build_model, get_model_info
     from imgclf.training.engine import make_loss
     from imgclf.training.head_fit import fit_head_cv
 

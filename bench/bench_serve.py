@@ -40,7 +40,8 @@ def naive_app(run: str):
     from imgclf.data.images import open_image
     from imgclf.data.preprocess import Preprocess, resize_image
     from imgclf.deploy.export import probs_module
-    from imgclf.runs import RunDir, model_from_record
+    from imgclf.runs import RunDir
+    from imgclf.models.records import model_from_record
 
     rec = RunDir(run).record()
     pp = Preprocess.from_dict(rec["preprocess"])

@@ -7,7 +7,7 @@ and served CNN image classifier.
     clf.predict(["cat.jpg"])
 """
 
-__version__ = "0.1.0"
+from imgclf._version import __version__
 
 __all__ = ["train", "load", "TrainConfig", "ImgclfError", "__version__"]
 

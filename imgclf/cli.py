@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import typing
 
 from imgclf import config as C
 from imgclf.errors import ImgclfError
+from imgclf.log import setup_cli
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
@@ -150,7 +152,7 @@ def cmd_check(cfg: C.CheckConfig) -> int:
 
 
 def cmd_models(cfg: C.ModelsConfig) -> int:
-    from imgclf.models import MODELS
+    from imgclf.models.registry import MODELS
 
     rows = [("name", "input", "pretrained weights", "available here")]
     for name, info in MODELS.items():
@@ -218,7 +220,7 @@ COMMANDS = {  # name: (config class, function, one-line help)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from imgclf import __version__
+    from imgclf._version import __version__
 
     p = argparse.ArgumentParser(prog="imgclf", description="Train, evaluate, export and serve CNN image classifiers.")
     p.add_argument("--version", action="version", version=f"imgclf {__version__}")
@@ -246,6 +248,8 @@ def run() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    # Under torchrun only rank 0 tells the story; the other ranks speak only of errors.
+    setup_cli(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.ERROR)
     try:
         cfg = config_from_args(args.cls, args)
         if args.cls is C.TrainConfig and cfg.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:

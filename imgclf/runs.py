@@ -1,5 +1,6 @@
-"""The run directory: everything a later command needs, written atomically,
-read through one object, `RunDir`, which owns every artifact name.
+"""The run directory: everything a later command needs, read through one
+object, `RunDir`, which owns every artifact name (files are written through
+imgclf.io's atomic writers).
 
 RUN/
   model.pt        best weights + architecture, classes, preprocessing, config,
@@ -24,152 +25,13 @@ This module imports no torch at module level: the .onnx path uses RunDir too.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
-import tempfile
+import hashlib
 from pathlib import Path
 
-FORMAT_VERSION = 1
-RECORD_KEYS = ("arch", "classes", "num_classes", "preprocess", "state_dict")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a crash
-    leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run dir is meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def check_replaceable_folder(path: Path, is_ours) -> None:
-    """Refuse to overwrite anything but an empty folder or an earlier output
-    (`is_ours(path)` says which), so a mistyped --out never deletes a user's folder."""
-    from imgclf.errors import ConfigError
-
-    if path.exists() and not (path.is_dir() and is_ours(path)) and (path.is_file() or any(path.iterdir())):
-        raise ConfigError(f"--out {path} already exists and is not an earlier export of this kind",
-                          "give a new or empty folder, or delete that one")
-
-
-def atomic_write_folder(path: str | Path, files: dict[str, bytes], is_ours) -> None:
-    """Write a folder of files (relative path -> bytes) beside `path`, then
-    rename it into place. An existing folder is replaced only when
-    `is_ours(path)`: an earlier output of the same kind, never a user's folder."""
-    import shutil
-
-    path = Path(path)
-    check_replaceable_folder(path, is_ours)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a static site is meant to be served
-        for rel, data in files.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(data)
-        old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
-        if old:
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def read_json(path: str | Path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def torch_save_atomic(obj, path: str | Path) -> None:
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def torch_load(path: str | Path, required: tuple[str, ...] = ()) -> dict:
-    """A model record or checkpoint, loaded safely (weights_only=True: tensors
-    and plain data, never code). Anything else is a ModelFileError naming the
-    file; PyTorch's own advice to retry with weights_only=False is never shown."""
-    from imgclf.errors import MissingExtra, ModelFileError
-
-    try:
-        import torch
-    except ImportError:
-        raise MissingExtra(f"{path} is a PyTorch file and PyTorch is not installed",
-                           "pip install 'imgclf[train]', or use an exported .onnx (imgclf export RUN)") from None
-    fix = "restore it from a backup, or train again"
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        unsafe = "weights_only" in str(e) or "Unsupported global" in str(e)
-        what = "it holds Python objects or code, which imgclf never runs" if unsafe else \
-            f"it is truncated or not a PyTorch file ({type(e).__name__})"
-        raise ModelFileError(f"{path}: cannot be loaded: {what}", fix) from None
-    missing = [k for k in required if not isinstance(obj, dict) or k not in obj]
-    if not isinstance(obj, dict) or missing:
-        raise ModelFileError(f"{path}: not an imgclf file (missing {', '.join(missing) or 'everything'})", fix)
-    return obj
-
-
-def write_history(path: str | Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def read_history(path: str | Path) -> list[dict]:
-    if not Path(path).exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+from imgclf.data.datasets import Splits
+from imgclf.errors import RunError
+from imgclf.io import read_history, read_json, torch_load
+from imgclf.models.records import RECORD_KEYS
 
 
 class RunDir:
@@ -219,8 +81,6 @@ class RunDir:
     def require_model(self) -> Path:
         """model.pt, or an error that says how to make one."""
         if not self.model_file.exists():
-            from imgclf.errors import RunError
-
             fix = f"train one with `imgclf train DATA --out {self.path}`"
             if self.last_file.exists():
                 fix += f", or resume the interrupted run with `imgclf train --resume --out {self.path}`"
@@ -232,8 +92,6 @@ class RunDir:
         return torch_load(self.require_model(), RECORD_KEYS)
 
     def model_sha256(self) -> str:
-        import hashlib
-
         h = hashlib.sha256()
         with open(self.require_model(), "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -242,11 +100,7 @@ class RunDir:
 
     def splits(self, root: str | None = None):
         """The exact files of each split (Splits), optionally under another data root."""
-        from imgclf.data.datasets import Splits
-
         if not self.splits_file.exists():
-            from imgclf.errors import RunError
-
             raise RunError(f"{self.splits_file} is missing", "use the run directory that `imgclf train` wrote")
         return Splits.from_dict(read_json(self.splits_file), root=root)
 
@@ -289,43 +143,3 @@ class RunDir:
 
     def summary(self) -> dict:
         return read_json(self.summary_file) if self.summary_file.exists() else {}
-
-
-def make_model_record(model, model_name: str, classes: list[str], preprocess, config: dict,
-                      temperature: float = 1.0, extra: dict | None = None) -> dict:
-    from imgclf import __version__
-
-    return {
-        "format_version": FORMAT_VERSION,
-        "imgclf_version": __version__,
-        "arch": model_name,
-        "num_classes": len(classes),
-        "num_features": model.num_features,
-        "head_hidden": list(config.get("head_hidden") or []),
-        "dropout": config.get("dropout", 0.2),
-        "classes": list(classes),
-        "preprocess": preprocess.to_dict(),
-        "temperature": float(temperature),
-        "config": config,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        **(extra or {}),
-    }
-
-
-def model_from_record(rec: dict):
-    """Rebuild the network from a model record (no pretrained download: the
-    record's own weights replace them)."""
-    from imgclf.errors import ModelFileError
-    from imgclf.models.registry import build_model, record_arch
-
-    if rec.get("format_version", 0) > FORMAT_VERSION:
-        raise ModelFileError(f"model file format {rec['format_version']} is newer than this imgclf understands",
-                             "upgrade imgclf (pip install -U imgclf)")
-    m = build_model(record_arch(rec["arch"], rec["state_dict"]), rec["num_classes"], pretrained=False,
-                    head_hidden=tuple(rec.get("head_hidden") or ()), dropout=rec.get("dropout", 0.2))
-    try:
-        m.load_state_dict(rec["state_dict"])
-    except RuntimeError as e:
-        raise ModelFileError(f"the model file's weights do not fit a {rec['arch']} ({str(e).splitlines()[0]})",
-                             "the file is damaged or was edited; train again") from None
-    return m.eval()

@@ -6,7 +6,8 @@ from collections import Counter
 import pytest
 
 from imgclf.data.check import check_dataset, format_report
-from imgclf.data.datasets import DataError, discover
+from imgclf.data.datasets import discover
+from imgclf.errors import DataError
 
 from .conftest import DATASETS, imgclf, need
 

@@ -135,7 +135,7 @@ def test_killed_rank_fails_the_job_and_resume_completes_it(tmp_path, tiny, share
     # The convenience launcher hands over to torchrun; the run finishes where it stopped.
     p = imgclf("train", "--resume", "--out", out, "--nproc-per-node", 2, "--workers", 0)
     assert "resuming" in p.stdout
-    from imgclf.runs import read_history
+    from imgclf.io import read_history
 
     epochs = [int(r["stage_epoch"]) for r in read_history(out / "history.csv")]
     assert epochs == [1, 2, 3, 4]
@@ -161,7 +161,7 @@ def test_head_trains_from_memory_mapped_shards(tmp_path, tiny, shared_cache):
     """Above IMGCLF_FEATURES_IN_MEMORY_MB the head reads its features from the
     memory-mapped cache batch by batch (a million images' worth); the batches,
     and so the training, are the same as from memory."""
-    from imgclf.runs import read_history
+    from imgclf.io import read_history
 
     hist = []
     for name, limit in (("ram", "256"), ("mmap", "0")):

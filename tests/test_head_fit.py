@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import imgclf
-from imgclf.runs import read_history
+from imgclf.io import read_history
 from imgclf.training.head_fit import L2_GRID
 
 from .conftest import imgclf as run_cli

@@ -68,7 +68,7 @@ def test_small_cnn_model_files_from_imgclf_0_1_load_as_the_padded_network():
     recognised and rebuilt as small_cnn_padded, computing what it computed then."""
     from imgclf.data.preprocess import Preprocess
     from imgclf.models.registry import SmallCNN, SmallCNNPadded
-    from imgclf.runs import make_model_record, model_from_record
+    from imgclf.models.records import make_model_record, model_from_record
 
     torch.manual_seed(0)
     old = build_model("small_cnn_padded", num_classes=4, pretrained=False).eval()

@@ -18,7 +18,7 @@ from PIL import Image
 
 import imgclf
 from imgclf.inference.torch_predictor import probs_from_logits
-from imgclf.runs import read_history
+from imgclf.io import read_history
 
 from .conftest import imgclf as run_cli
 

@@ -131,7 +131,7 @@ def _scan(s: Splits, entries: list, progress: bool, hashes: bool) -> tuple[list[
     from concurrent.futures import ProcessPoolExecutor
 
     from imgclf.data.datasets import default_workers
-    from imgclf.progress import Progress
+    from imgclf.log import Progress
 
     bad, stats = [], FileStats(len(entries))
     step = 256
@@ -397,7 +397,7 @@ def write_clean_csv(s: Splits, data: str | Path, out: str | Path, groups: list[l
     import os
 
     from imgclf.errors import DataError
-    from imgclf.runs import atomic_write_text
+    from imgclf.io import atomic_write_text
 
     out = Path(out).expanduser().resolve()
     if Path(data).is_file() and out == Path(data).resolve():

@@ -21,12 +21,15 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imgclf.log import get_logger
 from imgclf.data.images import BadImage, list_files, open_image, sniff
 
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
 
 
 from imgclf.errors import DataError  # noqa: F401 (re-exported: imgclf.data.datasets.DataError)
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -460,14 +463,13 @@ def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, workers: 
 class BadFileLog:
     """Reports each bad file once (path and reason) and counts them for the summary."""
 
-    def __init__(self, printer=print):
+    def __init__(self):
         self.seen: dict[str, str] = {}
-        self.printer = printer
 
     def add(self, path: str, reason: str) -> None:
         if path not in self.seen:
             self.seen[path] = reason
-            self.printer(f"skipped {path}: {reason}")
+            log.warning(f"skipped {path}: {reason}")
 
 
 @dataclass

@@ -137,7 +137,7 @@ def embeddings(root: str | Path, items: list[tuple[str, int]], model: str = "eff
     import torch
 
     from imgclf.data.datasets import default_workers
-    from imgclf.models import build_model, get_model_info
+    from imgclf.models.registry import build_model, get_model_info
     from imgclf.models.features import FeatureExtractor, extract, feature_caches
 
     pp = get_model_info(model).preprocess

@@ -45,7 +45,8 @@ from imgclf.config import ExportConfig
 from imgclf.errors import ConfigError, ExportError
 from imgclf.inference.onnx_predictor import (FORMAT, INPUT, OUTPUT, REJECTED_OUTPUT, SELECTED_OUTPUT, UNKNOWN_OUTPUT,
                                              OnnxPredictor)
-from imgclf.runs import RunDir, atomic_write_bytes, atomic_write_folder, check_replaceable_folder
+from imgclf.runs import RunDir
+from imgclf.io import atomic_write_bytes, atomic_write_folder, check_replaceable_folder
 
 PARITY_ATOL = 1e-4  # fp32 onnxruntime vs PyTorch probabilities, max abs difference
 ORT_ATOL = 1e-5  # .ort vs the .onnx it was saved from: the same engine and graph
@@ -108,7 +109,7 @@ def load_source(run: RunDir, check_images: int, reject: str | None = None) -> So
     """The run's model, and the reference probabilities every export must
     reproduce: the eager-PyTorch Predictor's, the path `imgclf.load(run)` takes."""
     from imgclf.inference.torch_predictor import TorchPredictor
-    from imgclf.runs import model_from_record
+    from imgclf.models.records import model_from_record
 
     record = run.record()
     reference = TorchPredictor(record, device="cpu", engine="torch")
@@ -123,7 +124,7 @@ def load_source(run: RunDir, check_images: int, reject: str | None = None) -> So
 
 
 def metadata(src: Source, int8: bool) -> dict[str, str]:
-    from imgclf import __version__
+    from imgclf._version import __version__
 
     pp, record = src.pp, src.record
     meta = {

@@ -11,7 +11,6 @@ prediction path applies it through `imgclf.inference.torch_predictor.calibrated_
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 

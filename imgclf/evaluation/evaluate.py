@@ -21,7 +21,8 @@ from imgclf.errors import DataError, RunError
 from imgclf.evaluation.calibration import cross_fit_temperatures, ece, fit_calibration, reliability
 from imgclf.evaluation.metrics import classification_metrics, format_metrics
 from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
-from imgclf.runs import RunDir, atomic_write_text, write_json
+from imgclf.runs import RunDir
+from imgclf.io import atomic_write_text, write_json
 
 
 @dataclass
@@ -48,7 +49,7 @@ def evaluate_run(cfg: EvaluateConfig, predictor: TorchPredictor | None = None, w
     run = RunDir(cfg.run)
     clf = predictor or TorchPredictor.from_run(run.path, device=cfg.device, engine=cfg.engine, cache_dir=cfg.cache_dir)
     w = default_workers() if workers is None else workers
-    bad = BadFileLog(printer)
+    bad = BadFileLog()
     if cfg.calibrate:
         recalibrate(run, clf, w, bad, printer)
     t0 = time.time()

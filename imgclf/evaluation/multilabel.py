@@ -16,7 +16,8 @@ import numpy as np
 
 from imgclf.data.datasets import multi_hot
 from imgclf.evaluation.metrics import format_multilabel, multilabel_metrics
-from imgclf.runs import RunDir, atomic_write_text, write_json
+from imgclf.runs import RunDir
+from imgclf.io import atomic_write_text, write_json
 
 GALLERY = 16  # images with the most wrong label decisions shown
 
@@ -100,7 +101,7 @@ def pr_curves_png(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray, classes:
 
 def build_multilabel_report(run: RunDir, clf, sc, y: np.ndarray, m: dict) -> Path:
     """RUN/report/index.html for a multi-label split, self-contained like the single-label page."""
-    from imgclf import __version__
+    from imgclf._version import __version__
     from imgclf.evaluation.report import CSS, Page, _e, _img, _pct, _tile, _unknown_html, thumbnail
 
     errors = error_cases(y, sc.probs, clf.thresholds, sc.paths, clf.classes)

@@ -434,8 +434,8 @@ def build_report(run, clf, sc, metrics: dict, workers: int = 1, bad=None, suspec
                  gradcam: bool = True, data_map: bool = True, printer=print) -> Path:
     """Write RUN/report/index.html and RUN/report/eval.json for an evaluated
     split (`sc`, evaluate.Scored); returns the page's path."""
-    from imgclf import __version__
-    from imgclf.runs import atomic_write_text
+    from imgclf._version import __version__
+    from imgclf.io import atomic_write_text
 
     t0 = time.time()
     page = _analyse(run, clf, sc, metrics)
@@ -515,7 +515,7 @@ def _suspects(clf, splits, workers: int, bad, thumbs: dict) -> dict | str:
 
 
 def _write_eval_json(path: Path, page: Page, seconds: dict) -> None:
-    from imgclf.runs import write_json
+    from imgclf.io import write_json
 
     gc = page.gradcam
     cal = {k: v for k, v in page.calibration.items()} if page.calibration else None

@@ -20,7 +20,6 @@ import copy
 import csv
 import io
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +52,7 @@ class PretrainedEmbedder:
     the same extractor and cache as training with that model."""
 
     def __init__(self, name: str, device: str = "auto", engine: str = "auto", cache_dir: str | Path | None = None):
-        from imgclf.models import build_model, get_model_info, resolve_device
+        from imgclf.models.registry import build_model, get_model_info, resolve_device
 
         info = get_model_info(name)
         if not info.pretrained:
@@ -104,7 +103,7 @@ def load_embedder(run: str | None = None, model: str | None = None, device: str 
 def _bad_log():
     from imgclf.data.datasets import BadFileLog
 
-    return BadFileLog(lambda m: print(m, file=sys.stderr))
+    return BadFileLog()
 
 
 def embed_splits(embedder, splits, names: tuple[str, ...] = SPLIT_NAMES, batch_size: int = 32, workers: int = 1,
@@ -147,7 +146,8 @@ def embed_command(cfg) -> Embeddings:
     no inputs, --run RUN     the run's train/val/test images (its own split)
     one folder or CSV        a labelled dataset as `train` reads it (the run's split if it is the run's data)
     files and folders        each image file; label and split filled in where the run knows them"""
-    from imgclf.data.datasets import DataError, discover
+    from imgclf.data.datasets import discover
+    from imgclf.errors import DataError
     from imgclf.inference import expand_paths
     from imgclf.runs import RunDir
 
@@ -188,7 +188,7 @@ def out_format(out: str) -> str:
 def write_embeddings(emb: Embeddings, out: str | Path) -> list[Path]:
     """FILE.parquet (columns path, label, split, embedding) or FILE.npy (N, D)
     plus FILE.csv (row, path, label, split); atomic. Returns the files written."""
-    from imgclf.runs import atomic_write_bytes, atomic_write_text
+    from imgclf.io import atomic_write_bytes, atomic_write_text
 
     out = Path(out)
     meta = {"model": emb.model, "source": emb.source, "dim": int(emb.vectors.shape[1]) if len(emb.vectors) else 0,

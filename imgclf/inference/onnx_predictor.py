@@ -13,7 +13,6 @@ This module must never import torch (tests/test_export.py checks it).
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from pathlib import Path
 
@@ -21,28 +20,15 @@ import numpy as np
 
 from imgclf.errors import ModelFileError, RunError
 from imgclf.inference import Predictor
+from imgclf.log import get_logger
+from imgclf.ort import ort_session
+
+log = get_logger(__name__)
 
 FORMAT = "imgclf-onnx-1"  # metadata "format": what this reader understands
 INPUT, OUTPUT = "images", "probs"
 UNKNOWN_OUTPUT, REJECTED_OUTPUT = "unknown", "rejected"  # present when the run has an unknown-input scorer
 SELECTED_OUTPUT = "selected"  # multi-label models: (N, C) bool, each label at or above its threshold
-
-
-def ort_session(src: str | Path | bytes, threads: int | None = None, arena: bool = True):
-    """An onnxruntime CPU session, quiet, telemetry off. The one place imgclf
-    makes sessions: predicting, serving, the export checks and the backbone."""
-    import onnxruntime as ort
-
-    try:
-        ort.disable_telemetry_events()  # a no-op on Linux builds; honours the user's privacy elsewhere
-    except AttributeError:
-        pass
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    so.enable_cpu_mem_arena = arena
-    return ort.InferenceSession(src if isinstance(src, bytes) else str(src), so, providers=["CPUExecutionProvider"])
 
 
 class OnnxPredictor(Predictor):
@@ -92,8 +78,8 @@ def warn_if_stale(meta: dict, path: str | Path) -> bool:
     run = RunDir(run_path)
     if not run.model_file.is_file() or run.model_sha256() == sha:
         return False
-    print(f"warning: {path} was exported from {run.model_file}, which has changed since (retrained or "
-          f"recalibrated); re-export it with `imgclf export {run.path}`", file=sys.stderr)
+    log.warning(f"warning: {path} was exported from {run.model_file}, which has changed since (retrained or "
+                f"recalibrated); re-export it with `imgclf export {run.path}`")
     return True
 
 

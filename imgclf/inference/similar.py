@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from imgclf.log import get_logger
+
+log = get_logger(__name__)
 
 # Measured (bench/bench_index.py, docs/benchmarks.md): brute force takes
 # 9.6 ms at 50k and 19-32 ms at 100k (quiet / loaded machine), still instant
@@ -160,7 +163,7 @@ def build_index(run, clf, workers: int = 1, progress: bool = True) -> Similarity
 
     splits = run.splits()
     feats, labels, kept = clf.features_items(splits.root, splits.train, workers=workers, progress=progress,
-                                             bad=BadFileLog(lambda m: print(m, file=sys.stderr)))
+                                             bad=BadFileLog())
     paths = [splits.train[int(i)][0] for i in kept]
     thumbs = [make_thumbnail(splits.path(p)) for p in paths]
     offsets = np.zeros(len(thumbs) + 1, np.int64)
@@ -171,7 +174,7 @@ def build_index(run, clf, workers: int = 1, progress: bool = True) -> Similarity
 
 def load_index(run, clf, workers: int = 1, progress: bool = True) -> SimilarityIndex:
     """RUN/similar.npz if it was built from this model.pt, else built now and saved."""
-    from imgclf.runs import atomic_write_bytes
+    from imgclf.io import atomic_write_bytes
 
     path = run.similar_file
     if path.exists():
@@ -180,9 +183,8 @@ def load_index(run, clf, workers: int = 1, progress: bool = True) -> SimilarityI
             if index.model_sha == run.model_sha256():
                 return with_graph(index, run)
         except Exception:  # damaged or from another version: rebuilt below, said once
-            print(f"note: {path} is unreadable; rebuilding it", file=sys.stderr)
-    print(f"building the similarity index of {run}'s training images (once; saved as {path})", file=sys.stderr,
-          flush=True)
+            log.warning(f"note: {path} is unreadable; rebuilding it")
+    log.warning(f"building the similarity index of {run}'s training images (once; saved as {path})")
     run.similar_graph_file.unlink(missing_ok=True)  # a graph of the old vectors
     index = build_index(run, clf, workers, progress)
     atomic_write_bytes(path, index.to_bytes())
@@ -198,8 +200,7 @@ def with_graph(index: SimilarityIndex, run) -> SimilarityIndex:
         import os
         import tempfile
 
-        print(f"building the HNSW graph of {len(index):,} images (once; saved as {index.graph_file})",
-              file=sys.stderr, flush=True)
+        log.warning(f"building the HNSW graph of {len(index):,} images (once; saved as {index.graph_file})")
         fd, tmp = tempfile.mkstemp(dir=index.graph_file.parent, suffix=".tmp")
         os.close(fd)
         try:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +135,8 @@ def suggest(cfg) -> tuple[list[dict], Path]:
     from imgclf.inference import expand_paths
     from imgclf.inference.similar import unit_rows
     from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
-    from imgclf.runs import RunDir, atomic_write_text
+    from imgclf.runs import RunDir
+    from imgclf.io import atomic_write_text
 
     if cfg.n < 1:
         raise ConfigError(f"-n {cfg.n}: must be at least 1", "ask for the number of images you will label, e.g. -n 50")
@@ -148,7 +148,7 @@ def suggest(cfg) -> tuple[list[dict], Path]:
     files = [str(Path(p).resolve()) for p in expand_paths([cfg.unlabeled])]
     if not files:
         raise DataError(f"{cfg.unlabeled}: no files found", "point it at a folder of images to label")
-    bad = BadFileLog(lambda m: print(m, file=sys.stderr))
+    bad = BadFileLog()
     feats, _, kept = clf.features_items("", [(p, -1) for p in files], cfg.batch_size, cfg.workers, bad,
                                         progress=False)
     if not len(kept):

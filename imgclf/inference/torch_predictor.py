@@ -39,8 +39,8 @@ def probs_from_logits(logits: dict[str, np.ndarray], temperature, multi_label: b
 class TorchPredictor(Predictor):
     def __init__(self, record: dict, device: str = "auto", engine: str = "auto",
                  cache_dir: str | Path | None = None, source: str = "", metadata: dict | None = None):
-        from imgclf.models import resolve_device
-        from imgclf.runs import model_from_record
+        from imgclf.models.registry import resolve_device
+        from imgclf.models.records import model_from_record
 
         self.record, self.source = record, source
         self.classes: list[str] = list(record["classes"])

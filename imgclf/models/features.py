@@ -30,7 +30,11 @@ import torch
 
 from imgclf.data.datasets import BadFileLog, ImageDataset, hash_files, make_loader
 from imgclf.data.preprocess import Preprocess, eval_transform, normalize
-from imgclf.runs import atomic_write_bytes
+from imgclf.io import atomic_write_bytes
+
+from imgclf.log import get_logger
+
+log = get_logger(__name__)
 
 VARIANTS = ("plain", "flip")
 
@@ -95,8 +99,7 @@ class FeatureCache:
                 if arr.dtype.names != ("hash", "f") or arr.ndim != 1:
                     raise ValueError("not a feature shard")
             except Exception:
-                print(f"note: feature cache shard {shard} is damaged; removed, its images will be "
-                      f"recomputed", flush=True)
+                log.warning(f"note: feature cache shard {shard} is damaged; removed, its images will be recomputed")
                 shard.unlink(missing_ok=True)
                 continue
             self._files.append(shard.name)
@@ -271,7 +274,7 @@ class FeatureExtractor:
         file's name carries a hash of its bytes, checked on every load: a
         damaged file (a full disk, a killed copy) is rebuilt with one line
         said, never a protobuf traceback."""
-        from imgclf.inference.onnx_predictor import ort_session
+        from imgclf.ort import ort_session
 
         folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / "onnx"
         stem = f"backbone-{bhash}-{self.pp.size}-{ONNX_RECIPE}"
@@ -282,7 +285,7 @@ class FeatureExtractor:
                     return ort_session(data, torch.get_num_threads())
                 except Exception:
                     pass
-            print(f"note: cached backbone {path} is damaged; rebuilding it", flush=True)
+            log.warning(f"note: cached backbone {path} is damaged; rebuilding it")
             path.unlink(missing_ok=True)
         data = self._export_onnx()
         atomic_write_bytes(folder / f"{stem}-{hashlib.sha256(data).hexdigest()[:16]}.onnx", data)
@@ -378,7 +381,7 @@ def _compute(extractor: FeatureExtractor, root, items, todo: list[int], hashes: 
              bad: BadFileLog | None, desc: str, progress: bool) -> None:
     """Run the backbone over items[todo], writing shards as it goes (every
     FLUSH_SECONDS), so a crash at 90% of a large dataset keeps 90% of the work."""
-    from imgclf.progress import Progress
+    from imgclf.log import Progress
 
     ds = ImageDataset(root, [items[i] for i in todo], eval_transform(extractor.pp), draft_size=extractor.pp.draft_size)
     loader = make_loader(ds, batch_size, shuffle=False, workers=workers)

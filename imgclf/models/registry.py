@@ -20,10 +20,9 @@ from torch import nn
 
 from imgclf.data.preprocess import Preprocess
 
+from imgclf.errors import ConfigError, ModelFileError, WeightsUnavailable
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-from imgclf.errors import ConfigError, ModelFileError, WeightsUnavailable  # noqa: F401 (re-exported)
 
 
 class ImageClassifier(nn.Module):
@@ -312,3 +311,12 @@ def build_model(name: str, num_classes: int, pretrained: bool = True, weights: s
 
 def count_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
+
+
+def resolve_device(name: str):
+    """`auto` -> cuda when available, else cpu; a clear error for cuda without a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here", "use --device cpu")
+    return torch.device(name)

@@ -23,6 +23,10 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
+from imgclf.log import get_logger
+
+log = get_logger(__name__)
+
 
 def is_main() -> bool:
     """Rank 0, or not distributed (what logs and writes)."""
@@ -113,7 +117,7 @@ def init_distributed(device_name: str) -> tuple[Dist, "torch.device"]:
     import torch
 
     from imgclf.errors import ConfigError
-    from imgclf.models import resolve_device
+    from imgclf.models.registry import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -156,6 +160,6 @@ def launch(argv: list[str], nproc: int) -> int:
     try:
         run(args)
     except Exception as e:  # ChildFailedError: torchrun already printed which rank failed and why
-        print(f"imgclf train: a rank failed ({type(e).__name__}); see above. Continue with `--resume`.", flush=True)
+        log.error(f"imgclf train: a rank failed ({type(e).__name__}); see above. Continue with `--resume`.")
         return 1
     return 0

@@ -24,8 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgclf.log import get_logger
 from imgclf.training.engine import make_loss, train_one_epoch
 from imgclf.training.head_fit import fit_linear, fold_ids, for_raw_features, held_out, standardise
+
+log = get_logger(__name__)
 
 
 def suggest_params(trial) -> dict:
@@ -115,10 +118,10 @@ def run_search(X: torch.Tensor, Y: torch.Tensor, variants: int, trials: int, fol
     study.enqueue_trial({"head": "linear", "l2": 0.03})
     study.optimize(objective, n_trials=trials, timeout=timeout)
     best = dict(study.best_trial.params)
-    log(f"search: {len(rows)} trials ({sum(r['state'] == 'pruned' for r in rows)} pruned) in "
-        f"{sum(r['seconds'] for r in rows):.1f}s; best (trial {study.best_trial.number}): "
-        f"{', '.join(f'{k}={_fmt(v)}' for k, v in best.items())}; cross-validated loss {study.best_value:.4f}, "
-        f"acc {study.best_trial.user_attrs['cv_acc']:.4f}")
+    log.info(f"search: {len(rows)} trials ({sum(r['state'] == 'pruned' for r in rows)} pruned) in "
+             f"{sum(r['seconds'] for r in rows):.1f}s; best (trial {study.best_trial.number}): "
+             f"{', '.join(f'{k}={_fmt(v)}' for k, v in best.items())}; cross-validated loss {study.best_value:.4f}, "
+             f"acc {study.best_trial.user_attrs['cv_acc']:.4f}")
     return {**best, "cv_loss": study.best_value, "cv_acc": study.best_trial.user_attrs["cv_acc"]}, rows
 
 

@@ -27,14 +27,16 @@ from imgclf.config import TrainConfig
 from imgclf.data.datasets import BadFileLog, ImageDataset, Splits, drop_files, hash_files, make_loader, multi_hot
 from imgclf.data.preprocess import Preprocess, augment_batch, eval_transform, normalize, train_transform
 from imgclf.errors import ConfigError, DataError
-from imgclf.models import ImageClassifier
+from imgclf.models.registry import ImageClassifier
 from imgclf.models.features import FeatureExtractor, FeatureRows, extract, feature_caches
-from imgclf.progress import Progress
-from imgclf.runs import write_json
+from imgclf.log import Progress, get_logger
+from imgclf.io import write_json
 from imgclf.training.checkpoint import RunState, best_record, save_record
 from imgclf.training.distributed import Dist, is_main
 from imgclf.training.engine import (EarlyStopping, balanced_class_weights, evaluate, make_loss, train_one_epoch,
                                     warmup_cosine)
+
+log = get_logger(__name__)
 
 # Training features up to this size (float16) are gathered into memory once;
 # above it the head reads them from the memory-mapped shards batch by batch,
@@ -51,9 +53,10 @@ def images_in_memory_mb() -> float:
     return float(os.environ.get("IMGCLF_IMAGES_IN_MEMORY_MB", IMAGES_IN_MEMORY_MB))
 
 
-def log(msg: str) -> None:
-    if is_main():  # one voice under torchrun
-        print(msg, flush=True)
+def say(msg: str) -> None:
+    """A line of the training story (logger "imgclf.training"), from rank 0 only: one voice under torchrun."""
+    if is_main():
+        log.info(msg)
 
 
 @dataclass
@@ -179,7 +182,7 @@ def cached_features(ctx: Context) -> tuple | None:
                           ctx.bad, "features val", hashes=va_hashes)
     secs = time.time() - t0
     n_new = len(train) - n_cached
-    log(f"features: {len(ytr)} train x {len(variants)} ({'+'.join(variants)}), {len(yva)} val in {secs:.1f}s "
+    say(f"features: {len(ytr)} train x {len(variants)} ({'+'.join(variants)}), {len(yva)} val in {secs:.1f}s "
         f"[{extractor.engine}; {n_cached}/{len(train)} train images from cache; "
         f"{encoded if encoded is not None else extractor.encoded} images encoded"
         f"{f' by {d.world} processes' if d.enabled else ''}]")
@@ -260,7 +263,7 @@ def head_fit_mode(ctx: Context, X) -> str:
     if mode == "auto":
         mode = "epochs" if ctx.cfg.head_hidden else "cv"
     if mode == "cv" and isinstance(X, FeatureRows):
-        log(f"head: {len(X)} training features exceed the in-memory limit; training by epochs instead of "
+        say(f"head: {len(X)} training features exceed the in-memory limit; training by epochs instead of "
             f"cross-validated L-BFGS (raise IMGCLF_FEATURES_IN_MEMORY_MB to change that)")
         return "epochs"
     return mode
@@ -269,7 +272,7 @@ def head_fit_mode(ctx: Context, X) -> str:
 def search_head_stage(ctx: Context, stage: Stage, X, Y: torch.Tensor, Xv: torch.Tensor, Yv: torch.Tensor) -> None:
     """--search N (training/search.py): Optuna trials scored by cross-validation
     on train; the winner, refitted on all of train, becomes the head."""
-    from imgclf.runs import atomic_write_text
+    from imgclf.io import atomic_write_text
     from imgclf.training.search import fit_best, run_search, search_csv
 
     cfg, state = ctx.cfg, ctx.state
@@ -294,7 +297,7 @@ def search_head_stage(ctx: Context, stage: Stage, X, Y: torch.Tensor, Xv: torch.
         state.config = cfg.to_dict()
         write_json(state.run.config_file, state.config)
     ctx.model.head.load_state_dict(head.state_dict())
-    log(f"search: wrote {ctx.state.run.search_file}")
+    say(f"search: wrote {ctx.state.run.search_file}")
     _record_head_fit(ctx, stage, X, Y, Xv, Yv, time.time() - t0, {"cv_acc": best["cv_acc"], "cv_loss": best["cv_loss"]})
 
 
@@ -354,7 +357,7 @@ def fit_head_stage(ctx: Context, stage: Stage, X: torch.Tensor, Y: torch.Tensor,
     cv = fit.cv[fit.l2]
     va = _record_head_fit(ctx, stage, X, Y, Xv, Yv, time.time() - t0,
                           {"l2": fit.l2, **{f"cv_{k}": v for k, v in cv.items()}})
-    log(f"head: {cv_summary(fit, cfg.cv_folds)}; val acc {va['acc']:.4f} (val chose nothing), "
+    say(f"head: {cv_summary(fit, cfg.cv_folds)}; val acc {va['acc']:.4f} (val chose nothing), "
         f"loss {va['loss']:.4f}  {time.time() - t0:.1f}s")
 
 
@@ -437,7 +440,7 @@ def distribute(ctx: Context, model: ImageClassifier, tr_ds: ImageDataset):
     cfg, d = ctx.cfg, ctx.dist
     if not d.enabled:
         if cfg.sync_bn:
-            log("note: --sync-bn only matters with several processes (torchrun); ignored")
+            say("note: --sync-bn only matters with several processes (torchrun); ignored")
         return model, _balanced_sampler(ctx) if cfg.balanced_sampler else None
     if cfg.balanced_sampler:
         raise ConfigError("--balanced-sampler is not supported under torchrun",
@@ -473,7 +476,7 @@ def decode_split(ctx: Context, items: list, what: str) -> tuple[torch.Tensor, to
     if not xs:
         raise DataError(f"no readable images in the {what} split", "see the skipped files above")
     X, Y = torch.cat(xs), torch.cat(ys)
-    log(f"{what}: {len(X)} images decoded into memory once ({X.nbytes / 2**20:.0f} MB, {pp.size}px) "
+    say(f"{what}: {len(X)} images decoded into memory once ({X.nbytes / 2**20:.0f} MB, {pp.size}px) "
         f"in {time.time() - t0:.1f}s")
     return X, Y, kept
 
@@ -603,7 +606,7 @@ def _report_epoch(ctx: Context, stage: Stage, row: dict, improved: bool, verbose
         for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr"):
             ctx.tb.add_scalar(k, row[k], row["epoch"])
     if verbose:
-        log(f"{stage.name} epoch {row['stage_epoch']:>3}/{stage.epochs}  train loss {row['train_loss']:.4f} "
+        say(f"{stage.name} epoch {row['stage_epoch']:>3}/{stage.epochs}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "
             + (f"mAP {row['val_map']:.4f}  " if "val_map" in row else "") +
             f"{row['seconds']:.1f}s{'  *best' if improved else ''}")
@@ -611,14 +614,14 @@ def _report_epoch(ctx: Context, stage: Stage, row: dict, improved: bool, verbose
 
 def _should_stop(ctx: Context, stage: Stage, stopper: EarlyStopping, secs: float) -> bool:
     if stopper.should_stop:
-        log(f"early stopping: no improvement in {stage.patience} epochs; "
+        say(f"early stopping: no improvement in {stage.patience} epochs; "
             f"best was epoch {ctx.state.best_metrics.get('epoch')}")
         return True
     if ctx.deadline is not None and time.time() > ctx.deadline:
-        log("time budget reached")
+        say("time budget reached")
         return True
     if stage.name == "finetune" and ctx.deadline is not None and time.time() + secs > ctx.deadline:
-        log("time budget: not enough left for another epoch")
+        say("time budget: not enough left for another epoch")
         return True
     return False
 
@@ -634,7 +637,7 @@ def finetune_epochs_in_budget(ctx: Context) -> int:
     est = 10 * len(ctx.splits.train) / rate + 2 * len(ctx.splits.val) / rate
     n = int(left // est)
     if n < 1:
-        log(f"time budget: {left:.0f}s left, a fine-tuning epoch needs about {est:.0f}s; keeping the linear head")
+        say(f"time budget: {left:.0f}s left, a fine-tuning epoch needs about {est:.0f}s; keeping the linear head")
         return 0
-    log(f"time budget: {left:.0f}s left, fine-tuning for {n} epoch(s) of about {est:.0f}s")
+    say(f"time budget: {left:.0f}s left, fine-tuning for {n} epoch(s) of about {est:.0f}s")
     return n

@@ -31,13 +31,14 @@ from imgclf.data.datasets import (BadFileLog, ImageLook, Splits, default_workers
                                   look_at, multi_hot, scan)
 from imgclf.data.preprocess import Preprocess, native_preprocess
 from imgclf.errors import ConfigError, DataError, MissingExtra, RunError
-from imgclf.models import build_model, count_params, get_model_info
+from imgclf.models.registry import build_model, count_params, get_model_info
 from imgclf.models.registry import SmallCNN
-from imgclf.runs import RunDir, read_json, torch_load, write_history, write_json
+from imgclf.runs import RunDir
+from imgclf.io import read_json, torch_load, write_history, write_json
 from imgclf.training.checkpoint import CKPT_KEYS, RunState
 from imgclf.training.distributed import Dist, init_distributed
 from imgclf.training.engine import balanced_class_weights, positive_weights
-from imgclf.training.stages import Context, check_memory_budget, log, plan_stages, run_stages
+from imgclf.training.stages import Context, check_memory_budget, say, plan_stages, run_stages
 
 
 @dataclass
@@ -79,11 +80,11 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
                         head_hidden=cfg.head_hidden, dropout=cfg.dropout)
     if cfg.from_run:  # also on --resume: a checkpoint of a frozen-backbone stage holds only the head
         load_earlier_backbone(model, cfg.from_run)
-    log(f"model: {cfg.model} ({count_params(model) / 1e6:.1f}M parameters), input {pp.size}px {pp.resize}, "
+    say(f"model: {cfg.model} ({count_params(model) / 1e6:.1f}M parameters), input {pp.size}px {pp.resize}, "
         f"device {device}{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}")
-    log(f"strategy: {strategy}: {why}")
+    say(f"strategy: {strategy}: {why}")
     if dist.enabled:
-        log(f"distributed: {dist.world} processes on {dist.nodes} node(s), {dist.backend}; batch {cfg.batch_size} "
+        say(f"distributed: {dist.world} processes on {dist.nodes} node(s), {dist.backend}; batch {cfg.batch_size} "
             f"per process, {cfg.batch_size * dist.world} in all")
     state = RunState(cfg.to_dict(), run, dist.world)
     if ckpt:
@@ -92,7 +93,7 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
     try:
         run_stages(ctx, plan_stages(strategy, cfg), budgeted=strategy == "linear+finetune")
     except KeyboardInterrupt:
-        log(f"\ninterrupted: the last completed epoch is saved; continue with `imgclf train --resume --out {run}`")
+        say(f"\ninterrupted: the last completed epoch is saved; continue with `imgclf train --resume --out {run}`")
         raise
     if ctx.tb is not None:
         ctx.tb.close()  # written out now: the CLI exits without interpreter teardown (cli.run)
@@ -109,7 +110,7 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
     test = evaluate_held_out(ctx, summary) if cfg.evaluate else None
     summary["total_seconds"] = round(time.time() - t_start, 2)
     write_json(run.summary_file, summary)
-    log(f"done in {summary['total_seconds']:.1f}s. Run: {run}  (predict: imgclf predict {run} IMAGE...)")
+    say(f"done in {summary['total_seconds']:.1f}s. Run: {run}  (predict: imgclf predict {run} IMAGE...)")
     return TrainResult(run.path, strategy, state.best_metrics, test, summary["total_seconds"], calibration)
 
 
@@ -137,7 +138,7 @@ def resolve_run(config: TrainConfig | None, overrides: dict, dist: Dist | None =
         check_world_size(ckpt, dist, run)
         saved = TrainConfig.from_dict(ckpt["config"])
         cfg = replace(saved, resume=True, workers=cfg.workers if cfg.workers is not None else saved.workers)
-        log(f"resuming {run}: stage {ckpt['stage_idx'] + 1}, {ckpt['epoch']} epochs done")
+        say(f"resuming {run}: stage {ckpt['stage_idx'] + 1}, {ckpt['epoch']} epochs done")
         cfg.validate()
         return cfg, run, ckpt, run.splits()
     if not cfg.data:
@@ -186,11 +187,11 @@ def settings_from(cfg: TrainConfig) -> tuple[TrainConfig, Splits]:
              if f.name in OWN_FIELDS or getattr(cfg, f.name) != getattr(default, f.name)}
     if given.get("model", saved.model) != saved.model:
         raise ConfigError(f"--model {cfg.model} differs from {earlier}'s {saved.model}; --from continues from its "
-                          f"backbone", f"drop --model, or train afresh without --from")
+                          f"backbone", "drop --model, or train afresh without --from")
     merged = replace(saved, **given)
     if isinstance(merged.head_hidden, list):
         merged.head_hidden = tuple(merged.head_hidden)
-    log(f"from {earlier}: its settings ({', '.join(sorted(set(given) - set(OWN_FIELDS))) or 'none'} given here), "
+    say(f"from {earlier}: its settings ({', '.join(sorted(set(given) - set(OWN_FIELDS))) or 'none'} given here), "
         f"backbone, split and feature cache")
     return merged, earlier.splits()
 
@@ -222,11 +223,11 @@ def load_earlier_backbone(model, from_run: str) -> None:
 def describe_data(splits: Splits, run: RunDir, fresh: bool, cfg: TrainConfig) -> None:
     """Say what was found; a new run records its split and config."""
     kind = "labels (multi-label: several per image)" if splits.multi_label else "classes"
-    log(f"data: {splits.root} ({splits.layout}), {len(splits.classes)} {kind}: {', '.join(splits.classes[:10])}"
+    say(f"data: {splits.root} ({splits.layout}), {len(splits.classes)} {kind}: {', '.join(splits.classes[:10])}"
         f"{' ...' if len(splits.classes) > 10 else ''}")
-    log(f"split: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test")
+    say(f"split: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test")
     for note in splits.notes:
-        log(f"note: {note}")
+        say(f"note: {note}")
     run.path.mkdir(parents=True, exist_ok=True)
     if fresh:
         write_json(run.splits_file, splits.to_dict())
@@ -237,7 +238,7 @@ def check_files(splits: Splits, dist: Dist | None = None) -> BadFileLog:
     """Header-check every file (each rank a share under torchrun); unreadable
     ones are reported once and dropped."""
     dist = dist or Dist()
-    bad = BadFileLog(log)
+    bad = BadFileLog()
     for rel, reason in dist.gather(scan(splits, share=dist.shard)):
         bad.add(rel, reason)
     drop_files(splits, set(bad.seen))
@@ -249,7 +250,7 @@ def check_files(splits: Splits, dist: Dist | None = None) -> BadFileLog:
         raise DataError(f"class(es) {', '.join(empty)} have no readable training images, which leaves fewer than 2",
                         "add images to those class folders, or remove the empty folders")
     for c in empty:
-        log(f"warning: class {c} has no readable training images; the model can never predict it")
+        say(f"warning: class {c} has no readable training images; the model can never predict it")
     return bad
 
 
@@ -293,20 +294,20 @@ def calibrate(ctx: Context, clf) -> dict | None:
     from imgclf.evaluation.calibration import fit_calibration
 
     if ctx.multi_label:
-        log("calibration: multi-label: per-label sigmoid scores with decision thresholds tuned on val instead")
+        say("calibration: multi-label: per-label sigmoid scores with decision thresholds tuned on val instead")
         return None
     logits, labels, _ = clf.logits_items(ctx.splits.root, ctx.splits.val, ctx.cfg.batch_size, ctx.workers, ctx.bad,
                                          progress=False, use_cache=ctx.cfg.cache)
     cal = fit_calibration(logits["plain"], labels)
     if "skipped" in cal:
-        log(f"calibration: {cal['skipped']}; T stays 1")
+        say(f"calibration: {cal['skipped']}; T stays 1")
         return None
     if "declined_temperature" in cal:
-        log(f"calibration: T = 1 kept: the best fit on val, T = {cal['declined_temperature']:.3f}, raised the "
+        say(f"calibration: T = 1 kept: the best fit on val, T = {cal['declined_temperature']:.3f}, raised the "
             f"cross-fitted log loss ({cal['nll_before']:.4f} -> {cal['declined_nll']:.4f}); val ECE "
             f"{100 * cal['ece_before']:.2f}%: already calibrated")
         return cal
-    log(f"calibration: T = {cal['temperature']:.3f} fitted on val ({cal['n']} images); val ECE "
+    say(f"calibration: T = {cal['temperature']:.3f} fitted on val ({cal['n']} images); val ECE "
         f"{100 * cal['ece_before']:.2f}% -> {100 * cal['ece_after']:.2f}% (cross-fitted)")
     return cal
 
@@ -322,7 +323,7 @@ def fit_thresholds(ctx: Context, clf) -> dict:
     p = probs_from_logits(logits, 1.0, multi_label=True)
     thr = tune_thresholds(ctx.targets(labels), p, ctx.cfg.threshold)
     how = f"--threshold {ctx.cfg.threshold:g}" if ctx.cfg.threshold else "tuned on val for the best F1 per label"
-    log(f"thresholds ({how}): " + ", ".join(f"{c} {t:.2f}" for c, t in zip(ctx.splits.classes[:10], thr))
+    say(f"thresholds ({how}): " + ", ".join(f"{c} {t:.2f}" for c, t in zip(ctx.splits.classes[:10], thr))
         + (" ..." if len(thr) > 10 else ""))
     return {"thresholds": [float(t) for t in thr]}
 
@@ -341,7 +342,7 @@ def fit_unknown(ctx: Context, clf) -> dict:
     fva, _, _ = clf.features_items(ctx.splits.root, ctx.splits.val, **kw)
     scorer = fit_scorer(ftr["plain"], np.zeros(len(ftr["plain"]), int), fva["plain"])  # already sampled
     reject = reject_threshold(ctx.cfg.reject, None)
-    log(f"unknown inputs: kNN scorer on {len(scorer.bank)} training images (k={scorer.k}); "
+    say(f"unknown inputs: kNN scorer on {len(scorer.bank)} training images (k={scorer.k}); "
         + (f"answers 'unknown' above {reject:g} (--reject {ctx.cfg.reject})" if reject is not None else
            "the score is returned, rejection is off (--reject auto turns it on)"))
     return {"unknown": scorer.to_record(), "reject": reject}
@@ -351,10 +352,10 @@ def write_summary(ctx: Context, strategy: str, why: str, calibration: dict | Non
     state, bad, splits = ctx.state, ctx.bad, ctx.splits
     secs = time.time() - t_start
     best = state.best_metrics
-    log(f"best: {best.get('stage')} epoch {best.get('epoch')}, val acc {best.get('acc', 0):.4f}, "
+    say(f"best: {best.get('stage')} epoch {best.get('epoch')}, val acc {best.get('acc', 0):.4f}, "
         f"val loss {best.get('loss', 0):.4f}; trained in {secs:.1f}s; saved {state.run.model_file}")
     if bad.seen:
-        log(f"skipped {len(bad.seen)} unreadable file(s); listed in {state.run.summary_file}")
+        say(f"skipped {len(bad.seen)} unreadable file(s); listed in {state.run.summary_file}")
     summary = {"strategy": strategy, "why": why, "device": str(ctx.device), "train_seconds": round(secs, 2),
                "best": best, "calibration": calibration,
                "skipped_files": [{"path": p, "reason": r} for p, r in bad.seen.items()], "skipped": len(bad.seen),
@@ -462,7 +463,7 @@ def native_reason(cfg: TrainConfig, look: ImageLook | None, n_train: int) -> str
     size = native_size(cfg, look)
     over = check_memory_budget(n_train, size)
     if over:
-        log(f"note: images are small ({look.describe()}), but {n_train} of them decoded at {size}px need "
+        say(f"note: images are small ({look.describe()}), but {n_train} of them decoded at {size}px need "
             f"{over:.0f} MB, above the in-memory budget (raise IMGCLF_IMAGES_IN_MEMORY_MB, in MB, to train them "
             f"natively); keeping the usual strategy")
         return None
@@ -489,7 +490,7 @@ def native_settings(cfg: TrainConfig, look: ImageLook | None) -> TrainConfig:
     model = cfg.model if not get_model_info(cfg.model).pretrained or not cfg.pretrained else "small_cnn"
     flip = cfg.flip_features and (look is None or look.grey < 0.5)
     if cfg.flip_features and not flip:
-        log("native: grayscale images are not mirrored in training: digits and letters change meaning")
+        say("native: grayscale images are not mirrored in training: digits and letters change meaning")
     return replace(cfg, strategy="native", model=model, pretrained=False,
                    image_size=native_size(cfg, look),
                    batch_size=128 if cfg.batch_size == TrainConfig().batch_size else cfg.batch_size,

@@ -14,7 +14,10 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from imgclf.log import get_logger
 from imgclf.config import ServeConfig
+
+log = get_logger(__name__)
 
 
 def create_app(cfg: ServeConfig):
@@ -62,8 +65,8 @@ def serve(cfg: ServeConfig) -> None:
         cfg.threads = max(1, (os.cpu_count() or 1) // cfg.workers)  # workers must not oversubscribe the cores
     load(cfg.model, threads=1).set_reject(cfg.reject)  # fail before the banner, with the reason
     return_memory_promptly()
-    print(f"imgclf serve: {cfg.model} on http://{cfg.host}:{cfg.port}/  (API: POST /v1/predict, docs: /docs)"
-          + (", API key required" if cfg.api_key else ""), flush=True)
+    log.info(f"imgclf serve: {cfg.model} on http://{cfg.host}:{cfg.port}/  (API: POST /v1/predict, docs: /docs)"
+             + (", API key required" if cfg.api_key else ""))
     # h11 (not httptools, even where installed): its header-size limit applies.
     common = {"host": cfg.host, "port": cfg.port, "log_level": "warning", "timeout_keep_alive": 5, "http": "h11",
               "h11_max_incomplete_event_size": 64 * 1024, "limit_concurrency": cfg.max_connections}

@@ -64,7 +64,7 @@ def create_app(cfg: ServeConfig):
     from fastapi import FastAPI
     from starlette.concurrency import run_in_threadpool
 
-    from imgclf import __version__
+    from imgclf._version import __version__
     from imgclf.inference import load
 
     st = State(cfg)
@@ -421,7 +421,7 @@ def model_description(pred, cfg: ServeConfig, st: State) -> dict:
 
     import onnxruntime
 
-    from imgclf import __version__
+    from imgclf._version import __version__
 
     meta = pred.metadata
     onnx = cfg.model.lower().endswith(RunDir.ONNX_SUFFIXES + RunDir.TFLITE_SUFFIXES)  # exports: no torch

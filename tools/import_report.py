@@ -1,0 +1,162 @@
+"""Measures the package's import structure: imports of imgclf modules inside
+functions (with the reason comment, if any), import cycles at every depth
+(strongly connected components of the module graph, counting function-level
+imports too, since they run), and imports that point up the layer order.
+
+    python tools/import_report.py [--list]
+
+The layer order is the one .importlinter enforces; this script exists because
+lint-imports checks the contract but does not count function-level imports.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "imgclf"
+# Lowest first; a module may import only from its own layer or below.
+LAYERS = [
+    ["imgclf._version", "imgclf.errors", "imgclf.io", "imgclf.log", "imgclf.config", "imgclf.runs"],
+    ["imgclf.data"],
+    ["imgclf.models"],
+    ["imgclf.inference"],
+    ["imgclf.evaluation"],
+    ["imgclf.data_engine"],
+    ["imgclf.training", "imgclf.deploy", "imgclf.tasks"],
+    ["imgclf.cli", "imgclf.demo", "imgclf.demo_multilabel", "imgclf.__main__", "imgclf"],
+]
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def layer_of(mod: str) -> int:
+    best, idx = -1, None
+    for i, names in enumerate(LAYERS):
+        for n in names:
+            if (mod == n or mod.startswith(n + ".")) and len(n) > best:
+                best, idx = len(n), i
+    return idx if idx is not None else len(LAYERS) - 1
+
+
+def imports(path: Path):
+    """(target module, line, inside a function?, comment on that line) for each imgclf import."""
+    src = path.read_text()
+    lines = src.splitlines()
+    tree = ast.parse(src)
+    me = module_name(path)
+    pkg = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    out = []
+
+    def visit(node, in_func):
+        for child in ast.iter_child_nodes(node):
+            f = in_func or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.Import):
+                for a in child.names:
+                    if a.name.split(".")[0] == "imgclf":
+                        out.append((a.name, child.lineno, f, lines[child.lineno - 1]))
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    up = pkg.split(".")[: len(pkg.split(".")) - (child.level - 1)]
+                    base = ".".join(up + ([base] if base else []))
+                if base.split(".")[0] == "imgclf":
+                    for a in child.names:
+                        cand = f"{base}.{a.name}"
+                        tgt = cand if (ROOT.parent / (cand.replace(".", "/") + ".py")).exists() or \
+                            (ROOT.parent / cand.replace(".", "/")).is_dir() else base
+                        out.append((tgt, child.lineno, f, lines[child.lineno - 1]))
+            visit(child, f)
+
+    visit(tree, False)
+    return me, out
+
+
+def sccs(graph: dict[str, set[str]]) -> list[list[str]]:
+    index, low, stack, on, res, n = {}, {}, [], set(), [], [0]
+
+    def strong(v):
+        index[v] = low[v] = n[0]
+        n[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                res.append(sorted(comp))
+
+    sys.setrecursionlimit(10000)
+    for v in list(graph):
+        if v not in index:
+            strong(v)
+    return res
+
+
+def main() -> None:
+    show = "--list" in sys.argv
+    graph: dict[str, set[str]] = defaultdict(set)
+    func_level, upward, top = [], [], 0
+    files = sorted(ROOT.rglob("*.py"))
+    mods = {module_name(p) for p in files}
+    seen = set()
+    for p in files:
+        me, imps = imports(p)
+        graph[me]
+        for tgt, line, in_func, text in imps:
+            # A package import runs its __init__, and `from pkg import mod` the module too.
+            while tgt not in mods and "." in tgt:
+                tgt = tgt.rpartition(".")[0]
+            if tgt != me:
+                graph[me].add(tgt)
+            where = f"{p.relative_to(ROOT.parent)}:{line}"
+            if where in seen:  # one statement importing several names counts once
+                if layer_of(tgt) > layer_of(me) and not me.startswith(tgt + ".") and tgt != "imgclf":
+                    upward.append((where, me, tgt))
+                continue
+            seen.add(where)
+            if in_func:
+                func_level.append((where, tgt, text.split("#", 1)[1].strip() if "#" in text else ""))
+            else:
+                top += 1
+            if layer_of(tgt) > layer_of(me) and not me.startswith(tgt + ".") and tgt != "imgclf":
+                upward.append((where, me, tgt))
+    cycles = sccs(graph)
+    big = [(len(p.read_text().splitlines()), str(p.relative_to(ROOT.parent))) for p in files]
+    big = sorted([b for b in big if b[0] > 500], reverse=True)
+    print(f"imgclf imports at module top: {top}")
+    print(f"imgclf imports inside functions: {len(func_level)} "
+          f"({sum(1 for f in func_level if not f[2])} without a reason comment)")
+    print(f"modules in import cycles: {sum(len(c) for c in cycles)} in {len(cycles)} cycle(s)")
+    print(f"upward imports: {len(upward)}")
+    print(f"modules over 500 lines: {len(big)} {big}")
+    if show:
+        for f in func_level:
+            print("  func", *f)
+        for c in cycles:
+            print("  cycle", " ".join(c))
+        for u in upward:
+            print("  up", *u)
+
+
+if __name__ == "__main__":
+    main()
