@@ -45,8 +45,6 @@ class RunDir:
     EXPORTS = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "ort": "model.ort", "ort-int8": "model.int8.ort",
                "torchscript": "model.torchscript.pt", "tflite": "model.tflite", "tflite-int8": "model.int8.tflite",
                "web": "web"}
-    ONNX_SUFFIXES = (".onnx", ".ort")  # files onnxruntime runs: no torch needed
-    TFLITE_SUFFIXES = (".tflite",)  # files the LiteRT interpreter runs (imgclf[litert]): no torch either
 
     def __init__(self, path: str | Path):
         p = Path(path)

@@ -19,9 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "imgclf"
 # Lowest first; a module may import only from its own layer or below.
 LAYERS = [
-    ["imgclf._version", "imgclf.errors", "imgclf.io", "imgclf.log", "imgclf.config", "imgclf.runs"],
+    ["imgclf._version", "imgclf.errors", "imgclf.io", "imgclf.log", "imgclf.ort"],
     ["imgclf.data"],
     ["imgclf.models"],
+    ["imgclf.runs", "imgclf.config"],
     ["imgclf.inference"],
     ["imgclf.evaluation"],
     ["imgclf.data_engine"],

@@ -148,7 +148,7 @@ def embed_command(cfg) -> Embeddings:
     files and folders        each image file; label and split filled in where the run knows them"""
     from imgclf.data.datasets import discover
     from imgclf.errors import DataError
-    from imgclf.inference import expand_paths
+    from imgclf.inference.predictor import expand_paths
     from imgclf.runs import RunDir
 
     if not cfg.out:

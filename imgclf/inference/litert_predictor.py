@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.errors import MissingExtra, ModelFileError, RunError
-from imgclf.inference import Predictor
+from imgclf.inference.predictor import Predictor
 from imgclf.inference.onnx_predictor import FORMAT, _maybe_json, warn_if_stale
 
 METADATA_NAME = "imgclf"  # the flatbuffer metadata entry holding the JSON

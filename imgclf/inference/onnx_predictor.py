@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.errors import ModelFileError, RunError
-from imgclf.inference import Predictor
+from imgclf.inference.predictor import Predictor
 from imgclf.log import get_logger
 from imgclf.ort import ort_session
 

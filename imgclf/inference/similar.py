@@ -214,7 +214,7 @@ def with_graph(index: SimilarityIndex, run) -> SimilarityIndex:
 def similar_images(cfg) -> list[dict]:
     """`imgclf similar RUN IMAGE...`: the k nearest training images of each image."""
     from imgclf.data.images import BadImage
-    from imgclf.inference import expand_paths
+    from imgclf.inference.predictor import expand_paths
     from imgclf.inference.torch_predictor import TorchPredictor
     from imgclf.runs import RunDir
 

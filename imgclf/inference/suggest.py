@@ -132,7 +132,7 @@ def suggest(cfg) -> tuple[list[dict], Path]:
     """Rank the images under cfg.unlabeled for labelling; write cfg.out (CSV)."""
     from imgclf.data.datasets import BadFileLog
     from imgclf.errors import ConfigError, DataError
-    from imgclf.inference import expand_paths
+    from imgclf.inference.predictor import expand_paths
     from imgclf.inference.similar import unit_rows
     from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
     from imgclf.runs import RunDir

@@ -15,7 +15,7 @@ import torch
 
 from imgclf.data.datasets import BadFileLog
 from imgclf.data.preprocess import Preprocess, to_nchw
-from imgclf.inference import Predictor
+from imgclf.inference.predictor import Predictor
 
 
 def calibrated_probs(logits: torch.Tensor, temperature, multi_label: bool = False) -> torch.Tensor:

@@ -332,7 +332,7 @@ def fit_unknown(ctx: Context, clf) -> dict:
     """The unknown-input scorer (inference/unknown.py): the training images'
     features (cached: training just computed them) as the kNN bank, the
     validation images' distances as its scale, and --reject's threshold."""
-    from imgclf.inference import reject_threshold
+    from imgclf.inference.predictor import reject_threshold
     from imgclf.inference.unknown import bank_sample, fit_scorer
 
     kw = dict(batch_size=ctx.cfg.batch_size, workers=ctx.workers, bad=ctx.bad, progress=False, use_cache=ctx.cfg.cache)

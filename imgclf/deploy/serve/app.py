@@ -31,7 +31,8 @@ from imgclf.deploy.serve.batching import Batcher
 from imgclf.deploy.serve.metrics import Metrics
 from imgclf.deploy.serve.parsing import (ApiError, PixelBudget, header_pixels, media_type, parse_json,
                                          parse_multipart, parse_top_k, read_body)
-from imgclf.inference import top_k
+from imgclf.inference.load import TORCH_FREE, model_format
+from imgclf.inference.predictor import top_k
 from imgclf.runs import RunDir
 
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -65,7 +66,7 @@ def create_app(cfg: ServeConfig):
     from starlette.concurrency import run_in_threadpool
 
     from imgclf._version import __version__
-    from imgclf.inference import load
+    from imgclf.inference.load import load
 
     st = State(cfg)
 
@@ -266,7 +267,7 @@ def load_similar(st: State) -> None:
     """The run's similarity index (built once and saved in the run when
     missing). An exported model has no embedding output, so a bare .onnx
     serves predictions only and /v1/similar says why."""
-    if st.cfg.model.lower().endswith(RunDir.ONNX_SUFFIXES) or not hasattr(st.predictor, "embed"):
+    if model_format(st.cfg.model) in TORCH_FREE or not hasattr(st.predictor, "embed"):
         st.similar_why = ("an exported model computes probabilities only, not the embeddings similarity search "
                           "needs; serve the run directory instead (imgclf serve RUN)")
         return
@@ -317,7 +318,7 @@ def add_similar_route(app, st: State) -> None:
     # An exported model never has it: the route answers why, and stays out of the schema.
     @app.post("/v1/similar", openapi_extra=similar_openapi(st.cfg.max_files, MAX_SIMILAR_K),
               summary="The most similar training images of each image, with thumbnails",
-              include_in_schema=not st.cfg.model.lower().endswith(RunDir.ONNX_SUFFIXES))
+              include_in_schema=model_format(st.cfg.model) not in TORCH_FREE)
     async def similar(request: Request):
         check_key(st, request)
         st.ready()
@@ -410,11 +411,6 @@ def add_page_routes(app) -> None:
         return Response(data, media_type=mime, headers={"Cache-Control": "no-cache"})
 
 
-def model_format(path: str) -> str:
-    p = path.lower()
-    return "tflite" if p.endswith(RunDir.TFLITE_SUFFIXES) else "onnx" if p.endswith(RunDir.ONNX_SUFFIXES) else "pytorch"
-
-
 def model_description(pred, cfg: ServeConfig, st: State) -> dict:
     """/v1/model: what is served, how well it did on held-out data, the limits."""
     import sys
@@ -424,14 +420,15 @@ def model_description(pred, cfg: ServeConfig, st: State) -> dict:
     from imgclf._version import __version__
 
     meta = pred.metadata
-    onnx = cfg.model.lower().endswith(RunDir.ONNX_SUFFIXES + RunDir.TFLITE_SUFFIXES)  # exports: no torch
+    fmt = model_format(cfg.model)
+    onnx = fmt in TORCH_FREE  # exports: no torch
     versions = {"imgclf": __version__, "python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
     if meta.get("trained_with"):
         versions["trained_with_imgclf"] = meta["trained_with"]
     if not onnx and "torch" in sys.modules:
         versions["torch"] = sys.modules["torch"].__version__
     pp = pred.preprocess
-    return {"model": Path(cfg.model).name, "arch": pred.arch, "format": model_format(cfg.model),
+    return {"model": Path(cfg.model).name, "arch": pred.arch, "format": {"run": "pytorch", "ort": "onnx"}.get(fmt, fmt),
             "int8": bool(getattr(pred, "int8", False)), "classes": pred.classes, "num_classes": len(pred.classes),
             "input_size": pp.size, "resize": pp.resize, "temperature": pred.temperature,
             "unknown_score": pred.has_unknown, "reject": pred.reject, "multi_label": pred.multi_label,
