@@ -33,10 +33,10 @@ from common import DATASETS, machine, table  # noqa: E402
 def trunk_session(backbone, size: int):
     """Everything before conv_head, exported as imgclf exports (folded padding), in onnxruntime."""
     from imgclf.ort import ort_session
-    from imgclf.models.same_pad import export_onnx
+    from imgclf.models.same_pad import trace_to_onnx
 
     trunk = torch.nn.Sequential(backbone.conv_stem, backbone.bn1, backbone.blocks).eval()
-    graph = export_onnx(trunk, torch.zeros(1, 3, size, size), ["x"], ["a"])
+    graph = trace_to_onnx(trunk, torch.zeros(1, 3, size, size), ["x"], ["a"])
     return ort_session(graph.SerializeToString(), torch.get_num_threads())
 
 

@@ -8,32 +8,15 @@ and served CNN image classifier.
 """
 
 from imgclf._version import __version__
+from imgclf.config import TrainConfig
+from imgclf.errors import ImgclfError
+from imgclf.inference.load import load
 
 __all__ = ["train", "load", "TrainConfig", "ImgclfError", "__version__"]
 
 
-def train(config=None, **overrides):
+def train(config: TrainConfig | None = None, **overrides):
     """Train a classifier; see `imgclf.TrainConfig` for the settings."""
-    from imgclf.training.train import train as _train
+    from imgclf.training.train import train as _train  # deferred: torch; `import imgclf` serves .onnx without it
 
     return _train(config, **overrides)
-
-
-def load(path, **kw):
-    """A trained classifier from a run directory, model.pt or exported .onnx;
-    `.predict()` it (see imgclf.inference.Predictor)."""
-    from imgclf.inference import load as _load
-
-    return _load(path, **kw)
-
-
-def __getattr__(name):
-    if name == "TrainConfig":
-        from imgclf.config import TrainConfig
-
-        return TrainConfig
-    if name == "ImgclfError":
-        from imgclf.errors import ImgclfError
-
-        return ImgclfError
-    raise AttributeError(name)

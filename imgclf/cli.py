@@ -18,7 +18,10 @@ import typing
 
 from imgclf import config as C
 from imgclf.errors import ImgclfError
+from imgclf.inference import expand_paths, load, reject_threshold
 from imgclf.log import setup_cli
+from imgclf.runs import RunDir
+from imgclf._version import __version__
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
@@ -52,21 +55,21 @@ def config_from_args(cls, a: argparse.Namespace):
 # ---------------------------------------------------------------- commands
 
 def cmd_train(cfg: C.TrainConfig) -> int:
-    from imgclf.training.train import train
+    from imgclf.training.train import train  # deferred: verbs load only what they need
 
     train(cfg)
     return 0
 
 
 def cmd_evaluate(cfg: C.EvaluateConfig) -> int:
-    from imgclf.evaluation.evaluate import evaluate_run
+    from imgclf.evaluation.evaluate import evaluate_run  # deferred: verbs load only what they need
 
     evaluate_run(cfg)
     return 0
 
 
 def cmd_compare(cfg: C.CompareConfig) -> int:
-    from imgclf.evaluation.compare import compare_runs, format_comparison
+    from imgclf.evaluation.compare import compare_runs, format_comparison  # deferred: verbs load only what they need
 
     rows = compare_runs(cfg)
     print(json.dumps(rows, indent=2) if cfg.json else format_comparison(rows))
@@ -74,7 +77,6 @@ def cmd_compare(cfg: C.CompareConfig) -> int:
 
 
 def cmd_predict(cfg: C.PredictConfig) -> int:
-    from imgclf.inference import expand_paths, load, reject_threshold
 
     reject_threshold(cfg.reject, None)  # a bad --reject fails before the model loads
     clf = load(cfg.run, device=cfg.device, engine=cfg.engine, cache_dir=cfg.cache_dir)
@@ -111,7 +113,7 @@ def print_predictions(results: list[dict], fmt: str) -> None:
 
 
 def cmd_embed(cfg: C.EmbedConfig) -> int:
-    from imgclf.inference.embed import embed_command, write_embeddings
+    from imgclf.inference.embed import embed_command, write_embeddings  # deferred: verbs load only what they need
 
     emb = embed_command(cfg)
     files = write_embeddings(emb, cfg.out)
@@ -122,8 +124,7 @@ def cmd_embed(cfg: C.EmbedConfig) -> int:
 
 
 def cmd_similar(cfg: C.SimilarConfig) -> int:
-    from imgclf.inference.similar import format_similar, similar_images
-    from imgclf.runs import RunDir
+    from imgclf.inference.similar import format_similar, similar_images  # deferred: verbs load only what they need
 
     results = similar_images(cfg)
     print(json.dumps(results, indent=2) if cfg.format == "json" else format_similar(results, RunDir(cfg.run).splits().root))
@@ -131,7 +132,7 @@ def cmd_similar(cfg: C.SimilarConfig) -> int:
 
 
 def cmd_suggest(cfg: C.SuggestConfig) -> int:
-    from imgclf.inference.suggest import suggest
+    from imgclf.inference.suggest import suggest  # deferred: verbs load only what they need
 
     rows, out = suggest(cfg)
     for r in rows[:10]:
@@ -142,7 +143,7 @@ def cmd_suggest(cfg: C.SuggestConfig) -> int:
 
 
 def cmd_check(cfg: C.CheckConfig) -> int:
-    from imgclf.data.check import check_dataset, default_fix_path, format_report
+    from imgclf.data.check import check_dataset, default_fix_path, format_report  # deferred: verbs load only what they need
 
     fix = (cfg.fix_out or default_fix_path(cfg.data)) if cfg.fix else None
     r = check_dataset(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, near_dup=cfg.near_dup,
@@ -152,7 +153,7 @@ def cmd_check(cfg: C.CheckConfig) -> int:
 
 
 def cmd_models(cfg: C.ModelsConfig) -> int:
-    from imgclf.models.registry import MODELS
+    from imgclf.models.registry import MODELS  # deferred: verbs load only what they need
 
     rows = [("name", "input", "pretrained weights", "available here")]
     for name, info in MODELS.items():
@@ -168,7 +169,7 @@ def cmd_models(cfg: C.ModelsConfig) -> int:
 def cmd_cache(cfg: C.CacheConfig) -> int:
     from pathlib import Path
 
-    from imgclf.models.features import cache_clear, cache_info, default_cache_dir
+    from imgclf.models.features import cache_clear, cache_info, default_cache_dir  # deferred: verbs load only what they need
 
     root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     if cfg.action == "clear":
@@ -186,7 +187,7 @@ def cmd_cache(cfg: C.CacheConfig) -> int:
 
 
 def cmd_export(cfg: C.ExportConfig) -> int:
-    from imgclf.deploy.export import export
+    from imgclf.deploy.export import export  # deferred: verbs load only what they need
 
     r = export(cfg)
     if cfg.json:
@@ -196,7 +197,7 @@ def cmd_export(cfg: C.ExportConfig) -> int:
 
 def cmd_serve(cfg: C.ServeConfig) -> int:
     # Only imgclf.deploy.serve (and, for a run directory, torch): an .onnx needs neither torch nor onnx.
-    from imgclf.deploy.serve import serve
+    from imgclf.deploy.serve import serve  # deferred: verbs load only what they need
 
     cfg.api_key = cfg.api_key or os.environ.get("IMGCLF_API_KEY") or None
     serve(cfg)
@@ -220,8 +221,6 @@ COMMANDS = {  # name: (config class, function, one-line help)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from imgclf._version import __version__
-
     p = argparse.ArgumentParser(prog="imgclf", description="Train, evaluate, export and serve CNN image classifiers.")
     p.add_argument("--version", action="version", version=f"imgclf {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -253,11 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args.cls, args)
         if args.cls is C.TrainConfig and cfg.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
-            from imgclf.training.distributed import launch
+            from imgclf.training.distributed import launch  # deferred: verbs load only what they need
 
             return launch(argv[argv.index("train") + 1:], cfg.nproc_per_node)
         if args.cls is C.TrainConfig:
-            from imgclf.training.train import parse_ints
+            from imgclf.training.train import parse_ints  # deferred: verbs load only what they need
 
             cfg.head_hidden = parse_ints(cfg.head_hidden or "")
         return args.fn(cfg) or 0

@@ -6,6 +6,8 @@ inside model.pt. Nothing here imports torch."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from imgclf.data.preprocess import AUGMENTS, RESIZE_POLICIES
+from imgclf.errors import ConfigError
 
 
 def _f(default, help: str, **kw):
@@ -104,8 +106,7 @@ class TrainConfig:
         return cls(**d)
 
     def validate(self) -> None:
-        from imgclf.models.registry import MODELS
-        from imgclf.data.preprocess import AUGMENTS, RESIZE_POLICIES
+        from imgclf.models.registry import MODELS  # deferred: the registry imports torch; `imgclf --help` must not
 
         checks = [
             (self.model in MODELS, f"--model {self.model!r} is unknown; choose one of {', '.join(MODELS)}"),
@@ -135,8 +136,6 @@ class TrainConfig:
         ]
         for ok, msg in checks:
             if not ok:
-                from imgclf.errors import ConfigError
-
                 raise ConfigError(msg)
 
 

@@ -14,6 +14,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from imgclf.data.check import check_dataset, format_report
+from imgclf.inference import load
+from imgclf.runs import RunDir
+from imgclf.training.train import train
 
 
 def mnist_rows() -> np.ndarray:
@@ -50,10 +54,6 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="data/mnist")
     p.add_argument("--out", default="runs/demo-mnist")
     args = p.parse_args(argv)
-    from imgclf.data.check import check_dataset, format_report
-    from imgclf.inference import load
-    from imgclf.runs import RunDir
-    from imgclf.training.train import train
 
     t0 = time.time()
     data = write_mnist_folder(Path(args.data))

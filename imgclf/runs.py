@@ -109,7 +109,6 @@ class RunDir:
         found = sorted(self.path.glob("eval_*.json"))
         if found:
             return found[0].stem.removeprefix("eval_")
-        from imgclf.errors import RunError
 
         raise RunError(f"{self.path}: no splits.json and no eval_*.json",
                        "is this a run directory (imgclf train DATA --out RUN)?")

@@ -217,15 +217,22 @@ def test_ort_format_export(tiny_run, exported, tiny, tmp_path):
 
 
 _EXPORT_CHILD = """
-import json, sys
+import json, logging, sys
 from imgclf.config import ExportConfig
 from imgclf.deploy.export import export
 from imgclf.errors import ExportError
+
+class Said(logging.Handler):  # what export tells its caller, through the standard logging API
+    def emit(self, record):
+        said.append(record.getMessage())
+
+logging.getLogger("imgclf").addHandler(Said())
+logging.getLogger("imgclf").setLevel(logging.INFO)
 out = []
 for kw in json.loads(sys.argv[1]):
     said = []
     try:
-        out.append({"report": export(ExportConfig(**kw), printer=said.append), "said": said})
+        out.append({"report": export(ExportConfig(**kw)), "said": said})
     except ExportError as e:
         out.append({"error": str(e), "said": said})
 print("RESULT" + json.dumps(out, default=str))

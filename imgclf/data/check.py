@@ -14,6 +14,10 @@ import numpy as np
 from imgclf.data.datasets import Splits, discover, file_hash
 from imgclf.data.images import BadImage, open_image, sniff
 from imgclf.data.near_dup import image_hash
+from imgclf.data.datasets import default_workers
+from imgclf.log import Progress
+from imgclf.errors import DataError
+from imgclf.io import atomic_write_text
 
 KINDS = (("across_splits", "leakage across splits"), ("across_classes", "different labels"),
          ("within_class", "within a class"))
@@ -130,8 +134,6 @@ def _scan(s: Splits, entries: list, progress: bool, hashes: bool) -> tuple[list[
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from imgclf.data.datasets import default_workers
-    from imgclf.log import Progress
 
     bad, stats = [], FileStats(len(entries))
     step = 256
@@ -396,8 +398,6 @@ def write_clean_csv(s: Splits, data: str | Path, out: str | Path, groups: list[l
     person to decide. The user's images and files are never touched."""
     import os
 
-    from imgclf.errors import DataError
-    from imgclf.io import atomic_write_text
 
     out = Path(out).expanduser().resolve()
     if Path(data).is_file() and out == Path(data).resolve():

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from imgclf.data.datasets import default_workers
 
 # Hamming distance (of 64 bits) at or below which two pHashes are the same
 # photo; cosine similarity at or above which two embeddings are. Chosen on
@@ -136,7 +137,6 @@ def embeddings(root: str | Path, items: list[tuple[str, int]], model: str = "eff
     # The one place `check` gets embeddings: swap for the shared embedding function when there is one.
     import torch
 
-    from imgclf.data.datasets import default_workers
     from imgclf.models.registry import build_model, get_model_info
     from imgclf.models.features import FeatureExtractor, extract, feature_caches
 

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from imgclf.data.images import MAX_PIXELS, BadImage, Source, open_image
+from imgclf.errors import ConfigError
 
 RESIZE_POLICIES = ("crop", "squash", "pad")
 AUGMENTS = ("none", "light", "trivial", "randaug")
@@ -151,8 +152,6 @@ def train_transform(pp: Preprocess, augment: str = "light"):
     from torchvision.transforms import v2 as T
 
     if augment not in AUGMENTS:
-        from ..errors import ConfigError
-
         raise ConfigError(f"--augment {augment!r} is unknown", f"choose one of {', '.join(AUGMENTS)}")
     if augment == "none":
         return eval_transform(pp)

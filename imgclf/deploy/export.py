@@ -42,11 +42,25 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.config import ExportConfig
+from imgclf.log import get_logger
 from imgclf.errors import ConfigError, ExportError
 from imgclf.inference.onnx_predictor import (FORMAT, INPUT, OUTPUT, REJECTED_OUTPUT, SELECTED_OUTPUT, UNKNOWN_OUTPUT,
                                              OnnxPredictor)
 from imgclf.runs import RunDir
 from imgclf.io import atomic_write_bytes, atomic_write_folder, check_replaceable_folder
+from imgclf.data.preprocess import normalize
+from imgclf.inference.torch_predictor import calibrated_probs
+from imgclf.inference.torch_predictor import TorchPredictor
+from imgclf.models.records import model_from_record
+from imgclf._version import __version__
+from imgclf.data.images import BadImage
+from imgclf.data.datasets import multi_hot
+from imgclf.evaluation.metrics import mean_average_precision
+from imgclf.deploy.web.site import is_export
+from imgclf.deploy.tflite import quantize_tflite, to_tflite, with_metadata as tflite_metadata
+from imgclf.inference.litert_predictor import LiteRTPredictor
+from imgclf.models.same_pad import trace_to_onnx
+from imgclf.deploy.web import site
 
 PARITY_ATOL = 1e-4  # fp32 onnxruntime vs PyTorch probabilities, max abs difference
 ORT_ATOL = 1e-5  # .ort vs the .onnx it was saved from: the same engine and graph
@@ -62,8 +76,6 @@ def probs_module(model, pp, temperature: float, scorer=None, reject: float | Non
     import torch
     from torch import nn
 
-    from imgclf.data.preprocess import normalize
-    from imgclf.inference.torch_predictor import calibrated_probs
 
     class Probs(nn.Module):
         def __init__(self):
@@ -108,9 +120,6 @@ class Source:
 def load_source(run: RunDir, check_images: int, reject: str | None = None) -> Source:
     """The run's model, and the reference probabilities every export must
     reproduce: the eager-PyTorch Predictor's, the path `imgclf.load(run)` takes."""
-    from imgclf.inference.torch_predictor import TorchPredictor
-    from imgclf.models.records import model_from_record
-
     record = run.record()
     reference = TorchPredictor(record, device="cpu", engine="torch")
     reference.set_reject(reject)
@@ -124,8 +133,6 @@ def load_source(run: RunDir, check_images: int, reject: str | None = None) -> So
 
 
 def metadata(src: Source, int8: bool) -> dict[str, str]:
-    from imgclf._version import __version__
-
     pp, record = src.pp, src.record
     meta = {
         "format": FORMAT, "classes": record["classes"], "preprocess": pp.to_dict(), "input_size": pp.size,
@@ -148,8 +155,6 @@ def metadata(src: Source, int8: bool) -> dict[str, str]:
 def split_images(run: RunDir, split: str, limit: int | None, pp) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, S, S, 3) images of a run's split, as the model sees them, and
     their labels. Unreadable files are skipped (training skipped them too)."""
-    from imgclf.data.images import BadImage
-
     s = run.splits()
     items = getattr(s, split)
     if limit:
@@ -165,8 +170,6 @@ def split_images(run: RunDir, split: str, limit: int | None, pp) -> tuple[np.nda
     if not xs:
         raise ExportError(f"no readable images in the run's {split} split under {s.root}", "is the data still there?")
     if s.multi_label:
-        from imgclf.data.datasets import multi_hot
-
         return np.stack(xs), multi_hot(ys, len(s.classes))
     return np.stack(xs), np.array(ys)
 
@@ -174,8 +177,6 @@ def split_images(run: RunDir, split: str, limit: int | None, pp) -> tuple[np.nda
 def quality(p: np.ndarray, y: np.ndarray) -> float:
     """What the INT8 gate compares: accuracy; multi-label: mAP."""
     if y.ndim == 2:
-        from imgclf.evaluation.metrics import mean_average_precision
-
         return mean_average_precision(y, p)
     return float((p.argmax(1) == y).mean())
 
@@ -209,38 +210,36 @@ def int8_verdict(fp32_acc: float, int8_acc: float, max_drop: float, force: bool)
             f"images (--calib-images), or write it anyway with --force (or raise --max-drop)")
 
 
-def export(cfg: ExportConfig, printer=print) -> dict:
+def export(cfg: ExportConfig) -> dict:
     """Export a run; returns a report dict (path, parity, INT8 accuracy and speed)."""
     if cfg.int8 and cfg.format not in ("onnx", "ort", "tflite"):
         raise ConfigError(f"--int8 is for --format onnx, ort or tflite, not {cfg.format}", "drop --int8")
     run = RunDir(cfg.run)
     out = Path(cfg.out) if cfg.out else run.export_file(cfg.format, cfg.int8)
     if cfg.format == "web":  # a folder: say now, not after the export, that --out is taken
-        from imgclf.deploy.web.site import is_export
 
         check_replaceable_folder(out, is_export)
     src = load_source(run, cfg.check_images, cfg.reject)
     meta = metadata(src, cfg.int8)
     report: dict = {"format": cfg.format, "path": str(out), "int8": cfg.int8, "classes": src.record["classes"],
                     "input_size": src.pp.size, "check_split": src.split, "check_images": len(src.x_check)}
-    data = EXPORTERS[cfg.format](src, cfg, meta, report, printer)
+    data = EXPORTERS[cfg.format](src, cfg, meta, report)
     if isinstance(data, dict):  # a folder: relative path -> content
-        from imgclf.deploy.web.site import is_export
 
         atomic_write_folder(out, data, is_export)
         report["bytes"] = sum(map(len, data.values()))
         report["files"] = {k: len(v) for k, v in sorted(data.items())}
-        printer(f"wrote {out}/ ({len(data)} files, {report['bytes'] / 1e6:.1f} MB); try it: "
+        log.info(f"wrote {out}/ ({len(data)} files, {report['bytes'] / 1e6:.1f} MB); try it: "
                 f"python -m http.server -d {out} 8000  and open http://localhost:8000/")
         return report
     atomic_write_bytes(out, data)
     report["bytes"] = len(data)
-    printer(f"wrote {out} ({len(data) / 1e6:.1f} MB{', INT8' if cfg.int8 else ''}); "
+    log.info(f"wrote {out} ({len(data) / 1e6:.1f} MB{', INT8' if cfg.int8 else ''}); "
             f"try it: imgclf predict {out} IMAGE" + ("" if cfg.format == "torchscript" else f"  |  imgclf serve {out}"))
     return report
 
 
-def export_torchscript(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer) -> bytes:
+def export_torchscript(src: Source, cfg: ExportConfig, meta: dict, report: dict) -> bytes:
     """The same wrapper, traced; the metadata as an extra file imgclf.json."""
     import io
 
@@ -256,22 +255,22 @@ def export_torchscript(src: Source, cfg: ExportConfig, meta: dict, report: dict,
     buf = io.BytesIO()
     torch.jit.save(traced, buf, _extra_files={"imgclf.json": json.dumps(meta)})
     report["max_abs_diff"] = diff
-    printer(f"parity: max |p - p_torch| = {diff:.1e} on {len(src.x_check)} {src.split} images (TorchScript)")
+    log.info(f"parity: max |p - p_torch| = {diff:.1e} on {len(src.x_check)} {src.split} images (TorchScript)")
     return buf.getvalue()
 
 
-def export_onnx(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer) -> bytes:
+def export_onnx(src: Source, cfg: ExportConfig, meta: dict, report: dict) -> bytes:
     """fp32 ONNX, checked against PyTorch; with --int8, quantized and gated on accuracy."""
     fp32 = to_onnx(src.wrapped, src.pp.size, meta, output_names(src))
     diff, _ = check_against_torch(OnnxPredictor(fp32), "onnxruntime", src, report)
-    printer(f"parity: max |p_onnx - p_torch| = {diff:.1e} on {len(src.x_check)} {src.split} images "
+    log.info(f"parity: max |p_onnx - p_torch| = {diff:.1e} on {len(src.x_check)} {src.split} images "
             f"(limit {PARITY_ATOL:g})")
     if not cfg.int8:
         return fp32
-    return quantize_checked(fp32, src, cfg, report, printer, lambda x_cal: quantize(fp32, x_cal, meta))
+    return quantize_checked(fp32, src, cfg, report, lambda x_cal: quantize(fp32, x_cal, meta))
 
 
-def export_ort(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer) -> bytes:
+def export_ort(src: Source, cfg: ExportConfig, meta: dict, report: dict) -> bytes:
     """ONNX Runtime's own format (.ort) for apps that embed onnxruntime-mobile:
     the checked (and, with --int8, accuracy-gated) ONNX model, saved by
     onnxruntime itself with basic graph optimisations only, which stay valid on
@@ -279,7 +278,7 @@ def export_ort(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer
     again against PyTorch through onnxruntime."""
     import onnxruntime as ort
 
-    onnx_bytes = export_onnx(src, cfg, meta, report, printer)
+    onnx_bytes = export_onnx(src, cfg, meta, report)
     with tempfile.TemporaryDirectory(prefix="imgclf-ort-") as tmp:
         path = Path(tmp) / "model.ort"
         so = ort.SessionOptions()
@@ -296,7 +295,7 @@ def export_ort(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer
     if diff > ORT_ATOL:
         raise ExportError(f"the .ort model's probabilities differ from the ONNX model's by {diff:.2e} "
                           f"(limit {ORT_ATOL:g})", "the export is wrong and was not written; report it with model.pt")
-    printer(f"parity (.ort): max |p_ort - p_onnx| = {diff:.1e}, max |p_ort - p_torch| = "
+    log.info(f"parity (.ort): max |p_ort - p_onnx| = {diff:.1e}, max |p_ort - p_torch| = "
             f"{report['ort_max_abs_diff_vs_torch']:.1e} on {len(src.x_check)} {src.split} images")
     return data
 
@@ -329,35 +328,31 @@ def check_unknown_parity(u: np.ndarray | None, src: Source, report: dict) -> Non
 
 
 
-def export_tflite(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer) -> bytes:
+def export_tflite(src: Source, cfg: ExportConfig, meta: dict, report: dict) -> bytes:
     """LiteRT (TFLite) for Android: converted from the same wrapper by litert-torch,
     checked with the LiteRT interpreter against PyTorch (max probability
     difference within PARITY_ATOL, top-1 agreement reported); with --int8,
     dynamic-range INT8 behind the same accuracy gate as ONNX INT8."""
-    from imgclf.deploy.tflite import quantize_tflite, to_tflite, with_metadata as tflite_metadata
-    from imgclf.inference.litert_predictor import LiteRTPredictor
-
     t0 = time.time()
     plain = to_tflite(src.wrapped, src.pp.size, (src.run.model_sha256(), src.pp.size, src.record.get("reject")),
                       tuple(output_names(src)))
     fp32 = tflite_metadata(plain, meta)
     report["convert_seconds"] = round(time.time() - t0, 1)
     diff, agree = check_against_torch(LiteRTPredictor(fp32), "LiteRT", src, report)
-    printer(f"parity (LiteRT): max |p_tflite - p_torch| = {diff:.1e} (limit {PARITY_ATOL:g}), top-1 agreement "
+    log.info(f"parity (LiteRT): max |p_tflite - p_torch| = {diff:.1e} (limit {PARITY_ATOL:g}), top-1 agreement "
             f"{agree:.0%} on {len(src.x_check)} {src.split} images; converted in {report['convert_seconds']} s")
     if not cfg.int8:
         return fp32
-    return quantize_checked(fp32, src, cfg, report, printer, lambda _: tflite_metadata(quantize_tflite(plain), meta),
+    return quantize_checked(fp32, src, cfg, report, lambda _: tflite_metadata(quantize_tflite(plain), meta),
                             LiteRTPredictor, calibrated=False)
 
 
 def to_onnx(wrapped, size: int, meta: dict[str, str], outputs: list[str] = (OUTPUT,)) -> bytes:
     import torch
 
-    from imgclf.models.same_pad import export_onnx
 
     example = torch.zeros(1, size, size, 3, dtype=torch.uint8)
-    return with_metadata(export_onnx(wrapped, example, [INPUT], list(outputs)), meta)
+    return with_metadata(trace_to_onnx(wrapped, example, [INPUT], list(outputs)), meta)
 
 
 def with_metadata(m, meta: dict[str, str]) -> bytes:
@@ -408,7 +403,7 @@ def quantize(fp32: bytes, x_cal: np.ndarray, meta: dict[str, str]) -> bytes:
         return with_metadata(onnx.load(str(dst)), meta)
 
 
-def quantize_checked(fp32: bytes, src: Source, cfg: ExportConfig, report: dict, printer, quantize_fn,
+def quantize_checked(fp32: bytes, src: Source, cfg: ExportConfig, report: dict, quantize_fn,
                      predictor=OnnxPredictor, calibrated: bool = True) -> bytes:
     """INT8 = quantize_fn(calibration images), refused when validation accuracy
     drops by more than --max-drop points; `predictor` runs both models."""
@@ -428,7 +423,7 @@ def quantize_checked(fp32: bytes, src: Source, cfg: ExportConfig, report: dict, 
                    "fp32_images_per_s": round(ips32, 1), "int8_images_per_s": round(ips8, 1),
                    "speedup": round(ips8 / ips32, 2)})
     how = f"calibrated on {len(x_cal)} train images" if calibrated else "dynamic range, no calibration"
-    printer(f"INT8: {src.split} accuracy {acc32:.1%} -> {acc8:.1%} ({(acc8 - acc32) * 100:+.1f} points, "
+    log.info(f"INT8: {src.split} accuracy {acc32:.1%} -> {acc8:.1%} ({(acc8 - acc32) * 100:+.1f} points, "
             f"{len(x_val)} images; top-1 as fp32 on {agree:.0%}, max |p8 - p32| = {diff:.3f}); speed "
             f"{ips32:.0f} -> {ips8:.0f} images/s at batch {len(x_val[:16])} ({ips8 / ips32:.2f}x); {how} in "
             f"{report['calib_seconds']} s")
@@ -436,19 +431,17 @@ def quantize_checked(fp32: bytes, src: Source, cfg: ExportConfig, report: dict, 
     if why:
         raise ExportError(why)
     if cfg.force and (acc32 - acc8) * 100 > cfg.max_drop:
-        printer(f"warning: writing the INT8 model despite a drop over {cfg.max_drop:g} points (--force)")
+        log.warning(f"warning: writing the INT8 model despite a drop over {cfg.max_drop:g} points (--force)")
     return q
 
 
-def export_web(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer) -> dict[str, bytes]:
+def export_web(src: Source, cfg: ExportConfig, meta: dict, report: dict) -> dict[str, bytes]:
     """A static site: the checked fp32 ONNX model (without the run's local path,
     since the folder is meant to be published) and the page that runs it."""
-    from imgclf.deploy.web import site
-
     site.require_runtime()  # before the export's own cost
     site.check_preprocess(src.pp)
     meta = {k: v for k, v in meta.items() if k != "run_path"}
-    onnx_bytes = export_onnx(src, cfg, meta, report, printer)
+    onnx_bytes = export_onnx(src, cfg, meta, report)
     return site.build(onnx_bytes, OnnxPredictor(onnx_bytes).metadata)
 
 

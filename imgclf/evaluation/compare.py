@@ -9,6 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from imgclf.config import CompareConfig
+from imgclf.runs import RunDir
+from imgclf.config import EvaluateConfig
+from imgclf.evaluation.evaluate import evaluate_run
 
 # (key, label, higher is better)
 METRICS = [("accuracy", "accuracy", True), ("balanced_accuracy", "balanced accuracy", True),
@@ -21,17 +24,12 @@ INFO = [("model", "model"), ("strategy", "strategy"), ("split", "split"), ("n", 
 def compare_runs(cfg: CompareConfig, printer=None) -> list[dict]:
     """One row per run: its metrics on cfg.split (default: each run's held-out
     split) plus model, strategy and training time from summary.json."""
-    from imgclf.runs import RunDir
-
     rows = []
     for r in cfg.runs:
         run = RunDir(r)
         run.require_model()  # a clear error for a folder that is not a run
         name = cfg.split or run.held_out_split()
         if not run.eval_file(name).exists():
-            from imgclf.config import EvaluateConfig
-            from imgclf.evaluation.evaluate import evaluate_run
-
             evaluate_run(EvaluateConfig(run=str(run), split=name, device=cfg.device, engine=cfg.engine,
                                         cache_dir=cfg.cache_dir, report=False),
                          printer=printer or (lambda *a, **k: None))

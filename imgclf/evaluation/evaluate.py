@@ -23,6 +23,11 @@ from imgclf.evaluation.metrics import classification_metrics, format_metrics
 from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
 from imgclf.runs import RunDir
 from imgclf.io import atomic_write_text, write_json
+from imgclf.evaluation.multilabel import evaluate_multilabel
+from imgclf.evaluation.open_set import unknown_section
+from imgclf.evaluation.report import build_report
+from imgclf.training.checkpoint import save_record
+from imgclf.evaluation.open_set import format_unknown
 
 
 @dataclass
@@ -55,8 +60,6 @@ def evaluate_run(cfg: EvaluateConfig, predictor: TorchPredictor | None = None, w
     t0 = time.time()
     sc = score_split(run, clf, cfg, w, bad, printer)
     if clf.multi_label:
-        from imgclf.evaluation.multilabel import evaluate_multilabel
-
         return evaluate_multilabel(run, clf, sc, cfg, bad, t0, printer)
     m = classification_metrics(sc.labels, sc.scored, clf.classes)
     m.update({"split": sc.name, "run": str(run), "data": sc.splits.root, "model": clf.arch, "tta": cfg.tta,
@@ -66,15 +69,11 @@ def evaluate_run(cfg: EvaluateConfig, predictor: TorchPredictor | None = None, w
     if cfg.tta == "flip":
         m["tta_comparison"] = tta_comparison(sc, clf.classes)
     if cfg.unknown:
-        from imgclf.evaluation.open_set import unknown_section
-
         m["unknown"] = unknown_section(clf, sc, cfg.unknown, w, bad, cfg.cache)
     write_json(run.eval_file(sc.name), m)
     write_predictions(run.predictions_file(sc.name), sc, clf.classes)
     print_summary(m, sc, run, printer)
     if cfg.report:
-        from imgclf.evaluation.report import build_report
-
         page = build_report(run, clf, sc, m, workers=w, bad=bad, suspects=cfg.suspects, gradcam=cfg.gradcam,
                             data_map=cfg.map, printer=printer)
         printer(f"report: {page} (open it in a browser)")
@@ -130,8 +129,6 @@ def calibration_section(sc: Scored, clf: TorchPredictor) -> dict:
 def recalibrate(run: RunDir, clf: TorchPredictor, workers: int, bad: BadFileLog, printer) -> None:
     """--calibrate: refit T on val and store it in model.pt (for runs trained
     before training fitted it). Exports made earlier then warn that they are stale."""
-    from imgclf.training.checkpoint import save_record
-
     splits = run.splits()
     if not splits.val:
         printer("note: no validation split to fit a temperature on; keeping the stored one")
@@ -189,8 +186,6 @@ def print_summary(m: dict, sc: Scored, run: RunDir, printer) -> None:
         printer(f"flip TTA: accuracy {t['plain']['accuracy']:.4f} -> {t['flip']['accuracy']:.4f} "
                 f"({t['fixed']} fixed, {t['broken']} broken)")
     if m.get("unknown"):
-        from imgclf.evaluation.open_set import format_unknown
-
         printer(format_unknown(m["unknown"]))
     printer(f"\nwritten {run.eval_file(sc.name)}, {run.predictions_file(sc.name)}")
 

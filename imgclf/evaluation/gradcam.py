@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from imgclf.data.preprocess import normalize, to_chw
 
 
 def find_target_layer(backbone: nn.Module, size: int) -> tuple[str, nn.Module]:
@@ -81,7 +82,6 @@ def gradcam_images(clf, root: str, samples: list[dict]) -> list[dict]:
     import copy
     from pathlib import Path
 
-    from imgclf.data.preprocess import normalize, to_chw
 
     if not samples:
         return []

@@ -18,6 +18,11 @@ from imgclf.data.datasets import multi_hot
 from imgclf.evaluation.metrics import format_multilabel, multilabel_metrics
 from imgclf.runs import RunDir
 from imgclf.io import atomic_write_text, write_json
+from imgclf.evaluation.open_set import unknown_section
+from imgclf.evaluation.open_set import format_unknown
+from imgclf.evaluation.figures import _plt, _png, _short
+from imgclf._version import __version__
+from imgclf.evaluation.report import CSS, Page, _e, _img, _pct, _tile, _unknown_html, thumbnail
 
 GALLERY = 16  # images with the most wrong label decisions shown
 
@@ -29,8 +34,6 @@ def evaluate_multilabel(run: RunDir, clf, sc, cfg, bad, t0: float, printer) -> d
               "skipped": len(bad.seen), "skipped_files": [{"path": p, "reason": r} for p, r in bad.seen.items()],
               "seconds": round(time.time() - t0, 2)})
     if cfg.unknown:
-        from imgclf.evaluation.open_set import unknown_section
-
         m["unknown"] = unknown_section(clf, sc, cfg.unknown, 1, bad, cfg.cache)
     write_json(run.eval_file(sc.name), m)
     write_predictions(run.predictions_file(sc.name), sc, y, clf)
@@ -39,8 +42,6 @@ def evaluate_multilabel(run: RunDir, clf, sc, cfg, bad, t0: float, printer) -> d
     printer("most missed: " + ", ".join(f"{d['label']} ({d['count']})" for d in m["most_missed"] if d["count"])
             + "; most added: " + ", ".join(f"{d['label']} ({d['count']})" for d in m["most_added"] if d["count"]))
     if m.get("unknown"):
-        from imgclf.evaluation.open_set import format_unknown
-
         printer(format_unknown(m["unknown"]))
     printer(f"\nwritten {run.eval_file(sc.name)}, {run.predictions_file(sc.name)}")
     if cfg.report:
@@ -79,7 +80,6 @@ def pr_curves_png(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray, classes:
     """Per-label precision-recall curves, each with its operating point (the stored threshold)."""
     from sklearn.metrics import precision_recall_curve
 
-    from imgclf.evaluation.figures import _plt, _png, _short
 
     present = [j for j in range(len(classes)) if 0 < y[:, j].sum() < len(y)]
     if not present:
@@ -101,9 +101,6 @@ def pr_curves_png(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray, classes:
 
 def build_multilabel_report(run: RunDir, clf, sc, y: np.ndarray, m: dict) -> Path:
     """RUN/report/index.html for a multi-label split, self-contained like the single-label page."""
-    from imgclf._version import __version__
-    from imgclf.evaluation.report import CSS, Page, _e, _img, _pct, _tile, _unknown_html, thumbnail
-
     errors = error_cases(y, sc.probs, clf.thresholds, sc.paths, clf.classes)
     root = Path(sc.splits.root)
     page = Page(metrics=m, meta={}, calibration=None, tta=None, curves={}, pairs=[], errors={}, figs={},

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.errors import DataError, RunError
+from imgclf.data.images import list_files
+from imgclf.data.datasets import multi_hot
 
 THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)  # rows of the trade-off table, plus the model's own
 
@@ -21,7 +23,6 @@ def unknown_section(clf, sc, folder: str | Path, workers: int, bad, use_cache: b
     kept, kept and correct, and of unknown images rejected."""
     from sklearn.metrics import roc_auc_score
 
-    from imgclf.data.images import list_files
 
     if sc.unknown is None:
         raise RunError(f"{clf.source} has no unknown-input scorer",
@@ -51,8 +52,6 @@ def unknown_section(clf, sc, folder: str | Path, workers: int, bad, use_cache: b
 def answered_right(clf, sc) -> np.ndarray:
     """Per known image: the top class is right; multi-label: the label set is."""
     if clf.multi_label:
-        from imgclf.data.datasets import multi_hot
-
         return ((sc.probs >= clf.thresholds[None]) == (multi_hot(sc.labels, len(clf.classes)) > 0.5)).all(1)
     return sc.probs.argmax(1) == sc.labels
 

@@ -16,6 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from imgclf.data.images import BadImage, open_image
+from imgclf.evaluation.data_map import MAP_CSS
+from imgclf.evaluation.data_map import MAP_THUMB, choose_points, project, render_map
+from imgclf._version import __version__
+from imgclf.io import atomic_write_text
+from imgclf.evaluation.figures import confusion_png, curves_png, reliability_png, roc_pr_png
+from imgclf.evaluation.metrics import most_confused_pairs, roc_pr_curves
+from imgclf.evaluation.gradcam import gradcam_images
+from imgclf.evaluation.label_noise import find_suspects
+from imgclf.io import write_json
 
 @dataclass
 class Page:
@@ -58,8 +68,6 @@ def _jpeg(img, quality: int = 82) -> bytes:
 
 def thumbnail(path: Path, size: int = THUMB) -> bytes | None:
     """A small JPEG of the image as the model saw it upright (EXIF applied)."""
-    from imgclf.data.images import BadImage, open_image
-
     try:
         img = open_image(path, draft_size=size)
     except (BadImage, OSError):
@@ -275,8 +283,6 @@ def _calibration(cal: dict | None, m: dict, rel_png: bytes | None) -> str:
 
 
 def render_html(page: Page) -> str:
-    from imgclf.evaluation.data_map import MAP_CSS
-
     m, meta = page.metrics, page.meta
     title = f"imgclf report: {Path(meta['run']).name}"
     sections = [
@@ -404,8 +410,6 @@ def _map_html(page: Page) -> str:
 
 def _data_map(clf, sc, suspects: dict | str | None, workers: int, bad) -> dict | str:
     """Points (capped), their features through the cache, t-SNE, thumbnails."""
-    from imgclf.evaluation.data_map import MAP_THUMB, choose_points, project, render_map
-
     t0 = time.time()
     sus = {r["path"] for r in suspects["suspects"]} if isinstance(suspects, dict) else set()
     pred = sc.probs.argmax(1)
@@ -434,9 +438,6 @@ def build_report(run, clf, sc, metrics: dict, workers: int = 1, bad=None, suspec
                  gradcam: bool = True, data_map: bool = True, printer=print) -> Path:
     """Write RUN/report/index.html and RUN/report/eval.json for an evaluated
     split (`sc`, evaluate.Scored); returns the page's path."""
-    from imgclf._version import __version__
-    from imgclf.io import atomic_write_text
-
     t0 = time.time()
     page = _analyse(run, clf, sc, metrics)
     t_figs = time.time() - t0
@@ -467,9 +468,6 @@ def build_report(run, clf, sc, metrics: dict, workers: int = 1, bad=None, suspec
 
 def _analyse(run, clf, sc, metrics: dict) -> Page:
     """Curves, confused pairs, error cases and figures of the evaluated split."""
-    from imgclf.evaluation.figures import confusion_png, curves_png, reliability_png, roc_pr_png
-    from imgclf.evaluation.metrics import most_confused_pairs, roc_pr_curves
-
     classes, summary, history = clf.classes, run.summary(), run.history()
     cal = metrics.get("calibration")
     page = Page(metrics=metrics, calibration=cal, tta=metrics.get("tta_comparison"),
@@ -489,8 +487,6 @@ def _analyse(run, clf, sc, metrics: dict) -> Page:
 
 
 def _gradcam_tiles(clf, root: str, samples: list[dict]) -> list[dict] | str:
-    from imgclf.evaluation.gradcam import gradcam_images
-
     try:
         out = []
         for s in gradcam_images(clf, root, samples):
@@ -506,7 +502,6 @@ def _gradcam_tiles(clf, root: str, samples: list[dict]) -> list[dict] | str:
 def _suspects(clf, splits, workers: int, bad, thumbs: dict) -> dict | str:
     if not splits.train:
         return "No training split is recorded for this data (a new labelled folder), so there are no training labels to check."
-    from imgclf.evaluation.label_noise import find_suspects
 
     sus = find_suspects(clf, splits.root, splits.train, workers=workers, bad=bad)
     for r in sus["suspects"]:
@@ -515,8 +510,6 @@ def _suspects(clf, splits, workers: int, bad, thumbs: dict) -> dict | str:
 
 
 def _write_eval_json(path: Path, page: Page, seconds: dict) -> None:
-    from imgclf.io import write_json
-
     gc = page.gradcam
     cal = {k: v for k, v in page.calibration.items()} if page.calibration else None
     write_json(path, {**page.metrics, "meta": page.meta, "curves": page.curves, "confused_pairs": page.pairs,

@@ -26,6 +26,18 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.errors import ConfigError, MissingExtra
+from imgclf.data.preprocess import to_nchw
+from imgclf.data.datasets import BadFileLog
+from imgclf.data.datasets import discover
+from imgclf.errors import DataError
+from imgclf.inference.predictor import expand_paths
+from imgclf.runs import RunDir
+from imgclf.io import atomic_write_bytes, atomic_write_text
+from imgclf.inference.similar import unit_rows
+from imgclf.models.registry import build_model, get_model_info, resolve_device
+from imgclf.models.features import FeatureExtractor
+from imgclf.models.features import backbone_features
+from imgclf.inference.torch_predictor import TorchPredictor
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -42,8 +54,6 @@ class Embeddings:
 
     def unit(self) -> np.ndarray:
         """L2-normalised rows: dot products are cosine similarities."""
-        from imgclf.inference.similar import unit_rows
-
         return unit_rows(self.vectors)
 
 
@@ -52,8 +62,6 @@ class PretrainedEmbedder:
     the same extractor and cache as training with that model."""
 
     def __init__(self, name: str, device: str = "auto", engine: str = "auto", cache_dir: str | Path | None = None):
-        from imgclf.models.registry import build_model, get_model_info, resolve_device
-
         info = get_model_info(name)
         if not info.pretrained:
             raise ConfigError(f"--model {name} has no pretrained weights, so its embeddings would be random",
@@ -65,8 +73,6 @@ class PretrainedEmbedder:
 
     @property
     def extractor(self):
-        from imgclf.models.features import FeatureExtractor
-
         if self._extractor is None:
             self._extractor = FeatureExtractor(self.backbone, self.preprocess, self.device, self.engine, self.cache_dir)
         return self._extractor
@@ -75,14 +81,10 @@ class PretrainedEmbedder:
         return self.preprocess.load(src)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        from imgclf.data.preprocess import to_nchw
-
         return self.extractor(to_nchw(batch))
 
     def features_items(self, root, items, batch_size: int = 32, workers: int = 1, bad=None,
                        variants: tuple[str, ...] = ("plain",), progress: bool = True, use_cache: bool = True):
-        from imgclf.models.features import backbone_features
-
         return backbone_features(self.extractor, self.arch, root, items, self.cache_dir, variants, use_cache,
                                  batch_size, workers, bad, progress)
 
@@ -94,15 +96,11 @@ def load_embedder(run: str | None = None, model: str | None = None, device: str 
     if run and model:
         raise ConfigError("--run and --model both given", "--run RUN uses the run's own backbone; drop --model")
     if run:
-        from imgclf.inference.torch_predictor import TorchPredictor
-
         return TorchPredictor.from_run(run, device=device, engine=engine, cache_dir=cache_dir)
     return PretrainedEmbedder(model or "efficientnet_lite0", device, engine, cache_dir)
 
 
 def _bad_log():
-    from imgclf.data.datasets import BadFileLog
-
     return BadFileLog()
 
 
@@ -146,11 +144,6 @@ def embed_command(cfg) -> Embeddings:
     no inputs, --run RUN     the run's train/val/test images (its own split)
     one folder or CSV        a labelled dataset as `train` reads it (the run's split if it is the run's data)
     files and folders        each image file; label and split filled in where the run knows them"""
-    from imgclf.data.datasets import discover
-    from imgclf.errors import DataError
-    from imgclf.inference.predictor import expand_paths
-    from imgclf.runs import RunDir
-
     if not cfg.out:
         raise ConfigError("--out is missing", "imgclf embed DATA --out embeddings.parquet (or .npy)")
     out_format(cfg.out)
@@ -188,8 +181,6 @@ def out_format(out: str) -> str:
 def write_embeddings(emb: Embeddings, out: str | Path) -> list[Path]:
     """FILE.parquet (columns path, label, split, embedding) or FILE.npy (N, D)
     plus FILE.csv (row, path, label, split); atomic. Returns the files written."""
-    from imgclf.io import atomic_write_bytes, atomic_write_text
-
     out = Path(out)
     meta = {"model": emb.model, "source": emb.source, "dim": int(emb.vectors.shape[1]) if len(emb.vectors) else 0,
             "what": "pooled backbone features, not normalised (cosine: normalise rows first)"}

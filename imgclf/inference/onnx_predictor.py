@@ -22,6 +22,7 @@ from imgclf.errors import ModelFileError, RunError
 from imgclf.inference.predictor import Predictor
 from imgclf.log import get_logger
 from imgclf.ort import ort_session
+from imgclf.runs import RunDir
 
 log = get_logger(__name__)
 
@@ -70,8 +71,6 @@ class OnnxPredictor(Predictor):
 def warn_if_stale(meta: dict, path: str | Path) -> bool:
     """Warn when the run this file was exported from has a different model.pt
     now (retrained, or recalibrated): the export no longer matches it."""
-    from imgclf.runs import RunDir
-
     run_path, sha = meta.get("run_path"), meta.get("model_sha256")
     if not run_path or not sha:
         return False

@@ -25,6 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.log import get_logger
+from imgclf.data.images import BadImage, open_image
+from imgclf.data.datasets import BadFileLog
+from imgclf.io import atomic_write_bytes
+from imgclf.data.images import BadImage
+from imgclf.inference.predictor import expand_paths
+from imgclf.runs import RunDir
+from imgclf.inference.torch_predictor import TorchPredictor
 
 log = get_logger(__name__)
 
@@ -145,8 +152,6 @@ class SimilarityIndex:
 
 def make_thumbnail(path: str | Path, size: int = THUMB_SIZE) -> bytes:
     """A small JPEG of an image (decoded safely, EXIF-rotated); b"" if unreadable."""
-    from imgclf.data.images import BadImage, open_image
-
     try:
         img = open_image(path, draft_size=2 * size)
     except BadImage:
@@ -159,8 +164,6 @@ def make_thumbnail(path: str | Path, size: int = THUMB_SIZE) -> bytes:
 
 def build_index(run, clf, workers: int = 1, progress: bool = True) -> SimilarityIndex:
     """Embeddings and thumbnails of the run's training images (features from the cache)."""
-    from imgclf.data.datasets import BadFileLog
-
     splits = run.splits()
     feats, labels, kept = clf.features_items(splits.root, splits.train, workers=workers, progress=progress,
                                              bad=BadFileLog())
@@ -174,8 +177,6 @@ def build_index(run, clf, workers: int = 1, progress: bool = True) -> Similarity
 
 def load_index(run, clf, workers: int = 1, progress: bool = True) -> SimilarityIndex:
     """RUN/similar.npz if it was built from this model.pt, else built now and saved."""
-    from imgclf.io import atomic_write_bytes
-
     path = run.similar_file
     if path.exists():
         try:
@@ -213,11 +214,6 @@ def with_graph(index: SimilarityIndex, run) -> SimilarityIndex:
 
 def similar_images(cfg) -> list[dict]:
     """`imgclf similar RUN IMAGE...`: the k nearest training images of each image."""
-    from imgclf.data.images import BadImage
-    from imgclf.inference.predictor import expand_paths
-    from imgclf.inference.torch_predictor import TorchPredictor
-    from imgclf.runs import RunDir
-
     run = RunDir(cfg.run)
     clf = TorchPredictor.from_run(run.path, device=cfg.device, engine=cfg.engine, cache_dir=cfg.cache_dir)
     index = load_index(run, clf, progress=False)

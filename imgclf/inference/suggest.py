@@ -29,6 +29,15 @@ import io
 from pathlib import Path
 
 import numpy as np
+from imgclf.data.datasets import BadFileLog
+from imgclf.errors import ConfigError, DataError
+from imgclf.inference.predictor import expand_paths
+from imgclf.runs import RunDir
+from imgclf.io import atomic_write_text
+from imgclf.inference.similar import brute_force
+from imgclf.inference.similar import nearest_distance
+from imgclf.inference.similar import unit_rows
+from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
 
 
 def uncertainty(probs: np.ndarray, kind: str = "margin") -> np.ndarray:
@@ -45,8 +54,6 @@ def distance_novelty(d_pool: np.ndarray, train_unit: np.ndarray, sample: int = 2
     nearest training image falls among the training images' own
     nearest-neighbour distances, mapped so only the farthest 5% count
     (0 below the 95th percentile, 1 beyond every training image's)."""
-    from imgclf.inference.similar import brute_force
-
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(train_unit), min(sample, len(train_unit)), replace=False)
     _, sims = brute_force(train_unit, train_unit[idx], 2)  # the first neighbour is the image itself
@@ -59,8 +66,6 @@ def density(pool_unit: np.ndarray, k: int = 10, sample: int = 5000, seed: int = 
     """How typical each pool image is, in [0, 1]: its mean similarity to its k
     nearest pool images (among a random sample of at most `sample`, so the
     cost stays linear in the pool), min-max scaled."""
-    from imgclf.inference.similar import brute_force
-
     rng = np.random.default_rng(seed)
     ref = pool_unit[rng.choice(len(pool_unit), min(sample, len(pool_unit)), replace=False)]
     k = min(k + 1, len(ref))
@@ -77,8 +82,6 @@ def rank_for_labelling(probs: np.ndarray, pool_unit: np.ndarray, labelled_unit: 
     """Indices of the n pool images to label next, best first, and the
     per-image scores behind them. `novelty` (in [0, 1], one per pool image)
     is the hook for an open-set unknown score; None uses distance_novelty."""
-    from imgclf.inference.similar import nearest_distance
-
     unc = uncertainty(probs, kind)
     dens = density(pool_unit)
     d = nearest_distance(pool_unit, labelled_unit) if len(labelled_unit) else np.ones(len(pool_unit), np.float32)
@@ -130,14 +133,6 @@ def open_set_novelty(unknown: np.ndarray | None, n_calibration: int) -> np.ndarr
 
 def suggest(cfg) -> tuple[list[dict], Path]:
     """Rank the images under cfg.unlabeled for labelling; write cfg.out (CSV)."""
-    from imgclf.data.datasets import BadFileLog
-    from imgclf.errors import ConfigError, DataError
-    from imgclf.inference.predictor import expand_paths
-    from imgclf.inference.similar import unit_rows
-    from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
-    from imgclf.runs import RunDir
-    from imgclf.io import atomic_write_text
-
     if cfg.n < 1:
         raise ConfigError(f"-n {cfg.n}: must be at least 1", "ask for the number of images you will label, e.g. -n 50")
     run = RunDir(cfg.run)

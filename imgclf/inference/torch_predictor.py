@@ -16,6 +16,12 @@ import torch
 from imgclf.data.datasets import BadFileLog
 from imgclf.data.preprocess import Preprocess, to_nchw
 from imgclf.inference.predictor import Predictor
+from imgclf.runs import RunDir
+from imgclf.models.registry import resolve_device
+from imgclf.models.records import model_from_record
+from imgclf.inference.unknown import UnknownScorer
+from imgclf.models.features import FeatureExtractor
+from imgclf.models.features import backbone_features
 
 
 def calibrated_probs(logits: torch.Tensor, temperature, multi_label: bool = False) -> torch.Tensor:
@@ -39,9 +45,6 @@ def probs_from_logits(logits: dict[str, np.ndarray], temperature, multi_label: b
 class TorchPredictor(Predictor):
     def __init__(self, record: dict, device: str = "auto", engine: str = "auto",
                  cache_dir: str | Path | None = None, source: str = "", metadata: dict | None = None):
-        from imgclf.models.registry import resolve_device
-        from imgclf.models.records import model_from_record
-
         self.record, self.source = record, source
         self.classes: list[str] = list(record["classes"])
         self.preprocess = Preprocess.from_dict(record["preprocess"])
@@ -49,8 +52,6 @@ class TorchPredictor(Predictor):
         self.model = model_from_record(record)
         self.scorer = None
         if record.get("unknown"):
-            from imgclf.inference.unknown import UnknownScorer
-
             self.scorer = UnknownScorer.from_record(record["unknown"]).eval()
         self.has_unknown, self.reject = self.scorer is not None, record.get("reject")
         self.multi_label = bool(record.get("multi_label"))
@@ -63,8 +64,6 @@ class TorchPredictor(Predictor):
 
     @classmethod
     def from_run(cls, path: str | Path, **kw) -> "TorchPredictor":
-        from imgclf.runs import RunDir
-
         run = RunDir(path)
         meta = {"metrics": run.headline_metrics(), "trained_with": None}
         rec = run.record()
@@ -77,8 +76,6 @@ class TorchPredictor(Predictor):
 
     @property
     def extractor(self):
-        from imgclf.models.features import FeatureExtractor
-
         if self._extractor is None:
             self._extractor = FeatureExtractor(self.model.backbone, self.preprocess, self.device, self.engine,
                                                self.cache_dir)
@@ -114,8 +111,6 @@ class TorchPredictor(Predictor):
         """Pooled backbone features for (relative path, label) items, per variant
         ("plain", "flip"), through the feature cache (the same entries training
         wrote). Returns ({variant: features[N', D]}, labels[N'], kept_index[N'])."""
-        from imgclf.models.features import backbone_features
-
         return backbone_features(self.extractor, self.arch, root, items, self.cache_dir, variants, use_cache,
                                  batch_size, workers, bad, progress)
 

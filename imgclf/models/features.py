@@ -33,6 +33,9 @@ from imgclf.data.preprocess import Preprocess, eval_transform, normalize
 from imgclf.io import atomic_write_bytes
 
 from imgclf.log import get_logger
+from imgclf.ort import ort_session
+from imgclf.models.same_pad import trace_to_onnx
+from imgclf.log import Progress
 
 log = get_logger(__name__)
 
@@ -274,8 +277,6 @@ class FeatureExtractor:
         file's name carries a hash of its bytes, checked on every load: a
         damaged file (a full disk, a killed copy) is rebuilt with one line
         said, never a protobuf traceback."""
-        from imgclf.ort import ort_session
-
         folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / "onnx"
         stem = f"backbone-{bhash}-{self.pp.size}-{ONNX_RECIPE}"
         for path in sorted(folder.glob(f"{stem}-*.onnx")):
@@ -292,11 +293,9 @@ class FeatureExtractor:
         return ort_session(data, torch.get_num_threads())
 
     def _export_onnx(self) -> bytes:
-        from imgclf.models.same_pad import export_onnx
-
         self.backbone.cpu().to(memory_format=torch.contiguous_format)
         example = torch.zeros(1, 3, self.pp.size, self.pp.size)
-        return export_onnx(self.backbone, example, ["x"], ["features"]).SerializeToString()
+        return trace_to_onnx(self.backbone, example, ["x"], ["features"]).SerializeToString()
 
     @torch.inference_mode()
     def __call__(self, x_uint8: torch.Tensor) -> np.ndarray:
@@ -381,8 +380,6 @@ def _compute(extractor: FeatureExtractor, root, items, todo: list[int], hashes: 
              bad: BadFileLog | None, desc: str, progress: bool) -> None:
     """Run the backbone over items[todo], writing shards as it goes (every
     FLUSH_SECONDS), so a crash at 90% of a large dataset keeps 90% of the work."""
-    from imgclf.log import Progress
-
     ds = ImageDataset(root, [items[i] for i in todo], eval_transform(extractor.pp), draft_size=extractor.pp.draft_size)
     loader = make_loader(ds, batch_size, shuffle=False, workers=workers)
     new: dict[str, list] = {v: [] for v in caches}

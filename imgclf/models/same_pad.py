@@ -65,7 +65,7 @@ def static_same_padding(module: nn.Module, example: torch.Tensor) -> nn.Module:
     return out
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, inputs: list[str], outputs: list[str]):
+def trace_to_onnx(module: nn.Module, example: torch.Tensor, inputs: list[str], outputs: list[str]):
     """`module` as an onnx.ModelProto (opset 17, batch dimension dynamic), its
     TF padding fixed and folded: the one way imgclf writes ONNX (the cached
     backbone, `imgclf export`)."""

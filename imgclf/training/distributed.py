@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from imgclf.log import get_logger
+from imgclf.errors import ConfigError
+from imgclf.models.registry import resolve_device
 
 log = get_logger(__name__)
 
@@ -116,8 +118,6 @@ def init_distributed(device_name: str) -> tuple[Dist, "torch.device"]:
     comes from LOCAL_RANK. Without torchrun: one process, as always."""
     import torch
 
-    from imgclf.errors import ConfigError
-    from imgclf.models.registry import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

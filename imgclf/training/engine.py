@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from imgclf.evaluation.metrics import mean_average_precision
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01):
@@ -100,8 +101,6 @@ def evaluate(model: nn.Module, batches, loss_fn, device=torch.device("cpu"), amp
     if gather is not None:
         logits, y = gather(logits, y)
     if y.dim() == 2:
-        from imgclf.evaluation.metrics import mean_average_precision
-
         m = mean_average_precision(y.numpy(), torch.sigmoid(logits).numpy())
         return {"loss": loss_fn(logits, y).item(), "acc": hits(logits, y).float().mean().item(),
                 "balanced_acc": m, "map": m, "n": len(y)}

@@ -35,6 +35,9 @@ from imgclf.training.checkpoint import RunState, best_record, save_record
 from imgclf.training.distributed import Dist, is_main
 from imgclf.training.engine import (EarlyStopping, balanced_class_weights, evaluate, make_loss, train_one_epoch,
                                     warmup_cosine)
+from imgclf.io import atomic_write_text
+from imgclf.training.search import fit_best, run_search, search_csv
+from imgclf.training.head_fit import cv_summary, fit_head_cv
 
 log = get_logger(__name__)
 
@@ -272,9 +275,6 @@ def head_fit_mode(ctx: Context, X) -> str:
 def search_head_stage(ctx: Context, stage: Stage, X, Y: torch.Tensor, Xv: torch.Tensor, Yv: torch.Tensor) -> None:
     """--search N (training/search.py): Optuna trials scored by cross-validation
     on train; the winner, refitted on all of train, becomes the head."""
-    from imgclf.io import atomic_write_text
-    from imgclf.training.search import fit_best, run_search, search_csv
-
     cfg, state = ctx.cfg, ctx.state
     if state.epoch >= 1:  # resumed after the search
         return
@@ -340,8 +340,6 @@ def fit_head_stage(ctx: Context, stage: Stage, X: torch.Tensor, Y: torch.Tensor,
                    Yv: torch.Tensor) -> None:
     """The linear head in one exact fit (training/head_fit.py): the L2 strength
     by k-fold cross-validation on train, then a refit on all of it."""
-    from imgclf.training.head_fit import cv_summary, fit_head_cv
-
     cfg = ctx.cfg
     if ctx.state.epoch >= 1:  # resumed after the fit
         return

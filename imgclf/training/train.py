@@ -39,6 +39,14 @@ from imgclf.training.checkpoint import CKPT_KEYS, RunState
 from imgclf.training.distributed import Dist, init_distributed
 from imgclf.training.engine import balanced_class_weights, positive_weights
 from imgclf.training.stages import Context, check_memory_budget, say, plan_stages, run_stages
+from imgclf.inference.torch_predictor import TorchPredictor
+from imgclf.evaluation.calibration import fit_calibration
+from imgclf.evaluation.metrics import tune_thresholds
+from imgclf.inference.torch_predictor import probs_from_logits
+from imgclf.inference.predictor import reject_threshold
+from imgclf.inference.unknown import bank_sample, fit_scorer
+from imgclf.config import EvaluateConfig
+from imgclf.evaluation.evaluate import evaluate_run
 
 
 @dataclass
@@ -281,8 +289,6 @@ def make_context(cfg: TrainConfig, splits: Splits, model, pp: Preprocess, device
 def predictor(ctx: Context, record: dict):
     """The best weights as a TorchPredictor: what prediction will run, so
     calibration, thresholds and the unknown scorer are fitted on its outputs."""
-    from imgclf.inference.torch_predictor import TorchPredictor
-
     return TorchPredictor(record, device=ctx.cfg.device, engine=ctx.cfg.engine, cache_dir=ctx.cfg.cache_dir)
 
 
@@ -291,8 +297,6 @@ def calibrate(ctx: Context, clf) -> dict | None:
     freshly trained run predicts calibrated probabilities). The "after"
     ECE is cross-fitted (each image scored with a T fit on the other folds):
     the same images chose T, so a plain refit would flatter itself."""
-    from imgclf.evaluation.calibration import fit_calibration
-
     if ctx.multi_label:
         say("calibration: multi-label: per-label sigmoid scores with decision thresholds tuned on val instead")
         return None
@@ -315,9 +319,6 @@ def calibrate(ctx: Context, clf) -> dict | None:
 def fit_thresholds(ctx: Context, clf) -> dict:
     """Multi-label: per-label decision thresholds, each maximising F1 on val
     (or --threshold for all). The held-out split then measures them."""
-    from imgclf.evaluation.metrics import tune_thresholds
-    from imgclf.inference.torch_predictor import probs_from_logits
-
     logits, labels, _ = clf.logits_items(ctx.splits.root, ctx.splits.val, ctx.cfg.batch_size, ctx.workers, ctx.bad,
                                          progress=False, use_cache=ctx.cfg.cache)
     p = probs_from_logits(logits, 1.0, multi_label=True)
@@ -332,9 +333,6 @@ def fit_unknown(ctx: Context, clf) -> dict:
     """The unknown-input scorer (inference/unknown.py): the training images'
     features (cached: training just computed them) as the kNN bank, the
     validation images' distances as its scale, and --reject's threshold."""
-    from imgclf.inference.predictor import reject_threshold
-    from imgclf.inference.unknown import bank_sample, fit_scorer
-
     kw = dict(batch_size=ctx.cfg.batch_size, workers=ctx.workers, bad=ctx.bad, progress=False, use_cache=ctx.cfg.cache)
     train = ctx.splits.train
     groups = np.zeros(len(train), int) if ctx.multi_label else np.array([y for _, y in train])  # class-balanced bank
@@ -369,9 +367,6 @@ def write_summary(ctx: Context, strategy: str, why: str, calibration: dict | Non
 def evaluate_held_out(ctx: Context, summary: dict) -> dict:
     """Metrics on the held-out split; files that only fail when decoded
     (truncated data) may sit there, so they join the summary's list."""
-    from imgclf.config import EvaluateConfig
-    from imgclf.evaluation.evaluate import evaluate_run
-
     cfg = ctx.cfg
     test = evaluate_run(EvaluateConfig(run=str(ctx.state.run), device=cfg.device, engine=cfg.engine,
                                        cache_dir=cfg.cache_dir, cache=cfg.cache, calibrate=False, report=False),

@@ -16,13 +16,15 @@ from pathlib import Path
 
 from imgclf.log import get_logger
 from imgclf.config import ServeConfig
+from imgclf.errors import RunError
+from imgclf.inference import load
 
 log = get_logger(__name__)
 
 
 def create_app(cfg: ServeConfig):
     """The FastAPI app (imported here lazily: app.py imports this package's modules)."""
-    from imgclf.deploy.serve.app import create_app as _create_app
+    from imgclf.deploy.serve.app import create_app as _create_app  # deferred: FastAPI, only when serving
 
     return _create_app(cfg)
 
@@ -56,8 +58,6 @@ def serve(cfg: ServeConfig) -> None:
     """Check the model loads (a clear error now, not inside a worker), then run uvicorn."""
     import uvicorn
 
-    from imgclf.errors import RunError
-    from imgclf.inference import load
 
     if not Path(cfg.model).exists():
         raise RunError(f"{cfg.model}: no such model", "serve a run directory or an .onnx from `imgclf export`")

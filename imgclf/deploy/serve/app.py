@@ -29,11 +29,16 @@ from imgclf.config import ServeConfig
 from imgclf.data.images import BadImage
 from imgclf.deploy.serve.batching import Batcher
 from imgclf.deploy.serve.metrics import Metrics
+from imgclf.deploy.serve.openapi import (METRICS_OPENAPI, MODEL_OPENAPI, STATUS_OPENAPI, predict_openapi,
+                                         similar_openapi)
 from imgclf.deploy.serve.parsing import (ApiError, PixelBudget, header_pixels, media_type, parse_json,
                                          parse_multipart, parse_top_k, read_body)
 from imgclf.inference.load import TORCH_FREE, model_format
 from imgclf.inference.predictor import top_k
 from imgclf.runs import RunDir
+from imgclf._version import __version__
+from imgclf.inference.load import load
+from imgclf.errors import ImgclfError
 
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                 "style.css": "text/css; charset=utf-8"}
@@ -65,8 +70,6 @@ def create_app(cfg: ServeConfig):
     from fastapi import FastAPI
     from starlette.concurrency import run_in_threadpool
 
-    from imgclf._version import __version__
-    from imgclf.inference.load import load
 
     st = State(cfg)
 
@@ -240,7 +243,6 @@ def add_predict_route(app, st: State) -> None:
     from fastapi import Request
     from starlette.concurrency import run_in_threadpool
 
-    from imgclf.deploy.serve.openapi import predict_openapi
 
     @app.post("/v1/predict", openapi_extra=predict_openapi(st.cfg.max_files),
               summary="Top-k labels for one or more images")
@@ -271,8 +273,7 @@ def load_similar(st: State) -> None:
         st.similar_why = ("an exported model computes probabilities only, not the embeddings similarity search "
                           "needs; serve the run directory instead (imgclf serve RUN)")
         return
-    from imgclf.errors import ImgclfError
-    from imgclf.inference.similar import load_index
+    from imgclf.inference.similar import load_index  # deferred: torch; only a run directory has an index
 
     try:
         st.similar = load_index(RunDir(st.cfg.model), st.predictor, progress=False)
@@ -313,7 +314,6 @@ def add_similar_route(app, st: State) -> None:
     from fastapi import Request
     from starlette.concurrency import run_in_threadpool
 
-    from imgclf.deploy.serve.openapi import similar_openapi
 
     # An exported model never has it: the route answers why, and stays out of the schema.
     @app.post("/v1/similar", openapi_extra=similar_openapi(st.cfg.max_files, MAX_SIMILAR_K),
@@ -338,7 +338,6 @@ def add_info_routes(app, st: State) -> None:
     from fastapi import Request
     from fastapi.responses import Response
 
-    from imgclf.deploy.serve.openapi import METRICS_OPENAPI, MODEL_OPENAPI, STATUS_OPENAPI
 
     @app.get("/v1/model", summary="Classes, input size, metrics and versions", openapi_extra=MODEL_OPENAPI)
     async def model_info(request: Request):
@@ -417,7 +416,6 @@ def model_description(pred, cfg: ServeConfig, st: State) -> dict:
 
     import onnxruntime
 
-    from imgclf._version import __version__
 
     meta = pred.metadata
     fmt = model_format(cfg.model)

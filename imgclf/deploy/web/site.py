@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+from imgclf.deploy.web import vendor
 from imgclf.errors import ExportError
 from imgclf.inference.onnx_predictor import FORMAT
 
@@ -24,8 +25,6 @@ def is_export(folder: Path) -> bool:
 
 def require_runtime() -> Path:
     """ONNX Runtime Web's files, or an error that says how to get them."""
-    from imgclf.deploy.web import vendor
-
     path = vendor.vendored()
     if path is None:
         raise ExportError(f"ONNX Runtime Web {vendor.VERSION} is missing from {vendor.VENDOR} (it is fetched once, "
