@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test test-all bench browser clean
+.PHONY: setup demo test test-all lint bench browser clean
 
 # Idempotent: re-installs only when pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -26,11 +26,18 @@ demo: setup
 # The suite: real images from ../shared/datasets, about 8 minutes on 2 cores.
 # Two workers (pytest-xdist), a test file each at a time: much of the suite
 # waits on subprocesses, servers and Chromium, so the second core fills in.
-test: setup browser
+test: setup browser lint
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile
 
-test-all: setup browser
+test-all: setup browser lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# The house rules: ruff's small rule set, the layer contract (function-level
+# imports count), and no import cycle or unexplained deferred import.
+lint: setup
+	$(BIN)/ruff check imgclf tests bench tools
+	$(BIN)/lint-imports
+	$(BIN)/python tools/import_report.py --check
 
 bench: setup
 	$(BIN)/python bench/bench_train.py

@@ -63,7 +63,7 @@ def main() -> None:
     a = ap.parse_args()
     from imgclf.data.datasets import discover
     from imgclf.models.registry import build_model, get_model_info
-    from imgclf.training.engine import make_loss
+    from imgclf.training.loop import make_loss
     from imgclf.training.head_fit import fit_head_cv
 
     torch.set_num_threads(2)

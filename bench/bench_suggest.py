@@ -73,7 +73,7 @@ def fit_head_cv(X: np.ndarray, Xf: np.ndarray, y: np.ndarray, classes: int, seed
 def fit_head_epochs(X: np.ndarray, Xf: np.ndarray, y: np.ndarray, classes: int, seed: int, epochs: int = 40):
     import torch
 
-    from imgclf.training.engine import make_loss, train_one_epoch, warmup_cosine
+    from imgclf.training.loop import make_loss, train_one_epoch, warmup_cosine
 
     torch.manual_seed(seed)
     head = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(X.shape[1], classes))

@@ -19,7 +19,7 @@ from torch import nn
 from imgclf.data.datasets import ImageDataset, discover, make_loader
 from imgclf.data.preprocess import Preprocess, eval_transform, normalize
 from imgclf.training.distributed import init_distributed
-from imgclf.training.engine import train_one_epoch
+from imgclf.training.loop import train_one_epoch
 
 PER_RANK, WORLD, EPOCHS = 8, 2, 2
 

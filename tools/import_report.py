@@ -3,7 +3,10 @@ functions (with the reason comment, if any), import cycles at every depth
 (strongly connected components of the module graph, counting function-level
 imports too, since they run), and imports that point up the layer order.
 
-    python tools/import_report.py [--list]
+    python tools/import_report.py [--list] [--check]
+
+--check fails (exit 1) on a cycle, an imgclf import inside a function without
+a reason comment, or more than MAX_DEFERRED of them.
 
 The layer order is the one .importlinter enforces; this script exists because
 lint-imports checks the contract but does not count function-level imports.
@@ -16,6 +19,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+MAX_DEFERRED = 30
 ROOT = Path(__file__).resolve().parents[1] / "imgclf"
 # Lowest first; a module may import only from its own layer or below.
 LAYERS = [
@@ -150,6 +154,12 @@ def main() -> None:
     print(f"modules in import cycles: {sum(len(c) for c in cycles)} in {len(cycles)} cycle(s)")
     print(f"upward imports: {len(upward)}")
     print(f"modules over 500 lines: {len(big)} {big}")
+    if "--check" in sys.argv:
+        unexplained = [f for f in func_level if not f[2]]
+        if cycles or unexplained or len(func_level) > MAX_DEFERRED:
+            for f in unexplained:
+                print(f"  {f[0]}: import of {f[1]} inside a function without a reason comment (# deferred: why)")
+            sys.exit(1)
     if show:
         for f in func_level:
             print("  func", *f)

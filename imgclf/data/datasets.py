@@ -21,15 +21,13 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgclf.log import get_logger
 from imgclf.data.images import BadImage, list_files, open_image, sniff
-
-SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
-
-
-from imgclf.errors import DataError  # noqa: F401 (re-exported: imgclf.data.datasets.DataError)
+from imgclf.errors import DataError
+from imgclf.log import get_logger
 
 log = get_logger(__name__)
+
+SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
 
 
 @dataclass

@@ -62,6 +62,8 @@ from imgclf.inference.litert_predictor import LiteRTPredictor
 from imgclf.models.same_pad import trace_to_onnx
 from imgclf.deploy.web import site
 
+log = get_logger(__name__)
+
 PARITY_ATOL = 1e-4  # fp32 onnxruntime vs PyTorch probabilities, max abs difference
 ORT_ATOL = 1e-5  # .ort vs the .onnx it was saved from: the same engine and graph
 
@@ -98,13 +100,13 @@ def probs_module(model, pp, temperature: float, scorer=None, reject: float | Non
     return Probs().eval()
 
 
-def output_names(src: "Source") -> list[str]:
+def output_names(src: ExportSource) -> list[str]:
     return ([OUTPUT] + ([UNKNOWN_OUTPUT, REJECTED_OUTPUT] if src.record.get("unknown") else [])
             + ([SELECTED_OUTPUT] if src.record.get("multi_label") else []))
 
 
 @dataclass
-class Source:
+class ExportSource:
     """The run being exported: its record, wrapped model and check images."""
 
     run: RunDir
@@ -117,7 +119,7 @@ class Source:
     u_torch: np.ndarray | None  # unknown scores, if the run has a scorer
 
 
-def load_source(run: RunDir, check_images: int, reject: str | None = None) -> Source:
+def load_source(run: RunDir, check_images: int, reject: str | None = None) -> ExportSource:
     """The run's model, and the reference probabilities every export must
     reproduce: the eager-PyTorch Predictor's, the path `imgclf.load(run)` takes."""
     record = run.record()
@@ -129,10 +131,10 @@ def load_source(run: RunDir, check_images: int, reject: str | None = None) -> So
                            reference.thresholds if reference.multi_label else None)
     split = run.selection_split()
     x_check, _ = split_images(run, split, check_images, pp)
-    return Source(run, record, pp, wrapped, split, x_check, *reference.outputs(x_check))
+    return ExportSource(run, record, pp, wrapped, split, x_check, *reference.outputs(x_check))
 
 
-def metadata(src: Source, int8: bool) -> dict[str, str]:
+def metadata(src: ExportSource, int8: bool) -> dict[str, str]:
     pp, record = src.pp, src.record
     meta = {
         "format": FORMAT, "classes": record["classes"], "preprocess": pp.to_dict(), "input_size": pp.size,
@@ -239,7 +241,7 @@ def export(cfg: ExportConfig) -> dict:
     return report
 
 
-def export_torchscript(src: Source, cfg: ExportConfig, meta: dict, report: dict) -> bytes:
+def export_torchscript(src: ExportSource, cfg: ExportConfig, meta: dict, report: dict) -> bytes:
     """The same wrapper, traced; the metadata as an extra file imgclf.json."""
     import io
 
@@ -259,7 +261,7 @@ def export_torchscript(src: Source, cfg: ExportConfig, meta: dict, report: dict)
     return buf.getvalue()
 
 
-def export_onnx(src: Source, cfg: ExportConfig, meta: dict, report: dict) -> bytes:
+def export_onnx(src: ExportSource, cfg: ExportConfig, meta: dict, report: dict) -> bytes:
     """fp32 ONNX, checked against PyTorch; with --int8, quantized and gated on accuracy."""
     fp32 = to_onnx(src.wrapped, src.pp.size, meta, output_names(src))
     diff, _ = check_against_torch(OnnxPredictor(fp32), "onnxruntime", src, report)
@@ -270,7 +272,7 @@ def export_onnx(src: Source, cfg: ExportConfig, meta: dict, report: dict) -> byt
     return quantize_checked(fp32, src, cfg, report, lambda x_cal: quantize(fp32, x_cal, meta))
 
 
-def export_ort(src: Source, cfg: ExportConfig, meta: dict, report: dict) -> bytes:
+def export_ort(src: ExportSource, cfg: ExportConfig, meta: dict, report: dict) -> bytes:
     """ONNX Runtime's own format (.ort) for apps that embed onnxruntime-mobile:
     the checked (and, with --int8, accuracy-gated) ONNX model, saved by
     onnxruntime itself with basic graph optimisations only, which stay valid on
@@ -300,7 +302,7 @@ def export_ort(src: Source, cfg: ExportConfig, meta: dict, report: dict) -> byte
     return data
 
 
-def check_against_torch(pred, engine: str, src: Source, report: dict) -> tuple[float, float]:
+def check_against_torch(pred, engine: str, src: ExportSource, report: dict) -> tuple[float, float]:
     """An exported file's answers on the check images against PyTorch's: the
     probabilities within PARITY_ATOL and the unknown score within a rank step,
     or ExportError (nothing is written). Returns (max difference, top-1 agreement)."""
@@ -316,7 +318,7 @@ def check_against_torch(pred, engine: str, src: Source, report: dict) -> tuple[f
     return diff, agree
 
 
-def check_unknown_parity(u: np.ndarray | None, src: Source, report: dict) -> None:
+def check_unknown_parity(u: np.ndarray | None, src: ExportSource, report: dict) -> None:
     """The unknown score is a rank among the validation distances: a float
     difference at a boundary may move it by one step, never more."""
     step = 1 / len(src.record["unknown"]["val_sorted"])
@@ -328,7 +330,7 @@ def check_unknown_parity(u: np.ndarray | None, src: Source, report: dict) -> Non
 
 
 
-def export_tflite(src: Source, cfg: ExportConfig, meta: dict, report: dict) -> bytes:
+def export_tflite(src: ExportSource, cfg: ExportConfig, meta: dict, report: dict) -> bytes:
     """LiteRT (TFLite) for Android: converted from the same wrapper by litert-torch,
     checked with the LiteRT interpreter against PyTorch (max probability
     difference within PARITY_ATOL, top-1 agreement reported); with --int8,
@@ -403,7 +405,7 @@ def quantize(fp32: bytes, x_cal: np.ndarray, meta: dict[str, str]) -> bytes:
         return with_metadata(onnx.load(str(dst)), meta)
 
 
-def quantize_checked(fp32: bytes, src: Source, cfg: ExportConfig, report: dict, quantize_fn,
+def quantize_checked(fp32: bytes, src: ExportSource, cfg: ExportConfig, report: dict, quantize_fn,
                      predictor=OnnxPredictor, calibrated: bool = True) -> bytes:
     """INT8 = quantize_fn(calibration images), refused when validation accuracy
     drops by more than --max-drop points; `predictor` runs both models."""
@@ -435,7 +437,7 @@ def quantize_checked(fp32: bytes, src: Source, cfg: ExportConfig, report: dict, 
     return q
 
 
-def export_web(src: Source, cfg: ExportConfig, meta: dict, report: dict) -> dict[str, bytes]:
+def export_web(src: ExportSource, cfg: ExportConfig, meta: dict, report: dict) -> dict[str, bytes]:
     """A static site: the checked fp32 ONNX model (without the run's local path,
     since the folder is meant to be published) and the page that runs it."""
     site.require_runtime()  # before the export's own cost

@@ -28,7 +28,6 @@ from imgclf.log import get_logger
 from imgclf.data.images import BadImage, open_image
 from imgclf.data.datasets import BadFileLog
 from imgclf.io import atomic_write_bytes
-from imgclf.data.images import BadImage
 from imgclf.inference.predictor import expand_paths
 from imgclf.runs import RunDir
 from imgclf.inference.torch_predictor import TorchPredictor

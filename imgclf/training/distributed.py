@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
+
 from imgclf.log import get_logger
 from imgclf.errors import ConfigError
 from imgclf.models.registry import resolve_device
@@ -113,7 +115,7 @@ class Dist:
                 dist.destroy_process_group()
 
 
-def init_distributed(device_name: str) -> tuple[Dist, "torch.device"]:
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     """Join torchrun's process group if there is one; each rank's device
     comes from LOCAL_RANK. Without torchrun: one process, as always."""
     import torch

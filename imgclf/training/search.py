@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from imgclf.log import get_logger
-from imgclf.training.engine import make_loss, train_one_epoch
+from imgclf.training.loop import make_loss, train_one_epoch
 from imgclf.training.head_fit import fit_linear, fold_ids, for_raw_features, held_out, standardise
 
 log = get_logger(__name__)

@@ -33,7 +33,7 @@ from imgclf.log import Progress, get_logger
 from imgclf.io import write_json
 from imgclf.training.checkpoint import RunState, best_record, save_record
 from imgclf.training.distributed import Dist, is_main
-from imgclf.training.engine import (EarlyStopping, balanced_class_weights, evaluate, make_loss, train_one_epoch,
+from imgclf.training.loop import (EarlyStopping, balanced_class_weights, evaluate, make_loss, train_one_epoch,
                                     warmup_cosine)
 from imgclf.io import atomic_write_text
 from imgclf.training.search import fit_best, run_search, search_csv

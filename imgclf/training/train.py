@@ -5,7 +5,7 @@
   -> save the best epoch -> fit the temperature on val -> evaluate on held-out data
 
 Stages live in stages.py, checkpoints in checkpoint.py, the epoch functions
-in engine.py. Strategies:
+in loop.py. Strategies:
   linear    head only, on cached frozen-backbone features (seconds per epoch)
   finetune  head on cached features, then every layer on images with a lower
             learning rate for the backbone
@@ -37,7 +37,7 @@ from imgclf.runs import RunDir
 from imgclf.io import read_json, torch_load, write_history, write_json
 from imgclf.training.checkpoint import CKPT_KEYS, RunState
 from imgclf.training.distributed import Dist, init_distributed
-from imgclf.training.engine import balanced_class_weights, positive_weights
+from imgclf.training.loop import balanced_class_weights, positive_weights
 from imgclf.training.stages import Context, check_memory_budget, say, plan_stages, run_stages
 from imgclf.inference.torch_predictor import TorchPredictor
 from imgclf.evaluation.calibration import fit_calibration

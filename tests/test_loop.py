@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from imgclf.training.engine import EarlyStopping, balanced_class_weights, warmup_cosine
+from imgclf.training.loop import EarlyStopping, balanced_class_weights, warmup_cosine
 
 
 def test_early_stopping_tracks_best_and_patience():
@@ -44,7 +44,7 @@ def test_frozen_bn_keeps_running_statistics_and_still_learns_scale_and_shift():
     import torch
     from torch import nn
 
-    from imgclf.training.engine import make_loss, train_one_epoch
+    from imgclf.training.loop import make_loss, train_one_epoch
 
     torch.manual_seed(0)
     batches = [(torch.randn(8, 3, 16, 16) * 3 + 1, torch.randint(0, 2, (8,))) for _ in range(4)]
