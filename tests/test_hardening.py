@@ -134,7 +134,7 @@ def test_corrupt_cached_backbone_and_shards_are_rebuilt(tiny_run, tiny, tmp_path
     shard = max((cache / "features").rglob("shard-*.npy"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[:500])
     e = run_cli("evaluate", run, "--cache-dir", cache, "--no-report")
-    assert "is damaged; removed" in e.stdout and not shard.exists()
+    assert "is damaged; removed" in e.stderr and not shard.exists()
 
 
 def test_feature_extraction_keeps_its_work_when_killed(tmp_path):
