@@ -90,9 +90,9 @@ def gradcam_images(clf, root: str, samples: list[dict]) -> list[dict]:
     pp = clf.preprocess
     model = copy.deepcopy(clf.model).cpu().float().to(memory_format=torch.contiguous_format).eval()
     out = []
-    # One image at a time is too little work to share: with 2 threads on a
-    # busy 2-core machine, thread synchronisation made a backward pass 10-40x
-    # slower (measured: 0.2 s with 1 thread vs 2-13 s with 2 under load).
+    # One image at a time is too little work to share: on a busy 2-core
+    # machine, synchronising two threads made each backward pass many times
+    # slower than one thread alone.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

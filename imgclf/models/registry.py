@@ -121,9 +121,9 @@ def _build_lite(n: int):
 
 
 # Input size and centre crop per model. Lite1 sees the middle 208 px of the
-# image resized to its native 240 (crop 0.867): on cats_and_dogs_filtered,
-# linear head, 99.0% val, against 99.2% at 240 px uncropped for 25% less
-# compute, and 98.4% at 224 px uncropped (docs/benchmarks.md, issue 12).
+# image resized to its native 240 (crop 0.867): about the accuracy of the
+# uncropped 240 px input for a quarter less compute (docs/benchmarks.md,
+# "What each lever gave").
 _LITE_INPUT = {0: (224, 1.0), 1: (208, 208 / 240), 2: (260, 1.0)}
 for _n, (_size, _crop) in _LITE_INPUT.items():
     MODELS[f"efficientnet_lite{_n}"] = ModelInfo(
