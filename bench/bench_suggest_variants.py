@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np
 import bench_suggest as B
-from imgclf.inference.similar import unit_rows, nearest_distance
+from imgclf.inference.neighbours import unit_rows, nearest_distance
 from imgclf.inference import suggest as S
 import torch
 torch.set_num_threads(1)
@@ -45,7 +45,7 @@ def choose(variant, probs, Up, Ul, n):
             d = np.minimum(d, 1 - Up @ Up[i])
         return chosen
     if variant == "dens_gamma":  # typicality first, uncertainty as labels grow (Cardoso-style schedule)
-        from imgclf.inference.suggest import density
+        from imgclf.data_engine.suggest import density
         gamma = len(Ul) / (len(Ul) + len(Up))
         pr = density(Up) * unc ** gamma
         d = nearest_distance(Up, Ul); chosen = []; taken = np.zeros(len(Up), bool)

@@ -57,9 +57,10 @@ def cmd_train(cfg: C.TrainConfig) -> int:
 
 
 def cmd_evaluate(cfg: C.EvaluateConfig) -> int:
+    from imgclf.data_engine import REPORT_SECTIONS
     from imgclf.evaluation.evaluate import evaluate_run
 
-    evaluate_run(cfg)
+    evaluate_run(cfg, sections=REPORT_SECTIONS)
     return 0
 
 
@@ -109,7 +110,7 @@ def print_predictions(results: list[dict], fmt: str) -> None:
 
 
 def cmd_embed(cfg: C.EmbedConfig) -> int:
-    from imgclf.inference.embed import embed_command, write_embeddings
+    from imgclf.data_engine.embed import embed_command, write_embeddings
 
     emb = embed_command(cfg)
     files = write_embeddings(emb, cfg.out)
@@ -120,7 +121,7 @@ def cmd_embed(cfg: C.EmbedConfig) -> int:
 
 
 def cmd_similar(cfg: C.SimilarConfig) -> int:
-    from imgclf.inference.similar import format_similar, similar_images
+    from imgclf.data_engine.similar import format_similar, similar_images
     from imgclf.runs import RunDir
 
     results = similar_images(cfg)
@@ -129,7 +130,7 @@ def cmd_similar(cfg: C.SimilarConfig) -> int:
 
 
 def cmd_suggest(cfg: C.SuggestConfig) -> int:
-    from imgclf.inference.suggest import suggest
+    from imgclf.data_engine.suggest import suggest
 
     rows, out = suggest(cfg)
     for r in rows[:10]:
@@ -140,7 +141,8 @@ def cmd_suggest(cfg: C.SuggestConfig) -> int:
 
 
 def cmd_check(cfg: C.CheckConfig) -> int:
-    from imgclf.data.check import check_dataset, default_fix_path, format_report
+    from imgclf.data.check import default_fix_path, format_report
+    from imgclf.data_engine.near_dup import check_dataset
 
     fix = (cfg.fix_out or default_fix_path(cfg.data)) if cfg.fix else None
     r = check_dataset(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, near_dup=cfg.near_dup,

@@ -32,7 +32,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 def test_embed_run_dataset_and_files(tiny_run, tiny, tmp_path, capsys):
     import pyarrow.parquet as pq
 
-    from imgclf.inference.embed import read_embeddings
+    from imgclf.data_engine.embed import read_embeddings
 
     run, _ = tiny_run
     p = imgclf("embed", "--run", run, "--out", tmp_path / "all.parquet")  # no inputs: the run's own images
@@ -174,8 +174,8 @@ def test_suggest_ranks_new_class_and_uncertain_first(tiny_run, tiny, tmp_path):
 
 
 def test_rank_for_labelling_skips_near_copies():
-    from imgclf.inference.similar import unit_rows
-    from imgclf.inference.suggest import rank_for_labelling
+    from imgclf.inference.neighbours import unit_rows
+    from imgclf.data_engine.suggest import rank_for_labelling
 
     rng = np.random.default_rng(0)
     labelled = unit_rows(rng.standard_normal((50, 32)))
@@ -237,13 +237,14 @@ def test_hnsw_index_agrees_with_brute_force_and_onnxruntime_still_loads(tiny_run
 import numpy as np
 from pathlib import Path
 from types import SimpleNamespace
-from imgclf.inference import similar
+from imgclf.data_engine import similar
+from imgclf.inference import neighbours
 from imgclf.runs import RunDir
 run = RunDir({str(tiny_run[0])!r})
 X = (similar.SimilarityIndex.load(run.similar_file).vectors if run.similar_file.exists()  # by the tests above
-     else similar.unit_rows(np.random.default_rng(0).standard_normal((200, 1280))))
-exact, _ = similar.brute_force(X, X[:20], 5)
-similar.HNSW_MIN = 0
+     else neighbours.unit_rows(np.random.default_rng(0).standard_normal((200, 1280))))
+exact, _ = neighbours.knn(X, X[:20], 5)
+neighbours.HNSW_MIN = 0
 fake_run = SimpleNamespace(similar_graph_file=Path({str(tmp_path)!r}) / "similar.usearch")
 def index():
     return similar.SimilarityIndex(X, [str(i) for i in range(len(X))], np.zeros(len(X), np.int64), ["a"],

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from bench.bench_neardup import write_copies
-from imgclf.data.check import check_dataset
+from imgclf.data_engine.near_dup import check_dataset
 from imgclf.data.datasets import discover
 
 from .conftest import DATASETS, imgclf, need

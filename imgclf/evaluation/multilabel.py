@@ -101,19 +101,20 @@ def pr_curves_png(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray, classes:
 def build_multilabel_report(run: RunDir, clf, sc, y: np.ndarray, m: dict) -> Path:
     """RUN/report/index.html for a multi-label split, self-contained like the single-label page."""
     from imgclf import __version__
-    from imgclf.evaluation.report import CSS, Page, _e, _img, _pct, _tile, _unknown_html, thumbnail
+    from imgclf.data.images import thumbnail
+    from imgclf.evaluation.report import CSS, THUMB, Page, _e, _img, _pct, _tile, _unknown_html
 
     errors = error_cases(y, sc.probs, clf.thresholds, sc.paths, clf.classes)
     root = Path(sc.splits.root)
     page = Page(metrics=m, meta={}, calibration=None, tta=None, curves={}, pairs=[], errors={}, figs={},
                 unknown=m.get("unknown"))
     for d in (page.unknown or {}).get("most_familiar_unknowns", []):
-        page.thumbs[d["path"]] = thumbnail(Path(d["path"]))
+        page.thumbs[d["path"]] = thumbnail(Path(d["path"]), THUMB)
     rows = "".join(
         f"<tr><td>{_e(c)}</td><td>{'n/a' if d['ap'] is None else format(d['ap'], '.3f')}</td>"
         f"<td>{d['threshold']:.3f}</td><td>{d['precision']:.3f}</td><td>{d['recall']:.3f}</td><td>{d['f1']:.3f}</td>"
         f"<td>{d['support']}</td><td>{d['missed']}</td><td>{d['added']}</td></tr>" for c, d in m["per_label"].items())
-    tiles = "".join(_tile(thumbnail(root / e["path"]), [
+    tiles = "".join(_tile(thumbnail(root / e["path"], THUMB), [
         f"true: <b>{_e('; '.join(e['true']) or '(none)')}</b>",
         f"predicted: {_e('; '.join(e['predicted']) or '(none)')}",
         *([f'<span class="bad">missed: {_e("; ".join(e["missed"]))}</span>'] if e["missed"] else []),

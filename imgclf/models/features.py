@@ -355,16 +355,6 @@ def extract(extractor: FeatureExtractor, root: str | Path, items: list[tuple[str
     return feats, labels, kept
 
 
-def backbone_features(extractor: FeatureExtractor, arch: str, root: str | Path, items: list[tuple[str, int]],
-                      cache_dir: str | Path | None = None, variants: tuple[str, ...] = ("plain",),
-                      use_cache: bool = True, batch_size: int = 32, workers: int = 1, bad: BadFileLog | None = None,
-                      progress: bool = True, desc: str = "features"):
-    """`extract` through this backbone's caches: what a run's predictor and a
-    pretrained embedder (inference/embed.py) both call, so they share entries."""
-    caches = feature_caches(cache_dir, arch, extractor.backbone_hash, extractor.pp, variants, use_cache)
-    return extract(extractor, root, items, caches, batch_size, workers, bad, desc, progress=progress)
-
-
 # Batches between heap trims: trimming after every batch cost 5-8% of the
 # extraction speed (bench: 60 vs 65 images/s); every 8 still bounds memory.
 TRIM_EVERY = 8

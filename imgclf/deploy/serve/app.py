@@ -271,7 +271,7 @@ def load_similar(st: State) -> None:
                           "needs; serve the run directory instead (imgclf serve RUN)")
         return
     from imgclf.errors import ImgclfError
-    from imgclf.inference.similar import load_index
+    from imgclf.data_engine.similar import load_index
 
     try:
         st.similar = load_index(RunDir(st.cfg.model), st.predictor, progress=False)

@@ -6,7 +6,7 @@ head is trained on, so it comes from (and goes to) the feature cache: after
 its own backbone is used (fine-tuned ones included: the cache key holds the
 weights' hash, so fine-tuned and pretrained features never mix).
 
-    embedder = load_embedder(run="runs/photos")           # or model="efficientnet_lite0"
+    embedder = load_embedder(run="runs/photos")           # or model="efficientnet_lite0" (models/embedder.py)
     emb = embed_splits(embedder, RunDir(run).splits())    # Embeddings: paths, labels, splits, vectors
     emb = embed_files(embedder, ["a.jpg", "b.png"])
 
@@ -16,7 +16,6 @@ weights' hash, so fine-tuned and pretrained features never mix).
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -26,7 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.data.datasets import BadFileLog, DataError, discover
 from imgclf.errors import ConfigError, MissingExtra
+from imgclf.inference import expand_paths
+from imgclf.inference.neighbours import unit_rows
+from imgclf.inference.torch_predictor import TorchPredictor
+from imgclf.models.embedder import BackboneEmbedder
+from imgclf.runs import RunDir, atomic_write_bytes, atomic_write_text
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -43,67 +48,21 @@ class Embeddings:
 
     def unit(self) -> np.ndarray:
         """L2-normalised rows: dot products are cosine similarities."""
-        from imgclf.inference.similar import unit_rows
-
         return unit_rows(self.vectors)
-
-
-class PretrainedEmbedder:
-    """A model's pretrained backbone without a run (`imgclf embed --model NAME`):
-    the same extractor and cache as training with that model."""
-
-    def __init__(self, name: str, device: str = "auto", engine: str = "auto", cache_dir: str | Path | None = None):
-        from imgclf.models import build_model, get_model_info, resolve_device
-
-        info = get_model_info(name)
-        if not info.pretrained:
-            raise ConfigError(f"--model {name} has no pretrained weights, so its embeddings would be random",
-                              "use a pretrained model (see `imgclf models`) or --run RUN")
-        self.arch, self.preprocess, self.source = name, copy.deepcopy(info.preprocess), f"pretrained:{name}"
-        self.backbone = build_model(name, 1, pretrained=True).backbone
-        self.device, self.engine, self.cache_dir = resolve_device(device), engine, cache_dir
-        self._extractor = None
-
-    @property
-    def extractor(self):
-        from imgclf.models.features import FeatureExtractor
-
-        if self._extractor is None:
-            self._extractor = FeatureExtractor(self.backbone, self.preprocess, self.device, self.engine, self.cache_dir)
-        return self._extractor
-
-    def prepare(self, src) -> np.ndarray:
-        return self.preprocess.load(src)
-
-    def embed(self, batch: np.ndarray) -> np.ndarray:
-        from imgclf.data.preprocess import to_nchw
-
-        return self.extractor(to_nchw(batch))
-
-    def features_items(self, root, items, batch_size: int = 32, workers: int = 1, bad=None,
-                       variants: tuple[str, ...] = ("plain",), progress: bool = True, use_cache: bool = True):
-        from imgclf.models.features import backbone_features
-
-        return backbone_features(self.extractor, self.arch, root, items, self.cache_dir, variants, use_cache,
-                                 batch_size, workers, bad, progress)
 
 
 def load_embedder(run: str | None = None, model: str | None = None, device: str = "auto", engine: str = "auto",
                   cache_dir: str | Path | None = None):
-    """A run's predictor (its own backbone), or a pretrained model's backbone
-    (default efficientnet_lite0). Both have .features_items, .prepare, .embed."""
+    """The embedding service (models/embedder.py) of a run's own backbone, or
+    of a pretrained model's (default efficientnet_lite0)."""
     if run and model:
         raise ConfigError("--run and --model both given", "--run RUN uses the run's own backbone; drop --model")
     if run:
-        from imgclf.inference.torch_predictor import TorchPredictor
-
-        return TorchPredictor.from_run(run, device=device, engine=engine, cache_dir=cache_dir)
-    return PretrainedEmbedder(model or "efficientnet_lite0", device, engine, cache_dir)
+        return TorchPredictor.from_run(run, device=device, engine=engine, cache_dir=cache_dir).embedder
+    return BackboneEmbedder.pretrained(model or "efficientnet_lite0", device, engine, cache_dir)
 
 
 def _bad_log():
-    from imgclf.data.datasets import BadFileLog
-
     return BadFileLog(lambda m: print(m, file=sys.stderr))
 
 
@@ -147,10 +106,6 @@ def embed_command(cfg) -> Embeddings:
     no inputs, --run RUN     the run's train/val/test images (its own split)
     one folder or CSV        a labelled dataset as `train` reads it (the run's split if it is the run's data)
     files and folders        each image file; label and split filled in where the run knows them"""
-    from imgclf.data.datasets import DataError, discover
-    from imgclf.inference import expand_paths
-    from imgclf.runs import RunDir
-
     if not cfg.out:
         raise ConfigError("--out is missing", "imgclf embed DATA --out embeddings.parquet (or .npy)")
     out_format(cfg.out)
@@ -188,8 +143,6 @@ def out_format(out: str) -> str:
 def write_embeddings(emb: Embeddings, out: str | Path) -> list[Path]:
     """FILE.parquet (columns path, label, split, embedding) or FILE.npy (N, D)
     plus FILE.csv (row, path, label, split); atomic. Returns the files written."""
-    from imgclf.runs import atomic_write_bytes, atomic_write_text
-
     out = Path(out)
     meta = {"model": emb.model, "source": emb.source, "dim": int(emb.vectors.shape[1]) if len(emb.vectors) else 0,
             "what": "pooled backbone features, not normalised (cosine: normalise rows first)"}

@@ -31,6 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.data.datasets import BadFileLog
+from imgclf.errors import ConfigError, DataError
+from imgclf.inference import expand_paths
+from imgclf.inference.neighbours import knn, nearest_distance, unit_rows
+from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
+from imgclf.runs import RunDir, atomic_write_text
+
 
 def uncertainty(probs: np.ndarray, kind: str = "margin") -> np.ndarray:
     """Per row in [0, 1]: 1 - (p1 - p2) (margin) or entropy / log(C)."""
@@ -46,11 +53,9 @@ def distance_novelty(d_pool: np.ndarray, train_unit: np.ndarray, sample: int = 2
     nearest training image falls among the training images' own
     nearest-neighbour distances, mapped so only the farthest 5% count
     (0 below the 95th percentile, 1 beyond every training image's)."""
-    from imgclf.inference.similar import brute_force
-
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(train_unit), min(sample, len(train_unit)), replace=False)
-    _, sims = brute_force(train_unit, train_unit[idx], 2)  # the first neighbour is the image itself
+    _, sims = knn(train_unit, train_unit[idx], 2)  # the first neighbour is the image itself
     nn = np.sort(1.0 - sims[:, 1]) if sims.shape[1] > 1 else np.zeros(1)
     cdf = np.searchsorted(nn, d_pool, side="right") / len(nn)
     return np.clip((cdf - 0.95) / 0.05, 0.0, 1.0)
@@ -60,15 +65,11 @@ def density(pool_unit: np.ndarray, k: int = 10, sample: int = 5000, seed: int = 
     """How typical each pool image is, in [0, 1]: its mean similarity to its k
     nearest pool images (among a random sample of at most `sample`, so the
     cost stays linear in the pool), min-max scaled."""
-    from imgclf.inference.similar import brute_force
-
     rng = np.random.default_rng(seed)
     ref = pool_unit[rng.choice(len(pool_unit), min(sample, len(pool_unit)), replace=False)]
     k = min(k + 1, len(ref))
-    dens = np.empty(len(pool_unit), np.float32)
-    for i in range(0, len(pool_unit), 2048):
-        _, sims = brute_force(ref, pool_unit[i:i + 2048], k)
-        dens[i:i + 2048] = sims[:, 1:].mean(1) if k > 1 else sims[:, 0]  # the first is usually the image itself
+    _, sims = knn(ref, pool_unit, k)
+    dens = (sims[:, 1:].mean(1) if k > 1 else sims[:, 0]).astype(np.float32)  # the first is usually the image itself
     span = dens.max() - dens.min()
     return (dens - dens.min()) / span if span > 0 else np.ones_like(dens)
 
@@ -78,8 +79,6 @@ def rank_for_labelling(probs: np.ndarray, pool_unit: np.ndarray, labelled_unit: 
     """Indices of the n pool images to label next, best first, and the
     per-image scores behind them. `novelty` (in [0, 1], one per pool image)
     is the hook for an open-set unknown score; None uses distance_novelty."""
-    from imgclf.inference.similar import nearest_distance
-
     unc = uncertainty(probs, kind)
     dens = density(pool_unit)
     d = nearest_distance(pool_unit, labelled_unit) if len(labelled_unit) else np.ones(len(pool_unit), np.float32)
@@ -100,7 +99,7 @@ def rank_for_labelling(probs: np.ndarray, pool_unit: np.ndarray, labelled_unit: 
         i = int(np.argmax(score))
         chosen.append(i)
         taken[i] = True
-        d = np.minimum(d, 1.0 - pool_unit @ pool_unit[i])
+        d = np.minimum(d, nearest_distance(pool_unit, pool_unit[i:i + 1]))
     return chosen, {"uncertainty": unc, "density": dens, "novelty": np.asarray(novelty, np.float32), "distance": d0}
 
 
@@ -131,13 +130,6 @@ def open_set_novelty(unknown: np.ndarray | None, n_calibration: int) -> np.ndarr
 
 def suggest(cfg) -> tuple[list[dict], Path]:
     """Rank the images under cfg.unlabeled for labelling; write cfg.out (CSV)."""
-    from imgclf.data.datasets import BadFileLog
-    from imgclf.errors import ConfigError, DataError
-    from imgclf.inference import expand_paths
-    from imgclf.inference.similar import unit_rows
-    from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
-    from imgclf.runs import RunDir, atomic_write_text
-
     if cfg.n < 1:
         raise ConfigError(f"-n {cfg.n}: must be at least 1", "ask for the number of images you will label, e.g. -n 50")
     run = RunDir(cfg.run)
