@@ -260,3 +260,22 @@ print("recall", recall)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert float(p.stdout.split("recall")[1]) >= 0.95, p.stdout
+
+
+def test_nothing_below_the_data_engine_imports_it():
+    """The layer rule of docs/architecture.md for the data engine: data,
+    models, inference, evaluation and training never import imgclf.data_engine
+    (they take its pieces as arguments), so it can change without touching them."""
+    import ast
+
+    from .conftest import ROOT
+
+    below = ["data", "models", "inference", "evaluation", "training"]
+    offenders = []
+    for d in below:
+        for f in sorted((ROOT / "imgclf" / d).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                offenders += [f"{f.relative_to(ROOT)}: {n}" for n in names if n.startswith("imgclf.data_engine")]
+    assert not offenders, offenders

@@ -52,7 +52,7 @@ class Embeddings:
 
 
 def load_embedder(run: str | None = None, model: str | None = None, device: str = "auto", engine: str = "auto",
-                  cache_dir: str | Path | None = None):
+                  cache_dir: str | Path | None = None) -> BackboneEmbedder:
     """The embedding service (models/embedder.py) of a run's own backbone, or
     of a pretrained model's (default efficientnet_lite0)."""
     if run and model:

@@ -19,6 +19,7 @@ import numpy as np
 
 from imgclf.data.images import thumbnail
 
+
 @dataclass
 class Page:
     """Everything the page's sections read (and eval.json records)."""
@@ -35,7 +36,7 @@ class Page:
     gradcam: list[dict] | str | None = None
     suspects: dict | str | None = None
     unknown: dict | None = None  # evaluate --unknown DIR: the open-set section
-    data_map: dict | str | None = None  # evaluation/data_map.py: {"html", "points", ...}, or why not
+    data_map: dict | str | None = None  # data_engine/data_map.py: {"html", "points", ...}, or why not
 
 
 GALLERY = 16  # most confident mistakes shown
