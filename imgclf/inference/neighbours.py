@@ -70,8 +70,7 @@ def nearest_distance(Q: np.ndarray, X: np.ndarray, chunk: int = 4096) -> np.ndar
     return out
 
 
-# Pairs per block of similar_pairs: large blocks suit the matrix product
-# (5k x 1,280 features: 2^18 cells 7.7 s, 2^20 4.8 s).
+# Pairs per block of similar_pairs: large blocks suit the matrix product (docs/benchmarks.md, "Near-duplicates").
 PAIR_CELLS = 1 << 22
 
 

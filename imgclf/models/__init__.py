@@ -1,5 +1,6 @@
-"""Models: a registry of small builders (registry.py) and the frozen-backbone
-feature extractor and cache (features.py). Every model's `forward` returns
+"""Models: a registry of small builders (registry.py), the frozen-backbone
+feature extractor and cache (features.py) and the embedding service over
+them (embedder.py). Every model's `forward` returns
 logits; losses live in training/, temperatures in inference/."""
 
 from __future__ import annotations
