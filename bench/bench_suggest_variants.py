@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np
 import bench_suggest as B
 from imgclf.inference.neighbours import unit_rows, nearest_distance
-from imgclf.inference import suggest as S
+from imgclf.data_engine import suggest as S
 import torch
 torch.set_num_threads(1)
 
