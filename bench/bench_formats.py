@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from bench_infer import ensure_run, timeit
 from common import ROOT, machine, table
 
@@ -60,8 +59,8 @@ def main() -> None:
     import imgclf
     from imgclf.config import ExportConfig
     from imgclf.deploy.export import export, int8_verdict, probs_module, split_images
-    from imgclf.runs import RunDir
     from imgclf.models.records import model_from_record
+    from imgclf.runs import RunDir
 
     run = RunDir(ensure_run(a.run))
     record = run.record()

@@ -10,7 +10,7 @@ cats_and_dogs_filtered and hymenoptera (from the feature cache), so they
 have real features' spread; `--vectors random` draws isotropic Gaussians
 instead, the hardest case for an approximate index (no structure to
 exploit). Recall@10 is measured against the brute-force answer. Brute force
-is `imgclf.inference.similar.brute_force` itself, float32 matrix-vector
+is `imgclf.inference.neighbours.knn` itself, float32 matrix-vector
 product + argpartition. HNSW (usearch, M=16, expansion_add=128, imgclf's
 settings) is built with all cores and searched with each --ef
 expansion_search (imgclf uses similar.HNSW_EF_SEARCH).
@@ -23,7 +23,6 @@ import statistics
 import time
 
 import numpy as np
-
 from common import machine, table
 
 
@@ -32,9 +31,9 @@ def real_spectrum(components: int = 256):
     from common import DATASETS
 
     from imgclf.data.datasets import discover
-    from imgclf.inference.embed import PretrainedEmbedder
+    from imgclf.models.embedder import BackboneEmbedder
 
-    emb, feats = PretrainedEmbedder("efficientnet_lite0"), []
+    emb, feats = BackboneEmbedder.pretrained("efficientnet_lite0"), []
     for name in ("cats_and_dogs_filtered", "hymenoptera"):
         s = discover(DATASETS / name)
         feats.append(emb.features_items(s.root, s.train + s.val, progress=False)[0]["plain"])
@@ -78,7 +77,8 @@ def main() -> None:
     ap.add_argument("--ef", default="64,128,256", help="HNSW expansion_search values to search the graph with")
     a = ap.parse_args()
 
-    from imgclf.inference.similar import brute_force, import_usearch
+    from imgclf.inference.neighbours import import_usearch
+    from imgclf.inference.neighbours import knn as brute_force
 
     k, rows = 10, []
     spectrum = None

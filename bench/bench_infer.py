@@ -20,9 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import DATASETS, ROOT, machine, table
-
 
 
 def ensure_run(run: Path) -> Path:
@@ -59,8 +57,8 @@ def main() -> None:
     from imgclf.data.preprocess import Preprocess
     from imgclf.deploy.export import export, probs_module, split_images
     from imgclf.inference.onnx_predictor import OnnxPredictor
-    from imgclf.runs import RunDir
     from imgclf.models.records import model_from_record
+    from imgclf.runs import RunDir
 
     run = RunDir(ensure_run(a.run))
     record = run.record()

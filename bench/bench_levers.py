@@ -39,17 +39,16 @@ CONFIGS = [  # (model, size, crop_pct, with mirrored train features)
 
 
 def features(name: str, size: int, crop: float, flip: bool, splits, cache: Path) -> tuple[dict, float]:
+    from imgclf.models.embedder import BackboneEmbedder
     from imgclf.models.registry import build_model, get_model_info
-    from imgclf.models.features import FeatureExtractor, extract, feature_caches
 
     model = build_model(name, 2, pretrained=True)
     pp = dataclasses.replace(get_model_info(name).preprocess, size=size, crop_pct=crop)
-    ex = FeatureExtractor(model.backbone, pp, torch.device("cpu"), "onnxruntime", cache)
+    emb = BackboneEmbedder(name, model.backbone, pp, torch.device("cpu"), "onnxruntime", cache)
     variants = ("plain", "flip") if flip else ("plain",)
-    caches = feature_caches(cache, name, ex.backbone_hash, pp, variants, True)
     t0 = time.time()
-    ftr, ytr, _ = extract(ex, splits.root, splits.train, caches, 32, 1, None, "train", progress=False)
-    fva, yva, _ = extract(ex, splits.root, splits.val, {"plain": caches["plain"]}, 32, 1, None, "val", progress=False)
+    ftr, ytr, _ = emb.features_items(splits.root, splits.train, variants=variants, progress=False, desc="train")
+    fva, yva, _ = emb.features_items(splits.root, splits.val, progress=False, desc="val")
     rate = (len(ytr) * len(variants) + len(yva)) / (time.time() - t0)
     return {"tr": ftr["plain"], "trf": ftr.get("flip"), "va": fva["plain"], "ytr": ytr, "yva": yva}, rate
 

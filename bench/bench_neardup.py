@@ -20,7 +20,6 @@ between two groups counts every pair it joins.
 from __future__ import annotations
 
 import argparse
-import io
 import random
 import sys
 import tempfile
@@ -137,7 +136,7 @@ def hash_distance(h: np.ndarray) -> np.ndarray:
 
 
 def cosine(plain: np.ndarray, flip: np.ndarray) -> np.ndarray:
-    from imgclf.data.near_dup import _unit
+    from imgclf.inference.neighbours import unit_rows as _unit
 
     p, f = _unit(plain), _unit(flip)
     s = np.maximum(p @ p.T, f @ p.T)
@@ -224,7 +223,9 @@ def choose(sim, thresholds, op, gid, max_false: float) -> tuple[object, dict, li
 def cost_at_scale(sizes: list[int], dim: int) -> list[dict]:
     """Seconds to compare every pair: hashes at each size, embeddings up to
     20k (measured) and beyond (n^2, extrapolated from 20k: said so)."""
-    from imgclf.data.near_dup import embed_pairs, hash_pairs
+    from imgclf.data.near_dup import hash_pairs
+    from imgclf.data_engine.near_dup import EMBED_MIN_COSINE
+    from imgclf.inference.neighbours import similar_pairs
 
     rng = np.random.default_rng(0)
     rows = []
@@ -236,7 +237,7 @@ def cost_at_scale(sizes: list[int], dim: int) -> list[dict]:
         if n <= 20_000:
             f = rng.standard_normal((n, dim)).astype(np.float32)
             t0 = time.perf_counter()
-            embed_pairs(f, f[:, ::-1].copy())
+            similar_pairs(f, f[:, ::-1].copy(), EMBED_MIN_COSINE)
             te, how = time.perf_counter() - t0, "measured"
             rows.append({"images": f"{n:,}", "pHash pairs s": f"{th:.1f}", "embedding pairs s": f"{te:.1f}",
                          "embedding": how})
@@ -257,7 +258,7 @@ def main() -> None:
     ap.add_argument("--scale", default="10000,20000,100000", help="sizes for the pair-comparison cost")
     ap.add_argument("--work", default=None, help="folder for the generated sets (default: a temporary one)")
     a = ap.parse_args()
-    from imgclf.data.near_dup import embeddings
+    from imgclf.data_engine.near_dup import embeddings
 
     print(f"machine: {machine()} (shared with other jobs)\n")
     sel_src = photos(DATASETS / "hymenoptera") + photos(DATASETS / "cats_and_dogs_filtered" / "validation")

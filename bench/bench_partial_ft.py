@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,8 +31,8 @@ from common import DATASETS, machine, table  # noqa: E402
 
 def trunk_session(backbone, size: int):
     """Everything before conv_head, exported as imgclf exports (folded padding), in onnxruntime."""
-    from imgclf.ort import ort_session
     from imgclf.models.same_pad import trace_to_onnx
+    from imgclf.ort import ort_session
 
     trunk = torch.nn.Sequential(backbone.conv_stem, backbone.bn1, backbone.blocks).eval()
     graph = trace_to_onnx(trunk, torch.zeros(1, 3, size, size), ["x"], ["a"])
@@ -63,8 +62,8 @@ def main() -> None:
     a = ap.parse_args()
     from imgclf.data.datasets import discover
     from imgclf.models.registry import build_model, get_model_info
-    from imgclf.training.loop import make_loss
     from imgclf.training.head_fit import fit_head_cv
+    from imgclf.training.loop import make_loss
 
     torch.set_num_threads(2)
     name = "efficientnet_lite1"

@@ -16,7 +16,6 @@ import argparse
 import time
 
 import torch
-
 from common import DATASETS, machine, table
 
 
@@ -34,7 +33,8 @@ def loader_rate(kind: str, workers: int, limit: int) -> float:
         dl = DataLoader(ds, batch_size=32, num_workers=workers, collate_fn=collate)
         post = lambda b: normalize(b[0], pp)  # noqa: E731
     else:
-        from torchvision import datasets, transforms as T
+        from torchvision import datasets
+        from torchvision import transforms as T
 
         tf = T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
         ds = Subset(datasets.ImageFolder(str(root), tf), range(limit))

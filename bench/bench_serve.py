@@ -16,7 +16,6 @@ the right label. Only 127.0.0.1 is ever contacted.
 
 import argparse
 import asyncio
-import os
 import socket
 import subprocess
 import sys
@@ -40,8 +39,8 @@ def naive_app(run: str):
     from imgclf.data.images import open_image
     from imgclf.data.preprocess import Preprocess, resize_image
     from imgclf.deploy.export import probs_module
-    from imgclf.runs import RunDir
     from imgclf.models.records import model_from_record
+    from imgclf.runs import RunDir
 
     rec = RunDir(run).record()
     pp = Preprocess.from_dict(rec["preprocess"])
@@ -140,7 +139,7 @@ def start(cmd: list[str], port: int) -> subprocess.Popen:
                 return p
         except OSError:
             if p.poll() is not None:
-                raise SystemExit(f"server failed: {p.stderr.read().decode()}")
+                raise SystemExit(f"server failed: {p.stderr.read().decode()}") from None
             time.sleep(0.3)
     p.kill()
     raise SystemExit("server did not start")

@@ -98,8 +98,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=15.0, help="seconds of good requests before measuring")
     ap.add_argument("--max-growth-mb", type=float, default=150.0)
     a = ap.parse_args()
-    from bench_infer import ensure_run
     import subprocess
+
+    from bench_infer import ensure_run
 
     run = ensure_run(a.run)
     from imgclf.runs import RunDir

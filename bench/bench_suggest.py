@@ -34,16 +34,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import DATASETS, ROOT, machine, table
 
 
 def features(data: Path, model: str):
     """(train plain, train flip, train labels, val plain, val labels) through the feature cache."""
     from imgclf.data.datasets import discover
-    from imgclf.inference.embed import PretrainedEmbedder
+    from imgclf.models.embedder import BackboneEmbedder
 
-    emb = PretrainedEmbedder(model)
+    emb = BackboneEmbedder.pretrained(model)
     s = discover(data)
     tr, ytr, _ = emb.features_items(s.root, s.train, variants=("plain", "flip"), workers=1)
     va, yva, _ = emb.features_items(s.root, s.val, workers=1)
@@ -119,8 +118,8 @@ def novelty_for(kind: str, F_lab: np.ndarray, F_pool: np.ndarray) -> np.ndarray:
     before the conformal q-value); none: no novelty term."""
     import torch
 
-    from imgclf.inference import AUTO_KEEP
-    from imgclf.inference.suggest import open_set_novelty
+    from imgclf.data_engine.suggest import open_set_novelty
+    from imgclf.inference.predictor import AUTO_KEEP
 
     if kind == "none":
         return np.zeros(len(F_pool), np.float32)
@@ -133,8 +132,8 @@ def novelty_for(kind: str, F_lab: np.ndarray, F_pool: np.ndarray) -> np.ndarray:
 
 
 def simulate(data, strategy: str, seed: int, rounds: int, step: float, novelty: str = "suggest", head: str = "cv"):
-    from imgclf.inference.similar import unit_rows
-    from imgclf.inference.suggest import rank_for_labelling
+    from imgclf.data_engine.suggest import rank_for_labelling
+    from imgclf.inference.neighbours import unit_rows
 
     X, Xf, y, Xv, yv = data
     classes = int(y.max()) + 1

@@ -3,14 +3,18 @@
   .venv/bin/python bench/bench_suggest_variants.py hymenoptera random,current,margin,density 10 6
   (dataset, variants, rounds, seeds; docs/benchmarks.md). `current` is rank_for_labelling as it is now.
 """
-import sys, time
+import sys
+import time
 from pathlib import Path
+
 sys.path.insert(0, str(Path(__file__).parent))
-import numpy as np
 import bench_suggest as B
-from imgclf.inference.similar import unit_rows, nearest_distance
-from imgclf.inference import suggest as S
+import numpy as np
 import torch
+
+from imgclf.data_engine import suggest as S
+from imgclf.inference.neighbours import nearest_distance, unit_rows
+
 torch.set_num_threads(1)
 
 def choose(variant, probs, Up, Ul, n):
@@ -45,7 +49,7 @@ def choose(variant, probs, Up, Ul, n):
             d = np.minimum(d, 1 - Up @ Up[i])
         return chosen
     if variant == "dens_gamma":  # typicality first, uncertainty as labels grow (Cardoso-style schedule)
-        from imgclf.inference.suggest import density
+        from imgclf.data_engine.suggest import density
         gamma = len(Ul) / (len(Ul) + len(Up))
         pr = density(Up) * unc ** gamma
         d = nearest_distance(Up, Ul); chosen = []; taken = np.zeros(len(Up), bool)
@@ -66,7 +70,8 @@ def sim(data, variant, seed, rounds):
     for r in range(rounds):
         pr = B.fit_head(X[lab], Xf[lab], y[lab], int(y.max()) + 1, seed * 100 + r)
         out.append(float((pr(Xv).argmax(1) == yv).mean()))
-        if r == rounds - 1: break
+        if r == rounds - 1:
+            break
         pool = np.setdiff1d(np.arange(len(y)), lab)
         lab += [int(i) for i in pool[choose(variant, pr(X[pool]), U[pool], U[lab], n_step)]]
     return out

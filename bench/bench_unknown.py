@@ -40,8 +40,9 @@ def scores_of(clf, root: Path, files: list[str]) -> dict[str, np.ndarray]:
     """Every method's unknown score for these files, plus the predicted label."""
     import torch
 
+    from imgclf.inference.neighbours import kth_distance as knn_distance
     from imgclf.inference.torch_predictor import probs_from_logits
-    from imgclf.inference.unknown import energy, knn_distance, mahalanobis
+    from imgclf.inference.unknown import energy, mahalanobis
 
     feats, _, _ = clf.features_items(root, [(f, 0) for f in files], progress=False)
     f = feats["plain"]

@@ -17,11 +17,11 @@ import sys
 import typing
 
 from imgclf import config as C
+from imgclf._version import __version__
 from imgclf.errors import ImgclfError
 from imgclf.inference import expand_paths, load, reject_threshold
 from imgclf.log import setup_cli
 from imgclf.runs import RunDir
-from imgclf._version import __version__
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
@@ -62,9 +62,10 @@ def cmd_train(cfg: C.TrainConfig) -> int:
 
 
 def cmd_evaluate(cfg: C.EvaluateConfig) -> int:
+    from imgclf.data_engine import REPORT_SECTIONS  # deferred: verbs load only what they need
     from imgclf.evaluation.evaluate import evaluate_run  # deferred: verbs load only what they need
 
-    evaluate_run(cfg)
+    evaluate_run(cfg, sections=REPORT_SECTIONS)
     return 0
 
 
@@ -113,7 +114,7 @@ def print_predictions(results: list[dict], fmt: str) -> None:
 
 
 def cmd_embed(cfg: C.EmbedConfig) -> int:
-    from imgclf.inference.embed import embed_command, write_embeddings  # deferred: verbs load only what they need
+    from imgclf.data_engine.embed import embed_command, write_embeddings  # deferred: verbs load only what they need
 
     emb = embed_command(cfg)
     files = write_embeddings(emb, cfg.out)
@@ -124,7 +125,7 @@ def cmd_embed(cfg: C.EmbedConfig) -> int:
 
 
 def cmd_similar(cfg: C.SimilarConfig) -> int:
-    from imgclf.inference.similar import format_similar, similar_images  # deferred: verbs load only what they need
+    from imgclf.data_engine.similar import format_similar, similar_images  # deferred: verbs load only what they need
 
     results = similar_images(cfg)
     print(json.dumps(results, indent=2) if cfg.format == "json" else format_similar(results, RunDir(cfg.run).splits().root))
@@ -132,7 +133,7 @@ def cmd_similar(cfg: C.SimilarConfig) -> int:
 
 
 def cmd_suggest(cfg: C.SuggestConfig) -> int:
-    from imgclf.inference.suggest import suggest  # deferred: verbs load only what they need
+    from imgclf.data_engine.suggest import suggest  # deferred: verbs load only what they need
 
     rows, out = suggest(cfg)
     for r in rows[:10]:
@@ -143,7 +144,8 @@ def cmd_suggest(cfg: C.SuggestConfig) -> int:
 
 
 def cmd_check(cfg: C.CheckConfig) -> int:
-    from imgclf.data.check import check_dataset, default_fix_path, format_report  # deferred: verbs load only what they need
+    from imgclf.data.check import default_fix_path, format_report  # deferred: verbs load only what they need
+    from imgclf.data_engine.near_dup import check_dataset  # deferred: verbs load only what they need
 
     fix = (cfg.fix_out or default_fix_path(cfg.data)) if cfg.fix else None
     r = check_dataset(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, near_dup=cfg.near_dup,
@@ -169,7 +171,11 @@ def cmd_models(cfg: C.ModelsConfig) -> int:
 def cmd_cache(cfg: C.CacheConfig) -> int:
     from pathlib import Path
 
-    from imgclf.models.features import cache_clear, cache_info, default_cache_dir  # deferred: verbs load only what they need
+    from imgclf.models.features import (  # deferred: verbs load only what they need
+        cache_clear,
+        cache_info,
+        default_cache_dir,
+    )
 
     root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     if cfg.action == "clear":

@@ -6,6 +6,7 @@ inside model.pt. Nothing here imports torch."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+
 from imgclf.data.preprocess import AUGMENTS, RESIZE_POLICIES
 from imgclf.errors import ConfigError
 
@@ -98,7 +99,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}  # fields from newer versions are ignored
         if "head_hidden" in d:

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from imgclf.data.check import check_dataset, format_report
-from imgclf.inference import load
+from imgclf.inference.load import load
 from imgclf.runs import RunDir
 from imgclf.training.train import train
 

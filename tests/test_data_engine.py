@@ -32,7 +32,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 def test_embed_run_dataset_and_files(tiny_run, tiny, tmp_path, capsys):
     import pyarrow.parquet as pq
 
-    from imgclf.inference.embed import read_embeddings
+    from imgclf.data_engine.embed import read_embeddings
 
     run, _ = tiny_run
     p = imgclf("embed", "--run", run, "--out", tmp_path / "all.parquet")  # no inputs: the run's own images
@@ -155,7 +155,7 @@ def test_suggest_ranks_new_class_and_uncertain_first(tiny_run, tiny, tmp_path):
     run, _ = tiny_run
     pool = tmp_path / "unlabeled"
     pool.mkdir()
-    for c, paths in val_images(tiny, 8).items():
+    for paths in val_images(tiny, 8).values():
         for p in paths:
             shutil.copy(p, pool / p.name)
     insects = [p for c in ("ants", "bees") for p in sorted((need(DATASETS / "hymenoptera") / "val" / c).iterdir())[:2]]
@@ -174,8 +174,8 @@ def test_suggest_ranks_new_class_and_uncertain_first(tiny_run, tiny, tmp_path):
 
 
 def test_rank_for_labelling_skips_near_copies():
-    from imgclf.inference.similar import unit_rows
-    from imgclf.inference.suggest import rank_for_labelling
+    from imgclf.data_engine.suggest import rank_for_labelling
+    from imgclf.inference.neighbours import unit_rows
 
     rng = np.random.default_rng(0)
     labelled = unit_rows(rng.standard_normal((50, 32)))
@@ -237,13 +237,14 @@ def test_hnsw_index_agrees_with_brute_force_and_onnxruntime_still_loads(tiny_run
 import numpy as np
 from pathlib import Path
 from types import SimpleNamespace
-from imgclf.inference import similar
+from imgclf.data_engine import similar
+from imgclf.inference import neighbours
 from imgclf.runs import RunDir
 run = RunDir({str(tiny_run[0])!r})
 X = (similar.SimilarityIndex.load(run.similar_file).vectors if run.similar_file.exists()  # by the tests above
-     else similar.unit_rows(np.random.default_rng(0).standard_normal((200, 1280))))
-exact, _ = similar.brute_force(X, X[:20], 5)
-similar.HNSW_MIN = 0
+     else neighbours.unit_rows(np.random.default_rng(0).standard_normal((200, 1280))))
+exact, _ = neighbours.knn(X, X[:20], 5)
+neighbours.HNSW_MIN = 0
 fake_run = SimpleNamespace(similar_graph_file=Path({str(tmp_path)!r}) / "similar.usearch")
 def index():
     return similar.SimilarityIndex(X, [str(i) for i in range(len(X))], np.zeros(len(X), np.int64), ["a"],
@@ -259,3 +260,22 @@ print("recall", recall)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert float(p.stdout.split("recall")[1]) >= 0.95, p.stdout
+
+
+def test_nothing_below_the_data_engine_imports_it():
+    """The layer rule of docs/architecture.md for the data engine: data,
+    models, inference, evaluation and training never import imgclf.data_engine
+    (they take its pieces as arguments), so it can change without touching them."""
+    import ast
+
+    from .conftest import ROOT
+
+    below = ["data", "models", "inference", "evaluation", "training"]
+    offenders = []
+    for d in below:
+        for f in sorted((ROOT / "imgclf" / d).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                offenders += [f"{f.relative_to(ROOT)}: {n}" for n in names if n.startswith("imgclf.data_engine")]
+    assert not offenders, offenders

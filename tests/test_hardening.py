@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import DATASETS, ROOT, imgclf as run_cli, need
+from .conftest import DATASETS, ROOT, need
+from .conftest import imgclf as run_cli
 from .servers import free_port
 
 

@@ -86,8 +86,13 @@ def test_search_is_refused_where_there_is_no_head_to_tune(tmp_path, tiny):
 def test_metrics_match_scikit_learn():
     """classification_metrics is numpy (importing sklearn.metrics costs 2.5 s
     per run); the numbers are scikit-learn's, absent classes included."""
-    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, log_loss,
-                                 precision_recall_fscore_support)
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        log_loss,
+        precision_recall_fscore_support,
+    )
 
     from imgclf.evaluation.metrics import classification_metrics
 
@@ -107,3 +112,19 @@ def test_metrics_match_scikit_learn():
         assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, yp))
         assert m["log_loss"] == pytest.approx(log_loss(y, pr, labels=lab))
         assert m["confusion_matrix"] == confusion_matrix(y, yp, labels=lab).tolist()
+
+
+def test_one_fold_scheme_is_stratified_and_even():
+    """data/folds.py, the folds of head_fit, --search, label noise and the
+    cross-fitted temperature: every fold holds its share of every class (a
+    rare class in as many folds as it has images), sizes differ by at most
+    one, and a seed gives the same folds again."""
+    from imgclf.data.folds import stratified_folds
+
+    y = np.repeat([0, 1, 2], [50, 37, 3])
+    f = stratified_folds(y, 5, seed=1)
+    assert np.array_equal(f, stratified_folds(y, 5, seed=1)) and not np.array_equal(f, stratified_folds(y, 5, seed=2))
+    sizes = np.bincount(f, minlength=5)
+    assert sizes.max() - sizes.min() <= 1
+    per_class = np.array([np.bincount(f[y == c], minlength=5) for c in range(3)])
+    assert (per_class.max(1) - per_class.min(1) <= 1).all() and (per_class[2] > 0).sum() == 3

@@ -17,7 +17,8 @@ import torch
 
 import imgclf
 
-from .conftest import ROOT, imgclf as run_cli
+from .conftest import ROOT
+from .conftest import imgclf as run_cli
 from .test_export import export_once
 
 ATOL = 1e-5

@@ -10,7 +10,7 @@ from imgclf.training.loop import EarlyStopping, balanced_class_weights, warmup_c
 def test_early_stopping_tracks_best_and_patience():
     es = EarlyStopping(patience=2, monitor="acc")
     script = [(0.80, 0.5), (0.90, 0.4), (0.90, 0.3), (0.85, 0.2), (0.90, 0.35), (0.88, 0.1)]
-    improved = [es.step({"acc": a, "loss": l}, i) for i, (a, l) in enumerate(script)]
+    improved = [es.step({"acc": a, "loss": loss}, i) for i, (a, loss) in enumerate(script)]
     # 0.90 at a lower loss counts as better (tie-break); 0.90 at a higher loss does not.
     assert improved == [True, True, True, False, False, False]
     assert es.best_epoch == 2 and es.should_stop
@@ -18,8 +18,8 @@ def test_early_stopping_tracks_best_and_patience():
 
 def test_early_stopping_on_loss_and_state_roundtrip():
     es = EarlyStopping(patience=3, monitor="loss")
-    for i, l in enumerate([1.0, 0.5, 0.6, 0.4]):
-        es.step({"loss": l, "acc": 0}, i)
+    for i, loss in enumerate([1.0, 0.5, 0.6, 0.4]):
+        es.step({"loss": loss, "acc": 0}, i)
     assert es.best_epoch == 3 and not es.should_stop
     es2 = EarlyStopping(patience=3, monitor="loss")
     es2.load_state_dict(es.state_dict())

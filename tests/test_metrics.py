@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 
 from imgclf.evaluation.calibration import ece, fit_temperature, nll
+from imgclf.evaluation.metrics import classification_metrics
 from imgclf.inference.torch_predictor import probs_from_logits
 
 
 def softmax(logits, t=1.0):
     return probs_from_logits({"plain": np.asarray(logits, dtype=np.float64)}, t)
-from imgclf.evaluation.metrics import classification_metrics
 
 
 def _onehot_probs(pred, n):

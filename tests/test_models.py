@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from imgclf.models.registry import MODELS, WeightsUnavailable, build_model
 from imgclf.data.preprocess import eval_transform, normalize
+from imgclf.models.registry import MODELS, WeightsUnavailable, build_model
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -67,8 +67,8 @@ def test_small_cnn_model_files_from_imgclf_0_1_load_as_the_padded_network():
     unpadded small_cnn has weights of the same shapes, so such a file must be
     recognised and rebuilt as small_cnn_padded, computing what it computed then."""
     from imgclf.data.preprocess import Preprocess
-    from imgclf.models.registry import SmallCNN, SmallCNNPadded
     from imgclf.models.records import make_model_record, model_from_record
+    from imgclf.models.registry import SmallCNN, SmallCNNPadded
 
     torch.manual_seed(0)
     old = build_model("small_cnn_padded", num_classes=4, pretrained=False).eval()

@@ -18,7 +18,8 @@ import torch
 import imgclf
 from imgclf.demo_multilabel import compose
 
-from .conftest import DATASETS, imgclf as run_cli
+from .conftest import DATASETS
+from .conftest import imgclf as run_cli
 from .servers import running_server
 
 
@@ -92,7 +93,7 @@ def test_bad_multilabel_rows_are_named_and_skipped(tmp_path):
     for i, f in enumerate(src):
         (tmp_path / f.name).write_bytes(f.read_bytes())
         rows.append(f"{f.name},{['cat', 'cat;pet', ''][i % 3]}")
-    rows += [f"missing.jpg,cat", f",cat", f"{src[0].name}x,cat", "also.jpg,cat; pet"]
+    rows += ["missing.jpg,cat", ",cat", f"{src[0].name}x,cat", "also.jpg,cat; pet"]
     (tmp_path / src[1].name.replace(".jpg", "b.jpg")).write_bytes(src[1].read_bytes())
     (tmp_path / "also.jpg").write_bytes(src[2].read_bytes())
     (tmp_path / "dup.jpg").write_bytes(src[3].read_bytes())

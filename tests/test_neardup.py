@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 from bench.bench_neardup import write_copies
-from imgclf.data.check import check_dataset
 from imgclf.data.datasets import discover
+from imgclf.data_engine.near_dup import check_dataset
 
 from .conftest import DATASETS, imgclf, need
 
@@ -140,3 +140,15 @@ def test_class_folders_copies_that_would_straddle_the_split(tmp_path, tiny):
     rows = [ln.split(",") for ln in (tmp_path / "clean.csv").read_text().splitlines() if not ln.startswith("#")]
     assert rows[0] == ["path", "label"] and len(rows) - 1 == 40 and r["fix"]["copy"] == 5
     assert sum(src.name in p or "copy_" in p for p, _ in rows[1:]) == 1
+
+
+def test_embed_without_a_detector_says_where_to_get_one(tiny):
+    """data/check.py sits below the data engine, so it cannot build the
+    embedding detector itself: asked for `embed` without one, it says which
+    function passes it, before scanning anything."""
+    from imgclf.data import check
+    from imgclf.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        check.check_dataset(tiny, progress=False, near_dup="embed")
+    assert "data_engine.near_dup.check_dataset" in e.value.fix

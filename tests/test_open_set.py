@@ -15,7 +15,8 @@ import pytest
 
 import imgclf
 
-from .conftest import DATASETS, imgclf as run_cli
+from .conftest import DATASETS
+from .conftest import imgclf as run_cli
 from .servers import running_server
 
 

@@ -12,7 +12,8 @@ from PIL import Image, ImageOps
 import imgclf
 
 from .browser import browser_page
-from .conftest import DATASETS, imgclf as run_cli, need
+from .conftest import DATASETS, need
+from .conftest import imgclf as run_cli
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import socket
 import time
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -95,10 +94,10 @@ def test_json_edge_cases_are_400s(server, cat):
     img = base64.b64encode(cat).decode()
     post = lambda **kw: httpx.post(url + "/v1/predict", timeout=30, **kw)  # noqa: E731
     raw = lambda s: post(content=s, headers={"Content-Type": "application/json"})  # noqa: E731
-    _error(raw('{"images": ["%s"], "top_k": 1e999}' % img), 400, "bad_top_k")
+    _error(raw('{"images": ["' + img + '"], "top_k": 1e999}'), 400, "bad_top_k")
     _error(raw("[" * 100_000 + "]" * 100_000), 400, "bad_json")
     for bad in ("2.7", "true", '"abc"', "-1", "0"):
-        _error(raw('{"images": ["%s"], "top_k": %s}' % (img, bad)), 400, "bad_top_k")
+        _error(raw('{"images": ["' + img + '"], "top_k": ' + bad + "}"), 400, "bad_top_k")
     _error(post(files={"file": ("a.jpg", cat)}, params={"top_k": "abc"}), 400, "bad_top_k")
     _error(post(files={"file": ("a.jpg", cat)}, data={"top_k": "2.7"}), 400, "bad_top_k")
     ok = post(content=json.dumps({"images": [img], "top_k": 1}),
@@ -194,7 +193,7 @@ def test_slow_uploads_never_take_processing_slots(tiny_run, tmp_path_factory, ca
                     s.sendall(b" ")
                     s.settimeout(1.0)
                     replies += s.recv(4096)
-                except (TimeoutError, socket.timeout):
+                except TimeoutError:
                     continue
                 except OSError:
                     break

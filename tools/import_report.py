@@ -29,8 +29,9 @@ LAYERS = [
     ["imgclf.runs", "imgclf.config"],
     ["imgclf.inference"],
     ["imgclf.evaluation"],
+    ["imgclf.training"],
     ["imgclf.data_engine"],
-    ["imgclf.training", "imgclf.deploy", "imgclf.tasks"],
+    ["imgclf.deploy", "imgclf.tasks"],
     ["imgclf.cli", "imgclf.demo", "imgclf.demo_multilabel", "imgclf.__main__", "imgclf"],
 ]
 

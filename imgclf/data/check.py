@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data.datasets import Splits, discover, file_hash
+from imgclf.data import near_dup as nd
+from imgclf.data.datasets import Splits, default_workers, discover, file_hash
 from imgclf.data.images import BadImage, open_image, sniff
 from imgclf.data.near_dup import image_hash
-from imgclf.data.datasets import default_workers
-from imgclf.log import Progress
-from imgclf.errors import DataError
+from imgclf.errors import ConfigError, DataError
 from imgclf.io import atomic_write_text
+from imgclf.log import Progress
 
 KINDS = (("across_splits", "leakage across splits"), ("across_classes", "different labels"),
          ("within_class", "within a class"))
@@ -83,11 +83,15 @@ class FileStats:
 
 
 def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-                  progress: bool = True, near_dup: str = "hash", model: str = "efficientnet_lite0",
-                  cache_dir: str | None = None, fix: str | Path | None = None) -> dict:
+                  progress: bool = True, near_dup: str = "hash", fix: str | Path | None = None,
+                  embed_pairs=None) -> dict:
     """Everything `imgclf check` reports, as one dict (`--json` prints it).
     near_dup: hash | embed (hash or embedding) | off (see data/near_dup.py); fix: write a cleaned
-    split to this CSV path."""
+    split to this CSV path. embed_pairs: the embedding detector `embed` needs
+    (data_engine/near_dup.py: EmbeddingPairs; its check_dataset passes it)."""
+    if near_dup == "embed" and embed_pairs is None:
+        raise ConfigError("near_dup='embed' needs an embedding detector (embed_pairs)",
+                          "call imgclf.data_engine.near_dup.check_dataset, which passes one, or use near_dup='hash'")
     s: Splits = discover(data, val_fraction, test_fraction, seed)
     given = s.given
     entries = [(name, rel, y) for name in ("train", "val", "test") for rel, y in getattr(s, name)]
@@ -100,7 +104,7 @@ def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: fl
     totals = {c: sum(v.values()) for c, v in counts.items()}
     exact = _exact_groups(entries, stats)
     dups = _kinds(exact, s.classes, given)
-    near = _near_duplicates(s, entries, stats, near_dup, model, cache_dir, progress)
+    near = _near_duplicates(s, entries, stats, near_dup, embed_pairs, progress)
     copies = exact + near.pop("_groups")
     sizes = stats.size[stats.ok] if stats.ok.any() else np.zeros((1, 2), np.int32)
     return {
@@ -209,26 +213,23 @@ def _kinds(groups: list[list[tuple]], classes: list[str], given: bool) -> dict:
     return dups
 
 
-def _near_duplicates(s: Splits, entries: list, stats: FileStats, method: str, model: str,
-                     cache_dir: str | None, progress: bool) -> dict:
+def _near_duplicates(s: Splits, entries: list, stats: FileStats, method: str, embed_pairs,
+                     progress: bool) -> dict:
     """Groups of near-identical images, other than groups of identical files
     (listed as exact duplicates); "_groups" (all of them) is for --fix."""
-    from imgclf.data import near_dup as nd
-
     if method == "off":
         return {"method": "off", **_kinds([], s.classes, s.given), "_groups": []}
     where = np.flatnonzero(stats.ok)
     if method == "embed":  # the backbone may not read every file the header check passed
-        feats, kept = nd.embeddings(s.root, [entries[k][1:] for k in where], model, cache_dir, progress=progress)
+        kept, ei, ej = embed_pairs(s.root, [entries[k][1:] for k in where], progress)
         where = where[kept]
     readable = [entries[k] for k in where]
     h = stats.phash[where]
     i, j, _ = nd.hash_pairs(h)
     desc = f"pHash of each image and its mirror, Hamming distance <= {nd.HASH_MAX_DISTANCE} of 64 bits"
     if method == "embed":  # either detector links a pair: the embedding finds the crops pHash misses
-        ei, ej, _ = nd.embed_pairs(feats["plain"], feats["flip"])
         i, j = np.concatenate([i, ei]), np.concatenate([j, ej])
-        desc += f", or {model} embeddings of each image and its mirror with cosine similarity >= {nd.EMBED_MIN_COSINE}"
+        desc += f", or {embed_pairs.criterion}"
     comps = nd.groups(len(readable), i, j)
     found = [[readable[k] for k in g] for g in comps]
     near = [f for f, g in zip(found, comps) if len({stats.content[where[k]] for k in g}) > 1]
@@ -364,13 +365,12 @@ def clean_entries(entries: list[tuple], groups: list[list[tuple]], pixels: dict,
     keep one image, from the earliest split (train, then val, then test: a leak
     leaves the evaluation side) and with the most pixels; several labels ->
     keep none (which label is right is for a person to say)."""
-    from imgclf.data.near_dup import groups as components
 
     index = {e[1]: k for k, e in enumerate(entries)}
     i = [index[g[0][1]] for g in groups for _ in g[1:]]
     j = [index[e[1]] for g in groups for e in g[1:]]
     why, n_conflicts = {}, 0
-    for comp in components(len(entries), np.array(i, np.int64), np.array(j, np.int64)):
+    for comp in nd.groups(len(entries), np.array(i, np.int64), np.array(j, np.int64)):
         members = [entries[k] for k in comp]
         if len({y for _, _, y in members}) > 1:
             n_conflicts += 1

@@ -51,7 +51,7 @@ class Splits:
         }
 
     @classmethod
-    def from_dict(cls, d: dict, root: str | None = None) -> "Splits":
+    def from_dict(cls, d: dict, root: str | None = None) -> Splits:
         ml = bool(d.get("multi_label"))
         y_in = tuple if ml else int
         return cls(

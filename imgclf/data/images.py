@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -27,7 +27,7 @@ Image.MAX_IMAGE_PIXELS = None
 # Truncated files must fail, not be silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-Source = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
+Source = str | os.PathLike | bytes | BinaryIO | Image.Image | np.ndarray
 
 
 class BadImage(Exception):
@@ -169,3 +169,18 @@ def list_files(folder: Path) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         out.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
     return sorted(out)
+
+
+def thumbnail(src: Source, size: int, quality: int = 80) -> bytes | None:
+    """A small JPEG of an image, upright (EXIF applied), its longer side at
+    most `size` pixels; None if it cannot be read. The one thumbnail of
+    imgclf: the report's galleries and data map, and the similarity index
+    (whose thumbnails a server shows without ever opening a path)."""
+    try:
+        img = open_image(src, draft_size=2 * size)
+    except (BadImage, OSError):
+        return None
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()

@@ -42,7 +42,7 @@ class Preprocess:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
+    def from_dict(cls, d: dict) -> Preprocess:
         d = dict(d)
         for k in ("mean", "std", "pad_color"):
             if k in d:

@@ -41,26 +41,33 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.config import ExportConfig
-from imgclf.log import get_logger
-from imgclf.errors import ConfigError, ExportError
-from imgclf.inference.onnx_predictor import (FORMAT, INPUT, OUTPUT, REJECTED_OUTPUT, SELECTED_OUTPUT, UNKNOWN_OUTPUT,
-                                             OnnxPredictor)
-from imgclf.runs import RunDir
-from imgclf.io import atomic_write_bytes, atomic_write_folder, check_replaceable_folder
-from imgclf.data.preprocess import normalize
-from imgclf.inference.torch_predictor import calibrated_probs
-from imgclf.inference.torch_predictor import TorchPredictor
-from imgclf.models.records import model_from_record
 from imgclf._version import __version__
-from imgclf.data.images import BadImage
+from imgclf.config import ExportConfig
 from imgclf.data.datasets import multi_hot
-from imgclf.evaluation.metrics import mean_average_precision
-from imgclf.deploy.web.site import is_export
-from imgclf.deploy.tflite import quantize_tflite, to_tflite, with_metadata as tflite_metadata
-from imgclf.inference.litert_predictor import LiteRTPredictor
-from imgclf.models.same_pad import trace_to_onnx
+from imgclf.data.images import BadImage
+from imgclf.data.preprocess import normalize
+from imgclf.deploy.tflite import quantize_tflite, to_tflite
+from imgclf.deploy.tflite import with_metadata as tflite_metadata
 from imgclf.deploy.web import site
+from imgclf.deploy.web.site import is_export
+from imgclf.errors import ConfigError, ExportError
+from imgclf.evaluation.metrics import mean_average_precision
+from imgclf.inference.litert_predictor import LiteRTPredictor
+from imgclf.inference.onnx_predictor import (
+    FORMAT,
+    INPUT,
+    OUTPUT,
+    REJECTED_OUTPUT,
+    SELECTED_OUTPUT,
+    UNKNOWN_OUTPUT,
+    OnnxPredictor,
+)
+from imgclf.inference.torch_predictor import TorchPredictor, calibrated_probs
+from imgclf.io import atomic_write_bytes, atomic_write_folder, check_replaceable_folder
+from imgclf.log import get_logger
+from imgclf.models.records import model_from_record
+from imgclf.models.same_pad import trace_to_onnx
+from imgclf.runs import RunDir
 
 log = get_logger(__name__)
 
@@ -369,8 +376,13 @@ def with_metadata(m, meta: dict[str, str]) -> bytes:
 def quantize(fp32: bytes, x_cal: np.ndarray, meta: dict[str, str]) -> bytes:
     """Static INT8 with onnxruntime, calibrated on `x_cal`."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):

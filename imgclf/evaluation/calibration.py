@@ -11,9 +11,9 @@ prediction path applies it through `imgclf.inference.torch_predictor.calibrated_
 
 from __future__ import annotations
 
-
 import numpy as np
 
+from imgclf.data.folds import stratified_folds
 from imgclf.inference.torch_predictor import probs_from_logits
 
 T_MIN, T_MAX = 0.05, 20.0  # beyond these the model is broken, not miscalibrated
@@ -42,16 +42,16 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 def cross_fit_temperatures(logits: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
     """One T per image, each fit on the other folds: an honest 'after' when
     the split being evaluated is the one T is fit on (data with no test
-    split). Divide logits by `T[:, None]`."""
+    split). Folds: the one fold scheme (data/folds.py). Divide logits by `T[:, None]`."""
     n = len(labels)
     if n < 2 * folds:
         return np.full(n, fit_temperature(logits, labels))
     out = np.zeros(n)
-    idx = np.random.default_rng(seed).permutation(n)
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    fold = stratified_folds(labels, folds, seed)
     for k in range(folds):
-        held = idx[k::folds]
-        rest = np.setdiff1d(idx, held)
-        out[held] = fit_temperature(logits[rest], labels[rest])
+        held = fold == k
+        out[held] = fit_temperature(logits[~held], labels[~held])
     return out
 
 

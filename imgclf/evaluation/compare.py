@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from imgclf.config import CompareConfig
-from imgclf.runs import RunDir
-from imgclf.config import EvaluateConfig
+from imgclf.config import CompareConfig, EvaluateConfig
 from imgclf.evaluation.evaluate import evaluate_run
+from imgclf.runs import RunDir
 
 # (key, label, higher is better)
 METRICS = [("accuracy", "accuracy", True), ("balanced_accuracy", "balanced accuracy", True),

@@ -20,14 +20,13 @@ from imgclf.data.datasets import BadFileLog, Splits, default_workers, discover, 
 from imgclf.errors import DataError, RunError
 from imgclf.evaluation.calibration import cross_fit_temperatures, ece, fit_calibration, reliability
 from imgclf.evaluation.metrics import classification_metrics, format_metrics
-from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
-from imgclf.runs import RunDir
-from imgclf.io import atomic_write_text, write_json
 from imgclf.evaluation.multilabel import evaluate_multilabel
-from imgclf.evaluation.open_set import unknown_section
+from imgclf.evaluation.open_set import format_unknown, unknown_section
 from imgclf.evaluation.report import build_report
+from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
+from imgclf.io import atomic_write_text, write_json
+from imgclf.runs import RunDir
 from imgclf.training.checkpoint import save_record
-from imgclf.evaluation.open_set import format_unknown
 
 
 @dataclass
@@ -46,11 +45,13 @@ class Scored:
 
 
 def evaluate_run(cfg: EvaluateConfig, predictor: TorchPredictor | None = None, workers: int | None = None,
-                 printer=print) -> dict:
+                 printer=print, sections: dict | None = None) -> dict:
     """Evaluate a run on its held-out split (test, else val) as recorded in
     RUN/splits.json; with DATA, the same relative files under another root.
     Writes RUN/eval_<split>.json and RUN/predictions_<split>.csv (and the HTML
-    report unless cfg.report is off); returns the metrics."""
+    report unless cfg.report is off); returns the metrics. sections: the
+    report's data-engine sections (data_engine.REPORT_SECTIONS; the CLI
+    passes them), by name "suspects" and "data_map"."""
     run = RunDir(cfg.run)
     clf = predictor or TorchPredictor.from_run(run.path, device=cfg.device, engine=cfg.engine, cache_dir=cfg.cache_dir)
     w = default_workers() if workers is None else workers
@@ -74,8 +75,9 @@ def evaluate_run(cfg: EvaluateConfig, predictor: TorchPredictor | None = None, w
     write_predictions(run.predictions_file(sc.name), sc, clf.classes)
     print_summary(m, sc, run, printer)
     if cfg.report:
-        page = build_report(run, clf, sc, m, workers=w, bad=bad, suspects=cfg.suspects, gradcam=cfg.gradcam,
-                            data_map=cfg.map, printer=printer)
+        sections = sections or {}
+        page = build_report(run, clf, sc, m, workers=w, bad=bad, suspects=cfg.suspects and sections.get("suspects"),
+                            gradcam=cfg.gradcam, data_map=cfg.map and sections.get("data_map"), printer=printer)
         printer(f"report: {page} (open it in a browser)")
     return m
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+
 from imgclf.data.preprocess import normalize, to_chw
 
 

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data.datasets import multi_hot
-from imgclf.evaluation.metrics import format_multilabel, multilabel_metrics
-from imgclf.runs import RunDir
-from imgclf.io import atomic_write_text, write_json
-from imgclf.evaluation.open_set import unknown_section
-from imgclf.evaluation.open_set import format_unknown
-from imgclf.evaluation.figures import _plt, _png, _short
 from imgclf._version import __version__
-from imgclf.evaluation.report import CSS, Page, _e, _img, _pct, _tile, _unknown_html, thumbnail
+from imgclf.data.datasets import multi_hot
+from imgclf.data.images import thumbnail
+from imgclf.evaluation.figures import _plt, _png, _short
+from imgclf.evaluation.metrics import format_multilabel, multilabel_metrics
+from imgclf.evaluation.open_set import format_unknown, unknown_section
+from imgclf.evaluation.report import CSS, THUMB, Page, _e, _img, _pct, _tile, _unknown_html
+from imgclf.io import atomic_write_text, write_json
+from imgclf.runs import RunDir
 
 GALLERY = 16  # images with the most wrong label decisions shown
 
@@ -106,12 +106,12 @@ def build_multilabel_report(run: RunDir, clf, sc, y: np.ndarray, m: dict) -> Pat
     page = Page(metrics=m, meta={}, calibration=None, tta=None, curves={}, pairs=[], errors={}, figs={},
                 unknown=m.get("unknown"))
     for d in (page.unknown or {}).get("most_familiar_unknowns", []):
-        page.thumbs[d["path"]] = thumbnail(Path(d["path"]))
+        page.thumbs[d["path"]] = thumbnail(Path(d["path"]), THUMB)
     rows = "".join(
         f"<tr><td>{_e(c)}</td><td>{'n/a' if d['ap'] is None else format(d['ap'], '.3f')}</td>"
         f"<td>{d['threshold']:.3f}</td><td>{d['precision']:.3f}</td><td>{d['recall']:.3f}</td><td>{d['f1']:.3f}</td>"
         f"<td>{d['support']}</td><td>{d['missed']}</td><td>{d['added']}</td></tr>" for c, d in m["per_label"].items())
-    tiles = "".join(_tile(thumbnail(root / e["path"]), [
+    tiles = "".join(_tile(thumbnail(root / e["path"], THUMB), [
         f"true: <b>{_e('; '.join(e['true']) or '(none)')}</b>",
         f"predicted: {_e('; '.join(e['predicted']) or '(none)')}",
         *([f'<span class="bad">missed: {_e("; ".join(e["missed"]))}</span>'] if e["missed"] else []),

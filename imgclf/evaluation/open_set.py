@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.errors import DataError, RunError
-from imgclf.data.images import list_files
 from imgclf.data.datasets import multi_hot
+from imgclf.data.images import list_files
+from imgclf.errors import DataError, RunError
 
 THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)  # rows of the trade-off table, plus the model's own
 

@@ -16,16 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from imgclf.data.images import BadImage, open_image
-from imgclf.evaluation.data_map import MAP_CSS
-from imgclf.evaluation.data_map import MAP_THUMB, choose_points, project, render_map
+
 from imgclf._version import __version__
-from imgclf.io import atomic_write_text
+from imgclf.data.images import thumbnail
 from imgclf.evaluation.figures import confusion_png, curves_png, reliability_png, roc_pr_png
-from imgclf.evaluation.metrics import most_confused_pairs, roc_pr_curves
 from imgclf.evaluation.gradcam import gradcam_images
-from imgclf.evaluation.label_noise import find_suspects
-from imgclf.io import write_json
+from imgclf.evaluation.metrics import most_confused_pairs, roc_pr_curves
+from imgclf.io import atomic_write_text, write_json
+
 
 @dataclass
 class Page:
@@ -43,7 +41,7 @@ class Page:
     gradcam: list[dict] | str | None = None
     suspects: dict | str | None = None
     unknown: dict | None = None  # evaluate --unknown DIR: the open-set section
-    data_map: dict | str | None = None  # evaluation/data_map.py: {"html", "points", ...}, or why not
+    data_map: dict | str | None = None  # data_engine/data_map.py: {"html", "points", ...}, or why not
 
 
 GALLERY = 16  # most confident mistakes shown
@@ -64,16 +62,6 @@ def _jpeg(img, quality: int = 82) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
-
-
-def thumbnail(path: Path, size: int = THUMB) -> bytes | None:
-    """A small JPEG of the image as the model saw it upright (EXIF applied)."""
-    try:
-        img = open_image(path, draft_size=size)
-    except (BadImage, OSError):
-        return None
-    img.thumbnail((size, size))
-    return _jpeg(img)
 
 
 def _pct(v: float | None, digits: int = 1) -> str:
@@ -310,7 +298,7 @@ def render_html(page: Page) -> str:
     nav = "".join(f'<a href="#{k}">{_e(t)}</a>' for k, t, _ in sections)
     body = "".join(f'<section id="{k}"><h2>{_e(t)}</h2>{c}</section>' for k, t, c in sections)
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
-            f'content="width=device-width,initial-scale=1"><title>{_e(title)}</title><style>{CSS}{MAP_CSS}</style></head><body><main>'
+            f'content="width=device-width,initial-scale=1"><title>{_e(title)}</title><style>{CSS}</style></head><body><main>'
             f'<h1>{_e(title)}</h1><p class="sub">{_e(meta["model"])} &middot; {_e(m["split"])} split of {_e(meta["data"])} '
             f'&middot; {_e(meta["created"])} &middot; run <code>{_e(meta["run"])}</code></p><nav>{nav}</nav>{body}'
             f'<p class="sub" style="margin-top:40px">Written by imgclf {_e(meta["version"])}; the numbers are also in '
@@ -408,54 +396,36 @@ def _map_html(page: Page) -> str:
             f"worth a look: mislabelled images, or a kind of picture the model mixes up.</p>" + m["html"])
 
 
-def _data_map(clf, sc, suspects: dict | str | None, workers: int, bad) -> dict | str:
-    """Points (capped), their features through the cache, t-SNE, thumbnails."""
-    t0 = time.time()
-    sus = {r["path"] for r in suspects["suspects"]} if isinstance(suspects, dict) else set()
-    pred = sc.probs.argmax(1)
-    eval_items = [(p, int(y), int(q)) for p, y, q in zip(sc.paths, sc.labels, pred)]
-    train = sc.splits.train if sc.name != "train" else []
-    points = choose_points(eval_items, train, sus)
-    if len(points) < 3:
-        return "Too few images for a map."
-    feats, _, kept = clf.features_items(sc.splits.root, [(pt["path"], pt["true"]) for pt in points], workers=workers,
-                                        bad=bad, progress=False)
-    points = [points[int(k)] for k in kept]
-    xy = project(feats["plain"])
-    root = Path(sc.splits.root)
-    thumbs = {}
-    for pt in points:
-        t = thumbnail(root / pt["path"], size=MAP_THUMB)
-        thumbs[pt["path"]] = _b64(t, "image/jpeg") if t else None
-    return {"html": render_map(points, xy, clf.classes, thumbs), "points": len(points),
-            "of": len(eval_items) + len(train), "wrong": sum(pt["wrong"] for pt in points),
-            "suspects": sum(pt["suspect"] for pt in points), "seconds": round(time.time() - t0, 2)}
-
-
 # ------------------------------------------------------------------ entry point
 
-def build_report(run, clf, sc, metrics: dict, workers: int = 1, bad=None, suspects: bool = True,
-                 gradcam: bool = True, data_map: bool = True, printer=print) -> Path:
+def build_report(run, clf, sc, metrics: dict, workers: int = 1, bad=None, suspects=None,
+                 gradcam: bool = True, data_map=None, printer=print) -> Path:
     """Write RUN/report/index.html and RUN/report/eval.json for an evaluated
-    split (`sc`, evaluate.Scored); returns the page's path."""
+    split (`sc`, evaluate.Scored); returns the page's path. The data engine's
+    sections come from above this layer (data_engine.REPORT_SECTIONS), None
+    leaves them out: suspects(clf, splits, workers, bad) -> dict | str and
+    data_map(clf, sc, suspects, workers, bad) -> dict | str."""
+
     t0 = time.time()
     page = _analyse(run, clf, sc, metrics)
     t_figs = time.time() - t0
     root = Path(sc.splits.root)
     for r in page.errors["mistakes"] + page.errors["close_calls"]:
-        page.thumbs.setdefault(r["path"], thumbnail(root / r["path"]))
+        page.thumbs.setdefault(r["path"], thumbnail(root / r["path"], THUMB))
     page.unknown = metrics.get("unknown")
     for d in (page.unknown or {}).get("most_familiar_unknowns", []):
-        page.thumbs.setdefault(d["path"], thumbnail(Path(d["path"])))
+        page.thumbs.setdefault(d["path"], thumbnail(Path(d["path"]), THUMB))
     t1 = time.time()
     if gradcam:
         page.gradcam = _gradcam_tiles(clf, str(root), gradcam_samples(sc.probs, sc.labels, sc.paths, clf.classes))
     t_gc, t2 = time.time() - t1, time.time()
     if suspects:
-        page.suspects = _suspects(clf, sc.splits, workers, bad, page.thumbs)
+        page.suspects = suspects(clf, sc.splits, workers, bad)
+        for r in page.suspects["suspects"] if isinstance(page.suspects, dict) else []:
+            page.thumbs.setdefault(r["path"], thumbnail(Path(sc.splits.root) / r["path"], THUMB))
     t_sus, t3 = time.time() - t2, time.time()
     if data_map:
-        page.data_map = _data_map(clf, sc, page.suspects, workers, bad)
+        page.data_map = data_map(clf, sc, page.suspects, workers, bad)
     t_map = time.time() - t3
     page.meta.update(created=time.strftime("%Y-%m-%d %H:%M"), version=__version__)
     path = run.report_page
@@ -497,16 +467,6 @@ def _gradcam_tiles(clf, root: str, samples: list[dict]) -> list[dict] | str:
         return out
     except ValueError as e:  # not a CNN
         return f"Grad-CAM not available for this model: {e}"
-
-
-def _suspects(clf, splits, workers: int, bad, thumbs: dict) -> dict | str:
-    if not splits.train:
-        return "No training split is recorded for this data (a new labelled folder), so there are no training labels to check."
-
-    sus = find_suspects(clf, splits.root, splits.train, workers=workers, bad=bad)
-    for r in sus["suspects"]:
-        thumbs.setdefault(r["path"], thumbnail(Path(splits.root) / r["path"]))
-    return sus
 
 
 def _write_eval_json(path: Path, page: Page, seconds: dict) -> None:

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.errors import MissingExtra, ModelFileError, RunError
-from imgclf.inference.predictor import Predictor
 from imgclf.inference.onnx_predictor import FORMAT, _maybe_json, warn_if_stale
+from imgclf.inference.predictor import Predictor
 
 METADATA_NAME = "imgclf"  # the flatbuffer metadata entry holding the JSON
 INPUT, OUTPUT = "images", "probs"  # the signature's tensor names, as in the ONNX graph

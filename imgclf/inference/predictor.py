@@ -11,15 +11,14 @@ No torch here: the .onnx and .tflite predictors derive from it.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
 from imgclf.data.images import MAX_PIXELS, BadImage, Source, list_files
 from imgclf.data.preprocess import Preprocess
 from imgclf.errors import ConfigError
-
 
 UNKNOWN = "unknown"  # the label of a rejected image
 AUTO_KEEP = 0.95  # --reject auto: keep this share of the known validation images

@@ -1,7 +1,7 @@
 """A run directory (or model.pt) as a Predictor, on PyTorch.
 
-The backbone runs through the same `FeatureExtractor` (onnxruntime on CPU)
-and feature cache as training, so evaluating a run's splits reuses the
+The backbone runs through the embedding service (models/embedder.py: the
+same extractor, onnxruntime on CPU, and feature cache as training), so evaluating a run's splits reuses the
 features training computed. `calibrated_probs` is the only place where a
 temperature meets logits; the ONNX export traces it into its graph.
 """
@@ -16,12 +16,11 @@ import torch
 from imgclf.data.datasets import BadFileLog
 from imgclf.data.preprocess import Preprocess, to_nchw
 from imgclf.inference.predictor import Predictor
-from imgclf.runs import RunDir
-from imgclf.models.registry import resolve_device
-from imgclf.models.records import model_from_record
 from imgclf.inference.unknown import UnknownScorer
-from imgclf.models.features import FeatureExtractor
-from imgclf.models.features import backbone_features
+from imgclf.models.embedder import BackboneEmbedder
+from imgclf.models.records import model_from_record
+from imgclf.models.registry import resolve_device
+from imgclf.runs import RunDir
 
 
 def calibrated_probs(logits: torch.Tensor, temperature, multi_label: bool = False) -> torch.Tensor:
@@ -59,11 +58,12 @@ class TorchPredictor(Predictor):
         self.device = resolve_device(device)
         self.engine, self.cache_dir = engine, cache_dir
         self.metadata = metadata or {}
-        self._extractor = None
+        self.embedder = BackboneEmbedder(self.arch, self.model.backbone, self.preprocess, self.device, engine,
+                                         cache_dir, source)
         self.model.head.to(self.device)
 
     @classmethod
-    def from_run(cls, path: str | Path, **kw) -> "TorchPredictor":
+    def from_run(cls, path: str | Path, **kw) -> TorchPredictor:
         run = RunDir(path)
         meta = {"metrics": run.headline_metrics(), "trained_with": None}
         rec = run.record()
@@ -76,10 +76,7 @@ class TorchPredictor(Predictor):
 
     @property
     def extractor(self):
-        if self._extractor is None:
-            self._extractor = FeatureExtractor(self.model.backbone, self.preprocess, self.device, self.engine,
-                                               self.cache_dir)
-        return self._extractor
+        return self.embedder.extractor
 
     def warm_up(self) -> None:
         self.extractor  # noqa: B018 (exports and caches the backbone for onnxruntime on first use)
@@ -102,8 +99,8 @@ class TorchPredictor(Predictor):
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> (N, D) pooled backbone features: the embedding of
-        `imgclf embed`, `similar` and `suggest` (inference/embed.py)."""
-        return self.extractor(to_nchw(batch))
+        `imgclf embed`, `similar` and `suggest` (models/embedder.py)."""
+        return self.embedder.embed(batch)
 
     def features_items(self, root: str | Path, items: list[tuple[str, int]], batch_size: int = 32, workers: int = 1,
                        bad: BadFileLog | None = None, variants: tuple[str, ...] = ("plain",), progress: bool = True,
@@ -111,8 +108,7 @@ class TorchPredictor(Predictor):
         """Pooled backbone features for (relative path, label) items, per variant
         ("plain", "flip"), through the feature cache (the same entries training
         wrote). Returns ({variant: features[N', D]}, labels[N'], kept_index[N'])."""
-        return backbone_features(self.extractor, self.arch, root, items, self.cache_dir, variants, use_cache,
-                                 batch_size, workers, bad, progress)
+        return self.embedder.features_items(root, items, batch_size, workers, bad, variants, progress, use_cache)
 
     def logits_items(self, root: str | Path, items: list[tuple[str, int]], batch_size: int = 32, workers: int = 1,
                      bad: BadFileLog | None = None, variants: tuple[str, ...] = ("plain",), progress: bool = True,

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgclf.inference.neighbours import kth_distance
+
 # k: on pair A of bench/bench_unknown.py (ants/bees known; used for choosing),
 # k = 1 and 5 tie (AUROC 0.997); 5, because one mislabelled or duplicated
 # training image can make k = 1 accept an outlier. Pair B is reported as measured.
@@ -34,19 +36,6 @@ MAX_BANK = 4096  # training images kept for the search: 4096 x 1280 fp16 = 10 MB
 def normalise_bank(features: np.ndarray) -> torch.Tensor:
     f = torch.from_numpy(np.asarray(features, dtype=np.float32))
     return nn.functional.normalize(f, dim=1)
-
-
-def knn_distance(features: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
-    """1 - cosine similarity to the k-th nearest row of `bank` (rows unit-norm).
-    The k-th largest similarity is found by taking the maximum k times, each
-    time masking out the one position it came from (ties count separately, as
-    in topk): topk lowers to a sort that LiteRT's interpreter cannot run, and
-    k argmax passes over the bank cost the same here."""
-    sims = nn.functional.normalize(features.float(), dim=1) @ bank.float().T
-    cols = torch.arange(sims.shape[1], device=sims.device)[None]
-    for _ in range(min(k, bank.shape[0]) - 1):
-        sims = torch.where(cols == sims.argmax(dim=1, keepdim=True), torch.full_like(sims, -2.0), sims)
-    return 1 - sims.max(dim=1).values
 
 
 def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -79,14 +68,14 @@ class UnknownScorer(nn.Module):
         self.register_buffer("val_sorted", val_distances.float().sort().values)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        d = knn_distance(features, self.bank, self.k)
+        d = kth_distance(features, self.bank, self.k)
         return (d[:, None] > self.val_sorted[None]).float().mean(1)
 
     def to_record(self) -> dict:
         return {"method": "knn", "k": self.k, "bank": self.bank.cpu(), "val_sorted": self.val_sorted.cpu()}
 
     @classmethod
-    def from_record(cls, d: dict) -> "UnknownScorer":
+    def from_record(cls, d: dict) -> UnknownScorer:
         return cls(d["bank"], d["val_sorted"], int(d["k"]))
 
 
@@ -107,5 +96,5 @@ def fit_scorer(train_features: np.ndarray, train_labels: np.ndarray, val_feature
     """The kNN bank from (at most MAX_BANK, class-balanced) training features;
     the percentile scale from the validation images' distances to it."""
     bank = normalise_bank(train_features[bank_sample(np.asarray(train_labels), seed)])
-    val = knn_distance(torch.from_numpy(np.asarray(val_features, np.float32)), bank.half(), KNN_K)
+    val = kth_distance(torch.from_numpy(np.asarray(val_features, np.float32)), bank.half(), KNN_K)
     return UnknownScorer(bank, val)

@@ -31,11 +31,9 @@ import torch
 from imgclf.data.datasets import BadFileLog, ImageDataset, hash_files, make_loader
 from imgclf.data.preprocess import Preprocess, eval_transform, normalize
 from imgclf.io import atomic_write_bytes
-
-from imgclf.log import get_logger
-from imgclf.ort import ort_session
+from imgclf.log import Progress, get_logger
 from imgclf.models.same_pad import trace_to_onnx
-from imgclf.log import Progress
+from imgclf.ort import ort_session
 
 log = get_logger(__name__)
 
@@ -89,7 +87,7 @@ class FeatureCache:
         self._hashes = np.zeros(0, "S32")  # sorted
         self._where = np.zeros((0, 2), np.int64)  # (shard, row) of each sorted hash
 
-    def load(self) -> "FeatureCache":
+    def load(self) -> FeatureCache:
         """Index the shards on disk not indexed yet (call again to see other
         processes' new shards). A damaged shard only costs recomputation."""
         if self.dir is None or not self.dir.exists():
@@ -316,8 +314,8 @@ class FeatureExtractor:
 
 def _has_ort() -> bool:
     try:
-        import onnxruntime  # noqa: F401
         import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
 
         return True
     except ImportError:
@@ -355,16 +353,6 @@ def extract(extractor: FeatureExtractor, root: str | Path, items: list[tuple[str
     else:
         labels = np.array(labels, dtype=np.int64)
     return feats, labels, kept
-
-
-def backbone_features(extractor: FeatureExtractor, arch: str, root: str | Path, items: list[tuple[str, int]],
-                      cache_dir: str | Path | None = None, variants: tuple[str, ...] = ("plain",),
-                      use_cache: bool = True, batch_size: int = 32, workers: int = 1, bad: BadFileLog | None = None,
-                      progress: bool = True, desc: str = "features"):
-    """`extract` through this backbone's caches: what a run's predictor and a
-    pretrained embedder (inference/embed.py) both call, so they share entries."""
-    caches = feature_caches(cache_dir, arch, extractor.backbone_hash, extractor.pp, variants, use_cache)
-    return extract(extractor, root, items, caches, batch_size, workers, bad, desc, progress=progress)
 
 
 # Batches between heap trims: trimming after every batch cost 5-8% of the

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from imgclf.models.registry import ImageClassifier
-from imgclf.runs import RunDir
 from imgclf.io import torch_save_atomic
 from imgclf.models.records import make_model_record
+from imgclf.models.registry import ImageClassifier
+from imgclf.runs import RunDir
 
 CKPT_KEYS = ("config", "stage_idx", "epoch", "history", "scope", "trainable", "optimizer", "scheduler", "stopper", "rng")
 

@@ -25,8 +25,8 @@ from datetime import timedelta
 
 import torch
 
-from imgclf.log import get_logger
 from imgclf.errors import ConfigError
+from imgclf.log import get_logger
 from imgclf.models.registry import resolve_device
 
 log = get_logger(__name__)

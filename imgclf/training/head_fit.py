@@ -8,11 +8,12 @@ choice, so its accuracy is an honest estimate (issue 12, goal 2; measured in
 docs/benchmarks.md: CV and val agree within one standard error, where
 early stopping on val overstates it).
 
-Hand-written on torch rather than scikit-learn's LogisticRegression: the same
-lbfgs solver, but it fits multi-label (sigmoid) heads too, takes class
-weights as the epoch loop does, runs on the GPU when training does, and warm-
-starts along the regularisation path (sklearn: 14 s for the grid below on
-2,000 images, this: about 1 s).
+The one cross-validated logistic regression of imgclf (label-noise suspects
+use it too), on torch rather than scikit-learn's LogisticRegression: the same
+lbfgs solver, chosen by measurement (bench/bench_logreg.py, docs/benchmarks.md:
+as accurate, and faster), and it fits multi-label (sigmoid) heads, takes
+class weights as the epoch loop does, runs on the GPU when training does, and
+warm-starts along the regularisation path.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from imgclf.data.folds import stratified_folds
 
 # L2 strengths tried, strongest first (warm starts run from the simplest model).
 # Per example, on standardised features: 1 is a strongly shrunk model, 1e-3 nearly unregularised
@@ -81,21 +84,6 @@ def held_out(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> tuple[
     return F.cross_entropy(logits, y, reduction="sum").item(), (logits.argmax(1) == y).sum().item()
 
 
-def fold_ids(y: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Each image's fold, stratified: every class's images are shuffled and
-    dealt round-robin, so each fold holds its share of every class. (Not
-    scikit-learn's StratifiedKFold: importing sklearn costs 2.5 s of a
-    one-minute run.) y: class indices, or zeros for plain k-fold."""
-    rng = np.random.default_rng(seed)
-    folds = np.empty(len(y), dtype=np.int64)
-    offset = 0
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        folds[idx] = (np.arange(len(idx)) + offset) % k
-        offset += len(idx)  # the next class starts where this one ended: fold sizes stay even
-    return folds
-
-
 def cross_validate(Z: torch.Tensor, Y: torch.Tensor, folds: np.ndarray, variants: int, grid=L2_GRID,
                    multi_label: bool = False, weights: torch.Tensor | None = None, log=None) -> dict:
     """Held-out loss and accuracy of each strength in `grid`. Z holds `variants`
@@ -128,7 +116,7 @@ def fit_head_cv(X: torch.Tensor, Y: torch.Tensor, variants: int, k: int, seed: i
     X, and fold the standardisation into (W, b) so the head takes raw features."""
     Z, mu, sd = standardise(X)
     y_img = Y[: len(Y) // variants].cpu().numpy()
-    folds = fold_ids(y_img if not multi_label else np.zeros(len(y_img), np.int64), k, seed)
+    folds = stratified_folds(y_img if not multi_label else np.zeros(len(y_img), np.int64), k, seed)
     cv = cross_validate(Z, Y, folds, variants, grid, multi_label, weights)
     l2 = choose_l2(cv)
     init = None

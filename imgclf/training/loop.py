@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
 from imgclf.evaluation.metrics import mean_average_precision
 
 

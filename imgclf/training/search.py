@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from imgclf.data.folds import stratified_folds
 from imgclf.log import get_logger
+from imgclf.training.head_fit import fit_linear, for_raw_features, held_out, standardise
 from imgclf.training.loop import make_loss, train_one_epoch
-from imgclf.training.head_fit import fit_linear, fold_ids, for_raw_features, held_out, standardise
 
 log = get_logger(__name__)
 
@@ -90,7 +91,7 @@ def run_search(X: torch.Tensor, Y: torch.Tensor, variants: int, trials: int, fol
     n = len(Z) // variants
     k = Y.shape[1] if multi_label else int(Y.max()) + 1
     y_img = Y[:n].cpu().numpy() if not multi_label else np.zeros(n, np.int64)
-    folds = fold_ids(y_img, folds_k, seed)
+    folds = stratified_folds(y_img, folds_k, seed)
     f = torch.from_numpy(np.tile(folds, variants)).to(Z.device)
     rows: list[dict] = []
 

@@ -27,17 +27,23 @@ from imgclf.config import TrainConfig
 from imgclf.data.datasets import BadFileLog, ImageDataset, Splits, drop_files, hash_files, make_loader, multi_hot
 from imgclf.data.preprocess import Preprocess, augment_batch, eval_transform, normalize, train_transform
 from imgclf.errors import ConfigError, DataError
-from imgclf.models.registry import ImageClassifier
-from imgclf.models.features import FeatureExtractor, FeatureRows, extract, feature_caches
+from imgclf.io import atomic_write_text, write_json
 from imgclf.log import Progress, get_logger
-from imgclf.io import write_json
+from imgclf.models.embedder import BackboneEmbedder
+from imgclf.models.features import FeatureExtractor, FeatureRows, extract
+from imgclf.models.registry import ImageClassifier
 from imgclf.training.checkpoint import RunState, best_record, save_record
 from imgclf.training.distributed import Dist, is_main
-from imgclf.training.loop import (EarlyStopping, balanced_class_weights, evaluate, make_loss, train_one_epoch,
-                                    warmup_cosine)
-from imgclf.io import atomic_write_text
-from imgclf.training.search import fit_best, run_search, search_csv
 from imgclf.training.head_fit import cv_summary, fit_head_cv
+from imgclf.training.loop import (
+    EarlyStopping,
+    balanced_class_weights,
+    evaluate,
+    make_loss,
+    train_one_epoch,
+    warmup_cosine,
+)
+from imgclf.training.search import fit_best, run_search, search_csv
 
 log = get_logger(__name__)
 
@@ -170,10 +176,11 @@ def cached_features(ctx: Context) -> tuple | None:
     and the other ranks get None."""
     cfg, model, d = ctx.cfg, ctx.model, ctx.dist
     t0 = time.time()
-    extractor = FeatureExtractor(model.backbone, ctx.pp, ctx.device, cfg.engine, cfg.cache_dir)
+    emb = BackboneEmbedder(cfg.model, model.backbone, ctx.pp, ctx.device, cfg.engine, cfg.cache_dir)
+    extractor = emb.extractor
     variants = ("plain", "flip") if cfg.flip_features else ("plain",)
     root, train = ctx.splits.root, ctx.splits.train
-    caches = feature_caches(cfg.cache_dir, cfg.model, extractor.backbone_hash, ctx.pp, variants, cfg.cache)
+    caches = emb.caches(variants, cfg.cache)
     tr_hashes, va_hashes = ctx.hashes("train"), ctx.hashes("val")
     n_cached = int(np.all([c.locate(tr_hashes)[:, 0] >= 0 for c in caches.values()], axis=0).sum()) if train else 0
     encoded = encode_shares(ctx, extractor, caches) if d.enabled else None

@@ -26,27 +26,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf.config import TrainConfig
-from imgclf.data.datasets import (BadFileLog, ImageLook, Splits, default_workers, discover, drop_files, has_label,
-                                  look_at, multi_hot, scan)
+from imgclf.config import EvaluateConfig, TrainConfig
+from imgclf.data.datasets import (
+    BadFileLog,
+    ImageLook,
+    Splits,
+    default_workers,
+    discover,
+    drop_files,
+    has_label,
+    look_at,
+    multi_hot,
+    scan,
+)
 from imgclf.data.preprocess import Preprocess, native_preprocess
 from imgclf.errors import ConfigError, DataError, MissingExtra, RunError
-from imgclf.models.registry import build_model, count_params, get_model_info
-from imgclf.models.registry import SmallCNN
-from imgclf.runs import RunDir
+from imgclf.evaluation.calibration import fit_calibration
+from imgclf.evaluation.evaluate import evaluate_run
+from imgclf.evaluation.metrics import tune_thresholds
+from imgclf.inference.predictor import reject_threshold
+from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
+from imgclf.inference.unknown import bank_sample, fit_scorer
 from imgclf.io import read_json, torch_load, write_history, write_json
+from imgclf.models.registry import SmallCNN, build_model, count_params, get_model_info
+from imgclf.runs import RunDir
 from imgclf.training.checkpoint import CKPT_KEYS, RunState
 from imgclf.training.distributed import Dist, init_distributed
 from imgclf.training.loop import balanced_class_weights, positive_weights
-from imgclf.training.stages import Context, check_memory_budget, say, plan_stages, run_stages
-from imgclf.inference.torch_predictor import TorchPredictor
-from imgclf.evaluation.calibration import fit_calibration
-from imgclf.evaluation.metrics import tune_thresholds
-from imgclf.inference.torch_predictor import probs_from_logits
-from imgclf.inference.predictor import reject_threshold
-from imgclf.inference.unknown import bank_sample, fit_scorer
-from imgclf.config import EvaluateConfig
-from imgclf.evaluation.evaluate import evaluate_run
+from imgclf.training.stages import Context, check_memory_budget, plan_stages, run_stages, say
 
 
 @dataclass

@@ -14,10 +14,10 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from imgclf.log import get_logger
 from imgclf.config import ServeConfig
 from imgclf.errors import RunError
-from imgclf.inference import load
+from imgclf.inference.load import load
+from imgclf.log import get_logger
 
 log = get_logger(__name__)
 

@@ -25,20 +25,26 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from imgclf._version import __version__
 from imgclf.config import ServeConfig
 from imgclf.data.images import BadImage
 from imgclf.deploy.serve.batching import Batcher
 from imgclf.deploy.serve.metrics import Metrics
-from imgclf.deploy.serve.openapi import (METRICS_OPENAPI, MODEL_OPENAPI, STATUS_OPENAPI, predict_openapi,
-                                         similar_openapi)
-from imgclf.deploy.serve.parsing import (ApiError, PixelBudget, header_pixels, media_type, parse_json,
-                                         parse_multipart, parse_top_k, read_body)
-from imgclf.inference.load import TORCH_FREE, model_format
+from imgclf.deploy.serve.openapi import METRICS_OPENAPI, MODEL_OPENAPI, STATUS_OPENAPI, predict_openapi, similar_openapi
+from imgclf.deploy.serve.parsing import (
+    ApiError,
+    PixelBudget,
+    header_pixels,
+    media_type,
+    parse_json,
+    parse_multipart,
+    parse_top_k,
+    read_body,
+)
+from imgclf.errors import ImgclfError
+from imgclf.inference.load import TORCH_FREE, load, model_format
 from imgclf.inference.predictor import top_k
 from imgclf.runs import RunDir
-from imgclf._version import __version__
-from imgclf.inference.load import load
-from imgclf.errors import ImgclfError
 
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                 "style.css": "text/css; charset=utf-8"}
@@ -273,7 +279,7 @@ def load_similar(st: State) -> None:
         st.similar_why = ("an exported model computes probabilities only, not the embeddings similarity search "
                           "needs; serve the run directory instead (imgclf serve RUN)")
         return
-    from imgclf.inference.similar import load_index  # deferred: torch; only a run directory has an index
+    from imgclf.data_engine.similar import load_index  # deferred: torch; only a run directory has an index
 
     try:
         st.similar = load_index(RunDir(st.cfg.model), st.predictor, progress=False)

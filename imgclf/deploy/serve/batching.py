@@ -59,7 +59,7 @@ class Batcher:
                 break
             try:
                 items.append(await asyncio.wait_for(self.queue.get(), left))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         return [(x, f) for x, f in items if not f.cancelled()]  # drop clients that went away
 

@@ -54,7 +54,7 @@ async def read_body(request, limit: int, timeout_s: float, deadline_s: float) ->
             chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, min(timeout_s, end - loop.time())))
         except StopAsyncIteration:
             return b"".join(chunks)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApiError(408, "body_timeout", f"the request body stalled for {timeout_s:g} s or took over "
                            f"{deadline_s:g} s; send the whole body promptly (check Content-Length)") from None
         except ClientDisconnect:

@@ -12,16 +12,47 @@ and the map adds 2.3 MB to the page (bench/bench_map.py, docs/benchmarks.md).
 
 from __future__ import annotations
 
+import base64
 import html
 import json
+import time
+from pathlib import Path
 
 import numpy as np
+
+from imgclf.data.images import thumbnail
 
 MAP_POINTS = 1000  # most points drawn (each carries a thumbnail of about 2 KB)
 MAP_THUMB = 64  # thumbnail size on hover, pixels (long side)
 SIZE = 640  # the plot's side, CSS pixels
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
+
+
+def map_section(clf, sc, suspects: dict | str | None, workers: int, bad) -> dict | str:
+    """The report's data map of an evaluated split (evaluation/evaluate.py's
+    Scored `sc`): points (capped), their features through the cache, t-SNE,
+    thumbnails. A reason instead when there is too little to draw."""
+    t0 = time.time()
+    sus = {r["path"] for r in suspects["suspects"]} if isinstance(suspects, dict) else set()
+    pred = sc.probs.argmax(1)
+    eval_items = [(p, int(y), int(q)) for p, y, q in zip(sc.paths, sc.labels, pred)]
+    train = sc.splits.train if sc.name != "train" else []
+    points = choose_points(eval_items, train, sus)
+    if len(points) < 3:
+        return "Too few images for a map."
+    feats, _, kept = clf.features_items(sc.splits.root, [(pt["path"], pt["true"]) for pt in points], workers=workers,
+                                        bad=bad, progress=False)
+    points = [points[int(k)] for k in kept]
+    xy = project(feats["plain"])
+    root = Path(sc.splits.root)
+    thumbs = {}
+    for pt in points:
+        t = thumbnail(root / pt["path"], MAP_THUMB)
+        thumbs[pt["path"]] = "data:image/jpeg;base64," + base64.b64encode(t).decode() if t else None
+    return {"html": render_map(points, xy, clf.classes, thumbs), "points": len(points),
+            "of": len(eval_items) + len(train), "wrong": sum(pt["wrong"] for pt in points),
+            "suspects": sum(pt["suspect"] for pt in points), "seconds": round(time.time() - t0, 2)}
 
 
 def choose_points(eval_items: list[tuple[str, int, int]], train_items: list[tuple[str, int]],
@@ -91,7 +122,7 @@ def render_map(points: list[dict], xy: np.ndarray, classes: list[str], thumbs: d
                'stroke-width="2"/></svg>misclassified</span><span class="key"><svg width="14" height="14"><rect x="2" '
                'y="2" width="10" height="10" fill="#fff" stroke="#000" stroke-width="1.5"/></svg>label-noise suspect</span>')
     blob = json.dumps(data).replace("</", "<\\/")  # no "</script>" inside the JSON
-    return (f'<div class="map-wrap"><svg id="data-map" viewBox="0 0 {SIZE} {SIZE}" width="{SIZE}" height="{SIZE}" '
+    return (f'<style>{MAP_CSS}</style><div class="map-wrap"><svg id="data-map" viewBox="0 0 {SIZE} {SIZE}" width="{SIZE}" height="{SIZE}" '
             f'role="img" aria-label="2-D map of the images">{"".join(shapes)}</svg>'
             f'<div id="map-card" hidden><img alt="" width="{MAP_THUMB}"><div class="c"></div></div></div>'
             f'<div class="legend">{legend}</div><script type="application/json" id="map-data">{blob}</script>'

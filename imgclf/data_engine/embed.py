@@ -6,7 +6,7 @@ head is trained on, so it comes from (and goes to) the feature cache: after
 its own backbone is used (fine-tuned ones included: the cache key holds the
 weights' hash, so fine-tuned and pretrained features never mix).
 
-    embedder = load_embedder(run="runs/photos")           # or model="efficientnet_lite0"
+    embedder = load_embedder(run="runs/photos")           # or model="efficientnet_lite0" (models/embedder.py)
     emb = embed_splits(embedder, RunDir(run).splits())    # Embeddings: paths, labels, splits, vectors
     emb = embed_files(embedder, ["a.jpg", "b.png"])
 
@@ -16,7 +16,6 @@ weights' hash, so fine-tuned and pretrained features never mix).
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -25,19 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.errors import ConfigError, MissingExtra
-from imgclf.data.preprocess import to_nchw
-from imgclf.data.datasets import BadFileLog
-from imgclf.data.datasets import discover
-from imgclf.errors import DataError
+from imgclf.data.datasets import BadFileLog, discover
+from imgclf.errors import ConfigError, DataError, MissingExtra
+from imgclf.inference.neighbours import unit_rows
 from imgclf.inference.predictor import expand_paths
-from imgclf.runs import RunDir
-from imgclf.io import atomic_write_bytes, atomic_write_text
-from imgclf.inference.similar import unit_rows
-from imgclf.models.registry import build_model, get_model_info, resolve_device
-from imgclf.models.features import FeatureExtractor
-from imgclf.models.features import backbone_features
 from imgclf.inference.torch_predictor import TorchPredictor
+from imgclf.io import atomic_write_bytes, atomic_write_text
+from imgclf.models.embedder import BackboneEmbedder
+from imgclf.runs import RunDir
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -57,47 +51,15 @@ class Embeddings:
         return unit_rows(self.vectors)
 
 
-class PretrainedEmbedder:
-    """A model's pretrained backbone without a run (`imgclf embed --model NAME`):
-    the same extractor and cache as training with that model."""
-
-    def __init__(self, name: str, device: str = "auto", engine: str = "auto", cache_dir: str | Path | None = None):
-        info = get_model_info(name)
-        if not info.pretrained:
-            raise ConfigError(f"--model {name} has no pretrained weights, so its embeddings would be random",
-                              "use a pretrained model (see `imgclf models`) or --run RUN")
-        self.arch, self.preprocess, self.source = name, copy.deepcopy(info.preprocess), f"pretrained:{name}"
-        self.backbone = build_model(name, 1, pretrained=True).backbone
-        self.device, self.engine, self.cache_dir = resolve_device(device), engine, cache_dir
-        self._extractor = None
-
-    @property
-    def extractor(self):
-        if self._extractor is None:
-            self._extractor = FeatureExtractor(self.backbone, self.preprocess, self.device, self.engine, self.cache_dir)
-        return self._extractor
-
-    def prepare(self, src) -> np.ndarray:
-        return self.preprocess.load(src)
-
-    def embed(self, batch: np.ndarray) -> np.ndarray:
-        return self.extractor(to_nchw(batch))
-
-    def features_items(self, root, items, batch_size: int = 32, workers: int = 1, bad=None,
-                       variants: tuple[str, ...] = ("plain",), progress: bool = True, use_cache: bool = True):
-        return backbone_features(self.extractor, self.arch, root, items, self.cache_dir, variants, use_cache,
-                                 batch_size, workers, bad, progress)
-
-
 def load_embedder(run: str | None = None, model: str | None = None, device: str = "auto", engine: str = "auto",
-                  cache_dir: str | Path | None = None):
-    """A run's predictor (its own backbone), or a pretrained model's backbone
-    (default efficientnet_lite0). Both have .features_items, .prepare, .embed."""
+                  cache_dir: str | Path | None = None) -> BackboneEmbedder:
+    """The embedding service (models/embedder.py) of a run's own backbone, or
+    of a pretrained model's (default efficientnet_lite0)."""
     if run and model:
         raise ConfigError("--run and --model both given", "--run RUN uses the run's own backbone; drop --model")
     if run:
-        return TorchPredictor.from_run(run, device=device, engine=engine, cache_dir=cache_dir)
-    return PretrainedEmbedder(model or "efficientnet_lite0", device, engine, cache_dir)
+        return TorchPredictor.from_run(run, device=device, engine=engine, cache_dir=cache_dir).embedder
+    return BackboneEmbedder.pretrained(model or "efficientnet_lite0", device, engine, cache_dir)
 
 
 def _bad_log():

@@ -29,15 +29,14 @@ import io
 from pathlib import Path
 
 import numpy as np
+
 from imgclf.data.datasets import BadFileLog
 from imgclf.errors import ConfigError, DataError
+from imgclf.inference.neighbours import knn, nearest_distance, unit_rows
 from imgclf.inference.predictor import expand_paths
-from imgclf.runs import RunDir
-from imgclf.io import atomic_write_text
-from imgclf.inference.similar import brute_force
-from imgclf.inference.similar import nearest_distance
-from imgclf.inference.similar import unit_rows
 from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
+from imgclf.io import atomic_write_text
+from imgclf.runs import RunDir
 
 
 def uncertainty(probs: np.ndarray, kind: str = "margin") -> np.ndarray:
@@ -56,7 +55,7 @@ def distance_novelty(d_pool: np.ndarray, train_unit: np.ndarray, sample: int = 2
     (0 below the 95th percentile, 1 beyond every training image's)."""
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(train_unit), min(sample, len(train_unit)), replace=False)
-    _, sims = brute_force(train_unit, train_unit[idx], 2)  # the first neighbour is the image itself
+    _, sims = knn(train_unit, train_unit[idx], 2)  # the first neighbour is the image itself
     nn = np.sort(1.0 - sims[:, 1]) if sims.shape[1] > 1 else np.zeros(1)
     cdf = np.searchsorted(nn, d_pool, side="right") / len(nn)
     return np.clip((cdf - 0.95) / 0.05, 0.0, 1.0)
@@ -69,10 +68,8 @@ def density(pool_unit: np.ndarray, k: int = 10, sample: int = 5000, seed: int = 
     rng = np.random.default_rng(seed)
     ref = pool_unit[rng.choice(len(pool_unit), min(sample, len(pool_unit)), replace=False)]
     k = min(k + 1, len(ref))
-    dens = np.empty(len(pool_unit), np.float32)
-    for i in range(0, len(pool_unit), 2048):
-        _, sims = brute_force(ref, pool_unit[i:i + 2048], k)
-        dens[i:i + 2048] = sims[:, 1:].mean(1) if k > 1 else sims[:, 0]  # the first is usually the image itself
+    _, sims = knn(ref, pool_unit, k)
+    dens = (sims[:, 1:].mean(1) if k > 1 else sims[:, 0]).astype(np.float32)  # the first is usually the image itself
     span = dens.max() - dens.min()
     return (dens - dens.min()) / span if span > 0 else np.ones_like(dens)
 
@@ -102,7 +99,7 @@ def rank_for_labelling(probs: np.ndarray, pool_unit: np.ndarray, labelled_unit: 
         i = int(np.argmax(score))
         chosen.append(i)
         taken[i] = True
-        d = np.minimum(d, 1.0 - pool_unit @ pool_unit[i])
+        d = np.minimum(d, nearest_distance(pool_unit, pool_unit[i:i + 1]))
     return chosen, {"uncertainty": unc, "density": dens, "novelty": np.asarray(novelty, np.float32), "distance": d0}
 
 
