@@ -22,7 +22,8 @@ from bench.common import DATASETS, machine, table  # noqa: E402
 def main() -> None:
     from imgclf.data.near_dup import embeddings
     from imgclf.evaluation.data_map import MAP_THUMB, project, render_map
-    from imgclf.evaluation.report import _b64, thumbnail
+    from imgclf.evaluation.page import data_uri
+    from imgclf.evaluation.report import thumbnail
 
     root = DATASETS / "dogs_vs_cats_2k_fullres"
     items = [(str(p.relative_to(root)), int(p.parent.name == "dogs"))
@@ -45,7 +46,7 @@ def main() -> None:
         thumbs = {}
         for k in pick:
             t = thumbnail(root / items[kept[k]][0], size=MAP_THUMB)
-            thumbs[items[kept[k]][0]] = _b64(t, "image/jpeg") if t else None
+            thumbs[items[kept[k]][0]] = data_uri(t, "image/jpeg") if t else None
         t_th = time.perf_counter() - t0
         pts = [{"path": items[kept[k]][0], "true": items[kept[k]][1], "pred": items[kept[k]][1], "split": "eval",
                 "wrong": False, "suspect": False} for k in pick]
