@@ -86,6 +86,20 @@ def test_multilabel_report_and_predictions_csv(ml_run):
         assert needle in html, needle
 
 
+def test_evaluate_calibrate_refits_multilabel_thresholds(ml_run):
+    """--calibrate on a multi-label run refits its calibration, the per-label
+    thresholds, on val with training's own function (so the same ones come
+    back) and stores them; it used to stop with an IndexError (a temperature
+    fit on multi-hot labels)."""
+    _, out = ml_run
+    before = torch.load(out / "model.pt", weights_only=True)
+    p = run_cli("evaluate", out, "--calibrate", "--no-report")
+    assert "thresholds (tuned on val" in p.stdout and "calibration stored in" in p.stdout
+    after = torch.load(out / "model.pt", weights_only=True)
+    assert after["thresholds"] == pytest.approx(before["thresholds"]) and after["temperature"] == 1.0
+    assert json.loads((out / "eval_test.json").read_text())["map"] >= 0.80
+
+
 def test_bad_multilabel_rows_are_named_and_skipped(tmp_path):
     src = sorted((DATASETS / "cats_dogs_tiny" / "train" / "cats").iterdir())[:12]
     rows = ["path,labels"]
