@@ -52,6 +52,7 @@ def test_multilabel_trains_and_every_path_answers_the_same_sets(ml_run, tmp_path
     record = torch.load(out / "model.pt", weights_only=True)
     thresholds = np.array(record["thresholds"])
     assert record["multi_label"] and thresholds.shape == (4,) and ((thresholds > 0) & (thresholds < 1)).all()
+    assert "map" in record["best"] and "balanced_acc" not in record["best"]  # mAP is stored under its own name
 
     files, _ = _test_images(data, out)
     clf = imgclf.load(out)
@@ -127,5 +128,5 @@ def test_multilabel_on_images_whole_network(tmp_path):
                 "--resize", "squash", "--class-weights", "auto", "--no-evaluate")
     assert "mAP" in p.stdout
     hist = list(csv.DictReader(open(out / "history.csv")))
-    assert len(hist) == 2 and all(0 <= float(r["val_map"]) <= 1 for r in hist)
+    assert len(hist) == 2 and all(0 <= float(r["val_map"]) <= 1 for r in hist) and "val_balanced_acc" not in hist[0]
     assert [r["label"] for r in imgclf.load(out).predict([str(data.parent / "images/0000.jpg")])][0] is not None
