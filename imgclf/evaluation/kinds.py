@@ -101,7 +101,8 @@ def write_predictions(path: Path, sc: Scored, classes: list[str], kind: LabelKin
     u = sc.unknown if sc.unknown is not None else [None] * len(sc.paths)
     w.writerow(["path", kind.label_column, "predicted", *[f"p_{c}" for c in classes], "unknown"])
     for rel, t, p, probs, s in zip(sc.paths, d.true, d.predicted, sc.probs, u):
-        w.writerow([rel, ";".join(t), ";".join(p), *[repr(float(v)) for v in probs], "" if s is None else repr(float(s))])
+        w.writerow([rel, ";".join(t), ";".join(p), *[repr(float(v)) for v in probs],
+                    "" if s is None else repr(float(s))])
     atomic_write_text(path, buf.getvalue())
 
 

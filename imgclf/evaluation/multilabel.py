@@ -46,13 +46,13 @@ class MultiLabel(LabelKind):
     def report(self, run, clf, sc: Scored, m: dict, cfg, workers: int, bad) -> Path:
         """RUN/report/index.html for a multi-label split, self-contained like the single-label page."""
         errors = error_cases(self, clf, sc)["mistakes"]
-        thumbs = {d["path"]: thumbnail(Path(d["path"])) for d in (m.get("unknown") or {}).get("most_familiar_unknowns", [])}
+        unknowns = (m.get("unknown") or {}).get("most_familiar_unknowns", [])
+        thumbs = {d["path"]: thumbnail(Path(d["path"])) for d in unknowns}
         y = multi_hot(sc.labels, len(clf.classes))
-        title = f"imgclf report: {run.path.name} (multi-label)"
-        html = render_page(title, [esc(clf.arch), f'{esc(m["split"])} split of {esc(m["data"])}',
-                                   time.strftime("%Y-%m-%d %H:%M")],
-                           sections(m, errors, Path(sc.splits.root), pr_curves_png(y, sc.probs, clf.thresholds, clf.classes),
-                                    thumbs))
+        pr = pr_curves_png(y, sc.probs, clf.thresholds, clf.classes)
+        subtitle = [esc(clf.arch), f'{esc(m["split"])} split of {esc(m["data"])}', time.strftime("%Y-%m-%d %H:%M")]
+        html = render_page(f"imgclf report: {run.path.name} (multi-label)", subtitle,
+                           sections(m, errors, Path(sc.splits.root), pr, thumbs))
         return write_report(run, html, {"metrics": m, "errors": errors})
 
 

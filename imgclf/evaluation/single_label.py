@@ -78,8 +78,8 @@ def tta_comparison(sc: Scored, classes: list[str]) -> dict:
         p = probs_from_logits(lg, sc.temperature)
         mm = classification_metrics(sc.labels, p, classes)
         preds[k] = p.argmax(1)
-        out[k] = {"accuracy": mm["accuracy"], "balanced_accuracy": mm["balanced_accuracy"], "macro_f1": mm["macro"]["f1"],
-                  "log_loss": mm["log_loss"], "ece": ece(p, sc.labels)}
+        out[k] = {"accuracy": mm["accuracy"], "balanced_accuracy": mm["balanced_accuracy"],
+                  "macro_f1": mm["macro"]["f1"], "log_loss": mm["log_loss"], "ece": ece(p, sc.labels)}
     a, b = preds["plain"] == sc.labels, preds["flip"] == sc.labels
     out.update({"changed": int((preds["plain"] != preds["flip"]).sum()), "fixed": int((~a & b).sum()),
                 "broken": int((a & ~b).sum())})
