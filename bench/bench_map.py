@@ -1,5 +1,5 @@
 """The report's data map: seconds for the 2-D projection (t-SNE after PCA to
-50 dimensions, data_engine/data_map.py: project) on one thread as the report
+50 dimensions, evaluation/data_map.py: project) on one thread as the report
 runs it and on both cores, for the thumbnails, and
 the HTML's size, at report sizes, on real EfficientNet-Lite0 embeddings of
 dogs_vs_cats_2k_fullres.
@@ -20,10 +20,10 @@ from bench.common import DATASETS, machine, table  # noqa: E402
 
 
 def main() -> None:
-    from imgclf.data.images import thumbnail
-    from imgclf.data_engine.data_map import MAP_THUMB, project, render_map
-    from imgclf.data_engine.near_dup import embeddings
-    from imgclf.evaluation.report import _b64
+    from imgclf.data.near_dup import embeddings
+    from imgclf.evaluation.data_map import MAP_THUMB, project, render_map
+    from imgclf.evaluation.page import data_uri
+    from imgclf.evaluation.report import thumbnail
 
     root = DATASETS / "dogs_vs_cats_2k_fullres"
     items = [(str(p.relative_to(root)), int(p.parent.name == "dogs"))
@@ -45,8 +45,8 @@ def main() -> None:
         t0 = time.perf_counter()
         thumbs = {}
         for k in pick:
-            t = thumbnail(root / items[kept[k]][0], MAP_THUMB)
-            thumbs[items[kept[k]][0]] = _b64(t, "image/jpeg") if t else None
+            t = thumbnail(root / items[kept[k]][0], size=MAP_THUMB)
+            thumbs[items[kept[k]][0]] = data_uri(t, "image/jpeg") if t else None
         t_th = time.perf_counter() - t0
         pts = [{"path": items[kept[k]][0], "true": items[kept[k]][1], "pred": items[kept[k]][1], "split": "eval",
                 "wrong": False, "suspect": False} for k in pick]

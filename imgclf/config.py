@@ -68,7 +68,8 @@ class TrainConfig:
     test_fraction: float = _f(0.1, "share of each class held out for testing when the data has no split")
     seed: int = _f(0, "seed for the split, initialisation and shuffling")
     patience: int | None = _f(None, "early stopping: epochs without improvement (default: 15 on features, 3 on images)")
-    monitor: str = _f("acc", "validation metric for early stopping and the best model: acc | balanced_acc | loss")
+    monitor: str = _f("acc", "validation metric for early stopping and the best model: acc | balanced_acc | loss "
+                                "(multi-label: mAP unless loss)")
     workers: int | None = _f(None, "data-loading processes (default: half the cores)")
     device: str = _f("auto", "auto | cpu | cuda")
     nproc_per_node: int = _f(1, "processes on this machine (one per GPU): hands the command to torchrun "
@@ -163,8 +164,8 @@ class EvaluateConfig(RuntimeConfig):
     split: str | None = _f(None, "split to evaluate (default: test, else val)", choices=("test", "val", "train"))
     tta: str = _f("none", "test-time augmentation: flip averages with the mirrored image (the report shows both)",
                   choices=("none", "flip"))
-    calibrate: bool = _f(False, "refit the temperature on val and store it in model.pt (training already does; "
-                                "for runs made before it did)")
+    calibrate: bool = _f(False, "refit the temperature (multi-label: the per-label thresholds) on val and store it "
+                                "in model.pt (training already does; for runs made before it did)")
     report: bool = _f(True, "write RUN/report/index.html and RUN/report/eval.json")
     suspects: bool = _f(True, "report training images whose label looks wrong (out-of-fold)")
     gradcam: bool = _f(True, "Grad-CAM heatmaps for a few predictions in the report")

@@ -53,6 +53,7 @@ def test_multilabel_trains_and_every_path_answers_the_same_sets(ml_run, tmp_path
     record = torch.load(out / "model.pt", weights_only=True)
     thresholds = np.array(record["thresholds"])
     assert record["multi_label"] and thresholds.shape == (4,) and ((thresholds > 0) & (thresholds < 1)).all()
+    assert "map" in record["best"] and "balanced_acc" not in record["best"]  # mAP is stored under its own name
 
     files, _ = _test_images(data, out)
     clf = imgclf.load(out)
@@ -87,6 +88,20 @@ def test_multilabel_report_and_predictions_csv(ml_run):
         assert needle in html, needle
 
 
+def test_evaluate_calibrate_refits_multilabel_thresholds(ml_run):
+    """--calibrate on a multi-label run refits its calibration, the per-label
+    thresholds, on val with training's own function (so the same ones come
+    back) and stores them; it used to stop with an IndexError (a temperature
+    fit on multi-hot labels)."""
+    _, out = ml_run
+    before = torch.load(out / "model.pt", weights_only=True)
+    p = run_cli("evaluate", out, "--calibrate", "--no-report")
+    assert "thresholds (tuned on val" in p.stdout and "calibration stored in" in p.stdout
+    after = torch.load(out / "model.pt", weights_only=True)
+    assert after["thresholds"] == pytest.approx(before["thresholds"]) and after["temperature"] == 1.0
+    assert json.loads((out / "eval_test.json").read_text())["map"] >= 0.80
+
+
 def test_bad_multilabel_rows_are_named_and_skipped(tmp_path):
     src = sorted((DATASETS / "cats_dogs_tiny" / "train" / "cats").iterdir())[:12]
     rows = ["path,labels"]
@@ -114,5 +129,5 @@ def test_multilabel_on_images_whole_network(tmp_path):
                 "--resize", "squash", "--class-weights", "auto", "--no-evaluate")
     assert "mAP" in p.stdout
     hist = list(csv.DictReader(open(out / "history.csv")))
-    assert len(hist) == 2 and all(0 <= float(r["val_map"]) <= 1 for r in hist)
+    assert len(hist) == 2 and all(0 <= float(r["val_map"]) <= 1 for r in hist) and "val_balanced_acc" not in hist[0]
     assert [r["label"] for r in imgclf.load(out).predict([str(data.parent / "images/0000.jpg")])][0] is not None

@@ -130,6 +130,15 @@ def test_bad_files_are_reported_and_skipped(tmp_path, tiny):
     used = {Path(x).name for part in ("train", "val", "test") for x, _ in splits[part]}
     assert {"cmyk.jpg", "gray16.png", "rgba.png", "pal.gif"} <= used
     assert (out / "model.pt").exists() and (out / "eval_test.json").exists()
+    # Training evaluated with its in-memory predictor (post-training fits
+    # applied, model.pt not read back): `evaluate` from the saved file agrees.
+    at_train = json.loads((out / "eval_test.json").read_text())
+    csv_at_train = (out / "predictions_test.csv").read_text()
+    run_cli("evaluate", out, "--no-report")
+    again = json.loads((out / "eval_test.json").read_text())
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in at_train.items() if k != "seconds"}
+    assert (out / "predictions_test.csv").read_text() == csv_at_train
+    assert csv_at_train.splitlines()[1].rsplit(",", 1)[1]  # the unknown score: the scorer was applied in memory
 
 
 def test_interrupted_run_resumes(tmp_path, tiny):

@@ -20,7 +20,7 @@ INFO = [("model", "model"), ("strategy", "strategy"), ("split", "split"), ("n", 
         ("tta", "TTA"), ("train_seconds", "train seconds")]
 
 
-def compare_runs(cfg: CompareConfig, printer=None) -> list[dict]:
+def compare_runs(cfg: CompareConfig) -> list[dict]:
     """One row per run: its metrics on cfg.split (default: each run's held-out
     split) plus model, strategy and training time from summary.json."""
     rows = []
@@ -30,8 +30,7 @@ def compare_runs(cfg: CompareConfig, printer=None) -> list[dict]:
         name = cfg.split or run.held_out_split()
         if not run.eval_file(name).exists():
             evaluate_run(EvaluateConfig(run=str(run), split=name, device=cfg.device, engine=cfg.engine,
-                                        cache_dir=cfg.cache_dir, report=False),
-                         printer=printer or (lambda *a, **k: None))
+                                        cache_dir=cfg.cache_dir, report=False), quiet=True)
         m, summary = run.metrics(name), run.summary()
         rows.append({"run": str(run), "model": m.get("model"), "strategy": summary.get("strategy"), "split": name,
                      "data": m.get("data"), "n": m.get("n"), "accuracy": m.get("accuracy"),

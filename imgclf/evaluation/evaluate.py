@@ -1,16 +1,20 @@
 """`imgclf evaluate RUN [DATA]`: metrics on the split the model never saw.
 
-Logits come from the run's `TorchPredictor` through the feature cache (the
-entries training wrote), probabilities from the one `probs_from_logits`, so
-the figures here are the probabilities `predict` and `serve` return.
+One pipeline for every kind of label (kinds.py): score the split, then the
+run's kind (single_label.py, multilabel.py) gives the metrics, the per-image
+decisions behind the one predictions file, the terminal summary and the
+report's sections. Logits come from the run's `TorchPredictor` through the
+feature cache (the entries training wrote), probabilities from the one
+`probs_from_logits`, so the figures here are the probabilities `predict` and
+`serve` return.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import functools
+import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,81 +22,72 @@ import numpy as np
 from imgclf.config import EvaluateConfig
 from imgclf.data.datasets import BadFileLog, Splits, default_workers, discover, scan
 from imgclf.errors import DataError, RunError
-from imgclf.evaluation.calibration import cross_fit_temperatures, ece, fit_calibration, reliability
-from imgclf.evaluation.metrics import classification_metrics, format_metrics
-from imgclf.evaluation.multilabel import evaluate_multilabel
+from imgclf.evaluation.calibration import cross_fit_temperatures
+from imgclf.evaluation.fits import refit_calibration
+from imgclf.evaluation.kinds import LabelKind, Scored, write_predictions
+from imgclf.evaluation.multilabel import MultiLabel
 from imgclf.evaluation.open_set import format_unknown, unknown_section
-from imgclf.evaluation.report import build_report
+from imgclf.evaluation.single_label import SingleLabel
 from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
-from imgclf.io import atomic_write_text, write_json
+from imgclf.io import write_json
+from imgclf.log import get_logger
 from imgclf.runs import RunDir
-from imgclf.training.checkpoint import save_record
+
+log = get_logger(__name__)
+KINDS: dict[str, LabelKind] = {k.name: k for k in (SingleLabel(), MultiLabel())}
 
 
-@dataclass
-class Scored:
-    """One evaluated split: what every section of the evaluation reads."""
-
-    name: str  # "test" | "val" | "train"
-    splits: Splits
-    paths: list[str]  # relative paths of the readable images, in order
-    labels: np.ndarray
-    logits: dict[str, np.ndarray]  # per variant ("plain", "flip")
-    temperature: np.ndarray | float  # what metrics are scored with (per row when cross-fitted)
-    scored: np.ndarray  # probabilities at `temperature`: what the metrics use
-    probs: np.ndarray  # plain images at the stored temperature: what predict and serve return
-    unknown: np.ndarray | None = None  # unknown-input scores (None: the model has no scorer)
+def label_kind(clf) -> LabelKind:
+    """The run's kind of label (the model record says)."""
+    return KINDS["multi-label" if clf.multi_label else "single-label"]
 
 
 def evaluate_run(cfg: EvaluateConfig, predictor: TorchPredictor | None = None, workers: int | None = None,
-                 printer=print, sections: dict | None = None) -> dict:
+                 sections: dict | None = None, quiet: bool = False) -> dict:
     """Evaluate a run on its held-out split (test, else val) as recorded in
     RUN/splits.json; with DATA, the same relative files under another root.
     Writes RUN/eval_<split>.json and RUN/predictions_<split>.csv (and the HTML
-    report unless cfg.report is off); returns the metrics. sections: the
-    report's data-engine sections (data_engine.REPORT_SECTIONS; the CLI
-    passes them), by name "suspects" and "data_map"."""
+    report unless cfg.report is off); returns the metrics. `predictor`: the
+    run's model already in memory (train passes the one it fitted).
+    `sections`: the report's data-engine sections by name, "suspects" and
+    "data_map" (data_engine.REPORT_SECTIONS: they live above this layer; the
+    CLI passes them). `quiet`: the summary lines at DEBUG instead of INFO."""
+    say = functools.partial(log.log, logging.DEBUG if quiet else logging.INFO)
     run = RunDir(cfg.run)
     clf = predictor or TorchPredictor.from_run(run.path, device=cfg.device, engine=cfg.engine, cache_dir=cfg.cache_dir)
     w = default_workers() if workers is None else workers
     bad = BadFileLog()
     if cfg.calibrate:
-        recalibrate(run, clf, w, bad, printer)
+        refit_calibration(run, clf, w, bad, cfg.cache)
     t0 = time.time()
-    sc = score_split(run, clf, cfg, w, bad, printer)
-    if clf.multi_label:
-        return evaluate_multilabel(run, clf, sc, cfg, bad, t0, printer)
-    m = classification_metrics(sc.labels, sc.scored, clf.classes)
-    m.update({"split": sc.name, "run": str(run), "data": sc.splits.root, "model": clf.arch, "tta": cfg.tta,
-              "skipped": len(bad.seen), "skipped_files": [{"path": p, "reason": r} for p, r in bad.seen.items()],
-              "seconds": round(time.time() - t0, 2), "temperature": clf.temperature, "ece": ece(sc.scored, sc.labels)})
-    m["calibration"] = calibration_section(sc, clf)
-    if cfg.tta == "flip":
-        m["tta_comparison"] = tta_comparison(sc, clf.classes)
+    sc = score_split(run, clf, cfg, w, bad, say)
+    kind = label_kind(clf)
+    m = kind.metrics(clf, sc, cfg)
+    m.update({"split": sc.name, "run": str(run), "data": sc.splits.root, "model": clf.arch, "skipped": len(bad.seen),
+              "skipped_files": [{"path": p, "reason": r} for p, r in bad.seen.items()],
+              "seconds": round(time.time() - t0, 2)})
     if cfg.unknown:
         m["unknown"] = unknown_section(clf, sc, cfg.unknown, w, bad, cfg.cache)
     write_json(run.eval_file(sc.name), m)
-    write_predictions(run.predictions_file(sc.name), sc, clf.classes)
-    print_summary(m, sc, run, printer)
+    write_predictions(run.predictions_file(sc.name), sc, clf.classes, kind, kind.decisions(clf, sc))
+    print_summary(kind, m, sc, run, say)
     if cfg.report:
-        sections = sections or {}
-        page = build_report(run, clf, sc, m, workers=w, bad=bad, suspects=cfg.suspects and sections.get("suspects"),
-                            gradcam=cfg.gradcam, data_map=cfg.map and sections.get("data_map"), printer=printer)
-        printer(f"report: {page} (open it in a browser)")
+        page = kind.report(run, clf, sc, m, cfg, w, bad, sections or {})
+        say(f"report: {page} (open it in a browser)")
     return m
 
 
 def score_split(run: RunDir, clf: TorchPredictor, cfg: EvaluateConfig, workers: int, bad: BadFileLog,
-                printer) -> Scored:
+                say: Callable[[str], None]) -> Scored:
     """Logits and probabilities of the evaluated split's readable images."""
     splits = run_splits(run, cfg.data, clf.classes)
     name, items = splits.eval_split(cfg.split)
     if cfg.split is None and name == "val":
         if clf.record.get("best", {}).get("chosen_by") == "cv":
-            printer("note: this data has no test split; evaluating on val, which chose nothing (the head's "
+            say("note: this data has no test split; evaluating on val, which chose nothing (the head's "
                     "settings came from cross-validation on train), so this figure is a held-out estimate")
         else:
-            printer("note: this data has no test split; evaluating on val (which also chose the best epoch, "
+            say("note: this data has no test split; evaluating on val (which also chose the best epoch, "
                     "so this figure is slightly optimistic)")
     holder = Splits(splits.root, splits.classes, [], [], [], splits.layout)
     setattr(holder, name, list(items))
@@ -114,82 +109,13 @@ def score_split(run: RunDir, clf: TorchPredictor, cfg: EvaluateConfig, workers: 
                   clf.unknown_from_features(feats["plain"]) if len(kept) else None)
 
 
-def calibration_section(sc: Scored, clf: TorchPredictor) -> dict:
-    """ECE and log loss at T = 1 and at the run's temperature, on this split."""
-    before = probs_from_logits(sc.logits, 1.0)
-    rb, ra = reliability(before, sc.labels), reliability(sc.scored, sc.labels)
-    idx = np.arange(len(sc.labels))
-
-    def nll(p):
-        return float(-np.log(np.clip(p[idx, sc.labels], 1e-12, 1)).mean()) if len(idx) else 0.0
-
-    return {"temperature": clf.temperature, "fitted_on": "val", "cross_fitted": not np.isscalar(sc.temperature),
-            "ece_before": rb["ece"], "ece_after": ra["ece"], "nll_before": nll(before), "nll_after": nll(sc.scored),
-            "reliability_before": rb, "reliability_after": ra}
-
-
-def recalibrate(run: RunDir, clf: TorchPredictor, workers: int, bad: BadFileLog, printer) -> None:
-    """--calibrate: refit T on val and store it in model.pt (for runs trained
-    before training fitted it). Exports made earlier then warn that they are stale."""
-    splits = run.splits()
-    if not splits.val:
-        printer("note: no validation split to fit a temperature on; keeping the stored one")
-        return
-    logits, labels, _ = clf.logits_items(splits.root, splits.val, workers=workers, bad=bad, progress=False)
-    cal = fit_calibration(logits["plain"], labels)
-    if "skipped" in cal:
-        printer(f"note: {cal['skipped']}; keeping the stored temperature")
-        return
-    clf.record["temperature"], clf.record["calibration"] = cal["temperature"], cal
-    clf.temperature = cal["temperature"]
-    save_record(clf.record, run)
-    printer(f"calibration: T = {cal['temperature']:.3f} fitted on val, stored in {run.model_file}"
-            + (f" (T = {cal['declined_temperature']:.3f} raised the cross-fitted log loss: kept 1)"
-               if "declined_temperature" in cal else ""))
-
-
-def tta_comparison(sc: Scored, classes: list[str]) -> dict:
-    """Metrics without and with flip TTA, and how many predictions it changed."""
-    out, preds = {}, {}
-    for k, lg in (("plain", {"plain": sc.logits["plain"]}), ("flip", sc.logits)):
-        p = probs_from_logits(lg, sc.temperature)
-        mm = classification_metrics(sc.labels, p, classes)
-        preds[k] = p.argmax(1)
-        out[k] = {"accuracy": mm["accuracy"], "balanced_accuracy": mm["balanced_accuracy"], "macro_f1": mm["macro"]["f1"],
-                  "log_loss": mm["log_loss"], "ece": ece(p, sc.labels)}
-    a, b = preds["plain"] == sc.labels, preds["flip"] == sc.labels
-    out.update({"changed": int((preds["plain"] != preds["flip"]).sum()), "fixed": int((~a & b).sum()),
-                "broken": int((a & ~b).sum())})
-    return out
-
-
-def write_predictions(path: Path, sc: Scored, classes: list[str]) -> None:
-    """One row per image: path, true label, predicted label, every probability
-    (repr precision: the file reproduces the numbers exactly)."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    u = sc.unknown if sc.unknown is not None else [None] * len(sc.paths)
-    w.writerow(["path", "label", "predicted", *[f"p_{c}" for c in classes], "unknown"])
-    for rel, y, p, s in zip(sc.paths, sc.labels, sc.probs, u):
-        w.writerow([rel, classes[int(y)], classes[int(p.argmax())], *[repr(float(v)) for v in p],
-                    "" if s is None else repr(float(s))])
-    atomic_write_text(path, buf.getvalue())
-
-
-def print_summary(m: dict, sc: Scored, run: RunDir, printer) -> None:
-    printer(f"\n{sc.name} split ({len(sc.labels)} images, {sc.splits.root}):")
-    printer(format_metrics(m))
-    cal = m["calibration"]
-    printer(f"\ncalibration: T = {cal['temperature']:.3f} (fitted on val when training); ECE on {sc.name} "
-            f"{100 * cal['ece_before']:.2f}% at T = 1 -> {100 * cal['ece_after']:.2f}%"
-            + (" (cross-fitted)" if cal["cross_fitted"] else ""))
-    if m.get("tta_comparison"):
-        t = m["tta_comparison"]
-        printer(f"flip TTA: accuracy {t['plain']['accuracy']:.4f} -> {t['flip']['accuracy']:.4f} "
-                f"({t['fixed']} fixed, {t['broken']} broken)")
+def print_summary(kind: LabelKind, m: dict, sc: Scored, run: RunDir, say: Callable[[str], None]) -> None:
+    say(f"\n{sc.name} split ({len(sc.labels)} images, {sc.splits.root}){kind.header_note}:")
+    for line in kind.summary(m, sc):
+        say(line)
     if m.get("unknown"):
-        printer(format_unknown(m["unknown"]))
-    printer(f"\nwritten {run.eval_file(sc.name)}, {run.predictions_file(sc.name)}")
+        say(format_unknown(m["unknown"]))
+    say(f"\nwritten {run.eval_file(sc.name)}, {run.predictions_file(sc.name)}")
 
 
 def run_splits(run: RunDir, data, classes: list[str]) -> Splits:

@@ -190,3 +190,26 @@ def reliability_png(before: dict, after: dict | None, t: float | None) -> bytes:
         hx.set_ylabel("images")
     fig.tight_layout()
     return _png(fig)
+
+
+def pr_curves_png(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray, classes: list[str]) -> bytes | None:
+    """Multi-label: per-label precision-recall curves, each with its operating
+    point (the stored threshold); None when no label is both present and absent."""
+    from sklearn.metrics import precision_recall_curve
+
+    present = [j for j in range(len(classes)) if 0 < y[:, j].sum() < len(y)]
+    if not present:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for j in present[:20]:
+        prec, rec, _ = precision_recall_curve(y[:, j], p[:, j])
+        line, = ax.plot(rec, prec, lw=1.5, label=_short(classes[j]))
+        on = p[:, j] >= thresholds[j]
+        tp = (on & (y[:, j] > 0.5)).sum()
+        ax.plot(tp / max(1, (y[:, j] > 0.5).sum()), tp / max(1, on.sum()), "o", color=line.get_color())
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
+           title="Precision-recall per label (dot: stored threshold)")
+    if len(present) <= 12:
+        ax.legend(fontsize=8, loc="lower left")
+    return _png(fig)

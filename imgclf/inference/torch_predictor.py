@@ -47,20 +47,27 @@ class TorchPredictor(Predictor):
         self.record, self.source = record, source
         self.classes: list[str] = list(record["classes"])
         self.preprocess = Preprocess.from_dict(record["preprocess"])
-        self.temperature = float(record.get("temperature", 1.0))
         self.model = model_from_record(record)
-        self.scorer = None
-        if record.get("unknown"):
-            self.scorer = UnknownScorer.from_record(record["unknown"]).eval()
-        self.has_unknown, self.reject = self.scorer is not None, record.get("reject")
         self.multi_label = bool(record.get("multi_label"))
-        self.thresholds = np.asarray(record["thresholds"], np.float32) if record.get("thresholds") else None
+        self.use_fits()
         self.device = resolve_device(device)
         self.engine, self.cache_dir = engine, cache_dir
         self.metadata = metadata or {}
         self.embedder = BackboneEmbedder(self.arch, self.model.backbone, self.preprocess, self.device, engine,
                                          cache_dir, source)
         self.model.head.to(self.device)
+
+    def use_fits(self, fields: dict | None = None) -> None:
+        """The post-training fits (temperature, thresholds, unknown scorer, reject)
+        from the record, after putting `fields` into it (evaluation/fits.py)."""
+        rec = self.record
+        rec.update(fields or {})
+        self.temperature = float(rec.get("temperature", 1.0))
+        self.scorer = None
+        if rec.get("unknown"):
+            self.scorer = UnknownScorer.from_record(rec["unknown"]).eval()
+        self.has_unknown, self.reject = self.scorer is not None, rec.get("reject")
+        self.thresholds = np.asarray(rec["thresholds"], np.float32) if rec.get("thresholds") else None
 
     @classmethod
     def from_run(cls, path: str | Path, **kw) -> TorchPredictor:

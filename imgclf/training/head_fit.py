@@ -85,7 +85,7 @@ def held_out(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> tuple[
 
 
 def cross_validate(Z: torch.Tensor, Y: torch.Tensor, folds: np.ndarray, variants: int, grid=L2_GRID,
-                   multi_label: bool = False, weights: torch.Tensor | None = None, log=None) -> dict:
+                   multi_label: bool = False, weights: torch.Tensor | None = None) -> dict:
     """Held-out loss and accuracy of each strength in `grid`. Z holds `variants`
     stacked copies of the n images (plain, mirrored); a fold holds out all
     copies of its images and is scored on the plain ones."""

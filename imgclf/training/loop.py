@@ -1,5 +1,6 @@
 """The training loop's named parts, as torchvision's references have them:
-`train_one_epoch`, `evaluate`, a warm-up + cosine schedule and early stopping.
+`train_one_epoch`, `validate` (torchvision's `evaluate`; `imgclf evaluate` is
+evaluation/evaluate.py), a warm-up + cosine schedule and early stopping.
 
 The loops take any iterable of (x, y) batches, so the same code trains a head
 on cached features and a whole network on images. Nothing here knows about
@@ -93,18 +94,18 @@ def hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return logits.argmax(1) == y
 
 
-def evaluate(model: nn.Module, batches, loss_fn, device=torch.device("cpu"), amp: bool = False, prepare=None,
+def validate(model: nn.Module, batches, loss_fn, device=torch.device("cpu"), amp: bool = False, prepare=None,
              gather=None) -> dict:
-    """Validation loss, accuracy and balanced accuracy of `model` on `batches`;
-    multi-label: loss, subset accuracy and mAP (what early stopping watches).
+    """One epoch's validation: loss, accuracy ("acc") and balanced accuracy
+    ("balanced_acc") of `model` on `batches`; multi-label: loss, subset
+    accuracy ("acc") and mAP ("map", what early stopping watches).
     gather(logits, y) -> (logits, y) joins the shares of several processes."""
     logits, y = predict_logits(model, batches, device, amp, prepare)
     if gather is not None:
         logits, y = gather(logits, y)
     if y.dim() == 2:
         m = mean_average_precision(y.numpy(), torch.sigmoid(logits).numpy())
-        return {"loss": loss_fn(logits, y).item(), "acc": hits(logits, y).float().mean().item(),
-                "balanced_acc": m, "map": m, "n": len(y)}
+        return {"loss": loss_fn(logits, y).item(), "acc": hits(logits, y).float().mean().item(), "map": m, "n": len(y)}
     pred = logits.argmax(1)
     per_class = [(pred[y == c] == c).float().mean().item() for c in y.unique()]
     return {"loss": loss_fn(logits, y).item(), "acc": (pred == y).float().mean().item(),
@@ -120,7 +121,7 @@ class EarlyStopping:
     model that is as accurate but more confident still counts as better."""
 
     patience: int
-    monitor: str = "acc"  # acc | balanced_acc | loss
+    monitor: str = "acc"  # acc | balanced_acc | loss; multi-label: map | loss
     best: tuple | None = None
     best_epoch: int = -1
     bad_epochs: int = 0

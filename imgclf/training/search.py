@@ -82,7 +82,7 @@ def fit_params(Z: torch.Tensor, Y: torch.Tensor, p: dict, k: int, seed: int, bat
 
 def run_search(X: torch.Tensor, Y: torch.Tensor, variants: int, trials: int, folds_k: int, seed: int,
                batch: int, multi_label: bool = False, weights: torch.Tensor | None = None,
-               timeout: float | None = None, log=print) -> tuple[dict, list[dict]]:
+               timeout: float | None = None) -> tuple[dict, list[dict]]:
     """N trials; returns (best settings, one row per trial for search.csv)."""
     import optuna
 

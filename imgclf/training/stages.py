@@ -38,9 +38,9 @@ from imgclf.training.head_fit import cv_summary, fit_head_cv
 from imgclf.training.loop import (
     EarlyStopping,
     balanced_class_weights,
-    evaluate,
     make_loss,
     train_one_epoch,
+    validate,
     warmup_cosine,
 )
 from imgclf.training.search import fit_best, run_search, search_csv
@@ -126,15 +126,24 @@ class Context:
     def multi_label(self) -> bool:
         return self.splits.multi_label
 
+    @property
+    def monitor(self) -> str:
+        """What early stopping and the best model watch: --monitor; multi-label
+        runs watch mAP (threshold-free) unless it is loss."""
+        return "map" if self.multi_label and self.cfg.monitor != "loss" else self.cfg.monitor
+
     def targets(self, labels) -> np.ndarray:
         """Labels as the loss wants them: class indices, or 0/1 rows for multi-label."""
         return multi_hot(labels, len(self.splits.classes)) if self.multi_label else np.asarray(labels)
 
-    def save_best(self, temperature: float = 1.0, extra: dict | None = None) -> dict:
+    def best_record(self) -> dict:
+        """The model record of the best weights so far (before the post-training fits)."""
+        extra = {"multi_label": True} if self.multi_label else None
+        return best_record(self.model, self.state, self.cfg.model, self.splits.classes, self.pp, 1.0, extra)
+
+    def save_best(self) -> dict:
         """Write model.pt from the best weights so far; returns the record (rank 0 only)."""
-        if self.multi_label:
-            extra = {"multi_label": True, **(extra or {})}
-        rec = best_record(self.model, self.state, self.cfg.model, self.splits.classes, self.pp, temperature, extra)
+        rec = self.best_record()
         save_record(rec, self.state.run)
         return rec
 
@@ -295,7 +304,7 @@ def search_head_stage(ctx: Context, stage: Stage, X, Y: torch.Tensor, Xv: torch.
     timeout = max(1.0, ctx.deadline - time.time()) if ctx.deadline is not None else None
     with _one_thread(ctx.device):
         best, rows = run_search(X, Yf, variants, cfg.search, cfg.cv_folds, cfg.seed, cfg.feature_batch_size,
-                                ctx.multi_label, weights, timeout, log)
+                                ctx.multi_label, weights, timeout)
         atomic_write_text(ctx.state.run.search_file, search_csv(rows))
         head = fit_best(X, Yf, best, cfg.seed, cfg.feature_batch_size, ctx.multi_label, weights)
     if best["head"] == "mlp":  # the winner's shape becomes the run's (model.pt rebuilds the head from it)
@@ -330,13 +339,13 @@ def _record_head_fit(ctx: Context, stage: Stage, X, Y, Xv, Yv, secs: float, cv: 
     recorded as one 'epoch': history row, best state, checkpoint."""
     state, head = ctx.state, ctx.model.head.to(ctx.device)
     loss_fn = torch.nn.BCEWithLogitsLoss() if ctx.multi_label else torch.nn.CrossEntropyLoss()
-    tr = evaluate(head, _feature_batches(X, Y, 4096, False, None), loss_fn, ctx.device)
-    va = evaluate(head, _feature_batches(Xv, Yv, 4096, False, None), loss_fn, ctx.device)
+    tr = validate(head, _feature_batches(X, Y, 4096, False, None), loss_fn, ctx.device)
+    va = validate(head, _feature_batches(Xv, Yv, 4096, False, None), loss_fn, ctx.device)
     tr["seconds"] = secs
     state.epoch, state.elapsed = 1, state.elapsed + secs
     row = _history_row(stage, state, 0, tr, va, None, secs)
     row.update({k: round(v, 5) for k, v in cv.items()})
-    score = EarlyStopping(1, ctx.cfg.monitor).score(va)
+    score = EarlyStopping(1, ctx.monitor).score(va)
     state.consider(ctx.model, score, {**va, "stage": stage.name, "epoch": row["epoch"], "chosen_by": "cv", **cv},
                    "head")
     state.checkpoint(ctx.model, "head", None, None, None)
@@ -537,7 +546,7 @@ def _epoch_order(sampler, n: int, gen: torch.Generator) -> torch.Tensor:
 def train_epochs(ctx: Context, stage: Stage, module, scope: str, opt, sched, train_batches, val_batches,
                  prepare, images: int | None = None, eval_module=None, solo: bool = False,
                  frozen_bn: bool = False) -> None:
-    """train_one_epoch + evaluate per epoch; keep the best, checkpoint, stop early.
+    """train_one_epoch + validate per epoch; keep the best, checkpoint, stop early.
     Under torchrun: validation gathered from every rank, the stop decided on
     rank 0 and broadcast, only rank 0 keeps, reports and writes. solo: rank 0
     trains alone (the head on cached features), no collectives."""
@@ -548,7 +557,7 @@ def train_epochs(ctx: Context, stage: Stage, module, scope: str, opt, sched, tra
                         ctx.multi_label)
     # Unweighted: comparable across settings. Multi-label runs stop on mAP (threshold-free).
     val_loss_fn = torch.nn.BCEWithLogitsLoss() if ctx.multi_label else torch.nn.CrossEntropyLoss()
-    stopper = EarlyStopping(stage.patience, "map" if ctx.multi_label and cfg.monitor != "loss" else cfg.monitor)
+    stopper = EarlyStopping(stage.patience, ctx.monitor)
     if state.opt_state is not None:  # resuming inside this stage
         opt.load_state_dict(state.opt_state)
         sched.load_state_dict(state.sched_state)
@@ -564,7 +573,7 @@ def train_epochs(ctx: Context, stage: Stage, module, scope: str, opt, sched, tra
                                  progress=bar if images else None, prepare=prepare,
                                  deadline=None if d.enabled else ctx.deadline,  # ranks must not stop mid-epoch alone
                                  frozen_bn=frozen_bn)
-        va = evaluate(eval_module or module, val_batches(), val_loss_fn, dev, amp, prepare,
+        va = validate(eval_module or module, val_batches(), val_loss_fn, dev, amp, prepare,
                       gather=_gather_logits(d) if d.enabled else None)
         secs = time.time() - t0
         state.epoch, state.elapsed = epoch + 1, state.elapsed + secs
@@ -598,7 +607,7 @@ def _history_row(stage: Stage, state: RunState, epoch: int, tr: dict, va: dict, 
     row = {"stage": stage.name, "epoch": len(state.history) + 1, "stage_epoch": epoch + 1,
            "train_loss": round(tr["loss"], 5), "train_acc": round(tr["acc"], 5),
            "val_loss": round(va["loss"], 5), "val_acc": round(va["acc"], 5),
-           "val_balanced_acc": round(va["balanced_acc"], 5), **({"val_map": round(va["map"], 5)} if "map" in va else {}),
+           **{f"val_{k}": round(va[k], 5) for k in ("balanced_acc", "map") if k in va},
            "lr": opt.param_groups[0]["lr"] if opt else None, "seconds": round(secs, 3),
            # training throughput of all processes together (each trains its share in the same time)
            "train_images_per_s": round(tr["n"] * world / max(tr["seconds"], 1e-9), 1)}
@@ -608,8 +617,9 @@ def _history_row(stage: Stage, state: RunState, epoch: int, tr: dict, va: dict, 
 
 def _report_epoch(ctx: Context, stage: Stage, row: dict, improved: bool, verbose: bool) -> None:
     if ctx.tb is not None:
-        for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr"):
-            ctx.tb.add_scalar(k, row[k], row["epoch"])
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "val_map", "lr"):
+            if k in row:
+                ctx.tb.add_scalar(k, row[k], row["epoch"])
     if verbose:
         say(f"{stage.name} epoch {row['stage_epoch']:>3}/{stage.epochs}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "

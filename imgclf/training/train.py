@@ -41,16 +41,13 @@ from imgclf.data.datasets import (
 )
 from imgclf.data.preprocess import Preprocess, native_preprocess
 from imgclf.errors import ConfigError, DataError, MissingExtra, RunError
-from imgclf.evaluation.calibration import fit_calibration
 from imgclf.evaluation.evaluate import evaluate_run
-from imgclf.evaluation.metrics import tune_thresholds
-from imgclf.inference.predictor import reject_threshold
-from imgclf.inference.torch_predictor import TorchPredictor, probs_from_logits
-from imgclf.inference.unknown import bank_sample, fit_scorer
+from imgclf.evaluation.fits import FitData, fit_after_training
+from imgclf.inference.torch_predictor import TorchPredictor
 from imgclf.io import read_json, torch_load, write_history, write_json
 from imgclf.models.registry import SmallCNN, build_model, count_params, get_model_info
 from imgclf.runs import RunDir
-from imgclf.training.checkpoint import CKPT_KEYS, RunState
+from imgclf.training.checkpoint import CKPT_KEYS, RunState, save_record
 from imgclf.training.distributed import Dist, init_distributed
 from imgclf.training.loop import balanced_class_weights, positive_weights
 from imgclf.training.stages import Context, check_memory_budget, plan_stages, run_stages, say
@@ -114,15 +111,15 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
         ctx.tb.close()  # written out now: the CLI exits without interpreter teardown (cli.run)
     if not dist.main:  # rank 0 alone calibrates, evaluates and writes the run
         return TrainResult(run.path, strategy, {}, None, round(time.time() - t_start, 2))
-    clf = predictor(ctx, ctx.save_best())  # one predictor (and backbone session) for the three fits below
-    calibration = calibrate(ctx, clf)
-    decision = fit_thresholds(ctx, clf) if ctx.multi_label else {}
-    unknown = fit_unknown(ctx, clf)
-    ctx.save_best(calibration["temperature"] if calibration else 1.0,
-                  extra={**({"calibration": calibration} if calibration else {}), **decision, **unknown})
+    # One predictor of the best weights, in memory (one backbone session): the
+    # post-training fits go into it, it is saved, and it evaluates the held-out split.
+    clf = predictor(ctx, ctx.best_record())
+    data = FitData(ctx.splits.root, ctx.splits.train, ctx.splits.val, cfg.batch_size, ctx.workers, ctx.bad, cfg.cache)
+    calibration = fit_after_training(clf, data, cfg.threshold, cfg.reject, cfg.seed).get("calibration")
+    save_record(clf.record, run)
     write_history(run.history_file, state.history)
     summary = write_summary(ctx, strategy, why, calibration, t_start)
-    test = evaluate_held_out(ctx, summary) if cfg.evaluate else None
+    test = evaluate_held_out(ctx, summary, clf) if cfg.evaluate else None
     summary["total_seconds"] = round(time.time() - t_start, 2)
     write_json(run.summary_file, summary)
     say(f"done in {summary['total_seconds']:.1f}s. Run: {run}  (predict: imgclf predict {run} IMAGE...)")
@@ -293,64 +290,11 @@ def make_context(cfg: TrainConfig, splits: Splits, model, pp: Preprocess, device
                    tb=tb if dist.main else None, class_weights=weights, dist=dist, strategy=strategy)
 
 
-def predictor(ctx: Context, record: dict):
+def predictor(ctx: Context, record: dict) -> TorchPredictor:
     """The best weights as a TorchPredictor: what prediction will run, so
     calibration, thresholds and the unknown scorer are fitted on its outputs."""
-    return TorchPredictor(record, device=ctx.cfg.device, engine=ctx.cfg.engine, cache_dir=ctx.cfg.cache_dir)
-
-
-def calibrate(ctx: Context, clf) -> dict | None:
-    """Fit the temperature on the validation split (stored in model.pt, so a
-    freshly trained run predicts calibrated probabilities). The "after"
-    ECE is cross-fitted (each image scored with a T fit on the other folds):
-    the same images chose T, so a plain refit would flatter itself."""
-    if ctx.multi_label:
-        say("calibration: multi-label: per-label sigmoid scores with decision thresholds tuned on val instead")
-        return None
-    logits, labels, _ = clf.logits_items(ctx.splits.root, ctx.splits.val, ctx.cfg.batch_size, ctx.workers, ctx.bad,
-                                         progress=False, use_cache=ctx.cfg.cache)
-    cal = fit_calibration(logits["plain"], labels)
-    if "skipped" in cal:
-        say(f"calibration: {cal['skipped']}; T stays 1")
-        return None
-    if "declined_temperature" in cal:
-        say(f"calibration: T = 1 kept: the best fit on val, T = {cal['declined_temperature']:.3f}, raised the "
-            f"cross-fitted log loss ({cal['nll_before']:.4f} -> {cal['declined_nll']:.4f}); val ECE "
-            f"{100 * cal['ece_before']:.2f}%: already calibrated")
-        return cal
-    say(f"calibration: T = {cal['temperature']:.3f} fitted on val ({cal['n']} images); val ECE "
-        f"{100 * cal['ece_before']:.2f}% -> {100 * cal['ece_after']:.2f}% (cross-fitted)")
-    return cal
-
-
-def fit_thresholds(ctx: Context, clf) -> dict:
-    """Multi-label: per-label decision thresholds, each maximising F1 on val
-    (or --threshold for all). The held-out split then measures them."""
-    logits, labels, _ = clf.logits_items(ctx.splits.root, ctx.splits.val, ctx.cfg.batch_size, ctx.workers, ctx.bad,
-                                         progress=False, use_cache=ctx.cfg.cache)
-    p = probs_from_logits(logits, 1.0, multi_label=True)
-    thr = tune_thresholds(ctx.targets(labels), p, ctx.cfg.threshold)
-    how = f"--threshold {ctx.cfg.threshold:g}" if ctx.cfg.threshold else "tuned on val for the best F1 per label"
-    say(f"thresholds ({how}): " + ", ".join(f"{c} {t:.2f}" for c, t in zip(ctx.splits.classes[:10], thr))
-        + (" ..." if len(thr) > 10 else ""))
-    return {"thresholds": [float(t) for t in thr]}
-
-
-def fit_unknown(ctx: Context, clf) -> dict:
-    """The unknown-input scorer (inference/unknown.py): the training images'
-    features (cached: training just computed them) as the kNN bank, the
-    validation images' distances as its scale, and --reject's threshold."""
-    kw = dict(batch_size=ctx.cfg.batch_size, workers=ctx.workers, bad=ctx.bad, progress=False, use_cache=ctx.cfg.cache)
-    train = ctx.splits.train
-    groups = np.zeros(len(train), int) if ctx.multi_label else np.array([y for _, y in train])  # class-balanced bank
-    ftr, _, _ = clf.features_items(ctx.splits.root, [train[i] for i in bank_sample(groups, ctx.cfg.seed)], **kw)
-    fva, _, _ = clf.features_items(ctx.splits.root, ctx.splits.val, **kw)
-    scorer = fit_scorer(ftr["plain"], np.zeros(len(ftr["plain"]), int), fva["plain"])  # already sampled
-    reject = reject_threshold(ctx.cfg.reject, None)
-    say(f"unknown inputs: kNN scorer on {len(scorer.bank)} training images (k={scorer.k}); "
-        + (f"answers 'unknown' above {reject:g} (--reject {ctx.cfg.reject})" if reject is not None else
-           "the score is returned, rejection is off (--reject auto turns it on)"))
-    return {"unknown": scorer.to_record(), "reject": reject}
+    return TorchPredictor(record, device=ctx.cfg.device, engine=ctx.cfg.engine, cache_dir=ctx.cfg.cache_dir,
+                          source=str(ctx.state.run))
 
 
 def write_summary(ctx: Context, strategy: str, why: str, calibration: dict | None, t_start: float) -> dict:
@@ -371,13 +315,14 @@ def write_summary(ctx: Context, strategy: str, why: str, calibration: dict | Non
     return summary
 
 
-def evaluate_held_out(ctx: Context, summary: dict) -> dict:
-    """Metrics on the held-out split; files that only fail when decoded
-    (truncated data) may sit there, so they join the summary's list."""
+def evaluate_held_out(ctx: Context, summary: dict, clf: TorchPredictor) -> dict:
+    """Metrics on the held-out split, by the in-memory predictor just saved;
+    files that only fail when decoded (truncated data) may sit there, so they
+    join the summary's list."""
     cfg = ctx.cfg
     test = evaluate_run(EvaluateConfig(run=str(ctx.state.run), device=cfg.device, engine=cfg.engine,
                                        cache_dir=cfg.cache_dir, cache=cfg.cache, calibrate=False, report=False),
-                         workers=ctx.workers)
+                        predictor=clf, workers=ctx.workers)
     known = {d["path"] for d in summary["skipped_files"]}
     summary["skipped_files"] += [d for d in test.get("skipped_files", []) if d["path"] not in known]
     summary["skipped"] = len(summary["skipped_files"])
