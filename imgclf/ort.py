@@ -11,7 +11,7 @@ from pathlib import Path
 def ort_session(src: str | Path | bytes, threads: int | None = None, arena: bool = True):
     """An onnxruntime CPU session, quiet, telemetry off. The one place imgclf
     makes sessions: predicting, serving, the export checks and the backbone."""
-    import onnxruntime as ort  # deferred: ~0.3 s, and `imgclf --help` or a torch-only run never needs it
+    import onnxruntime as ort  # deferred: a slow import that `imgclf --help` and torch-only runs never need
 
     try:
         ort.disable_telemetry_events()  # a no-op on Linux builds; honours the user's privacy elsewhere

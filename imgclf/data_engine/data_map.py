@@ -5,9 +5,9 @@ over a point shows its thumbnail (a small inline SVG and script; no CDN).
 
 Points are capped at MAP_POINTS: every misclassified image and suspect, then
 a seeded random sample of the rest. t-SNE (scikit-learn, installed with the
-train extra; umap-learn would add numba) on 1,000 points of 1,280 features
-takes about 7 s on one core after a PCA to 50 dimensions, the thumbnails 2 s,
-and the map adds 2.3 MB to the page (bench/bench_map.py, docs/benchmarks.md).
+train extra; umap-learn would add numba) runs after a PCA to 50 dimensions;
+its time and the page weight it adds are in docs/benchmarks.md ("Report: the
+data map", bench/bench_map.py).
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def project(features: np.ndarray, seed: int = 0, threads: int = 1) -> np.ndarray
     n = len(x)
     if n < 3:
         return np.full((n, 2), 0.5)
-    # One thread: on a busy 2-core machine OpenMP's second thread mostly waits
-    # (1,000 points: 7.0 s on one thread, 33.1 s on two; bench/bench_map.py).
+    # One thread: on a busy 2-core machine OpenMP's second thread mostly waits,
+    # and the two together were several times slower than one (bench/bench_map.py).
     with threadpool_limits(threads):
         if x.shape[1] > 50 and n > 50:
             x = PCA(n_components=50, random_state=seed).fit_transform(x)

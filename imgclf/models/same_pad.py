@@ -5,14 +5,14 @@ does: one pixel more at the bottom and right than at the top and left, worked
 out from the input's size on every call (timm's Conv2dSame). Exported as is,
 each such convolution becomes a Shape/Ceil/... subgraph and a Pad node before
 the Conv. onnxruntime's CPU provider does not fuse that Pad, and each one
-breaks its blocked-layout (NCHWc) chain with two reorders: 29% of Lite1's
-time at batch 32 on this 2-core CPU.
+breaks its blocked-layout (NCHWc) chain with two reorders: a large share of
+the graph's time on CPU.
 
 An export has a fixed input size, so the pads are constants:
 `static_same_padding` fixes them in PyTorch (the same numbers), and
 `fold_pads_into_convs` moves each zero Pad into its Conv's own, asymmetric,
-`pads` attribute. Lite1 at 208 px, batch 32: 85-98 -> 117-122 images/s,
-outputs bit-identical (docs/benchmarks.md, issue 12 goal 4).
+`pads` attribute. Outputs stay bit-identical; the speed-up is in
+docs/benchmarks.md ("Goal 4, after folding the padding").
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ On cached features a linear head is a convex problem: full-batch L-BFGS
 solves it in well under a second, where AdamW needs dozens of epochs and an
 early stop chosen on val. Choosing the L2 strength by k-fold cross-validation
 on the training features leaves the validation split untouched by every
-choice, so its accuracy is an honest estimate (issue 12, goal 2; measured in
-docs/benchmarks.md: CV and val agree within one standard error, where
-early stopping on val overstates it).
+choice, so its accuracy is an honest estimate (docs/benchmarks.md,
+"generalisation, not validation luck": CV and val agree, where early
+stopping on val overstates it).
 
 The one cross-validated logistic regression of imgclf (label-noise suspects
 use it too), on torch rather than scikit-learn's LogisticRegression: the same
