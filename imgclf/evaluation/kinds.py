@@ -73,9 +73,9 @@ class LabelKind:
         """Lines for the terminal, after the header line."""
         raise NotImplementedError
 
-    def report(self, run, clf, sc: Scored, m: dict, cfg, workers: int, bad, sections: dict) -> Path:
+    def report(self, run, clf, sc: Scored, m: dict, cfg, workers: int, bad, engine_sections: dict) -> Path:
         """Write RUN/report/ (page.render_page + page.write_report); returns the page's path.
-        `sections`: the data engine's report sections by name (evaluate_run)."""
+        `engine_sections`: the data engine's report sections by name (evaluate_run)."""
         raise NotImplementedError
 
 

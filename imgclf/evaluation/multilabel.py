@@ -43,7 +43,7 @@ class MultiLabel(LabelKind):
                 "most missed: " + ", ".join(f"{d['label']} ({d['count']})" for d in m["most_missed"] if d["count"])
                 + "; most added: " + ", ".join(f"{d['label']} ({d['count']})" for d in m["most_added"] if d["count"])]
 
-    def report(self, run, clf, sc: Scored, m: dict, cfg, workers: int, bad, sections: dict) -> Path:
+    def report(self, run, clf, sc: Scored, m: dict, cfg, workers: int, bad, engine_sections: dict) -> Path:
         """RUN/report/index.html for a multi-label split, self-contained like the single-label page."""
         errors = error_cases(self, clf, sc)["mistakes"]
         unknowns = (m.get("unknown") or {}).get("most_familiar_unknowns", [])

@@ -52,10 +52,10 @@ class SingleLabel(LabelKind):
                          f"({t['fixed']} fixed, {t['broken']} broken)")
         return lines
 
-    def report(self, run, clf, sc: Scored, m: dict, cfg, workers: int, bad, sections: dict) -> Path:
+    def report(self, run, clf, sc: Scored, m: dict, cfg, workers: int, bad, engine_sections: dict) -> Path:
         return report.build_report(run, clf, sc, m, self, workers=workers, bad=bad,
-                                   suspects=cfg.suspects and sections.get("suspects"), gradcam=cfg.gradcam,
-                                   data_map=cfg.map and sections.get("data_map"))
+                                   suspects=cfg.suspects and engine_sections.get("suspects"), gradcam=cfg.gradcam,
+                                   data_map=cfg.map and engine_sections.get("data_map"))
 
 
 def calibration_section(sc: Scored, clf) -> dict:
