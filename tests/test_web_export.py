@@ -301,6 +301,15 @@ def test_any_size_export_and_what_predict_says(tiny_run, tmp_path, monkeypatch):
     assert p.returncode != 0 and "resizes inside its graph" in p.stderr and "imgclf export RUN" in p.stderr
     p = imgclf("export", run, "--any-size", "--format", "tflite", check=False)
     assert p.returncode != 0 and "--any-size is for" in p.stderr
+    # The .ort for phone apps (onnxruntime-mobile): the same graph, answering as the .onnx does on a photo.
+    p = imgclf("export", run, "--any-size", "--format", "ort", "--out", tmp_path / "m.ort", "--json")
+    assert json.loads(p.stdout[p.stdout.index("{"):])["ort_max_abs_diff_vs_onnx"] <= 1e-5
+    from imgclf.data.images import open_image
+    from imgclf.inference.onnx_predictor import OnnxPredictor
+
+    photo = np.asarray(open_image(need(DATASETS / "hymenoptera" / "val" / "ants" / "desert_ant.jpg")))[None]
+    p_ort, p_onnx = (OnnxPredictor(f, any_size=True).probs(photo) for f in (tmp_path / "m.ort", out))
+    assert p_ort.shape == (1, 2) and np.abs(p_ort - p_onnx).max() <= 1e-5
 
     plain = resize_graph.with_resize
     monkeypatch.setattr(resize_graph, "with_resize", lambda b, pp: plain(b, pp, antialias=False))
