@@ -93,7 +93,9 @@ ORT_WEB = """async ([urls, n, port]) => {
     const c = new OffscreenCanvas(bm.width, bm.height), ctx = c.getContext('2d', {willReadFrequently: true});
     ctx.drawImage(bm, 0, 0);
     const rgba = ctx.getImageData(0, 0, bm.width, bm.height).data, rgb = new Uint8Array(bm.width * bm.height * 3);
-    for (let i = 0, j = 0; j < rgb.length; i += 4, j += 3) { rgb[j] = rgba[i]; rgb[j + 1] = rgba[i + 1]; rgb[j + 2] = rgba[i + 2]; }
+    for (let i = 0, j = 0; j < rgb.length; i += 4, j += 3) {
+      rgb[j] = rgba[i]; rgb[j + 1] = rgba[i + 1]; rgb[j + 2] = rgba[i + 2];
+    }
     const img = {width: bm.width, height: bm.height, data: rgb};
     bm.close();
     let t = performance.now();
@@ -249,7 +251,8 @@ def one_set(run: Path, spec: str, limit: int | None, n_ortweb: int, port_js: Pat
     if web:
         ort_web = np.array([r["probs"] for r in web])
         extra.update(ortweb_vs_python_c=float(np.abs(ort_web - p["c"][:len(web)]).max()),
-                     ortweb_ms_any=np.median([r["any"] for r in web]), ortweb_ms_fixed=np.median([r["fixed"] for r in web]),
+                     ortweb_ms_any=np.median([r["any"] for r in web]),
+                     ortweb_ms_fixed=np.median([r["fixed"] for r in web]),
                      ortweb_n=len(web))
         if port_js:
             extra["ms_js_port_resize"] = np.median([r["port"] for r in web])
