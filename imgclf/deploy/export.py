@@ -309,12 +309,35 @@ def any_size_checked(src: Source, fp32: bytes, meta: dict, report: dict, printer
     graph within PARITY_ATOL of that resize fed to the checked model. Reports
     (not gated) how far it is from the Python path, which decodes big JPEGs
     at a reduced scale: docs/architecture.md says why that is tolerated."""
+    from imgclf.deploy.resize_graph import with_resize
+
+    try:
+        merged = with_metadata(with_resize(fp32, src.pp), {**meta, **input_metadata(src.pp, any_size=True)})
+    except Exception as e:  # onnx's version converter and compose raise their own types
+        raise ExportError(f"cannot put the resize into this model's graph ({type(e).__name__}: {e})",
+                          "export it without --any-size and resize in the app as its metadata says") from None
+    r = any_size_figures(src, fp32, merged)
+    report.update(r)
+    levels, diff, n = r["any_size_resize_max_levels"], r["any_size_max_abs_diff"], r["any_size_images"]
+    if levels > RESIZE_LEVELS or diff > PARITY_ATOL or not n:
+        raise ExportError(f"the any-size graph's resize differs from Pillow's by {levels} levels (limit "
+                          f"{RESIZE_LEVELS}) or its probabilities from the checked model's by {diff:.2e} (limit "
+                          f"{PARITY_ATOL:g}) on {n} {src.split} photos; the export is wrong, not written",
+                          "report it with the run's model.pt and your onnxruntime version")
+    printer(f"any size: resize within {levels} level(s) of Pillow's, max |p - p_checked| = {diff:.1e}; against "
+            f"the Python path (JPEG draft decoding): max |p - p_python| = {r['any_size_vs_python_max_abs_diff']:.1e}, "
+            f"top-1 agreement {r['any_size_vs_python_top1']:.0%} on {n} {src.split} photos")
+    return merged
+
+
+def any_size_figures(src: Source, fp32: bytes, merged: bytes) -> dict:
+    """The any-size graph on the check photos decoded at full size, against
+    Pillow's resize, the fixed-size model fed its own resize, and the Python path."""
     from imgclf.data.images import BadImage, open_image
     from imgclf.data.preprocess import resize_image
-    from imgclf.deploy.resize_graph import resize_model, with_resize
+    from imgclf.deploy.resize_graph import resize_model
     from imgclf.inference.onnx_predictor import ort_session
 
-    merged = with_metadata(with_resize(fp32, src.pp), {**meta, **input_metadata(src.pp, any_size=True)})
     fixed, whole = OnnxPredictor(fp32), OnnxPredictor(merged, any_size=True)
     resize = ort_session(resize_model(src.pp).SerializeToString())
     levels, diff, vs_python, agree, n = 0, 0.0, 0.0, 0, 0
@@ -329,17 +352,8 @@ def any_size_checked(src: Source, fp32: bytes, meta: dict, report: dict, printer
         p, p_two, p_py = whole.probs(photo), fixed.probs(x), fixed.probs(x_py[None])
         diff, vs_python = max(diff, float(np.abs(p - p_two).max())), max(vs_python, float(np.abs(p - p_py).max()))
         agree, n = agree + int(p.argmax() == p_py.argmax()), n + 1
-    report.update(any_size_resize_max_levels=levels, any_size_max_abs_diff=diff, any_size_images=n,
-                  any_size_vs_python_max_abs_diff=vs_python, any_size_vs_python_top1=agree / max(n, 1))
-    if levels > RESIZE_LEVELS or diff > PARITY_ATOL or not n:
-        raise ExportError(f"the any-size graph's resize differs from Pillow's by {levels} levels (limit "
-                          f"{RESIZE_LEVELS}) or its probabilities from the checked model's by {diff:.2e} (limit "
-                          f"{PARITY_ATOL:g}) on {n} {src.split} photos; the export is wrong, not written",
-                          "report it with the run's model.pt and your onnxruntime version")
-    printer(f"any size: resize within {levels} level(s) of Pillow's, max |p - p_checked| = {diff:.1e}; against "
-            f"the Python path (JPEG draft decoding): max |p - p_python| = {vs_python:.1e}, top-1 agreement "
-            f"{agree / n:.0%} on {n} {src.split} photos")
-    return merged
+    return {"any_size_resize_max_levels": levels, "any_size_max_abs_diff": diff, "any_size_images": n,
+            "any_size_vs_python_max_abs_diff": vs_python, "any_size_vs_python_top1": agree / max(n, 1)}
 
 
 def export_ort(src: Source, cfg: ExportConfig, meta: dict, report: dict, printer) -> bytes:

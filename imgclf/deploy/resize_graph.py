@@ -4,15 +4,15 @@
 
 Pillow's resize (what data/preprocess.py runs) is a separable convolution
 whose filter widens with the downscale factor; ONNX's Resize with
-`antialias=1` (opset 18) is defined after it, and onnxruntime computes it for
-uint8 with the same fixed-point arithmetic. So the graph below reproduces
-`resize_image` on the same decoded pixels (tests/test_web_export.py measures
-how closely), for crop, squash and pad, in every onnxruntime, including
-onnxruntime-web and onnxruntime-mobile: an app feeds the decoded photo and
-resizes nothing itself. What it cannot see is how the pixels were decoded:
-Python decodes big JPEGs at 1/2-1/8 scale (libjpeg's draft mode) and
-box-reduces very large photos first (reducing_gap); an app decodes at full
-size. docs/architecture.md has the measured cost of that difference.
+`antialias=1` (opset 18) is defined after it. So the graph below reproduces
+`resize_image` on the same decoded pixels, for crop, squash and pad, within a
+level or two of onnxruntime's rounding (tests/test_web_export.py checks it;
+every export checks it again), in every onnxruntime, onnxruntime-web and
+onnxruntime-mobile included: an app feeds the decoded photo and resizes
+nothing itself. What it cannot see is how the pixels were decoded: Python
+decodes big JPEGs at 1/2-1/8 scale (libjpeg's draft mode) and box-reduces
+very large photos first (reducing_gap); an app decodes at full size.
+docs/architecture.md has the measured cost of that difference.
 
 Only the web export and `export --any-size` use it: `imgclf predict` and
 `serve` feed the fixed-size model, resized by Pillow.
