@@ -275,6 +275,9 @@ class ExportConfig:
     force: bool = _f(False, "write the INT8 model even over --max-drop")
     calib_images: int = _f(100, "training images for INT8 calibration")
     check_images: int = _f(32, "validation images for the PyTorch parity check")
+    any_size: bool = _f(False, "onnx/ort: put the resize inside the graph, for apps: uint8 RGB images of any size "
+                               "in (the decoded photo), written as model.any-size.onnx/.ort; checked against "
+                               "Pillow's resize. `imgclf predict`/`serve` take the plain export")
     json: bool = _f(False, "print the export report as JSON")
     reject: str | None = _f(None, "bake another rejection of unknown inputs into the file's `rejected` output: "
                                   "auto, off, or a threshold in (0, 1] (default: the run's)")

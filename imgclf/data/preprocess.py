@@ -68,19 +68,20 @@ class Preprocess:
             raise BadImage(getattr(src, "name", None) or str(src)[:200], f"cannot resize this image ({e})") from None
 
 
-def resize_image(img: Image.Image, pp: Preprocess) -> Image.Image:
-    """Resize an RGB image to pp.size x pp.size by pp.resize."""
+def resize_image(img: Image.Image, pp: Preprocess, reducing_gap: float | None = 3.0) -> Image.Image:
+    """Resize an RGB image to pp.size x pp.size by pp.resize. reducing_gap=None:
+    the plain convolution, which the exported any-size graph reproduces."""
     s, interp = pp.size, _INTERP[pp.interpolation]
     w, h = img.size
     # reducing_gap: PIL first shrinks by an integer factor with a box filter,
     # then resamples; measurably faster on big photos, same result to the eye.
     if pp.resize == "squash":
-        return img.resize((s, s), interp, reducing_gap=3.0)
+        return img.resize((s, s), interp, reducing_gap=reducing_gap)
     if pp.resize == "pad":
         r = s / max(w, h)
         nw, nh = max(1, round(w * r)), max(1, round(h * r))
         canvas = Image.new("RGB", (s, s), pp.pad_color)
-        canvas.paste(img.resize((nw, nh), interp, reducing_gap=3.0), ((s - nw) // 2, (s - nh) // 2))
+        canvas.paste(img.resize((nw, nh), interp, reducing_gap=reducing_gap), ((s - nw) // 2, (s - nh) // 2))
         return canvas
     short = pp.draft_size
     r = short / min(w, h)
@@ -91,8 +92,8 @@ def resize_image(img: Image.Image, pp: Preprocess) -> Image.Image:
         # resize only that. Ordinary photos keep the exact path below.
         side = min(w, h) * s / short
         left, top = (w - side) / 2, (h - side) / 2
-        return img.resize((s, s), interp, box=(left, top, left + side, top + side), reducing_gap=3.0)
-    img = img.resize((nw, nh), interp, reducing_gap=3.0)
+        return img.resize((s, s), interp, box=(left, top, left + side, top + side), reducing_gap=reducing_gap)
+    img = img.resize((nw, nh), interp, reducing_gap=reducing_gap)
     left, top = (nw - s) // 2, (nh - s) // 2
     return img.crop((left, top, left + s, top + s))
 

@@ -8,9 +8,14 @@ so `imgclf predict model.onnx` and `imgclf serve model.onnx` need nothing else
 (and no torch: see inference/onnx_predictor.py). The graph is traced from the
 same `normalize` and `calibrated_probs` PyTorch runs, and the file records the
 hash of the model.pt it came from, so a later retrain or recalibration makes
-`predict`/`serve` warn that the export is stale. The resize stays outside the graph, in
-PIL, because crop/pad/squash of arbitrary-sized images is not something every
-ONNX runtime does the same way, and the exact training resize matters more.
+`predict`/`serve` warn that the export is stale. The resize stays outside that graph, in
+Pillow, exactly as in training (JPEG draft decoding included).
+
+`--any-size` (onnx, ort) and the web export put the resize inside the graph
+instead (deploy/resize_graph.py): uint8 photos of any size in, for apps that
+decode a photo and should not port the resize. It is checked on the check
+images decoded at full size: its resize against Pillow's (RESIZE_LEVELS), the
+whole graph against that resize fed to the checked fixed-size model.
 
 Every export checks itself against PyTorch on validation images and fails
 loudly when they disagree. `--int8` adds static quantization (onnxruntime),
@@ -25,9 +30,9 @@ TFLite (LiteRT, for Android): the same wrapper converted by litert-torch
 checked with the LiteRT interpreter; `--int8` is dynamic-range INT8 behind the
 same accuracy gate.
 
-Web: a static folder (imgclf/deploy/web) holding the checked ONNX model, its
-metadata as model.json, ONNX Runtime Web and a page that preprocesses exactly
-as Python does; it works offline after the first visit.
+Web: a static folder (imgclf/deploy/web) holding the checked any-size ONNX
+model, its metadata as model.json, ONNX Runtime Web and a page that decodes the
+photo and hands it to the graph; it works offline after the first visit.
 """
 
 from __future__ import annotations
@@ -44,8 +49,9 @@ import numpy as np
 from imgclf._version import __version__
 from imgclf.config import ExportConfig
 from imgclf.data.datasets import multi_hot
-from imgclf.data.images import BadImage
-from imgclf.data.preprocess import normalize
+from imgclf.data.images import BadImage, open_image
+from imgclf.data.preprocess import normalize, resize_image
+from imgclf.deploy.resize_graph import resize_model, with_resize
 from imgclf.deploy.tflite import quantize_tflite, to_tflite
 from imgclf.deploy.tflite import with_metadata as tflite_metadata
 from imgclf.deploy.web import site
@@ -58,6 +64,7 @@ from imgclf.inference.onnx_predictor import (
     INPUT,
     OUTPUT,
     REJECTED_OUTPUT,
+    RESIZE_IN_GRAPH,
     SELECTED_OUTPUT,
     UNKNOWN_OUTPUT,
     OnnxPredictor,
@@ -67,12 +74,17 @@ from imgclf.io import atomic_write_bytes, atomic_write_folder, check_replaceable
 from imgclf.log import get_logger
 from imgclf.models.records import model_from_record
 from imgclf.models.same_pad import trace_to_onnx
+from imgclf.ort import ort_session
 from imgclf.runs import RunDir
 
 log = get_logger(__name__)
 
 PARITY_ATOL = 1e-4  # fp32 onnxruntime vs PyTorch probabilities, max abs difference
 ORT_ATOL = 1e-5  # .ort vs the .onnx it was saved from: the same engine and graph
+# The any-size graph's resize vs Pillow's plain resize of the same full-size
+# decode, max difference in levels: onnxruntime's fixed-point rounding differs
+# from Pillow's by one level on a few percent of pixels (two, rarely, upscaling).
+RESIZE_LEVELS = 2
 
 
 def probs_module(model, pp, temperature: float, scorer=None, reject: float | None = None, thresholds=None):
@@ -141,12 +153,20 @@ def load_source(run: RunDir, check_images: int, reject: str | None = None) -> Ex
     return ExportSource(run, record, pp, wrapped, split, x_check, *reference.outputs(x_check))
 
 
+def input_metadata(pp, any_size: bool) -> dict[str, str]:
+    """What `images` takes: resized outside the graph, or any size (the resize inside)."""
+    text = (f"uint8 RGB images (N, H, W, 3) of any size, decoded at full size, upright; resized by "
+            f"'{pp.resize}' to {pp.size} px inside the graph" if any_size else
+            f"uint8 RGB images (N, {pp.size}, {pp.size}, 3), resized by '{pp.resize}' outside the graph")
+    return {"input": text, RESIZE_IN_GRAPH: json.dumps(any_size)}
+
+
 def metadata(src: ExportSource, int8: bool) -> dict[str, str]:
     pp, record = src.pp, src.record
     meta = {
         "format": FORMAT, "classes": record["classes"], "preprocess": pp.to_dict(), "input_size": pp.size,
         "resize": pp.resize,
-        "input": f"uint8 RGB images (N, {pp.size}, {pp.size}, 3), resized by '{pp.resize}' outside the graph",
+        **input_metadata(pp, any_size=False),
         "output": ("per-label probabilities (N, C) = sigmoid(logits); selected (N, C): at or above the label's "
                    "threshold" if record.get("multi_label") else
                    "calibrated probabilities (N, C) = softmax(logits / temperature)") + (
@@ -161,14 +181,16 @@ def metadata(src: ExportSource, int8: bool) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
+def every_kth(items: list, limit: int | None) -> list:
+    """Every k-th item, so a subset still covers every class (splits are sorted by class)."""
+    return items[::max(1, len(items) // limit)][:limit] if limit else items
+
+
 def split_images(run: RunDir, split: str, limit: int | None, pp) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, S, S, 3) images of a run's split, as the model sees them, and
     their labels. Unreadable files are skipped (training skipped them too)."""
     s = run.splits()
-    items = getattr(s, split)
-    if limit:
-        # Every k-th item, so a subset still covers every class (splits are sorted by class).
-        items = items[::max(1, len(items) // limit)][:limit]
+    items = every_kth(getattr(s, split), limit)
     xs, ys = [], []
     for rel, y in items:
         try:
@@ -223,8 +245,13 @@ def export(cfg: ExportConfig) -> dict:
     """Export a run; returns a report dict (path, parity, INT8 accuracy and speed)."""
     if cfg.int8 and cfg.format not in ("onnx", "ort", "tflite"):
         raise ConfigError(f"--int8 is for --format onnx, ort or tflite, not {cfg.format}", "drop --int8")
+    if cfg.any_size and (cfg.format not in ("onnx", "ort") or cfg.int8):
+        raise ConfigError(f"--any-size is for fp32 --format onnx or ort, not {cfg.format}{' --int8' * cfg.int8}",
+                          "drop --any-size (the web export always resizes in its graph)")
     run = RunDir(cfg.run)
     out = Path(cfg.out) if cfg.out else run.export_file(cfg.format, cfg.int8)
+    if cfg.any_size and not cfg.out:
+        out = out.with_name(f"{out.stem}.any-size{out.suffix}")
     if cfg.format == "web":  # a folder: say now, not after the export, that --out is taken
 
         check_replaceable_folder(out, is_export)
@@ -274,9 +301,64 @@ def export_onnx(src: ExportSource, cfg: ExportConfig, meta: dict, report: dict) 
     diff, _ = check_against_torch(OnnxPredictor(fp32), "onnxruntime", src, report)
     log.info(f"parity: max |p_onnx - p_torch| = {diff:.1e} on {len(src.x_check)} {src.split} images "
             f"(limit {PARITY_ATOL:g})")
+    if cfg.any_size:
+        return any_size_checked(src, fp32, meta, report)
     if not cfg.int8:
         return fp32
     return quantize_checked(fp32, src, cfg, report, lambda x_cal: quantize(fp32, x_cal, meta))
+
+
+def check_photos(src: ExportSource) -> list[Path]:
+    """The check images' files, to decode at full size as an app does."""
+    s = src.run.splits()
+    return [s.path(rel) for rel, _ in every_kth(getattr(s, src.split), len(src.x_check))]
+
+
+def any_size_checked(src: ExportSource, fp32: bytes, meta: dict, report: dict) -> bytes:
+    """The checked fixed-size model behind the resize graph (uint8 photos of
+    any size in), checked on the check images decoded at full size: the
+    graph's resize within RESIZE_LEVELS of Pillow's resize_image, the whole
+    graph within PARITY_ATOL of that resize fed to the checked model. Reports
+    (not gated) how far it is from the Python path, which decodes big JPEGs
+    at a reduced scale: docs/architecture.md says why that is tolerated."""
+    try:
+        merged = with_metadata(with_resize(fp32, src.pp), {**meta, **input_metadata(src.pp, any_size=True)})
+    except Exception as e:  # onnx's version converter and compose raise their own types
+        raise ExportError(f"cannot put the resize into this model's graph ({type(e).__name__}: {e})",
+                          "export it without --any-size and resize in the app as its metadata says") from None
+    r = any_size_figures(src, fp32, merged)
+    report.update(r)
+    levels, diff, n = r["any_size_resize_max_levels"], r["any_size_max_abs_diff"], r["any_size_images"]
+    if levels > RESIZE_LEVELS or diff > PARITY_ATOL or not n:
+        raise ExportError(f"the any-size graph's resize differs from Pillow's by {levels} levels (limit "
+                          f"{RESIZE_LEVELS}) or its probabilities from the checked model's by {diff:.2e} (limit "
+                          f"{PARITY_ATOL:g}) on {n} {src.split} photos; the export is wrong, not written",
+                          "report it with the run's model.pt and your onnxruntime version")
+    log.info(f"any size: resize within {levels} level(s) of Pillow's, max |p - p_checked| = {diff:.1e}; against "
+            f"the Python path (JPEG draft decoding): max |p - p_python| = {r['any_size_vs_python_max_abs_diff']:.1e}, "
+            f"top-1 agreement {r['any_size_vs_python_top1']:.0%} on {n} {src.split} photos")
+    return merged
+
+
+def any_size_figures(src: ExportSource, fp32: bytes, merged: bytes) -> dict:
+    """The any-size graph on the check photos decoded at full size, against
+    Pillow's resize, the fixed-size model fed its own resize, and the Python path."""
+    fixed, whole = OnnxPredictor(fp32), OnnxPredictor(merged, any_size=True)
+    resize = ort_session(resize_model(src.pp).SerializeToString())
+    levels, diff, vs_python, agree, n = 0, 0.0, 0.0, 0, 0
+    for path in check_photos(src):
+        try:
+            img, x_py = open_image(path), src.pp.load(path)
+        except BadImage:
+            continue
+        photo = np.asarray(img)[None]
+        x = resize.run(None, {"images": photo})[0]
+        levels = max(levels, int(np.abs(x[0].astype(int) - np.asarray(resize_image(img, src.pp, None))).max()))
+        p, p_two, p_py = whole.probs(photo), fixed.probs(x), fixed.probs(x_py[None])
+        diff, vs_python = max(diff, float(np.abs(p - p_two).max())), max(vs_python, float(np.abs(p - p_py).max()))
+        agree, n = agree + int(p.argmax() == p_py.argmax()), n + 1
+    return {"any_size_resize_max_levels": levels, "any_size_max_abs_diff": diff, "any_size_images": n,
+            "any_size_vs_python_max_abs_diff": vs_python, "any_size_vs_python_top1": agree / max(n, 1)}
 
 
 def export_ort(src: ExportSource, cfg: ExportConfig, meta: dict, report: dict) -> bytes:
@@ -298,14 +380,17 @@ def export_ort(src: ExportSource, cfg: ExportConfig, meta: dict, report: dict) -
         data = path.read_bytes()
     # The .ort must answer exactly as the checked ONNX model does (which itself
     # matched PyTorch, or passed the INT8 accuracy gate).
-    p_ort = OnnxPredictor(data).probs(src.x_check)
-    diff = float(np.abs(p_ort - OnnxPredictor(onnx_bytes).probs(src.x_check)).max())
-    report.update(ort_max_abs_diff_vs_onnx=diff, ort_max_abs_diff_vs_torch=float(np.abs(p_ort - src.p_torch).max()))
+    p_ort = OnnxPredictor(data, any_size=cfg.any_size).probs(src.x_check)
+    diff = float(np.abs(p_ort - OnnxPredictor(onnx_bytes, any_size=cfg.any_size).probs(src.x_check)).max())
+    # (An any-size graph crops the check images again, so only the .onnx comparison applies to it.)
+    vs_torch = None if cfg.any_size else float(np.abs(p_ort - src.p_torch).max())
+    report.update(ort_max_abs_diff_vs_onnx=diff, ort_max_abs_diff_vs_torch=vs_torch)
     if diff > ORT_ATOL:
         raise ExportError(f"the .ort model's probabilities differ from the ONNX model's by {diff:.2e} "
                           f"(limit {ORT_ATOL:g})", "the export is wrong and was not written; report it with model.pt")
-    log.info(f"parity (.ort): max |p_ort - p_onnx| = {diff:.1e}, max |p_ort - p_torch| = "
-            f"{report['ort_max_abs_diff_vs_torch']:.1e} on {len(src.x_check)} {src.split} images")
+    log.info(f"parity (.ort): max |p_ort - p_onnx| = {diff:.1e}"
+            + (f", max |p_ort - p_torch| = {vs_torch:.1e}" if vs_torch is not None else "")
+            + f" on {len(src.x_check)} {src.split} images")
     return data
 
 
@@ -455,8 +540,9 @@ def export_web(src: ExportSource, cfg: ExportConfig, meta: dict, report: dict) -
     site.require_runtime()  # before the export's own cost
     site.check_preprocess(src.pp)
     meta = {k: v for k, v in meta.items() if k != "run_path"}
-    onnx_bytes = export_onnx(src, cfg, meta, report)
-    return site.build(onnx_bytes, OnnxPredictor(onnx_bytes).metadata)
+    fp32 = export_onnx(src, cfg, meta, report)
+    onnx_bytes = any_size_checked(src, fp32, meta, report)
+    return site.build(onnx_bytes, OnnxPredictor(onnx_bytes, any_size=True).metadata)
 
 
 EXPORTERS = {"onnx": export_onnx, "ort": export_ort, "torchscript": export_torchscript, "tflite": export_tflite,

@@ -30,11 +30,14 @@ FORMAT = "imgclf-onnx-1"  # metadata "format": what this reader understands
 INPUT, OUTPUT = "images", "probs"
 UNKNOWN_OUTPUT, REJECTED_OUTPUT = "unknown", "rejected"  # present when the run has an unknown-input scorer
 SELECTED_OUTPUT = "selected"  # multi-label models: (N, C) bool, each label at or above its threshold
+RESIZE_IN_GRAPH = "resize_in_graph"  # metadata key: "true" when `images` takes any size (deploy/resize_graph.py)
 
 
 class OnnxPredictor(Predictor):
-    def __init__(self, path: str | Path | bytes, threads: int | None = None):
-        """path: an .onnx file, or its bytes (the export checks a model before writing it)."""
+    def __init__(self, path: str | Path | bytes, threads: int | None = None, any_size: bool = False):
+        """path: an .onnx file, or its bytes (the export checks a model before writing it).
+        any_size: accept a model that resizes inside its graph (`export --any-size`,
+        the web export), for a caller that feeds it decoded photos itself."""
         self.source = "<bytes>" if isinstance(path, bytes) else str(path)
         if not isinstance(path, bytes) and not Path(path).is_file():
             raise RunError(f"{path}: no such model file", "write one with `imgclf export RUN --format onnx`")
@@ -50,6 +53,10 @@ class OnnxPredictor(Predictor):
         if meta.get("format") != FORMAT:
             raise ModelFileError(f"{self.source}: not an imgclf export (metadata format={meta.get('format')!r})",
                                  "export the run with `imgclf export RUN --format onnx`")
+        if meta.get(RESIZE_IN_GRAPH) == "true" and not any_size:
+            raise ModelFileError(f"{self.source}: this model resizes inside its graph (exported for apps with "
+                                 "--any-size or --format web) and takes photos at their own size, so `imgclf "
+                                 "predict`/`serve` cannot batch it", "use the plain export: `imgclf export RUN`")
         names = [o.name for o in self.session.get_outputs()]
         self._outputs = [OUTPUT, UNKNOWN_OUTPUT] if UNKNOWN_OUTPUT in names else [OUTPUT]
         self.read_export_metadata({k: _maybe_json(v) for k, v in meta.items()}, UNKNOWN_OUTPUT in names)

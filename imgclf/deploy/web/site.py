@@ -12,7 +12,7 @@ from imgclf.errors import ExportError
 from imgclf.inference.onnx_predictor import FORMAT
 
 STATIC = Path(__file__).resolve().parent / "static"
-INTERPOLATIONS = ("bilinear", "bicubic")  # the Pillow filters static/preprocess.js reproduces
+INTERPOLATIONS = ("bilinear", "bicubic")  # the Pillow filters deploy/resize_graph.py reproduces
 
 
 def is_export(folder: Path) -> bool:
@@ -36,8 +36,8 @@ def require_runtime() -> Path:
 
 def check_preprocess(pp) -> None:
     if pp.interpolation not in INTERPOLATIONS:
-        raise ExportError(f"the model resizes with interpolation={pp.interpolation!r}; the web page reproduces "
-                          f"Pillow's {' and '.join(INTERPOLATIONS)} only",
+        raise ExportError(f"the model resizes with interpolation={pp.interpolation!r}; the web model's graph "
+                          f"reproduces Pillow's {' and '.join(INTERPOLATIONS)} only",
                           "export --format onnx and serve it with `imgclf serve`, or train with a bilinear model")
 
 

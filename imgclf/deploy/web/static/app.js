@@ -30,9 +30,8 @@ function show(answer, previewUrl) {
     return li;
   }));
   const ms = answer.ms;
-  $("timing").textContent = extra + `${ms.total.toFixed(0)} ms (preprocessing ${ms.preprocess.toFixed(0)} ms, ` +
-    `model ${ms.inference.toFixed(0)} ms)` +
-    (answer.exact ? "" : "; this kind of JPEG (CMYK or arithmetic-coded) was resized approximately");
+  $("timing").textContent = extra + `${ms.total.toFixed(0)} ms (decoding ${ms.preprocess.toFixed(0)} ms, ` +
+    `resize and model ${ms.inference.toFixed(0)} ms)`;
   $("result").hidden = false;
 }
 
