@@ -493,10 +493,9 @@ def mask_boxes(mask: np.ndarray) -> np.ndarray:
 # --- writers ----------------------------------------------------------------------
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from imgclf.runs import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def _rel(p: Path, base: Path) -> str:
