@@ -13,8 +13,19 @@ import pytest
 from PIL import Image
 
 from imgclf.errors import DataError
-from imgclf.tasks.detect.check import check_dataset, fix_dataset, split_dataset, suggest_image_size
-from imgclf.tasks.detect.data import (detect_format, read_coco, read_dataset, write_coco, write_yolo)
+from imgclf.tasks.detect.check import (
+    check_dataset,
+    fix_dataset,
+    split_dataset,
+    suggest_image_size,
+)
+from imgclf.tasks.detect.data import (
+    detect_format,
+    read_coco,
+    read_dataset,
+    write_coco,
+    write_yolo,
+)
 from tests.conftest import DATASETS, need
 
 BCCD, PENN = DATASETS / "bccd", DATASETS / "pennfudan"

@@ -11,7 +11,7 @@ import torch
 from imgclf.tasks.detect.check import split_dataset
 from imgclf.tasks.detect.data import DetDataset, read_dataset
 from imgclf.tasks.detect.metrics import coco_metrics
-from imgclf.tasks.detect.model import Detector, detection_loss, train_transform
+from imgclf.tasks.detect.model import HEADS, Detector, detection_loss, train_transform
 from imgclf.tasks.detect.train import BoxDataset, evaluate, fit
 from tests.conftest import DATASETS, need
 
@@ -19,6 +19,16 @@ from tests.conftest import DATASETS, need
 # below. An untrained model scores 0 (its head starts at a 1% prior, below
 # the score threshold); the short run reaches well above it.
 MAP50_BOUND = 0.30
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: with `make test`'s two workers on two cores, two
+    threads each made a detection training step about 5x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +59,9 @@ def test_augmentation_moves_boxes_with_the_pixels(bccd):
                               atol=2.0), (extent, t["boxes"])
 
 
-def test_forward_returns_logits_and_the_loss_is_outside(bccd):
-    model = Detector(3, image_size=256, head="fcos")
+@pytest.mark.parametrize("head", HEADS)
+def test_forward_returns_logits_and_the_loss_is_outside(bccd, head):
+    model = Detector(3, image_size=256, head=head)
     ds = BoxDataset(bccd, [0, 1], train_transform(256))
     x = torch.stack([ds[0][0], ds[1][0]])
     targets = [{"boxes": ds[i][1]["boxes"].as_subclass(torch.Tensor), "labels": ds[i][1]["labels"]} for i in (0, 1)]
@@ -58,6 +69,7 @@ def test_forward_returns_logits_and_the_loss_is_outside(bccd):
     out = model(x)
     n = sum(out["per_level"])
     assert out["head"]["cls_logits"].shape == (2, n, 3) and out["head"]["bbox_regression"].shape == (2, n, 4)
+    assert out["anchors"][0].shape == (n, 4)  # one anchor (or FCOS location) per output row
     assert sum(p.numel() for p in model.det.backbone.body.parameters() if p.requires_grad) == 0  # frozen trunk
     loss = sum(detection_loss(model, out, targets).values())
     loss.backward()

@@ -18,7 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.errors import DataError
-from imgclf.tasks.detect.data import DetDataset, DetImage, Problem, _px, read_dataset, write_coco
+from imgclf.tasks.detect.data import (
+    DetDataset,
+    DetImage,
+    Problem,
+    round_px,
+    read_dataset,
+    write_coco,
+)
 
 # Two boxes of one class overlapping more than this are one object labelled twice.
 DUPLICATE_IOU = 0.95
@@ -198,7 +205,7 @@ def _fixed(im: DetImage, counts: dict[str, int]) -> DetImage:
     ok = (c[:, 2] > c[:, 0]) & (c[:, 3] > c[:, 1])
     counts["clipped"] += int(np.sum(moved & ok))
     counts["dropped_degenerate"] += int(np.sum(~ok))
-    c = np.vectorize(_px)(c) if len(c) else c
+    c = np.vectorize(round_px)(c) if len(c) else c
     kept = DetImage(path=im.path, width=im.width, height=im.height, boxes=c[ok].reshape(-1, 4),
                     labels=im.labels[ok], mask_path=None, split=im.split, source=im.source)
     dup = {j for _, j, _ in duplicate_pairs(kept)}

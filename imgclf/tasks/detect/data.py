@@ -82,7 +82,7 @@ class DetDataset:
         return sum(len(im.boxes) for im in self.images)
 
 
-def _px(v: float) -> float:
+def round_px(v: float) -> float:
     return round(float(v), 6) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
@@ -225,7 +225,7 @@ def _voc_image(xml: Path, tree, root: Path, ds: DetDataset):
             ds.problems.append(Problem(str(xml), "bad_coords", f"object {k} ({name}) has a missing or "
                                        "non-numeric corner; correct its <bndbox> (the box is left out)"))
             continue
-        boxes.append([_px(c[0] - 1), _px(c[1] - 1), _px(c[2]), _px(c[3])])
+        boxes.append([round_px(c[0] - 1), round_px(c[1] - 1), round_px(c[2]), round_px(c[3])])
         names.append(name)
     return (DetImage(path=img, width=w, height=h, boxes=_box_array(boxes), labels=np.zeros(0, np.int64),
                      source=str(xml)), names)
@@ -327,7 +327,7 @@ def _read_coco_file(f: Path, ds: DetDataset, split: str | None, max_bytes: int) 
                                            "correct the id"))
                 continue
             x, y, bw, bh = (float(v) for v in bb)
-            boxes.append([_px(x), _px(y), _px(x + bw), _px(y + bh)])
+            boxes.append([round_px(x), round_px(y), round_px(x + bw), round_px(y + bh)])
             labels.append(cat_index[a["category_id"]])
         ds.images.append(DetImage(path=p, width=w, height=h, boxes=_box_array(boxes),
                                   labels=np.asarray(labels, np.int64), split=split, source=str(f)))
@@ -447,7 +447,7 @@ def _yolo_image(img: Path, ds: DetDataset) -> DetImage | None:
         else:
             xs, ys = np.asarray(vals[1::2]) * w, np.asarray(vals[2::2]) * h
             x1, y1, x2, y2 = xs.min(), ys.min(), xs.max(), ys.max()
-        boxes.append([_px(x1), _px(y1), _px(x2), _px(y2)])
+        boxes.append([round_px(x1), round_px(y1), round_px(x2), round_px(y2)])
         labels.append(c)
     return DetImage(path=img, width=w, height=h, boxes=_box_array(boxes), labels=np.asarray(labels, np.int64),
                     source=str(lab))
@@ -513,9 +513,9 @@ def to_coco(ds: DetDataset, base: Path | None = None) -> dict:
         images.append({"id": i, "file_name": _rel(im.path, base) if base else str(im.path),
                        "width": int(im.width), "height": int(im.height)})
         for b, c in zip(im.boxes.tolist(), im.labels.tolist()):
-            w, h = _px(b[2] - b[0]), _px(b[3] - b[1])
+            w, h = round_px(b[2] - b[0]), round_px(b[3] - b[1])
             anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(c) + 1, "bbox": [b[0], b[1], w, h],
-                         "area": _px(max(w, 0) * max(h, 0)), "iscrowd": 0})
+                         "area": round_px(max(w, 0) * max(h, 0)), "iscrowd": 0})
     cats = [{"id": k + 1, "name": n} for k, n in enumerate(ds.classes)]
     return {"images": images, "annotations": anns, "categories": cats}
 

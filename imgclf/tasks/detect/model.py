@@ -1,5 +1,7 @@
 """The detector: a pretrained EfficientNet-Lite backbone, a feature pyramid
-(P3-P7) and torchvision's FCOS or RetinaNet head, plus box-aware augmentation.
+(P3-P7) and torchvision's RetinaNet (default) or FCOS head, plus box-aware
+augmentation. RetinaNet with anchors from 16 px was ahead of FCOS on a BCCD
+val split, mostly on the small platelets (docs/benchmarks.md).
 
 `Detector.forward(images)` returns the raw head outputs (class logits, box
 regression, centre-ness) and the anchors (`forward_features` then
@@ -59,13 +61,16 @@ class _Backbone(nn.Module):
 
     def __init__(self, trunk: LiteFeatures, channels: int):
         super().__init__()
-        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
+        from torchvision.ops.feature_pyramid_network import (
+            FeaturePyramidNetwork,
+            LastLevelP6P7,
+        )
 
         self.body = trunk
         self.fpn = FeaturePyramidNetwork(trunk.out_channels, channels, extra_blocks=LastLevelP6P7(channels, channels))
         self.out_channels = channels
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
 
 
@@ -73,7 +78,7 @@ class Detector(nn.Module):
     """num_classes object classes (no background class: both heads score
     each class with its own sigmoid)."""
 
-    def __init__(self, num_classes: int, backbone: str = "efficientnet_lite0", head: str = "fcos",
+    def __init__(self, num_classes: int, backbone: str = "efficientnet_lite0", head: str = "retinanet",
                  image_size: int = 320, channels: int = 64, head_convs: int = 2, pretrained: bool = True,
                  weights: str | None = None, freeze_backbone: bool = True):
         super().__init__()
@@ -98,7 +103,7 @@ class Detector(nn.Module):
             p.requires_grad_(not frozen)
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "Detector":
+    def train(self, mode: bool = True) -> Detector:
         super().train(mode)
         if getattr(self, "frozen", False):
             self.det.backbone.body.eval()

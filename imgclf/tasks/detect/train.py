@@ -16,13 +16,19 @@ import torch
 
 from imgclf.tasks.detect.data import DetDataset
 from imgclf.tasks.detect.metrics import coco_metrics
-from imgclf.tasks.detect.model import Detector, detection_loss, eval_transform, train_transform
+from imgclf.tasks.detect.model import (
+    Detector,
+    detection_loss,
+    eval_transform,
+    train_transform,
+)
 
 
 class BoxDataset(torch.utils.data.Dataset):
     """Images of `ds` (indices `items`) through a v2 transform; yields
     (image, target) where target holds "boxes" (tv_tensors.BoundingBoxes),
-    "labels" and "scale" (input pixels per original pixel, x and y).
+    "labels", "scale" (input pixels per original pixel, x and y) and
+    "size" (the original width and height).
     Boxes are clipped to the image and degenerate ones dropped first (what
     `check --fix` would do), so a slightly-off label never stops training."""
 
@@ -48,6 +54,7 @@ class BoxDataset(torch.utils.data.Dataset):
                   "labels": torch.as_tensor(im.labels[ok], dtype=torch.int64)}
         img, target = self.transform(tv_tensors.Image(F.pil_to_tensor(pil)), target)
         target["scale"] = torch.tensor([img.shape[-1] / w, img.shape[-2] / h])
+        target["size"] = torch.tensor([w, h])
         return img, target
 
 
@@ -141,7 +148,8 @@ def predict_loader(model: Detector, loader, device="cpu", score_thresh: float = 
     for x, targets in loader:
         for d, t in zip(model.predict(x.to(device), score_thresh), targets):
             sx, sy = t["scale"].tolist()
-            boxes = d["boxes"].cpu().numpy() / np.array([sx, sy, sx, sy])
+            w, h = t["size"].tolist()
+            boxes = np.clip(d["boxes"].cpu().numpy() / np.array([sx, sy, sx, sy]), 0, [w, h, w, h])  # not into the padding
             out.append({"boxes": boxes, "scores": d["scores"].cpu().numpy(), "labels": d["labels"].cpu().numpy()})
     return out
 
@@ -149,10 +157,8 @@ def predict_loader(model: Detector, loader, device="cpu", score_thresh: float = 
 def evaluate(model: Detector, ds: DetDataset, items: list[int], size: int, device="cpu", batch_size: int = 8,
              workers: int = 0) -> dict:
     """COCO metrics of model on ds's images `items`."""
-    from imgclf.tasks.detect.data import DetDataset as _D
-
     preds = predict_loader(model, make_loader(ds, items, size, False, batch_size, workers), device)
-    sub = _D(classes=ds.classes, images=[ds.images[i] for i in items], format=ds.format, root=ds.root)
+    sub = DetDataset(classes=ds.classes, images=[ds.images[i] for i in items], format=ds.format, root=ds.root)
     return coco_metrics(sub, preds)
 
 
@@ -165,14 +171,15 @@ class FitResult:
 
 
 def fit(ds: DetDataset, train_items: list[int], val_items: list[int], epochs: int = 10, image_size: int = 320,
-        batch_size: int = 8, lr: float = 2e-3, head: str = "fcos", freeze_backbone: bool = True,
+        batch_size: int = 8, lr: float = 2e-3, head: str = "retinanet", freeze_backbone: bool = True,
         unfreeze_at: int | None = None, seed: int = 0, workers: int = 0, eval_every: int = 1,
-        backbone: str = "efficientnet_lite0", vflip: bool = False, cache: bool = False, log=None,
+        backbone: str = "efficientnet_lite0", vflip: bool = False, cache: bool = False, cache_flip: bool = True, log=None,
         **model_kw) -> FitResult:
     """Train a Detector; keep the weights of the epoch with the best val mAP.
     AdamW with a one-cycle schedule; with unfreeze_at, the backbone trains
     from that epoch on at a tenth of the learning rate. cache=True (frozen
-    trunk only): train on CachedFeatures instead of augmented images."""
+    trunk only): train on CachedFeatures (of each image and, with
+    cache_flip, its mirror) instead of augmented images."""
     import copy
 
     torch.manual_seed(seed)
@@ -181,7 +188,7 @@ def fit(ds: DetDataset, train_items: list[int], val_items: list[int], epochs: in
                      freeze_backbone=freeze_backbone, **model_kw)
     if cache and (not freeze_backbone or unfreeze_at is not None):
         raise ValueError("cache=True needs a backbone frozen throughout")
-    loader = (CachedFeatures(model, ds, train_items, image_size, batch_size, seed=seed, workers=workers) if cache
+    loader = (CachedFeatures(model, ds, train_items, image_size, batch_size, cache_flip, seed, workers=workers) if cache
               else make_loader(ds, train_items, image_size, True, batch_size, workers, seed, vflip))
     params = [p for n, p in model.named_parameters() if not n.startswith("det.backbone.body.")]
     groups = [{"params": params, "lr": lr}]
