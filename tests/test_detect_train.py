@@ -17,8 +17,8 @@ from tests.conftest import DATASETS, need
 
 # mAP@.5 over BCCD's three classes on 16 held-out images after the short run
 # below. An untrained model scores 0 (its head starts at a 1% prior, below
-# the score threshold); the short run reaches well above it.
-MAP50_BOUND = 0.30
+# the score threshold); the short run reached 0.66-0.73 over seeds 0-2.
+MAP50_BOUND = 0.40
 
 
 @pytest.fixture(autouse=True)
@@ -104,8 +104,8 @@ def test_short_training_beats_a_bound_an_untrained_model_cannot(bccd):
     torch.manual_seed(0)
     untrained = evaluate(Detector(3, image_size=256), bccd, val, 256)
     assert untrained["map50"] < MAP50_BOUND / 3
-    res = fit(bccd, train, val, epochs=8, image_size=256, batch_size=8, lr=3e-3, cache=True, eval_every=4, seed=0)
+    res = fit(bccd, train, val, epochs=10, image_size=256, batch_size=4, lr=3e-3, cache=True, eval_every=5, seed=0)
     assert res.best["map50"] > MAP50_BOUND, res.history
-    assert res.best["ap50_per_class"]["RBC"] > res.best["ap50_per_class"]["Platelets"] or res.best["map50"] > 0.6
+    assert all(res.best["ap50_per_class"][c] > 0.5 for c in ("RBC", "WBC")), res.best["ap50_per_class"]
     again = evaluate(res.model, bccd, val, 256)  # best weights restored
     assert again["map"] == pytest.approx(res.best["map"], abs=1e-6)
