@@ -3,7 +3,8 @@
 whose epoch is chosen on val and scored on the test split no choice saw.
 
     python bench/bench_detect.py heads 60 9 320        # FCOS vs RetinaNet, 60 train images, 9 epochs, 320 px
-    python bench/bench_detect.py final retinanet 8 320 # all train images, 8 epochs, scored on test
+    python bench/bench_detect.py final retinanet 8 320   # all train images, 8 epochs, batch 8, scored on test
+    python bench/bench_detect.py final retinanet 8 320 4 # the same at batch 4
 
 One intra-op thread: on a contended 2-core machine two threads per process
 made each training step several times slower.
@@ -40,16 +41,16 @@ def heads(n: int, epochs: int, size: int, names: str = "fcos,retinanet") -> None
               "ap50_per_class": r.best["ap50_per_class"]}), flush=True)
 
 
-def final(head: str, epochs: int, size: int) -> None:
+def final(head: str, epochs: int, size: int, batch_size: int = 8) -> None:
     from imgclf.tasks.detect.train import evaluate, fit
 
     ds, sp = _data()
     t = time.time()
-    r = fit(ds, sp["train"], sp["val"], epochs=epochs, image_size=size, head=head, cache=True,
+    r = fit(ds, sp["train"], sp["val"], epochs=epochs, image_size=size, head=head, cache=True, batch_size=batch_size,
             eval_every=max(1, epochs // 4), log=lambda row: print(row, flush=True))
     m = evaluate(r.model, ds, sp["test"], size)
     print("RESULT", json.dumps({"head": head, "train": len(sp["train"]), "epochs": epochs, "size": size,
-          "fit_seconds": round(r.seconds, 1), "val_map": r.best["map"], "val_map50": r.best["map50"],
+          "batch_size": batch_size, "fit_seconds": round(r.seconds, 1), "val_map": r.best["map"], "val_map50": r.best["map50"],
           "best_epoch": r.best["epoch"], "test": {k: v for k, v in m.items() if k != "f1"},
           "total_seconds": round(time.time() - t, 1)}), flush=True)
 
@@ -63,4 +64,4 @@ if __name__ == "__main__":
     if cmd == "heads":
         heads(int(args[0]), int(args[1]), int(args[2]), *args[3:])
     else:
-        final(args[0], int(args[1]), int(args[2]))
+        final(args[0], int(args[1]), int(args[2]), *map(int, args[3:]))
