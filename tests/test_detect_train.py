@@ -109,3 +109,18 @@ def test_short_training_beats_a_bound_an_untrained_model_cannot(bccd):
     assert all(res.best["ap50_per_class"][c] > 0.5 for c in ("RBC", "WBC")), res.best["ap50_per_class"]
     again = evaluate(res.model, bccd, val, 256)  # best weights restored
     assert again["map"] == pytest.approx(res.best["map"], abs=1e-6)
+
+
+def test_fit_on_augmented_images_updates_the_head_only(bccd):
+    """The uncached path: scale jitter, crop, flip and colour on real images
+    feed the trunk every step; the frozen trunk keeps its weights."""
+    import math
+
+    torch.manual_seed(0)
+    fresh = Detector(3, image_size=192)  # the weights fit starts from (it seeds with `seed` too)
+    res = fit(bccd, [0, 1, 2, 3], [], epochs=1, image_size=192, batch_size=2, lr=3e-3, seed=0)
+    (row,) = res.history
+    assert all(math.isfinite(row[k]) for k in ("classification", "bbox_regression"))
+    trunk, head = res.model.det.backbone.body.state_dict(), res.model.det.head.state_dict()
+    assert all(torch.equal(v, fresh.det.backbone.body.state_dict()[k]) for k, v in trunk.items())
+    assert not all(torch.equal(v, fresh.det.head.state_dict()[k]) for k, v in head.items() if v.is_floating_point())
