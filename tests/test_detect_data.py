@@ -158,7 +158,7 @@ def test_bad_labels_are_named_with_the_file_and_fix(tmp_path):
         read_dataset(f)
 
     yolo = write_yolo(read_dataset(voc_subset(tmp_path / "v2", 2)), tmp_path / "yolo")
-    lab = sorted((yolo / "labels").glob("*.txt"))[0]
+    lab = min((yolo / "labels").glob("*.txt"))
     lab.write_text(lab.read_text() + "5 0.5 0.5 0.1 0.1\n0 0.5 nan 0.1 0.1\n")
     ds = read_dataset(yolo, strict=False)
     assert [(p.kind, p.file.rsplit(":", 1)[0] == str(lab)) for p in ds.problems] == [("unknown_label", True),

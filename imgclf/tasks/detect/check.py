@@ -22,8 +22,8 @@ from imgclf.tasks.detect.data import (
     DetDataset,
     DetImage,
     Problem,
-    round_px,
     read_dataset,
+    round_px,
     write_coco,
 )
 

@@ -90,8 +90,8 @@ class Detector(nn.Module):
             raise ConfigError(f"backbone={backbone!r}: detection uses an EfficientNet-Lite backbone",
                               "choose efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2")
         net, _ = get_model_info(backbone).build(pretrained=pretrained, weights=weights)
-        self.config = dict(num_classes=num_classes, backbone=backbone, head=head, image_size=image_size,
-                           channels=channels, head_convs=head_convs)
+        self.config = {"num_classes": num_classes, "backbone": backbone, "head": head, "image_size": image_size,
+                           "channels": channels, "head_convs": head_convs}
         self.num_classes, self.image_size, self.head_name = num_classes, image_size, head
         self.det = _build_head(head, _Backbone(LiteFeatures(net), channels), num_classes, image_size, head_convs)
         self.freeze_backbone(freeze_backbone)
@@ -160,8 +160,8 @@ def _build_head(head: str, backbone: _Backbone, num_classes: int, image_size: in
     from torchvision.models.detection.retinanet import RetinaNetHead
 
     c = backbone.out_channels
-    common = dict(min_size=image_size, max_size=image_size, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                  detections_per_img=300, topk_candidates=1000)
+    common = {"min_size": image_size, "max_size": image_size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                  "detections_per_img": 300, "topk_candidates": 1000}
     if head == "fcos":
         return FCOS(backbone, num_classes, head=FCOSHead(c, 1, num_classes, num_convs=head_convs),
                     anchor_generator=AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5), **common)
