@@ -264,7 +264,7 @@ def test_resize_graph_matches_pillow():
     from imgclf.data.preprocess import Preprocess, resize_image
     from imgclf.deploy.export import RESIZE_LEVELS
     from imgclf.deploy.resize_graph import resize_model
-    from imgclf.inference.onnx_predictor import ort_session
+    from imgclf.ort import ort_session
 
     def graph(im, pp, antialias=True):
         s = ort_session(resize_model(pp, antialias).SerializeToString())

@@ -29,9 +29,9 @@ LAYERS = [
     ["imgclf.runs", "imgclf.config"],
     ["imgclf.inference"],
     ["imgclf.evaluation"],
-    ["imgclf.training"],
+    ["imgclf.training", "imgclf.tasks"],
     ["imgclf.data_engine"],
-    ["imgclf.deploy", "imgclf.tasks"],
+    ["imgclf.deploy"],
     ["imgclf.cli", "imgclf.demo", "imgclf.demo_multilabel", "imgclf.__main__", "imgclf"],
 ]
 

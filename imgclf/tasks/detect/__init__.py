@@ -1,0 +1,1 @@
+"""Object detection: labels, checks, model, metrics and training of the `detect` task."""

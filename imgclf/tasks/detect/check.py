@@ -1,0 +1,236 @@
+"""What `imgclf check` finds in detection labels, `--fix`, and the split.
+
+`check_dataset` reports box counts per class, box sizes and aspect ratios
+(with a warning for objects too small at the input size), background images,
+boxes outside the image, degenerate and (near-)duplicated boxes, and every
+problem the reader met (labels not in the class list, unreadable files, bad
+coordinates). `fix_dataset` writes a cleaned COCO JSON next to nothing of the
+user's: boxes clipped, degenerate and duplicated ones dropped, each change
+counted. `split_dataset` stratifies by class presence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.errors import DataError
+from imgclf.tasks.detect.data import (
+    DetDataset,
+    DetImage,
+    Problem,
+    read_dataset,
+    round_px,
+    write_coco,
+)
+from imgclf.data.datasets import multilabel_split
+
+# Two boxes of one class overlapping more than this are one object labelled twice.
+DUPLICATE_IOU = 0.95
+# An object whose side (square root of its area) is under this many pixels
+# once the image is scaled to the input size: the finest feature map of the
+# detector (stride 8) gives it about one cell, so it is easily missed.
+SMALL_PX = 12.0
+SMALL_SHARE = 0.10  # warn when at least this share of a class is small
+
+
+@dataclass
+class BoxIssue:
+    image: str
+    index: int  # the box's position in the image's list
+    label: str
+    box: list[float]
+    detail: str = ""
+
+
+@dataclass
+class DetCheckReport:
+    format: str
+    classes: list[str]
+    images: int
+    boxes: int
+    image_size: int
+    boxes_per_class: dict[str, int]
+    images_per_class: dict[str, int]
+    # per class: side (sqrt of area) in original pixels and at the input size, and aspect w/h: p5/p50/p95
+    sizes: dict[str, dict[str, list[float]]]
+    small_per_class: dict[str, int]
+    background_images: list[str] = field(default_factory=list)
+    outside: list[BoxIssue] = field(default_factory=list)
+    degenerate: list[BoxIssue] = field(default_factory=list)
+    duplicates: list[BoxIssue] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.outside or self.degenerate or self.duplicates or self.problems)
+
+
+def _side_and_aspect(im: DetImage) -> tuple[np.ndarray, np.ndarray]:
+    w = np.clip(im.boxes[:, 2] - im.boxes[:, 0], 0, None)
+    h = np.clip(im.boxes[:, 3] - im.boxes[:, 1], 0, None)
+    return np.sqrt(w * h), np.where(h > 0, w / np.where(h > 0, h, 1), 0.0)
+
+
+def input_scale(im: DetImage, image_size: int) -> float:
+    """The factor the image is resized by: its longer side becomes image_size."""
+    return image_size / max(im.width, im.height)
+
+
+def suggest_image_size(ds: DetDataset, min_px: float = 16.0, quantile: float = 0.1,
+                       lo: int = 320, hi: int = 1024) -> int:
+    """The input size (a multiple of 32 in [lo, hi]) at which the `quantile`
+    smallest boxes still span `min_px` pixels."""
+    rel = [s / max(im.width, im.height) for im in ds.images for s in _side_and_aspect(im)[0] if s > 0]
+    if not rel:
+        return lo
+    need = min_px / float(np.quantile(rel, quantile))
+    return int(min(hi, max(lo, 32 * math.ceil(need / 32))))
+
+
+def _pct(v: list[float]) -> list[float]:
+    return [round(float(x), 2) for x in np.percentile(v, [5, 50, 95])] if v else []
+
+
+def _box_issues(im: DetImage, classes: list[str], rep: DetCheckReport) -> None:
+    b = im.boxes
+    for i, (box, c) in enumerate(zip(b.tolist(), im.labels.tolist())):
+        issue = BoxIssue(str(im.path), i, classes[c], box)
+        if box[2] <= box[0] or box[3] <= box[1]:
+            rep.degenerate.append(issue)
+        elif box[0] < 0 or box[1] < 0 or box[2] > im.width or box[3] > im.height:
+            rep.outside.append(issue)
+    for i, j, v in duplicate_pairs(im):
+        rep.duplicates.append(BoxIssue(str(im.path), j, classes[im.labels[j]], b[j].tolist(),
+                                       f"IoU {v:.3f} with box {i}"))
+
+
+def duplicate_pairs(im: DetImage, iou: float = DUPLICATE_IOU) -> list[tuple[int, int, float]]:
+    """(i, j, IoU), i < j: box j repeats box i (same class, IoU > iou)."""
+    import torch
+    from torchvision.ops import box_iou
+
+    if len(im.boxes) < 2:
+        return []
+    m = box_iou(torch.from_numpy(im.boxes), torch.from_numpy(im.boxes)).numpy()
+    same = im.labels[:, None] == im.labels[None, :]
+    ii, jj = np.nonzero(np.triu((m > iou) & same, k=1))
+    return [(i, j, float(m[i, j])) for i, j in zip(ii.tolist(), jj.tolist())]
+
+
+def check_dataset(data: str | Path | DetDataset, image_size: int | None = None) -> DetCheckReport:
+    """Read (leniently) and check detection labels; nothing is changed."""
+    ds = data if isinstance(data, DetDataset) else read_dataset(data, strict=False)
+    size = image_size or suggest_image_size(ds)
+    k = len(ds.classes)
+    sides: list[list[float]] = [[] for _ in range(k)]
+    scaled: list[list[float]] = [[] for _ in range(k)]
+    aspects: list[list[float]] = [[] for _ in range(k)]
+    n_img = [0] * k
+    rep = DetCheckReport(format=ds.format, classes=ds.classes, images=len(ds.images), boxes=ds.num_boxes,
+                         image_size=size, boxes_per_class={}, images_per_class={}, sizes={}, small_per_class={},
+                         problems=list(ds.problems))
+    for im in ds.images:
+        if len(im.boxes) == 0:
+            rep.background_images.append(str(im.path))
+        side, asp = _side_and_aspect(im)
+        s = input_scale(im, size)
+        for c, a, r in zip(im.labels.tolist(), side.tolist(), asp.tolist()):
+            sides[c].append(a)
+            scaled[c].append(a * s)
+            aspects[c].append(r)
+        for c in set(im.labels.tolist()):
+            n_img[c] += 1
+        _box_issues(im, ds.classes, rep)
+    for c, name in enumerate(ds.classes):
+        rep.boxes_per_class[name] = len(sides[c])
+        rep.images_per_class[name] = n_img[c]
+        rep.sizes[name] = {"side_px": _pct(sides[c]), "side_at_input": _pct(scaled[c]), "aspect": _pct(aspects[c])}
+        rep.small_per_class[name] = int(sum(v < SMALL_PX for v in scaled[c]))
+    rep.warnings = _warnings(rep, ds)
+    return rep
+
+
+def _warnings(rep: DetCheckReport, ds: DetDataset) -> list[str]:
+    out = []
+    for name, n in rep.boxes_per_class.items():
+        if n == 0:
+            out.append(f"class {name!r} has no boxes: the model cannot learn it; label some or drop it from the list")
+        elif rep.small_per_class[name] >= SMALL_SHARE * n:
+            out.append(f"{rep.small_per_class[name]} of {n} {name!r} boxes are under {SMALL_PX:.0f} px at input size "
+                       f"{rep.image_size}: they are easily missed; a larger --image-size "
+                       f"(e.g. {suggest_image_size(ds, lo=rep.image_size + 32)}) helps")
+    for what, items in (("outside the image", rep.outside), ("degenerate (zero or negative area)", rep.degenerate),
+                        (f"duplicated (IoU > {DUPLICATE_IOU}, same class)", rep.duplicates)):
+        if items:
+            out.append(f"{len(items)} box(es) {what}, e.g. {items[0].image} box {items[0].index}: "
+                       "`imgclf check --fix` writes a cleaned COCO copy")
+    if rep.problems:
+        out.append(f"{len(rep.problems)} problem(s) reading the labels, e.g. {rep.problems[0]}")
+    return out
+
+
+def fix_dataset(data: str | Path | DetDataset, out: str | Path) -> dict[str, int]:
+    """Write a cleaned copy of the labels as COCO JSON at `out`: boxes clipped
+    to the image, degenerate ones (also those with nothing left after
+    clipping) and duplicates dropped. Returns what changed, counted. Labels
+    the reader had to leave out (unknown class, bad coordinates, unreadable
+    files) are counted too. The user's files are never written."""
+    ds = data if isinstance(data, DetDataset) else read_dataset(data, strict=False)
+    out = Path(out).resolve()
+    sources = {Path(im.source).resolve() for im in ds.images if im.source} | {Path(p.file.split(":")[0]).resolve()
+                                                                            for p in ds.problems}
+    if out in sources or out.is_relative_to(ds.root.resolve()) and out.exists():
+        raise DataError(f"--fix output {out} would overwrite the user's labels", "write the cleaned copy elsewhere")
+    counts = {"clipped": 0, "dropped_degenerate": 0, "dropped_duplicates": 0}
+    for p in ds.problems:
+        counts[f"left_out_{p.kind}"] = counts.get(f"left_out_{p.kind}", 0) + 1
+    clean = DetDataset(classes=ds.classes, images=[_fixed(im, counts) for im in ds.images], format=ds.format,
+                       root=ds.root)
+    write_coco(clean, out)
+    return counts
+
+
+def _fixed(im: DetImage, counts: dict[str, int]) -> DetImage:
+    b = im.boxes.copy()
+    lim = np.array([im.width, im.height, im.width, im.height], np.float64)
+    c = np.clip(b, 0, lim)
+    moved = np.any(c != b, axis=1)
+    ok = (c[:, 2] > c[:, 0]) & (c[:, 3] > c[:, 1])
+    counts["clipped"] += int(np.sum(moved & ok))
+    counts["dropped_degenerate"] += int(np.sum(~ok))
+    c = np.vectorize(round_px)(c) if len(c) else c
+    kept = DetImage(path=im.path, width=im.width, height=im.height, boxes=c[ok].reshape(-1, 4),
+                    labels=im.labels[ok], mask_path=None, split=im.split, source=im.source)
+    dup = {j for _, j, _ in duplicate_pairs(kept)}
+    counts["dropped_duplicates"] += len(dup)
+    keep = [i for i in range(len(kept.boxes)) if i not in dup]
+    kept.boxes, kept.labels = kept.boxes[keep].reshape(-1, 4), kept.labels[keep]
+    return kept
+
+
+def split_dataset(ds: DetDataset, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                  seed: int = 0) -> dict[str, list[int]]:
+    """Image indices per split. A split the data gives (VOC ImageSets, YOLO
+    data.yaml, COCO files named by split) is kept; a missing val (or test)
+    is carved from train. Stratified by which classes each image holds
+    (background images are a stratum of their own), reproducible by seed."""
+    given = {s: [i for i, im in enumerate(ds.images) if im.split == s] for s in ("train", "val", "test")}
+    unassigned = [i for i, im in enumerate(ds.images) if im.split not in given]
+    pool = given["train"] + unassigned
+    want = [("val", 0.0 if given["val"] else val_fraction), ("test", 0.0 if given["val"] or given["test"] else test_fraction)]
+    total = len(pool)
+    fracs = tuple(f * len(ds.images) / total if total else 0.0 for _, f in want)
+    items = [(str(i), tuple(sorted(set(ds.images[i].labels.tolist())))) for i in pool]
+    parts = multilabel_split(items, len(ds.classes), fracs, seed) if pool else [[], [], []]
+    out = {"train": sorted(int(i) for i, _ in parts[-1])}
+    for (name, _), part in zip(want, parts[:-1]):
+        out[name] = sorted(given[name] + [int(i) for i, _ in part])
+    return out
