@@ -194,9 +194,9 @@ def cmd_export(cfg: C.ExportConfig) -> int:
 
 def cmd_serve(cfg: C.ServeConfig) -> int:
     # Only imgclf.deploy.serve (and, for a run directory, torch): an .onnx needs neither torch nor onnx.
-    from imgclf.deploy.serve import serve
+    from imgclf.deploy.serve import checked_api_key, serve
 
-    cfg.api_key = cfg.api_key or os.environ.get("IMGCLF_API_KEY") or None
+    cfg.api_key = checked_api_key(cfg.api_key, os.environ)
     serve(cfg)
     return 0
 

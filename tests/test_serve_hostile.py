@@ -5,6 +5,7 @@ test names the defect it guards against (issue 14)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import io
 import json
 import socket
@@ -203,3 +204,60 @@ def test_slow_uploads_never_take_processing_slots(tiny_run, tmp_path_factory, ca
             s.close()
             assert replies.startswith(b"HTTP/1.1 408"), replies[:200]
         assert time.perf_counter() - t0 < 20
+
+
+def _trickle(socks: list, stop_at: float) -> None:
+    """A header line every 0.3 s on each socket, as a slowloris client would, until stop_at."""
+    i = 0
+    while time.perf_counter() < stop_at:
+        for s in socks:
+            try:
+                s.sendall(b"X-Slow-%d: y\r\n" % i)
+            except OSError:
+                pass
+        i += 1
+        time.sleep(0.3)
+
+
+def test_idle_and_slow_header_connections_never_deny_service(tiny_run, tmp_path_factory, cat):
+    """256 sockets that send nothing plus 256 that trickle header lines, all
+    from one client: uvicorn alone answered every other request 503 until they
+    closed. The per-client cap refuses most at once; the header deadline
+    closes the rest; requests from another address keep answering."""
+    host = "127.0.0.1"
+    with served_tiny_onnx(tiny_run, tmp_path_factory, "idle", "--header-timeout-s", "3") as (url, _, _):
+        port = int(url.rsplit(":", 1)[1])
+        socks = [socket.create_connection((host, port), timeout=5) for _ in range(512)]
+        idle, slow = socks[::2], socks[1::2]  # interleaved: both kinds are among those under the cap
+        for s in slow:
+            with contextlib.suppress(OSError):
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        t0 = time.perf_counter()
+        good = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=10)
+        lat, codes = [], []
+        with cf.ThreadPoolExecutor(1) as pool:
+            trickler = pool.submit(_trickle, slow, t0 + 6)
+            while time.perf_counter() - t0 < 6:
+                t = time.perf_counter()
+                r = (good.get(url + "/healthz") if len(lat) % 2 else
+                     good.post(url + "/v1/predict", files={"file": ("a.jpg", cat)}))
+                lat.append(time.perf_counter() - t)
+                codes.append(r.status_code)
+            trickler.result()
+        good.close()
+        assert set(codes) == {200}, codes
+        p99 = float(np.percentile(lat, 99))
+        assert len(lat) >= 10 and p99 < 1.0, (len(lat), p99)
+        # every hostile socket was answered 503 at once or closed by the deadline: none is still held
+        open_ = 0
+        for s in idle + slow:
+            s.settimeout(0.05)
+            try:
+                while s.recv(65536):
+                    pass
+            except (TimeoutError, socket.timeout):
+                open_ += 1
+            except OSError:
+                pass
+            s.close()
+        assert open_ == 0, f"{open_} hostile connections still open after the 3 s header deadline"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,13 +25,43 @@ def create_app(cfg: ServeConfig):
 
     return _create_app(cfg)
 
-_ENV = "IMGCLF_SERVE_CONFIG"
+_ENV = "IMGCLF_SERVE_CONFIG_FILE"
 
 
 def app_from_env():
-    """uvicorn factory for --workers > 1 (each worker process builds its own app)."""
+    """uvicorn factory for --workers > 1 (each worker process builds its own
+    app). The config, API key included, comes from a file only this user can
+    read, named in the environment: the key itself is never in an environment."""
+    from imgclf.deploy.serve import connections
+
     return_memory_promptly()
-    return create_app(ServeConfig(**json.loads(os.environ[_ENV])))
+    cfg = ServeConfig(**json.loads(Path(os.environ[_ENV]).read_text()))
+    connections.configure(cfg.header_timeout_s, cfg.max_connections_per_client)
+    return create_app(cfg)
+
+
+def checked_api_key(given: str | None, env: dict) -> str | None:
+    """The API key from --api-key or IMGCLF_API_KEY, refused when it could
+    never work as meant: empty or blank (no authentication, silently), or
+    with surrounding spaces (HTTP strips them from header values). A key on
+    the command line is visible to every user in `ps`: a warning says so."""
+    from imgclf.errors import ConfigError
+
+    source = "--api-key" if given is not None else "IMGCLF_API_KEY"
+    key = given if given is not None else env.get("IMGCLF_API_KEY")
+    if key is None:
+        return None
+    if not key.strip():
+        raise ConfigError(f"{source} is empty, which would leave the server open to everyone",
+                          "set a real key (e.g. IMGCLF_API_KEY=$(openssl rand -hex 24)), or drop the option "
+                          "to serve without a key")
+    if key != key.strip() or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise ConfigError(f"{source} has surrounding spaces or control characters, which no HTTP client can "
+                          "send back", "strip them from the key")
+    if given is not None:
+        print("imgclf serve: warning: --api-key on the command line is visible to other users (ps); "
+              "set IMGCLF_API_KEY in the environment instead", file=sys.stderr, flush=True)
+    return key
 
 
 def return_memory_promptly() -> None:
@@ -53,6 +85,7 @@ def serve(cfg: ServeConfig) -> None:
     """Check the model loads (a clear error now, not inside a worker), then run uvicorn."""
     import uvicorn
 
+    from imgclf.deploy.serve import connections
     from imgclf.errors import RunError
     from imgclf.inference import load
 
@@ -64,11 +97,18 @@ def serve(cfg: ServeConfig) -> None:
     return_memory_promptly()
     print(f"imgclf serve: {cfg.model} on http://{cfg.host}:{cfg.port}/  (API: POST /v1/predict, docs: /docs)"
           + (", API key required" if cfg.api_key else ""), flush=True)
-    # h11 (not httptools, even where installed): its header-size limit applies.
-    common = {"host": cfg.host, "port": cfg.port, "log_level": "warning", "timeout_keep_alive": 5, "http": "h11",
-              "h11_max_incomplete_event_size": 64 * 1024, "limit_concurrency": cfg.max_connections}
-    if cfg.workers > 1:
-        os.environ[_ENV] = json.dumps(asdict(cfg))
-        uvicorn.run("imgclf.deploy.serve:app_from_env", factory=True, workers=cfg.workers, **common)
-    else:
+    connections.configure(cfg.header_timeout_s, cfg.max_connections_per_client)
+    # h11 (not httptools, even where installed): its header-size limit applies, and
+    # connections.py adds the header deadline and per-client limit to it.
+    common = {"host": cfg.host, "port": cfg.port, "log_level": "warning", "timeout_keep_alive": 5,
+              "http": connections.GuardedH11Protocol, "h11_max_incomplete_event_size": 64 * 1024,
+              "limit_concurrency": cfg.max_connections}
+    if cfg.workers <= 1:
         uvicorn.run(create_app(cfg), **common)
+        return
+    with tempfile.TemporaryDirectory(prefix="imgclf-serve-") as d:  # mode 0700
+        path = Path(d) / "config.json"
+        path.touch(0o600)
+        path.write_text(json.dumps(asdict(cfg)))
+        os.environ[_ENV] = str(path)
+        uvicorn.run("imgclf.deploy.serve:app_from_env", factory=True, workers=cfg.workers, **common)

@@ -29,7 +29,7 @@ from imgclf.config import ServeConfig
 from imgclf.data.images import BadImage
 from imgclf.deploy.serve.batching import Batcher
 from imgclf.deploy.serve.metrics import Metrics
-from imgclf.deploy.serve.parsing import (ApiError, PixelBudget, header_pixels, media_type, parse_json,
+from imgclf.deploy.serve.parsing import (ApiError, BodyBudget, PixelBudget, header_pixels, media_type, parse_json,
                                          parse_multipart, parse_top_k, read_body)
 from imgclf.inference import top_k
 from imgclf.runs import RunDir
@@ -47,6 +47,7 @@ class State:
         self.predictor = None
         self.batcher: Batcher | None = None
         self.pixels = PixelBudget(cfg.decode_pixels or 2 * cfg.max_pixels)
+        self.bodies = BodyBudget(cfg.body_budget_bytes)
         self.in_flight = 0
         self.similar = None  # SimilarityIndex of the run's training images, when serving a run directory
         self.similar_why = "the model is still loading"  # why /v1/similar is unavailable
@@ -112,7 +113,7 @@ def add_error_handlers(app, st: State) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
-        return error_response(st, e.status, e.code, e.message, **e.extra)
+        return error_response(st, e.status, e.code, e.message, headers=e.headers, **e.extra)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
@@ -138,17 +139,20 @@ def add_error_handlers(app, st: State) -> None:
 
 
 def check_key(st: State, request) -> None:
+    """The key from X-API-Key or Authorization: Bearer, compared as raw header
+    bytes (UTF-8 on both sides, so a non-ASCII key works) in constant time."""
     key = st.cfg.api_key
     if not key:
         return
-    given = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
-    if given is None and auth.lower().startswith("bearer "):
+    headers = dict(request.scope["headers"])  # raw (lower-case name, value) bytes
+    given = headers.get(b"x-api-key")
+    auth = headers.get(b"authorization", b"")
+    if given is None and auth[:7].lower() == b"bearer ":
         given = auth[7:].strip()
     if given is None:
         raise ApiError(401, "missing_api_key", "this server needs an API key: send it as 'X-API-Key: KEY' "
                        "or 'Authorization: Bearer KEY'")
-    if not hmac.compare_digest(given.encode(), key.encode()):
+    if not hmac.compare_digest(given, key.encode()):
         raise ApiError(401, "wrong_api_key", "the API key is wrong")
 
 
@@ -202,9 +206,13 @@ def decode_all(st: State, files: list[tuple[str, bytes]]) -> list:
     return xs
 
 
-async def images_body(request, st: State) -> bytes:
-    """The whole request body, within the size and time limits; 400 when empty."""
-    body = await read_body(request, st.cfg.max_body_bytes, st.cfg.body_timeout_s, st.cfg.body_deadline_s)
+async def images_body(request, st: State, held) -> bytes:
+    """The whole request body, within the size, time and memory limits; 400 when empty."""
+    coding = request.headers.get("content-encoding", "identity").strip().lower()
+    if coding != "identity":
+        raise ApiError(415, "unsupported_content_encoding", f"Content-Encoding {coding[:40]!r} is not supported; "
+                       "send the body uncompressed (images are already compressed)")
+    body = await read_body(request, st.cfg.max_body_bytes, st.cfg.body_timeout_s, st.cfg.body_deadline_s, held)
     if not body:
         raise ApiError(400, "empty_request", "no images in the request; send multipart files "
                        "(curl -F 'file=@cat.jpg') or JSON {\"images\": [\"<base64>\"]}")
@@ -246,13 +254,15 @@ def add_predict_route(app, st: State) -> None:
     async def predict(request: Request):
         check_key(st, request)
         pred = st.ready()
-        body = await images_body(request, st)
-        with processing_slot(st):
-            files, body_k = await run_in_threadpool(parse_request, st, body, request.headers.get("content-type", ""))
-            k = top_k_of(request, body_k, st.cfg.top_k, len(pred.classes))
-            xs = await run_in_threadpool(decode_all, st, files)
-            t0 = time.perf_counter()
-            outs = await st.batcher(xs)
+        with st.bodies.account() as held:
+            body = await images_body(request, st, held)
+            with processing_slot(st):
+                files, body_k = await run_in_threadpool(parse_request, st, body, request.headers.get("content-type", ""))
+                del body
+                k = top_k_of(request, body_k, st.cfg.top_k, len(pred.classes))
+                xs = await run_in_threadpool(decode_all, st, files)
+                t0 = time.perf_counter()
+                outs = await st.batcher(xs)
         thr = pred.thresholds if pred.multi_label else None
         preds = [{"filename": name, **top_k(p, pred.classes, k, u, pred.reject, thr)}
                  for (name, _), (p, u) in zip(files, outs)]
@@ -324,12 +334,14 @@ def add_similar_route(app, st: State) -> None:
         if st.similar is None:
             raise ApiError(404, "similar_unavailable", f"similarity search is not available: {st.similar_why}")
         k = k_of(request, 10, min(MAX_SIMILAR_K, len(st.similar)))
-        body = await images_body(request, st)
-        with processing_slot(st):
-            files, _ = await run_in_threadpool(parse_request, st, body, request.headers.get("content-type", ""))
-            xs = await run_in_threadpool(decode_all, st, files)
-            t0 = time.perf_counter()
-            results = await run_in_threadpool(similar_results, st, files, xs, k)
+        with st.bodies.account() as held:
+            body = await images_body(request, st, held)
+            with processing_slot(st):
+                files, _ = await run_in_threadpool(parse_request, st, body, request.headers.get("content-type", ""))
+                del body
+                xs = await run_in_threadpool(decode_all, st, files)
+                t0 = time.perf_counter()
+                results = await run_in_threadpool(similar_results, st, files, xs, k)
         return {"results": results, "model_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
 

@@ -22,9 +22,10 @@ MAX_TOP_K_DIGITS = 6  # any top_k beyond the class count means "all classes"
 class ApiError(Exception):
     """A 4xx/5xx with a JSON body {"error": {"code", "message", ...}}."""
 
-    def __init__(self, status: int, code: str, message: str, **extra):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None, **extra):
         super().__init__(message)
         self.status, self.code, self.message, self.extra = status, code, message, extra
+        self.headers = headers
 
 
 def media_type(content_type: str) -> str:
@@ -32,11 +33,12 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
-async def read_body(request, limit: int, timeout_s: float, deadline_s: float) -> bytes:
+async def read_body(request, limit: int, timeout_s: float, deadline_s: float, held: "BodyBytes") -> bytes:
     """The whole body, or 413 past `limit` bytes (checked against
     Content-Length first, then as chunks arrive), and 408 when the client
     stops sending for `timeout_s` (a short body under a long Content-Length)
-    or takes longer than `deadline_s` in all (a byte every few seconds)."""
+    or takes longer than `deadline_s` in all (a byte every few seconds).
+    Its bytes are counted in `held` (the shared body budget) before they are read."""
     from starlette.requests import ClientDisconnect
 
     n = request.headers.get("content-length")
@@ -46,6 +48,7 @@ async def read_body(request, limit: int, timeout_s: float, deadline_s: float) ->
         if int(n) > limit:
             raise ApiError(413, "body_too_large", f"request body is {int(n):,} bytes, over the limit of {limit:,}; "
                            f"send fewer or smaller images (resize them to about the model's input size)")
+        held.grow(int(n))
     chunks, size, stream = [], 0, request.stream().__aiter__()
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline_s
@@ -63,6 +66,7 @@ async def read_body(request, limit: int, timeout_s: float, deadline_s: float) ->
         if size > limit:
             raise ApiError(413, "body_too_large", f"request body is over the limit of {limit:,} bytes; "
                            f"send fewer or smaller images")
+        held.grow(size - held.n)  # a chunked body: counted as it arrives
         chunks.append(chunk)
 
 
@@ -109,8 +113,8 @@ def parse_multipart(body: bytes, content_type: str, max_files: int, max_parts: i
                  "on_header_field": lambda d, s, e: cur.__setitem__("field", cur["field"] + d[s:e]),
                  "on_header_value": lambda d, s, e: cur.__setitem__("value", cur["value"] + d[s:e]),
                  "on_part_data": lambda d, s, e: cur["data"].append(d[s:e])}
-    parser = MultipartParser(boundary, callbacks)
     try:
+        parser = MultipartParser(boundary, callbacks)  # refuses a boundary over 256 bytes (RFC 2046: 70)
         parser.write(body)
         parser.finalize()
     except ApiError:
@@ -163,6 +167,71 @@ def parse_top_k(v, default: int, n_classes: int) -> int:
     if v < 1:
         raise ApiError(400, "bad_top_k", f"top_k must be at least 1, got {v}")
     return min(v, n_classes)
+
+
+class BodyBudget:
+    """Bounds the request bytes held in memory across all requests (bodies,
+    and the parts and images parsed from them), as PixelBudget bounds
+    decoding: many large uploads at once get 503 busy with Retry-After
+    instead of taking the server's memory. A request counts its bytes from
+    before it reads them until its answer is sent. When the last large
+    request ends, glibc is asked to hand its free pages back to the system
+    (bodies arrive in 64 KiB pieces that sit in the heap, under the mmap
+    threshold, where freeing alone leaves them with the process)."""
+
+    TRIM_AFTER = 64 << 20
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.since_trim = limit, 0, 0
+        self.lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self.lock:
+            if n > 0 and self.used + n > self.limit:
+                raise ApiError(503, "busy", f"the server is holding {self.used:,} bytes of request bodies, the "
+                               f"limit; retry in a moment", headers={"Retry-After": "1"})
+            self.used += n
+            self.since_trim += max(n, 0)
+
+    def give(self, n: int) -> None:
+        with self.lock:
+            self.used -= n
+            trim = self.used == 0 and self.since_trim >= self.TRIM_AFTER
+            if trim:
+                self.since_trim = 0
+        if trim:
+            trim_heap()
+
+    @contextmanager
+    def account(self):
+        held = BodyBytes(self)
+        try:
+            yield held
+        finally:
+            self.give(held.n)
+
+
+class BodyBytes:
+    """One request's share of the BodyBudget."""
+
+    def __init__(self, budget: BodyBudget):
+        self.budget, self.n = budget, 0
+
+    def grow(self, n: int) -> None:
+        if n > 0:
+            self.budget.take(n)
+            self.n += n
+
+
+def trim_heap() -> None:
+    """glibc's malloc_trim(0): return free heap pages to the system. A no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class PixelBudget:
