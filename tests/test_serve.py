@@ -219,3 +219,98 @@ def test_metrics_need_the_key_unless_public(onnx_path):
         assert c.get("/metrics", headers={"X-API-Key": KEY}).status_code == 200
     with TestClient(create_app(ServeConfig(str(onnx_path), api_key=KEY, public_metrics=True))) as c:
         assert c.get("/metrics").status_code == 200
+
+
+def test_small_http_refusals(client, imgs):
+    """Compressed bodies, giant boundaries and thousand-digit numbers get the
+    right code and a message that quotes nothing from the server's internals."""
+    import gzip
+    import json
+
+    cat = imgs["cats"][0]
+    body = json.dumps({"images": [base64.b64encode(cat).decode()]}).encode()
+    for coding, data in (("gzip", gzip.compress(body)), ("deflate", body)):
+        e = error(client.post("/v1/predict", content=data, headers={"Content-Type": "application/json",
+                                                                     "Content-Encoding": coding}),
+                  415, "unsupported_content_encoding")
+        assert "Content-Encoding" in e["message"]
+    boundary = "b" * 300  # python-multipart refuses over 256: once a 500 and a logged traceback
+    data = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n\r\n").encode() \
+        + cat + f"\r\n--{boundary}--\r\n".encode()
+    error(client.post("/v1/predict", content=data, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}),
+          400, "bad_multipart")
+    big = b'{"images": ["%s"], "top_k": %s}' % (base64.b64encode(cat), b"9" * 5000)
+    r = client.post("/v1/predict", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and len(r.json()["predictions"][0]["top"]) == 2, r.text[:300]  # all classes
+    neg = client.post("/v1/predict", content=big.replace(b": 9", b": -9"), headers={"Content-Type": "application/json"})
+    assert "set_int_max_str_digits" not in error(neg, 400, "bad_top_k")["message"]
+
+
+def test_api_key_is_compared_as_raw_bytes(onnx_path):
+    """A non-ASCII key works when the client sends its UTF-8 bytes (Starlette
+    decodes headers as latin-1, so comparing str never matched)."""
+    from fastapi.testclient import TestClient
+
+    from imgclf.deploy.serve import ServeConfig, create_app
+
+    key = "clé-ü-ключ"
+    with TestClient(create_app(ServeConfig(str(onnx_path), api_key=key))) as c:
+        assert c.get("/v1/model", headers={"X-API-Key": key.encode()}).status_code == 200
+        assert c.get("/v1/model", headers={"Authorization": b"Bearer " + key.encode()}).status_code == 200
+        error(c.get("/v1/model", headers={"X-API-Key": "cle-u-kljuch"}), 401, "wrong_api_key")
+
+
+@pytest.mark.parametrize("given, env, fails", [
+    ("", {}, "empty"), ("   ", {}, "empty"), (None, {"IMGCLF_API_KEY": ""}, "empty"),
+    (" key ", {}, "surrounding spaces"), ("ke\ny", {}, "control"), (None, {"IMGCLF_API_KEY": "ok-key"}, None)])
+def test_api_keys_that_could_never_work_are_refused(given, env, fails, capsys):
+    from imgclf.deploy.serve import checked_api_key
+    from imgclf.errors import ConfigError
+
+    if fails is None:
+        assert checked_api_key(given, env) == "ok-key" and "warning" not in capsys.readouterr().err
+        return
+    with pytest.raises(ConfigError, match=fails):
+        checked_api_key(given, env)
+
+
+def test_api_key_on_the_command_line_is_warned_about(capsys):
+    from imgclf.deploy.serve import checked_api_key
+
+    assert checked_api_key("k3y", {}) == "k3y"
+    assert "IMGCLF_API_KEY" in capsys.readouterr().err
+
+
+def test_no_server_paths_in_answers(tiny_run, tmp_path, imgs):
+    """/v1/similar neighbours and the reasons it is unavailable never show an
+    absolute server path or an exception string."""
+    import json
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from imgclf.deploy.serve import ServeConfig, create_app
+    from imgclf.inference.similar import SimilarityIndex
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    query = {"images": [base64.b64encode(imgs["cats"][0]).decode()]}
+    with TestClient(create_app(ServeConfig(str(run)))) as c:  # builds RUN/similar.npz
+        assert c.post("/v1/similar?k=2", json=query).status_code == 200
+    index = SimilarityIndex.load(run / "similar.npz")  # as a run trained from a CSV of absolute paths has it
+    root = json.loads((run / "splits.json").read_text())["root"]
+    index.paths = [f"{root}/{p}" for p in index.paths]
+    (run / "similar.npz").write_bytes(index.to_bytes())
+    with TestClient(create_app(ServeConfig(str(run)))) as c:
+        nbs = c.post("/v1/similar?k=5", json=query).json()["results"][0]["neighbours"]
+        assert all(not n["path"].startswith("/") and n["path"].endswith(".jpg") for n in nbs), nbs
+    splits = json.loads((run / "splits.json").read_text())
+    splits["root"] = str(tmp_path / "moved-away")  # the training images are gone: no index can be built
+    (run / "splits.json").write_text(json.dumps(splits))
+    (run / "similar.npz").unlink()
+    with TestClient(create_app(ServeConfig(str(run)))) as c:
+        why = c.get("/v1/model").json()["similar"]["why_not"]
+        e = error(c.post("/v1/similar", json=query), 404, "similar_unavailable")
+        assert c.post("/v1/predict", json=query).status_code == 200  # predictions still work
+    for text in (why, e["message"]):
+        assert str(tmp_path) not in text and "/work" not in text and "Errno" not in text, text

@@ -275,19 +275,49 @@ MAX_SIMILAR_K = 50  # neighbours per image: each carries a ~3 KB thumbnail
 def load_similar(st: State) -> None:
     """The run's similarity index (built once and saved in the run when
     missing). An exported model has no embedding output, so a bare .onnx
-    serves predictions only and /v1/similar says why."""
-    if st.cfg.model.lower().endswith(RunDir.ONNX_SUFFIXES) or not hasattr(st.predictor, "embed"):
+    serves predictions only and /v1/similar says why. The index shows
+    training images, so it is off on an open address without an API key
+    unless asked for (--similar). Answers never carry an exception string:
+    those name server paths; the log has them."""
+    cfg = st.cfg
+    if cfg.model.lower().endswith(RunDir.ONNX_SUFFIXES) or not hasattr(st.predictor, "embed"):
         st.similar_why = ("an exported model computes probabilities only, not the embeddings similarity search "
                           "needs; serve the run directory instead (imgclf serve RUN)")
+        return
+    if cfg.similar is False:
+        st.similar_why = "the server was started with --no-similar"
+        return
+    if cfg.similar is None and not cfg.api_key and not is_loopback(cfg.host):
+        st.similar_why = ("it shows training images, so it is off on a non-loopback --host without an API key; "
+                          "start the server with --api-key, or with --similar to serve it openly")
         return
     from imgclf.errors import ImgclfError
     from imgclf.inference.similar import load_index
 
     try:
-        st.similar = load_index(RunDir(st.cfg.model), st.predictor, progress=False)
+        st.similar = load_index(RunDir(cfg.model), st.predictor, progress=False)
     except (ImgclfError, OSError) as e:  # e.g. the training images moved: predictions still work
-        st.similar_why = f"the run's similarity index could not be built ({e})"
-        log.warning("/v1/similar disabled: %s", st.similar_why)
+        st.similar_why = "the run's similarity index could not be built (the server log says why)"
+        log.warning("/v1/similar disabled: the similarity index could not be built: %s", e)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def public_path(p: str) -> str:
+    """A training image's path as answers show it: relative to the data root,
+    or its file name alone when it was absolute or leaves the root (a CSV of
+    absolute paths), so no answer reveals the server's file system."""
+    from pathlib import PurePath
+
+    pp = PurePath(p)
+    return pp.name if pp.is_absolute() or ".." in pp.parts else p
 
 
 def similar_results(st: State, files, xs: list, k: int) -> list[dict]:
@@ -300,6 +330,7 @@ def similar_results(st: State, files, xs: list, k: int) -> list[dict]:
     found = st.similar.search(st.predictor.embed(np.stack(xs)), k)
     for nbs in found:
         for nb in nbs:
+            nb["path"] = public_path(nb["path"])
             nb["thumbnail"] = "data:image/jpeg;base64," + base64.b64encode(st.similar.thumbnail(nb["id"])).decode()
     return [{"filename": name, "neighbours": nbs} for (name, _), nbs in zip(files, found)]
 

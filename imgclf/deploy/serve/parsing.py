@@ -127,7 +127,7 @@ def parse_multipart(body: bytes, content_type: str, max_files: int, max_parts: i
 def parse_json(body: bytes, max_files: int) -> tuple[list[tuple[str, bytes]], object]:
     """([(name, image bytes)], top_k or None) from {"images": ["<base64>", ...], "top_k": k}."""
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, parse_int=bounded_int)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
         raise ApiError(400, "bad_json", f"body is not valid JSON ({why}); send {{\"images\": [\"<base64>\", ...]}}") from None
@@ -148,6 +148,12 @@ def parse_json(body: bytes, max_files: int) -> tuple[list[tuple[str, bytes]], ob
         except (binascii.Error, ValueError):
             raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64", index=i) from None
     return out, doc.get("top_k")
+
+
+def bounded_int(s: str) -> int:
+    """A JSON integer; one of thousands of digits saturates (any count beyond
+    the classes means all of them) instead of raising Python's digit-limit error."""
+    return int(s) if len(s) <= 18 else (-1 if s.startswith("-") else 1) * 10**18
 
 
 def parse_top_k(v, default: int, n_classes: int) -> int:
