@@ -131,6 +131,8 @@ def torch_load(path: str | Path, required: tuple[str, ...] = ()) -> dict:
     """A model record or checkpoint, loaded safely (weights_only=True: tensors
     and plain data, never code). Anything else is a ModelFileError naming the
     file; PyTorch's own advice to retry with weights_only=False is never shown."""
+    import warnings
+
     from imgclf.errors import MissingExtra, ModelFileError
 
     try:
@@ -140,7 +142,9 @@ def torch_load(path: str | Path, required: tuple[str, ...] = ()) -> dict:
                            "pip install 'imgclf[train]', or use an exported .onnx (imgclf export RUN)") from None
     fix = "restore it from a backup, or train again"
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a bare pickle's protocol before failing on it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         unsafe = "weights_only" in str(e) or "Unsupported global" in str(e)
         what = "it holds Python objects or code, which imgclf never runs" if unsafe else \

@@ -242,6 +242,8 @@ def test_small_http_refusals(client, imgs):
     big = b'{"images": ["%s"], "top_k": %s}' % (base64.b64encode(cat), b"9" * 5000)
     r = client.post("/v1/predict", content=big, headers={"Content-Type": "application/json"})
     assert r.status_code == 200 and len(r.json()["predictions"][0]["top"]) == 2, r.text[:300]  # all classes
+    wrapped = base64.encodebytes(cat).decode()  # 76-character lines, as `base64` without -w0 writes them
+    assert "line breaks" in error(client.post("/v1/predict", json={"images": [wrapped]}), 400, "bad_base64")["message"]
     neg = client.post("/v1/predict", content=big.replace(b": 9", b": -9"), headers={"Content-Type": "application/json"})
     assert "set_int_max_str_digits" not in error(neg, 400, "bad_top_k")["message"]
 
@@ -314,3 +316,86 @@ def test_no_server_paths_in_answers(tiny_run, tmp_path, imgs):
         assert c.post("/v1/predict", json=query).status_code == 200  # predictions still work
     for text in (why, e["message"]):
         assert str(tmp_path) not in text and "/work" not in text and "Errno" not in text, text
+
+
+def _crafted_onnx(path: Path, classes, fail_at_run: bool = False, width="2") -> Path:
+    """A small hand-made graph with imgclf's metadata: (N, 8, 8, 3) uint8 ->
+    'probs' (N, 2), or a Reshape that cannot run; `width` is the declared
+    output width ("2", or a symbolic name)."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["f", "axes"], ["m"], keepdims=0)]
+    if fail_at_run:
+        nodes.append(helper.make_node("Reshape", ["m", "bad_shape"], ["probs"]))
+    else:
+        nodes += [helper.make_node("Slice", ["m", "starts", "ends", "slice_axes"], ["s"]),
+                  helper.make_node("Softmax", ["s"], ["probs"], axis=1)]
+    inits = [helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2]),
+             helper.make_tensor("bad_shape", TensorProto.INT64, [2], [1, 5]),
+             helper.make_tensor("starts", TensorProto.INT64, [1], [0]),
+             helper.make_tensor("ends", TensorProto.INT64, [1], [2]),
+             helper.make_tensor("slice_axes", TensorProto.INT64, [1], [1])]
+    graph = helper.make_graph(nodes, "crafted", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["n", 8, 8, 3])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT,
+                                                             ["n", int(width) if width.isdigit() else width])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    meta = {"format": "imgclf-onnx-1", "classes": json.dumps(classes), "arch": "crafted",
+            "preprocess": json.dumps({"size": 8, "resize": "squash", "crop_pct": 1.0, "mean": [0.5] * 3,
+                                      "std": [0.5] * 3, "interpolation": "bilinear", "pad_color": [0, 0, 0]})}
+    onnx.helper.set_model_props(model, meta)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("classes, fail_at_run, width, why", [
+    (["a", "b", "c", "d", "e"], False, "2", "scores 2 classes but its metadata names 5"),
+    ([], False, "2", "non-empty list"),
+    (["a", "b"], True, "2", "fails on a blank")])
+def test_crafted_onnx_is_refused_before_serving(tmp_path, capsys, classes, fail_at_run, width, why):
+    """Once: 5 names on a 2-output graph were served mislabelled, classes=[]
+    was an IndexError, and a graph failing at run time was 'ready' and then a
+    500 on every request. Now `serve` refuses each before it listens."""
+    from imgclf.cli import main
+
+    model = _crafted_onnx(tmp_path / "m.onnx", classes, fail_at_run, width)
+    assert main(["serve", str(model), "--port", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "m.onnx" in err and why in err and "Traceback" not in err, err
+
+
+def test_crafted_onnx_baseline_loads(tmp_path):
+    """The same hand-made graph with matching metadata loads and answers: the refusals above are about the defects."""
+    from imgclf.inference import load
+
+    pred = load(str(_crafted_onnx(tmp_path / "ok.onnx", ["a", "b"])))
+    pred.self_check()
+    assert pred.classes == ["a", "b"]
+
+
+def test_junk_tflite_and_external_data_onnx_messages(tmp_path, onnx_path):
+    """A file with the TFL3 identifier and junk after it is named without a
+    raw struct error; an ONNX whose weights live in a missing external file
+    carries onnxruntime's reason."""
+    import onnx
+
+    from imgclf.errors import ModelFileError
+    from imgclf.inference.litert_predictor import read_metadata
+
+    pytest.importorskip("ai_edge_litert")
+    with pytest.raises(ModelFileError) as e:
+        read_metadata(b"\x10\x00\x00\x00TFL3" + b"\xff" * 40, "junk.tflite")
+    assert "junk.tflite" in str(e.value) and "unpack" not in str(e.value) and "struct" not in str(e.value)
+    model = onnx.load(str(onnx_path))
+    ext = tmp_path / "ext.onnx"
+    onnx.save(model, str(ext), save_as_external_data=True, location="ext.onnx.data", size_threshold=1024)
+    (tmp_path / "ext.onnx.data").unlink()
+    from imgclf.inference import load
+
+    with pytest.raises(ModelFileError) as e:
+        load(str(ext))
+    assert "ext.onnx" in str(e.value) and "ext.onnx.data" in str(e.value), str(e.value)

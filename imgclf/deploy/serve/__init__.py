@@ -93,7 +93,11 @@ def serve(cfg: ServeConfig) -> None:
         raise RunError(f"{cfg.model}: no such model", "serve a run directory or an .onnx from `imgclf export`")
     if cfg.threads is None and cfg.workers > 1:
         cfg.threads = max(1, (os.cpu_count() or 1) // cfg.workers)  # workers must not oversubscribe the cores
-    load(cfg.model, threads=1).set_reject(cfg.reject)  # fail before the banner, with the reason
+    pred = load(cfg.model, threads=1)  # fail before the banner, with the reason
+    pred.set_reject(cfg.reject)
+    if Path(cfg.model).is_file():  # an export: one real inference now (a run directory does it at start-up)
+        pred.self_check()
+    del pred
     return_memory_promptly()
     print(f"imgclf serve: {cfg.model} on http://{cfg.host}:{cfg.port}/  (API: POST /v1/predict, docs: /docs)"
           + (", API key required" if cfg.api_key else ""), flush=True)

@@ -75,6 +75,7 @@ def create_app(cfg: ServeConfig):
         st.predictor = await run_in_threadpool(load, cfg.model, threads=cfg.threads)
         st.predictor.set_reject(cfg.reject)
         await run_in_threadpool(st.predictor.warm_up)
+        await run_in_threadpool(st.predictor.self_check)  # one real inference before /readyz says ready
         await run_in_threadpool(load_similar, st)
         st.batcher = Batcher(per_image_outputs(st.predictor), cfg.max_batch, cfg.batch_wait_ms / 1000, st.metrics)
         st.batcher.start()
@@ -86,6 +87,7 @@ def create_app(cfg: ServeConfig):
                   description="Image classification with a model trained by imgclf. "
                               "POST images to /v1/predict; GET / for a page to try it.")
     add_error_handlers(app, st)
+    add_http_middleware(app, st)
     add_predict_route(app, st)
     add_similar_route(app, st)
     add_info_routes(app, st)
@@ -136,6 +138,58 @@ def add_error_handlers(app, st: State) -> None:
         route = getattr(request.scope.get("route"), "path", None) or "other"  # the template: bounded labels
         st.metrics.request(request.method, route, response.status_code, time.perf_counter() - t0)
         return response
+
+
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
+# The page's own policy: its script, style and API calls come from this server;
+# previews are blob: URLs and thumbnails data: URLs; no page may frame it.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
+# /docs is Swagger UI, whose page starts it from an inline script: framing is still refused.
+DOCS_CSP = "frame-ancestors 'none'"
+
+
+def add_http_middleware(app, st: State) -> None:
+    """Plain ASGI middleware around every request: HEAD is answered as GET
+    (uvicorn sends the headers only), a request head over 64 KiB is a 431
+    (h11 only limits heads that arrive in pieces), and every answer carries
+    the headers a browser needs to keep the page and the JSON inert."""
+    inner = app.build_middleware_stack
+
+    def build():
+        return guard(inner())
+
+    def guard(asgi):
+        async def call(scope, receive, send):
+            if scope["type"] != "http":
+                return await asgi(scope, receive, send)
+            head = len(scope["raw_path"]) + len(scope["query_string"]) + sum(len(k) + len(v) + 4
+                                                                              for k, v in scope["headers"])
+            if head > MAX_HEAD_BYTES:
+                r = error_response(st, 431, "headers_too_large", f"the request line and headers are {head:,} "
+                                   f"bytes, over the limit of {MAX_HEAD_BYTES:,}; send fewer or shorter headers")
+                return await r(scope, receive, with_security_headers(send, scope["path"]))
+            if scope["method"] == "HEAD":
+                scope = {**scope, "method": "GET"}
+            await asgi(scope, receive, with_security_headers(send, scope["path"]))
+
+        return call
+
+    app.build_middleware_stack = build
+
+
+def with_security_headers(send, path: str):
+    csp = PAGE_CSP if path == "/" or path.startswith("/static/") else DOCS_CSP if path == "/docs" else \
+        "default-src 'none'; frame-ancestors 'none'"
+    extra = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+             (b"referrer-policy", b"no-referrer"), (b"content-security-policy", csp.encode())]
+
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": list(message.get("headers", [])) + extra}
+        await send(message)
+
+    return wrapped
 
 
 def check_key(st: State, request) -> None:

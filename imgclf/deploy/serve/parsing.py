@@ -146,7 +146,9 @@ def parse_json(body: bytes, max_files: int) -> tuple[list[tuple[str, bytes]], ob
         try:
             out.append((f"images[{i}]", base64.b64decode(s, validate=True)))
         except (binascii.Error, ValueError):
-            raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64", index=i) from None
+            hint = ("; it contains line breaks: encode without them (base64 -w0)" if "\n" in s or "\r" in s
+                    else "")
+            raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64{hint}", index=i) from None
     return out, doc.get("top_k")
 
 
@@ -193,7 +195,7 @@ class BodyBudget:
 
     def take(self, n: int) -> None:
         with self.lock:
-            if n > 0 and self.used + n > self.limit:
+            if n > 0 and self.used and self.used + n > self.limit:  # one request alone always fits (it is under --max-body-mb)
                 raise ApiError(503, "busy", f"the server is holding {self.used:,} bytes of request bodies, the "
                                f"limit; retry in a moment", headers={"Retry-After": "1"})
             self.used += n
