@@ -155,7 +155,7 @@ def test_bad_inputs_then_still_right(client, imgs, monkeypatch, tmp_path):
     r = post("/v1/predict", files=[("file", ("c.jpg", cat)), ("file", ("d.jpg", imgs["dogs"][2]))])
     assert r.status_code == 200 and [p["label"] for p in r.json()["predictions"]] == ["cats", "dogs"]
     m = client.get("/metrics").text
-    assert 'imgclf_errors_total{code="bad_image"} 4' in m and 'imgclf_errors_total{code="too_many_files"} 2' in m
+    assert 'imgclf_errors_total{code="bad_image"} 4.0' in m and 'imgclf_errors_total{code="too_many_files"} 2.0' in m
 
 
 def test_micro_batching():
@@ -181,7 +181,8 @@ def test_micro_batching():
     outs, late, metrics = asyncio.run(main())
     assert calls == [4, 2, 1]
     assert [int(o[0][0]) for o in outs] == list(range(6))  # each request gets its own row back
-    assert metrics.images == 7 and "imgclf_batch_size_count 3" in metrics.render()
+    text = metrics.render().decode()
+    assert "imgclf_images_total 7.0" in text and "imgclf_batch_size_count 3.0" in text
 
 
 def test_internal_errors_are_json_500s_and_counted(onnx_path, imgs, caplog):
@@ -204,8 +205,8 @@ def test_internal_errors_are_json_500s_and_counted(onnx_path, imgs, caplog):
         st.batcher.fn = good
         assert c.post("/v1/predict", files={"file": ("a.jpg", imgs["cats"][0])}).status_code == 200
         m = c.get("/metrics").text
-    assert 'imgclf_requests_total{method="POST",path="/v1/predict",status="500"} 1' in m
-    assert 'imgclf_errors_total{code="internal"} 1' in m
+    assert 'imgclf_requests_total{method="POST",path="/v1/predict",status="500"} 1.0' in m
+    assert 'imgclf_errors_total{code="internal"} 1.0' in m
     assert "onnxruntime failed" in caplog.text
 
 

@@ -155,7 +155,7 @@ def test_still_correct_after_all_that(server, tiny):
     r = httpx.post(url + "/v1/predict", files=files, timeout=60)
     assert [p["label"] for p in r.json()["predictions"]] == ["cats", "cats", "dogs", "dogs"]
     m = httpx.get(url + "/metrics").text
-    assert 'imgclf_errors_total{code="too_many_parts"} 1' in m
+    assert 'imgclf_errors_total{code="too_many_parts"} 1.0' in m
 
 
 def _la_tiff() -> bytes:
@@ -317,3 +317,20 @@ def test_body_budget_refuses_before_memory_goes(tiny_run, tmp_path_factory, cat)
         time.sleep(1.0)
         after = memory_mb(proc.pid)
         assert after["VmRSS"] - before < 60, (before, after)
+
+
+def _metric(text: str, line_start: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
+
+def test_metrics_add_up_every_worker(tiny_run, tmp_path_factory):
+    """With --workers 2, /metrics counts the requests every worker answered,
+    whichever worker answers the scrape (it used to show one worker's own)."""
+    with served_tiny_onnx(tiny_run, tmp_path_factory, "workers", "--workers", "2") as (url, _, _):
+        for _ in range(30):  # a new connection each: the kernel spreads them over both workers
+            with httpx.Client() as c:
+                assert c.get(url + "/healthz").status_code == 200
+        for _ in range(6):
+            with httpx.Client() as c:
+                m = c.get(url + "/metrics").text
+            assert _metric(m, 'imgclf_requests_total{method="GET",path="/healthz",status="200"}') == 30, m[:2000]

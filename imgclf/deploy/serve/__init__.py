@@ -3,7 +3,7 @@
   app.py       routes, errors, authentication
   parsing.py   bounded, in-memory request parsing and decoding
   batching.py  micro-batching of concurrent requests
-  metrics.py   Prometheus text format
+  metrics.py   Prometheus metrics (prometheus_client; summed over --workers)
   openapi.py   the schema of every request, status code and body
 """
 
@@ -115,4 +115,6 @@ def serve(cfg: ServeConfig) -> None:
         path.touch(0o600)
         path.write_text(json.dumps(asdict(cfg)))
         os.environ[_ENV] = str(path)
+        (Path(d) / "metrics").mkdir()  # prometheus_client's multiprocess mode: every worker's values in one place
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(Path(d) / "metrics")
         uvicorn.run("imgclf.deploy.serve:app_from_env", factory=True, workers=cfg.workers, **common)
