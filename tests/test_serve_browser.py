@@ -30,14 +30,15 @@ def test_page_upload_shows_label(server, tiny):
         assert h["x-content-type-options"] == "nosniff" and h["x-frame-options"] == "DENY"
         assert "frame-ancestors 'none'" in h["content-security-policy"]
         assert "script-src 'self'" in h["content-security-policy"]
-        page.wait_for_function("document.getElementById('model-info').textContent.includes('2 classes')")
+        # locators, not wait_for_function: Playwright evaluates a string predicate, which the page's CSP refuses
+        page.locator("#model-info", has_text="2 classes").wait_for()
         page.set_input_files("#file", [str(cat)])
         card = page.locator("#results .card").first
         card.locator(".bar").first.wait_for(timeout=20_000)
         assert card.locator(".label").inner_text() == "cats"
         assert card.locator(".bar .cls").first.inner_text() == "cats"
         page.set_input_files("#file", [str(dog)])
-        page.wait_for_function("document.querySelectorAll('#results .card .bar').length >= 4", timeout=20_000)
+        page.locator("#results .card .bar").nth(3).wait_for(timeout=20_000)
         assert page.locator("#results .card").first.locator(".label").inner_text() == "dogs"
         assert "done" in page.locator("#status").inner_text()
         # the policy is enforced: a script the page did not ship is refused
