@@ -301,10 +301,11 @@ def add_predict_route(app, st: State) -> None:
     from fastapi import Request
     from starlette.concurrency import run_in_threadpool
 
-    from imgclf.deploy.serve.openapi import predict_openapi
+    from imgclf.deploy.serve.openapi import Predictions, predict_openapi
 
-    @app.post("/v1/predict", openapi_extra=predict_openapi(st.cfg.max_files),
-              summary="Top-k labels for one or more images")
+    @app.post("/v1/predict", openapi_extra=predict_openapi(st.cfg.max_files), response_model=Predictions,
+              response_model_exclude_none=True, summary="Top-k labels for one or more images",
+              response_description="top-k labels per image, in request order")
     async def predict(request: Request):
         check_key(st, request)
         pred = st.ready()
@@ -407,10 +408,11 @@ def add_similar_route(app, st: State) -> None:
     from fastapi import Request
     from starlette.concurrency import run_in_threadpool
 
-    from imgclf.deploy.serve.openapi import similar_openapi
+    from imgclf.deploy.serve.openapi import Similar, similar_openapi
 
     # An exported model never has it: the route answers why, and stays out of the schema.
-    @app.post("/v1/similar", openapi_extra=similar_openapi(st.cfg.max_files, MAX_SIMILAR_K),
+    @app.post("/v1/similar", openapi_extra=similar_openapi(st.cfg.max_files, MAX_SIMILAR_K), response_model=Similar,
+              response_description="the k most similar training images of each image, best first",
               summary="The most similar training images of each image, with thumbnails",
               include_in_schema=not st.cfg.model.lower().endswith(RunDir.ONNX_SUFFIXES))
     async def similar(request: Request):
@@ -434,18 +436,20 @@ def add_info_routes(app, st: State) -> None:
     from fastapi import Request
     from fastapi.responses import Response
 
-    from imgclf.deploy.serve.openapi import METRICS_OPENAPI, MODEL_OPENAPI, STATUS_OPENAPI
+    from imgclf.deploy.serve.openapi import METRICS_OPENAPI, MODEL_OPENAPI, STATUS_OPENAPI, Status
 
     @app.get("/v1/model", summary="Classes, input size, metrics and versions", openapi_extra=MODEL_OPENAPI)
     async def model_info(request: Request):
         check_key(st, request)
         return model_description(st.ready(), st.cfg, st)
 
-    @app.get("/healthz", summary="Liveness: the process answers", openapi_extra=STATUS_OPENAPI)
+    @app.get("/healthz", summary="Liveness: the process answers", openapi_extra=STATUS_OPENAPI,
+             response_model=Status, response_model_exclude_none=True)
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: the model is loaded", openapi_extra=STATUS_OPENAPI)
+    @app.get("/readyz", summary="Readiness: the model is loaded", openapi_extra=STATUS_OPENAPI,
+             response_model=Status, response_model_exclude_none=True)
     async def readyz():
         st.ready()
         return {"status": "ready", "model": Path(st.cfg.model).name}
