@@ -115,6 +115,7 @@ def serve(cfg: ServeConfig) -> None:
         path.touch(0o600)
         path.write_text(json.dumps(asdict(cfg)))
         os.environ[_ENV] = str(path)
+        os.environ.pop("IMGCLF_API_KEY", None)  # the workers read the key from the file, not their environment
         (Path(d) / "metrics").mkdir()  # prometheus_client's multiprocess mode: every worker's values in one place
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(Path(d) / "metrics")
         uvicorn.run("imgclf.deploy.serve:app_from_env", factory=True, workers=cfg.workers, **common)
