@@ -60,7 +60,7 @@ class GuardedH11Protocol(H11Protocol):
             transport.write(canned(503, "Service Unavailable", "too_many_connections",
                                    f"more than {cap} open connections from your address; reuse connections "
                                    "(keep-alive) or open fewer at once", "retry-after: 1\r\n"))
-            transport.close()
+            self._let_go()
             return
         self._evict_if_full()
         self._arm_header_deadline()
@@ -103,13 +103,19 @@ class GuardedH11Protocol(H11Protocol):
         self._header_timer = None
         _waiting.pop(self, None)
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.transport.close()  # idle or too slow: nginx closes these without an answer too
+            self._let_go()  # idle or too slow: nginx closes these without an answer too
 
     def _evict_if_full(self) -> None:
         limit = self.limit_concurrency
         if limit and len(self.connections) >= limit:
             oldest = next((p for p in _waiting if p is not self), None)
             if oldest is not None:
-                _waiting.pop(oldest, None)
-                oldest._disarm_header_deadline()
-                oldest.transport.close()
+                oldest._let_go()
+
+    def _let_go(self) -> None:
+        """Close now, and stop counting against --max-connections at once:
+        connection_lost comes a loop turn later, and a burst of refused
+        connections would otherwise make uvicorn answer real requests 503."""
+        self._disarm_header_deadline()
+        self.connections.discard(self)
+        self.transport.close()

@@ -33,7 +33,7 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
-async def read_body(request, limit: int, timeout_s: float, deadline_s: float, held: "BodyBytes") -> bytes:
+async def read_body(request, limit: int, timeout_s: float, deadline_s: float, held: BodyBytes) -> bytes:
     """The whole body, or 413 past `limit` bytes (checked against
     Content-Length first, then as chunks arrive), and 408 when the client
     stops sending for `timeout_s` (a short body under a long Content-Length)
