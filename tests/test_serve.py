@@ -401,3 +401,18 @@ def test_junk_tflite_and_external_data_onnx_messages(tmp_path, onnx_path):
     with pytest.raises(ModelFileError) as e:
         load(str(ext))
     assert "ext.onnx" in str(e.value) and "ext.onnx.data" in str(e.value), str(e.value)
+
+
+def test_similar_is_off_on_an_open_address_without_a_key(tiny_run):
+    """/v1/similar returns training images: served on 0.0.0.0 without an API
+    key it is off unless asked for, and says how to turn it on."""
+    from fastapi.testclient import TestClient
+
+    from imgclf.deploy.serve import ServeConfig, create_app
+
+    with TestClient(create_app(ServeConfig(str(tiny_run[0]), host="0.0.0.0"))) as c:
+        e = error(c.post("/v1/similar", json={"images": ["aGVsbG8="]}), 404, "similar_unavailable")
+        assert "--api-key" in e["message"] and "--similar" in e["message"]
+        assert c.get("/v1/model").json()["similar"]["available"] is False
+    with TestClient(create_app(ServeConfig(str(tiny_run[0]), host="0.0.0.0", similar=False))) as c:
+        assert "--no-similar" in c.get("/v1/model").json()["similar"]["why_not"]

@@ -334,3 +334,26 @@ def test_metrics_add_up_every_worker(tiny_run, tmp_path_factory):
             with httpx.Client() as c:
                 m = c.get(url + "/metrics").text
             assert _metric(m, 'imgclf_requests_total{method="GET",path="/healthz",status="200"}') == 30, m[:2000]
+
+
+def test_when_all_connections_are_open_the_longest_idle_makes_room(tiny_run, tmp_path_factory):
+    """Idle sockets from many addresses (here: no per-client cap) fill
+    --max-connections; a new client is still served, because the connection
+    that has waited longest without a request head is closed for it."""
+    args = ("--max-connections", "20", "--max-connections-per-client", "0", "--header-timeout-s", "60")
+    with served_tiny_onnx(tiny_run, tmp_path_factory, "evict", *args) as (url, _, _):
+        host, port = url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(40)]
+        time.sleep(0.5)
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=10) as good:
+            codes = [good.get(url + "/healthz").status_code for _ in range(5)]
+        assert codes == [200] * 5, codes
+        closed = 0
+        for s in idle:
+            s.settimeout(0.05)
+            try:
+                closed += s.recv(1) == b""
+            except (TimeoutError, OSError):
+                pass
+            s.close()
+        assert closed >= 20, closed  # the oldest idle ones were let go, well before the 60 s deadline
