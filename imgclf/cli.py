@@ -203,9 +203,9 @@ def cmd_export(cfg: C.ExportConfig) -> int:
 
 def cmd_serve(cfg: C.ServeConfig) -> int:
     # Only imgclf.deploy.serve (and, for a run directory, torch): an .onnx needs neither torch nor onnx.
-    from imgclf.deploy.serve import serve  # deferred: verbs load only what they need
+    from imgclf.deploy.serve import checked_api_key, serve  # deferred: verbs load only what they need
 
-    cfg.api_key = cfg.api_key or os.environ.get("IMGCLF_API_KEY") or None
+    cfg.api_key = checked_api_key(cfg.api_key, os.environ)
     serve(cfg)
     return 0
 
@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
 
 EXTRAS = {"imagehash": "train", "torch": "train", "torchvision": "train", "timm": "train", "sklearn": "train",
           "onnx": "train", "usearch": "train", "scipy": "train", "matplotlib": "report", "fastapi": "serve",
-          "uvicorn": "serve", "python_multipart": "serve", "ai_edge_litert": "litert", "litert_torch": "mobile",
-          "ai_edge_quantizer": "mobile"}
+          "uvicorn": "serve", "python_multipart": "serve", "prometheus_client": "serve", "ai_edge_litert": "litert",
+          "litert_torch": "mobile", "ai_edge_quantizer": "mobile"}
 
 
 if __name__ == "__main__":

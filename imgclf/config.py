@@ -302,7 +302,16 @@ class ServeConfig:
     decode_pixels: int | None = _f(None, "pixels being decoded at once across all requests (default: 2 x max-pixels)")
     body_timeout_s: float = _f(30.0, "seconds a client may pause between body chunks before a 408")
     body_deadline_s: float = _f(120.0, "seconds a whole request body may take before a 408")
-    max_connections: int = _f(256, "open connections at once (uvicorn's limit); more get 503 at once")
+    max_connections: int = _f(256, "open connections at once (uvicorn's limit); when all are open, the one "
+                                   "waiting longest for a request head is closed")
+    max_connections_per_client: int = _f(64, "open connections from one address; more get 503 at once (0: no "
+                                              "limit, e.g. behind a reverse proxy that limits clients itself)")
+    header_timeout_s: float = _f(10.0, "seconds a connection may take to send a complete request head (from "
+                                       "opening it, or from the previous response) before it is closed")
+    body_budget_mb: float | None = _f(None, "request bodies held in memory at once across all requests, MiB; "
+                                            "more get 503 busy with Retry-After (default: 8 x max-body-mb)")
+    similar: bool | None = _f(None, "serve /v1/similar (thumbnails of training images) for a run directory "
+                                    "(default: on, except on a non-loopback --host without an API key)")
     public_metrics: bool = _f(False, "serve /metrics without the API key when one is set")
     reject: str | None = _f(None, "override the model's rejection of unknown inputs: auto, off, or a threshold "
                                   "in (0, 1] on the unknown score")
@@ -310,3 +319,7 @@ class ServeConfig:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
+
+    @property
+    def body_budget_bytes(self) -> int:
+        return int((self.body_budget_mb or 8 * self.max_body_mb) * 2**20)

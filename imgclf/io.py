@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,9 @@ def torch_load(path: str | Path, required: tuple[str, ...] = ()) -> dict:
                            "pip install 'imgclf[train]', or use an exported .onnx (imgclf export RUN)") from None
     fix = "restore it from a backup, or train again"
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a bare pickle's protocol before failing on it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         unsafe = "weights_only" in str(e) or "Unsupported global" in str(e)
         what = "it holds Python objects or code, which imgclf never runs" if unsafe else \

@@ -142,7 +142,7 @@ def test_page_shows_similar_training_images(tiny_run, tiny, tmp_path):
     chromium_path()
     with running_server(tiny_run[0], tmp_path / "server.log") as (url, _), browser_page() as page:
         page.goto(url + "/")
-        page.wait_for_function("document.getElementById('model-info').textContent.includes('2 classes')")
+        page.locator("#model-info", has_text="2 classes").wait_for()  # the page's CSP refuses string predicates
         page.set_input_files("#file", [str(val_images(tiny, 1)["dogs"][0])])
         figs = page.locator("#results .card .similar figure")
         figs.nth(5).wait_for(timeout=30_000)

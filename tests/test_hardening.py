@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -93,10 +94,12 @@ def _bad_model_files(run: Path) -> dict[str, bytes]:
     torch.save({"arch": Evil()}, evil)
     empty = run.parent / "empty.pt"
     torch.save({}, empty)
-    return {"truncated": good[: len(good) // 3], "code": evil.read_bytes(), "empty": empty.read_bytes()}
+    bare = pickle.dumps({"arch": "x", "state_dict": [1, 2]})  # not torch.save's zip: torch warned before failing
+    return {"truncated": good[: len(good) // 3], "code": evil.read_bytes(), "empty": empty.read_bytes(),
+            "bare_pickle": bare}
 
 
-@pytest.mark.parametrize("kind", ["truncated", "code", "empty"])
+@pytest.mark.parametrize("kind", ["truncated", "code", "empty", "bare_pickle"])
 def test_bad_model_file_gives_a_message_in_every_command(run_copy, tiny, kind):
     run = run_copy
     (run / "model.pt").write_bytes(_bad_model_files(run)[kind])
@@ -109,6 +112,7 @@ def test_bad_model_file_gives_a_message_in_every_command(run_copy, tiny, kind):
         assert p.returncode == 2, (args, p.stdout, p.stderr)
         assert "Traceback" not in p.stderr and str(run / "model.pt") in p.stderr, (args, p.stderr)
         assert "weights_only=False" not in p.stderr and "imgclf serve:" not in p.stdout  # no banner before failing
+        assert p.stderr.lstrip().startswith("imgclf "), (args, p.stderr)  # imgclf's message first, no warnings
     assert not (run.parent / "PWNED").exists()
 
 

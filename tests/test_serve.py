@@ -155,7 +155,7 @@ def test_bad_inputs_then_still_right(client, imgs, monkeypatch, tmp_path):
     r = post("/v1/predict", files=[("file", ("c.jpg", cat)), ("file", ("d.jpg", imgs["dogs"][2]))])
     assert r.status_code == 200 and [p["label"] for p in r.json()["predictions"]] == ["cats", "dogs"]
     m = client.get("/metrics").text
-    assert 'imgclf_errors_total{code="bad_image"} 4' in m and 'imgclf_errors_total{code="too_many_files"} 2' in m
+    assert 'imgclf_errors_total{code="bad_image"} 4.0' in m and 'imgclf_errors_total{code="too_many_files"} 2.0' in m
 
 
 def test_micro_batching():
@@ -181,7 +181,8 @@ def test_micro_batching():
     outs, late, metrics = asyncio.run(main())
     assert calls == [4, 2, 1]
     assert [int(o[0][0]) for o in outs] == list(range(6))  # each request gets its own row back
-    assert metrics.images == 7 and "imgclf_batch_size_count 3" in metrics.render()
+    text = metrics.render().decode()
+    assert "imgclf_images_total 7.0" in text and "imgclf_batch_size_count 3.0" in text
 
 
 def test_internal_errors_are_json_500s_and_counted(onnx_path, imgs, caplog):
@@ -204,8 +205,8 @@ def test_internal_errors_are_json_500s_and_counted(onnx_path, imgs, caplog):
         st.batcher.fn = good
         assert c.post("/v1/predict", files={"file": ("a.jpg", imgs["cats"][0])}).status_code == 200
         m = c.get("/metrics").text
-    assert 'imgclf_requests_total{method="POST",path="/v1/predict",status="500"} 1' in m
-    assert 'imgclf_errors_total{code="internal"} 1' in m
+    assert 'imgclf_requests_total{method="POST",path="/v1/predict",status="500"} 1.0' in m
+    assert 'imgclf_errors_total{code="internal"} 1.0' in m
     assert "onnxruntime failed" in caplog.text
 
 
@@ -219,3 +220,199 @@ def test_metrics_need_the_key_unless_public(onnx_path):
         assert c.get("/metrics", headers={"X-API-Key": KEY}).status_code == 200
     with TestClient(create_app(ServeConfig(str(onnx_path), api_key=KEY, public_metrics=True))) as c:
         assert c.get("/metrics").status_code == 200
+
+
+def test_small_http_refusals(client, imgs):
+    """Compressed bodies, giant boundaries and thousand-digit numbers get the
+    right code and a message that quotes nothing from the server's internals."""
+    import gzip
+    import json
+
+    cat = imgs["cats"][0]
+    body = json.dumps({"images": [base64.b64encode(cat).decode()]}).encode()
+    for coding, data in (("gzip", gzip.compress(body)), ("deflate", body)):
+        e = error(client.post("/v1/predict", content=data, headers={"Content-Type": "application/json",
+                                                                     "Content-Encoding": coding}),
+                  415, "unsupported_content_encoding")
+        assert "Content-Encoding" in e["message"]
+    boundary = "b" * 300  # python-multipart refuses over 256: once a 500 and a logged traceback
+    data = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n\r\n").encode() \
+        + cat + f"\r\n--{boundary}--\r\n".encode()
+    error(client.post("/v1/predict", content=data, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}),
+          400, "bad_multipart")
+    big = b'{"images": ["%s"], "top_k": %s}' % (base64.b64encode(cat), b"9" * 5000)
+    r = client.post("/v1/predict", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and len(r.json()["predictions"][0]["top"]) == 2, r.text[:300]  # all classes
+    wrapped = base64.encodebytes(cat).decode()  # 76-character lines, as `base64` without -w0 writes them
+    assert "line breaks" in error(client.post("/v1/predict", json={"images": [wrapped]}), 400, "bad_base64")["message"]
+    neg = client.post("/v1/predict", content=big.replace(b": 9", b": -9"), headers={"Content-Type": "application/json"})
+    assert "set_int_max_str_digits" not in error(neg, 400, "bad_top_k")["message"]
+
+
+def test_api_key_is_compared_as_raw_bytes(onnx_path):
+    """A non-ASCII key works when the client sends its UTF-8 bytes (Starlette
+    decodes headers as latin-1, so comparing str never matched)."""
+    from fastapi.testclient import TestClient
+
+    from imgclf.deploy.serve import ServeConfig, create_app
+
+    key = "clé-ü-ключ"
+    with TestClient(create_app(ServeConfig(str(onnx_path), api_key=key))) as c:
+        assert c.get("/v1/model", headers={"X-API-Key": key.encode()}).status_code == 200
+        assert c.get("/v1/model", headers={"Authorization": b"Bearer " + key.encode()}).status_code == 200
+        error(c.get("/v1/model", headers={"X-API-Key": "cle-u-kljuch"}), 401, "wrong_api_key")
+
+
+@pytest.mark.parametrize("given, env, fails", [
+    ("", {}, "empty"), ("   ", {}, "empty"), (None, {"IMGCLF_API_KEY": ""}, "empty"),
+    (" key ", {}, "surrounding spaces"), ("ke\ny", {}, "control"), (None, {"IMGCLF_API_KEY": "ok-key"}, None)])
+def test_api_keys_that_could_never_work_are_refused(given, env, fails, capsys):
+    from imgclf.deploy.serve import checked_api_key
+    from imgclf.errors import ConfigError
+
+    if fails is None:
+        assert checked_api_key(given, env) == "ok-key" and "warning" not in capsys.readouterr().err
+        return
+    with pytest.raises(ConfigError, match=fails):
+        checked_api_key(given, env)
+
+
+def test_api_key_on_the_command_line_is_warned_about(capsys):
+    from imgclf.deploy.serve import checked_api_key
+
+    assert checked_api_key("k3y", {}) == "k3y"
+    assert "IMGCLF_API_KEY" in capsys.readouterr().err
+
+
+def test_no_server_paths_in_answers(tiny_run, tmp_path, imgs):
+    """/v1/similar neighbours and the reasons it is unavailable never show an
+    absolute server path or an exception string."""
+    import json
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from imgclf.deploy.serve import ServeConfig, create_app
+    from imgclf.inference.similar import SimilarityIndex
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    query = {"images": [base64.b64encode(imgs["cats"][0]).decode()]}
+    with TestClient(create_app(ServeConfig(str(run)))) as c:  # builds RUN/similar.npz
+        assert c.post("/v1/similar?k=2", json=query).status_code == 200
+    index = SimilarityIndex.load(run / "similar.npz")  # as a run trained from a CSV of absolute paths has it
+    root = json.loads((run / "splits.json").read_text())["root"]
+    index.paths = [f"{root}/{p}" for p in index.paths]
+    (run / "similar.npz").write_bytes(index.to_bytes())
+    with TestClient(create_app(ServeConfig(str(run)))) as c:
+        nbs = c.post("/v1/similar?k=5", json=query).json()["results"][0]["neighbours"]
+        assert all(not n["path"].startswith("/") and n["path"].endswith(".jpg") for n in nbs), nbs
+    splits = json.loads((run / "splits.json").read_text())
+    splits["root"] = str(tmp_path / "moved-away")  # the training images are gone: no index can be built
+    (run / "splits.json").write_text(json.dumps(splits))
+    (run / "similar.npz").unlink()
+    with TestClient(create_app(ServeConfig(str(run)))) as c:
+        why = c.get("/v1/model").json()["similar"]["why_not"]
+        e = error(c.post("/v1/similar", json=query), 404, "similar_unavailable")
+        assert c.post("/v1/predict", json=query).status_code == 200  # predictions still work
+    for text in (why, e["message"]):
+        assert str(tmp_path) not in text and "/work" not in text and "Errno" not in text, text
+
+
+def _crafted_onnx(path: Path, classes, fail_at_run: bool = False, width="2") -> Path:
+    """A small hand-made graph with imgclf's metadata: (N, 8, 8, 3) uint8 ->
+    'probs' (N, 2), or a Reshape that cannot run; `width` is the declared
+    output width ("2", or a symbolic name)."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["f", "axes"], ["m"], keepdims=0)]
+    if fail_at_run:
+        nodes.append(helper.make_node("Reshape", ["m", "bad_shape"], ["probs"]))
+    else:
+        nodes += [helper.make_node("Slice", ["m", "starts", "ends", "slice_axes"], ["s"]),
+                  helper.make_node("Softmax", ["s"], ["probs"], axis=1)]
+    inits = [helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2]),
+             helper.make_tensor("bad_shape", TensorProto.INT64, [2], [1, 5]),
+             helper.make_tensor("starts", TensorProto.INT64, [1], [0]),
+             helper.make_tensor("ends", TensorProto.INT64, [1], [2]),
+             helper.make_tensor("slice_axes", TensorProto.INT64, [1], [1])]
+    graph = helper.make_graph(nodes, "crafted", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["n", 8, 8, 3])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT,
+                                                             ["n", int(width) if width.isdigit() else width])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    meta = {"format": "imgclf-onnx-1", "classes": json.dumps(classes), "arch": "crafted",
+            "preprocess": json.dumps({"size": 8, "resize": "squash", "crop_pct": 1.0, "mean": [0.5] * 3,
+                                      "std": [0.5] * 3, "interpolation": "bilinear", "pad_color": [0, 0, 0]})}
+    onnx.helper.set_model_props(model, meta)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("classes, fail_at_run, width, why", [
+    (["a", "b", "c", "d", "e"], False, "2", "scores 2 classes but its metadata names 5"),
+    ([], False, "2", "non-empty list"),
+    (["a", "b"], True, "2", "fails on a blank")])
+def test_crafted_onnx_is_refused_before_serving(tmp_path, capsys, classes, fail_at_run, width, why):
+    """Once: 5 names on a 2-output graph were served mislabelled, classes=[]
+    was an IndexError, and a graph failing at run time was 'ready' and then a
+    500 on every request. Now `serve` refuses each before it listens."""
+    from imgclf.cli import main
+
+    model = _crafted_onnx(tmp_path / "m.onnx", classes, fail_at_run, width)
+    assert main(["serve", str(model), "--port", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "m.onnx" in err and why in err and "Traceback" not in err, err
+
+
+def test_crafted_onnx_baseline_loads(tmp_path):
+    """The same hand-made graph with matching metadata loads and answers: the refusals above are about the defects."""
+    from imgclf.inference import load
+
+    pred = load(str(_crafted_onnx(tmp_path / "ok.onnx", ["a", "b"])))
+    pred.self_check()
+    assert pred.classes == ["a", "b"]
+
+
+def test_junk_tflite_and_external_data_onnx_messages(tmp_path, onnx_path):
+    """A file with the TFL3 identifier and junk after it is named without a
+    raw struct error; an ONNX whose weights live in a missing external file
+    carries onnxruntime's reason."""
+    import onnx
+
+    from imgclf.errors import ModelFileError
+    from imgclf.inference.litert_predictor import read_metadata
+
+    pytest.importorskip("ai_edge_litert")
+    with pytest.raises(ModelFileError) as e:
+        read_metadata(b"\x10\x00\x00\x00TFL3" + b"\xff" * 40, "junk.tflite")
+    msg = str(e.value)  # once: "... (error: unpack_from requires a buffer of at least 1094795585 bytes ...)"
+    assert "junk.tflite" in msg and "unpack" not in msg and "error:" not in msg and "damaged" in msg, msg
+    model = onnx.load(str(onnx_path))
+    ext = tmp_path / "ext.onnx"
+    onnx.save(model, str(ext), save_as_external_data=True, location="ext.onnx.data", size_threshold=1024)
+    (tmp_path / "ext.onnx.data").unlink()
+    from imgclf.inference import load
+
+    with pytest.raises(ModelFileError) as e:
+        load(str(ext))
+    assert "ext.onnx" in str(e.value) and "ext.onnx.data" in str(e.value), str(e.value)
+
+
+def test_similar_is_off_on_an_open_address_without_a_key(tiny_run):
+    """/v1/similar returns training images: served on 0.0.0.0 without an API
+    key it is off unless asked for, and says how to turn it on."""
+    from fastapi.testclient import TestClient
+
+    from imgclf.deploy.serve import ServeConfig, create_app
+
+    with TestClient(create_app(ServeConfig(str(tiny_run[0]), host="0.0.0.0"))) as c:
+        e = error(c.post("/v1/similar", json={"images": ["aGVsbG8="]}), 404, "similar_unavailable")
+        assert "--api-key" in e["message"] and "--similar" in e["message"]
+        assert c.get("/v1/model").json()["similar"]["available"] is False
+    with TestClient(create_app(ServeConfig(str(tiny_run[0]), host="0.0.0.0", similar=False))) as c:
+        assert "--no-similar" in c.get("/v1/model").json()["similar"]["why_not"]

@@ -23,17 +23,30 @@ def test_page_upload_shows_label(server, tiny):
     with browser_page() as page:
         requests: list[str] = []
         page.on("request", lambda r: requests.append(r.url))
-        page.goto(server + "/")
-        page.wait_for_function("document.getElementById('model-info').textContent.includes('2 classes')")
+        console: list[str] = []  # a Content-Security-Policy that does not match the page reports here
+        page.on("console", lambda m: console.append(m.text))
+        resp = page.goto(server + "/")
+        h = resp.headers
+        assert h["x-content-type-options"] == "nosniff" and h["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in h["content-security-policy"]
+        assert "script-src 'self'" in h["content-security-policy"]
+        # locators, not wait_for_function: Playwright evaluates a string predicate, which the page's CSP refuses
+        page.locator("#model-info", has_text="2 classes").wait_for()
         page.set_input_files("#file", [str(cat)])
         card = page.locator("#results .card").first
         card.locator(".bar").first.wait_for(timeout=20_000)
         assert card.locator(".label").inner_text() == "cats"
         assert card.locator(".bar .cls").first.inner_text() == "cats"
         page.set_input_files("#file", [str(dog)])
-        page.wait_for_function("document.querySelectorAll('#results .card .bar').length >= 4", timeout=20_000)
+        page.locator("#results .card .bar").nth(3).wait_for(timeout=20_000)
         assert page.locator("#results .card").first.locator(".label").inner_text() == "dogs"
         assert "done" in page.locator("#status").inner_text()
+        # the policy is enforced: a script the page did not ship is refused
+        page.evaluate("() => { const s = document.createElement('script'); s.textContent = 'window.injected = 1';"
+                      " document.body.appendChild(s); }")
+        assert page.evaluate("() => window.injected") is None
+    assert not [m for m in console if "Content Security Policy" in m and "injected" not in m
+                and "inline script" not in m], console
     # Every asset came from this server: nothing from a CDN.
     assert requests and all(u.startswith(server) or u.startswith("blob:") for u in requests), requests
 
@@ -44,7 +57,8 @@ def test_api_docs_render_offline(server):
     with browser_page() as page:
         requests: list[str] = []
         page.on("request", lambda r: requests.append(r.url))
-        page.goto(server + "/docs")
+        resp = page.goto(server + "/docs")
+        assert resp.headers["x-frame-options"] == "DENY" and resp.headers["x-content-type-options"] == "nosniff"
         page.wait_for_selector(".swagger-ui .opblock", timeout=20_000)
         assert "imgclf" in page.inner_text(".swagger-ui .info .title")
         paths = page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.innerText)")

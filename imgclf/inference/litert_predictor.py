@@ -57,8 +57,9 @@ def read_metadata(model: bytes, source: str = "<bytes>") -> dict:
         entries = {m.Metadata(i).Name(): m.Metadata(i).Buffer() for i in range(m.MetadataLength())}
         raw = entries.get(METADATA_NAME.encode())
         meta = json.loads(_buffer(model, m.Buffers(raw))) if raw is not None else {}
-    except Exception as e:  # flatbuffers raises bare struct/index errors on a foreign file
-        raise ModelFileError(f"{source}: not a loadable TFLite model ({type(e).__name__}: {e})",
+    except Exception:  # flatbuffers raises bare struct/index errors on a foreign file
+        raise ModelFileError(f"{source}: not a loadable TFLite model (it has the TFL3 identifier, but its "
+                             f"structure is damaged or truncated)",
                              "export it again with `imgclf export RUN --format tflite`") from None
     if meta.get("format") != FORMAT:
         raise ModelFileError(f"{source}: not an imgclf export (no '{METADATA_NAME}' metadata with format {FORMAT})",

@@ -47,8 +47,9 @@ class OnnxPredictor(Predictor):
             # was 35% slower (bench/bench_soak.py).
             self.session = ort_session(path, threads)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
-            raise ModelFileError(f"{self.source}: not a loadable ONNX model ({type(e).__name__})",
-                                 "export it again with `imgclf export RUN`") from None
+            why = (str(e).strip().splitlines() or [""])[0][:300]  # e.g. external data it cannot find
+            raise ModelFileError(f"{self.source}: not a loadable ONNX model ({type(e).__name__}: {why})",
+                                 "export it again with `imgclf export RUN` (one self-contained file)") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("format") != FORMAT:
             raise ModelFileError(f"{self.source}: not an imgclf export (metadata format={meta.get('format')!r})",
@@ -57,9 +58,17 @@ class OnnxPredictor(Predictor):
             raise ModelFileError(f"{self.source}: this model resizes inside its graph (exported for apps with "
                                  "--any-size or --format web) and takes photos at their own size, so `imgclf "
                                  "predict`/`serve` cannot batch it", "use the plain export: `imgclf export RUN`")
-        names = [o.name for o in self.session.get_outputs()]
+        outs = {o.name: o.shape for o in self.session.get_outputs()}
+        names = list(outs)
+        if OUTPUT not in outs:
+            raise ModelFileError(f"{self.source}: the graph has no {OUTPUT!r} output (it has {names[:5]})",
+                                 "export the run with `imgclf export RUN --format onnx`")
         self._outputs = [OUTPUT, UNKNOWN_OUTPUT] if UNKNOWN_OUTPUT in names else [OUTPUT]
         self.read_export_metadata({k: _maybe_json(v) for k, v in meta.items()}, UNKNOWN_OUTPUT in names)
+        width = (outs[OUTPUT] or [None])[-1]
+        if isinstance(width, int) and width != len(self.classes):  # a symbolic width is checked by self_check
+            raise ModelFileError(f"{self.source}: the graph scores {width} classes but its metadata names "
+                                 f"{len(self.classes)}", "export the run again with `imgclf export RUN`")
         # One model call at a time: onnxruntime already uses every core inside a call.
         self._lock = threading.Lock()
         if not isinstance(path, bytes):

@@ -18,7 +18,7 @@ import numpy as np
 
 from imgclf.data.images import MAX_PIXELS, BadImage, Source, list_files
 from imgclf.data.preprocess import Preprocess
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, ModelFileError
 
 UNKNOWN = "unknown"  # the label of a rejected image
 AUTO_KEEP = 0.95  # --reject auto: keep this share of the known validation images
@@ -105,8 +105,13 @@ class Predictor:
         """An exported file's metadata (.onnx, .ort, .tflite): classes, the
         preprocessing, the temperature, INT8, and the decisions its graph was
         exported with (the rejection threshold, multi-label thresholds)."""
+        classes = meta.get("classes")
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+            raise ModelFileError(f"{getattr(self, 'source', 'the model')}: its metadata 'classes' must be a non-empty "
+                                 f"list of names, got {str(classes)[:60]!r}", "export the run again with "
+                                 "`imgclf export RUN`")
         self.metadata = meta
-        self.classes = list(meta["classes"])
+        self.classes = list(classes)
         self.preprocess = Preprocess.from_dict(meta["preprocess"])
         self.temperature = float(meta.get("temperature", 1.0))
         self.int8 = bool(meta.get("int8", False))
@@ -118,6 +123,23 @@ class Predictor:
 
     def warm_up(self) -> None:
         """Build whatever the first call would (a server calls this before it says ready)."""
+
+    def self_check(self) -> None:
+        """One real inference on a blank image. A crafted or damaged model whose
+        graph fails at run time, or scores another number of classes than its
+        metadata names (which would silently mislabel), is refused here, at
+        load, rather than failing or lying on every request."""
+        name, s = getattr(self, "source", "the model"), self.preprocess.size
+        try:
+            p, _ = self.outputs(np.zeros((1, s, s, 3), np.uint8))
+        except Exception as e:  # any runtime's own error types
+            raise ModelFileError(f"{name}: the model fails on a blank {s}x{s} image ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})",
+                                 "export the run again with `imgclf export RUN`") from None
+        if np.shape(p) != (1, len(self.classes)) or not np.all(np.isfinite(p)):
+            raise ModelFileError(f"{name}: the model answers scores of shape {tuple(np.shape(p))} for one image, "
+                                 f"but its metadata names {len(self.classes)} classes (or they are not finite)",
+                                 "export the run again with `imgclf export RUN`; never edit an export's metadata")
 
     def predict(self, inputs, top_k: int = 5, batch_size: int = 32, raw: bool = False) -> list[dict]:
         """Top-k labels for each input (a path, bytes, PIL image, HxWx3 array,

@@ -3,7 +3,7 @@
   app.py       routes, errors, authentication
   parsing.py   bounded, in-memory request parsing and decoding
   batching.py  micro-batching of concurrent requests
-  metrics.py   Prometheus text format
+  metrics.py   Prometheus metrics (prometheus_client; summed over --workers)
   openapi.py   the schema of every request, status code and body
 """
 
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from imgclf.config import ServeConfig
-from imgclf.errors import RunError
+from imgclf.errors import ConfigError, RunError
 from imgclf.inference.load import load
 from imgclf.log import get_logger
 
@@ -28,13 +29,41 @@ def create_app(cfg: ServeConfig):
 
     return _create_app(cfg)
 
-_ENV = "IMGCLF_SERVE_CONFIG"
+_ENV = "IMGCLF_SERVE_CONFIG_FILE"
 
 
 def app_from_env():
-    """uvicorn factory for --workers > 1 (each worker process builds its own app)."""
+    """uvicorn factory for --workers > 1 (each worker process builds its own
+    app). The config, API key included, comes from a file only this user can
+    read, named in the environment: the key itself is never in an environment."""
+    from imgclf.deploy.serve import connections  # deferred: uvicorn's protocol classes, only when serving
+
     return_memory_promptly()
-    return create_app(ServeConfig(**json.loads(os.environ[_ENV])))
+    cfg = ServeConfig(**json.loads(Path(os.environ[_ENV]).read_text()))
+    connections.configure(cfg.header_timeout_s, cfg.max_connections_per_client)
+    return create_app(cfg)
+
+
+def checked_api_key(given: str | None, env: dict) -> str | None:
+    """The API key from --api-key or IMGCLF_API_KEY, refused when it could
+    never work as meant: empty or blank (no authentication, silently), or
+    with surrounding spaces (HTTP strips them from header values). A key on
+    the command line is visible to every user in `ps`: a warning says so."""
+    source = "--api-key" if given is not None else "IMGCLF_API_KEY"
+    key = given if given is not None else env.get("IMGCLF_API_KEY")
+    if key is None:
+        return None
+    if not key.strip():
+        raise ConfigError(f"{source} is empty, which would leave the server open to everyone",
+                          "set a real key (e.g. IMGCLF_API_KEY=$(openssl rand -hex 24)), or drop the option "
+                          "to serve without a key")
+    if key != key.strip() or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise ConfigError(f"{source} has surrounding spaces or control characters, which no HTTP client can "
+                          "send back", "strip them from the key")
+    if given is not None:
+        log.warning("imgclf serve: warning: --api-key on the command line is visible to other users (ps); "
+                    "set IMGCLF_API_KEY in the environment instead")
+    return key
 
 
 def return_memory_promptly() -> None:
@@ -58,20 +87,35 @@ def serve(cfg: ServeConfig) -> None:
     """Check the model loads (a clear error now, not inside a worker), then run uvicorn."""
     import uvicorn
 
+    from imgclf.deploy.serve import connections  # deferred: uvicorn's protocol classes, only when serving
 
     if not Path(cfg.model).exists():
         raise RunError(f"{cfg.model}: no such model", "serve a run directory or an .onnx from `imgclf export`")
     if cfg.threads is None and cfg.workers > 1:
         cfg.threads = max(1, (os.cpu_count() or 1) // cfg.workers)  # workers must not oversubscribe the cores
-    load(cfg.model, threads=1).set_reject(cfg.reject)  # fail before the banner, with the reason
+    pred = load(cfg.model, threads=1)  # fail before the banner, with the reason
+    pred.set_reject(cfg.reject)
+    if Path(cfg.model).is_file():  # an export: one real inference now (a run directory does it at start-up)
+        pred.self_check()
+    del pred
     return_memory_promptly()
     log.info(f"imgclf serve: {cfg.model} on http://{cfg.host}:{cfg.port}/  (API: POST /v1/predict, docs: /docs)"
              + (", API key required" if cfg.api_key else ""))
-    # h11 (not httptools, even where installed): its header-size limit applies.
-    common = {"host": cfg.host, "port": cfg.port, "log_level": "warning", "timeout_keep_alive": 5, "http": "h11",
-              "h11_max_incomplete_event_size": 64 * 1024, "limit_concurrency": cfg.max_connections}
-    if cfg.workers > 1:
-        os.environ[_ENV] = json.dumps(asdict(cfg))
-        uvicorn.run("imgclf.deploy.serve:app_from_env", factory=True, workers=cfg.workers, **common)
-    else:
+    connections.configure(cfg.header_timeout_s, cfg.max_connections_per_client)
+    # h11 (not httptools, even where installed): its header-size limit applies, and
+    # connections.py adds the header deadline and per-client limit to it.
+    common = {"host": cfg.host, "port": cfg.port, "log_level": "warning", "timeout_keep_alive": 5,
+              "http": connections.GuardedH11Protocol, "h11_max_incomplete_event_size": 64 * 1024,
+              "limit_concurrency": cfg.max_connections}
+    if cfg.workers <= 1:
         uvicorn.run(create_app(cfg), **common)
+        return
+    with tempfile.TemporaryDirectory(prefix="imgclf-serve-") as d:  # mode 0700
+        path = Path(d) / "config.json"
+        path.touch(0o600)
+        path.write_text(json.dumps(asdict(cfg)))
+        os.environ[_ENV] = str(path)
+        os.environ.pop("IMGCLF_API_KEY", None)  # the workers read the key from the file, not their environment
+        (Path(d) / "metrics").mkdir()  # prometheus_client's multiprocess mode: every worker's values in one place
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(Path(d) / "metrics")
+        uvicorn.run("imgclf.deploy.serve:app_from_env", factory=True, workers=cfg.workers, **common)

@@ -30,9 +30,19 @@ from imgclf.config import ServeConfig
 from imgclf.data.images import BadImage
 from imgclf.deploy.serve.batching import Batcher
 from imgclf.deploy.serve.metrics import Metrics
-from imgclf.deploy.serve.openapi import METRICS_OPENAPI, MODEL_OPENAPI, STATUS_OPENAPI, predict_openapi, similar_openapi
+from imgclf.deploy.serve.openapi import (
+    METRICS_OPENAPI,
+    MODEL_OPENAPI,
+    STATUS_OPENAPI,
+    Predictions,
+    Similar,
+    Status,
+    predict_openapi,
+    similar_openapi,
+)
 from imgclf.deploy.serve.parsing import (
     ApiError,
+    BodyBudget,
     PixelBudget,
     header_pixels,
     media_type,
@@ -59,6 +69,7 @@ class State:
         self.predictor = None
         self.batcher: Batcher | None = None
         self.pixels = PixelBudget(cfg.decode_pixels or 2 * cfg.max_pixels)
+        self.bodies = BodyBudget(cfg.body_budget_bytes)
         self.in_flight = 0
         self.similar = None  # SimilarityIndex of the run's training images, when serving a run directory
         self.similar_why = "the model is still loading"  # why /v1/similar is unavailable
@@ -84,6 +95,7 @@ def create_app(cfg: ServeConfig):
         st.predictor = await run_in_threadpool(load, cfg.model, threads=cfg.threads)
         st.predictor.set_reject(cfg.reject)
         await run_in_threadpool(st.predictor.warm_up)
+        await run_in_threadpool(st.predictor.self_check)  # one real inference before /readyz says ready
         await run_in_threadpool(load_similar, st)
         st.batcher = Batcher(per_image_outputs(st.predictor), cfg.max_batch, cfg.batch_wait_ms / 1000, st.metrics)
         st.batcher.start()
@@ -95,6 +107,7 @@ def create_app(cfg: ServeConfig):
                   description="Image classification with a model trained by imgclf. "
                               "POST images to /v1/predict; GET / for a page to try it.")
     add_error_handlers(app, st)
+    add_http_middleware(app, st)
     add_predict_route(app, st)
     add_similar_route(app, st)
     add_info_routes(app, st)
@@ -122,7 +135,7 @@ def add_error_handlers(app, st: State) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
-        return error_response(st, e.status, e.code, e.message, **e.extra)
+        return error_response(st, e.status, e.code, e.message, headers=e.headers, **e.extra)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
@@ -147,18 +160,73 @@ def add_error_handlers(app, st: State) -> None:
         return response
 
 
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
+# The page's own policy: its script, style and API calls come from this server;
+# previews are blob: URLs and thumbnails data: URLs; no page may frame it.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
+# /docs is Swagger UI, whose page starts it from an inline script: framing is still refused.
+DOCS_CSP = "frame-ancestors 'none'"
+
+
+def add_http_middleware(app, st: State) -> None:
+    """Plain ASGI middleware around every request: HEAD is answered as GET
+    (uvicorn sends the headers only), a request head over 64 KiB is a 431
+    (h11 only limits heads that arrive in pieces), and every answer carries
+    the headers a browser needs to keep the page and the JSON inert."""
+    inner = app.build_middleware_stack
+
+    def build():
+        return guard(inner())
+
+    def guard(asgi):
+        async def call(scope, receive, send):
+            if scope["type"] != "http":
+                return await asgi(scope, receive, send)
+            head = len(scope["raw_path"]) + len(scope["query_string"]) + sum(len(k) + len(v) + 4
+                                                                              for k, v in scope["headers"])
+            if head > MAX_HEAD_BYTES:
+                r = error_response(st, 431, "headers_too_large", f"the request line and headers are {head:,} "
+                                   f"bytes, over the limit of {MAX_HEAD_BYTES:,}; send fewer or shorter headers")
+                return await r(scope, receive, with_security_headers(send, scope["path"]))
+            if scope["method"] == "HEAD":
+                scope = {**scope, "method": "GET"}
+            await asgi(scope, receive, with_security_headers(send, scope["path"]))
+
+        return call
+
+    app.build_middleware_stack = build
+
+
+def with_security_headers(send, path: str):
+    csp = PAGE_CSP if path == "/" or path.startswith("/static/") else DOCS_CSP if path == "/docs" else \
+        "default-src 'none'; frame-ancestors 'none'"
+    extra = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+             (b"referrer-policy", b"no-referrer"), (b"content-security-policy", csp.encode())]
+
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": list(message.get("headers", [])) + extra}
+        await send(message)
+
+    return wrapped
+
+
 def check_key(st: State, request) -> None:
+    """The key from X-API-Key or Authorization: Bearer, compared as raw header
+    bytes (UTF-8 on both sides, so a non-ASCII key works) in constant time."""
     key = st.cfg.api_key
     if not key:
         return
-    given = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
-    if given is None and auth.lower().startswith("bearer "):
+    headers = dict(request.scope["headers"])  # raw (lower-case name, value) bytes
+    given = headers.get(b"x-api-key")
+    auth = headers.get(b"authorization", b"")
+    if given is None and auth[:7].lower() == b"bearer ":
         given = auth[7:].strip()
     if given is None:
         raise ApiError(401, "missing_api_key", "this server needs an API key: send it as 'X-API-Key: KEY' "
                        "or 'Authorization: Bearer KEY'")
-    if not hmac.compare_digest(given.encode(), key.encode()):
+    if not hmac.compare_digest(given, key.encode()):
         raise ApiError(401, "wrong_api_key", "the API key is wrong")
 
 
@@ -212,9 +280,13 @@ def decode_all(st: State, files: list[tuple[str, bytes]]) -> list:
     return xs
 
 
-async def images_body(request, st: State) -> bytes:
-    """The whole request body, within the size and time limits; 400 when empty."""
-    body = await read_body(request, st.cfg.max_body_bytes, st.cfg.body_timeout_s, st.cfg.body_deadline_s)
+async def images_body(request, st: State, held) -> bytes:
+    """The whole request body, within the size, time and memory limits; 400 when empty."""
+    coding = request.headers.get("content-encoding", "identity").strip().lower()
+    if coding != "identity":
+        raise ApiError(415, "unsupported_content_encoding", f"Content-Encoding {coding[:40]!r} is not supported; "
+                       "send the body uncompressed (images are already compressed)")
+    body = await read_body(request, st.cfg.max_body_bytes, st.cfg.body_timeout_s, st.cfg.body_deadline_s, held)
     if not body:
         raise ApiError(400, "empty_request", "no images in the request; send multipart files "
                        "(curl -F 'file=@cat.jpg') or JSON {\"images\": [\"<base64>\"]}")
@@ -250,18 +322,21 @@ def add_predict_route(app, st: State) -> None:
     from starlette.concurrency import run_in_threadpool
 
 
-    @app.post("/v1/predict", openapi_extra=predict_openapi(st.cfg.max_files),
-              summary="Top-k labels for one or more images")
+    @app.post("/v1/predict", openapi_extra=predict_openapi(st.cfg.max_files), response_model=Predictions,
+              response_model_exclude_none=True, summary="Top-k labels for one or more images",
+              response_description="top-k labels per image, in request order")
     async def predict(request: Request):
         check_key(st, request)
         pred = st.ready()
-        body = await images_body(request, st)
-        with processing_slot(st):
-            files, body_k = await run_in_threadpool(parse_request, st, body, request.headers.get("content-type", ""))
-            k = top_k_of(request, body_k, st.cfg.top_k, len(pred.classes))
-            xs = await run_in_threadpool(decode_all, st, files)
-            t0 = time.perf_counter()
-            outs = await st.batcher(xs)
+        with st.bodies.account() as held:
+            body = await images_body(request, st, held)
+            with processing_slot(st):
+                files, body_k = await run_in_threadpool(parse_request, st, body, request.headers.get("content-type", ""))
+                del body
+                k = top_k_of(request, body_k, st.cfg.top_k, len(pred.classes))
+                xs = await run_in_threadpool(decode_all, st, files)
+                t0 = time.perf_counter()
+                outs = await st.batcher(xs)
         thr = pred.thresholds if pred.multi_label else None
         preds = [{"filename": name, **top_k(p, pred.classes, k, u, pred.reject, thr)}
                  for (name, _), (p, u) in zip(files, outs)]
@@ -274,18 +349,48 @@ MAX_SIMILAR_K = 50  # neighbours per image: each carries a ~3 KB thumbnail
 def load_similar(st: State) -> None:
     """The run's similarity index (built once and saved in the run when
     missing). An exported model has no embedding output, so a bare .onnx
-    serves predictions only and /v1/similar says why."""
-    if model_format(st.cfg.model) in TORCH_FREE or not hasattr(st.predictor, "embed"):
+    serves predictions only and /v1/similar says why. The index shows
+    training images, so it is off on an open address without an API key
+    unless asked for (--similar). Answers never carry an exception string:
+    those name server paths; the log has them."""
+    cfg = st.cfg
+    if model_format(cfg.model) in TORCH_FREE or not hasattr(st.predictor, "embed"):
         st.similar_why = ("an exported model computes probabilities only, not the embeddings similarity search "
                           "needs; serve the run directory instead (imgclf serve RUN)")
+        return
+    if cfg.similar is False:
+        st.similar_why = "the server was started with --no-similar"
+        return
+    if cfg.similar is None and not cfg.api_key and not is_loopback(cfg.host):
+        st.similar_why = ("it shows training images, so it is off on a non-loopback --host without an API key; "
+                          "start the server with --api-key, or with --similar to serve it openly")
         return
     from imgclf.data_engine.similar import load_index  # deferred: torch; only a run directory has an index
 
     try:
-        st.similar = load_index(RunDir(st.cfg.model), st.predictor, progress=False)
+        st.similar = load_index(RunDir(cfg.model), st.predictor, progress=False)
     except (ImgclfError, OSError) as e:  # e.g. the training images moved: predictions still work
-        st.similar_why = f"the run's similarity index could not be built ({e})"
-        log.warning("/v1/similar disabled: %s", st.similar_why)
+        st.similar_why = "the run's similarity index could not be built (the server log says why)"
+        log.warning("/v1/similar disabled: the similarity index could not be built: %s", e)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def public_path(p: str) -> str:
+    """A training image's path as answers show it: relative to the data root,
+    or its file name alone when it was absolute or leaves the root (a CSV of
+    absolute paths), so no answer reveals the server's file system."""
+    from pathlib import PurePath
+
+    pp = PurePath(p)
+    return pp.name if pp.is_absolute() or ".." in pp.parts else p
 
 
 def similar_results(st: State, files, xs: list, k: int) -> list[dict]:
@@ -298,6 +403,7 @@ def similar_results(st: State, files, xs: list, k: int) -> list[dict]:
     found = st.similar.search(st.predictor.embed(np.stack(xs)), k)
     for nbs in found:
         for nb in nbs:
+            nb["path"] = public_path(nb["path"])
             nb["thumbnail"] = "data:image/jpeg;base64," + base64.b64encode(st.similar.thumbnail(nb["id"])).decode()
     return [{"filename": name, "neighbours": nbs} for (name, _), nbs in zip(files, found)]
 
@@ -322,7 +428,8 @@ def add_similar_route(app, st: State) -> None:
 
 
     # An exported model never has it: the route answers why, and stays out of the schema.
-    @app.post("/v1/similar", openapi_extra=similar_openapi(st.cfg.max_files, MAX_SIMILAR_K),
+    @app.post("/v1/similar", openapi_extra=similar_openapi(st.cfg.max_files, MAX_SIMILAR_K), response_model=Similar,
+              response_description="the k most similar training images of each image, best first",
               summary="The most similar training images of each image, with thumbnails",
               include_in_schema=model_format(st.cfg.model) not in TORCH_FREE)
     async def similar(request: Request):
@@ -331,12 +438,14 @@ def add_similar_route(app, st: State) -> None:
         if st.similar is None:
             raise ApiError(404, "similar_unavailable", f"similarity search is not available: {st.similar_why}")
         k = k_of(request, 10, min(MAX_SIMILAR_K, len(st.similar)))
-        body = await images_body(request, st)
-        with processing_slot(st):
-            files, _ = await run_in_threadpool(parse_request, st, body, request.headers.get("content-type", ""))
-            xs = await run_in_threadpool(decode_all, st, files)
-            t0 = time.perf_counter()
-            results = await run_in_threadpool(similar_results, st, files, xs, k)
+        with st.bodies.account() as held:
+            body = await images_body(request, st, held)
+            with processing_slot(st):
+                files, _ = await run_in_threadpool(parse_request, st, body, request.headers.get("content-type", ""))
+                del body
+                xs = await run_in_threadpool(decode_all, st, files)
+                t0 = time.perf_counter()
+                results = await run_in_threadpool(similar_results, st, files, xs, k)
         return {"results": results, "model_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
 
@@ -350,11 +459,13 @@ def add_info_routes(app, st: State) -> None:
         check_key(st, request)
         return model_description(st.ready(), st.cfg, st)
 
-    @app.get("/healthz", summary="Liveness: the process answers", openapi_extra=STATUS_OPENAPI)
+    @app.get("/healthz", summary="Liveness: the process answers", openapi_extra=STATUS_OPENAPI,
+             response_model=Status, response_model_exclude_none=True)
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: the model is loaded", openapi_extra=STATUS_OPENAPI)
+    @app.get("/readyz", summary="Readiness: the model is loaded", openapi_extra=STATUS_OPENAPI,
+             response_model=Status, response_model_exclude_none=True)
     async def readyz():
         st.ready()
         return {"status": "ready", "model": Path(st.cfg.model).name}

@@ -1,7 +1,15 @@
 """The OpenAPI description of every request, status code and body the server
-really uses (tests/test_serve_fuzz.py holds the server to it with Schemathesis)."""
+really uses (tests/test_serve_fuzz.py holds the server to it with Schemathesis).
+
+Answers are pydantic models (FastAPI checks each answer against them and
+writes their schema). Request bodies and errors stay hand-written: a body is
+multipart or JSON, read and parsed under the server's own byte, part, time
+and pixel limits off the event loop, which FastAPI's body parameters cannot
+keep (its form parser spools files to disk)."""
 
 from __future__ import annotations
+
+from pydantic import BaseModel, Field
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["code", "message"],
@@ -19,23 +27,51 @@ def _errors(*codes: int) -> dict:
     return {str(c): {"description": why[c], "content": {"application/json": {"schema": ERROR}}} for c in codes}
 
 
-TOP = {"type": "object", "required": ["label", "score"],
-       "properties": {"label": {"type": "string"}, "score": {"type": "number", "minimum": 0, "maximum": 1}}}
-PREDICTIONS = {"type": "object", "required": ["predictions"], "properties": {
-    "predictions": {"type": "array", "items": {"type": "object", "required": ["filename", "label", "score", "top"],
-                                               "properties": {"filename": {"type": "string"},
-                                                              "label": {"type": "string", "description":
-                                                                        "the best class, or 'unknown' when rejected"},
-                                                              "score": {"type": "number"},
-                                                              "top": {"type": "array", "items": TOP},
-                                                              "labels": {"type": "array", "items": TOP, "description":
-                                                                         "multi-label models: every label at or "
-                                                                         "above its threshold, best first"},
-                                                              "unknown": {"type": "number", "minimum": 0,
-                                                                          "maximum": 1, "description":
-                                                                          "how unlike the training images (share of "
-                                                                          "known validation images more familiar)"}}}},
-    "model_ms": {"type": "number"}}}
+class Top(BaseModel):
+    label: str
+    score: float = Field(ge=0, le=1)
+
+
+class Prediction(BaseModel):
+    filename: str
+    label: str = Field(description="the best class, or 'unknown' when rejected")
+    score: float
+    top: list[Top]
+    labels: list[Top] | None = Field(None, description="multi-label models: every label at or above its threshold, "
+                                                       "best first")
+    unknown: float | None = Field(None, ge=0, le=1, description="how unlike the training images (share of known "
+                                                                 "validation images more familiar)")
+
+
+class Predictions(BaseModel):
+    """/v1/predict's answer: top-k labels per image, in request order."""
+    predictions: list[Prediction]
+    model_ms: float
+
+
+class Neighbour(BaseModel):
+    id: int = Field(ge=0)
+    path: str = Field(description="relative to the data root, or the file name alone")
+    label: str
+    similarity: float
+    thumbnail: str = Field(description="data:image/jpeg;base64,...")
+
+
+class SimilarResult(BaseModel):
+    filename: str
+    neighbours: list[Neighbour]
+
+
+class Similar(BaseModel):
+    """/v1/similar's answer: the k most similar training images of each image, best first."""
+    results: list[SimilarResult]
+    model_ms: float
+
+
+class Status(BaseModel):
+    status: str
+    model: str | None = None
+
 
 def predict_openapi(max_files: int) -> dict:
     """/v1/predict: multipart files or JSON base64 images, at most max_files."""
@@ -51,9 +87,7 @@ def predict_openapi(max_files: int) -> dict:
                         "description": "labels per image (default: the server's --top-k)"}],
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": multipart},
                                                       "application/json": {"schema": json_body}}},
-        "responses": {"200": {"description": "top-k labels per image, in request order",
-                              "content": {"application/json": {"schema": PREDICTIONS}}},
-                      **_errors(400, 401, 408, 413, 415, 422, 500, 503)},
+        "responses": _errors(400, 401, 408, 413, 415, 422, 500, 503),
     }
 
 
@@ -76,9 +110,7 @@ def similar_openapi(max_files: int, max_k: int) -> dict:
                            "description": f"neighbours per image (default 10, at most {max_k})"}]
     for body in spec["requestBody"]["content"].values():
         body["schema"]["properties"].pop("top_k")
-    spec["responses"] = {"200": {"description": "the k most similar training images of each image, best first",
-                                 "content": {"application/json": {"schema": SIMILAR}}},
-                         **_errors(400, 401, 404, 408, 413, 415, 422, 500, 503)}
+    spec["responses"] = _errors(400, 401, 404, 408, 413, 415, 422, 500, 503)
     spec["responses"]["404"]["description"] = "similarity search unavailable (serving an exported model)"
     return spec
 
@@ -86,11 +118,7 @@ def similar_openapi(max_files: int, max_k: int) -> dict:
 MODEL_OPENAPI = {"responses": {"200": {"description": "the model and its limits",
                                        "content": {"application/json": {"schema": {"type": "object"}}}},
                                **_errors(401, 500, 503)}}
-STATUS_OPENAPI = {"responses": {"200": {"description": "status",
-                                        "content": {"application/json": {"schema": {
-                                            "type": "object", "required": ["status"],
-                                            "properties": {"status": {"type": "string"}}}}}},
-                                **_errors(500, 503)}}
+STATUS_OPENAPI = {"responses": _errors(500, 503)}
 METRICS_OPENAPI = {"responses": {"200": {"description": "Prometheus text format",
                                          "content": {"text/plain": {"schema": {"type": "string"}}}},
                                  **_errors(401, 500)}}

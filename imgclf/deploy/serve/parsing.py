@@ -22,9 +22,10 @@ MAX_TOP_K_DIGITS = 6  # any top_k beyond the class count means "all classes"
 class ApiError(Exception):
     """A 4xx/5xx with a JSON body {"error": {"code", "message", ...}}."""
 
-    def __init__(self, status: int, code: str, message: str, **extra):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None, **extra):
         super().__init__(message)
         self.status, self.code, self.message, self.extra = status, code, message, extra
+        self.headers = headers
 
 
 def media_type(content_type: str) -> str:
@@ -32,11 +33,12 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
-async def read_body(request, limit: int, timeout_s: float, deadline_s: float) -> bytes:
+async def read_body(request, limit: int, timeout_s: float, deadline_s: float, held: BodyBytes) -> bytes:
     """The whole body, or 413 past `limit` bytes (checked against
     Content-Length first, then as chunks arrive), and 408 when the client
     stops sending for `timeout_s` (a short body under a long Content-Length)
-    or takes longer than `deadline_s` in all (a byte every few seconds)."""
+    or takes longer than `deadline_s` in all (a byte every few seconds).
+    Its bytes are counted in `held` (the shared body budget) before they are read."""
     from starlette.requests import ClientDisconnect
 
     n = request.headers.get("content-length")
@@ -46,6 +48,7 @@ async def read_body(request, limit: int, timeout_s: float, deadline_s: float) ->
         if int(n) > limit:
             raise ApiError(413, "body_too_large", f"request body is {int(n):,} bytes, over the limit of {limit:,}; "
                            f"send fewer or smaller images (resize them to about the model's input size)")
+        held.grow(int(n))
     chunks, size, stream = [], 0, request.stream().__aiter__()
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline_s
@@ -63,6 +66,7 @@ async def read_body(request, limit: int, timeout_s: float, deadline_s: float) ->
         if size > limit:
             raise ApiError(413, "body_too_large", f"request body is over the limit of {limit:,} bytes; "
                            f"send fewer or smaller images")
+        held.grow(size - held.n)  # a chunked body: counted as it arrives
         chunks.append(chunk)
 
 
@@ -109,8 +113,8 @@ def parse_multipart(body: bytes, content_type: str, max_files: int, max_parts: i
                  "on_header_field": lambda d, s, e: cur.__setitem__("field", cur["field"] + d[s:e]),
                  "on_header_value": lambda d, s, e: cur.__setitem__("value", cur["value"] + d[s:e]),
                  "on_part_data": lambda d, s, e: cur["data"].append(d[s:e])}
-    parser = MultipartParser(boundary, callbacks)
     try:
+        parser = MultipartParser(boundary, callbacks)  # refuses a boundary over 256 bytes (RFC 2046: 70)
         parser.write(body)
         parser.finalize()
     except ApiError:
@@ -123,7 +127,7 @@ def parse_multipart(body: bytes, content_type: str, max_files: int, max_parts: i
 def parse_json(body: bytes, max_files: int) -> tuple[list[tuple[str, bytes]], object]:
     """([(name, image bytes)], top_k or None) from {"images": ["<base64>", ...], "top_k": k}."""
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, parse_int=bounded_int)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
         raise ApiError(400, "bad_json", f"body is not valid JSON ({why}); send {{\"images\": [\"<base64>\", ...]}}") from None
@@ -142,8 +146,16 @@ def parse_json(body: bytes, max_files: int) -> tuple[list[tuple[str, bytes]], ob
         try:
             out.append((f"images[{i}]", base64.b64decode(s, validate=True)))
         except (binascii.Error, ValueError):
-            raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64", index=i) from None
+            hint = ("; it contains line breaks: encode without them (base64 -w0)" if "\n" in s or "\r" in s
+                    else "")
+            raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64{hint}", index=i) from None
     return out, doc.get("top_k")
+
+
+def bounded_int(s: str) -> int:
+    """A JSON integer; one of thousands of digits saturates (any count beyond
+    the classes means all of them) instead of raising Python's digit-limit error."""
+    return int(s) if len(s) <= 18 else (-1 if s.startswith("-") else 1) * 10**18
 
 
 def parse_top_k(v, default: int, n_classes: int) -> int:
@@ -163,6 +175,71 @@ def parse_top_k(v, default: int, n_classes: int) -> int:
     if v < 1:
         raise ApiError(400, "bad_top_k", f"top_k must be at least 1, got {v}")
     return min(v, n_classes)
+
+
+class BodyBudget:
+    """Bounds the request bytes held in memory across all requests (bodies,
+    and the parts and images parsed from them), as PixelBudget bounds
+    decoding: many large uploads at once get 503 busy with Retry-After
+    instead of taking the server's memory. A request counts its bytes from
+    before it reads them until its answer is sent. When the last large
+    request ends, glibc is asked to hand its free pages back to the system
+    (bodies arrive in 64 KiB pieces that sit in the heap, under the mmap
+    threshold, where freeing alone leaves them with the process)."""
+
+    TRIM_AFTER = 64 << 20
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.since_trim = limit, 0, 0
+        self.lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self.lock:
+            if n > 0 and self.used and self.used + n > self.limit:  # one request alone always fits (it is under --max-body-mb)
+                raise ApiError(503, "busy", f"the server is holding {self.used:,} bytes of request bodies, the "
+                               f"limit; retry in a moment", headers={"Retry-After": "1"})
+            self.used += n
+            self.since_trim += max(n, 0)
+
+    def give(self, n: int) -> None:
+        with self.lock:
+            self.used -= n
+            trim = self.used == 0 and self.since_trim >= self.TRIM_AFTER
+            if trim:
+                self.since_trim = 0
+        if trim:
+            trim_heap()
+
+    @contextmanager
+    def account(self):
+        held = BodyBytes(self)
+        try:
+            yield held
+        finally:
+            self.give(held.n)
+
+
+class BodyBytes:
+    """One request's share of the BodyBudget."""
+
+    def __init__(self, budget: BodyBudget):
+        self.budget, self.n = budget, 0
+
+    def grow(self, n: int) -> None:
+        if n > 0:
+            self.budget.take(n)
+            self.n += n
+
+
+def trim_heap() -> None:
+    """glibc's malloc_trim(0): return free heap pages to the system. A no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class PixelBudget:

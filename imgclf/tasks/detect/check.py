@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.data.datasets import multilabel_split
 from imgclf.errors import DataError
 from imgclf.tasks.detect.data import (
     DetDataset,
@@ -26,7 +27,6 @@ from imgclf.tasks.detect.data import (
     round_px,
     write_coco,
 )
-from imgclf.data.datasets import multilabel_split
 
 # Two boxes of one class overlapping more than this are one object labelled twice.
 DUPLICATE_IOU = 0.95

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from imgclf.data.images import open_image
 from imgclf.tasks.detect.data import DetDataset
 from imgclf.tasks.detect.metrics import coco_metrics
 from imgclf.tasks.detect.model import (
@@ -22,7 +23,6 @@ from imgclf.tasks.detect.model import (
     eval_transform,
     train_transform,
 )
-from imgclf.data.images import open_image
 
 
 class BoxDataset(torch.utils.data.Dataset):
