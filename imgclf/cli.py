@@ -264,6 +264,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"imgclf {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write no atomic writer saw (a library's own file): still one line, not a traceback
+        import errno
+
+        if e.errno not in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT) or os.environ.get("IMGCLF_DEBUG"):
+            raise
+        from imgclf.runs import write_error
+
+        print(f"imgclf {args.cmd}: error: {write_error(e.filename or 'an output file', e)}", file=sys.stderr)
+        return 2
     except ModuleNotFoundError as e:  # an optional extra is not installed: the user's fix, not a bug
         extra = EXTRAS.get((e.name or "").split(".")[0])
         if not extra or os.environ.get("IMGCLF_DEBUG"):

@@ -37,10 +37,46 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+_WRITE_CAUSES = {  # errno -> (cause, fix) for one line instead of a traceback
+    "EFBIG": ("the file-size limit (ulimit -f) is too small for it", "raise the limit (ulimit -f unlimited)"),
+    "ENOSPC": ("the disk is full", "free some space on that disk, or write somewhere else"),
+    "EDQUOT": ("the disk quota is used up", "free some space, or write somewhere else"),
+    "EACCES": ("permission denied", "write to a folder you may write to, or fix its permissions"),
+    "EPERM": ("permission denied", "write to a folder you may write to, or fix its permissions"),
+    "EROFS": ("the file system is read-only", "write somewhere writable"),
+}
+
+
+def write_error(path: str | Path, e: OSError):
+    """An OSError from writing `path` as a WriteError: the file, the cause
+    (EFBIG, ENOSPC, EACCES...) and the fix, in one line."""
+    import errno
+
+    from imgclf.errors import WriteError
+
+    name = errno.errorcode.get(e.errno or 0, "")
+    cause, fix = _WRITE_CAUSES.get(name, (e.strerror or str(e), "check that the folder is writable and has space"))
+    err = WriteError(f"cannot write {path}: {cause} ({name or type(e).__name__}); nothing half-written was left", fix)
+    err.errno = e.errno
+    return err
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename: a crash
-    leaves either the old file or the new one, never half of one."""
+    leaves either the old file or the new one, never half of one. A failed
+    write (full disk, file-size limit) is a WriteError naming the file."""
+    from imgclf.errors import WriteError
+
     path = Path(path)
+    try:  # (over `ulimit -f` the write fails with EFBIG: Python ignores SIGXFSZ)
+        _atomic_write(path, data)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -72,10 +108,21 @@ def atomic_write_folder(path: str | Path, files: dict[str, bytes], is_ours) -> N
     """Write a folder of files (relative path -> bytes) beside `path`, then
     rename it into place. An existing folder is replaced only when
     `is_ours(path)`: an earlier output of the same kind, never a user's folder."""
-    import shutil
-
     path = Path(path)
     check_replaceable_folder(path, is_ours)
+    try:
+        _atomic_write_folder(path, files)
+    except OSError as e:
+        from imgclf.errors import ImgclfError
+
+        if isinstance(e, ImgclfError):
+            raise
+        raise write_error(getattr(e, "filename", None) or path, e) from None
+
+
+def _atomic_write_folder(path: Path, files: dict[str, bytes]) -> None:
+    import shutil
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
@@ -172,6 +219,70 @@ def read_history(path: str | Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+class RunLock:
+    """One writer per run directory: `imgclf train` holds RUN/.imgclf.lock
+    (an flock, which the kernel releases when the process ends, however it
+    ends) for as long as it writes the run. A second run refuses, naming the
+    holder (pid, host, start time); a lock file left by a run that died is
+    taken over, with a note (`took_over`)."""
+
+    NAME = ".imgclf.lock"
+
+    def __init__(self, folder: str | Path, run_id: str = ""):
+        self.folder, self.run_id, self.fd, self.took_over = Path(folder), run_id, None, ""
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            return self
+        path = self.folder / self.NAME
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666 & ~_UMASK)
+        except OSError as e:
+            raise write_error(path, e) from None
+        holder = _lock_holder(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            from imgclf.errors import RunError
+
+            raise RunError(f"{self.folder} is being written by another imgclf run ({_describe_holder(holder)})",
+                           "wait for it to finish, or give this run another --out") from None
+        if holder:
+            self.took_over = (f"took over the lock of an earlier run that stopped without releasing it "
+                              f"({_describe_holder(holder)})")
+        import socket
+        import time
+
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "run_id": self.run_id}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # an empty lock file: released cleanly
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+
+def _lock_holder(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe_holder(h: dict) -> str:
+    return (f"pid {h.get('pid', '?')} on host {h.get('host', '?')}, started {h.get('started', '?')}" if h
+            else "its pid, host and start time are not recorded yet")
+
+
 class RunDir:
     """A run directory: its artifact names and the questions every command asks.
 
@@ -228,8 +339,30 @@ class RunDir:
         return self.model_file
 
     def record(self) -> dict:
-        """The model record in model.pt (loaded safely: tensors and plain data only)."""
-        return torch_load(self.require_model(), RECORD_KEYS)
+        """The model record in model.pt (loaded safely: tensors and plain data only),
+        checked to belong to the same run as config.json and splits.json."""
+        rec = torch_load(self.require_model(), RECORD_KEYS)
+        self.check_one_run(rec.get("run_id"))
+        return rec
+
+    def check_one_run(self, model_id: str | None) -> None:
+        """model.pt, config.json and splits.json carry the id of the run that
+        wrote them; files of two runs in one folder (two trainings writing one
+        --out, a copy mixed by hand) are refused rather than scored wrongly.
+        Runs from before ids existed have none and pass."""
+        from imgclf.errors import RunError
+
+        ids = {self.MODEL: model_id}
+        for f in (self.config_file, self.splits_file):
+            try:
+                ids[f.name] = read_json(f).get("run_id") if f.exists() else None
+            except (OSError, ValueError, AttributeError):
+                ids[f.name] = None
+        known = {k: v for k, v in ids.items() if v}
+        if len(set(known.values())) > 1:
+            raise RunError(f"{self.path} mixes files of different runs (" + ", ".join(
+                f"{k}: run {v}" for k, v in known.items()) + "), as when two trainings wrote one --out",
+                f"train again into a new folder (imgclf train DATA --out NEW), or delete {self.path}")
 
     def model_sha256(self) -> str:
         import hashlib

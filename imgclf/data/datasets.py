@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgclf.data.images import BadImage, list_files, open_image, sniff
+from imgclf.data.images import BadImage, decode, list_files, open_regular, read_file, sniff
 
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
 
@@ -40,12 +40,13 @@ class Splits:
     notes: list[str] = field(default_factory=list)  # things a person should know (e.g. no test split)
     seed: int = 0
     multi_label: bool = False  # items' labels are tuples of class indices (possibly empty)
+    run_id: str = ""  # the training run that recorded this split (runs.RunDir.check_one_run)
 
     def to_dict(self) -> dict:
         y_out = list if self.multi_label else int
         return {
             "root": self.root, "layout": self.layout, "classes": self.classes, "seed": self.seed,
-            "notes": self.notes, "multi_label": self.multi_label,
+            "notes": self.notes, "multi_label": self.multi_label, "run_id": self.run_id,
             **{k: [[p, y_out(y)] for p, y in getattr(self, k)] for k in ("train", "val", "test")},
         }
 
@@ -55,7 +56,7 @@ class Splits:
         y_in = tuple if ml else int
         return cls(
             root=root or d["root"], classes=list(d["classes"]), layout=d["layout"], notes=list(d.get("notes", [])),
-            seed=d.get("seed", 0), multi_label=ml,
+            seed=d.get("seed", 0), multi_label=ml, run_id=d.get("run_id") or "",
             **{k: [(p, y_in(y)) for p, y in d[k]] for k in ("train", "val", "test")},
         )
 
@@ -334,31 +335,49 @@ def _missing_classes(classes: list[str], parts: dict[str, list]) -> list[str]:
 _HASHES: dict[str, tuple[int, int, str]] = {}
 
 
+def content_hash(data: bytes) -> str:
+    """The identity of an image's bytes, for the feature cache and duplicate checks."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def file_hash(path: str | Path) -> str:
-    """Content hash: the identity of an image for the cache and duplicate checks."""
+    """content_hash of a file, streamed (regular files only: a device or FIFO
+    is BadImage, never read). Same digest as content_hash of its bytes."""
     key = str(path)
-    st = os.stat(key)
-    known = _HASHES.get(key)
-    if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
-        return known[2]
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    with open_regular(path) as f:
+        st = os.fstat(f.fileno())
+        known = _HASHES.get(key)
+        if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+            return known[2]
+        h = hashlib.blake2b(digest_size=16)
+        try:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        except OSError as e:
+            raise BadImage(key, f"cannot read file: {e.strerror or e}") from None
     _HASHES[key] = (st.st_size, st.st_mtime_ns, h.hexdigest())
     return h.hexdigest()
+
+
+def _hash_or_blank(path) -> str:
+    try:
+        return file_hash(path)
+    except BadImage:
+        return ""
 
 
 def hash_files(paths: list, threads: int = 8) -> list[str]:
     """file_hash of many files on a few threads: hashlib releases the GIL on
     large buffers and the reads wait on the disk, so threads overlap both
-    (a shared network filesystem gains the most)."""
+    (a shared network filesystem gains the most). An unreadable file (gone,
+    a device, no permission) hashes to "": never found in a cache, so the
+    loader tries it and reports why, once."""
     if len(paths) < 64:
-        return [file_hash(p) for p in paths]
+        return [_hash_or_blank(p) for p in paths]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(file_hash, paths, chunksize=256))
+        return list(pool.map(_hash_or_blank, paths, chunksize=256))
 
 
 def scan(splits: Splits, names=("train", "val", "test"), share=None) -> list[tuple[str, str]]:
@@ -391,13 +410,16 @@ class ImageDataset:
 
     A file that fails to decode yields None and the reason instead of raising,
     so one bad file among 100,000 does not end a long run; `collate` drops it
-    and passes the reason up to be reported once."""
+    and passes the reason up to be reported once. With hashed=True each item
+    also carries the content_hash of the very bytes it decoded (collate_hashed):
+    the feature cache's key, which a file rewritten between hashing and
+    decoding can then never mislabel."""
 
     def __init__(self, root: str | Path, items: list[tuple[str, int]], transform, draft_size: int | None = None,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, hashed: bool = False):
         """num_classes: given for multi-label items, whose tuples become 0/1 target vectors."""
         self.root, self.items, self.transform, self.draft_size = Path(root), items, transform, draft_size
-        self.num_classes = num_classes
+        self.num_classes, self.hashed = num_classes, hashed
 
     def __len__(self) -> int:
         return len(self.items)
@@ -406,13 +428,18 @@ class ImageDataset:
         rel, y = self.items[i]
         if self.num_classes is not None:
             y = multi_hot([y], self.num_classes)[0]
+        out, h = self._load(rel, y, i)
+        return (*out, h) if self.hashed else out
+
+    def _load(self, rel: str, y, i: int) -> tuple[tuple, str | None]:
         try:
-            img = open_image(self.root / rel, draft_size=self.draft_size)
-            return self.transform(img), y, i, None
+            data = read_file(self.root / rel)
+            img = decode(data, str(self.root / rel), draft_size=self.draft_size)
+            return (self.transform(img), y, i, None), content_hash(data) if self.hashed else None
         except BadImage as e:
-            return None, y, i, e.reason
+            return (None, y, i, e.reason), None
         except Exception as e:  # a transform failing on an odd image: reported and skipped, not a dead worker
-            return None, y, i, f"cannot transform this image ({type(e).__name__}: {e})"
+            return (None, y, i, f"cannot transform this image ({type(e).__name__}: {e})"), None
 
 
 def collate(batch):
@@ -435,6 +462,11 @@ def collate(batch):
     return x, y, idx, bad
 
 
+def collate_hashed(batch):
+    """collate for ImageDataset(hashed=True): also the content hashes of the good items, in order."""
+    return (*collate([b[:4] for b in batch]), [b[4] for b in batch if b[0] is not None])
+
+
 def default_workers() -> int:
     """DataLoader workers for this machine. On 2 cores one worker decodes while
     the main process computes; more would fight the model's threads."""
@@ -444,7 +476,8 @@ def default_workers() -> int:
     return 0 if n <= 1 else min(8, max(1, n // 2))
 
 
-def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0, sampler=None):
+def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0, sampler=None,
+                collate_fn=None):
     import torch
     from torch.utils.data import DataLoader
 
@@ -452,7 +485,7 @@ def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, workers: 
     g.manual_seed(seed)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        num_workers=workers, collate_fn=collate, generator=g, persistent_workers=False,
+        num_workers=workers, collate_fn=collate_fn or collate, generator=g, persistent_workers=False,
         prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available(),
     )
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+import stat
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -28,6 +30,9 @@ Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 Source = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
+# Largest file read as one image: a 100 MP TIFF is under 400 MB; anything
+# bigger is not a photo a classifier needs, and would only be held in memory.
+MAX_FILE_BYTES = 1 << 30
 
 
 class BadImage(Exception):
@@ -45,6 +50,69 @@ def _name(src: Source) -> str:
     return getattr(src, "name", None) or f"<{type(src).__name__}>"
 
 
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _os_reason(e: OSError) -> str:
+    import errno
+
+    why = {errno.ENOENT: "file not found (deleted or moved since it was listed, or a link to nothing)",
+           errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+           errno.ELOOP: "a loop of symbolic links"}.get(e.errno, e.strerror or str(e))
+    return f"cannot read file: {why}"
+
+
+def _check_regular(name: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise BadImage(name, f"{_file_kind(st.st_mode)}, not an image file: only regular files are read; "
+                             f"remove it (or the link to it) from the data")
+    if st.st_size == 0:
+        raise BadImage(name, "empty file (0 bytes); delete it or replace it with the real image")
+    if st.st_size > MAX_FILE_BYTES:
+        raise BadImage(name, f"{st.st_size:,} bytes is over the {MAX_FILE_BYTES:,}-byte limit for one image file")
+
+
+@contextmanager
+def open_regular(path: str | os.PathLike):
+    """A binary file object of a regular file (links followed), or BadImage.
+    Devices (/dev/zero, /dev/urandom), FIFOs and sockets are refused before
+    they are opened, and again on the opened descriptor (the path may have
+    been swapped in between): reading one never ends, or blocks forever."""
+    name = str(path)
+    try:
+        _check_regular(name, os.stat(path))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise BadImage(name, _os_reason(e)) from None
+    f = os.fdopen(fd, "rb")
+    try:
+        _check_regular(name, os.fstat(fd))
+        yield f
+    finally:
+        f.close()
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """All bytes of a regular file, from one read (open_regular's checks), or BadImage.
+    What is hashed and what is decoded must be these same bytes."""
+    with open_regular(path) as f:
+        try:
+            data = f.read(MAX_FILE_BYTES + 1)
+        except OSError as e:
+            raise BadImage(str(path), _os_reason(e)) from None
+    if not data:
+        raise BadImage(str(path), "empty file (0 bytes); delete it or replace it with the real image")
+    if len(data) > MAX_FILE_BYTES:
+        raise BadImage(str(path), f"over the {MAX_FILE_BYTES:,}-byte limit for one image file")
+    return data
+
+
 def open_image(src: Source, draft_size: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Return `src` as an upright RGB PIL image, or raise BadImage.
 
@@ -52,22 +120,25 @@ def open_image(src: Source, draft_size: int | None = None, max_pixels: int = MAX
     both sides stay >= draft_size. Decoding a 500x375 photo for a 224 px model
     is then about 2x cheaper (bench/bench_pipeline.py) with no visible loss,
     because the resize that follows would throw those pixels away anyway.
+    A path is read once, whole (read_file), then decoded from memory.
     """
     if isinstance(src, Image.Image):
         return to_rgb(src)
     if isinstance(src, np.ndarray):
         return to_rgb(_from_array(src))
     name = _name(src)
+    if isinstance(src, (str, os.PathLike)):
+        src = read_file(src)
+    return decode(src, name, draft_size, max_pixels)
+
+
+def decode(src: bytes | BinaryIO, name: str, draft_size: int | None = None, max_pixels: int = MAX_PIXELS
+           ) -> Image.Image:
+    """Bytes (or a binary file object) -> upright RGB PIL image, or BadImage naming `name`."""
     if isinstance(src, bytes):
         if not src:
             raise BadImage(name, "empty data (0 bytes)")
         src = io.BytesIO(src)
-    elif isinstance(src, (str, os.PathLike)):
-        try:
-            if os.path.getsize(src) == 0:
-                raise BadImage(name, "empty file (0 bytes); delete it or replace it with the real image")
-        except OSError as e:
-            raise BadImage(name, f"cannot read file: {e.strerror or e}") from None
     try:
         img = Image.open(src)
     except UnidentifiedImageError:
@@ -115,17 +186,16 @@ def shrink(img: Image.Image, draft_size: int) -> Image.Image:
 def sniff(path: str | os.PathLike) -> tuple[str, str, tuple[int, int]]:
     """Cheap check (header only, no decode): (format, mode, size), or BadImage."""
     name = str(path)
-    try:
-        if os.path.getsize(path) == 0:
-            raise BadImage(name, "empty file (0 bytes); delete it or replace it with the real image")
-        with Image.open(path) as img:
-            if img.format not in FORMATS:
-                raise BadImage(name, f"unsupported image format {img.format}; convert it to JPEG or PNG")
-            return img.format, img.mode, img.size
-    except UnidentifiedImageError:
-        raise BadImage(name, "not an image: content is not JPEG, PNG, BMP, GIF, WebP or TIFF") from None
-    except OSError as e:
-        raise BadImage(name, f"cannot read file: {e}") from None
+    with open_regular(path) as f:
+        try:
+            with Image.open(f) as img:
+                if img.format not in FORMATS:
+                    raise BadImage(name, f"unsupported image format {img.format}; convert it to JPEG or PNG")
+                return img.format, img.mode, img.size
+        except UnidentifiedImageError:
+            raise BadImage(name, "not an image: content is not JPEG, PNG, BMP, GIF, WebP or TIFF") from None
+        except OSError as e:
+            raise BadImage(name, f"cannot read file: {e}") from None
 
 
 def _from_array(a: np.ndarray) -> Image.Image:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf.data.datasets import BadFileLog, ImageDataset, hash_files, make_loader
+from imgclf.data.datasets import BadFileLog, ImageDataset, collate_hashed, hash_files, make_loader
 from imgclf.data.preprocess import Preprocess, eval_transform, normalize
 from imgclf.runs import atomic_write_bytes
 
@@ -331,7 +331,9 @@ def extract(extractor: FeatureExtractor, root: str | Path, items: list[tuple[str
     Returns ({variant: features[N', D]}, labels[N'], kept_index[N']) for the N'
     items that could be read; rows=True gives one FeatureRows over the variants
     instead of the arrays (read from the shards batch by batch). Only images
-    missing from a variant's cache are decoded and run through the backbone."""
+    missing from a variant's cache are decoded and run through the backbone.
+    `hashes` (given or computed) is updated in place for the items decoded:
+    features are stored and found under the hash of the bytes they came from."""
     if hashes is None:
         hashes = hash_files([Path(root) / rel for rel, _ in items])
     pos = {v: c.locate(hashes)[:, 0] for v, c in caches.items()}
@@ -380,8 +382,9 @@ def _compute(extractor: FeatureExtractor, root, items, todo: list[int], hashes: 
     FLUSH_SECONDS), so a crash at 90% of a large dataset keeps 90% of the work."""
     from imgclf.progress import Progress
 
-    ds = ImageDataset(root, [items[i] for i in todo], eval_transform(extractor.pp), draft_size=extractor.pp.draft_size)
-    loader = make_loader(ds, batch_size, shuffle=False, workers=workers)
+    ds = ImageDataset(root, [items[i] for i in todo], eval_transform(extractor.pp), draft_size=extractor.pp.draft_size,
+                      hashed=True)
+    loader = make_loader(ds, batch_size, shuffle=False, workers=workers, collate_fn=collate_hashed)
     new: dict[str, list] = {v: [] for v in caches}
     new_h: list[str] = []
 
@@ -394,14 +397,16 @@ def _compute(extractor: FeatureExtractor, root, items, todo: list[int], hashes: 
 
     last = time.time()
     with Progress(total=len(todo), desc=desc, unit="img", enabled=progress) as bar:
-        for b, (x, _, idx, badb) in enumerate(loader):
+        for b, (x, _, idx, badb, got) in enumerate(loader):
             for j, reason in badb:
                 if bad is not None:
                     bad.add(items[todo[j]][0], reason)
             if x is not None:
                 for v in caches:
                     new[v].append(extractor(torch.flip(x, dims=[3]) if v == "flip" else x))
-                new_h += [hashes[todo[int(j)]] for j in idx]
+                for j, h in zip(idx, got):  # the hash of the bytes decoded (the file may have changed since)
+                    hashes[todo[int(j)]] = h
+                new_h += got
                 extractor.encoded += len(idx)
             bar.update(len(badb) + (0 if x is None else len(x)))
             if b % TRIM_EVERY == TRIM_EVERY - 1:

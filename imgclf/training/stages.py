@@ -122,6 +122,8 @@ class Context:
         """Write model.pt from the best weights so far; returns the record (rank 0 only)."""
         if self.multi_label:
             extra = {"multi_label": True, **(extra or {})}
+        if self.splits.run_id:  # which run wrote it (runs.RunDir.check_one_run)
+            extra = {"run_id": self.splits.run_id, **(extra or {})}
         rec = best_record(self.model, self.state, self.cfg.model, self.splits.classes, self.pp, temperature, extra)
         save_record(rec, self.state.run)
         return rec

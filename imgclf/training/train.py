@@ -16,10 +16,12 @@ in engine.py. Strategies:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from imgclf.data.preprocess import Preprocess, native_preprocess
 from imgclf.errors import ConfigError, DataError, MissingExtra, RunError
 from imgclf.models import build_model, count_params, get_model_info
 from imgclf.models.registry import SmallCNN
-from imgclf.runs import RunDir, read_json, torch_load, write_history, write_json
+from imgclf.runs import RunDir, RunLock, read_json, torch_load, write_history, write_json
 from imgclf.training.checkpoint import CKPT_KEYS, RunState
 from imgclf.training.distributed import Dist, init_distributed
 from imgclf.training.engine import balanced_class_weights, positive_weights
@@ -56,13 +58,19 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     t_start = time.time()
     dist, device = init_distributed(overrides.get("device", (config or TrainConfig()).device))
     try:
-        return _train(config, overrides, dist, device, t_start)
+        with contextlib.ExitStack() as held:
+            return _train(config, overrides, dist, device, t_start, held)
     finally:
         dist.close()
 
 
-def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_start: float) -> TrainResult:
+def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_start: float,
+           held: contextlib.ExitStack) -> TrainResult:
     cfg, run, ckpt, splits = resolve_run(config, overrides, dist)
+    if dist.main:  # one writer per run directory, until training ends
+        lock = held.enter_context(RunLock(run.path, splits.run_id))
+        if lock.took_over:
+            log(f"note: {run}: {lock.took_over}")
     set_threads(device, dist)
     seed_everything(cfg.seed)
     look = look_at(splits, seed=cfg.seed) if cfg.strategy in ("auto", "native") and not cfg.resume else None
@@ -72,9 +80,9 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
     if strategy == "native":
         cfg = native_settings(cfg, look)
     pp = resolve_preprocess(cfg)
+    bad = check_files(splits, dist)  # before splits.json is written: it lists only files that were read
     if dist.main:
         describe_data(splits, run, fresh=ckpt is None, cfg=cfg)
-    bad = check_files(splits, dist)
     model = build_model(cfg.model, len(splits.classes), pretrained=cfg.pretrained, weights=cfg.weights,
                         head_hidden=cfg.head_hidden, dropout=cfg.dropout)
     if cfg.from_run:  # also on --resume: a checkpoint of a frozen-backbone stage holds only the head
@@ -108,6 +116,7 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
     summary = write_summary(ctx, strategy, why, calibration, t_start)
     test = evaluate_held_out(ctx, summary) if cfg.evaluate else None
     summary["total_seconds"] = round(time.time() - t_start, 2)
+    forget_skipped(ctx, summary)
     write_json(run.summary_file, summary)
     log(f"done in {summary['total_seconds']:.1f}s. Run: {run}  (predict: imgclf predict {run} IMAGE...)")
     return TrainResult(run.path, strategy, state.best_metrics, test, summary["total_seconds"], calibration)
@@ -153,6 +162,7 @@ def resolve_run(config: TrainConfig | None, overrides: dict, dist: Dist | None =
     if dist.main:
         splits = discover(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.multi_label)
         splits = keep_split(splits, earlier) if earlier is not None else splits
+        splits.run_id = uuid.uuid4().hex[:12]  # in splits.json, config.json and model.pt alike
     return cfg, run, None, dist.broadcast(splits)
 
 
@@ -227,10 +237,9 @@ def describe_data(splits: Splits, run: RunDir, fresh: bool, cfg: TrainConfig) ->
     log(f"split: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test")
     for note in splits.notes:
         log(f"note: {note}")
-    run.path.mkdir(parents=True, exist_ok=True)
     if fresh:
         write_json(run.splits_file, splits.to_dict())
-        write_json(run.config_file, cfg.to_dict())
+        write_json(run.config_file, {**cfg.to_dict(), "run_id": splits.run_id})
 
 
 def check_files(splits: Splits, dist: Dist | None = None) -> BadFileLog:
@@ -353,8 +362,6 @@ def write_summary(ctx: Context, strategy: str, why: str, calibration: dict | Non
     best = state.best_metrics
     log(f"best: {best.get('stage')} epoch {best.get('epoch')}, val acc {best.get('acc', 0):.4f}, "
         f"val loss {best.get('loss', 0):.4f}; trained in {secs:.1f}s; saved {state.run.model_file}")
-    if bad.seen:
-        log(f"skipped {len(bad.seen)} unreadable file(s); listed in {state.run.summary_file}")
     summary = {"strategy": strategy, "why": why, "device": str(ctx.device), "train_seconds": round(secs, 2),
                "best": best, "calibration": calibration,
                "skipped_files": [{"path": p, "reason": r} for p, r in bad.seen.items()], "skipped": len(bad.seen),
@@ -363,6 +370,19 @@ def write_summary(ctx: Context, strategy: str, why: str, calibration: dict | Non
                "features_per_second": ctx.features_per_s}
     write_json(state.run.summary_file, summary)
     return summary
+
+
+def forget_skipped(ctx: Context, summary: dict) -> None:
+    """Files that failed only when decoded (in training or the final
+    evaluation) leave splits.json too, so later commands never read them
+    again, and every skip is counted once in one line."""
+    skipped = {d["path"] for d in summary["skipped_files"]}
+    if skipped:
+        drop_files(ctx.splits, skipped)
+        write_json(ctx.state.run.splits_file, ctx.splits.to_dict())
+        summary["counts"] = {k: len(getattr(ctx.splits, k)) for k in ("train", "val", "test")}
+        log(f"skipped {len(skipped)} unreadable file(s), left out of {ctx.state.run.splits_file.name}; listed in "
+            f"{ctx.state.run.summary_file}")
 
 
 def evaluate_held_out(ctx: Context, summary: dict) -> dict:
