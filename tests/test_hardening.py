@@ -168,3 +168,100 @@ def test_empty_class_folder_is_caught(tmp_path, tiny):
     (d / "dogs" / "notes.txt").write_text("not an image")
     p = run_cli("train", d, "--out", tmp_path / "r", check=False)
     assert p.returncode == 2 and "dogs have no readable training images" in p.stderr
+
+
+# ---------------------------------------------------------------- files that were skipped stay skipped (issue 27)
+
+def _small_data(root: Path, tiny: Path, n: int = 10) -> Path:
+    for c in ("cats", "dogs"):
+        (root / c).mkdir(parents=True)
+        for f in sorted((tiny / "train" / c).iterdir())[:n]:
+            shutil.copy(f, root / c / f.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory, tiny) -> tuple[Path, Path, str]:
+    """A small run trained on a folder holding links to /dev/urandom and
+    /dev/zero, a FIFO and a dangling link: (data, run, train's stdout)."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    data = _small_data(tmp / "data", tiny)
+    os.symlink("/dev/urandom", data / "cats" / "urandom.jpg")
+    os.symlink("/dev/zero", data / "dogs" / "zero.jpg")
+    os.mkfifo(data / "cats" / "fifo.jpg")
+    os.symlink(tmp / "nowhere.jpg", data / "dogs" / "dangling.jpg")
+    run = tmp / "run"
+    t = run_cli("train", data, "--out", run, "--no-evaluate", timeout=300)  # a hang is a failure, not a stall
+    return data, run, t.stdout
+
+
+def test_devices_fifos_and_dangling_links_are_skipped_and_left_out_of_the_split(hostile_run):
+    data, run, out = hostile_run
+    assert "cats/urandom.jpg: a character device" in out and "dogs/zero.jpg: a character device" in out
+    assert "cats/fifo.jpg: a FIFO" in out and "dogs/dangling.jpg: cannot read file: file not found" in out
+    assert "empty file" not in out
+    splits = json.loads((run / "splits.json").read_text())
+    listed = {p for k in ("train", "val", "test") for p, _ in splits[k]}
+    assert len(listed) == 20 and not {"cats/urandom.jpg", "dogs/zero.jpg", "cats/fifo.jpg", "dogs/dangling.jpg"} & listed
+    assert "split: 16 train, 2 val, 2 test" in out  # counts of readable images only
+
+
+def test_csv_row_naming_a_device_is_skipped(tmp_path, tiny):
+    from imgclf.data.datasets import discover, scan
+
+    data = _small_data(tmp_path / "d", tiny, n=4)
+    rows = [f"{c}/{f.name},{c}" for c in ("cats", "dogs") for f in sorted((data / c).iterdir())]
+    (data / "labels.csv").write_text("\n".join(["path,label", *rows, "/dev/zero,cats"]) + "\n")
+    s = discover(data / "labels.csv")
+    bad = dict(scan(s))
+    assert "a character device" in bad["/dev/zero"]
+    assert all(p != "/dev/zero" for k in ("train", "val", "test") for p, _ in getattr(s, k))
+
+
+def test_files_gone_after_training_are_named_once_and_skipped(hostile_run, tmp_path):
+    data, run, _ = hostile_run
+    splits = json.loads((run / "splits.json").read_text())
+    gone, device = splits["train"][0][0], splits["train"][-1][0]
+    (data / gone).unlink()  # deleted after training
+    (data / device).unlink()
+    os.symlink("/dev/zero", data / device)  # and one replaced by a device: never read forever
+    img = next(p for p in sorted((data / "cats").iterdir()) if p.is_file() and not p.is_symlink() and p.stat().st_size)
+    cache = tmp_path / "cache"  # cold: every file is hashed and read again
+    for args in (("evaluate", run, "--split", "train", "--no-report"), ("embed", "--run", run, "--out", tmp_path / "e.npy"),
+                 ("similar", run, img)):
+        p = run_cli(*args, "--cache-dir", cache, check=False, timeout=300)
+        both = p.stdout + p.stderr
+        assert p.returncode == 0 and "Traceback" not in both, (args, both)
+        assert both.count(f"skipped {gone}: cannot read file: file not found") == 1, (args, both)
+        assert both.count(f"skipped {device}: a character device") == 1, (args, both)
+
+
+def test_feature_cache_keys_the_bytes_it_decoded(tmp_path, tiny):
+    """A file rewritten between hashing and decoding (a training file edited
+    while `train` reads it, then restored) must not leave another image's
+    features under its own hash."""
+    import numpy as np
+
+    from imgclf.data.datasets import file_hash, hash_files
+    from imgclf.data.preprocess import Preprocess
+    from imgclf.models import build_model
+    from imgclf.models.features import FeatureExtractor, extract, feature_caches
+
+    a, b = sorted((tiny / "train" / "cats").iterdir())[:1] + sorted((tiny / "train" / "dogs").iterdir())[:1]
+    hash_a, hash_b = file_hash(a), file_hash(b)
+    shutil.copy(a, tmp_path / "a.jpg")
+    shutil.copy(b, tmp_path / "b.jpg")
+    pp = Preprocess(size=32)
+    ext = FeatureExtractor(build_model("small_cnn", 2, pretrained=False).backbone, pp, torch.device("cpu"), "torch")
+    items = [("a.jpg", 0), ("b.jpg", 1)]
+    hashes = hash_files([tmp_path / r for r, _ in items])  # hashed first (as training does)...
+    (tmp_path / "a.jpg").write_bytes(b.read_bytes())  # ...then rewritten before it is decoded
+    caches = feature_caches(tmp_path / "cache", "small_cnn", ext.backbone_hash, pp, ("plain",))
+    feats, _, kept = extract(ext, tmp_path, items, caches, workers=0, progress=False, hashes=hashes)
+    assert list(kept) == [0, 1] and hashes[0] == hash_b  # the features are b's, keyed as b
+    fresh = feature_caches(tmp_path / "cache", "small_cnn", ext.backbone_hash, pp, ("plain",))["plain"]
+    assert (fresh.locate([hash_a])[:, 0] < 0).all()  # a's hash holds no one's features
+    shutil.copy(a, tmp_path / "a.jpg")  # restored: a's own features are computed, not b's served
+    again, _, _ = extract(ext, tmp_path, items[:1], feature_caches(tmp_path / "cache", "small_cnn", ext.backbone_hash,
+                                                                     pp, ("plain",)), workers=0, progress=False)
+    assert not np.allclose(again["plain"][0], feats["plain"][1])
