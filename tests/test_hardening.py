@@ -265,3 +265,30 @@ def test_feature_cache_keys_the_bytes_it_decoded(tmp_path, tiny):
     again, _, _ = extract(ext, tmp_path, items[:1], feature_caches(tmp_path / "cache", "small_cnn", ext.backbone_hash,
                                                                      pp, ("plain",)), workers=0, progress=False)
     assert not np.allclose(again["plain"][0], feats["plain"][1])
+
+
+def test_one_writer_per_run_directory(tmp_path, tiny):
+    """A second `train --out D` while another holds D refuses, naming the
+    holder; the lock of a run that died is taken over with a note; and files
+    of two runs in one folder are refused at load."""
+    data, run = _small_data(tmp_path / "d", tiny, n=6), tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from imgclf.runs import RunLock\n"
+                               f"with RunLock({str(run)!r}, 'first'):\n    print('held', flush=True); time.sleep(600)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        p = run_cli("train", data, "--out", run, "--no-evaluate", check=False, timeout=120)
+        assert p.returncode == 2 and f"is being written by another imgclf run (pid {holder.pid} on host" in p.stderr
+        assert not (run / "splits.json").exists()
+    finally:
+        holder.kill()  # dies holding it: the lock file still names it
+        holder.wait()
+    t = run_cli("train", data, "--out", run, "--no-evaluate", timeout=300)
+    assert f"took over the lock of an earlier run that stopped without releasing it (pid {holder.pid}" in t.stdout
+    ids = {json.loads((run / f).read_text())["run_id"] for f in ("splits.json", "config.json")}
+    ids.add(torch.load(run / "model.pt", weights_only=True)["run_id"])
+    assert len(ids) == 1 and "" not in ids
+    s = json.loads((run / "splits.json").read_text())
+    (run / "splits.json").write_text(json.dumps({**s, "run_id": "another"}))  # as a second writer would leave it
+    e = run_cli("evaluate", run, "--no-report", check=False, timeout=120)
+    assert e.returncode == 2 and "mixes files of different runs" in e.stderr and "splits.json: run another" in e.stderr
