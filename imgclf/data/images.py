@@ -33,6 +33,7 @@ Source = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
 # Largest file read as one image: a 100 MP TIFF is under 400 MB; anything
 # bigger is not a photo a classifier needs, and would only be held in memory.
 MAX_FILE_BYTES = 1 << 30
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 class BadImage(Exception):
@@ -156,14 +157,50 @@ def decode(src: bytes | BinaryIO, name: str, draft_size: int | None = None, max_
         img.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken data
         raise BadImage(name, f"corrupt or truncated image data ({e})") from None
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:
-        pass  # a broken EXIF block should not cost us the pixels
+    img = upright(img)
     try:
         return to_rgb(shrink(img, draft_size) if draft_size else img)
     except Exception as e:  # an odd mode PIL opens but cannot convert (e.g. TIFF "La")
         raise BadImage(name, f"cannot convert colour mode {img.mode} to RGB ({e})") from None
+
+
+# Bytes per pixel PIL stores for each mode: "1" takes a byte a pixel, and
+# every multi-band 8-bit mode (RGB and LA included) four.
+MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 4, "PA": 4, "La": 4, "RGB": 4, "YCbCr": 4, "LAB": 4, "HSV": 4,
+              "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4, "I;16": 2, "I;16B": 2, "I;16L": 2}
+
+
+def decode_cost(fmt: str, mode: str, size: tuple[int, int], draft_size: int | None = None) -> int:
+    """Peak bytes that open_image (then the resize) may hold for an image of
+    this header, stage by stage, so a memory budget can count real bytes
+    rather than pixels: the decoded image in its own mode; a PNG decoder's
+    row buffers (three rows: one row can be the whole image, as in a
+    1 x 39,000,000 strip); then either a small reduced copy (shrink: mode "1"
+    first becomes an "L" copy) or, at full size, the conversion to RGB
+    through an RGBA-sized intermediate. tests/test_images.py measures it."""
+    w, h = size
+    px, bpp = w * h, MODE_BYTES.get(mode, 4)
+    cost = px * bpp
+    if fmt == "PNG":
+        cost += 3 * w * bpp
+    reduced = draft_size and min(w, h) // (2 * draft_size) >= 2 and mode not in ("P", "PA")
+    if reduced:
+        cost += px if mode == "1" else px * bpp // 4
+    elif mode != "RGB":
+        cost += px * 4 * (2 if mode in ("RGBA", "LA", "PA", "P") else 1)
+    return cost + (8 << 20)  # the resize's own buffers and PIL's bookkeeping
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as displayed (EXIF orientation applied). Without an
+    orientation to apply the image itself is returned: exif_transpose would
+    copy every image, a second full-size buffer for nothing."""
+    try:
+        if img.getexif().get(ORIENTATION, 1) in (0, 1):
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception:
+        return img  # a broken EXIF block should not cost us the pixels
 
 
 def shrink(img: Image.Image, draft_size: int) -> Image.Image:
