@@ -7,6 +7,15 @@ and served CNN image classifier.
     clf.predict(["cat.jpg"])
 """
 
+import os as _os
+
+# onnxruntime's Linux builds record an event per session (a persistent device
+# id, the process path, OS and CPU) in ~/.cache/Microsoft/DeveloperTools/
+# .onnxruntime/onnxruntime.db. disable_telemetry_events() does not stop it;
+# this variable does, when set before onnxruntime is first imported
+# (tests/test_hardening.py::test_onnxruntime_writes_no_telemetry). A user's own value is kept.
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 __version__ = "0.1.0"
 
 __all__ = ["train", "load", "TrainConfig", "ImgclfError", "__version__"]

@@ -292,3 +292,38 @@ def test_one_writer_per_run_directory(tmp_path, tiny):
     (run / "splits.json").write_text(json.dumps({**s, "run_id": "another"}))  # as a second writer would leave it
     e = run_cli("evaluate", run, "--no-report", check=False, timeout=120)
     assert e.returncode == 2 and "mixes files of different runs" in e.stderr and "splits.json: run another" in e.stderr
+
+
+_ORT_SESSION = """
+import sys
+if sys.argv[1] == "imgclf":
+    import imgclf  # noqa: F401 (what every imgclf command imports first)
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+if sys.argv[1] == "imgclf":
+    from imgclf.inference.onnx_predictor import ort_session
+    session = ort_session(model)
+else:
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+session.run(None, {"x": np.ones(1, np.float32)})
+"""
+
+
+def test_onnxruntime_writes_no_telemetry(tmp_path):
+    """Plain onnxruntime records a session event under ~/.cache/Microsoft
+    (so this test can see it); under imgclf nothing is written."""
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    found = {}
+    for who in ("plain", "imgclf"):
+        home = tmp_path / who
+        home.mkdir()
+        subprocess.run([sys.executable, "-c", _ORT_SESSION, who], cwd=ROOT, env={**env, "HOME": str(home)},
+                       check=True, timeout=120)
+        found[who] = sorted(p.name for p in home.rglob("*") if p.is_file())
+    assert "onnxruntime.db" in found["plain"]
+    assert found["imgclf"] == []

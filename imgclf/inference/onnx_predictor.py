@@ -34,7 +34,7 @@ def ort_session(src: str | Path | bytes, threads: int | None = None, arena: bool
     import onnxruntime as ort
 
     try:
-        ort.disable_telemetry_events()  # a no-op on Linux builds; honours the user's privacy elsewhere
+        ort.disable_telemetry_events()  # other platforms; on Linux ORT_DISABLE_TELEMETRY does it (imgclf/__init__.py)
     except AttributeError:
         pass
     so = ort.SessionOptions()
