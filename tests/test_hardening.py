@@ -327,3 +327,39 @@ def test_onnxruntime_writes_no_telemetry(tmp_path):
         found[who] = sorted(p.name for p in home.rglob("*") if p.is_file())
     assert "onnxruntime.db" in found["plain"]
     assert found["imgclf"] == []
+
+
+_LIMITED = """
+import resource, runpy, sys
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.argv[0] = "imgclf"
+runpy.run_module("imgclf", run_name="__main__")
+"""
+
+
+def _limited(limit: int, *args) -> subprocess.CompletedProcess:
+    """The CLI under a real file-size limit (`ulimit -f`)."""
+    return subprocess.run([sys.executable, "-c", _LIMITED, str(limit), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_file_size_limit_gives_one_line_naming_the_file(hostile_run, tmp_path, tiny):
+    """Under `ulimit -f`: the cache falls back to none with one line; a run,
+    an export and a report that cannot be written each end in one line naming
+    the file, the cause and the fix; no traceback, no hang (workers' batches
+    are files too)."""
+    data, trained, _ = hostile_run
+    run = tmp_path / "run"
+    t = _limited(1_000_000, "train", data, "--out", run, "--no-evaluate", "--cache-dir", tmp_path / "cache")
+    assert t.returncode == 2 and "Traceback" not in t.stderr, t.stderr
+    assert f"cannot write {run / 'model.pt'}: the file-size limit (ulimit -f) is too small for it (EFBIG)" in t.stderr
+    assert t.stdout.count("note: feature cache: cannot write") == 1 and "going on without the cache" in t.stdout
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy, ignore=shutil.ignore_patterns("report", "similar*"))
+    e = _limited(1_000_000, "export", copy, "--format", "onnx")
+    assert e.returncode == 2 and "Traceback" not in e.stderr, e.stderr
+    assert f"cannot write {copy / 'model.onnx'}" in e.stderr and "(EFBIG)" in e.stderr
+    r = _limited(20_000, "evaluate", copy)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"cannot write {copy}" in r.stderr and "(EFBIG)" in r.stderr

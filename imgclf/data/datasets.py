@@ -476,6 +476,27 @@ def default_workers() -> int:
     return 0 if n <= 1 else min(8, max(1, n // 2))
 
 
+# Below this file-size limit (`ulimit -f`) DataLoader workers are not used:
+# they hand batches over as shared-memory files, which the limit also bounds,
+# and a worker that fails to write one leaves the main process waiting forever.
+MIN_FILE_LIMIT_FOR_WORKERS = 1 << 30
+_SAID_LIMIT: list[int] = []
+
+
+def _small_file_limit() -> bool:
+    try:
+        import resource
+    except ImportError:
+        return False
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    small = soft != resource.RLIM_INFINITY and soft < MIN_FILE_LIMIT_FOR_WORKERS
+    if small and not _SAID_LIMIT:
+        _SAID_LIMIT.append(soft)
+        print(f"note: the file-size limit (ulimit -f) is {soft:,} bytes: images are decoded in this process, "
+              f"without DataLoader workers (their batches are files the limit would cut)", flush=True)
+    return small
+
+
 def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0, sampler=None,
                 collate_fn=None):
     import torch
@@ -483,6 +504,7 @@ def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, workers: 
 
     g = torch.Generator()
     g.manual_seed(seed)
+    workers = workers if workers == 0 or not _small_file_limit() else 0
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         num_workers=workers, collate_fn=collate_fn or collate, generator=g, persistent_workers=False,

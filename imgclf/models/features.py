@@ -97,7 +97,10 @@ class FeatureCache:
             except Exception:
                 print(f"note: feature cache shard {shard} is damaged; removed, its images will be "
                       f"recomputed", flush=True)
-                shard.unlink(missing_ok=True)
+                try:
+                    shard.unlink(missing_ok=True)
+                except OSError:
+                    pass  # a read-only cache: skipped, recomputed in memory
                 continue
             self._files.append(shard.name)
             added.append(arr)
@@ -145,15 +148,20 @@ class FeatureCache:
         if self.dir is None:
             self._index([rec])
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta = self.dir / "meta.json"
-        if not meta.exists():
-            atomic_write_bytes(meta, json.dumps(self.meta, indent=2).encode())
         buf = io.BytesIO()
         np.save(buf, rec, allow_pickle=False)
         name = f"shard-{time.time_ns()}-{os.environ.get('RANK', '0')}-{uuid.uuid4().hex[:6]}.npy"
-        atomic_write_bytes(self.dir / name, buf.getvalue())
-        self._files.append(name)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            meta = self.dir / "meta.json"
+            if not meta.exists():
+                atomic_write_bytes(meta, json.dumps(self.meta, indent=2).encode())
+            atomic_write_bytes(self.dir / name, buf.getvalue())
+        except OSError as e:  # the cache is an optimisation: a full or read-only one is not the run's end
+            cache_unwritable(self.dir, e)
+            self.dir = None
+        else:
+            self._files.append(name)
         self._index([rec])
 
 
@@ -185,6 +193,22 @@ class FeatureRows:
                 out = np.empty((len(idx), f.shape[1]), np.float32) if out is None else out
                 out[m] = f
         return out
+
+
+_CACHE_SAID: list[Path] = []
+
+
+def cache_unwritable(where: Path, e: OSError) -> None:
+    """Say once per process that the cache cannot be written, and why; the
+    work goes on without it (the cache only saves time)."""
+    from imgclf.errors import ImgclfError
+    from imgclf.runs import write_error
+
+    if not _CACHE_SAID:
+        err = e if isinstance(e, ImgclfError) else write_error(where, e)
+        print(f"note: feature cache: {err.message}; going on without the cache ({err.fix}, or give --cache-dir "
+              f"a writable folder)", flush=True)
+    _CACHE_SAID.append(where)
 
 
 def feature_caches(cache_dir: str | Path | None, model_name: str, backbone_hash: str, pp: Preprocess,
@@ -283,9 +307,15 @@ class FeatureExtractor:
                 except Exception:
                     pass
             print(f"note: cached backbone {path} is damaged; rebuilding it", flush=True)
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only cache: rebuilt in memory
         data = self._export_onnx()
-        atomic_write_bytes(folder / f"{stem}-{hashlib.sha256(data).hexdigest()[:16]}.onnx", data)
+        try:
+            atomic_write_bytes(folder / f"{stem}-{hashlib.sha256(data).hexdigest()[:16]}.onnx", data)
+        except OSError as e:  # exported again next time, that is all
+            cache_unwritable(folder, e)
         return ort_session(data, torch.get_num_threads())
 
     def _export_onnx(self) -> bytes:
