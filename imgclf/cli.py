@@ -144,7 +144,7 @@ def cmd_check(cfg: C.CheckConfig) -> int:
 
     fix = (cfg.fix_out or default_fix_path(cfg.data)) if cfg.fix else None
     r = check_dataset(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, near_dup=cfg.near_dup,
-                      model=cfg.model, cache_dir=cfg.cache_dir, fix=fix)
+                      model=cfg.model, cache_dir=cfg.cache_dir, fix=fix, follow_links=cfg.follow_links)
     print(json.dumps(r, indent=2) if cfg.json else format_report(r))
     return 0
 

@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgclf.data.images import BadImage, decode, list_files, open_regular, read_file, sniff
+from imgclf.data.images import BadImage, decode, open_regular, read_file, sniff
 
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
 
@@ -83,6 +83,84 @@ class Splits:
         return Path(self.root) / rel
 
 
+class Listing:
+    """Walks class folders the way a split should see them, and remembers
+    what it left out and why (for the split's notes): hidden folders,
+    symbolic links that lead outside the data root (unless follow_links),
+    linked sub-folders, folders it may not read."""
+
+    def __init__(self, root: Path, follow_links: bool = False):
+        self.root, self.follow = root, follow_links
+        self.left: dict[str, list[str]] = {}  # why -> paths (relative to root)
+
+    def skip(self, why: str, path: Path) -> None:
+        self.left.setdefault(why, []).append(self._rel(path))
+
+    def _rel(self, p: Path) -> str:
+        try:
+            return str(p.relative_to(self.root))
+        except ValueError:
+            return str(p)
+
+    def outside(self, p: Path) -> bool:
+        """A link that leads outside the data root (and links are not followed)."""
+        if self.follow or not p.is_symlink():
+            return False
+        return not Path(os.path.realpath(p)).is_relative_to(os.path.realpath(self.root))
+
+    def class_dirs(self, folder: Path) -> list[str]:
+        out = []
+        for d in sorted(folder.iterdir(), key=lambda d: d.name):
+            if not d.is_dir():
+                continue
+            if d.name.startswith("."):
+                self.skip(HIDDEN, d)
+            elif self.outside(d):
+                self.skip(LINK_OUT, d)
+            else:
+                out.append(d.name)
+        return out
+
+    def files(self, folder: Path) -> list[Path]:
+        """Every non-hidden file under `folder`, sorted (the same split on every machine)."""
+        out, seen = [], set()
+        walk = os.walk(folder, followlinks=self.follow, onerror=lambda e: self.skip(NO_ACCESS, Path(e.filename)))
+        for dirpath, dirnames, filenames in walk:
+            here = Path(dirpath)
+            real = os.path.realpath(here)
+            if real in seen:  # a link loop (--follow-links)
+                dirnames[:] = []
+                continue
+            seen.add(real)
+            keep = []
+            for d in sorted(dirnames):
+                if d.startswith("."):
+                    self.skip(HIDDEN, here / d)
+                elif (here / d).is_symlink() and not self.follow:
+                    self.skip(LINK_OUT if self.outside(here / d) else LINK_DIR, here / d)
+                else:
+                    keep.append(d)
+            dirnames[:] = keep
+            for f in filenames:
+                if f.startswith("."):
+                    continue
+                (self.skip(LINK_OUT, here / f) if self.outside(here / f) else out.append(here / f))
+        return sorted(out)
+
+    def notes(self) -> list[str]:
+        out = []
+        for why, paths in self.left.items():
+            more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+            out.append(f"{len(paths)} {why} skipped: {', '.join(paths[:5])}{more}")
+        return out
+
+
+HIDDEN = "hidden folder(s) (the name starts with '.')"
+LINK_OUT = "symbolic link(s) leading outside the data folder (--follow-links follows them)"
+LINK_DIR = "linked sub-folder(s) inside a class (--follow-links follows them)"
+NO_ACCESS = "folder(s) that cannot be read (permission denied: check its permissions)"
+
+
 def _find_split_dir(root: Path, split: str) -> Path | None:
     for name in SPLIT_DIRS[split]:
         if (root / name).is_dir():
@@ -90,15 +168,11 @@ def _find_split_dir(root: Path, split: str) -> Path | None:
     return None
 
 
-def _class_dirs(folder: Path) -> list[str]:
-    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-def _labelled(folder: Path, root: Path, classes: list[str]) -> list[tuple[str, int]]:
+def _labelled(folder: Path, listing: Listing, classes: list[str]) -> list[tuple[str, int]]:
     out = []
     for i, c in enumerate(classes):
         if (folder / c).is_dir():
-            out += [(str(p.relative_to(root)), i) for p in list_files(folder / c)]
+            out += [(str(p.relative_to(listing.root)), i) for p in listing.files(folder / c)]
     return out
 
 
@@ -165,7 +239,9 @@ def multilabel_split(items: list[tuple[str, tuple]], num_classes: int, fractions
 
 
 def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-             multi_label: bool = False) -> Splits:
+             multi_label: bool = False, follow_links: bool = False) -> Splits:
+    """The data's classes and splits. follow_links: also list files and
+    folders reached through symbolic links that leave the data folder."""
     data = Path(data).expanduser()
     if not data.exists():
         raise DataError(f"{data}: no such file or folder")
@@ -176,18 +252,19 @@ def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float =
                         "list each image with its labels in a CSV and pass the CSV")
     root = data.resolve()
     train_dir = _find_split_dir(root, "train")
-    notes = []
+    notes: list[str] = []
+    listing = Listing(root, follow_links)
     if train_dir is not None:
         val_dir, test_dir = _find_split_dir(root, "val"), _find_split_dir(root, "test")
-        classes = _class_dirs(train_dir)
+        classes = listing.class_dirs(train_dir)
         if len(classes) < 2:
             raise DataError(f"{train_dir}: found {len(classes)} class folder(s) {classes}; a classifier needs at least 2",
                             f"put each class's images in {train_dir}/<class>/")
-        train = _labelled(train_dir, root, classes)
-        val = _labelled(val_dir, root, classes) if val_dir else []
-        test = _labelled(test_dir, root, classes) if test_dir else []
+        train = _labelled(train_dir, listing, classes)
+        val = _labelled(val_dir, listing, classes) if val_dir else []
+        test = _labelled(test_dir, listing, classes) if test_dir else []
         for d in (val_dir, test_dir):
-            extra = set(_class_dirs(d)) - set(classes) if d else set()
+            extra = set(Listing(root, follow_links).class_dirs(d)) - set(classes) if d else set()
             if extra:
                 raise DataError(f"{d}: classes {sorted(extra)} are not in {train_dir}; every split needs the same class folders")
         if not val:
@@ -195,16 +272,16 @@ def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float =
             notes.append(f"no validation folder: {len(val)} images of train/ were held out for validation")
         if not test:
             notes.append(f"no test folder: evaluating on {val_dir.name if val_dir else 'the held-out validation images'}")
-        notes += _missing_classes(classes, {"val": val, "test": test})
+        notes += _missing_classes(classes, {"val": val, "test": test}) + listing.notes()
         return Splits(str(root), classes, train, val, test, "split-folders", notes, seed)
-    classes = _class_dirs(root)
+    classes = listing.class_dirs(root)
     if len(classes) < 2:
         raise DataError(
             f"{root}: found {len(classes)} class folder(s); expected DATA/<class>/<images> with at least 2 classes, "
             f"or DATA/train/<class>/..., or a CSV file of path,label")
-    items = _labelled(root, root, classes)
+    items = _labelled(root, listing, classes)
     val, test, train = stratified_split(items, (val_fraction, test_fraction), seed)
-    return Splits(str(root), classes, train, val, test, "class-folders", notes, seed)
+    return Splits(str(root), classes, train, val, test, "class-folders", notes + listing.notes(), seed)
 
 
 def _from_csv(path: Path, val_fraction: float, test_fraction: float, seed: int, multi_label: bool = False) -> Splits:

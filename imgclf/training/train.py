@@ -160,7 +160,7 @@ def resolve_run(config: TrainConfig | None, overrides: dict, dist: Dist | None =
     cfg.validate()
     splits = None
     if dist.main:
-        splits = discover(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.multi_label)
+        splits = discover(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.multi_label, cfg.follow_links)
         splits = keep_split(splits, earlier) if earlier is not None else splits
         splits.run_id = uuid.uuid4().hex[:12]  # in splits.json, config.json and model.pt alike
     return cfg, run, None, dist.broadcast(splits)
@@ -254,11 +254,11 @@ def check_files(splits: Splits, dist: Dist | None = None) -> BadFileLog:
         if not getattr(splits, name):
             raise DataError(f"the {name} split has no readable images", "add images or check the skipped files above")
     empty = [c for i, c in enumerate(splits.classes) if not any(has_label(y, i) for _, y in splits.train)]
-    if len(splits.classes) - len(empty) < (1 if splits.multi_label else 2):
-        raise DataError(f"class(es) {', '.join(empty)} have no readable training images, which leaves fewer than 2",
-                        "add images to those class folders, or remove the empty folders")
-    for c in empty:
-        log(f"warning: class {c} has no readable training images; the model can never predict it")
+    if empty:  # an output the model could never predict: refused, not kept with a warning
+        where = "rows of the CSV" if splits.layout.startswith("csv") else "class folders"
+        raise DataError(f"class(es) {', '.join(empty)} have no readable training images, so the model could never "
+                        f"predict them", f"add readable images to those {where}, or remove them "
+                        f"(the skipped files above say why each was unreadable)")
     return bad
 
 
