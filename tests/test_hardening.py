@@ -363,3 +363,30 @@ def test_file_size_limit_gives_one_line_naming_the_file(hostile_run, tmp_path, t
     r = _limited(20_000, "evaluate", copy)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"cannot write {copy}" in r.stderr and "(EFBIG)" in r.stderr
+
+
+def test_class_names_cannot_break_the_data_map(tmp_path):
+    """JSON in a page escapes <, > and &: a class named "<!--<script>" once put
+    Chromium's parser in its escaped-script state, swallowing the map's own
+    script and everything after it."""
+    import numpy as np
+
+    from imgclf.evaluation.data_map import MAP_CSS, render_map
+    from .browser import browser_page
+
+    classes = ["<!--<script>", "a&b</script><b>x"]
+    points = [{"path": f"{c}/{i}.jpg", "true": k, "pred": 1 - k, "split": "eval", "wrong": True, "suspect": False}
+              for k, c in enumerate(classes) for i in range(2)]
+    xy = np.array([[0.1, 0.1], [0.9, 0.9], [0.1, 0.9], [0.9, 0.1]])
+    page_html = (f"<!doctype html><html><head><meta charset='utf-8'><style>{MAP_CSS}</style></head><body>"
+                 f"{render_map(points, xy, classes, {})}<footer id='end'>the end</footer></body></html>")
+    (tmp_path / "map.html").write_text(page_html)
+    with browser_page() as page:
+        page.goto((tmp_path / "map.html").as_uri())
+        page.wait_for_load_state("load")
+        assert page.locator("#end").count() == 1 and page.inner_text("#end") == "the end"  # nothing swallowed
+        assert page.locator("#data-map .pt").count() == 4
+        page.hover('#data-map [data-i="0"]')
+        card = page.locator("#map-card")
+        card.wait_for(state="visible", timeout=5000)  # the map's script ran
+        assert "<!--<script>" in card.inner_text() and "a&b</script><b>x" in card.inner_text()
