@@ -390,3 +390,17 @@ def test_class_names_cannot_break_the_data_map(tmp_path):
         card = page.locator("#map-card")
         card.wait_for(state="visible", timeout=5000)  # the map's script ran
         assert "<!--<script>" in card.inner_text() and "a&b</script><b>x" in card.inner_text()
+
+
+def test_class_names_are_never_parsed_as_math():
+    """Labels are text: "$\\notacmd{$" once crashed evaluate (matplotlib mathtext)."""
+    import numpy as np
+
+    from imgclf.evaluation.figures import confusion_png, roc_pr_png
+
+    classes = ["$\\notacmd{$", "price_$5_$"]
+    assert confusion_png(np.array([[3, 1], [0, 4]]), classes, normalize=True).startswith(b"\x89PNG")
+    three = classes + ["third $x^$"]
+    curves = {"per_class": {c: {"fpr": [0, 1], "tpr": [0, 1], "precision": [1, 0.5], "recall": [0, 1],
+                                "roc_auc": 0.5, "average_precision": 0.5} for c in three}}
+    assert roc_pr_png(curves, three).startswith(b"\x89PNG")  # legends carry the names
