@@ -142,3 +142,32 @@ def test_a_class_with_no_readable_images_is_refused_and_flagged_by_check(tmp_pat
         check_files(s)
     r = check_dataset(d, near_dup="off", progress=False)
     assert any("class 'ants' has no readable training images" in w for w in r["warnings"])
+
+
+def test_class_names_that_mislead_are_warned(tmp_path, tiny):
+    import unicodedata
+
+    src = sorted((tiny / "train" / "cats").iterdir())[:2]
+    for name in (unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café"), " cats ", "unknown"):
+        (tmp_path / name).mkdir()
+        for f in src:
+            shutil.copy(f, tmp_path / name / f.name)
+    notes = "\n".join(discover(tmp_path).notes)
+    assert "look the same but are spelled with different Unicode characters (NFC / NFD)" in notes
+    assert "class ' cats ' has leading or trailing spaces" in notes
+    assert "a class is named 'unknown', the answer for rejected inputs" in notes
+    r = imgclf("check", tmp_path, "--near-dup", "off")
+    assert "NFC / NFD" in r.stdout and "leading or trailing spaces" in r.stdout
+
+
+def test_csv_field_over_the_limit_names_the_line(tmp_path):
+    (tmp_path / "labels.csv").write_text("path,label\na.jpg,cat\n" + "b" * 200_000 + ".jpg,dog\n")
+    with pytest.raises(DataError, match=r"labels.csv, line 3: not a CSV row \(field larger than field limit"):
+        discover(tmp_path / "labels.csv")
+
+
+def test_an_image_given_as_data_is_told_what_data_is(tiny):
+    photo = sorted((tiny / "train" / "cats").iterdir())[0]
+    p = imgclf("train", photo, check=False)
+    assert p.returncode == 2 and "is a JPEG image, not a data folder or a CSV of labels" in p.stderr
+    assert "UTF-8" not in p.stderr and "imgclf predict RUN IMAGE" in p.stderr

@@ -291,6 +291,7 @@ def _warnings(totals: dict, dups: dict, near: dict, notes: list[str], counts: di
     # Rows the CSV reader repaired or skipped, and classes a given split lacks.
     warnings += [n for n in notes if "row skipped" in n or "kept line" in n or "have no images in" in n
                  or "cannot be read" in n]
+    warnings += [n.removeprefix("warning: ") for n in notes if n.startswith("warning: ")]
     return warnings
 
 

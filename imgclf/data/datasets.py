@@ -246,7 +246,10 @@ def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float =
     if not data.exists():
         raise DataError(f"{data}: no such file or folder")
     if data.is_file():
-        return _from_csv(data, val_fraction, test_fraction, seed, multi_label)
+        _not_an_image(data)
+        splits = _from_csv(data, val_fraction, test_fraction, seed, multi_label)
+        splits.notes += class_name_notes(splits.classes)
+        return splits
     if multi_label:
         raise DataError(f"{data}: --multi-label needs a CSV of path,labels (labels separated by ';')",
                         "list each image with its labels in a CSV and pass the CSV")
@@ -272,7 +275,7 @@ def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float =
             notes.append(f"no validation folder: {len(val)} images of train/ were held out for validation")
         if not test:
             notes.append(f"no test folder: evaluating on {val_dir.name if val_dir else 'the held-out validation images'}")
-        notes += _missing_classes(classes, {"val": val, "test": test}) + listing.notes()
+        notes += _missing_classes(classes, {"val": val, "test": test}) + listing.notes() + class_name_notes(classes)
         return Splits(str(root), classes, train, val, test, "split-folders", notes, seed)
     classes = listing.class_dirs(root)
     if len(classes) < 2:
@@ -281,7 +284,43 @@ def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float =
             f"or DATA/train/<class>/..., or a CSV file of path,label")
     items = _labelled(root, listing, classes)
     val, test, train = stratified_split(items, (val_fraction, test_fraction), seed)
-    return Splits(str(root), classes, train, val, test, "class-folders", notes + listing.notes(), seed)
+    return Splits(str(root), classes, train, val, test, "class-folders",
+                  notes + listing.notes() + class_name_notes(classes), seed)
+
+
+def _not_an_image(path: Path) -> None:
+    """`imgclf train photo.gif`: say what DATA is, rather than call the image a CSV that is not UTF-8."""
+    try:
+        fmt = sniff(path)[0]
+    except BadImage:
+        return
+    raise DataError(f"{path} is a {fmt} image, not a data folder or a CSV of labels",
+                    "give the folder of class folders (DATA/<class>/<images>) or a CSV of path,label; "
+                    "to classify one image: imgclf predict RUN IMAGE")
+
+
+def class_name_notes(classes: list[str]) -> list[str]:
+    """Warnings about class names that look alike or mean something else:
+    Unicode twins (NFC and NFD spellings of "café" are two folders, one look),
+    leading or trailing spaces, and the label of a rejected input."""
+    import unicodedata
+
+    from imgclf.inference import UNKNOWN
+
+    notes, seen = [], {}
+    for c in classes:
+        key = unicodedata.normalize("NFC", c)
+        if key in seen:
+            notes.append(f"warning: classes {seen[key]!r} and {c!r} look the same but are spelled with different "
+                         f"Unicode characters (NFC / NFD): merge them into one folder or label")
+        seen.setdefault(key, c)
+        if c != c.strip():
+            notes.append(f"warning: class {c!r} has leading or trailing spaces: rename it (they are easy to miss "
+                         f"and hard to type)")
+    if UNKNOWN in classes:
+        notes.append(f"warning: a class is named {UNKNOWN!r}, the answer for rejected inputs (--reject): rename it, "
+                     f"or answers cannot tell the two apart")
+    return notes
 
 
 def _from_csv(path: Path, val_fraction: float, test_fraction: float, seed: int, multi_label: bool = False) -> Splits:
@@ -349,6 +388,21 @@ def parse_labels(value: str) -> tuple[list[str], str | None]:
 SPLIT_NAMES = {n: k for k, names in SPLIT_DIRS.items() for n in names}  # "validation" -> "val"
 
 
+def _csv_rows(path: Path, text: str):
+    """(line number, row) of a CSV's text; a row the csv module refuses (a
+    field over its 131,072-character limit, a stray quote) names its line."""
+    reader = csv.reader(text.splitlines())
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}, line {reader.line_num}: not a CSV row ({e})",
+                            "give each row as path,label (a path is at most a few hundred characters)") from None
+        yield reader.line_num, row
+
+
 def read_label_csv(path: Path, keep_empty: bool = False) -> tuple[list[tuple[str, str]], list[str], str, dict[str, str]]:
     """(path, label) rows of a `path,label` (or `path,labels`) CSV, a note for
     every row that was repaired or skipped (blank paths, repeated rows, a path
@@ -364,7 +418,7 @@ def read_label_csv(path: Path, keep_empty: bool = False) -> tuple[list[tuple[str
         raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})",
                         "save the file as UTF-8 (Excel: Save As > CSV UTF-8)") from None
     rows, notes, seen, first, header_name, splits, has_split = [], [], {}, True, "", {}, False
-    for i, row in enumerate(csv.reader(text.splitlines()), start=1):
+    for i, row in _csv_rows(path, text):
         if not row or not "".join(row).strip() or row[0].startswith("#"):
             continue
         cols = [c.strip().lower() for c in row[:3]]

@@ -236,7 +236,7 @@ def describe_data(splits: Splits, run: RunDir, fresh: bool, cfg: TrainConfig) ->
         f"{' ...' if len(splits.classes) > 10 else ''}")
     log(f"split: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test")
     for note in splits.notes:
-        log(f"note: {note}")
+        log(note if note.startswith("warning: ") else f"note: {note}")
     if fresh:
         write_json(run.splits_file, splits.to_dict())
         write_json(run.config_file, {**cfg.to_dict(), "run_id": splits.run_id})
