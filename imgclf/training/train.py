@@ -256,9 +256,10 @@ def check_files(splits: Splits, dist: Dist | None = None) -> BadFileLog:
     empty = [c for i, c in enumerate(splits.classes) if not any(has_label(y, i) for _, y in splits.train)]
     if empty:  # an output the model could never predict: refused, not kept with a warning
         where = "rows of the CSV" if splits.layout.startswith("csv") else "class folders"
+        why = [n for n in splits.notes if any(c in n for c in empty)]  # e.g. a folder it may not read
         raise DataError(f"class(es) {', '.join(empty)} have no readable training images, so the model could never "
-                        f"predict them", f"add readable images to those {where}, or remove them "
-                        f"(the skipped files above say why each was unreadable)")
+                        f"predict them{''.join(f' ({n})' for n in why)}", f"add readable images to those {where}, "
+                        f"or remove them (the skipped files above say why each was unreadable)")
     return bad
 
 
