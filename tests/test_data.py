@@ -171,3 +171,30 @@ def test_an_image_given_as_data_is_told_what_data_is(tiny):
     p = imgclf("train", photo, check=False)
     assert p.returncode == 2 and "is a JPEG image, not a data folder or a CSV of labels" in p.stderr
     assert "UTF-8" not in p.stderr and "imgclf predict RUN IMAGE" in p.stderr
+
+
+def test_an_unreadable_class_folder_says_permission_denied(tmp_path, tiny):
+    """chmod 000 on a class folder: "permission denied", not "empty". Root
+    reads anything, so as root the commands run without the capabilities
+    that bypass file permissions (setpriv)."""
+    import os
+    import subprocess
+    import sys
+
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: permissions cannot be taken away")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    d = _two_classes(tmp_path / "d", tiny, n=10)
+    (d / "dogs").chmod(0)
+    try:
+        for cmd in ("check", "train"):
+            p = subprocess.run([*prefix, sys.executable, "-m", "imgclf", cmd, str(d), "--near-dup" if cmd == "check"
+                                else "--no-evaluate", *(["off"] if cmd == "check" else ["--out", str(tmp_path / "r")])],
+                               capture_output=True, text=True, timeout=300)
+            assert "folder(s) that cannot be read (permission denied: check its permissions) skipped: dogs" in (
+                p.stdout + p.stderr), (cmd, p.stdout, p.stderr)
+        assert p.returncode == 2 and "dogs have no readable training images" in p.stderr
+    finally:
+        (d / "dogs").chmod(0o755)

@@ -80,6 +80,8 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
     if strategy == "native":
         cfg = native_settings(cfg, look)
     pp = resolve_preprocess(cfg)
+    if dist.main:
+        describe_found(splits)
     bad = check_files(splits, dist)  # before splits.json is written: it lists only files that were read
     if dist.main:
         describe_data(splits, run, fresh=ckpt is None, cfg=cfg)
@@ -229,14 +231,18 @@ def load_earlier_backbone(model, from_run: str) -> None:
     model.backbone.load_state_dict({k[len(prefix):]: v for k, v in rec["state_dict"].items() if k.startswith(prefix)})
 
 
-def describe_data(splits: Splits, run: RunDir, fresh: bool, cfg: TrainConfig) -> None:
-    """Say what was found; a new run records its split and config."""
+def describe_found(splits: Splits) -> None:
+    """Say what was found and noted (before the file check, which may refuse the data)."""
     kind = "labels (multi-label: several per image)" if splits.multi_label else "classes"
     log(f"data: {splits.root} ({splits.layout}), {len(splits.classes)} {kind}: {', '.join(splits.classes[:10])}"
         f"{' ...' if len(splits.classes) > 10 else ''}")
-    log(f"split: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test")
     for note in splits.notes:
         log(note if note.startswith("warning: ") else f"note: {note}")
+
+
+def describe_data(splits: Splits, run: RunDir, fresh: bool, cfg: TrainConfig) -> None:
+    """Say how many readable images each split holds; a new run records its split and config."""
+    log(f"split: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test")
     if fresh:
         write_json(run.splits_file, splits.to_dict())
         write_json(run.config_file, {**cfg.to_dict(), "run_id": splits.run_id})
