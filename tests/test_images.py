@@ -136,3 +136,29 @@ def test_no_orientation_means_no_copy(tmp_path):
     img.save(tmp_path / "rot.jpg", exif=exif)
     with Image.open(tmp_path / "rot.jpg") as im:
         assert upright(im).size == (32, 64)
+
+
+_REFUSE = """
+import sys
+from imgclf.data.images import BadImage, open_image
+hwm = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+before = hwm()
+try:
+    open_image(sys.argv[1], draft_size=224, max_bytes=256 << 20)
+    print("decoded", hwm() - before)
+except BadImage as e:
+    print(hwm() - before, e.reason)
+"""
+
+
+def test_an_image_too_costly_to_decode_is_refused_from_its_header(tmp_path):
+    """A 1 x 39,000,000 RGB PNG is under the pixel limit but would take
+    ~370 MB to decode: over a 256 MB limit it is refused before any decoding."""
+    import subprocess
+    import sys
+
+    Image.new("RGB", (39_000_000, 1)).save(tmp_path / "strip.png")
+    out = subprocess.run([sys.executable, "-c", _REFUSE, str(tmp_path / "strip.png")], capture_output=True, text=True,
+                         timeout=120).stdout
+    grew, reason = out.split(" ", 1)
+    assert "over the 256 MB limit for one image" in reason and int(grew) < (32 << 20), out

@@ -34,6 +34,9 @@ Source = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
 # bigger is not a photo a classifier needs, and would only be held in memory.
 MAX_FILE_BYTES = 1 << 30
 ORIENTATION = 0x0112  # the EXIF tag
+# Most memory one image may take to decode (decode_cost): a 100 MP RGB photo
+# needs about 500 MB; a 1 x 90,000,000 RGB strip under the pixel limit 1.4 GB.
+MAX_DECODE_BYTES = 1 << 30
 
 
 class BadImage(Exception):
@@ -114,7 +117,8 @@ def read_file(path: str | os.PathLike) -> bytes:
     return data
 
 
-def open_image(src: Source, draft_size: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def open_image(src: Source, draft_size: int | None = None, max_pixels: int = MAX_PIXELS,
+               max_bytes: int | None = None) -> Image.Image:
     """Return `src` as an upright RGB PIL image, or raise BadImage.
 
     draft_size: for JPEGs, let libjpeg decode at 1/2, 1/4 or 1/8 scale as long as
@@ -130,12 +134,14 @@ def open_image(src: Source, draft_size: int | None = None, max_pixels: int = MAX
     name = _name(src)
     if isinstance(src, (str, os.PathLike)):
         src = read_file(src)
-    return decode(src, name, draft_size, max_pixels)
+    return decode(src, name, draft_size, max_pixels, max_bytes)
 
 
-def decode(src: bytes | BinaryIO, name: str, draft_size: int | None = None, max_pixels: int = MAX_PIXELS
-           ) -> Image.Image:
-    """Bytes (or a binary file object) -> upright RGB PIL image, or BadImage naming `name`."""
+def decode(src: bytes | BinaryIO, name: str, draft_size: int | None = None, max_pixels: int = MAX_PIXELS,
+           max_bytes: int | None = None) -> Image.Image:
+    """Bytes (or a binary file object) -> upright RGB PIL image, or BadImage naming `name`.
+    max_bytes: refuse, from the header, what would take more memory to decode (decode_cost)."""
+    max_bytes = MAX_DECODE_BYTES if max_bytes is None else max_bytes
     if isinstance(src, bytes):
         if not src:
             raise BadImage(name, "empty data (0 bytes)")
@@ -151,6 +157,10 @@ def decode(src: bytes | BinaryIO, name: str, draft_size: int | None = None, max_
     w, h = img.size
     if w * h > max_pixels:
         raise BadImage(name, f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} (decompression bomb?)")
+    cost = decode_cost(img.format, img.mode, img.size, draft_size)
+    if cost > max_bytes:
+        raise BadImage(name, f"decoding this {w}x{h} {img.mode} {img.format} would take about {cost >> 20:,} MB, over "
+                             f"the {max_bytes >> 20:,} MB limit for one image (an extreme strip or mode?)")
     if draft_size and img.format in ("JPEG", "MPO"):
         img.draft("RGB", (draft_size, draft_size))
     try:
