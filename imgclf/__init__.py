@@ -7,10 +7,20 @@ and served CNN image classifier.
     clf.predict(["cat.jpg"])
 """
 
+import os
+
 from imgclf._version import __version__
 from imgclf.config import TrainConfig
 from imgclf.errors import ImgclfError
 from imgclf.inference.load import load
+
+# onnxruntime's Linux builds record an event per session (a persistent device
+# id, the process path, OS and CPU) in ~/.cache/Microsoft/DeveloperTools/
+# .onnxruntime/onnxruntime.db. disable_telemetry_events() does not stop it;
+# this variable does, when set before onnxruntime is first imported, which no
+# module does at import time (tests/test_hardening.py::test_onnxruntime_writes_no_telemetry).
+# A user's own value is kept.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 __all__ = ["train", "load", "TrainConfig", "ImgclfError", "__version__"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from imgclf import config as C
 from imgclf._version import __version__
 from imgclf.errors import ImgclfError
 from imgclf.inference import expand_paths, load, reject_threshold
+from imgclf.io import write_error
 from imgclf.log import setup_cli
 from imgclf.runs import RunDir
 
@@ -149,7 +151,7 @@ def cmd_check(cfg: C.CheckConfig) -> int:
 
     fix = (cfg.fix_out or default_fix_path(cfg.data)) if cfg.fix else None
     r = check_dataset(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, near_dup=cfg.near_dup,
-                      model=cfg.model, cache_dir=cfg.cache_dir, fix=fix)
+                      model=cfg.model, cache_dir=cfg.cache_dir, fix=fix, follow_links=cfg.follow_links)
     print(json.dumps(r, indent=2) if cfg.json else format_report(r))
     return 0
 
@@ -272,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("IMGCLF_DEBUG"):
             raise
         print(f"imgclf {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a write no atomic writer saw (a library's own file): still one line, not a traceback
+        if e.errno not in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT) or os.environ.get("IMGCLF_DEBUG"):
+            raise
+
+        print(f"imgclf {args.cmd}: error: {write_error(e.filename or 'an output file', e)}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:  # an optional extra is not installed: the user's fix, not a bug
         extra = EXTRAS.get((e.name or "").split(".")[0])

@@ -88,6 +88,8 @@ class TrainConfig:
     evaluate: bool = _f(True, "evaluate on the test split (or val) when training ends")
     multi_label: bool = _f(False, "several labels per image: sigmoid outputs, per-label thresholds (automatic for a "
                                   "CSV with a 'labels' header or ';'-separated labels)")
+    follow_links: bool = _f(False, "follow symbolic links that lead outside the data folder (files and folders); "
+                                   "without it they are skipped and listed")
     threshold: float | None = _f(None, "multi-label: one decision threshold for every label (default: per label, "
                                        "tuned on val for the best F1)")
     reject: str = _f("off", "answer 'unknown' for inputs unlike the training images: auto (keeps 95%% of known "
@@ -246,6 +248,7 @@ class CheckConfig:
                           "dropped from val/test, conflicting labels left out for you to decide; your files are "
                           "never changed")
     fix_out: str | None = _f(None, "--fix: the CSV to write (default: next to the data, DATA_clean.csv)")
+    follow_links: bool = _f(False, "as for train: follow symbolic links that lead outside the data folder")
 
 
 @dataclass

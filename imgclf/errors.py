@@ -29,6 +29,10 @@ class RunError(ImgclfError, FileNotFoundError):
     """A run directory or model file is missing, incomplete or already taken."""
 
 
+class WriteError(ImgclfError, OSError):
+    """An output could not be written (disk full, file-size limit, no permission); nothing half-written is left."""
+
+
 class ModelFileError(ImgclfError, ValueError):
     """A model file exists but cannot be loaded (truncated, foreign, unsafe, too new)."""
 

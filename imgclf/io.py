@@ -8,6 +8,7 @@ No torch at module level: the .onnx serving path writes and reads JSON too.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -18,20 +19,50 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.errors import ConfigError, MissingExtra, ModelFileError
+from imgclf.errors import ConfigError, ImgclfError, MissingExtra, ModelFileError, WriteError
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+UMASK = os.umask(0)
+os.umask(UMASK)
+
+
+_WRITE_CAUSES = {  # errno -> (cause, fix) for one line instead of a traceback
+    "EFBIG": ("the file-size limit (ulimit -f) is too small for it", "raise the limit (ulimit -f unlimited)"),
+    "ENOSPC": ("the disk is full", "free some space on that disk, or write somewhere else"),
+    "EDQUOT": ("the disk quota is used up", "free some space, or write somewhere else"),
+    "EACCES": ("permission denied", "write to a folder you may write to, or fix its permissions"),
+    "EPERM": ("permission denied", "write to a folder you may write to, or fix its permissions"),
+    "EROFS": ("the file system is read-only", "write somewhere writable"),
+}
+
+
+def write_error(path: str | Path, e: OSError):
+    """An OSError from writing `path` as a WriteError: the file, the cause
+    (EFBIG, ENOSPC, EACCES...) and the fix, in one line."""
+    name = errno.errorcode.get(e.errno or 0, "")
+    cause, fix = _WRITE_CAUSES.get(name, (e.strerror or str(e), "check that the folder is writable and has space"))
+    err = WriteError(f"cannot write {path}: {cause} ({name or type(e).__name__}); nothing half-written was left", fix)
+    err.errno = e.errno
+    return err
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename: a crash
-    leaves either the old file or the new one, never half of one."""
+    leaves either the old file or the new one, never half of one. A failed
+    write (full disk, file-size limit) is a WriteError naming the file."""
     path = Path(path)
+    try:  # (over `ulimit -f` the write fails with EFBIG: Python ignores SIGXFSZ)
+        _atomic_write(path, data)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run dir is meant to be shared
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; a run dir is meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -59,10 +90,19 @@ def atomic_write_folder(path: str | Path, files: dict[str, bytes], is_ours) -> N
     `is_ours(path)`: an earlier output of the same kind, never a user's folder."""
     path = Path(path)
     check_replaceable_folder(path, is_ours)
+    try:
+        _atomic_write_folder(path, files)
+    except OSError as e:
+        if isinstance(e, ImgclfError):
+            raise
+        raise write_error(getattr(e, "filename", None) or path, e) from None
+
+
+def _atomic_write_folder(path: Path, files: dict[str, bytes]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a static site is meant to be served
+        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700; a static site is meant to be served
         for rel, data in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(data)

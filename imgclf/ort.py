@@ -14,7 +14,7 @@ def ort_session(src: str | Path | bytes, threads: int | None = None, arena: bool
     import onnxruntime as ort  # deferred: a slow import that `imgclf --help` and torch-only runs never need
 
     try:
-        ort.disable_telemetry_events()  # a no-op on Linux builds; honours the user's privacy elsewhere
+        ort.disable_telemetry_events()  # other platforms; on Linux ORT_DISABLE_TELEMETRY does it (imgclf/__init__.py)
     except AttributeError:
         pass
     so = ort.SessionOptions()

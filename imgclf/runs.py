@@ -26,12 +26,75 @@ This module imports no torch at module level: the .onnx path uses RunDir too.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import socket
+import time
 from pathlib import Path
 
 from imgclf.data.datasets import Splits
 from imgclf.errors import RunError
-from imgclf.io import read_history, read_json, torch_load
+from imgclf.io import UMASK, read_history, read_json, torch_load, write_error
 from imgclf.models.records import RECORD_KEYS
+
+
+class RunLock:
+    """One writer per run directory: `imgclf train` holds RUN/.imgclf.lock
+    (an flock, which the kernel releases when the process ends, however it
+    ends) for as long as it writes the run. A second run refuses, naming the
+    holder (pid, host, start time); a lock file left by a run that died is
+    taken over, with a note (`took_over`)."""
+
+    NAME = ".imgclf.lock"
+
+    def __init__(self, folder: str | Path, run_id: str = ""):
+        self.folder, self.run_id, self.fd, self.took_over = Path(folder), run_id, None, ""
+
+    def __enter__(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            return self
+        path = self.folder / self.NAME
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666 & ~UMASK)
+        except OSError as e:
+            raise write_error(path, e) from None
+        holder = _lock_holder(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunError(f"{self.folder} is being written by another imgclf run ({_describe_holder(holder)})",
+                           "wait for it to finish, or give this run another --out") from None
+        if holder:
+            self.took_over = (f"took over the lock of an earlier run that stopped without releasing it "
+                              f"({_describe_holder(holder)})")
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "run_id": self.run_id}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # an empty lock file: released cleanly
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+
+def _lock_holder(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe_holder(h: dict) -> str:
+    return (f"pid {h.get('pid', '?')} on host {h.get('host', '?')}, started {h.get('started', '?')}" if h
+            else "its pid, host and start time are not recorded yet")
 
 
 class RunDir:
@@ -86,8 +149,28 @@ class RunDir:
         return self.model_file
 
     def record(self) -> dict:
-        """The model record in model.pt (loaded safely: tensors and plain data only)."""
-        return torch_load(self.require_model(), RECORD_KEYS)
+        """The model record in model.pt (loaded safely: tensors and plain data only),
+        checked to belong to the same run as config.json and splits.json."""
+        rec = torch_load(self.require_model(), RECORD_KEYS)
+        self.check_one_run(rec.get("run_id"))
+        return rec
+
+    def check_one_run(self, model_id: str | None) -> None:
+        """model.pt, config.json and splits.json carry the id of the run that
+        wrote them; files of two runs in one folder (two trainings writing one
+        --out, a copy mixed by hand) are refused rather than scored wrongly.
+        Runs from before ids existed have none and pass."""
+        ids = {self.MODEL: model_id}
+        for f in (self.config_file, self.splits_file):
+            try:
+                ids[f.name] = read_json(f).get("run_id") if f.exists() else None
+            except (OSError, ValueError, AttributeError):
+                ids[f.name] = None
+        known = {k: v for k, v in ids.items() if v}
+        if len(set(known.values())) > 1:
+            raise RunError(f"{self.path} mixes files of different runs (" + ", ".join(
+                f"{k}: run {v}" for k, v in known.items()) + "), as when two trainings wrote one --out",
+                f"train again into a new folder (imgclf train DATA --out NEW), or delete {self.path}")
 
     def model_sha256(self) -> str:
         h = hashlib.sha256()

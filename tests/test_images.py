@@ -89,3 +89,76 @@ def test_arrays_bytes_and_draft(tiny):
     # draft decoding never goes below the requested size
     small = open_image(io.BytesIO(data), draft_size=64)
     assert min(small.size) >= 64
+
+
+# Peak RSS of this process (VmHWM: getrusage's maxrss keeps the parent's
+# peak across fork and exec, so a child of pytest would measure pytest).
+_PEAK = """
+import sys
+from PIL import Image
+hwm = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+mode, w, h, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+from imgclf.data.preprocess import Preprocess
+from imgclf.data.images import decode_cost, sniff
+pp = Preprocess(size=224)
+fmt, mode, size = sniff(path)
+before = hwm()
+pp.load(path)
+print(hwm() - before, decode_cost(fmt, mode, size, pp.draft_size))
+"""
+
+
+@pytest.mark.parametrize("mode, w, h", [("L", 39_000_000, 1), ("RGB", 39_000_000, 1), ("1", 6325, 6325)])
+def test_decode_cost_bounds_the_real_peak(tmp_path, mode, w, h):
+    """decode_cost (what a memory budget should count) is at least what
+    decoding and resizing really take, measured as peak RSS in a fresh
+    process: a 1 x 39,000,000 strip's PNG rows, a 1-bit image's byte per pixel."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "img.png"
+    Image.new(mode, (w, h)).save(path)
+    out = subprocess.run([sys.executable, "-c", _PEAK, mode, str(w), str(h), str(path)], capture_output=True,
+                         text=True, timeout=120)
+    peak, cost = map(int, out.stdout.split())
+    assert peak <= cost <= 2 * peak + (16 << 20), (peak, cost)
+
+
+def test_no_orientation_means_no_copy(tmp_path):
+    from imgclf.data.images import upright
+
+    img = Image.new("RGB", (64, 32))
+    img.save(tmp_path / "plain.jpg")
+    with Image.open(tmp_path / "plain.jpg") as im:
+        assert upright(im) is im  # exif_transpose would copy every image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    with Image.open(tmp_path / "rot.jpg") as im:
+        assert upright(im).size == (32, 64)
+
+
+_REFUSE = """
+import sys
+from imgclf.data.images import BadImage, open_image
+hwm = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+before = hwm()
+try:
+    open_image(sys.argv[1], draft_size=224, max_bytes=256 << 20)
+    print("decoded", hwm() - before)
+except BadImage as e:
+    print(hwm() - before, e.reason)
+"""
+
+
+def test_an_image_too_costly_to_decode_is_refused_from_its_header(tmp_path):
+    """A 1 x 39,000,000 RGB PNG is under the pixel limit but would take
+    ~370 MB to decode: over a 256 MB limit it is refused before any decoding."""
+    import subprocess
+    import sys
+
+    Image.new("RGB", (39_000_000, 1)).save(tmp_path / "strip.png")
+    out = subprocess.run([sys.executable, "-c", _REFUSE, str(tmp_path / "strip.png")], capture_output=True, text=True,
+                         timeout=120).stdout
+    grew, reason = out.split(" ", 1)
+    assert "over the 256 MB limit for one image" in reason and int(grew) < (32 << 20), out

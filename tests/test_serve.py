@@ -371,7 +371,7 @@ def test_crafted_onnx_is_refused_before_serving(tmp_path, capsys, classes, fail_
 
 def test_crafted_onnx_baseline_loads(tmp_path):
     """The same hand-made graph with matching metadata loads and answers: the refusals above are about the defects."""
-    from imgclf.inference import load
+    from imgclf.inference.load import load
 
     pred = load(str(_crafted_onnx(tmp_path / "ok.onnx", ["a", "b"])))
     pred.self_check()
@@ -396,7 +396,7 @@ def test_junk_tflite_and_external_data_onnx_messages(tmp_path, onnx_path):
     ext = tmp_path / "ext.onnx"
     onnx.save(model, str(ext), save_as_external_data=True, location="ext.onnx.data", size_threshold=1024)
     (tmp_path / "ext.onnx.data").unlink()
-    from imgclf.inference import load
+    from imgclf.inference.load import load
 
     with pytest.raises(ModelFileError) as e:
         load(str(ext))

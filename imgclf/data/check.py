@@ -84,7 +84,7 @@ class FileStats:
 
 def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
                   progress: bool = True, near_dup: str = "hash", fix: str | Path | None = None,
-                  embed_pairs=None) -> dict:
+                  embed_pairs=None, follow_links: bool = False) -> dict:
     """Everything `imgclf check` reports, as one dict (`--json` prints it).
     near_dup: hash | embed (hash or embedding) | off (see data/near_dup.py); fix: write a cleaned
     split to this CSV path. embed_pairs: the embedding detector `embed` needs
@@ -92,7 +92,7 @@ def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: fl
     if near_dup == "embed" and embed_pairs is None:
         raise ConfigError("near_dup='embed' needs an embedding detector (embed_pairs)",
                           "call imgclf.data_engine.near_dup.check_dataset, which passes one, or use near_dup='hash'")
-    s: Splits = discover(data, val_fraction, test_fraction, seed)
+    s: Splits = discover(data, val_fraction, test_fraction, seed, follow_links=follow_links)
     given = s.given
     entries = [(name, rel, y) for name in ("train", "val", "test") for rel, y in getattr(s, name)]
     bad, stats = _scan(s, entries, progress, near_dup != "off")
@@ -113,7 +113,7 @@ def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: fl
         "size_range": {"width": [int(sizes[:, 0].min()), int(sizes[:, 0].max())],
                        "height": [int(sizes[:, 1].min()), int(sizes[:, 1].max())]},
         "bad_files": bad, "duplicates": dups, "near_duplicates": near, "outliers": _outliers(entries, stats),
-        "warnings": _warnings(totals, dups, near, s.notes), "notes": s.notes, "split_given": given,
+        "warnings": _warnings(totals, dups, near, s.notes, counts), "notes": s.notes, "split_given": given,
         "fix": write_clean_csv(s, data, fix, copies, bad, entries, stats) if fix else None,
     }
 
@@ -269,9 +269,10 @@ def _outliers(entries: list, stats: FileStats) -> list[dict]:
     return outliers
 
 
-def _warnings(totals: dict, dups: dict, near: dict, notes: list[str]) -> list[str]:
+def _warnings(totals: dict, dups: dict, near: dict, notes: list[str], counts: dict | None = None) -> list[str]:
     big, small = max(totals.values() or [0]), min(totals.values() or [0])
-    warnings = []
+    warnings = [f"class {c!r} has no readable training images: `imgclf train` refuses it (the model could never "
+                f"predict it); add images, or remove the class" for c, n in (counts or {}).items() if not n["train"]]
     if small and big / small >= 1.5:
         warnings.append(f"class imbalance: largest class has {big / small:.1f}x the images of the smallest; "
                         f"consider --class-weights auto or --balanced-sampler")
@@ -291,7 +292,9 @@ def _warnings(totals: dict, dups: dict, near: dict, notes: list[str]) -> list[st
     if near["across_classes"]:
         warnings.append(f"{len(near['across_classes'])} group(s) of near-identical photos carry different labels")
     # Rows the CSV reader repaired or skipped, and classes a given split lacks.
-    warnings += [n for n in notes if "row skipped" in n or "kept line" in n or "have no images in" in n]
+    warnings += [n for n in notes if "row skipped" in n or "kept line" in n or "have no images in" in n
+                 or "cannot be read" in n]
+    warnings += [n.removeprefix("warning: ") for n in notes if n.startswith("warning: ")]
     return warnings
 
 

@@ -21,7 +21,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgclf.data.images import BadImage, list_files, open_image, sniff
+from imgclf.data import UNKNOWN
+from imgclf.data.images import BadImage, decode, open_regular, read_file, sniff
 from imgclf.errors import DataError
 from imgclf.log import get_logger
 
@@ -41,12 +42,13 @@ class Splits:
     notes: list[str] = field(default_factory=list)  # things a person should know (e.g. no test split)
     seed: int = 0
     multi_label: bool = False  # items' labels are tuples of class indices (possibly empty)
+    run_id: str = ""  # the training run that recorded this split (runs.RunDir.check_one_run)
 
     def to_dict(self) -> dict:
         y_out = list if self.multi_label else int
         return {
             "root": self.root, "layout": self.layout, "classes": self.classes, "seed": self.seed,
-            "notes": self.notes, "multi_label": self.multi_label,
+            "notes": self.notes, "multi_label": self.multi_label, "run_id": self.run_id,
             **{k: [[p, y_out(y)] for p, y in getattr(self, k)] for k in ("train", "val", "test")},
         }
 
@@ -56,7 +58,7 @@ class Splits:
         y_in = tuple if ml else int
         return cls(
             root=root or d["root"], classes=list(d["classes"]), layout=d["layout"], notes=list(d.get("notes", [])),
-            seed=d.get("seed", 0), multi_label=ml,
+            seed=d.get("seed", 0), multi_label=ml, run_id=d.get("run_id") or "",
             **{k: [(p, y_in(y)) for p, y in d[k]] for k in ("train", "val", "test")},
         )
 
@@ -83,6 +85,84 @@ class Splits:
         return Path(self.root) / rel
 
 
+class Listing:
+    """Walks class folders the way a split should see them, and remembers
+    what it left out and why (for the split's notes): hidden folders,
+    symbolic links that lead outside the data root (unless follow_links),
+    linked sub-folders, folders it may not read."""
+
+    def __init__(self, root: Path, follow_links: bool = False):
+        self.root, self.follow = root, follow_links
+        self.left: dict[str, list[str]] = {}  # why -> paths (relative to root)
+
+    def skip(self, why: str, path: Path) -> None:
+        self.left.setdefault(why, []).append(self._rel(path))
+
+    def _rel(self, p: Path) -> str:
+        try:
+            return str(p.relative_to(self.root))
+        except ValueError:
+            return str(p)
+
+    def outside(self, p: Path) -> bool:
+        """A link that leads outside the data root (and links are not followed)."""
+        if self.follow or not p.is_symlink():
+            return False
+        return not Path(os.path.realpath(p)).is_relative_to(os.path.realpath(self.root))
+
+    def class_dirs(self, folder: Path) -> list[str]:
+        out = []
+        for d in sorted(folder.iterdir(), key=lambda d: d.name):
+            if not d.is_dir():
+                continue
+            if d.name.startswith("."):
+                self.skip(HIDDEN, d)
+            elif self.outside(d):
+                self.skip(LINK_OUT, d)
+            else:
+                out.append(d.name)
+        return out
+
+    def files(self, folder: Path) -> list[Path]:
+        """Every non-hidden file under `folder`, sorted (the same split on every machine)."""
+        out, seen = [], set()
+        walk = os.walk(folder, followlinks=self.follow, onerror=lambda e: self.skip(NO_ACCESS, Path(e.filename)))
+        for dirpath, dirnames, filenames in walk:
+            here = Path(dirpath)
+            real = os.path.realpath(here)
+            if real in seen:  # a link loop (--follow-links)
+                dirnames[:] = []
+                continue
+            seen.add(real)
+            keep = []
+            for d in sorted(dirnames):
+                if d.startswith("."):
+                    self.skip(HIDDEN, here / d)
+                elif (here / d).is_symlink() and not self.follow:
+                    self.skip(LINK_OUT if self.outside(here / d) else LINK_DIR, here / d)
+                else:
+                    keep.append(d)
+            dirnames[:] = keep
+            for f in filenames:
+                if f.startswith("."):
+                    continue
+                (self.skip(LINK_OUT, here / f) if self.outside(here / f) else out.append(here / f))
+        return sorted(out)
+
+    def notes(self) -> list[str]:
+        out = []
+        for why, paths in self.left.items():
+            more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+            out.append(f"{len(paths)} {why} skipped: {', '.join(paths[:5])}{more}")
+        return out
+
+
+HIDDEN = "hidden folder(s) (the name starts with '.')"
+LINK_OUT = "symbolic link(s) leading outside the data folder (--follow-links follows them)"
+LINK_DIR = "linked sub-folder(s) inside a class (--follow-links follows them)"
+NO_ACCESS = "folder(s) that cannot be read (permission denied: check its permissions)"
+
+
 def _find_split_dir(root: Path, split: str) -> Path | None:
     for name in SPLIT_DIRS[split]:
         if (root / name).is_dir():
@@ -90,15 +170,11 @@ def _find_split_dir(root: Path, split: str) -> Path | None:
     return None
 
 
-def _class_dirs(folder: Path) -> list[str]:
-    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-def _labelled(folder: Path, root: Path, classes: list[str]) -> list[tuple[str, int]]:
+def _labelled(folder: Path, listing: Listing, classes: list[str]) -> list[tuple[str, int]]:
     out = []
     for i, c in enumerate(classes):
         if (folder / c).is_dir():
-            out += [(str(p.relative_to(root)), i) for p in list_files(folder / c)]
+            out += [(str(p.relative_to(listing.root)), i) for p in listing.files(folder / c)]
     return out
 
 
@@ -165,29 +241,35 @@ def multilabel_split(items: list[tuple[str, tuple]], num_classes: int, fractions
 
 
 def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-             multi_label: bool = False) -> Splits:
+             multi_label: bool = False, follow_links: bool = False) -> Splits:
+    """The data's classes and splits. follow_links: also list files and
+    folders reached through symbolic links that leave the data folder."""
     data = Path(data).expanduser()
     if not data.exists():
         raise DataError(f"{data}: no such file or folder")
     if data.is_file():
-        return _from_csv(data, val_fraction, test_fraction, seed, multi_label)
+        _not_an_image(data)
+        splits = _from_csv(data, val_fraction, test_fraction, seed, multi_label)
+        splits.notes += class_name_notes(splits.classes)
+        return splits
     if multi_label:
         raise DataError(f"{data}: --multi-label needs a CSV of path,labels (labels separated by ';')",
                         "list each image with its labels in a CSV and pass the CSV")
     root = data.resolve()
     train_dir = _find_split_dir(root, "train")
-    notes = []
+    notes: list[str] = []
+    listing = Listing(root, follow_links)
     if train_dir is not None:
         val_dir, test_dir = _find_split_dir(root, "val"), _find_split_dir(root, "test")
-        classes = _class_dirs(train_dir)
+        classes = listing.class_dirs(train_dir)
         if len(classes) < 2:
             raise DataError(f"{train_dir}: found {len(classes)} class folder(s) {classes}; a classifier needs at least 2",
                             f"put each class's images in {train_dir}/<class>/")
-        train = _labelled(train_dir, root, classes)
-        val = _labelled(val_dir, root, classes) if val_dir else []
-        test = _labelled(test_dir, root, classes) if test_dir else []
+        train = _labelled(train_dir, listing, classes)
+        val = _labelled(val_dir, listing, classes) if val_dir else []
+        test = _labelled(test_dir, listing, classes) if test_dir else []
         for d in (val_dir, test_dir):
-            extra = set(_class_dirs(d)) - set(classes) if d else set()
+            extra = set(Listing(root, follow_links).class_dirs(d)) - set(classes) if d else set()
             if extra:
                 raise DataError(f"{d}: classes {sorted(extra)} are not in {train_dir}; every split needs the same class folders")
         if not val:
@@ -195,16 +277,51 @@ def discover(data: str | Path, val_fraction: float = 0.1, test_fraction: float =
             notes.append(f"no validation folder: {len(val)} images of train/ were held out for validation")
         if not test:
             notes.append(f"no test folder: evaluating on {val_dir.name if val_dir else 'the held-out validation images'}")
-        notes += _missing_classes(classes, {"val": val, "test": test})
+        notes += _missing_classes(classes, {"val": val, "test": test}) + listing.notes() + class_name_notes(classes)
         return Splits(str(root), classes, train, val, test, "split-folders", notes, seed)
-    classes = _class_dirs(root)
+    classes = listing.class_dirs(root)
     if len(classes) < 2:
         raise DataError(
             f"{root}: found {len(classes)} class folder(s); expected DATA/<class>/<images> with at least 2 classes, "
             f"or DATA/train/<class>/..., or a CSV file of path,label")
-    items = _labelled(root, root, classes)
+    items = _labelled(root, listing, classes)
     val, test, train = stratified_split(items, (val_fraction, test_fraction), seed)
-    return Splits(str(root), classes, train, val, test, "class-folders", notes, seed)
+    return Splits(str(root), classes, train, val, test, "class-folders",
+                  notes + listing.notes() + class_name_notes(classes), seed)
+
+
+def _not_an_image(path: Path) -> None:
+    """`imgclf train photo.gif`: say what DATA is, rather than call the image a CSV that is not UTF-8."""
+    try:
+        fmt = sniff(path)[0]
+    except BadImage:
+        return
+    raise DataError(f"{path} is a {fmt} image, not a data folder or a CSV of labels",
+                    "give the folder of class folders (DATA/<class>/<images>) or a CSV of path,label; "
+                    "to classify one image: imgclf predict RUN IMAGE")
+
+
+def class_name_notes(classes: list[str]) -> list[str]:
+    """Warnings about class names that look alike or mean something else:
+    Unicode twins (NFC and NFD spellings of "café" are two folders, one look),
+    leading or trailing spaces, and the label of a rejected input."""
+    import unicodedata
+
+
+    notes, seen = [], {}
+    for c in classes:
+        key = unicodedata.normalize("NFC", c)
+        if key in seen:
+            notes.append(f"warning: classes {seen[key]!r} and {c!r} look the same but are spelled with different "
+                         f"Unicode characters (NFC / NFD): merge them into one folder or label")
+        seen.setdefault(key, c)
+        if c != c.strip():
+            notes.append(f"warning: class {c!r} has leading or trailing spaces: rename it (they are easy to miss "
+                         f"and hard to type)")
+    if UNKNOWN in classes:
+        notes.append(f"warning: a class is named {UNKNOWN!r}, the answer for rejected inputs (--reject): rename it, "
+                     f"or answers cannot tell the two apart")
+    return notes
 
 
 def _from_csv(path: Path, val_fraction: float, test_fraction: float, seed: int, multi_label: bool = False) -> Splits:
@@ -272,6 +389,21 @@ def parse_labels(value: str) -> tuple[list[str], str | None]:
 SPLIT_NAMES = {n: k for k, names in SPLIT_DIRS.items() for n in names}  # "validation" -> "val"
 
 
+def _csv_rows(path: Path, text: str):
+    """(line number, row) of a CSV's text; a row the csv module refuses (a
+    field over its 131,072-character limit, a stray quote) names its line."""
+    reader = csv.reader(text.splitlines())
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}, line {reader.line_num}: not a CSV row ({e})",
+                            "give each row as path,label (a path is at most a few hundred characters)") from None
+        yield reader.line_num, row
+
+
 def read_label_csv(path: Path, keep_empty: bool = False) -> tuple[list[tuple[str, str]], list[str], str, dict[str, str]]:
     """(path, label) rows of a `path,label` (or `path,labels`) CSV, a note for
     every row that was repaired or skipped (blank paths, repeated rows, a path
@@ -287,7 +419,7 @@ def read_label_csv(path: Path, keep_empty: bool = False) -> tuple[list[tuple[str
         raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})",
                         "save the file as UTF-8 (Excel: Save As > CSV UTF-8)") from None
     rows, notes, seen, first, header_name, splits, has_split = [], [], {}, True, "", {}, False
-    for i, row in enumerate(csv.reader(text.splitlines()), start=1):
+    for i, row in _csv_rows(path, text):
         if not row or not "".join(row).strip() or row[0].startswith("#"):
             continue
         cols = [c.strip().lower() for c in row[:3]]
@@ -335,31 +467,49 @@ def _missing_classes(classes: list[str], parts: dict[str, list]) -> list[str]:
 _HASHES: dict[str, tuple[int, int, str]] = {}
 
 
+def content_hash(data: bytes) -> str:
+    """The identity of an image's bytes, for the feature cache and duplicate checks."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def file_hash(path: str | Path) -> str:
-    """Content hash: the identity of an image for the cache and duplicate checks."""
+    """content_hash of a file, streamed (regular files only: a device or FIFO
+    is BadImage, never read). Same digest as content_hash of its bytes."""
     key = str(path)
-    st = os.stat(key)
-    known = _HASHES.get(key)
-    if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
-        return known[2]
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    with open_regular(path) as f:
+        st = os.fstat(f.fileno())
+        known = _HASHES.get(key)
+        if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+            return known[2]
+        h = hashlib.blake2b(digest_size=16)
+        try:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        except OSError as e:
+            raise BadImage(key, f"cannot read file: {e.strerror or e}") from None
     _HASHES[key] = (st.st_size, st.st_mtime_ns, h.hexdigest())
     return h.hexdigest()
+
+
+def _hash_or_blank(path) -> str:
+    try:
+        return file_hash(path)
+    except BadImage:
+        return ""
 
 
 def hash_files(paths: list, threads: int = 8) -> list[str]:
     """file_hash of many files on a few threads: hashlib releases the GIL on
     large buffers and the reads wait on the disk, so threads overlap both
-    (a shared network filesystem gains the most)."""
+    (a shared network filesystem gains the most). An unreadable file (gone,
+    a device, no permission) hashes to "": never found in a cache, so the
+    loader tries it and reports why, once."""
     if len(paths) < 64:
-        return [file_hash(p) for p in paths]
+        return [_hash_or_blank(p) for p in paths]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(file_hash, paths, chunksize=256))
+        return list(pool.map(_hash_or_blank, paths, chunksize=256))
 
 
 def scan(splits: Splits, names=("train", "val", "test"), share=None) -> list[tuple[str, str]]:
@@ -392,13 +542,16 @@ class ImageDataset:
 
     A file that fails to decode yields None and the reason instead of raising,
     so one bad file among 100,000 does not end a long run; `collate` drops it
-    and passes the reason up to be reported once."""
+    and passes the reason up to be reported once. With hashed=True each item
+    also carries the content_hash of the very bytes it decoded (collate_hashed):
+    the feature cache's key, which a file rewritten between hashing and
+    decoding can then never mislabel."""
 
     def __init__(self, root: str | Path, items: list[tuple[str, int]], transform, draft_size: int | None = None,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, hashed: bool = False):
         """num_classes: given for multi-label items, whose tuples become 0/1 target vectors."""
         self.root, self.items, self.transform, self.draft_size = Path(root), items, transform, draft_size
-        self.num_classes = num_classes
+        self.num_classes, self.hashed = num_classes, hashed
 
     def __len__(self) -> int:
         return len(self.items)
@@ -407,13 +560,18 @@ class ImageDataset:
         rel, y = self.items[i]
         if self.num_classes is not None:
             y = multi_hot([y], self.num_classes)[0]
+        out, h = self._load(rel, y, i)
+        return (*out, h) if self.hashed else out
+
+    def _load(self, rel: str, y, i: int) -> tuple[tuple, str | None]:
         try:
-            img = open_image(self.root / rel, draft_size=self.draft_size)
-            return self.transform(img), y, i, None
+            data = read_file(self.root / rel)
+            img = decode(data, str(self.root / rel), draft_size=self.draft_size)
+            return (self.transform(img), y, i, None), content_hash(data) if self.hashed else None
         except BadImage as e:
-            return None, y, i, e.reason
+            return (None, y, i, e.reason), None
         except Exception as e:  # a transform failing on an odd image: reported and skipped, not a dead worker
-            return None, y, i, f"cannot transform this image ({type(e).__name__}: {e})"
+            return (None, y, i, f"cannot transform this image ({type(e).__name__}: {e})"), None
 
 
 def collate(batch):
@@ -436,6 +594,11 @@ def collate(batch):
     return x, y, idx, bad
 
 
+def collate_hashed(batch):
+    """collate for ImageDataset(hashed=True): also the content hashes of the good items, in order."""
+    return (*collate([b[:4] for b in batch]), [b[4] for b in batch if b[0] is not None])
+
+
 def default_workers() -> int:
     """DataLoader workers for this machine. On 2 cores one worker decodes while
     the main process computes; more would fight the model's threads."""
@@ -445,15 +608,38 @@ def default_workers() -> int:
     return 0 if n <= 1 else min(8, max(1, n // 2))
 
 
-def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0, sampler=None):
+# Below this file-size limit (`ulimit -f`) DataLoader workers are not used:
+# they hand batches over as shared-memory files, which the limit also bounds,
+# and a worker that fails to write one leaves the main process waiting forever.
+MIN_FILE_LIMIT_FOR_WORKERS = 1 << 30
+_SAID_LIMIT: list[int] = []
+
+
+def _small_file_limit() -> bool:
+    try:
+        import resource
+    except ImportError:
+        return False
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    small = soft != resource.RLIM_INFINITY and soft < MIN_FILE_LIMIT_FOR_WORKERS
+    if small and not _SAID_LIMIT:
+        _SAID_LIMIT.append(soft)
+        log.warning(f"note: the file-size limit (ulimit -f) is {soft:,} bytes: images are decoded in this process, "
+                    f"without DataLoader workers (their batches are files the limit would cut)")
+    return small
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0, sampler=None,
+                collate_fn=None):
     import torch
     from torch.utils.data import DataLoader
 
     g = torch.Generator()
     g.manual_seed(seed)
+    workers = workers if workers == 0 or not _small_file_limit() else 0
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        num_workers=workers, collate_fn=collate, generator=g, persistent_workers=False,
+        num_workers=workers, collate_fn=collate_fn or collate, generator=g, persistent_workers=False,
         prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available(),
     )
 

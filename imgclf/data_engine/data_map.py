@@ -29,6 +29,14 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#bcbd22", "#17becf"]
 
 
+def script_json(obj) -> str:
+    """JSON to put inside a <script> element of a page: "<", ">" and "&" as
+    \\u003c, \\u003e and \\u0026 (still the same JSON), so no value (a class
+    named "<!--<script>", a path holding "</script>") can end the element or
+    put the HTML parser into its escaped-script states."""
+    return json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def map_section(clf, sc, suspects: dict | str | None, workers: int, bad) -> dict | str:
     """The report's data map of an evaluated split (evaluation/evaluate.py's
     Scored `sc`): points (capped), their features through the cache, t-SNE,
@@ -121,7 +129,7 @@ def render_map(points: list[dict], xy: np.ndarray, classes: list[str], thumbs: d
     legend += ('<span class="key"><svg width="16" height="16"><circle cx="8" cy="8" r="6" fill="#fff" stroke="#000" '
                'stroke-width="2"/></svg>misclassified</span><span class="key"><svg width="14" height="14"><rect x="2" '
                'y="2" width="10" height="10" fill="#fff" stroke="#000" stroke-width="1.5"/></svg>label-noise suspect</span>')
-    blob = json.dumps(data).replace("</", "<\\/")  # no "</script>" inside the JSON
+    blob = script_json(data)
     return (f'<style>{MAP_CSS}</style><div class="map-wrap"><svg id="data-map" viewBox="0 0 {SIZE} {SIZE}" width="{SIZE}" height="{SIZE}" '
             f'role="img" aria-label="2-D map of the images">{"".join(shapes)}</svg>'
             f'<div id="map-card" hidden><img alt="" width="{MAP_THUMB}"><div class="c"></div></div></div>'

@@ -56,9 +56,9 @@ class EmbeddingPairs:
 
 def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
                   progress: bool = True, near_dup: str = "hash", model: str = "efficientnet_lite0",
-                  cache_dir: str | None = None, fix: str | Path | None = None) -> dict:
+                  cache_dir: str | None = None, fix: str | Path | None = None, follow_links: bool = False) -> dict:
     """`imgclf check DATA`: data/check.py's check_dataset, with `--near-dup
     embed` run by `model`'s pretrained backbone."""
     pairs = EmbeddingPairs(model, cache_dir) if near_dup == "embed" else None
     return check.check_dataset(data, val_fraction, test_fraction, seed, progress, near_dup, fix=fix,
-                               embed_pairs=pairs)
+                               embed_pairs=pairs, follow_links=follow_links)

@@ -21,8 +21,9 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # text.parse_math off: class names are text, never TeX ("$\\notacmd{$" crashed the report, "price_$5_$" became math).
     plt.rcParams.update({"font.size": 10, "axes.spines.top": False, "axes.spines.right": False,
-                         "axes.grid": False, "savefig.facecolor": "white"})
+                         "axes.grid": False, "savefig.facecolor": "white", "text.parse_math": False})
     return plt
 
 

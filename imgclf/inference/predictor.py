@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.data import UNKNOWN
 from imgclf.data.images import MAX_PIXELS, BadImage, Source, list_files
 from imgclf.data.preprocess import Preprocess
 from imgclf.errors import ConfigError, ModelFileError
 
-UNKNOWN = "unknown"  # the label of a rejected image
 AUTO_KEEP = 0.95  # --reject auto: keep this share of the known validation images
 
 

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf.data.datasets import BadFileLog, ImageDataset, hash_files, make_loader
+from imgclf.data.datasets import BadFileLog, ImageDataset, collate_hashed, hash_files, make_loader
 from imgclf.data.preprocess import Preprocess, eval_transform, normalize
-from imgclf.io import atomic_write_bytes
+from imgclf.errors import ImgclfError
+from imgclf.io import atomic_write_bytes, write_error
 from imgclf.log import Progress, get_logger
 from imgclf.models.same_pad import trace_to_onnx
 from imgclf.ort import ort_session
@@ -101,7 +102,10 @@ class FeatureCache:
                     raise ValueError("not a feature shard")
             except Exception:
                 log.warning(f"note: feature cache shard {shard} is damaged; removed, its images will be recomputed")
-                shard.unlink(missing_ok=True)
+                try:
+                    shard.unlink(missing_ok=True)
+                except OSError:
+                    pass  # a read-only cache: skipped, recomputed in memory
                 continue
             self._files.append(shard.name)
             added.append(arr)
@@ -149,15 +153,20 @@ class FeatureCache:
         if self.dir is None:
             self._index([rec])
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta = self.dir / "meta.json"
-        if not meta.exists():
-            atomic_write_bytes(meta, json.dumps(self.meta, indent=2).encode())
         buf = io.BytesIO()
         np.save(buf, rec, allow_pickle=False)
         name = f"shard-{time.time_ns()}-{os.environ.get('RANK', '0')}-{uuid.uuid4().hex[:6]}.npy"
-        atomic_write_bytes(self.dir / name, buf.getvalue())
-        self._files.append(name)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            meta = self.dir / "meta.json"
+            if not meta.exists():
+                atomic_write_bytes(meta, json.dumps(self.meta, indent=2).encode())
+            atomic_write_bytes(self.dir / name, buf.getvalue())
+        except OSError as e:  # the cache is an optimisation: a full or read-only one is not the run's end
+            cache_unwritable(self.dir, e)
+            self.dir = None
+        else:
+            self._files.append(name)
         self._index([rec])
 
 
@@ -189,6 +198,19 @@ class FeatureRows:
                 out = np.empty((len(idx), f.shape[1]), np.float32) if out is None else out
                 out[m] = f
         return out
+
+
+_CACHE_SAID: list[Path] = []
+
+
+def cache_unwritable(where: Path, e: OSError) -> None:
+    """Say once per process that the cache cannot be written, and why; the
+    work goes on without it (the cache only saves time)."""
+    if not _CACHE_SAID:
+        err = e if isinstance(e, ImgclfError) else write_error(where, e)
+        log.warning(f"note: feature cache: {err.message}; going on without the cache ({err.fix}, or give --cache-dir "
+                    f"a writable folder)")
+    _CACHE_SAID.append(where)
 
 
 def feature_caches(cache_dir: str | Path | None, model_name: str, backbone_hash: str, pp: Preprocess,
@@ -285,9 +307,15 @@ class FeatureExtractor:
                 except Exception:
                     pass
             log.warning(f"note: cached backbone {path} is damaged; rebuilding it")
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only cache: rebuilt in memory
         data = self._export_onnx()
-        atomic_write_bytes(folder / f"{stem}-{hashlib.sha256(data).hexdigest()[:16]}.onnx", data)
+        try:
+            atomic_write_bytes(folder / f"{stem}-{hashlib.sha256(data).hexdigest()[:16]}.onnx", data)
+        except OSError as e:  # exported again next time, that is all
+            cache_unwritable(folder, e)
         return ort_session(data, torch.get_num_threads())
 
     def _export_onnx(self) -> bytes:
@@ -331,7 +359,9 @@ def extract(extractor: FeatureExtractor, root: str | Path, items: list[tuple[str
     Returns ({variant: features[N', D]}, labels[N'], kept_index[N']) for the N'
     items that could be read; rows=True gives one FeatureRows over the variants
     instead of the arrays (read from the shards batch by batch). Only images
-    missing from a variant's cache are decoded and run through the backbone."""
+    missing from a variant's cache are decoded and run through the backbone.
+    `hashes` (given or computed) is updated in place for the items decoded:
+    features are stored and found under the hash of the bytes they came from."""
     if hashes is None:
         hashes = hash_files([Path(root) / rel for rel, _ in items])
     pos = {v: c.locate(hashes)[:, 0] for v, c in caches.items()}
@@ -368,8 +398,9 @@ def _compute(extractor: FeatureExtractor, root, items, todo: list[int], hashes: 
              bad: BadFileLog | None, desc: str, progress: bool) -> None:
     """Run the backbone over items[todo], writing shards as it goes (every
     FLUSH_SECONDS), so a crash at 90% of a large dataset keeps 90% of the work."""
-    ds = ImageDataset(root, [items[i] for i in todo], eval_transform(extractor.pp), draft_size=extractor.pp.draft_size)
-    loader = make_loader(ds, batch_size, shuffle=False, workers=workers)
+    ds = ImageDataset(root, [items[i] for i in todo], eval_transform(extractor.pp), draft_size=extractor.pp.draft_size,
+                      hashed=True)
+    loader = make_loader(ds, batch_size, shuffle=False, workers=workers, collate_fn=collate_hashed)
     new: dict[str, list] = {v: [] for v in caches}
     new_h: list[str] = []
 
@@ -382,14 +413,16 @@ def _compute(extractor: FeatureExtractor, root, items, todo: list[int], hashes: 
 
     last = time.time()
     with Progress(total=len(todo), desc=desc, unit="img", enabled=progress) as bar:
-        for b, (x, _, idx, badb) in enumerate(loader):
+        for b, (x, _, idx, badb, got) in enumerate(loader):
             for j, reason in badb:
                 if bad is not None:
                     bad.add(items[todo[j]][0], reason)
             if x is not None:
                 for v in caches:
                     new[v].append(extractor(torch.flip(x, dims=[3]) if v == "flip" else x))
-                new_h += [hashes[todo[int(j)]] for j in idx]
+                for j, h in zip(idx, got):  # the hash of the bytes decoded (the file may have changed since)
+                    hashes[todo[int(j)]] = h
+                new_h += got
                 extractor.encoded += len(idx)
             bar.update(len(badb) + (0 if x is None else len(x)))
             if b % TRIM_EVERY == TRIM_EVERY - 1:

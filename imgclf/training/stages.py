@@ -138,7 +138,9 @@ class Context:
 
     def best_record(self) -> dict:
         """The model record of the best weights so far (before the post-training fits)."""
-        extra = {"multi_label": True} if self.multi_label else None
+        extra = {"multi_label": True} if self.multi_label else {}
+        if self.splits.run_id:  # which run wrote it (runs.RunDir.check_one_run)
+            extra["run_id"] = self.splits.run_id
         return best_record(self.model, self.state, self.cfg.model, self.splits.classes, self.pp, 1.0, extra)
 
     def save_best(self) -> dict:

@@ -16,10 +16,12 @@ in loop.py. Strategies:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -46,7 +48,7 @@ from imgclf.evaluation.fits import FitData, fit_after_training
 from imgclf.inference.torch_predictor import TorchPredictor
 from imgclf.io import read_json, torch_load, write_history, write_json
 from imgclf.models.registry import SmallCNN, build_model, count_params, get_model_info
-from imgclf.runs import RunDir
+from imgclf.runs import RunDir, RunLock
 from imgclf.training.checkpoint import CKPT_KEYS, RunState, save_record
 from imgclf.training.distributed import Dist, init_distributed
 from imgclf.training.loop import balanced_class_weights, positive_weights
@@ -69,13 +71,19 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     t_start = time.time()
     dist, device = init_distributed(overrides.get("device", (config or TrainConfig()).device))
     try:
-        return _train(config, overrides, dist, device, t_start)
+        with contextlib.ExitStack() as held:
+            return _train(config, overrides, dist, device, t_start, held)
     finally:
         dist.close()
 
 
-def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_start: float) -> TrainResult:
+def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_start: float,
+           held: contextlib.ExitStack) -> TrainResult:
     cfg, run, ckpt, splits = resolve_run(config, overrides, dist)
+    if dist.main:  # one writer per run directory, until training ends
+        lock = held.enter_context(RunLock(run.path, splits.run_id))
+        if lock.took_over:
+            say(f"note: {run}: {lock.took_over}")
     set_threads(device, dist)
     seed_everything(cfg.seed)
     look = look_at(splits, seed=cfg.seed) if cfg.strategy in ("auto", "native") and not cfg.resume else None
@@ -86,8 +94,10 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
         cfg = native_settings(cfg, look)
     pp = resolve_preprocess(cfg)
     if dist.main:
+        describe_found(splits)
+    bad = check_files(splits, dist)  # before splits.json is written: it lists only files that were read
+    if dist.main:
         describe_data(splits, run, fresh=ckpt is None, cfg=cfg)
-    bad = check_files(splits, dist)
     model = build_model(cfg.model, len(splits.classes), pretrained=cfg.pretrained, weights=cfg.weights,
                         head_hidden=cfg.head_hidden, dropout=cfg.dropout)
     if cfg.from_run:  # also on --resume: a checkpoint of a frozen-backbone stage holds only the head
@@ -121,6 +131,7 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
     summary = write_summary(ctx, strategy, why, calibration, t_start)
     test = evaluate_held_out(ctx, summary, clf) if cfg.evaluate else None
     summary["total_seconds"] = round(time.time() - t_start, 2)
+    forget_skipped(ctx, summary)
     write_json(run.summary_file, summary)
     say(f"done in {summary['total_seconds']:.1f}s. Run: {run}  (predict: imgclf predict {run} IMAGE...)")
     return TrainResult(run.path, strategy, state.best_metrics, test, summary["total_seconds"], calibration)
@@ -164,8 +175,9 @@ def resolve_run(config: TrainConfig | None, overrides: dict, dist: Dist | None =
     cfg.validate()
     splits = None
     if dist.main:
-        splits = discover(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.multi_label)
+        splits = discover(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.multi_label, cfg.follow_links)
         splits = keep_split(splits, earlier) if earlier is not None else splits
+        splits.run_id = uuid.uuid4().hex[:12]  # in splits.json, config.json and model.pt alike
     return cfg, run, None, dist.broadcast(splits)
 
 
@@ -232,18 +244,21 @@ def load_earlier_backbone(model, from_run: str) -> None:
     model.backbone.load_state_dict({k[len(prefix):]: v for k, v in rec["state_dict"].items() if k.startswith(prefix)})
 
 
-def describe_data(splits: Splits, run: RunDir, fresh: bool, cfg: TrainConfig) -> None:
-    """Say what was found; a new run records its split and config."""
+def describe_found(splits: Splits) -> None:
+    """Say what was found and noted (before the file check, which may refuse the data)."""
     kind = "labels (multi-label: several per image)" if splits.multi_label else "classes"
     say(f"data: {splits.root} ({splits.layout}), {len(splits.classes)} {kind}: {', '.join(splits.classes[:10])}"
         f"{' ...' if len(splits.classes) > 10 else ''}")
-    say(f"split: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test")
     for note in splits.notes:
-        say(f"note: {note}")
-    run.path.mkdir(parents=True, exist_ok=True)
+        say(note if note.startswith("warning: ") else f"note: {note}")
+
+
+def describe_data(splits: Splits, run: RunDir, fresh: bool, cfg: TrainConfig) -> None:
+    """Say how many readable images each split holds; a new run records its split and config."""
+    say(f"split: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test")
     if fresh:
         write_json(run.splits_file, splits.to_dict())
-        write_json(run.config_file, cfg.to_dict())
+        write_json(run.config_file, {**cfg.to_dict(), "run_id": splits.run_id})
 
 
 def check_files(splits: Splits, dist: Dist | None = None) -> BadFileLog:
@@ -258,11 +273,12 @@ def check_files(splits: Splits, dist: Dist | None = None) -> BadFileLog:
         if not getattr(splits, name):
             raise DataError(f"the {name} split has no readable images", "add images or check the skipped files above")
     empty = [c for i, c in enumerate(splits.classes) if not any(has_label(y, i) for _, y in splits.train)]
-    if len(splits.classes) - len(empty) < (1 if splits.multi_label else 2):
-        raise DataError(f"class(es) {', '.join(empty)} have no readable training images, which leaves fewer than 2",
-                        "add images to those class folders, or remove the empty folders")
-    for c in empty:
-        say(f"warning: class {c} has no readable training images; the model can never predict it")
+    if empty:  # an output the model could never predict: refused, not kept with a warning
+        where = "rows of the CSV" if splits.layout.startswith("csv") else "class folders"
+        why = [n for n in splits.notes if any(c in n for c in empty)]  # e.g. a folder it may not read
+        raise DataError(f"class(es) {', '.join(empty)} have no readable training images, so the model could never "
+                        f"predict them{''.join(f' ({n})' for n in why)}", f"add readable images to those {where}, "
+                        f"or remove them (the skipped files above say why each was unreadable)")
     return bad
 
 
@@ -303,8 +319,6 @@ def write_summary(ctx: Context, strategy: str, why: str, calibration: dict | Non
     best = state.best_metrics
     say(f"best: {best.get('stage')} epoch {best.get('epoch')}, val acc {best.get('acc', 0):.4f}, "
         f"val loss {best.get('loss', 0):.4f}; trained in {secs:.1f}s; saved {state.run.model_file}")
-    if bad.seen:
-        say(f"skipped {len(bad.seen)} unreadable file(s); listed in {state.run.summary_file}")
     summary = {"strategy": strategy, "why": why, "device": str(ctx.device), "train_seconds": round(secs, 2),
                "best": best, "calibration": calibration,
                "skipped_files": [{"path": p, "reason": r} for p, r in bad.seen.items()], "skipped": len(bad.seen),
@@ -313,6 +327,19 @@ def write_summary(ctx: Context, strategy: str, why: str, calibration: dict | Non
                "features_per_second": ctx.features_per_s}
     write_json(state.run.summary_file, summary)
     return summary
+
+
+def forget_skipped(ctx: Context, summary: dict) -> None:
+    """Files that failed only when decoded (in training or the final
+    evaluation) leave splits.json too, so later commands never read them
+    again, and every skip is counted once in one line."""
+    skipped = {d["path"] for d in summary["skipped_files"]}
+    if skipped:
+        drop_files(ctx.splits, skipped)
+        write_json(ctx.state.run.splits_file, ctx.splits.to_dict())
+        summary["counts"] = {k: len(getattr(ctx.splits, k)) for k in ("train", "val", "test")}
+        say(f"skipped {len(skipped)} unreadable file(s), left out of {ctx.state.run.splits_file.name}; listed in "
+            f"{ctx.state.run.summary_file}")
 
 
 def evaluate_held_out(ctx: Context, summary: dict, clf: TorchPredictor) -> dict:
