@@ -366,8 +366,33 @@ def with_metadata(m, meta: dict[str, str]) -> bytes:
     return m.SerializeToString()
 
 
-def quantize(fp32: bytes, x_cal: np.ndarray, meta: dict[str, str]) -> bytes:
-    """Static INT8 with onnxruntime, calibrated on `x_cal`."""
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How `quantize` makes a static INT8 model (bench/bench_int8.py compares them).
+
+    ops: the op types quantized. `Clip` (ReLU6) must be among them: only then
+    does the quantizer give each convolution's output the range after the
+    clip ([0, 6]) instead of the wide range before it, and drop the
+    dequantize -> Clip -> quantize between every pair of convolutions.
+    float_layers: node-name parts kept in float ("conv_stem", "conv_head",
+    "/head/", "conv_dw"). calibration: minmax, entropy or percentile.
+    """
+
+    format: str = "qoperator"  # or "qdq"
+    ops: tuple[str, ...] = ("Conv", "Clip", "Gemm", "MatMul")
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    calibration: str = "minmax"
+    percentile: float = 99.999
+    float_layers: tuple[str, ...] = ()
+    preprocess: bool = True
+
+
+INT8_RECIPE = Int8Recipe()
+
+
+def quantize(fp32: bytes, x_cal: np.ndarray, meta: dict[str, str], recipe: Int8Recipe = INT8_RECIPE) -> bytes:
+    """Static INT8 with onnxruntime, calibrated on `x_cal`, made as `recipe` says."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -384,22 +409,26 @@ def quantize(fp32: bytes, x_cal: np.ndarray, meta: dict[str, str]) -> bytes:
     with tempfile.TemporaryDirectory(prefix="imgclf-int8-") as tmp:
         src, pre, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(fp32)
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        # Per-channel weights keep the depthwise convs accurate. On this AVX2 CPU
-        # (no VNNI) the QOperator format with u8 activations / s8 weights was
-        # the only variant faster than fp32 (1.2x; QDQ was 0.9x, u8/u8 QDQ 0.25x).
-        # Only convolutions and the classifier are quantized: normalisation and
-        # softmax stay float.
+        if recipe.preprocess:
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        else:
+            pre = src
         # The unknown scorer stays float: its scale is a rank among validation distances.
-        skip = [n.name for n in onnx.load(str(pre)).graph.node if n.name.startswith("/scorer/")]
+        keep = ("/scorer/",) + recipe.float_layers
+        skip = [n.name for n in onnx.load(str(pre)).graph.node if any(k in n.name for k in keep)]
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[recipe.calibration]
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)  # the quantizer warns per tensor about bias scales
         try:
-            quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=["Conv", "Gemm", "MatMul"], nodes_to_exclude=skip,
-                            calibrate_method=CalibrationMethod.MinMax)
+            quantize_static(str(pre), str(dst), Reader(),
+                            quant_format=QuantFormat.QDQ if recipe.format == "qdq" else QuantFormat.QOperator,
+                            per_channel=recipe.per_channel, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, op_types_to_quantize=list(recipe.ops),
+                            nodes_to_exclude=skip, calibrate_method=method,
+                            extra_options={"ActivationSymmetric": recipe.symmetric_activations,
+                                           "CalibPercentile": recipe.percentile})
         finally:
             root.setLevel(level)
         return with_metadata(onnx.load(str(dst)), meta)
