@@ -1,5 +1,6 @@
 """INT8 recipes for the default model, compared on validation images: accuracy,
-top-1 agreement with fp32, max |p8 - p32|, and (with --speed) images/s.
+top-1 agreement with fp32, max and mean |p8 - p32|
+(per image, its largest class difference), and (with --speed) images/s.
 
   .venv/bin/python bench/bench_int8.py [--runs RUN ...] [--variants NAME ...] [--speed]
 
@@ -102,6 +103,7 @@ def accuracy_rows(run: Path, names: list[str]) -> tuple[list[dict], dict]:
         rows.append({"run": run.name, "recipe": name, "calib": len(cal[n]), "val": len(x_val),
                      "fp32 acc": f"{acc32:.1%}", "int8 acc": f"{acc8:.1%}", "change": f"{(acc8 - acc32) * 100:+.1f}",
                      "top-1 agree": f"{agree:.1%}", "max |p8-p32|": f"{diff:.3f}",
+                     "mean |p8-p32|": f"{np.abs(p8 - p32).max(1).mean():.4f}",
                      "gate": "pass" if ok else "refused", "quantize s": f"{secs:.0f}", "MB": f"{len(q) / 1e6:.1f}"})
         print(table(rows[-1:], list(rows[-1])), flush=True)
         models[name] = q

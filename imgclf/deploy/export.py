@@ -398,13 +398,16 @@ def quantize(fp32: bytes, x_cal: np.ndarray, meta: dict[str, str], recipe: Int8R
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    # Batches of one size: the histogram calibrators (entropy, percentile) stack them.
+    b = max(d for d in range(1, 9) if len(x_cal) % d == 0)
+
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter(range(0, len(x_cal), 8))
+            self.it = iter(range(0, len(x_cal), b))
 
         def get_next(self):
             i = next(self.it, None)
-            return None if i is None else {INPUT: x_cal[i:i + 8]}
+            return None if i is None else {INPUT: x_cal[i:i + b]}
 
     with tempfile.TemporaryDirectory(prefix="imgclf-int8-") as tmp:
         src, pre, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
