@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from bench_infer import timeit
 from common import DATASETS, ROOT, machine, table
 
@@ -39,17 +38,17 @@ from imgclf.deploy.export import INT8_RECIPE, Int8Recipe
 R = INT8_RECIPE
 OLD = dataclasses.replace(R, ops=("Conv", "Gemm", "MatMul"))  # the recipe before this benchmark
 VARIANTS: dict[str, tuple[Int8Recipe, int]] = {  # name -> (recipe, calibration images)
-    "old (no Clip)": (OLD, 100),
-    "old, QDQ": (dataclasses.replace(OLD, format="qdq"), 100),
+    "before (Conv, Gemm)": (OLD, 100),
+    "before, QDQ": (dataclasses.replace(OLD, format="qdq"), 100),
     "default": (R, 100),
     "default, 32 calib": (R, 32),
     "default, 300 calib": (R, 300),
     "QDQ": (dataclasses.replace(R, format="qdq"), 100),
+    "no Add, GAP": (dataclasses.replace(R, ops=("Conv", "Clip", "Gemm", "MatMul")), 100),
     "per-tensor weights": (dataclasses.replace(R, per_channel=False), 100),
     "symmetric act.": (dataclasses.replace(R, symmetric_activations=True), 100),
     "entropy": (dataclasses.replace(R, calibration="entropy"), 100),
     "percentile 99.999": (dataclasses.replace(R, calibration="percentile"), 100),
-    "+Add, GAP": (dataclasses.replace(R, ops=R.ops + ("Add", "GlobalAveragePool")), 100),
     "float stem": (dataclasses.replace(R, float_layers=("conv_stem",)), 100),
     "float head": (dataclasses.replace(R, float_layers=("conv_head", "/head/")), 100),
     "float depthwise": (dataclasses.replace(R, float_layers=("conv_dw",)), 100),
@@ -137,7 +136,7 @@ def main() -> None:
     ap.add_argument("--runs", nargs="*", type=Path, help="run folders (default: the tiny and cdf default-model runs)")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--speed", action="store_true", help="also time fp32 and --speed-variants")
-    ap.add_argument("--speed-variants", nargs="*", default=["old (no Clip)", "default"])
+    ap.add_argument("--speed-variants", nargs="*", default=["before (Conv, Gemm)", "no Add, GAP", "default", "QDQ"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats1", type=int, default=20)
     ap.add_argument("--repeats32", type=int, default=3)
