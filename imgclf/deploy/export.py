@@ -387,9 +387,10 @@ class Int8Recipe:
     does the quantizer give each convolution's output the range after the
     clip ([0, 6]) instead of the wide range before it, and drop the
     dequantize -> Clip -> quantize between convolutions; without it the
-    default model lost 1-2 points. `Add` and `GlobalAveragePool` keep the
-    residual sums and the pooling in int8 too (fewer conversions, faster, as
-    accurate). Per-channel weights: per-tensor ones lost 3 points.
+    default model lost accuracy and most of the speed. `Add` and
+    `GlobalAveragePool` keep the residual sums and the pooling in int8 too
+    (fewer conversions; as accurate). Per-channel weights: per-tensor ones
+    lose accuracy on the depthwise convolutions.
     float_layers: node-name parts kept in float ("conv_stem", "conv_head",
     "/head/", "conv_dw"). calibration: minmax, entropy or percentile.
     """
