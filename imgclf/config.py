@@ -273,9 +273,12 @@ class ExportConfig:
                                "model.torchscript.pt, model.tflite, model.int8.tflite), or folder for web "
                                "(default: RUN/web)")
     int8: bool = _f(False, "INT8: static for onnx/ort (onnxruntime, calibrated on training images), dynamic-range "
-                           "for tflite; reports accuracy change and speed-up, refused over --max-drop")
+                           "for tflite; reports accuracy change, top-1 agreement with fp32 and speed, refused over "
+                           "--max-drop or under --min-agreement")
     max_drop: float = _f(1.0, "refuse an INT8 model whose validation accuracy drops by more points than this")
-    force: bool = _f(False, "write the INT8 model even over --max-drop")
+    min_agreement: float = _f(0.99, "refuse an INT8 model whose top-1 answer matches fp32's on a smaller share of "
+                                    "validation images than this")
+    force: bool = _f(False, "write the INT8 model even over --max-drop or under --min-agreement")
     calib_images: int = _f(100, "training images for INT8 calibration")
     check_images: int = _f(32, "validation images for the PyTorch parity check")
     any_size: bool = _f(False, "onnx/ort: put the resize inside the graph, for apps: uint8 RGB images of any size "

@@ -20,7 +20,8 @@ whole graph against that resize fed to the checked fixed-size model.
 Every export checks itself against PyTorch on validation images and fails
 loudly when they disagree. `--int8` adds static quantization (onnxruntime),
 calibrated on training images, and refuses when validation accuracy drops by
-more than `max_drop` points unless forced.
+more than `max_drop` points, or the top-1 answers agree with fp32's on fewer
+than `min_agreement` of the validation images, unless forced.
 
 TorchScript: the same wrapper (uint8 NHWC in, probabilities out), traced,
 with the metadata as an extra file `imgclf.json`.
@@ -231,14 +232,25 @@ def parity(p: np.ndarray, p_ref: np.ndarray) -> tuple[float, float]:
     return float(np.abs(p - p_ref).max()), float((p.argmax(1) == p_ref.argmax(1)).mean())
 
 
-def int8_verdict(fp32_acc: float, int8_acc: float, max_drop: float, force: bool) -> str | None:
-    """None if the INT8 model may be written; otherwise why not (and how to override)."""
+def int8_verdict(fp32_acc: float, int8_acc: float, max_drop: float, force: bool, agreement: float | None = None,
+                 min_agreement: float = 0.0) -> str | None:
+    """None if the INT8 model may be written; otherwise why not (and how to override).
+    Accuracy alone can hide answers that change both ways, so the share of
+    images whose top-1 answer stays fp32's (`agreement`, single-label) is
+    gated too."""
     drop = (fp32_acc - int8_acc) * 100
-    if drop <= max_drop + 1e-9 or force:
+    low = agreement is not None and agreement < min_agreement - 1e-9
+    if (drop <= max_drop + 1e-9 and not low) or force:
         return None
-    return (f"INT8 accuracy drops by {drop:.1f} points ({fp32_acc:.1%} -> {int8_acc:.1%} on validation), "
-            f"over the limit of {max_drop:g}; the file was not written. Use the fp32 export, calibrate on more "
-            f"images (--calib-images), or write it anyway with --force (or raise --max-drop)")
+    same = "" if agreement is None else f"; top-1 as fp32 on {agreement:.1%}"
+    if drop > max_drop + 1e-9:
+        why = (f"INT8 accuracy drops by {drop:.1f} points ({fp32_acc:.1%} -> {int8_acc:.1%} on validation{same}), "
+               f"over the limit of {max_drop:g}")
+    else:
+        why = (f"INT8 changes the top-1 answer of {1 - agreement:.1%} of validation images (top-1 as fp32 on "
+               f"{agreement:.1%}, under the limit of {min_agreement:.1%}; accuracy {fp32_acc:.1%} -> {int8_acc:.1%})")
+    return (f"{why}; the file was not written. Use the fp32 export, calibrate on more images (--calib-images), "
+            f"or write it anyway with --force (or raise --max-drop / lower --min-agreement)")
 
 
 def export(cfg: ExportConfig) -> dict:
@@ -458,8 +470,38 @@ def with_metadata(m, meta: dict[str, str]) -> bytes:
     return m.SerializeToString()
 
 
-def quantize(fp32: bytes, x_cal: np.ndarray, meta: dict[str, str]) -> bytes:
-    """Static INT8 with onnxruntime, calibrated on `x_cal`."""
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How `quantize` makes a static INT8 model; the default is the one chosen
+    by measurement (bench/bench_int8.py, docs/benchmarks.md).
+
+    ops: the op types quantized. `Clip` (ReLU6) must be among them: only then
+    does the quantizer give each convolution's output the range after the
+    clip ([0, 6]) instead of the wide range before it, and drop the
+    dequantize -> Clip -> quantize between convolutions; without it the
+    default model lost accuracy and most of the speed. `Add` and
+    `GlobalAveragePool` keep the residual sums and the pooling in int8 too
+    (fewer conversions; as accurate). Per-channel weights: per-tensor ones
+    lose accuracy on the depthwise convolutions.
+    float_layers: node-name parts kept in float ("conv_stem", "conv_head",
+    "/head/", "conv_dw"). calibration: minmax, entropy or percentile.
+    """
+
+    format: str = "qoperator"  # or "qdq"
+    ops: tuple[str, ...] = ("Conv", "Clip", "Add", "GlobalAveragePool", "Gemm", "MatMul")
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    calibration: str = "minmax"
+    percentile: float = 99.999
+    float_layers: tuple[str, ...] = ()
+    preprocess: bool = True
+
+
+INT8_RECIPE = Int8Recipe()
+
+
+def quantize(fp32: bytes, x_cal: np.ndarray, meta: dict[str, str], recipe: Int8Recipe = INT8_RECIPE) -> bytes:
+    """Static INT8 with onnxruntime, calibrated on `x_cal`, made as `recipe` says."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -470,33 +512,40 @@ def quantize(fp32: bytes, x_cal: np.ndarray, meta: dict[str, str]) -> bytes:
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    # Batches of one size: the histogram calibrators (entropy, percentile) stack them.
+    b = max(d for d in range(1, 9) if len(x_cal) % d == 0)
+
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter(range(0, len(x_cal), 8))
+            self.it = iter(range(0, len(x_cal), b))
 
         def get_next(self):
             i = next(self.it, None)
-            return None if i is None else {INPUT: x_cal[i:i + 8]}
+            return None if i is None else {INPUT: x_cal[i:i + b]}
 
     with tempfile.TemporaryDirectory(prefix="imgclf-int8-") as tmp:
         src, pre, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(fp32)
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        # Per-channel weights keep the depthwise convs accurate. On this AVX2 CPU
-        # (no VNNI) the QOperator format with u8 activations / s8 weights was
-        # the only variant faster than fp32 (1.2x; QDQ was 0.9x, u8/u8 QDQ 0.25x).
-        # Only convolutions and the classifier are quantized: normalisation and
-        # softmax stay float.
+        if recipe.preprocess:
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        else:
+            pre = src
         # The unknown scorer stays float: its scale is a rank among validation distances.
-        skip = [n.name for n in onnx.load(str(pre)).graph.node if n.name.startswith("/scorer/")]
+        keep = ("/scorer/",) + recipe.float_layers
+        skip = [n.name for n in onnx.load(str(pre)).graph.node if any(k in n.name for k in keep)]
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[recipe.calibration]
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)  # the quantizer warns per tensor about bias scales
         try:
-            quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=["Conv", "Gemm", "MatMul"], nodes_to_exclude=skip,
-                            calibrate_method=CalibrationMethod.MinMax)
+            quantize_static(str(pre), str(dst), Reader(),
+                            quant_format=QuantFormat.QDQ if recipe.format == "qdq" else QuantFormat.QOperator,
+                            per_channel=recipe.per_channel, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, op_types_to_quantize=list(recipe.ops),
+                            nodes_to_exclude=skip, calibrate_method=method,
+                            extra_options={"ActivationSymmetric": recipe.symmetric_activations,
+                                           "CalibPercentile": recipe.percentile})
         finally:
             root.setLevel(level)
         return with_metadata(onnx.load(str(dst)), meta)
@@ -504,8 +553,10 @@ def quantize(fp32: bytes, x_cal: np.ndarray, meta: dict[str, str]) -> bytes:
 
 def quantize_checked(fp32: bytes, src: ExportSource, cfg: ExportConfig, report: dict, quantize_fn,
                      predictor=OnnxPredictor, calibrated: bool = True) -> bytes:
-    """INT8 = quantize_fn(calibration images), refused when validation accuracy
-    drops by more than --max-drop points; `predictor` runs both models."""
+    """INT8 = quantize_fn(calibration images, from train), refused when validation
+    accuracy drops by more than --max-drop points or its top-1 answers agree
+    with fp32's on fewer than --min-agreement of the validation images;
+    `predictor` runs both models."""
     t0 = time.time()
     x_cal = split_images(src.run, "train", cfg.calib_images, src.pp)[0] if calibrated else np.zeros((0,))
     q = quantize_fn(x_cal)
@@ -523,14 +574,16 @@ def quantize_checked(fp32: bytes, src: ExportSource, cfg: ExportConfig, report: 
                    "speedup": round(ips8 / ips32, 2)})
     how = f"calibrated on {len(x_cal)} train images" if calibrated else "dynamic range, no calibration"
     log.info(f"INT8: {src.split} accuracy {acc32:.1%} -> {acc8:.1%} ({(acc8 - acc32) * 100:+.1f} points, "
-            f"{len(x_val)} images; top-1 as fp32 on {agree:.0%}, max |p8 - p32| = {diff:.3f}); speed "
+            f"{len(x_val)} images; top-1 as fp32 on {agree:.1%}, max |p8 - p32| = {diff:.3f}); speed "
             f"{ips32:.0f} -> {ips8:.0f} images/s at batch {len(x_val[:16])} ({ips8 / ips32:.2f}x); {how} in "
             f"{report['calib_seconds']} s")
-    why = int8_verdict(acc32, acc8, cfg.max_drop, cfg.force)
+    gated = agree if y_val.ndim == 1 else None  # multi-label: no single top-1 answer to keep
+    why = int8_verdict(acc32, acc8, cfg.max_drop, cfg.force, gated, cfg.min_agreement)
     if why:
         raise ExportError(why)
-    if cfg.force and (acc32 - acc8) * 100 > cfg.max_drop:
-        log.warning(f"warning: writing the INT8 model despite a drop over {cfg.max_drop:g} points (--force)")
+    if cfg.force and int8_verdict(acc32, acc8, cfg.max_drop, False, gated, cfg.min_agreement):
+        log.warning(f"warning: writing the INT8 model despite a drop over {cfg.max_drop:g} points or a top-1 "
+                    f"agreement under {cfg.min_agreement:.0%} (--force)")
     return q
 
 

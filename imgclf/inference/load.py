@@ -30,7 +30,7 @@ def model_format(path: str | Path) -> str:
             head = f.read(8)
     except FileNotFoundError:
         raise RunError(f"{p}: no such model file or run directory",
-                       "give a run directory (imgclf train), its model.pt, or an exported .onnx/.ort/.tflite") from None
+                       "give a run directory (imgclf train), its model.pt, or a file from `imgclf export RUN`") from None
     except OSError as e:
         raise ModelFileError(f"{p}: cannot be read ({e.strerror})", "check the file's permissions") from None
     if head.startswith(b"PK\x03\x04"):
