@@ -89,7 +89,7 @@ def main() -> None:
     for fmt, int8 in FORMATS:
         out = tmp / run.export_file(fmt, int8).name
         t0 = time.time()
-        r = export(ExportConfig(run=str(run), format=fmt, int8=int8, force=True, out=str(out)), printer=lambda *_: None)
+        r = export(ExportConfig(run=str(run), format=fmt, int8=int8, force=True, out=str(out)))
         seconds = time.time() - t0
         fn = torchscript_fn(out) if fmt == "torchscript" else imgclf.load(out).probs
         gate = "-" if not int8 else ("pass" if int8_verdict(r["fp32_accuracy"], r["int8_accuracy"], 1.0, False)

@@ -65,9 +65,8 @@ def main() -> None:
     pp = Preprocess.from_dict(record["preprocess"])
     x_val, y_val = split_images(run, "val", None, pp)
     tmp = Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
-    quiet = lambda *_: None  # noqa: E731
-    export(ExportConfig(run=str(run), out=str(tmp / "fp32.onnx")), printer=quiet)
-    r8 = export(ExportConfig(run=str(run), out=str(tmp / "int8.onnx"), int8=True, force=True), printer=quiet)
+    export(ExportConfig(run=str(run), out=str(tmp / "fp32.onnx")))  # the library is silent without a log handler
+    r8 = export(ExportConfig(run=str(run), out=str(tmp / "int8.onnx"), int8=True, force=True))
 
     wrapped = probs_module(model_from_record(record), pp, record.get("temperature", 1.0))
 

@@ -277,11 +277,14 @@ def test_api_keys_that_could_never_work_are_refused(given, env, fails, capsys):
         checked_api_key(given, env)
 
 
-def test_api_key_on_the_command_line_is_warned_about(capsys):
+def test_api_key_on_the_command_line_is_warned_about(caplog):
     from imgclf.deploy.serve import checked_api_key
 
-    assert checked_api_key("k3y", {}) == "k3y"
-    assert "IMGCLF_API_KEY" in capsys.readouterr().err
+    with caplog.at_level("WARNING", logger="imgclf"):
+        assert checked_api_key("k3y", {}) == "k3y"
+        assert checked_api_key(None, {"IMGCLF_API_KEY": "k3y"}) == "k3y"
+    assert [r.levelname for r in caplog.records] == ["WARNING"]  # the environment variable is not warned about
+    assert "IMGCLF_API_KEY" in caplog.records[0].getMessage()
 
 
 def test_no_server_paths_in_answers(tiny_run, tmp_path, imgs):
@@ -293,7 +296,7 @@ def test_no_server_paths_in_answers(tiny_run, tmp_path, imgs):
     from fastapi.testclient import TestClient
 
     from imgclf.deploy.serve import ServeConfig, create_app
-    from imgclf.inference.similar import SimilarityIndex
+    from imgclf.data_engine.similar import SimilarityIndex
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run[0], run)

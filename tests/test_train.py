@@ -124,7 +124,7 @@ def test_bad_files_are_reported_and_skipped(tmp_path, tiny):
     assert "empty" in skipped["zero.jpg"] and "truncated" in skipped["truncated.jpg"]
     assert "not an image" in skipped["text.jpg"]
     for name in skipped:  # reported once each, with the path
-        assert p.stdout.count(name) == 1
+        assert p.stderr.count(name) == 1  # skipped files are warnings: stderr
     # The odd-but-valid files were used, not skipped.
     splits = json.loads((out / "splits.json").read_text())
     used = {Path(x).name for part in ("train", "val", "test") for x, _ in splits[part]}
