@@ -295,8 +295,8 @@ def test_no_server_paths_in_answers(tiny_run, tmp_path, imgs):
 
     from fastapi.testclient import TestClient
 
-    from imgclf.deploy.serve import ServeConfig, create_app
     from imgclf.data_engine.similar import SimilarityIndex
+    from imgclf.deploy.serve import ServeConfig, create_app
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run[0], run)
