@@ -1,5 +1,5 @@
 """The report's data map: seconds for the 2-D projection (t-SNE after PCA to
-50 dimensions, evaluation/data_map.py: project) on one thread as the report
+50 dimensions, data_engine/data_map.py: project) on one thread as the report
 runs it and on both cores, for the thumbnails, and
 the HTML's size, at report sizes, on real EfficientNet-Lite0 embeddings of
 dogs_vs_cats_2k_fullres.
@@ -21,7 +21,7 @@ from bench.common import DATASETS, machine, table  # noqa: E402
 
 def main() -> None:
     from imgclf.data.near_dup import embeddings
-    from imgclf.evaluation.data_map import MAP_THUMB, project, render_map
+    from imgclf.data_engine.data_map import MAP_THUMB, project, render_map
     from imgclf.evaluation.page import data_uri
     from imgclf.evaluation.report import thumbnail
 

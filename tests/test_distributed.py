@@ -61,7 +61,7 @@ def test_two_ranks_encode_disjoint_shares_and_rank0_writes_one_run(tmp_path, tin
     summary = json.loads((out / "summary.json").read_text())
     assert summary["distributed"] == {"world_size": 2, "nodes": 1, "backend": "gloo", "per_rank_batch": 32,
                                       "global_batch": 64}
-    assert sorted(f.name for f in out.iterdir()) == ["config.json", "eval_val.json", "history.csv", "last.pt",
+    assert sorted(f.name for f in out.iterdir() if not f.name.startswith(".")) == ["config.json", "eval_val.json", "history.csv", "last.pt",
                                                      "model.pt", "predictions_val.csv", "splits.json", "summary.json"]
     assert p.stdout.count("head epoch   1/10") == 1 and p.stdout.count("done in") == 1  # rank 0 alone speaks
     assert "300 images encoded by 2 processes" in p.stdout

@@ -199,7 +199,7 @@ def hostile_run(tmp_path_factory, tiny) -> tuple[Path, Path, str]:
     # --follow-links: without it these links leave the data folder and are skipped unread (test_data.py);
     # followed, the files' own type must keep them from being read.
     t = run_cli("train", data, "--out", run, "--no-evaluate", "--follow-links", timeout=300)  # a hang fails, not stalls
-    return data, run, t.stdout
+    return data, run, t.stdout + t.stderr  # the story on stdout, skipped files (warnings) on stderr
 
 
 def test_devices_fifos_and_dangling_links_are_skipped_and_left_out_of_the_split(hostile_run):
@@ -362,7 +362,7 @@ def test_file_size_limit_gives_one_line_naming_the_file(hostile_run, tmp_path, t
     t = _limited(1_000_000, "train", data, "--out", run, "--no-evaluate", "--cache-dir", tmp_path / "cache")
     assert t.returncode == 2 and "Traceback" not in t.stderr, t.stderr
     assert f"cannot write {run / 'model.pt'}: the file-size limit (ulimit -f) is too small for it (EFBIG)" in t.stderr
-    assert t.stdout.count("note: feature cache: cannot write") == 1 and "going on without the cache" in t.stdout
+    assert t.stderr.count("note: feature cache: cannot write") == 1 and "going on without the cache" in t.stderr
     copy = tmp_path / "copy"
     shutil.copytree(trained, copy, ignore=shutil.ignore_patterns("report", "similar*"))
     e = _limited(1_000_000, "export", copy, "--format", "onnx")
@@ -379,7 +379,7 @@ def test_class_names_cannot_break_the_data_map(tmp_path):
     script and everything after it."""
     import numpy as np
 
-    from imgclf.evaluation.data_map import MAP_CSS, render_map
+    from imgclf.data_engine.data_map import MAP_CSS, render_map
 
     from .browser import browser_page
 

@@ -136,7 +136,9 @@ def test_bad_files_are_reported_and_skipped(tmp_path, tiny):
     csv_at_train = (out / "predictions_test.csv").read_text()
     run_cli("evaluate", out, "--no-report")
     again = json.loads((out / "eval_test.json").read_text())
-    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in at_train.items() if k != "seconds"}
+    # (truncated.jpg, which failed only when decoded, has left splits.json since: nothing is skipped again)
+    same = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "skipped", "skipped_files")}  # noqa: E731
+    assert same(again) == same(at_train) and again["skipped"] == 0
     assert (out / "predictions_test.csv").read_text() == csv_at_train
     assert csv_at_train.splitlines()[1].rsplit(",", 1)[1]  # the unknown score: the scorer was applied in memory
 

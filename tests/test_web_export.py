@@ -313,7 +313,7 @@ def test_any_size_export_and_what_predict_says(tiny_run, tmp_path, monkeypatch):
     assert p_ort.shape == (1, 2) and np.abs(p_ort - p_onnx).max() <= 1e-5
 
     plain = resize_graph.with_resize
-    monkeypatch.setattr(resize_graph, "with_resize", lambda b, pp: plain(b, pp, antialias=False))
+    monkeypatch.setattr(ex, "with_resize", lambda b, pp: plain(b, pp, antialias=False))  # export's own name for it
     with pytest.raises(ExportError, match="any-size graph"):
         ex.export(ExportConfig(run=str(run), any_size=True, out=str(tmp_path / "broken.onnx")))
     assert not (tmp_path / "broken.onnx").exists()

@@ -22,6 +22,7 @@ import numpy as np
 
 from imgclf.data.datasets import BadFileLog
 from imgclf.data.images import BadImage, thumbnail
+from imgclf.errors import DataError
 from imgclf.inference import expand_paths, neighbours
 from imgclf.inference.neighbours import CosineGraph, knn, unit_rows
 from imgclf.inference.torch_predictor import TorchPredictor
@@ -86,6 +87,9 @@ def build_index(run, clf, workers: int = 1, progress: bool = True) -> Similarity
     feats, labels, kept = clf.features_items(splits.root, splits.train, workers=workers, progress=progress,
                                              bad=BadFileLog())
     paths = [splits.train[int(i)][0] for i in kept]
+    if not paths:  # e.g. the data moved: an index of nothing would answer every query with nothing
+        raise DataError(f"none of the run's {len(splits.train)} training images can be read under {splits.root}",
+                        "put the data back there, or give its new place: imgclf evaluate RUN DATA")
     thumbs = [thumbnail(splits.path(p), THUMB_SIZE) or b"" for p in paths]
     offsets = np.zeros(len(thumbs) + 1, np.int64)
     offsets[1:] = np.cumsum([len(t) for t in thumbs])
