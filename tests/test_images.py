@@ -162,3 +162,18 @@ def test_an_image_too_costly_to_decode_is_refused_from_its_header(tmp_path):
                          timeout=120).stdout
     grew, reason = out.split(" ", 1)
     assert "over the 256 MB limit for one image" in reason and int(grew) < (32 << 20), out
+
+
+def test_importing_imgclf_leaves_pillow_settings_alone(tmp_path):
+    """Pillow's global settings are the application's; a too-big image is still refused, with imgclf's reason."""
+    import subprocess
+    import sys
+
+    code = ("from PIL import Image, ImageFile; before = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES); "
+            "import imgclf, imgclf.data.images as I, imgclf.data.datasets, imgclf.deploy.serve; "
+            "assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == before, before; "
+            "import io; buf = io.BytesIO(); Image.new('1', (20000, 10000)).save(buf, 'PNG'); "
+            "err = None\ntry:\n    I.decode(buf.getvalue(), 'big.png')\nexcept I.BadImage as e:\n    err = e.reason\n"
+            "assert err and 'decompression-bomb' in err, err; print('ok')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]

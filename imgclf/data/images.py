@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Formats we accept, told by content (PIL sniffs the header), never by extension.
 # MPO is what many phone cameras write for JPEGs.
@@ -23,11 +23,11 @@ FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF"}
 # classifier needs and far below what would exhaust memory.
 MAX_PIXELS = 100_000_000
 
-# PIL's own bomb check warns at MAX_IMAGE_PIXELS and fails at twice that; we
-# enforce our own limit (per call) before decoding, so switch PIL's off.
-Image.MAX_IMAGE_PIXELS = None
-# Truncated files must fail, not be silently padded with grey.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow's settings are the application's: importing imgclf changes none of
+# them. imgclf's own pixel limit (per call, checked from the header) sits under
+# Pillow's bomb check (an error from about 179 MP), whose error is reported
+# like ours; truncated files fail as long as ImageFile.LOAD_TRUNCATED_IMAGES
+# keeps its default (False).
 
 Source = str | os.PathLike | bytes | BinaryIO | Image.Image | np.ndarray
 # Largest file read as one image: a 100 MP TIFF is under 400 MB; anything
@@ -150,6 +150,8 @@ def decode(src: bytes | BinaryIO, name: str, draft_size: int | None = None, max_
         img = Image.open(src)
     except UnidentifiedImageError:
         raise BadImage(name, "not an image: content is not JPEG, PNG, BMP, GIF, WebP or TIFF") from None
+    except Image.DecompressionBombError:
+        raise BadImage(name, "over Pillow's decompression-bomb limit (about 179 MP): too many pixels") from None
     except OSError as e:
         raise BadImage(name, f"cannot read file: {e}") from None
     if img.format not in FORMATS:
@@ -241,6 +243,8 @@ def sniff(path: str | os.PathLike) -> tuple[str, str, tuple[int, int]]:
                 return img.format, img.mode, img.size
         except UnidentifiedImageError:
             raise BadImage(name, "not an image: content is not JPEG, PNG, BMP, GIF, WebP or TIFF") from None
+        except Image.DecompressionBombError:
+            raise BadImage(name, "over Pillow's decompression-bomb limit (about 179 MP): too many pixels") from None
         except OSError as e:
             raise BadImage(name, f"cannot read file: {e}") from None
 
