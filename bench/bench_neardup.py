@@ -187,7 +187,7 @@ def recall_by_modification(linked: np.ndarray, gid: np.ndarray, files: list[Path
 
 
 def exact_links(files: list[Path]) -> np.ndarray:
-    from imgclf.data.datasets import file_hash
+    from imgclf.data.loading import file_hash
 
     h = np.array([file_hash(f) for f in files])
     return h[:, None] == h[None, :]

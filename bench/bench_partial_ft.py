@@ -40,7 +40,7 @@ def trunk_session(backbone, size: int):
 
 
 def activations(sess, root, items, pp) -> tuple[torch.Tensor, torch.Tensor]:
-    from imgclf.data.datasets import ImageDataset, make_loader
+    from imgclf.data.loading import ImageDataset, make_loader
     from imgclf.data.preprocess import eval_transform, normalize
 
     ds = ImageDataset(root, items, eval_transform(pp), draft_size=pp.draft_size)

@@ -22,7 +22,8 @@ from common import DATASETS, machine, table
 def loader_rate(kind: str, workers: int, limit: int) -> float:
     from torch.utils.data import DataLoader, Subset
 
-    from imgclf.data.datasets import ImageDataset, collate, discover
+    from imgclf.data.datasets import discover
+    from imgclf.data.loading import ImageDataset, collate
     from imgclf.data.preprocess import Preprocess, eval_transform, normalize
 
     root = DATASETS / "dogs_vs_cats_2k_fullres"

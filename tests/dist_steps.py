@@ -16,7 +16,8 @@ import sys
 import torch
 from torch import nn
 
-from imgclf.data.datasets import ImageDataset, discover, make_loader
+from imgclf.data.datasets import discover
+from imgclf.data.loading import ImageDataset, make_loader
 from imgclf.data.preprocess import Preprocess, eval_transform, normalize
 from imgclf.training.distributed import init_distributed
 from imgclf.training.loop import train_one_epoch

@@ -69,7 +69,7 @@ def test_two_ranks_encode_disjoint_shares_and_rank0_writes_one_run(tmp_path, tin
     # Each image was encoded by exactly one rank, and together they cover train (both variants) and val.
     feats = cached(shared_cache)
     splits = json.loads((out / "splits.json").read_text())
-    from imgclf.data.datasets import file_hash
+    from imgclf.data.loading import file_hash
 
     want = {file_hash(tiny / rel) for part in ("train", "val") for rel, _ in splits[part]}
     assert set(feats["plain"]) == want

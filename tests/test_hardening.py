@@ -215,7 +215,8 @@ def test_devices_fifos_and_dangling_links_are_skipped_and_left_out_of_the_split(
 
 
 def test_csv_row_naming_a_device_is_skipped(tmp_path, tiny):
-    from imgclf.data.datasets import discover, scan
+    from imgclf.data.datasets import discover
+    from imgclf.data.loading import scan
 
     data = _small_data(tmp_path / "d", tiny, n=4)
     rows = [f"{c}/{f.name},{c}" for c in ("cats", "dogs") for f in sorted((data / c).iterdir())]
@@ -250,7 +251,7 @@ def test_feature_cache_keys_the_bytes_it_decoded(tmp_path, tiny):
     features under its own hash."""
     import numpy as np
 
-    from imgclf.data.datasets import file_hash, hash_files
+    from imgclf.data.loading import file_hash, hash_files
     from imgclf.data.preprocess import Preprocess
     from imgclf.models.features import FeatureExtractor, extract, feature_caches
     from imgclf.models.registry import build_model

@@ -62,7 +62,8 @@ def test_native_run_predicts_and_exports_with_parity(native_run, digits, tmp_pat
 
 def test_photos_keep_the_linear_default_and_budget_is_enforced(tiny, digits, monkeypatch):
     from imgclf.config import TrainConfig
-    from imgclf.data.datasets import discover, look_at
+    from imgclf.data.datasets import discover
+    from imgclf.data.loading import look_at
     from imgclf.errors import ConfigError
     from imgclf.training.train import choose_strategy
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.data import near_dup as nd
-from imgclf.data.datasets import Splits, default_workers, discover, file_hash
+from imgclf.data.datasets import Splits, discover
 from imgclf.data.images import BadImage, open_image, sniff
+from imgclf.data.loading import default_workers, file_hash
 from imgclf.data.near_dup import image_hash
 from imgclf.errors import ConfigError, DataError
 from imgclf.io import atomic_write_text

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data.datasets import BadFileLog, discover
+from imgclf.data.datasets import discover
+from imgclf.data.loading import BadFileLog
 from imgclf.errors import ConfigError, DataError, MissingExtra
 from imgclf.inference.neighbours import unit_rows
 from imgclf.inference.predictor import expand_paths

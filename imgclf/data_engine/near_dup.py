@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.data import check
-from imgclf.data.datasets import default_workers
+from imgclf.data.loading import default_workers
 from imgclf.inference.neighbours import similar_pairs
 from imgclf.models.embedder import BackboneEmbedder
 

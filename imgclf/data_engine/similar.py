@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data.datasets import BadFileLog
 from imgclf.data.images import BadImage, thumbnail
+from imgclf.data.loading import BadFileLog
 from imgclf.errors import DataError
 from imgclf.inference import expand_paths, neighbours
 from imgclf.inference.neighbours import CosineGraph, knn, unit_rows

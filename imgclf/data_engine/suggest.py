@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data.datasets import BadFileLog
+from imgclf.data.loading import BadFileLog
 from imgclf.errors import ConfigError, DataError
 from imgclf.inference.neighbours import knn, nearest_distance, unit_rows
 from imgclf.inference.predictor import expand_paths

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.config import EvaluateConfig
-from imgclf.data.datasets import BadFileLog, Splits, default_workers, discover, scan
+from imgclf.data.datasets import Splits, discover
+from imgclf.data.loading import BadFileLog, default_workers, scan
 from imgclf.errors import DataError, RunError
 from imgclf.evaluation.calibration import cross_fit_temperatures
 from imgclf.evaluation.fits import refit_calibration

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data.datasets import BadFileLog, multi_hot
+from imgclf.data.datasets import multi_hot
+from imgclf.data.loading import BadFileLog
 from imgclf.evaluation.calibration import fit_calibration
 from imgclf.evaluation.metrics import tune_thresholds
 from imgclf.inference.predictor import reject_threshold

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf.data.datasets import BadFileLog
+from imgclf.data.loading import BadFileLog
 from imgclf.data.preprocess import Preprocess, to_nchw
 from imgclf.inference.predictor import Predictor
 from imgclf.inference.unknown import UnknownScorer

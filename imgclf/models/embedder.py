@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf.data.datasets import BadFileLog
+from imgclf.data.loading import BadFileLog
 from imgclf.data.preprocess import Preprocess, to_nchw
 from imgclf.errors import ConfigError
 from imgclf.models.features import FeatureCache, FeatureExtractor, extract, feature_caches

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgclf.data.datasets import BadFileLog, ImageDataset, collate_hashed, hash_files, make_loader
+from imgclf.data.loading import BadFileLog, ImageDataset, collate_hashed, hash_files, make_loader
 from imgclf.data.preprocess import Preprocess, eval_transform, normalize
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_bytes, write_error

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from imgclf.config import TrainConfig
-from imgclf.data.datasets import BadFileLog, ImageDataset, Splits, drop_files, hash_files, make_loader, multi_hot
+from imgclf.data.datasets import Splits, drop_files, multi_hot
+from imgclf.data.loading import BadFileLog, ImageDataset, hash_files, make_loader
 from imgclf.data.preprocess import Preprocess, augment_batch, eval_transform, normalize, train_transform
 from imgclf.errors import ConfigError, DataError
 from imgclf.io import atomic_write_text, write_json

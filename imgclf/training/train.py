@@ -29,18 +29,8 @@ import numpy as np
 import torch
 
 from imgclf.config import EvaluateConfig, TrainConfig
-from imgclf.data.datasets import (
-    BadFileLog,
-    ImageLook,
-    Splits,
-    default_workers,
-    discover,
-    drop_files,
-    has_label,
-    look_at,
-    multi_hot,
-    scan,
-)
+from imgclf.data.datasets import Splits, discover, drop_files, has_label, multi_hot
+from imgclf.data.loading import BadFileLog, ImageLook, default_workers, look_at, scan
 from imgclf.data.preprocess import Preprocess, native_preprocess
 from imgclf.errors import ConfigError, DataError, MissingExtra, RunError
 from imgclf.evaluation.evaluate import evaluate_run
