@@ -146,16 +146,7 @@ def decode(src: bytes | BinaryIO, name: str, draft_size: int | None = None, max_
         if not src:
             raise BadImage(name, "empty data (0 bytes)")
         src = io.BytesIO(src)
-    try:
-        img = Image.open(src)
-    except UnidentifiedImageError:
-        raise BadImage(name, "not an image: content is not JPEG, PNG, BMP, GIF, WebP or TIFF") from None
-    except Image.DecompressionBombError:
-        raise BadImage(name, "over Pillow's decompression-bomb limit (about 179 MP): too many pixels") from None
-    except OSError as e:
-        raise BadImage(name, f"cannot read file: {e}") from None
-    if img.format not in FORMATS:
-        raise BadImage(name, f"unsupported image format {img.format}; convert it to JPEG or PNG")
+    img = open_header(src, name)
     w, h = img.size
     if w * h > max_pixels:
         raise BadImage(name, f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} (decompression bomb?)")
@@ -235,18 +226,24 @@ def shrink(img: Image.Image, draft_size: int) -> Image.Image:
 def sniff(path: str | os.PathLike) -> tuple[str, str, tuple[int, int]]:
     """Cheap check (header only, no decode): (format, mode, size), or BadImage."""
     name = str(path)
-    with open_regular(path) as f:
-        try:
-            with Image.open(f) as img:
-                if img.format not in FORMATS:
-                    raise BadImage(name, f"unsupported image format {img.format}; convert it to JPEG or PNG")
-                return img.format, img.mode, img.size
-        except UnidentifiedImageError:
-            raise BadImage(name, "not an image: content is not JPEG, PNG, BMP, GIF, WebP or TIFF") from None
-        except Image.DecompressionBombError:
-            raise BadImage(name, "over Pillow's decompression-bomb limit (about 179 MP): too many pixels") from None
-        except OSError as e:
-            raise BadImage(name, f"cannot read file: {e}") from None
+    with open_regular(path) as f, open_header(f, name) as img:
+        return img.format, img.mode, img.size
+
+
+def open_header(src: BinaryIO, name: str) -> Image.Image:
+    """Pillow's lazy open (the header only) of an accepted format, or BadImage naming `name`."""
+    try:
+        img = Image.open(src)
+    except UnidentifiedImageError:
+        raise BadImage(name, "not an image: content is not JPEG, PNG, BMP, GIF, WebP or TIFF") from None
+    except Image.DecompressionBombError:
+        raise BadImage(name, "over Pillow's decompression-bomb limit (about 179 MP): too many pixels") from None
+    except OSError as e:
+        raise BadImage(name, f"cannot read file: {e}") from None
+    if img.format not in FORMATS:
+        img.close()
+        raise BadImage(name, f"unsupported image format {img.format}; convert it to JPEG or PNG")
+    return img
 
 
 def _from_array(a: np.ndarray) -> Image.Image:

@@ -43,8 +43,8 @@ class OnnxPredictor(Predictor):
             raise RunError(f"{path}: no such model file", "write one with `imgclf export RUN --format onnx`")
         try:
             # The memory arena stays on here: it holds the peak of the batch shapes
-            # seen (bounded by --max-batch, ~450 MB at 32) and serving without it
-            # was 35% slower (bench/bench_soak.py).
+            # seen (bounded by --max-batch), and serving without it was markedly
+            # slower (bench/bench_soak.py).
             self.session = ort_session(path, threads)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
             why = (str(e).strip().splitlines() or [""])[0][:300]  # e.g. external data it cannot find

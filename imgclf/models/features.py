@@ -289,7 +289,7 @@ class FeatureExtractor:
         else:
             self.backbone.to(device)
             if device.type == "cpu":
-                # channels_last is ~1.6x faster for these convnets on CPU (measured: 24 -> 40 img/s).
+                # channels_last is markedly faster for these convnets on CPU (bench/bench_pipeline.py).
                 self.backbone.to(memory_format=torch.channels_last)
 
     def _ort_session(self, cache_dir, bhash: str):
@@ -328,9 +328,9 @@ class FeatureExtractor:
         x = normalize(x_uint8, self.pp)
         if self.session is not None:
             # Chunks of ORT_BATCH: onnxruntime's memory arena keeps the peak of
-            # the largest batch (900 MB at 32 x 224 px, 510 MB at 16), and 16 is
-            # as fast as 32 on this CPU. Without the arena every batch faults its
-            # buffers in afresh: 40% slower (57 vs 94 images/s, 5x the system time).
+            # the largest batch (it grows with the batch), and 16 is as fast as
+            # 32 on CPU. Without the arena every batch faults its buffers in
+            # afresh, which was much slower (docs/benchmarks.md).
             xs = x.numpy()
             return np.concatenate([self.session.run(None, {"x": xs[i:i + ORT_BATCH]})[0]
                                    for i in range(0, len(xs), ORT_BATCH)])

@@ -228,9 +228,9 @@ class SmallCNN(nn.Module):
     of 128: the Keras MNIST CNN's layout. Its convolutions are unpadded
     ("valid"), as Keras's are: at 28 px they cost 2.3x fewer multiply-adds
     than padded ones. Max-pooling comes straight after the convolution, so
-    batch norm and ReLU run on a quarter of the pixels. An epoch of 10,000
-    images of 28 px: about 3.6 s on 2 cores, against 8.3 s padded and 4.6-5.2 s
-    with the pool after the ReLU (docs/benchmarks.md, issue 12 goal 3). The
+    batch norm and ReLU run on a quarter of the pixels: about twice as fast
+    an epoch as the padded network (docs/benchmarks.md, "the unpadded
+    small_cnn"). The
     last map is pooled to 3x3 (28 px digits reach it at 3x3, 64 px images at
     12x12), so any input of at least MIN_SIDE px works."""
 

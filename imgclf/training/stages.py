@@ -81,7 +81,7 @@ class Stage:
 def plan_stages(strategy: str, cfg: TrainConfig) -> list[Stage]:
     lr = cfg.lr or {"scratch": 2e-3, "native": 4e-3}.get(strategy, 1e-3)  # native: batches of 128 by default
     p_feat, p_img = cfg.patience or 15, cfg.patience or 3
-    if strategy == "native":  # 14 epochs: 99.4% on 4,000 MNIST digits in 45 s of CPU (10: 98.8-99.2%; benchmarks.md)
+    if strategy == "native":  # 14 epochs: chosen on the demo digits (docs/benchmarks.md, small grayscale images)
         return [Stage("native", "memory", cfg.epochs or 14, lr, cfg.patience or 6)]
     if strategy == "linear":
         return [Stage("head", "features", cfg.epochs or 100, lr, p_feat)]
