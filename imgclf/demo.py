@@ -17,6 +17,7 @@ import numpy as np
 
 from imgclf.data.check import check_dataset, format_report
 from imgclf.inference.load import load
+from imgclf.log import setup_cli
 from imgclf.runs import RunDir
 from imgclf.training.train import train
 
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="data/mnist")
     p.add_argument("--out", default="runs/demo-mnist")
     args = p.parse_args(argv)
+    setup_cli()  # an application, like the CLI: the library's story on the terminal
 
     t0 = time.time()
     data = write_mnist_folder(Path(args.data))

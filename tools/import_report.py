@@ -1,15 +1,14 @@
 """Measures the package's import structure: imports of imgclf modules inside
-functions (with the reason comment, if any), import cycles at every depth
+functions (with the reason comment, if any) and import cycles at every depth
 (strongly connected components of the module graph, counting function-level
-imports too, since they run), and imports that point up the layer order.
+imports too, since they run). Imports that point up the layer order are
+lint-imports' job (the contract in pyproject.toml is the one layer list).
 
     python tools/import_report.py [--list] [--check]
 
 --check fails (exit 1) on a cycle, an imgclf import inside a function without
 a reason comment, or more than MAX_DEFERRED of them.
 
-The layer order is the one .importlinter enforces; this script exists because
-lint-imports checks the contract but does not count function-level imports.
 """
 
 from __future__ import annotations
@@ -21,36 +20,12 @@ from pathlib import Path
 
 MAX_DEFERRED = 30
 ROOT = Path(__file__).resolve().parents[1] / "imgclf"
-# Lowest first; a module may import only from its own layer or below.
-LAYERS = [
-    ["imgclf._version", "imgclf.errors", "imgclf.io", "imgclf.log", "imgclf.ort"],
-    ["imgclf.data"],
-    ["imgclf.models"],
-    ["imgclf.runs", "imgclf.config"],
-    ["imgclf.inference"],
-    ["imgclf.evaluation"],
-    ["imgclf.training", "imgclf.tasks"],
-    ["imgclf.data_engine"],
-    ["imgclf.deploy"],
-    ["imgclf.cli", "imgclf.demo", "imgclf.demo_multilabel", "imgclf.__main__", "imgclf"],
-]
-
-
 def module_name(path: Path) -> str:
     rel = path.relative_to(ROOT.parent).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
-
-
-def layer_of(mod: str) -> int:
-    best, idx = -1, None
-    for i, names in enumerate(LAYERS):
-        for n in names:
-            if (mod == n or mod.startswith(n + ".")) and len(n) > best:
-                best, idx = len(n), i
-    return idx if idx is not None else len(LAYERS) - 1
 
 
 def imports(path: Path):
@@ -121,7 +96,7 @@ def sccs(graph: dict[str, set[str]]) -> list[list[str]]:
 def main() -> None:
     show = "--list" in sys.argv
     graph: dict[str, set[str]] = defaultdict(set)
-    func_level, upward, top = [], [], 0
+    func_level, top = [], 0
     files = sorted(ROOT.rglob("*.py"))
     mods = {module_name(p) for p in files}
     seen = set()
@@ -136,16 +111,12 @@ def main() -> None:
                 graph[me].add(tgt)
             where = f"{p.relative_to(ROOT.parent)}:{line}"
             if where in seen:  # one statement importing several names counts once
-                if layer_of(tgt) > layer_of(me) and not me.startswith(tgt + ".") and tgt != "imgclf":
-                    upward.append((where, me, tgt))
                 continue
             seen.add(where)
             if in_func:
                 func_level.append((where, tgt, text.split("#", 1)[1].strip() if "#" in text else ""))
             else:
                 top += 1
-            if layer_of(tgt) > layer_of(me) and not me.startswith(tgt + ".") and tgt != "imgclf":
-                upward.append((where, me, tgt))
     cycles = sccs(graph)
     big = [(len(p.read_text().splitlines()), str(p.relative_to(ROOT.parent))) for p in files]
     big = sorted([b for b in big if b[0] > 500], reverse=True)
@@ -153,7 +124,6 @@ def main() -> None:
     print(f"imgclf imports inside functions: {len(func_level)} "
           f"({sum(1 for f in func_level if not f[2])} without a reason comment)")
     print(f"modules in import cycles: {sum(len(c) for c in cycles)} in {len(cycles)} cycle(s)")
-    print(f"upward imports: {len(upward)}")
     print(f"modules over 500 lines: {len(big)} {big}")
     if "--check" in sys.argv:
         unexplained = [f for f in func_level if not f[2]]
@@ -166,8 +136,6 @@ def main() -> None:
             print("  func", *f)
         for c in cycles:
             print("  cycle", " ".join(c))
-        for u in upward:
-            print("  up", *u)
 
 
 if __name__ == "__main__":
