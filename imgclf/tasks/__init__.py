@@ -1,0 +1,91 @@
+"""The task registry: what a model is asked about an image.
+
+    classify  one label (or several) per image      imgclf.tasks.classify
+    detect    boxes (and masks) of objects          imgclf.tasks.detect.task
+
+A task is chosen from the data (`task_for_data`: VOC XML, COCO instances JSON,
+a YOLO data.yaml or instance-mask PNGs mean detect; class folders and CSVs
+classify), `--task` overrides it, and the run records it (config.json "task",
+and the model file). Every later command reads it back (`task_of`).
+
+Each task is one module with the same verbs, called by the CLI, the exporter
+and the server, which know nothing else about the task:
+
+    train(cfg: TrainConfig) -> dict               the run's summary
+    evaluate(cfg: EvaluateConfig) -> dict         metrics of a run on held-out data (or another dataset)
+    check(cfg: CheckConfig) -> tuple[dict, str]   the data report and its text
+    load(path, device, engine, cache_dir, threads) -> a predictor: .predict(inputs, batch_size, **opts) -> answers
+    format_answers(answers, fmt) -> str           what `imgclf predict` prints
+
+The verb modules import torch; this module does not, so sniffing the data and
+serving an exported file stay light. Adding a task: a package under
+imgclf/tasks/<name>/ with those verbs, a sniffer in its data module, and one
+entry below (docs/architecture.md, "Adding a task").
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from imgclf.errors import ConfigError
+from imgclf.tasks.detect.data import detect_format
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    help: str
+    verbs: str  # the module holding the task's verbs, imported on first use (it imports torch)
+    sniff: Callable[[Path], bool] | None  # does this data look like the task's? (None: the fallback)
+
+
+TASKS: dict[str, TaskInfo] = {t.name: t for t in (
+    TaskInfo("detect", "boxes of objects: Pascal VOC, COCO, YOLO labels or instance-mask PNGs",
+             "imgclf.tasks.detect.task", lambda p: detect_format(p) is not None),
+    TaskInfo("classify", "labels of whole images: class folders or a CSV of path,label",
+             "imgclf.tasks.classify", None),
+)}
+CHOICES = ("auto", *TASKS)
+
+
+def task_for_data(data: str | Path, task: str = "auto") -> str:
+    """The task for this data: `task` when given, else the first whose
+    sniffer recognises it, else classify."""
+    if task != "auto":
+        return checked(task)
+    p = Path(data)
+    for t in TASKS.values():
+        if t.sniff is not None and p.exists() and t.sniff(p):
+            return t.name
+    return "classify"
+
+
+def checked(task: str) -> str:
+    if task not in TASKS:
+        raise ConfigError(f"--task {task!r} is not a task imgclf knows", f"choose one of {', '.join(CHOICES)}")
+    return task
+
+
+def task_of(path: str | Path) -> str:
+    """The task a run directory (its config.json) or a model file was made
+    for. A model file says so itself (model.pt's record, an export's
+    metadata): the verbs' `load` checks; here only a run directory is read,
+    since opening a model file would cost a second load."""
+    p = Path(path)
+    cfg = p / "config.json"
+    if p.is_dir() and cfg.is_file():
+        try:
+            return checked(json.loads(cfg.read_text()).get("task", "classify"))
+        except (OSError, ValueError):
+            return "classify"  # a damaged config is the classify loader's message to give
+    return "classify"
+
+
+def verbs(task: str) -> ModuleType:
+    """The module with the task's verbs (train, evaluate, check, load, ...)."""
+    return importlib.import_module(TASKS[checked(task)].verbs)
