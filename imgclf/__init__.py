@@ -8,7 +8,9 @@ and served CNN image classifier.
 """
 
 import os
+from dataclasses import replace
 
+from imgclf import tasks
 from imgclf._version import __version__
 from imgclf.config import TrainConfig
 from imgclf.errors import ImgclfError
@@ -26,7 +28,7 @@ __all__ = ["train", "load", "TrainConfig", "ImgclfError", "__version__"]
 
 
 def train(config: TrainConfig | None = None, **overrides):
-    """Train a classifier; see `imgclf.TrainConfig` for the settings."""
-    from imgclf.training.train import train as _train  # deferred: torch; `import imgclf` serves .onnx without it
-
-    return _train(config, **overrides)
+    """Train a classifier or a detector (the task from the data, or `task=`);
+    see `imgclf.TrainConfig` for the settings."""
+    cfg = replace(config or TrainConfig(), **overrides)
+    return tasks.train(cfg)

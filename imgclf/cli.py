@@ -24,7 +24,7 @@ from imgclf.inference import expand_paths, reject_threshold
 from imgclf.io import write_error
 from imgclf.log import setup_cli
 from imgclf.runs import RunDir
-from imgclf.tasks import task_for_data, task_of, verbs
+from imgclf.tasks import task_for_data, task_of, train, verbs
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
@@ -58,8 +58,7 @@ def config_from_args(cls, a: argparse.Namespace):
 # ---------------------------------------------------------------- commands
 
 def cmd_train(cfg: C.TrainConfig) -> int:
-    cfg.task = task_for_data(cfg.data, cfg.task) if not cfg.resume else task_of(cfg.out)
-    verbs(cfg.task).train(cfg)
+    train(cfg)
     return 0
 
 

@@ -142,3 +142,49 @@ def test_two_gloo_ranks_train_one_detection_run(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["distributed"]["world_size"] == 2 and summary["distributed"]["backend"] == "gloo"
     assert (out / "model.pt").exists() and summary["test"]["images"] == 4
+
+
+def test_instance_masks_are_learnt_answered_and_scored(tmp_path):
+    """Penn-Fudan's instance-id PNGs: the detector gains a mask branch, the
+    answer carries each mask as COCO RLE in the image's pixels, and the
+    evaluation scores the masks with the COCO evaluator ("segm")."""
+    from faster_coco_eval.core import mask as mask_utils
+
+    penn = need(DATASETS / "pennfudan")
+    data = tmp_path / "penn"
+    (data / "PNGImages").mkdir(parents=True)
+    (data / "PedMasks").mkdir()
+    for img in sorted((penn / "PNGImages").glob("*.png"))[:20]:
+        shutil.copy(img, data / "PNGImages")
+        shutil.copy(penn / "PedMasks" / f"{img.stem}_mask.png", data / "PedMasks")
+    out = tmp_path / "run"
+    imgclf("train", data, "--out", out, "--epochs", "3", "--image-size", "192")
+    assert json.loads((out / "config.json").read_text())["task"] == "detect"
+    m = json.loads((out / "eval_test.json").read_text())
+    assert 0 <= m["mask_map"] <= 1 and "mask_map50" in m
+    img = sorted((data / "PNGImages").glob("*.png"))[0]
+    (ans,) = json.loads(imgclf("predict", out, img, "--format", "json", "--conf", "0.05").stdout)
+    assert ans["boxes"], ans
+    for b in ans["boxes"][:5]:
+        mask = mask_utils.decode({"size": b["mask"]["size"], "counts": b["mask"]["counts"].encode()})
+        assert mask.shape == (ans["height"], ans["width"])
+        ys, xs = mask.nonzero()
+        if len(xs):  # the mask lies inside its box (pasted there)
+            x1, y1, x2, y2 = b["box"]
+            assert x1 - 1 <= xs.min() and xs.max() <= x2 + 1 and y1 - 1 <= ys.min() and ys.max() <= y2 + 1
+
+
+def test_check_routes_detection_labels_and_fix_writes_a_cleaned_copy(tmp_path):
+    data = bccd_voc(tmp_path / "voc", 4, 1, 1)
+    xml = data / "Annotations" / "BloodImage_00000.xml"
+    xml.write_text(xml.read_text().replace("</annotation>", "<object><name>RBC</name><bndbox><xmin>600</xmin>"
+                                           "<ymin>10</ymin><xmax>700</xmax><ymax>90</ymax></bndbox></object></annotation>"))
+    p = imgclf("check", data)
+    assert "detection labels (voc)" in p.stdout and "outside the image: " in p.stdout and "not clean" in p.stdout
+    report = json.loads(imgclf("check", data, "--json").stdout)
+    assert report["boxes_per_class"]["RBC"] > 0 and len(report["outside"]) == 1
+    p = imgclf("check", data, "--fix", "--fix-out", tmp_path / "clean.json")
+    assert "clipped 1" in p.stdout and (tmp_path / "clean.json").is_file()
+    assert "clean" in imgclf("check", tmp_path / "clean.json").stdout.splitlines()[-1]
+    # --task classify on the same folder: read as class folders (Annotations, JPEGImages), not as boxes.
+    assert "detection labels" not in imgclf("check", data, "--task", "classify", check=False).stdout

@@ -13,6 +13,7 @@ from imgclf.tasks.detect.metrics import coco_metrics
 from imgclf.tasks.detect.model import HEADS, Detector, detection_loss, train_transform
 from tests.conftest import DATASETS, need
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """One intra-op thread: with `make test`'s two workers on two cores, two

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from imgclf.config import TrainConfig
 from imgclf.errors import ConfigError
 from imgclf.tasks.detect.data import detect_format
 
@@ -84,6 +85,13 @@ def task_of(path: str | Path) -> str:
         except (OSError, ValueError):
             return "classify"  # a damaged config is the classify loader's message to give
     return "classify"
+
+
+def train(cfg: TrainConfig):
+    """`imgclf train` and `imgclf.train`: the task from the data (or the run
+    being resumed), recorded in the config, then that task's recipe."""
+    cfg.task = task_of(cfg.out) if cfg.resume else task_for_data(cfg.data, cfg.task)
+    return verbs(cfg.task).train(cfg)
 
 
 def verbs(task: str) -> ModuleType:

@@ -37,7 +37,8 @@ def detections(pred: DetPredictor, ds: DetDataset, items: list[int]) -> tuple[li
             bad.append({"path": str(ds.images[i].path), "reason": d["error"]})
             continue
         kept.append(i)
-        preds.append({"boxes": d["boxes_xyxy"], "scores": d["scores"], "labels": d["labels"]})
+        preds.append({"boxes": d["boxes_xyxy"], "scores": d["scores"], "labels": d["labels"],
+                      **({"masks": d["masks"]} if "masks" in d else {})})
     return kept, preds, bad
 
 
@@ -62,6 +63,8 @@ def evaluate_split(run: RunDir, pred: DetPredictor, ds: DetDataset, items: list[
              thresholds_in_use=dict(zip(pred.classes, map(float, pred.thresholds))),
              seconds=round(time.time() - t0, 2))
     write_json(run.eval_file(split), m)
+    if "mask_map" in m:
+        log.info(f"{split}: mask mAP {m['mask_map']:.3f}  mask mAP@.5 {m['mask_map50']:.3f}")
     log.info(f"{split}: mAP {m['map']:.3f}  mAP@.5 {m['map50']:.3f}  on {len(kept)} images  "
              + "  ".join(f"{c} {v:.3f}" for c, v in m["ap50_per_class"].items()) + "  (AP@.5 per class)")
     if bad:

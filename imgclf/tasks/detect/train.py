@@ -79,8 +79,10 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, held: contextlib.
         write_json(run.config_file, {**cfg.to_dict(), "task": "detect", "run_id": splits.run_id})
         splits.write(run)
     pp = Preprocess(size=cfg.image_size, resize="pad", interpolation="bilinear")
+    masks = any(im.mask_path for im in ds.images)  # instance masks in the data: the model learns them too
     model = Detector(len(ds.classes), backbone=cfg.model, image_size=cfg.image_size, pretrained=cfg.pretrained,
-                     weights=cfg.weights, freeze_backbone=STRATEGIES[cfg.strategy] == "cached").to(device)
+                     weights=cfg.weights, freeze_backbone=STRATEGIES[cfg.strategy] == "cached",
+                     masks=masks).to(device)
     state = RunState(cfg.to_dict(), run, dist.world)
     fit(cfg, model, ds, items, pp, state, ckpt, dist, device, t0)
     if not dist.main:
