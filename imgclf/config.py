@@ -308,7 +308,7 @@ class ServeConfig:
     decode_budget_mb: float | None = _f(None, "memory that decoding images may take at once across all requests, "
                                               "MiB, as imgclf.data.images.decode_cost counts it for each image's "
                                               "format, mode and size (default: what the costliest image under "
-                                              "--max-pixels needs: about 465 MiB at 40 MP)")
+                                              "--max-pixels up to a 4:1 aspect ratio needs: about 470 MiB at 40 MP)")
     body_timeout_s: float = _f(30.0, "seconds a client may pause between body chunks before a 408")
     body_deadline_s: float = _f(120.0, "seconds a whole request body may take before a 408")
     max_connections: int = _f(256, "open connections at once (uvicorn's limit); when all are open, the one "

@@ -102,13 +102,13 @@ class State:
 
 
 def decode_budget_bytes(cfg: ServeConfig) -> int:
-    """--decode-budget-mb, or by default what the costliest image under
-    --max-pixels takes to decode (a square RGBA PNG at full size), so any
-    image the server accepts fits, and smaller ones share it."""
+    """--decode-budget-mb, or by default what the costliest image of
+    --max-pixels up to a 4:1 aspect ratio takes to decode (an RGBA PNG at
+    full size), so any such image fits, and smaller ones share the budget."""
     if cfg.decode_budget_mb:
         return int(cfg.decode_budget_mb * 2**20)
     side = math.isqrt(cfg.max_pixels)
-    return decode_cost("PNG", "RGBA", (side, side))
+    return decode_cost("PNG", "RGBA", (4 * (side + 1), side // 4 + 1))
 
 
 def start_up(st: State) -> None:
@@ -345,7 +345,7 @@ def decode_all(st: State, files: list[tuple[str, bytes]]) -> list:
     xs, bad = [], []
     draft = st.predictor.preprocess.draft_size
     for i, (name, data) in enumerate(files):
-        cost = header_cost(data, draft)
+        cost = header_cost(data, draft, st.cfg.max_pixels)
         if cost > st.decoding.limit:
             bad.append({"index": i, "filename": name, "too_large": True,
                         "error": f"decoding it would take about {cost >> 20:,} MB, over the server's decode budget "

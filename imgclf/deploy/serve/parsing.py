@@ -274,15 +274,17 @@ class DecodeBudget:
                 self.cond.notify_all()
 
 
-def header_cost(data: bytes, draft_size: int | None) -> int:
+def header_cost(data: bytes, draft_size: int | None, max_pixels: int) -> int:
     """The bytes decoding this image takes (decode_cost, from the header
-    alone); 0 if unreadable (the decode then fails with the reason)."""
+    alone); 0 if unreadable or over max_pixels (the decode then refuses it
+    from its header, with the reason)."""
     import io
 
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return decode_cost(im.format, im.mode, im.size, draft_size)
+            w, h = im.size
+            return 0 if w * h > max_pixels else decode_cost(im.format, im.mode, im.size, draft_size)
     except Exception:
         return 0
