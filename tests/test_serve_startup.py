@@ -6,7 +6,7 @@ limited per client address.
 The run is served as a fresh machine would serve it: a copy of the tiny run
 without its saved similarity index, and a feature cache that holds the
 exported backbone but no training image's features, so start-up really has
-to load torch and the model, then embed all 200 training images."""
+to load torch and the model, then embed a third of its training images."""
 
 from __future__ import annotations
 
