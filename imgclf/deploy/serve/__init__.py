@@ -1,6 +1,8 @@
 """`imgclf serve RUN_OR_ONNX`: a REST API and a web page for a trained model.
 
   app.py       routes, errors, authentication
+  startup.py   what runs before ready (model, warm-up, similarity index), in a background thread
+  ratelimit.py a token bucket per client address (/v1/similar)
   parsing.py   bounded, in-memory request parsing and decoding
   batching.py  micro-batching of concurrent requests
   metrics.py   Prometheus metrics (prometheus_client; summed over --workers)

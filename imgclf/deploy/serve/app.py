@@ -23,7 +23,6 @@ import hmac
 import logging
 import math
 import platform
-import re
 import threading
 import time
 from importlib import resources
@@ -56,10 +55,9 @@ from imgclf.deploy.serve.parsing import (
     read_body,
 )
 from imgclf.deploy.serve.ratelimit import TokenBuckets, retry_after
-from imgclf.errors import ImgclfError
-from imgclf.inference.load import TORCH_FREE, load, model_format
+from imgclf.deploy.serve.startup import start_up
+from imgclf.inference.load import TORCH_FREE, model_format
 from imgclf.inference.predictor import top_k
-from imgclf.runs import RunDir
 
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                 "style.css": "text/css; charset=utf-8"}
@@ -109,50 +107,6 @@ def decode_budget_bytes(cfg: ServeConfig) -> int:
         return int(cfg.decode_budget_mb * 2**20)
     side = math.isqrt(cfg.max_pixels)
     return decode_cost("PNG", "RGBA", (4 * (side + 1), side // 4 + 1))
-
-
-def start_up(st: State) -> None:
-    """Load the model, run the warm-up and one real inference (a model that
-    fails or mislabels is caught here), then build the similarity index: in
-    a background thread, so /healthz answers the whole time. A failure is
-    reported by /readyz and every /v1 route, never raised: the thread ends."""
-    cfg = st.cfg
-    try:
-        pred = load(cfg.model, threads=cfg.threads)
-        pred.set_reject(cfg.reject)
-        st.waiting_for = "the warm-up inference"
-        pred.warm_up()
-        pred.self_check()
-    except Exception as e:  # any failure, the runtimes' own types included: reported, never a dead thread
-        st.load_error = public_reason(e, cfg.model)
-        st.similar_why = "the model could not be loaded"
-        if not (st.on_failure and st.on_failure(e)):
-            log.error("imgclf serve: the model could not be loaded: %s", st.load_error,
-                      exc_info=not isinstance(e, ImgclfError))
-        st.started.set()
-        return
-    st.similar_building = True
-    st.similar_why = "the similarity index is still being built"
-    st.predictor = pred  # ready: /v1/predict answers from here on
-    if st.on_ready:
-        st.on_ready()
-    try:
-        load_similar(st)
-    except Exception:  # a bug in the index code must not leave /v1/similar "building" forever
-        log.exception("/v1/similar disabled: building the similarity index failed")
-        st.similar_why = "the run's similarity index could not be built (the server log says why)"
-    finally:
-        st.similar_building = False
-        st.started.set()
-
-
-def public_reason(e: Exception, model: str) -> str:
-    """What an answer may say about a failed load: imgclf's own message with
-    server paths cut to file names; of anything else, only its type."""
-    if not isinstance(e, ImgclfError):
-        return f"unexpected {type(e).__name__}; the server log has the details"
-    text = str(e).replace(str(model), Path(model).name)
-    return re.sub(r"(?<![\w.])/(?:[^\s/:'\"()]+/)+([^\s/:'\"()]+)", r"\1", text)
 
 
 def create_app(cfg: ServeConfig, background: bool = False):
@@ -419,43 +373,6 @@ def add_predict_route(app, st: State) -> None:
 
 
 MAX_SIMILAR_K = 50  # neighbours per image: each carries a ~3 KB thumbnail
-
-
-def load_similar(st: State) -> None:
-    """The run's similarity index (built once and saved in the run when
-    missing). An exported model has no embedding output, so a bare .onnx
-    serves predictions only and /v1/similar says why. The index shows
-    training images, so it is off on an open address without an API key
-    unless asked for (--similar). Answers never carry an exception string:
-    those name server paths; the log has them."""
-    cfg = st.cfg
-    if model_format(cfg.model) in TORCH_FREE or not hasattr(st.predictor, "embed"):
-        st.similar_why = ("an exported model computes probabilities only, not the embeddings similarity search "
-                          "needs; serve the run directory instead (imgclf serve RUN)")
-        return
-    if cfg.similar is False:
-        st.similar_why = "the server was started with --no-similar"
-        return
-    if cfg.similar is None and not cfg.api_key and not is_loopback(cfg.host):
-        st.similar_why = ("it shows training images, so it is off on a non-loopback --host without an API key; "
-                          "start the server with --api-key, or with --similar to serve it openly")
-        return
-    from imgclf.data_engine.similar import load_index  # deferred: torch; only a run directory has an index
-
-    try:
-        st.similar = load_index(RunDir(cfg.model), st.predictor, progress=False)
-    except (ImgclfError, OSError) as e:  # e.g. the training images moved: predictions still work
-        st.similar_why = "the run's similarity index could not be built (the server log says why)"
-        log.warning("/v1/similar disabled: the similarity index could not be built: %s", e)
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def public_path(p: str) -> str:
