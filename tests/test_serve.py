@@ -430,8 +430,15 @@ def test_similar_is_off_on_an_open_address_without_a_key(tiny_run):
         e = error(c.post("/v1/similar", json={"images": ["aGVsbG8="]}), 404, "similar_unavailable")
         assert "--api-key" in e["message"] and "--similar" in e["message"]
         assert c.get("/v1/model").json()["similar"]["available"] is False
-    with TestClient(create_app(ServeConfig(str(tiny_run[0]), host="0.0.0.0", similar=False))) as c:
+    from imgclf.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["serve", str(tiny_run[0]), "--no-similar", "--similar-per-minute", "0"])
+    cfg = config_from_args(args.cls, args)  # the flags as the command line gives them
+    assert cfg.similar is False and cfg.similar_per_minute == 0
+    with TestClient(create_app(cfg)) as c:  # on loopback, where it would otherwise be on
         assert "--no-similar" in c.get("/v1/model").json()["similar"]["why_not"]
+        e = error(c.post("/v1/similar", json={"images": ["aGVsbG8="]}), 404, "similar_unavailable")
+        assert "--no-similar" in e["message"]
 
 
 def _png_of_mode(mode: str, w: int, h: int) -> bytes:
