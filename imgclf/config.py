@@ -315,7 +315,10 @@ class ServeConfig:
     top_k: int = _f(5, "labels per image unless the request says otherwise")
     threads: int | None = _f(None, "onnxruntime threads (default: all cores / workers)")
     max_concurrent: int = _f(64, "requests being parsed, decoded or classified at once; more get 503 busy")
-    decode_pixels: int | None = _f(None, "pixels being decoded at once across all requests (default: 2 x max-pixels)")
+    decode_budget_mb: float | None = _f(None, "memory that decoding images may take at once across all requests, "
+                                              "MiB, as imgclf.data.images.decode_cost counts it for each image's "
+                                              "format, mode and size (default: what the costliest image under "
+                                              "--max-pixels up to a 4:1 aspect ratio needs: about 470 MiB at 40 MP)")
     body_timeout_s: float = _f(30.0, "seconds a client may pause between body chunks before a 408")
     body_deadline_s: float = _f(120.0, "seconds a whole request body may take before a 408")
     max_connections: int = _f(256, "open connections at once (uvicorn's limit); when all are open, the one "
@@ -328,6 +331,11 @@ class ServeConfig:
                                             "more get 503 busy with Retry-After (default: 8 x max-body-mb)")
     similar: bool | None = _f(None, "serve /v1/similar (thumbnails of training images) for a run directory "
                                     "(default: on, except on a non-loopback --host without an API key)")
+    similar_per_minute: float = _f(60.0, "/v1/similar requests a minute from one client address (a token bucket; "
+                                         "more get 429 with Retry-After; 0: no limit, e.g. behind a reverse proxy "
+                                         "that limits clients itself, where every client shares its address)")
+    similar_burst: int = _f(20, "/v1/similar requests one client address may send at once before the per-minute "
+                                "rate applies")
     public_metrics: bool = _f(False, "serve /metrics without the API key when one is set")
     reject: str | None = _f(None, "override the model's rejection of unknown inputs: auto, off, or a threshold "
                                   "in (0, 1] on the unknown score")
