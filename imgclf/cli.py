@@ -151,9 +151,9 @@ def cmd_check(cfg: C.CheckConfig) -> int:
 
     fix = (cfg.fix_out or default_fix_path(cfg.data)) if cfg.fix else None
     r = check_dataset(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, near_dup=cfg.near_dup,
-                      model=cfg.model, cache_dir=cfg.cache_dir, fix=fix, follow_links=cfg.follow_links)
+                      model=cfg.model, cache_dir=cfg.cache_dir, fix=fix, follow_links=cfg.follow_links, max_drop=cfg.max_drop, force=cfg.force)
     print(json.dumps(r, indent=2) if cfg.json else format_report(r))
-    return 0
+    return 1 if r["fix"] and r["fix"]["refused"] else 0
 
 
 def cmd_models(cfg: C.ModelsConfig) -> int:
