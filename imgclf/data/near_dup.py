@@ -28,11 +28,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 # Candidate: at most this many of 64 bits differ between one image's hash and
-# any view (whole, mirrored, 90% crops) of the other's (bench/bench_neardup.py).
-HASH_MAX_DISTANCE = 12
-# Proof: the best normalised correlation of the 32 px grey thumbnails over the
-# same views (bench/bench_neardup.py).
-PIXEL_MIN_CORR = 0.85
+# any view (whole, mirrored, 90% crops) of the other's. Proof: the best
+# normalised correlation of the 32 px grey thumbnails over the same views.
+# Both chosen together on hymenoptera + cats_and_dogs_filtered/validation at
+# 32 px and full size (the strictest pair within 0.5 points of the best
+# worst-size recall, with no more than 0.5% false pairs at either size),
+# reported on dogs_vs_cats_2k_fullres (docs/benchmarks.md, "Near-duplicates").
+HASH_MAX_DISTANCE = 10
+PIXEL_MIN_CORR = 0.82
 # Below this many pixels on the short side a thumbnail is mostly interpolation:
 # such images are left out of the near-duplicate search, and the report says so.
 MIN_SIDE = 16
