@@ -348,6 +348,8 @@ def report(sig: dict, a) -> None:
              for pp, sc in sweep if abs(pp[0] - t) <= 2 and (pp[1] == p or round(100 * pp[1]) % 5 == 0)]
     print(table(srows, ["bits", "corr", *sizes]))
     print("\nfalse pairs on the report sets (inspect: the source data may hold real near-duplicates):")
+    if not any((rule_hash(s, *shipped) & ~s.truth).any() for s in reps):
+        print("  none")
     for s, z in zip(reps, sizes):
         link = rule_hash(s, *shipped) & ~s.truth
         for k in np.flatnonzero(link):
