@@ -151,3 +151,16 @@ def test_embed_without_a_detector_says_where_to_get_one(tiny):
     with pytest.raises(ConfigError) as e:
         check.check_dataset(tiny, progress=False, near_dup="embed")
     assert "data_engine.near_dup.check_dataset" in e.value.fix
+
+
+def test_auto_embeds_where_features_are_cached_else_hashes(copies, tmp_path):
+    """`--near-dup auto` (the default): with nothing in the feature cache it
+    searches by hash and pixels, without loading a model; once `embed` has
+    filled the cache, the embedding is a lookup, and auto uses it."""
+    data, photo, _ = copies
+    r = check_dataset(data, progress=False, cache_dir=str(tmp_path / "empty-cache"))
+    assert r["near_duplicates"]["method"] == "hash"
+    check_dataset(data, progress=False, near_dup="embed")
+    r = check_dataset(data, progress=False)
+    assert r["near_duplicates"]["method"] == "embed" and "embeddings" in r["near_duplicates"]["criterion"]
+    assert _score(r, photo)[0] >= 0.95
