@@ -93,17 +93,18 @@ def hash_pairs(hashes: np.ndarray, max_distance: int = HASH_MAX_DISTANCE) -> tup
     within `max_distance` bits of any view of the other's (any column).
     hashes: uint64[N, K]. XOR and popcount (numpy >= 2: np.bitwise_count)
     into reused buffers, in blocks of the upper triangle."""
-    h = np.ascontiguousarray(hashes, dtype=np.uint64)
-    n, k = h.shape
+    h = np.ascontiguousarray(np.asarray(hashes, dtype=np.uint64).T)  # one contiguous row per view
+    k, n = h.shape
     out_i, out_j, out_d = [], [], []
     for a, b in _blocks(n, HASH_CELLS):
-        rows, cols = h[a:b], h[a:]
+        rows, cols = h[:, a:b].T, h[:, a:].T
         d = np.full((b - a, n - a), 64, np.uint8)
         x = np.empty((b - a, n - a), np.uint64)
+        c = np.empty((b - a, n - a), np.uint8)
         for v in range(k):
             for left, right in ((rows[:, v, None], cols[None, :, 0]), (rows[:, 0, None], cols[None, :, v])):
                 np.bitwise_xor(left, right, out=x)
-                np.minimum(d, np.bitwise_count(x), out=d)
+                np.minimum(d, np.bitwise_count(x, out=c), out=d)
                 if v == 0:
                     break  # whole against whole: once
         i, j = np.nonzero(d <= max_distance)
