@@ -26,7 +26,7 @@ MAX_DROP = 0.05
 # "A graphic or placeholder": one colour covers at least FLAT_MIN of the
 # thumbnail and the rest has under GRAPHIC_MAX_VARIETY distinct colours per
 # pixel (hymenoptera's imageNotFound.gif: 0.17 at full size, 0.23 at 32 px;
-# photos on a white background: 0.68-0.80; bench/bench_neardup.py --outliers).
+# photos on a white background: 0.68-0.80; docs/benchmarks.md, "Near-duplicates").
 FLAT_MIN = 0.5
 GRAPHIC_MAX_VARIETY = 0.4
 

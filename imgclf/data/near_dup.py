@@ -9,8 +9,8 @@ Two signals, and a pair is reported only when both agree:
   2. the proof: normalised correlation of the two 32 px grey thumbnails (at
      the hash's resolution), the best over the same crops and mirror, of at
      least PIXEL_MIN_CORR.
-A 64-bit hash alone carries little on a small image: thousands of unrelated
-32 px photos fall within a few bits of each other, while their pixels do not
+A 64-bit hash alone carries little on a small image: unrelated 32 px photos
+often fall within a dozen bits of each other, while their pixels do not
 correlate. Images under MIN_SIDE px are not compared at all.
 
 Pairs become groups as stars (`star_groups`): every member is a verified pair
