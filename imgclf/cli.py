@@ -130,7 +130,7 @@ def cmd_suggest(cfg: C.SuggestConfig) -> int:
 def cmd_check(cfg: C.CheckConfig) -> int:
     report, text = verbs(task_for_data(cfg.data, cfg.task)).check(cfg)
     print(json.dumps(report, indent=2, default=str) if cfg.json else text)
-    return 0
+    return 1 if (report.get("fix") or {}).get("refused") else 0  # --fix would drop too much: nothing written
 
 
 def cmd_models(cfg: C.ModelsConfig) -> int:

@@ -248,16 +248,20 @@ class CheckConfig:
     val_fraction: float = _f(0.1, "as for train: share held out for validation when the data has no split")
     test_fraction: float = _f(0.1, "as for train: share held out for testing when the data has no split")
     seed: int = _f(0, "as for train: the split's seed")
-    near_dup: str = _f("hash", "near-duplicate search: hash (perceptual hash; no model, fast; misses most cropped "
-                               "copies) | embed (hash or backbone embeddings: finds crops too; fills the feature "
-                               "cache `train` reads) | off",
-                       choices=("hash", "embed", "off"))
-    model: str = _f("efficientnet_lite0", "--near-dup embed: the pretrained backbone that embeds the images")
+    near_dup: str = _f("auto", "near-duplicate search, every pair verified by its pixels: hash (perceptual hashes "
+                               "of each image, its mirror and crops; no model) | embed (hash or backbone "
+                               "embeddings: finds heavier edits too; fills the feature cache `train` reads) | "
+                               "auto (embed where the features are already cached, else hash) | off",
+                       choices=("auto", "hash", "embed", "off"))
+    model: str = _f("efficientnet_lite0", "--near-dup embed/auto: the pretrained backbone that embeds the images")
     cache_dir: str | None = _f(None, "feature cache folder (default: $IMGCLF_CACHE_DIR, else ~/.cache/imgclf)")
     fix: bool = _f(False, "write a cleaned split as a CSV for `imgclf train`: one image per group of copies, leaks "
                           "dropped from val/test, conflicting labels left out for you to decide; your files are "
                           "never changed")
     fix_out: str | None = _f(None, "--fix: the CSV to write (default: next to the data, DATA_clean.csv)")
+    max_drop: float = _f(0.05, "--fix: most share of the images the cleaned split may leave out; over it, the "
+                               "list is reported and nothing is written unless --force")
+    force: bool = _f(False, "--fix: write the cleaned split even when it leaves out more than --max-drop")
     follow_links: bool = _f(False, "as for train: follow symbolic links that lead outside the data folder")
 
 

@@ -30,7 +30,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 def check(cfg: CheckConfig) -> tuple[dict, str]:
     fix = (cfg.fix_out or default_fix_path(cfg.data)) if cfg.fix else None
     r = check_dataset(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, near_dup=cfg.near_dup,
-                      model=cfg.model, cache_dir=cfg.cache_dir, fix=fix, follow_links=cfg.follow_links)
+                      model=cfg.model, cache_dir=cfg.cache_dir, fix=fix, follow_links=cfg.follow_links,
+                      max_drop=cfg.max_drop, force=cfg.force)
     return r, format_report(r)
 
 
