@@ -141,17 +141,22 @@ def _box_issues(im: DetImage, classes: list[str], rep: DetCheckReport) -> None:
                                        f"IoU {v:.3f} with box {i}"))
 
 
-def duplicate_pairs(im: DetImage, iou: float = DUPLICATE_IOU) -> list[tuple[int, int, float]]:
-    """(i, j, IoU), i < j: box j repeats box i (same class, IoU > iou)."""
+def duplicate_pairs(im: DetImage, iou: float = DUPLICATE_IOU, rows: int = 256) -> list[tuple[int, int, float]]:
+    """(i, j, IoU), i < j: box j repeats box i (same class, IoU > iou). Per
+    class, `rows` boxes at a time against the rest: memory stays a few MB
+    a block for the most boxes an image may hold (data.MAX_BOXES_PER_IMAGE)."""
     import torch
     from torchvision.ops import box_iou
 
-    if len(im.boxes) < 2:
-        return []
-    m = box_iou(torch.from_numpy(im.boxes), torch.from_numpy(im.boxes)).numpy()
-    same = im.labels[:, None] == im.labels[None, :]
-    ii, jj = np.nonzero(np.triu((m > iou) & same, k=1))
-    return [(i, j, float(m[i, j])) for i, j in zip(ii.tolist(), jj.tolist())]
+    out = []
+    for c in np.unique(im.labels) if len(im.boxes) > 1 else []:
+        idx = np.flatnonzero(im.labels == c)
+        b = torch.from_numpy(im.boxes[idx])
+        for a in range(0, len(idx) - 1, rows):
+            m = box_iou(b[a:a + rows], b[a:]).numpy()
+            ii, jj = np.nonzero(np.triu(m > iou, k=1))  # column j is box a + j: above the diagonal, i < j
+            out += [(int(idx[a + i]), int(idx[a + j]), float(m[i, j])) for i, j in zip(ii.tolist(), jj.tolist())]
+    return sorted(out)
 
 
 def check_dataset(data: str | Path | DetDataset, image_size: int | None = None, near_dup: str = "hash",
