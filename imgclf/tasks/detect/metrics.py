@@ -114,7 +114,7 @@ WORST = 12  # images in the report's gallery (and eval_*.json's worst_images)
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of xyxy boxes a (N) against b (M), as the COCO evaluator computes it."""
-    from faster_coco_eval.core.mask import iou
+    from faster_coco_eval.core.mask import iou  # deferred: as coco_metrics, for evaluation only
 
     if not len(a) or not len(b):
         return np.zeros((len(a), len(b)))
