@@ -7,6 +7,8 @@ user's files)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -155,28 +157,35 @@ def _scan_chunk(paths: list[Path], hashes: bool) -> list[dict | str]:
 
 
 def _scan(s: Splits, entries: list, progress: bool, hashes: bool) -> tuple[list[dict], FileStats]:
-    """Per readable file its statistics and content hash, streamed into
-    columns; the unreadable ones with why. Decoding thumbnails is CPU work, so
-    chunks of files go to a process per core."""
+    bad, stats = scan_files((s.path(rel) for _, rel, _ in entries), len(entries), progress, hashes)
+    return [{"path": entries[k][1], "reason": r} for k, r in bad], stats
+
+
+def scan_files(paths: Iterable[Path], n: int, progress: bool = True, hashes: bool = True
+               ) -> tuple[list[tuple[int, str]], FileStats]:
+    """Per readable file of the `n` paths its statistics (FileStats, indexed
+    like `paths`: format, size, perceptual and content hashes), streamed into
+    columns; the unreadable ones as (index, why). Decoding thumbnails is CPU
+    work, so chunks of files go to a process per core. Detection's check
+    reads its images through this too."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-
-    bad, stats = [], FileStats(len(entries))
-    step = 256
-    chunks = ([s.path(rel) for _, rel, _ in entries[i:i + step]] for i in range(0, len(entries), step))
+    bad, stats = [], FileStats(n)
+    step, it = 256, iter(paths)
+    chunks = iter(lambda: list(islice(it, step)), [])
     # Below a few thousand files, starting the processes costs more than it saves. forkserver:
     # the workers start clean, not as forks of a process that may hold torch's threads.
-    procs = max(1, 2 * default_workers()) if len(entries) >= 2000 else 1
+    procs = max(1, 2 * default_workers()) if n >= 2000 else 1
     pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("forkserver")) if procs > 1 else None
     results = _bounded_map(pool, chunks, hashes, 4 * procs) if pool else (_scan_chunk(c, hashes) for c in chunks)
     try:
-        with Progress(total=len(entries), desc="checking", unit="img", enabled=progress) as bar:
+        with Progress(total=n, desc="checking", unit="img", enabled=progress) as bar:
             for i, part in enumerate(results):
                 for j, r in enumerate(part):
                     k = i * step + j
                     if isinstance(r, str):
-                        bad.append({"path": entries[k][1], "reason": r})
+                        bad.append((k, r))
                     else:
                         stats.set(k, r)
                 bar.update(len(part))
