@@ -17,8 +17,8 @@ from pathlib import Path
 
 from imgclf.config import ServeConfig
 from imgclf.errors import ConfigError, RunError
-from imgclf.inference.load import load
 from imgclf.log import get_logger
+from imgclf.tasks import load
 
 log = get_logger(__name__)
 

@@ -20,8 +20,7 @@ import numpy as np
 
 from imgclf.data.preprocess import Preprocess
 from imgclf.errors import ModelFileError
-from imgclf.inference.onnx_predictor import FORMAT, INPUT, warn_if_stale
-from imgclf.ort import ort_session
+from imgclf.inference.onnx_predictor import FORMAT, INPUT, open_session, warn_if_stale
 from imgclf.tasks.detect.predictor import DetPredictor
 
 OUTPUTS = ("boxes", "scores", "labels", "selected")  # (N, D, 4), (N, D), (N, D), (N, D); score 0: padding
@@ -32,14 +31,7 @@ class OnnxDetPredictor(DetPredictor):
         """path: an exported .onnx/.ort, or its bytes; session: the one already
         opened on it (imgclf.tasks.load reads the task from its metadata)."""
         self.source = "<bytes>" if isinstance(path, bytes) else str(path)
-        if session is None:
-            try:
-                session = ort_session(path, threads)
-            except Exception as e:  # onnxruntime's own error types
-                why = (str(e).strip().splitlines() or [""])[0][:300]
-                raise ModelFileError(f"{self.source}: not a loadable ONNX model ({type(e).__name__}: {why})",
-                                     "export it again with `imgclf export RUN`") from None
-        self.session = session
+        self.session = session = session or open_session(path, threads)
         meta = {k: _json(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
         if meta.get("format") != FORMAT or meta.get("task") != "detect":
             raise ModelFileError(f"{self.source}: not an imgclf detection export (metadata format="

@@ -108,12 +108,19 @@ class DetPredictor:
                 xs.append(x), ids.append(i), sizes.append(size)
             if not xs:
                 continue
-            for i, size, (b, s, c) in zip(ids, sizes, self.outputs(np.stack(xs))):
-                keep = s >= cut[c]
-                order = np.argsort(-s[keep], kind="stable")
-                out[i].update(width=size[0], height=size[1], boxes_xyxy=self.to_original(b[keep][order], size),
-                              scores=s[keep][order], labels=c[keep][order])
+            for i, size, o in zip(ids, sizes, self.outputs(np.stack(xs))):
+                out[i].update(self.found(o, size, cut))
         return out
+
+    def found(self, out: tuple, size: tuple[int, int], cut: np.ndarray) -> dict:
+        """One image's network output (boxes in input pixels, scores, labels)
+        -> the detections at or above their cut-off, best first, in the
+        original (width, height) image's pixels."""
+        b, s, c = out
+        keep = s >= cut[c]
+        order = np.argsort(-s[keep], kind="stable")
+        return {"width": size[0], "height": size[1], "boxes_xyxy": self.to_original(b[keep][order], size),
+                "scores": s[keep][order], "labels": c[keep][order]}
 
     def predict(self, inputs, batch_size: int = 8, conf: float | None = None, **_) -> list[dict]:
         """The answer for each input (a path, bytes, PIL image, HxWx3 array,
