@@ -83,7 +83,7 @@ from imgclf.tasks.detect.data import read_dataset
 from imgclf.tasks.detect.evaluate import val_metrics
 from imgclf.tasks.detect.onnx_predictor import OnnxDetPredictor
 from imgclf.tasks.detect.splits import DetSplits
-from imgclf.tasks.detect.torch_predictor import TorchDetPredictor
+from imgclf.tasks.detect.torch_predictor import CANDIDATE_SCORE, TorchDetPredictor
 
 log = get_logger(__name__)
 
@@ -727,7 +727,7 @@ def det_parity(pred: OnnxDetPredictor, engine: str, src: DetSource, report: dict
     reference's: the same detections, matched boxes IoU >= DET_MIN_IOU and
     scores within DET_SCORE_ATOL, or ExportError (nothing is written)."""
     got = [o for i in range(0, len(src.x_check), 8) for o in pred.outputs(src.x_check[i:i + 8])]
-    per = [det_export.match(r, g, DET_SCORE_ATOL, DET_MIN_IOU, det_export.CANDIDATE)
+    per = [det_export.match(r, g, DET_SCORE_ATOL, DET_MIN_IOU, CANDIDATE_SCORE)  # the reference's own cut
            for r, g in zip(ref_out or src.ref_out, got)]
     fig = {"detections": sum(p["reference"] for p in per), "matched": sum(p["matched"] for p in per),
            "missing": sum(p["missing"] for p in per), "extra": sum(p["extra"] for p in per),
