@@ -11,7 +11,9 @@ letterboxed uint8 images (the Pillow letterbox is the same for all and not
 timed), and the fp32 graph fed the 640x480 photos themselves (its letterbox
 inside, timed). Every engine returns the candidates above 0.05 (at most 300
 per image) that NMS keeps, so a barely trained model, which scores many
-candidates, costs the postprocess more than a well-trained one.
+candidates, costs the postprocess more than a well-trained one. PyTorch
+and onnxruntime also run at one intra-op thread: on a busy machine, two
+spinning threads can cost PyTorch far more than they give.
 """
 
 from __future__ import annotations
@@ -80,8 +82,21 @@ def main() -> None:
     x = np.stack([ref.prepare(str(p))[0] for p in photos])
     raw = np.stack([np.asarray(open_image(p)) for p in photos])  # every BCCD photo is 640x480
     fp32 = OnnxDetPredictor(tmp / "fp32.onnx")
-    engines = {"PyTorch eager (baseline)": (ref.outputs, x),
+    threads = torch.get_num_threads()
+
+    def one_thread(fn):
+        def run(b):
+            torch.set_num_threads(1)
+            try:
+                return fn(b)
+            finally:
+                torch.set_num_threads(threads)
+        return run
+
+    engines = {f"PyTorch eager, {threads} threads (baseline)": (ref.outputs, x),
+               "PyTorch eager, 1 thread": (one_thread(ref.outputs), x),
                "ONNX Runtime fp32": (fp32.outputs, x),
+               "ONNX Runtime fp32, 1 thread": (OnnxDetPredictor(tmp / "fp32.onnx", threads=1).outputs, x),
                "ONNX Runtime INT8": (OnnxDetPredictor(tmp / "int8.onnx").outputs, x),
                "ONNX Runtime fp32, 640x480 photos in": (
                    lambda b: fp32.session.run(["boxes", "scores", "labels"], {"images": b}), raw)}

@@ -31,6 +31,7 @@ from .conftest import ROOT
 from .servers import running_server
 from .test_detect_data import voc_subset
 from .test_serve_fuzz import _fuzz, _post_json, _post_multipart, _schemathesis, json_bodies, multipart_bodies
+from .test_web_export import StaticServer
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_a_graph_that_disagrees_is_refused_and_not_written(det_run, monkeypatch,
 
 
 def test_formats_a_detector_cannot_take_say_why(det_run):
-    for fmt in ("tflite", "torchscript", "web"):
+    for fmt in ("tflite", "torchscript"):
         with pytest.raises(ConfigError, match=f"--format {fmt} is not available for a detection run"):
             export(ExportConfig(str(det_run), format=fmt))
 
@@ -231,3 +232,54 @@ def test_page_draws_the_boxes(server, images):
         # An edge of the best box (or of an overlapping box drawn after it): a class's colour, not the photo's.
         assert min(np.abs(np.array(colour[2]) - p).max() for p in palette.values()) <= 40, colour
         assert not errors
+
+
+def test_web_export_draws_the_boxes_on_pictures_and_camera_frames(det_run, exported, images, tmp_path):
+    """`--format web` on a detection run: a plain static server, Chromium; the
+    page's boxes are the graph's own (onnxruntime on the full-size photo, its
+    `selected` rows) and are drawn on the picture; a camera frame (Chromium's
+    fake device) goes through the same graph and is drawn at its own size."""
+    chromium_path()
+    out = tmp_path / "web"
+    export(ExportConfig(str(det_run), format="web", out=str(out)))
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["task"] == "detect" and "run_path" not in meta
+    sess = OnnxDetPredictor(exported[0]).session
+    b, s, lab, sel = sess.run(None, {"images": np.asarray(open_image(images[0]))[None]})
+    want = [(meta["classes"][int(c)], float(sc), bx.tolist()) for bx, sc, c, on in zip(b[0], s[0], lab[0], sel[0]) if on]
+    assert want, "the check photo should have answered boxes"
+    server = StaticServer(out)
+    try:
+        with browser_page(extra_args=("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")) as page:
+            page.goto(server.url)
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('ready')",
+                                   timeout=60_000)
+            page.set_input_files("#file", [images[0]])
+            name = images[0].rsplit("/", 1)[1]
+            page.wait_for_function("(n) => document.getElementById('status').textContent === 'done: ' + n",
+                                   arg=name, timeout=60_000)
+            got = page.evaluate("window.imgclfLast")
+            assert [g["label"] for g in got["boxes"]] == [w[0] for w in want]
+            assert np.allclose([g["box"] for g in got["boxes"]], [w[2] for w in want], atol=1.0)
+            assert np.allclose([g["score"] for g in got["boxes"]], [w[1] for w in want], atol=1e-3)
+            assert page.evaluate("document.body.dataset.drawn") == str(len(want))
+            edge = page.evaluate("""(b) => {
+                const c = document.getElementById('boxes');
+                const px = c.getContext('2d').getImageData(Math.round((b[0] + b[2]) / 2), Math.round(b[1]), 1, 1).data;
+                return [c.width, c.height, Array.from(px.slice(0, 3))];
+            }""", want[0][2])
+            assert edge[:2] == [640, 480]
+            palette = [(0xe6, 0x19, 0x4b), (0x3c, 0xb4, 0x4b), (0x43, 0x63, 0xd8)]
+            assert min(np.abs(np.array(edge[2]) - p).max() for p in palette) <= 40, edge
+
+            page.click("#camera-start")
+            page.wait_for_function("document.getElementById('video').videoWidth > 0", timeout=20_000)
+            page.click("#capture")
+            page.wait_for_function("document.getElementById('status').textContent === 'done: camera frame'",
+                                   timeout=60_000)
+            frame = page.evaluate("[window.imgclfLast.width, window.imgclfLast.height, "
+                                  "document.getElementById('boxes').width, document.body.dataset.drawn]")
+            assert frame[0] == frame[2] == page.evaluate("document.getElementById('video').videoWidth")
+            assert frame[3] == str(len(page.evaluate("window.imgclfLast.boxes")))
+    finally:
+        server.stop()

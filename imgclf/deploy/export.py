@@ -269,13 +269,13 @@ def export(cfg: ExportConfig) -> dict:
                           "drop --any-size (the web export always resizes in its graph)")
     run = RunDir(cfg.run)
     out = Path(cfg.out) if cfg.out else run.export_file(cfg.format, cfg.int8)
-    if task_of(run.path) == "detect":
-        return write_export(out, export_detector(run, cfg, out), cfg)
     if cfg.any_size and not cfg.out:
         out = out.with_name(f"{out.stem}.any-size{out.suffix}")
     if cfg.format == "web":  # a folder: say now, not after the export, that --out is taken
 
         check_replaceable_folder(out, is_export)
+    if task_of(run.path) == "detect":
+        return write_export(out, export_detector(run, cfg, out), cfg)
     src = load_source(run, cfg.check_images, cfg.reject)
     meta = metadata(src, cfg.int8)
     report: dict = {"format": cfg.format, "path": str(out), "int8": cfg.int8, "classes": src.record["classes"],
@@ -628,8 +628,6 @@ DET_FORMATS_NOT = {
     "torchscript": "torchvision's detection postprocess loops over images in Python; export --format onnx instead",
     "tflite": "litert-torch converts fixed-shape graphs: NMS and the data-dependent number of boxes have no "
               "builtin TFLite op it emits; use --format onnx or ort (onnxruntime-mobile runs on Android and iOS)",
-    "web": "the web page draws class labels only so far; serve the .onnx (imgclf serve model.onnx) for a page "
-           "that draws boxes",
 }
 # INT8 for a detector: the trunk's convolutions only. The FPN and the head
 # (GroupNorm, box regression in pixels) stay float: the boxes are sums of
@@ -715,6 +713,10 @@ def export_detector(run: RunDir, cfg: ExportConfig, out: Path) -> tuple[bytes, d
     fp32 = with_metadata(graph, meta)
     det_parity(OnnxDetPredictor(fp32), "onnxruntime", src, report)
     report.update(det_any_size_figures(src, fp32))
+    if cfg.format == "web":
+        site.require_runtime()
+        public = with_metadata(graph, {k: v for k, v in meta.items() if k != "run_path"})  # the folder is published
+        return site.build(public, OnnxDetPredictor(public).metadata), report
     data = det_int8(fp32, src, cfg, meta, report) if cfg.int8 else fp32
     if cfg.format == "ort":
         data = det_ort(data, src, report)
