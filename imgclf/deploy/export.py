@@ -482,7 +482,8 @@ def with_metadata(m, meta: dict[str, str]) -> bytes:
     for k, v in meta.items():
         p = m.metadata_props.add()
         p.key, p.value = k, v
-    m.doc_string = "imgclf image classifier: " + meta["input"] + " -> " + meta["output"]
+    what = "imgclf object detector: " if meta.get("task") == "detect" else "imgclf image classifier: "
+    m.doc_string = what + meta["input"] + " -> " + meta["output"]
     return m.SerializeToString()
 
 
