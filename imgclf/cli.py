@@ -83,6 +83,8 @@ def cmd_predict(cfg: C.PredictConfig) -> int:
     if getattr(task, "save_images", None) is None and (cfg.conf is not None or cfg.save_images):
         raise ConfigError("--conf and --save-images are for detection models", "leave them out for this model")
     if cfg.reject is not None:
+        if not hasattr(model, "set_reject"):
+            raise ConfigError(f"--reject is for classifiers; {cfg.run} is a {task_of(cfg.run)} model", "leave it out")
         model.set_reject(cfg.reject)
     opts = {"conf": cfg.conf} if cfg.conf is not None else {}
     results = model.predict(expand_paths(cfg.paths), top_k=cfg.top_k, batch_size=cfg.batch_size, **opts)
