@@ -24,7 +24,7 @@ from imgclf.inference import expand_paths, reject_threshold
 from imgclf.io import write_error
 from imgclf.log import setup_cli
 from imgclf.runs import RunDir
-from imgclf.tasks import task_for_data, task_of, train, verbs
+from imgclf.tasks import load, task_for_data, task_of, train, verbs
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
@@ -76,11 +76,11 @@ def cmd_compare(cfg: C.CompareConfig) -> int:
 
 
 def cmd_predict(cfg: C.PredictConfig) -> int:
-    task = verbs(task_of(cfg.run))
-    if getattr(task, "save_images", None) is None and (cfg.conf is not None or cfg.save_images):
-        raise ConfigError("--conf and --save-images are for detection runs", "leave them out for this run")
     reject_threshold(cfg.reject, None)  # a bad --reject fails before the model loads
-    model = task.load(cfg.run, device=cfg.device, engine=cfg.engine, cache_dir=cfg.cache_dir)
+    model = load(cfg.run, device=cfg.device, engine=cfg.engine, cache_dir=cfg.cache_dir)
+    task = verbs(getattr(model, "task", "classify"))
+    if getattr(task, "save_images", None) is None and (cfg.conf is not None or cfg.save_images):
+        raise ConfigError("--conf and --save-images are for detection models", "leave them out for this model")
     if cfg.reject is not None:
         if not hasattr(model, "set_reject"):
             raise ConfigError(f"--reject is for classifiers; {cfg.run} is a {task_of(cfg.run)} model", "leave it out")

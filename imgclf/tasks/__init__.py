@@ -34,7 +34,13 @@ from types import ModuleType
 
 from imgclf.config import TrainConfig
 from imgclf.errors import ConfigError
+from imgclf.inference.litert_predictor import LiteRTPredictor
+from imgclf.inference.load import model_format
+from imgclf.inference.onnx_predictor import OnnxPredictor, open_session
+from imgclf.io import torch_load
+from imgclf.runs import RunDir
 from imgclf.tasks.detect.data import detect_format
+from imgclf.tasks.detect.onnx_predictor import OnnxDetPredictor
 
 
 @dataclass(frozen=True)
@@ -97,3 +103,29 @@ def train(cfg: TrainConfig):
 def verbs(task: str) -> ModuleType:
     """The module with the task's verbs (train, evaluate, check, load, ...)."""
     return importlib.import_module(TASKS[checked(task)].verbs)
+
+
+def load(path: str | Path, device: str = "auto", engine: str = "auto", cache_dir: str | Path | None = None,
+         threads: int | None = None):
+    """Any run directory or model file -> the predictor for its task: a run
+    (config.json's task) or its model.pt (the record's) through the task's
+    own `load`; an exported .onnx/.ort by its metadata's "task", on the one
+    session opened to read it (no torch); a .tflite (classify only)."""
+    fmt = model_format(path)
+    if fmt in ("onnx", "ort"):
+        session = open_session(path, threads)
+        if session.get_modelmeta().custom_metadata_map.get("task", "classify") == "detect":
+            return OnnxDetPredictor(path, threads, session=session)
+        return OnnxPredictor(path, threads, session=session)
+    if fmt == "tflite":
+        return LiteRTPredictor(path, threads=threads)
+    return verbs(model_task(path)).load(path, device=device, engine=engine, cache_dir=cache_dir, threads=threads)
+
+
+def model_task(path: str | Path) -> str:
+    """The task of a run directory or a model.pt: the run's config.json, or
+    (a model.pt on its own) the record's "task"."""
+    run = RunDir(path)
+    if run.config_file.is_file() or Path(path).is_dir():
+        return task_of(run.path)
+    return checked(torch_load(path).get("task", "classify"))

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from imgclf.config import ServeConfig
 from imgclf.errors import ConfigError, ImgclfError
-from imgclf.inference.load import load, model_format
+from imgclf.inference.load import model_format
 from imgclf.log import get_logger
+from imgclf.tasks import load
 
 log = get_logger(__name__)
 

@@ -31,13 +31,14 @@ from pathlib import Path
 from imgclf._version import __version__
 from imgclf.config import ServeConfig
 from imgclf.data.images import BadImage, decode_cost
+from imgclf.deploy.serve.answers import image_answers, model_inputs, per_image_outputs
 from imgclf.deploy.serve.batching import Batcher
 from imgclf.deploy.serve.metrics import Metrics
 from imgclf.deploy.serve.openapi import (
     METRICS_OPENAPI,
     MODEL_OPENAPI,
     STATUS_OPENAPI,
-    Predictions,
+    Answers,
     Similar,
     Status,
     predict_openapi,
@@ -57,7 +58,6 @@ from imgclf.deploy.serve.parsing import (
 from imgclf.deploy.serve.ratelimit import TokenBuckets, retry_after
 from imgclf.deploy.serve.startup import start_up
 from imgclf.inference.load import TORCH_FREE, model_format
-from imgclf.inference.predictor import top_k
 
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                 "style.css": "text/css; charset=utf-8"}
@@ -94,9 +94,8 @@ class State:
                        "moment (see /readyz)", headers={"Retry-After": "2"}, waiting_for=self.waiting_for)
 
     def run_batch(self, batch) -> list[tuple]:
-        """The batcher's model call: a batch -> one (probs, unknown score) per image."""
-        p, u = self.predictor.outputs(batch)
-        return [(p[i], None if u is None else float(u[i])) for i in range(len(p))]
+        """The batcher's model call: a batch -> one output per image, as the model's task has it."""
+        return per_image_outputs(self.predictor)(batch)
 
 
 def decode_budget_bytes(cfg: ServeConfig) -> int:
@@ -351,9 +350,9 @@ def add_predict_route(app, st: State) -> None:
     from starlette.concurrency import run_in_threadpool
 
 
-    @app.post("/v1/predict", openapi_extra=predict_openapi(st.cfg.max_files), response_model=Predictions,
-              response_model_exclude_none=True, summary="Top-k labels for one or more images",
-              response_description="top-k labels per image, in request order")
+    @app.post("/v1/predict", openapi_extra=predict_openapi(st.cfg.max_files), response_model=Answers,
+              response_model_exclude_none=True, summary="Top-k labels (or boxes) for one or more images",
+              response_description="top-k labels per image (a detector: boxes), in request order")
     async def predict(request: Request):
         check_key(st, request)
         pred = st.ready()
@@ -365,10 +364,8 @@ def add_predict_route(app, st: State) -> None:
                 k = top_k_of(request, body_k, st.cfg.top_k, len(pred.classes))
                 xs = await run_in_threadpool(decode_all, st, files)
                 t0 = time.perf_counter()
-                outs = await st.batcher(xs)
-        thr = pred.thresholds if pred.multi_label else None
-        preds = [{"filename": name, **top_k(p, pred.classes, k, u, pred.reject, thr)}
-                 for (name, _), (p, u) in zip(files, outs)]
+                outs = await st.batcher(model_inputs(pred, xs))
+        preds = image_answers(pred, files, xs, outs, k)
         return {"predictions": preds, "model_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
 
@@ -544,7 +541,7 @@ def model_description(pred, cfg: ServeConfig, st: State) -> dict:
     if not onnx and "torch" in sys.modules:
         versions["torch"] = sys.modules["torch"].__version__
     pp = pred.preprocess
-    return {"model": Path(cfg.model).name, "arch": pred.arch, "format": {"run": "pytorch", "ort": "onnx"}.get(fmt, fmt),
+    return {"model": Path(cfg.model).name, "task": getattr(pred, "task", "classify"), "arch": pred.arch, "format": {"run": "pytorch", "ort": "onnx"}.get(fmt, fmt),
             "int8": bool(getattr(pred, "int8", False)), "classes": pred.classes, "num_classes": len(pred.classes),
             "input_size": pp.size, "resize": pp.resize, "temperature": pred.temperature,
             "unknown_score": pred.has_unknown, "reject": pred.reject, "multi_label": pred.multi_label,

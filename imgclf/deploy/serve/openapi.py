@@ -51,6 +51,29 @@ class Predictions(BaseModel):
     model_ms: float
 
 
+class Box(BaseModel):
+    label: str
+    score: float = Field(ge=0, le=1)
+    box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 in the image's own pixels")
+
+
+class Detection(BaseModel):
+    filename: str
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    boxes: list[Box] = Field(description="detections at or above their class's threshold, best first")
+
+
+class Detections(BaseModel):
+    """/v1/predict's answer from a detector: boxes per image, in request order."""
+    predictions: list[Detection]
+    model_ms: float
+
+
+# A classifier answers Predictions, a detector Detections (GET /v1/model says which: "task").
+Answers = Predictions | Detections
+
+
 class Neighbour(BaseModel):
     id: int = Field(ge=0)
     path: str = Field(description="relative to the data root, or the file name alone")

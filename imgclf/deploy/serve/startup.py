@@ -9,8 +9,9 @@ import re
 from pathlib import Path
 
 from imgclf.errors import ImgclfError
-from imgclf.inference.load import TORCH_FREE, load, model_format
+from imgclf.inference.load import TORCH_FREE, model_format
 from imgclf.runs import RunDir
+from imgclf.tasks import load
 
 log = logging.getLogger("imgclf.serve")
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from imgclf.data.images import MAX_PIXELS, BadImage, Source, open_image
 from imgclf.data.preprocess import Preprocess, pad_geometry, resize_image
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, ModelFileError
 
 ANSWER_KEYS = ("path", "width", "height", "boxes")
 MAX_DETECTIONS = 100  # per image, best first: what COCO's AP counts (maxDets 100), and plenty for an answer
@@ -42,6 +42,9 @@ class DetPredictor:
     source: str
     arch: str = "detector"
     metadata: dict
+    # What the server's /v1/model shows for every model; a detector has no
+    # temperature, unknown-input scorer or multi-label decisions.
+    temperature, has_unknown, multi_label, reject, int8 = 1.0, False, False, None, False
 
     def prepare(self, src: Source, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
         """Any image source -> the letterboxed uint8 (S, S, 3) and the
@@ -72,6 +75,29 @@ class DetPredictor:
                               "each class's threshold chosen on val")
         return np.full(len(self.classes), conf, np.float32)
 
+    def set_reject(self, setting) -> None:
+        if setting not in (None, "", "off"):
+            raise ConfigError(f"--reject {setting}: a detector has no unknown-input score", "drop --reject")
+
+    def warm_up(self) -> None:
+        """Build whatever the first call would (a server calls this before it says ready)."""
+
+    def self_check(self) -> None:
+        """One real inference on a blank image at load: a damaged or crafted
+        model that fails at run time, or answers classes its metadata does not
+        name, is refused now rather than on every request."""
+        s = self.preprocess.size
+        try:
+            (b, sc, c), = self.outputs(np.zeros((1, s, s, 3), np.uint8))
+        except Exception as e:  # any runtime's own error types
+            raise ModelFileError(f"{self.source}: the model fails on a blank {s}x{s} image ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})",
+                                 "export the run again with `imgclf export RUN`") from None
+        ok = np.shape(b) == (len(sc), 4) and np.shape(c) == np.shape(sc) and np.all(np.isfinite(b))
+        if not ok or len(self.thresholds) != len(self.classes) or np.any((c < 0) | (c >= len(self.classes))):
+            raise ModelFileError(f"{self.source}: the model's boxes, scores and labels do not fit its "
+                                 f"{len(self.classes)} classes", "export the run again with `imgclf export RUN`")
+
     def detect(self, inputs, batch_size: int = 8, conf: float | None = None) -> list[dict]:
         """Per input: boxes (original pixels), scores and class indices at or
         above the cut-offs, best first; a bad input gives {"error": reason}."""
@@ -88,14 +114,22 @@ class DetPredictor:
                 xs.append(x), ids.append(i), sizes.append(size)
             if not xs:
                 continue
-            for i, size, (b, s, c, *m) in zip(ids, sizes, self.outputs(np.stack(xs))):
-                keep = np.flatnonzero(s >= cut[c])
-                keep = keep[np.argsort(-s[keep], kind="stable")][:MAX_DETECTIONS]
-                boxes = self.to_original(b[keep], size)
-                out[i].update(width=size[0], height=size[1], boxes_xyxy=boxes, scores=s[keep], labels=c[keep])
-                if m:  # instance masks: box-relative probabilities, pasted into the original pixels
-                    out[i]["masks"] = paste(m[0][keep], boxes, *size)
+            for i, size, o in zip(ids, sizes, self.outputs(np.stack(xs))):
+                out[i].update(self.found(o, size, cut))
         return out
+
+    def found(self, out: tuple, size: tuple[int, int], cut: np.ndarray) -> dict:
+        """One image's network output (boxes in input pixels, scores, labels)
+        -> the detections at or above their cut-off, best first, in the
+        original (width, height) image's pixels."""
+        b, s, c, *m = out
+        keep = np.flatnonzero(s >= cut[c])
+        keep = keep[np.argsort(-s[keep], kind="stable")][:MAX_DETECTIONS]
+        boxes = self.to_original(b[keep], size)
+        found = {"width": size[0], "height": size[1], "boxes_xyxy": boxes, "scores": s[keep], "labels": c[keep]}
+        if m:  # instance masks: box-relative probabilities, pasted into the original pixels
+            found["masks"] = paste(m[0][keep], boxes, *size)
+        return found
 
     def predict(self, inputs, batch_size: int = 8, conf: float | None = None, **_) -> list[dict]:
         """The answer for each input (a path, bytes, PIL image, HxWx3 array,
