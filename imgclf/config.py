@@ -95,6 +95,8 @@ class TrainConfig:
     reject: str = _f("off", "answer 'unknown' for inputs unlike the training images: auto (keeps 95%% of known "
                             "validation images), a threshold in (0, 1] on the unknown score, or off (the score is "
                             "still returned); stored with the model")
+    ignore_index: int = _f(255, "segment: the mask value that marks void pixels, neither trained on nor scored "
+                                "(CamVid: 11)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -193,6 +195,8 @@ class PredictConfig(RuntimeConfig):
     batch_size: int = _f(32, "images per model call")
     reject: str | None = _f(None, "override the model's rejection of unknown inputs: auto, off, or a threshold "
                                   "in (0, 1] on the unknown score")
+    save_masks: str | None = _f(None, "segment: write each image's label map (PNG, class ids) and a colour overlay "
+                                      "into this folder")
 
 
 @dataclass
@@ -249,6 +253,7 @@ class CheckConfig:
                           "never changed")
     fix_out: str | None = _f(None, "--fix: the CSV to write (default: next to the data, DATA_clean.csv)")
     follow_links: bool = _f(False, "as for train: follow symbolic links that lead outside the data folder")
+    ignore_index: int = _f(255, "segment: as for train: the mask value that marks void pixels (CamVid: 11)")
 
 
 @dataclass
