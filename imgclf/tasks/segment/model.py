@@ -76,6 +76,7 @@ class Segmenter(nn.Module):
             self.classifier = nn.Identity()
         self.decoder_name = decoder
         self.frozen = False
+        self.bn_frozen = False  # a thawed trunk keeps its ImageNet batch-norm statistics (TrainConfig.freeze_bn)
 
     def freeze_backbone(self, frozen: bool = True) -> None:
         """A frozen trunk keeps its ImageNet weights and batch-norm statistics."""
@@ -88,6 +89,10 @@ class Segmenter(nn.Module):
         super().train(mode)
         if self.frozen:
             self.trunk.eval()
+        elif self.bn_frozen:
+            for m in self.trunk.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
