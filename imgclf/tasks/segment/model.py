@@ -173,7 +173,13 @@ class _RandomScale(nn.Module):
         return r(image, mask)
 
 
-def base_size(width: int, height: int, image_size: int) -> tuple[int, int]:
-    """(w, h) with the longer side at image_size, aspect kept."""
-    s = image_size / max(width, height)
-    return max(1, round(width * s)), max(1, round(height * s))
+
+RECORD_KEYS = ("task", "segmenter", "classes", "state_dict", "image_size", "ignore_index")
+
+
+def segmenter_from_record(rec: dict) -> Segmenter:
+    """The network of a model record (model.pt), weights loaded, in eval mode."""
+    c = rec["segmenter"]
+    model = Segmenter(c["num_classes"], c["backbone"], c["decoder"], c["channels"], pretrained=False)
+    model.load_state_dict(rec["state_dict"])
+    return model.eval()

@@ -18,18 +18,20 @@ import contextlib
 import time
 import uuid
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from imgclf.config import TrainConfig
+from imgclf.data.images import open_image
 from imgclf.errors import ConfigError, DataError, RunError
 from imgclf.io import read_json, torch_load, torch_save_atomic, write_history, write_json
 from imgclf.runs import RunDir, RunLock
 from imgclf.tasks.segment.data import SegDataset, load_mask, read_dataset, split_dataset, unknown_values
 from imgclf.tasks.segment.metrics import confusion, scores
-from imgclf.tasks.segment.model import SegLoss, Segmenter, base_size, median_frequency_weights, train_transform
+from imgclf.tasks.segment.model import SegLoss, Segmenter, median_frequency_weights, train_transform
+from imgclf.tasks.segment.predictor import prepare_image, resize_mask
+from imgclf.tasks.segment.torch_predictor import TorchSegPredictor
 from imgclf.training.checkpoint import CKPT_KEYS, RunState
 from imgclf.training.distributed import Dist, init_distributed
 from imgclf.training.loop import EarlyStopping, train_one_epoch, warmup_cosine
@@ -49,18 +51,13 @@ class SegImages(torch.utils.data.Dataset):
     Yields (image uint8 (3, h, w) or float after `transform`, mask)."""
 
     def __init__(self, ds: SegDataset, items: list[int], image_size: int, transform=None):
-        from PIL import Image
-
-        from imgclf.data.images import open_image
-
         self.transform = transform
         self.images, self.masks = [], []
         for i in items:
             it = ds.items[i]
-            pil, mask = open_image(it.image), load_mask(ds, it)
-            size = base_size(*pil.size, image_size)
-            self.images.append(torch.from_numpy(np.array(pil.resize(size, Image.BILINEAR))).permute(2, 0, 1).contiguous())
-            self.masks.append(torch.from_numpy(np.array(Image.fromarray(mask).resize(size, Image.NEAREST))))
+            x = prepare_image(open_image(it.image), image_size)
+            self.images.append(torch.from_numpy(x.copy()).permute(2, 0, 1).contiguous())
+            self.masks.append(torch.from_numpy(resize_mask(load_mask(ds, it), (x.shape[1], x.shape[0])).copy()))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -94,47 +91,26 @@ def pixel_counts(ds: SegDataset, items: list[int]) -> np.ndarray:
 
 # --- evaluation ---------------------------------------------------------------------
 
-@torch.inference_mode()
-def predict_label_maps(model: Segmenter, images: list[torch.Tensor], sizes: list[tuple[int, int]],
-                       device=torch.device("cpu"), batch_size: int = 8):
-    """For base-size uint8 images: (label map at the original (w, h) size, logits there) per image, in order."""
-    model.eval()
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        same = all(c.shape == chunk[0].shape for c in chunk)
-        groups = [chunk] if same else [[c] for c in chunk]
-        k = start
-        for g in groups:
-            logits = model(torch.stack(g).to(device).float() / 255)
-            for lg in logits:
-                w, h = sizes[k]
-                up = torch.nn.functional.interpolate(lg[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
-                yield up.argmax(0).to(torch.uint8).cpu().numpy(), up
-                k += 1
-
-
-def evaluate_items(model: Segmenter, ds: SegDataset, items: list[int], image_size: int, device=torch.device("cpu"),
-                   batch_size: int = 8, loss_fn=None, per_image: bool = False) -> dict:
-    """Scores of `model` on ds's `items`, against each mask at its own resolution."""
-
-    k, cm, loss_sum, n, worst = len(ds.classes), np.zeros((len(ds.classes),) * 2, np.int64), 0.0, 0, []
-    for start in range(0, len(items), batch_size):  # decode a batch at a time: any dataset size fits
+def evaluate_items(pred: TorchSegPredictor, ds: SegDataset, items: list[int], batch_size: int = 8,
+                   per_image: bool = False) -> dict:
+    """Scores of the predictor on ds's `items`, each image whole, against its
+    mask at the mask's own resolution: the path `predict` answers through."""
+    k, cm, worst, bad = len(ds.classes), np.zeros((len(ds.classes),) * 2, np.int64), [], []
+    for start in range(0, len(items), batch_size):  # a batch at a time: any dataset size fits in memory
         batch = items[start:start + batch_size]
-        imgs = SegImages(ds, batch, image_size).images
         masks = [load_mask(ds, ds.items[i]) for i in batch]
-        sizes = [(m.shape[1], m.shape[0]) for m in masks]
-        for i, m, (pred, logits) in zip(batch, masks, predict_label_maps(model, imgs, sizes, device, batch_size)):
-            c = confusion(m, pred, k, ds.ignore_index)
+        answers = pred.segment([str(ds.items[i].image) for i in batch], batch_size)
+        for i, m, a in zip(batch, masks, answers):
+            if "error" in a:
+                bad.append({"path": str(ds.items[i].image), "reason": a["error"]})
+                continue
+            c = confusion(m, resize_mask(a["mask"], (m.shape[1], m.shape[0])), k, ds.ignore_index)
             cm += c
-            if loss_fn is not None:
-                loss_sum += float(loss_fn(logits[None], torch.from_numpy(m.astype(np.int64))[None].to(logits.device)))
-                n += 1
             if per_image:
                 worst.append((scores(c, ds.classes)["miou"], i))
     out = scores(cm, ds.classes)
-    out["n"] = len(items)
-    if loss_fn is not None:
-        out["loss"] = loss_sum / max(1, n)
+    out["n"], out["skipped_files"] = len(items) - len(bad), bad
+    out["loss"] = 1.0 - out["pixel_accuracy"]  # EarlyStopping breaks mIoU ties on its "loss": the pixel error
     if per_image:
         out["per_image_miou"] = sorted(worst)
     return out
@@ -258,7 +234,7 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, t_start: float, h
                "class_pixel_share": {c: round(float(n) / max(1, int(counts.sum())), 6) for c, n in zip(ds.classes, counts)}}
     held_out = "test" if parts["test"] else "val"
     if cfg.evaluate and parts[held_out]:
-        m = evaluate_items(model, ds, parts[held_out], p["image_size"], device)
+        m = evaluate_items(TorchSegPredictor(model, ds.classes, p["image_size"], device), ds, parts[held_out])
         write_json(run.eval_file(held_out), eval_json(m, held_out, ds))
         summary["held_out"] = {"split": held_out, "miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"]}
     summary["total_seconds"] = round(time.time() - t_start, 2)
@@ -302,14 +278,14 @@ def _epochs(model, ds, parts, p, cfg, loader, loss_fn, opt, sched, stopper, stat
         loader.generator.manual_seed(cfg.seed * 100_003 + state.epoch * 1009 + dist.rank)  # the same order on --resume
         deadline = t_start_budget(cfg, state, t0)
         tr = train_one_epoch(net, loader, loss_fn, opt, sched, device, amp=amp, deadline=deadline)
-        va = _validate(model, ds, parts["val"], p, loss_fn, dist, device)
+        va = _validate(model, ds, parts["val"], p, dist, device)
         state.epoch += 1
         state.elapsed += time.time() - t0
         improved = stopper.step(va, state.epoch)
         if improved:
             state.consider(model, stopper.best, va, "all")
         row = {"epoch": state.epoch, "frozen": int(model.frozen), "train_loss": round(tr["loss"], 5),
-               "val_loss": round(va["loss"], 5), "val_miou": round(va["miou"], 5),
+               "val_miou": round(va["miou"], 5),
                "val_pixel_accuracy": round(va["pixel_accuracy"], 5), "lr": opt.param_groups[0]["lr"],
                "seconds": round(time.time() - t0, 1)}
         state.history.append(row)
@@ -328,9 +304,9 @@ def t_start_budget(cfg: TrainConfig, state: RunState, t0: float) -> float | None
     return None if cfg.time_budget is None else t0 + max(0.0, cfg.time_budget - state.elapsed)
 
 
-def _validate(model, ds, items, p, loss_fn, dist: Dist, device) -> dict:
+def _validate(model, ds, items, p, dist: Dist, device) -> dict:
     """Val scores over every val image once: each rank its share, the matrices summed."""
-    m = evaluate_items(model, ds, dist.shard(items), p["image_size"], device, loss_fn=loss_fn)
+    m = evaluate_items(TorchSegPredictor(model, ds.classes, p["image_size"], device), ds, dist.shard(items))
     if not dist.enabled:
         return m
     parts = dist.gather([(np.asarray(m["confusion_matrix"]), m["loss"] * m["n"], m["n"])])
@@ -346,19 +322,4 @@ def make_record(model: Segmenter, ds: SegDataset, p: dict, cfg: TrainConfig, run
             "classes": list(ds.classes), "ignore_index": ds.ignore_index, "image_size": p["image_size"],
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "run_id": run_id,
             "config": cfg.to_dict(), "best": {k: v for k, v in best.items() if k != "confusion_matrix"}}
-
-
-RECORD_KEYS = ("task", "segmenter", "classes", "state_dict", "image_size", "ignore_index")
-
-
-def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
-    """model.pt (or its run directory) -> (the network in eval mode, the record)."""
-    run = RunDir(path)
-    rec = torch_load(run.require_model(), RECORD_KEYS)
-    if rec["task"] != "segment":
-        raise RunError(f"{run.model_file} is a {rec['task']} model, not a segmentation one", "load it with its own task")
-    c = rec["segmenter"]
-    model = Segmenter(c["num_classes"], c["backbone"], c["decoder"], c["channels"], pretrained=False)
-    model.load_state_dict(rec["state_dict"])
-    return model.to(device).eval(), rec
 
