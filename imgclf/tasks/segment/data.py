@@ -70,6 +70,7 @@ class SegDataset:
     ignore_index: int = IGNORE_INDEX
     colours: dict[tuple[int, int, int], int] | None = None  # RGB masks: colour -> class id
     problems: list[Problem] = field(default_factory=list)
+    remap: np.ndarray | None = None  # (256,) uint8: stored id -> another class list's id (evaluate on other data)
 
     def raise_problems(self) -> None:
         if not self.problems:
@@ -276,13 +277,30 @@ def rasterise(item: SegItem, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
 def load_mask(ds: SegDataset, item: SegItem) -> np.ndarray:
     """The item's (H, W) uint8 label map."""
     if item.mask is None:
-        return rasterise(item, ds.ignore_index)
-    try:
-        with Image.open(item.mask) as pil:
-            pil.load()
-            return decode_mask(pil, ds.colours, ds.ignore_index)
-    except OSError as e:
-        raise DataError(f"{item.mask}: cannot be read as a mask ({e})", "replace or remove it") from None
+        m = rasterise(item, ds.ignore_index)
+    else:
+        try:
+            with Image.open(item.mask) as pil:
+                pil.load()
+                m = decode_mask(pil, ds.colours, ds.ignore_index)
+        except OSError as e:
+            raise DataError(f"{item.mask}: cannot be read as a mask ({e})", "replace or remove it") from None
+    return m if ds.remap is None else ds.remap[m]
+
+
+def remap_classes(ds: SegDataset, classes: list[str]) -> SegDataset:
+    """ds read in another class list's ids, matched by name (its other values kept)."""
+    unknown = [c for c in ds.classes if c not in classes]
+    if unknown:
+        raise DataError(f"{ds.root}: class(es) {', '.join(unknown)} are not among the model's ({', '.join(classes)})",
+                        "score data with the model's classes, or train a model on these")
+    lut = np.arange(256, dtype=np.uint8)
+    lut[: len(ds.classes)] = [classes.index(c) for c in ds.classes]
+    if ds.ignore_index < len(classes):
+        raise DataError(f"{ds.root}: the ignore value {ds.ignore_index} is a class id of the model",
+                        "give this data an ignore value outside the model's class ids")
+    ds.remap, ds.classes = lut, list(classes)
+    return ds
 
 
 def unknown_values(mask: np.ndarray, num_classes: int, ignore_index: int) -> list[int]:

@@ -116,3 +116,46 @@ def answer(d: dict, classes: list[str]) -> dict:
         return {k: v for k, v in d.items() if k in ("path", "error")}
     return {**({"path": d["path"]} if "path" in d else {}), "width": d["width"], "height": d["height"],
             "classes": class_shares(d["mask"], classes), "mask": d["mask"]}
+
+
+# --- drawing: label maps as colours (predict --save-masks, the report) ---------------
+
+def palette(n: int) -> np.ndarray:
+    """(n, 3) uint8 colours, one per class: Pascal VOC's bit-interleaved
+    palette, which keeps neighbouring ids apart in colour."""
+    out = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out[i] = (r, g, b)
+    return out
+
+
+def colour_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """uint8 (H, W, 3): each class its palette colour, other values (void) black."""
+    lut = np.zeros((256, 3), np.uint8)
+    lut[:num_classes] = palette(num_classes)
+    return lut[mask]
+
+
+def overlay(img: Image.Image, mask: np.ndarray, num_classes: int, alpha: float = 0.5) -> Image.Image:
+    """The image with the label map's colours blended over it (void pixels left clear)."""
+    rgb = np.asarray(img.convert("RGB").resize((mask.shape[1], mask.shape[0])), np.float32)
+    col = colour_mask(mask, num_classes).astype(np.float32)
+    a = np.where((mask < num_classes)[..., None], alpha, 0.0)
+    return Image.fromarray((rgb * (1 - a) + col * a).round().astype(np.uint8))
+
+
+def label_png(mask: np.ndarray, num_classes: int) -> Image.Image:
+    """A palette PNG (mode P) of the label map: its pixel values are the class
+    ids (what a program reads back), its palette the colours a viewer shows."""
+    m = np.ascontiguousarray(mask, np.uint8)
+    im = Image.frombytes("P", (m.shape[1], m.shape[0]), m.tobytes())
+    pal = np.zeros((256, 3), np.uint8)
+    pal[:num_classes] = palette(num_classes)
+    im.putpalette(pal.ravel().tolist())
+    return im
