@@ -268,9 +268,12 @@ def rasterise(item: SegItem, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     w, h = item.size
     out = np.zeros((h, w), np.uint8)
     for cls, seg, crowd in item.anns or []:
-        rles = mask_utils.frPyObjects(seg, h, w)
-        m = mask_utils.decode(mask_utils.merge(rles) if isinstance(rles, list) else rles).astype(bool)
-        out[m] = ignore_index if crowd else cls
+        if isinstance(seg, dict) and isinstance(seg.get("counts"), str):  # compressed RLE, as COCO files store it
+            rle = {"size": seg["size"], "counts": seg["counts"].encode()}
+        else:  # polygons, or RLE with a list of counts: the mask API encodes them
+            rle = mask_utils.frPyObjects(seg, h, w)
+            rle = mask_utils.merge(rle) if isinstance(rle, list) else rle
+        out[mask_utils.decode(rle).astype(bool)] = ignore_index if crowd else cls
     return out
 
 
