@@ -201,7 +201,9 @@ def test_training_refuses_values_outside_the_class_list_and_names_the_fix(tmp_pa
 # --- training, resume, answers -------------------------------------------------------
 
 TRAIN = """
+import logging
 import sys
+logging.basicConfig(level=logging.INFO, format="%(message)s")
 from imgclf.config import TrainConfig
 from imgclf.tasks import verbs
 verbs("segment").train(TrainConfig(data=sys.argv[1], out=sys.argv[2], ignore_index=11, image_size=128,
