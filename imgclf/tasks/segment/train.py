@@ -36,7 +36,7 @@ from imgclf.training.checkpoint import CKPT_KEYS, RunState
 from imgclf.training.distributed import Dist, init_distributed
 from imgclf.training.loop import EarlyStopping, train_one_epoch, warmup_cosine
 from imgclf.training.stages import say
-from imgclf.training.train import free_run_dir, seed_everything
+from imgclf.training.train import free_run_dir, seed_everything, set_threads
 
 DEFAULT_IMAGE_SIZE = 320  # longer side; --image-size 480 is CamVid's own 480x360
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -198,6 +198,7 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, t_start: float, h
             say(f"note: {run}: {lock.took_over}")
         if ckpt is None:
             _write_split(run, ds, parts, run_id, cfg)
+    set_threads(device, dist)
     seed_everything(cfg.seed)
     p = plan(cfg, device)
     counts = pixel_counts(ds, parts["train"])
