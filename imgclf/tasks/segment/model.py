@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.models import FeatureListNet
 from torch import nn
+from torchvision import tv_tensors
+from torchvision.models.segmentation.lraspp import LRASPPHead
+from torchvision.transforms import v2
 
 from imgclf.errors import ConfigError
 from imgclf.models.registry import get_model_info
@@ -55,8 +59,6 @@ class Segmenter(nn.Module):
     def __init__(self, num_classes: int, backbone: str = "efficientnet_lite0", decoder: str = "fpn",
                  channels: int = 64, pretrained: bool = True, weights: str | None = None):
         super().__init__()
-        from timm.models import FeatureListNet
-
         if decoder not in DECODERS:
             raise ConfigError(f"decoder={decoder!r} is unknown", f"choose one of {', '.join(DECODERS)}")
         if not backbone.startswith("efficientnet_lite"):
@@ -70,8 +72,6 @@ class Segmenter(nn.Module):
             self.decoder = FPNDecoder(chs, channels)
             self.classifier = nn.Conv2d(channels, num_classes, 1)
         else:
-            from torchvision.models.segmentation.lraspp import LRASPPHead
-
             self.decoder = LRASPPHead(chs[1], chs[3], num_classes, max(channels, 128))
             self.classifier = nn.Identity()
         self.decoder_name = decoder
@@ -145,9 +145,6 @@ def train_transform(crop: int, ignore_index: int, scale: tuple[float, float] = (
     """On images already at the base size: a random scale, a random crop
     (padded with the ignore value where the image is smaller), a flip, and
     colour on the image only."""
-    from torchvision import tv_tensors
-    from torchvision.transforms import v2
-
     return v2.Compose([
         _RandomScale(scale),
         v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}),
@@ -165,8 +162,6 @@ class _RandomScale(nn.Module):
         self.scale = scale
 
     def forward(self, image, mask):
-        from torchvision.transforms import v2
-
         s = float(torch.empty(1).uniform_(*self.scale))
         h, w = image.shape[-2:]
         r = v2.Resize((max(1, round(h * s)), max(1, round(w * s))), antialias=True)

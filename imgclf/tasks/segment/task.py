@@ -21,6 +21,7 @@ from imgclf.runs import RunDir
 from imgclf.tasks.segment.check import check_dataset, format_report
 from imgclf.tasks.segment.data import SegDataset, read_dataset, remap_classes
 from imgclf.tasks.segment.predictor import SegPredictor, label_png, overlay
+from imgclf.tasks.segment.report import write_seg_report
 from imgclf.tasks.segment.torch_predictor import TorchSegPredictor
 from imgclf.tasks.segment.train import eval_json, evaluate_items
 from imgclf.tasks.segment.train import train as train_segmenter
@@ -75,8 +76,6 @@ def evaluate_split(run: RunDir, pred: SegPredictor, ds: SegDataset, items: list[
     log.info(f"{split}: mIoU {m['miou']:.3f}  pixel accuracy {m['pixel_accuracy']:.3f}  on {m['n']} images  "
              + "  ".join(f"{c} {v:.3f}" for c, v in m["iou_per_class"].items() if v is not None))
     if report:
-        from imgclf.tasks.segment.report import write_seg_report  # deferred: the report only
-
         log.info(f"report: {write_seg_report(run, pred, ds, m, split)}")
     return out
 

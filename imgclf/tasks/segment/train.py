@@ -21,6 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from torchvision import tv_tensors
 
 from imgclf.config import TrainConfig
 from imgclf.data.images import open_image
@@ -63,8 +64,6 @@ class SegImages(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        from torchvision import tv_tensors
-
         img, mask = tv_tensors.Image(self.images[i]), tv_tensors.Mask(self.masks[i])
         if self.transform is None:
             return img, mask
