@@ -214,6 +214,8 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, t_start: float, h
     state = RunState(cfg.to_dict(), run, dist.world)
     if ckpt:
         state.restore(ckpt, model)
+        if state.stage_epochs:
+            fit_budget(p, cfg, state, 0.0)
     opt, sched = _optimizer(model, p, cfg, len(loader))
     stopper = EarlyStopping(p["patience"], monitor="miou")
     if ckpt:
@@ -255,9 +257,23 @@ def _optimizer(model: Segmenter, p: dict, cfg: TrainConfig, steps_per_epoch: int
     if p["strategy"] == "finetune":
         groups.append({"params": trunk, "lr": p["lr"] * cfg.backbone_lr_mult})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    total = p["epochs"] * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, int(cfg.warmup_epochs * steps_per_epoch)))
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    # The cosine ends where the run will: p["epochs"] is shortened to fit --time-budget after the first epoch.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(p["epochs"] * steps_per_epoch, warm)(step))
     return opt, sched
+
+
+def fit_budget(p: dict, cfg: TrainConfig, state: RunState, epoch_seconds: float, dist: Dist | None = None) -> None:
+    """Under --time-budget, the epochs that fit, judged on the first epoch's
+    time (kept in last.pt as stage_epochs, so a resumed run plans the same)."""
+    if cfg.time_budget is None:
+        return
+    if not state.stage_epochs:
+        n = max(1, min(p["epochs"], int(cfg.time_budget // max(epoch_seconds, 1e-3))))
+        state.stage_epochs = dist.broadcast(n) if dist else n  # rank 0's clock: every rank plans alike
+    p["epochs"] = state.stage_epochs
+    if p["strategy"] == "linear":
+        p["frozen_epochs"] = p["epochs"]
 
 
 def _wrap(model: Segmenter, dist: Dist, device: torch.device):
@@ -281,6 +297,7 @@ def _epochs(model, ds, parts, p, cfg, loader, loss_fn, opt, sched, stopper, stat
         va = _validate(model, ds, parts["val"], p, dist, device)
         state.epoch += 1
         state.elapsed += time.time() - t0
+        fit_budget(p, cfg, state, state.elapsed / state.epoch, dist)
         improved = stopper.step(va, state.epoch)
         if improved:
             state.consider(model, stopper.best, va, "all")
