@@ -279,3 +279,19 @@ def test_evaluate_on_another_dataset_scores_every_image(trained):
     same = json.loads((out / "eval_val.json").read_text())
     assert m["n"] == 8 and abs(m["miou"] - same["miou"]) < 1e-9
     assert (out / "report" / "index.html").read_text().count("<img") >= 2
+
+
+def test_two_gloo_ranks_train_one_run(tmp_path):
+    """`imgclf train --nproc-per-node 2`: torchrun, two CPU processes (gloo),
+    each a share of every batch and of validation; rank 0 writes the run."""
+    data, out = _camvid_subset(tmp_path / "cv", 8, 4), tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "imgclf", "train", str(data), "--out", str(out), "--ignore-index", "11",
+                        "--image-size", "64", "--epochs", "2", "--nproc-per-node", "2"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["distributed"]["world_size"] == 2 and summary["distributed"]["backend"] == "gloo"
+    assert summary["epochs_run"] == 2 and (out / "model.pt").exists()
+    ev = json.loads((out / "eval_val.json").read_text())
+    assert ev["n"] == 4 and 0 <= ev["miou"] <= 1

@@ -207,10 +207,13 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, t_start: float, h
     model = Segmenter(len(ds.classes), p["model"], p["decoder"], pretrained=cfg.pretrained, weights=cfg.weights).to(device)
     weight = median_frequency_weights(counts).to(device) if cfg.class_weights == "auto" else None
     loss_fn = SegLoss(ds.ignore_index, weight)
-    tr = SegImages(ds, dist.shard(parts["train"]), p["image_size"], train_transform(p["crop"], ds.ignore_index))
-    g = torch.Generator().manual_seed(cfg.seed + dist.rank)
-    loader = torch.utils.data.DataLoader(tr, batch_size=p["batch_size"], shuffle=True, drop_last=len(tr) > p["batch_size"],
-                                         num_workers=cfg.workers or 0, generator=g)
+    tr = SegImages(ds, parts["train"], p["image_size"], train_transform(p["crop"], ds.ignore_index))
+    # Under DDP every rank must take as many steps: DistributedSampler pads the shares to one length.
+    sampler = (torch.utils.data.DistributedSampler(tr, dist.world, dist.rank, shuffle=True, seed=cfg.seed)
+               if dist.enabled else None)
+    loader = torch.utils.data.DataLoader(tr, batch_size=p["batch_size"], shuffle=sampler is None, sampler=sampler,
+                                         drop_last=len(tr) // dist.world > p["batch_size"],
+                                         num_workers=cfg.workers or 0, generator=torch.Generator())
     state = RunState(cfg.to_dict(), run, dist.world)
     if ckpt:
         state.restore(ckpt, model)
@@ -291,8 +294,11 @@ def _epochs(model, ds, parts, p, cfg, loader, loss_fn, opt, sched, stopper, stat
         if net is None or frozen != model.frozen:
             model.freeze_backbone(frozen)
             net = _wrap(model, dist, device)
-        loader.generator.manual_seed(cfg.seed * 100_003 + state.epoch * 1009 + dist.rank)  # the same order on --resume
-        deadline = t_start_budget(cfg, state, t0)
+        loader.generator.manual_seed(cfg.seed * 100_003 + state.epoch * 1009)  # the same order on --resume
+        if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+            loader.sampler.set_epoch(state.epoch)
+        # Mid-epoch stops only in one process: under DDP a rank stopping alone would leave the others waiting.
+        deadline = None if dist.enabled else t_start_budget(cfg, state, t0)
         tr = train_one_epoch(net, loader, loss_fn, opt, sched, device, amp=amp, deadline=deadline)
         va = _validate(model, ds, parts["val"], p, dist, device)
         state.epoch += 1
