@@ -83,6 +83,8 @@ def cmd_predict(cfg: C.PredictConfig) -> int:
     reject_threshold(cfg.reject, None)  # a bad --reject fails before the model loads
     model = task.load(cfg.run, device=cfg.device, engine=cfg.engine, cache_dir=cfg.cache_dir)
     if cfg.reject is not None:
+        if not hasattr(model, "set_reject"):
+            raise ConfigError(f"--reject is for classifiers; {cfg.run} is a {task_of(cfg.run)} model", "leave it out")
         model.set_reject(cfg.reject)
     opts = {"conf": cfg.conf} if cfg.conf is not None else {}
     results = model.predict(expand_paths(cfg.paths), top_k=cfg.top_k, batch_size=cfg.batch_size, **opts)

@@ -85,7 +85,7 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, held: contextlib.
     fit(cfg, model, ds, items, pp, state, ckpt, dist, device, t0)
     if not dist.main:
         return {}
-    return finish(cfg, run, model, ds, items, pp, state, splits, device, t0)
+    return finish(cfg, run, model, ds, items, pp, state, splits, dist, device, t0)
 
 
 def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, RunDir, dict | None]:
@@ -161,6 +161,7 @@ def fit(cfg: TrainConfig, model: Detector, ds: DetDataset, items: dict, pp: Prep
         state.restore(ckpt, net)
         opt.load_state_dict(ckpt["optimizer"]), sched.load_state_dict(ckpt["scheduler"])
         stopper.load_state_dict(ckpt["stopper"])
+        plan.done = state.epoch
     deadline = t0 + cfg.time_budget - state.elapsed if cfg.time_budget else None
     for epoch in range(state.epoch, cfg.epochs):
         if not cached and epoch == cfg.epochs // 3:
@@ -170,11 +171,14 @@ def fit(cfg: TrainConfig, model: Detector, ds: DetDataset, items: dict, pp: Prep
         elif hasattr(batches.sampler, "set_epoch"):
             batches.sampler.set_epoch(epoch)
         t = time.time()
-        tr = train_one_epoch(model, opt, batches, sched, device, amp=device.type == "cuda", deadline=deadline)
-        stop = dist.broadcast(run_epoch_end(cfg, net, ds, items, pp, state, stopper, epoch, tr, device, opt, sched)
-                              if dist.main else None)
+        # One process may stop mid-epoch at the deadline; several stop together, at epoch ends (rank 0 decides).
+        tr = train_one_epoch(model, opt, batches, sched, device, amp=device.type == "cuda",
+                             deadline=None if dist.enabled else deadline)
+        stop = run_epoch_end(cfg, net, ds, items, pp, state, stopper, epoch, tr, device, opt, sched) if dist.main \
+            else None
         plan.after_epoch(time.time() - t, deadline)
-        if stop or tr["stopped"]:
+        out_of_time = deadline is not None and time.time() + (time.time() - t) > deadline
+        if dist.broadcast(bool(stop or tr["stopped"] or out_of_time) if dist.main else None):
             break
     if state.best_state is not None:
         net.load_state_dict(state.best_state)
@@ -230,7 +234,7 @@ def run_epoch_end(cfg: TrainConfig, net: Detector, ds: DetDataset, items: dict, 
 
 
 def finish(cfg: TrainConfig, run: RunDir, model: Detector, ds: DetDataset, items: dict, pp: Preprocess,
-           state: RunState, splits: DetSplits, device, t0: float) -> dict:
+           state: RunState, splits: DetSplits, dist: Dist, device, t0: float) -> dict:
     """model.pt with the best epoch's weights and its thresholds, then the held-out figures."""
     best = state.best_metrics
     thr = [best.get("thresholds", {}).get(c, 0.5) for c in ds.classes]
@@ -246,7 +250,7 @@ def finish(cfg: TrainConfig, run: RunDir, model: Detector, ds: DetDataset, items
     summary = {"task": "detect", "run": str(run), "data": cfg.data, "strategy": cfg.strategy, "model": cfg.model,
                "image_size": cfg.image_size, "epochs_run": state.epoch, "seconds": round(time.time() - t0, 1),
                "val": rec["best"], "thresholds": dict(zip(ds.classes, thr)),
-               "held_out": held, "test": {k: v for k, v in (test or {}).items() if k != "f1"} or None}
+               "held_out": held, "distributed": dist.describe(cfg.batch_size), "test": {k: v for k, v in (test or {}).items() if k != "f1"} or None}
     write_json(run.summary_file, summary)
     if held == "val":
         log.warning("no test split: the figures above are on val, which chose the epoch (not held out)")
