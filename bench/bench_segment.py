@@ -40,15 +40,16 @@ def view(out: Path) -> Path:
     return v
 
 
-def run_imgclf(data: Path, out: Path, budget: float, seed: int, size: int) -> dict:
+def run_imgclf(data: Path, out: Path, budget: float, seed: int, size: int, class_weights: str = "none") -> dict:
     from imgclf.config import TrainConfig
     from imgclf.tasks import verbs
 
     t0 = time.time()
     s = verbs("segment").train(TrainConfig(data=str(data), out=str(out), ignore_index=11, time_budget=budget,
-                                           seed=seed, image_size=size))
+                                           seed=seed, image_size=size, class_weights=class_weights))
     ev = json.loads((out / "eval_test.json").read_text())
-    return {"tool": "imgclf", "start": "Lite0 ImageNet (offline), frozen trunk + FPN decoder", "miou": ev["miou"],
+    return {"tool": f"imgclf (loss {s['plan']['loss']})", "start": "Lite0 ImageNet (offline), frozen trunk + FPN decoder",
+            "miou": ev["miou"],
             "pixel_accuracy": ev["pixel_accuracy"], "iou": ev["iou_per_class"], "epochs": s["epochs_run"],
             "train_s": s["train_seconds"], "wall_s": round(time.time() - t0, 1), "plan": s["plan"]}
 
@@ -94,6 +95,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=320)
     ap.add_argument("--peer", default=None, help="the python of a venv with segmentation-models-pytorch")
     ap.add_argument("--out", default="/tmp/bench_segment")
+    ap.add_argument("--class-weights", default="none", help="imgclf's loss: none (CE) | auto (CE, median-frequency "
+                    "class weights); several, comma-separated, run one after the other")
     a = ap.parse_args()
     import logging
 
@@ -101,8 +104,10 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     data = view(out)
-    run = out / f"imgclf_s{a.seed}_{int(a.budget)}"
-    rows = [run_imgclf(data, run, a.budget, a.seed, a.image_size)]
+    rows = []
+    for cw in a.class_weights.split(","):
+        run = out / f"imgclf_s{a.seed}_{int(a.budget)}_{a.image_size}_{cw}"
+        rows.append(run_imgclf(data, run, a.budget, a.seed, a.image_size, cw))
     if a.peer:
         rows.append(run_peer(a.peer, data, run, out, a.budget, a.seed, a.image_size))
     print(machine())
