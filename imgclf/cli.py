@@ -91,6 +91,11 @@ def cmd_predict(cfg: C.PredictConfig) -> int:
     if cfg.save_images:
         n = task.save_images(results, model.classes, cfg.save_images)
         print(f"{n} image(s) with their boxes -> {cfg.save_images}", file=sys.stderr)
+    if cfg.save_masks:
+        if getattr(task, "save_masks", None) is None:
+            raise ConfigError("--save-masks is for segmentation runs", "leave it out for this run")
+        n = task.save_masks(results, model.classes, cfg.save_masks)
+        print(f"{n} label map(s) and overlay(s) -> {cfg.save_masks}", file=sys.stderr)
     bad = sum("error" in r for r in results)
     if bad:
         print(f"{bad} of {len(results)} file(s) could not be read", file=sys.stderr)

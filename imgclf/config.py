@@ -25,8 +25,9 @@ class TrainConfig:
     data: str = _f("", "image folder (DATA/<class>/*, or DATA/train|val|test/<class>/*) or a CSV of path,label",
                    positional="?")
     out: str = _f("", "run directory for weights, splits, history, metrics (default: runs/<data name>, numbered if taken)")
-    task: str = _f("auto", "auto (from the data: VOC, COCO, YOLO labels or instance masks mean detect; class folders "
-                           "and CSVs classify) | classify | detect")
+    task: str = _f("auto", "auto (from the data: VOC, COCO, YOLO labels or instance masks mean detect; images/ + "
+                           "masks/ or CamVid's train/ + trainannot/ segment; class folders and CSVs classify) | "
+                           "classify | detect | segment")
     model: str = _f("efficientnet_lite1", "architecture, see `imgclf models` (detect: the backbone; "
                                           "efficientnet_lite0 unless given)")
     pretrained: bool = _f(True, "start from ImageNet weights (--no-pretrained: random init)")
@@ -98,6 +99,8 @@ class TrainConfig:
     reject: str = _f("off", "answer 'unknown' for inputs unlike the training images: auto (keeps 95%% of known "
                             "validation images), a threshold in (0, 1] on the unknown score, or off (the score is "
                             "still returned); stored with the model")
+    ignore_index: int = _f(255, "segment: the mask value that marks void pixels, neither trained on nor scored "
+                                "(CamVid: 11)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -199,6 +202,8 @@ class PredictConfig(RuntimeConfig):
     conf: float | None = _f(None, "detect: one score threshold for every class (default: each class's F1-optimal "
                                   "threshold, chosen on val at training time)")
     save_images: str | None = _f(None, "detect: write each image with its boxes drawn into this folder")
+    save_masks: str | None = _f(None, "segment: write each image's label map (PNG, class ids) and a colour overlay "
+                                      "into this folder")
 
 
 @dataclass
@@ -241,7 +246,7 @@ class SuggestConfig(RuntimeConfig):
 class CheckConfig:
     data: str = _f("", "image folder or CSV, or detection labels (VOC, COCO, YOLO, instance masks), as for "
                        "`imgclf train`", positional=1)
-    task: str = _f("auto", "as for train: auto (from the data) | classify | detect")
+    task: str = _f("auto", "as for train: auto (from the data) | classify | detect | segment")
     image_size: int | None = _f(None, "detect: the input size the small-object warning is judged at (default: "
                                       "the one train would choose from the boxes)")
     json: bool = _f(False, "machine-readable output")
@@ -263,6 +268,7 @@ class CheckConfig:
                                "list is reported and nothing is written unless --force")
     force: bool = _f(False, "--fix: write the cleaned split even when it leaves out more than --max-drop")
     follow_links: bool = _f(False, "as for train: follow symbolic links that lead outside the data folder")
+    ignore_index: int = _f(255, "segment: as for train: the mask value that marks void pixels (CamVid: 11)")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
     classify  one label (or several) per image      imgclf.tasks.classify
     detect    boxes (and masks) of objects          imgclf.tasks.detect.task
+    segment   a class per pixel                     imgclf.tasks.segment.task
 
 A task is chosen from the data (`task_for_data`: VOC XML, COCO instances JSON,
 a YOLO data.yaml or instance-mask PNGs mean detect; class folders and CSVs
@@ -41,6 +42,7 @@ from imgclf.io import torch_load
 from imgclf.runs import RunDir
 from imgclf.tasks.detect.data import detect_format
 from imgclf.tasks.detect.onnx_predictor import OnnxDetPredictor
+from imgclf.tasks.segment.data import segment_format
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,10 @@ class TaskInfo:
 
 
 TASKS: dict[str, TaskInfo] = {t.name: t for t in (
+    # Before detect: a folder of semantic masks (images/ + masks/, CamVid's
+    # trainannot/) is not instance masks (PNGImages/ + PedMasks/: detect).
+    TaskInfo("segment", "a class per pixel: images/ + masks/ label maps, the CamVid layout, or COCO masks (--task)",
+             "imgclf.tasks.segment.task", lambda p: segment_format(p) is not None),
     TaskInfo("detect", "boxes of objects: Pascal VOC, COCO, YOLO labels or instance-mask PNGs",
              "imgclf.tasks.detect.task", lambda p: detect_format(p) is not None),
     TaskInfo("classify", "labels of whole images: class folders or a CSV of path,label",
