@@ -131,9 +131,9 @@ def race_strategies(cfg: TrainConfig, splits: Splits, device: torch.device, deco
     entries = [race_linear(cfg, splits, kept, kept_v, plan, device, bad, workers)]
     lowres_size = cfg.lowres_size or LOWRES_SIZE
     trained = [Learners("native", f"small_cnn from scratch at {decode_size}px", cfg, n_cls, plan, X, Y, Xv, Yv,
-                        native_pp=pp, grey=grey),
+                        native_pp=pp, grey=grey, device=device),
                Learners("lowres", f"{cfg.model} fine-tuned at {lowres_size}px", cfg, n_cls, plan, X, Y, Xv, Yv,
-                        native_pp=pp, grey=grey, size=lowres_size)]
+                        native_pp=pp, grey=grey, device=device, size=lowres_size)]
     run_rounds(trained, entries[0], t0 + cfg.race_seconds)
     entries += [t.entry for t in trained]
     winner, why = pick(entries)
@@ -181,9 +181,9 @@ class Learners:
     """One trained candidate: a model per fold, trained in rounds on the decoded images."""
 
     def __init__(self, name: str, what: str, cfg: TrainConfig, n_cls: int, plan: Scoring, X, Y, Xv, Yv,
-                 native_pp: Preprocess, grey: bool, size: int | None = None):
+                 native_pp: Preprocess, grey: bool, device: torch.device, size: int | None = None):
         self.entry, self.plan, self.X, self.Y, self.Xv, self.Yv = Entry(name, what), plan, X, Y, Xv, Yv
-        self.cfg, self.flip = cfg, not grey
+        self.cfg, self.flip, self.device = cfg, not grey, device
         if name == "native":
             self.batch, lr, self.epochs, self.erase = 128, 4e-3, 8, (cfg.erase if cfg.erase is not None else 0.0)
             base = build_model("small_cnn", n_cls, pretrained=False)
@@ -196,7 +196,7 @@ class Learners:
             self.prepare = memory_prepare(lpp)
         self.models, self.opts, self.scheds = [], [], []
         for tr in plan.train_idx:
-            m = copy.deepcopy(base).to(memory_format=torch.channels_last)
+            m = copy.deepcopy(base).to(device).to(memory_format=torch.channels_last)
             groups = lowres_groups(m, lr) if name == "lowres" else [{"params": m.parameters(), "lr": lr}]
             opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
             steps = self.epochs * -(-len(tr) // self.batch)
@@ -220,7 +220,7 @@ class Learners:
             for i in range(0, len(order), self.batch):
                 j = order[i:i + self.batch]
                 x = erase_batch(augment_batch(self.X[j], pad, self.flip, self.gen), self.erase, self.gen)
-                loss = self.loss(m(self.prepare(x)), self.Y[j])
+                loss = self.loss(m(self.prepare(x.to(self.device))), self.Y[j].to(self.device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -237,7 +237,8 @@ class Learners:
             m.eval()
             for Xs, ys in ((self.X[held], self.Y[held]), (self.Xv[self.plan.val_idx], self.Yv[self.plan.val_idx])):
                 for i in range(0, len(ys), 256):
-                    correct += int((m(self.prepare(Xs[i:i + 256])).argmax(1) == ys[i:i + 256]).sum())
+                    logits = m(self.prepare(Xs[i:i + 256].to(self.device))).cpu()
+                    correct += int((logits.argmax(1) == ys[i:i + 256]).sum())
                 n += len(ys)
         return correct / max(1, n)
 
