@@ -436,7 +436,7 @@ def choose_strategy(cfg: TrainConfig, device: torch.device, look: ImageLook | No
 # MNIST digits, where small_cnn at 28 px scored 99.4% (docs/benchmarks.md).
 NATIVE_MAX_SIDE = 64  # any image up to this size (90th percentile of the longer side)
 NATIVE_GREY_MAX_SIDE = 128  # grayscale (scans, drawings, digits) up to this size, trained at 64 px
-NATIVE_GREY_ERASE = 0.0  # random erasing on grayscale native runs: chosen on val (docs/benchmarks.md)
+NATIVE_GREY_ERASE = 0.0  # random erasing on grayscale native runs: off, no gain on val (docs/benchmarks.md)
 
 
 def native_size(cfg: TrainConfig, look: ImageLook | None) -> int:
