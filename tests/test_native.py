@@ -118,7 +118,7 @@ def test_auto_races_strategies_on_small_colour_images(tiny32, tmp_path):
     assert list(rows) == ["linear", "native", "lowres"] and all(0 <= r["score"] <= 1 for r in rows.values())
     best = max(rows.values(), key=lambda r: r["score"])["score"]
     assert rows[race["winner"]]["score"] == best and rows[race["winner"]]["status"].startswith("winner")
-    assert "time budget was spent" in (rows["native"]["status"] + rows["lowres"]["status"])
+    assert "time budget was spent" in rows["lowres"]["status"]  # native, cheap, runs its whole recipe
     assert summary["strategy"] == race["winner"] and summary["why"].startswith("won the race")
     assert f"strategy: {race['winner']}: won the race" in p.stdout
     for name in rows:

@@ -14,8 +14,9 @@ sample of the training images and is scored on the same held-out images:
 
 The images are decoded once (at their own size) for native and lowres, and the
 finishing stage reuses them. native and lowres train in rounds (a quarter of
-their schedule each); after the second, a candidate trailing the leader by
-more than MARGIN stops. The scoring images: val, or when val holds fewer than
+their schedule each); after the second, a lowres candidate trailing the
+leader by more than MARGIN stops, and the budget stops it too; native (cheap
+at its own size, and low until its schedule ends) runs its whole recipe. The scoring images: val, or when val holds fewer than
 MIN_SCORED images, 3-fold cross-validation on the sample (each fold's model
 scored on its held-out fold and on val). The winner then trains on all the
 data with its own full recipe.
@@ -185,7 +186,9 @@ class Learners:
         self.entry, self.plan, self.X, self.Y, self.Xv, self.Yv = Entry(name, what), plan, X, Y, Xv, Yv
         self.cfg, self.flip, self.device = cfg, not grey, device
         if name == "native":
-            self.batch, lr, self.epochs, self.erase = 128, 4e-3, 8, (cfg.erase if cfg.erase is not None else 0.0)
+            # native's whole recipe (14 epochs): a network from scratch scores low until its schedule ends, and
+            # at its own small size the full schedule costs less than linear's features
+            self.batch, lr, self.epochs, self.erase = 128, 4e-3, 14, (cfg.erase if cfg.erase is not None else 0.0)
             base = build_model("small_cnn", n_cls, pretrained=False)
             self.prepare = memory_prepare(native_pp)
         else:
@@ -206,6 +209,7 @@ class Learners:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.loss = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.done_rounds = 0
+        self.stoppable = name != "native"
 
     def train_round(self) -> None:
         """A quarter of the schedule (epochs x sample) for every fold's model, then its score."""
@@ -214,7 +218,7 @@ class Learners:
             m.train()
             n = len(tr) * self.epochs // ROUNDS
             order = torch.from_numpy(tr)[torch.randint(0, len(tr), (n,), generator=self.gen)] \
-                if self.epochs < ROUNDS else torch.cat([torch.from_numpy(tr)[torch.randperm(len(tr), generator=self.gen)]
+                if self.epochs % ROUNDS else torch.cat([torch.from_numpy(tr)[torch.randperm(len(tr), generator=self.gen)]
                                                         for _ in range(self.epochs // ROUNDS)])
             pad = max(1, self.X.shape[-1] // 12)
             for i in range(0, len(order), self.batch):
@@ -255,11 +259,11 @@ def run_rounds(trained: list[Learners], linear: Entry, deadline: float) -> None:
         for t in list(active):
             if r == ROUNDS:
                 t.entry.status = "finished its race schedule"
-            elif r >= 2 and t.entry.score < leader - MARGIN:
+            elif r >= 2 and t.stoppable and t.entry.score < leader - MARGIN:
                 t.entry.status = f"stopped after round {r} of {ROUNDS}: {100 * (leader - t.entry.score):.1f} points " \
                                  f"behind the leader"
                 active.remove(t)
-            elif time.time() > deadline:
+            elif time.time() > deadline and t.stoppable:
                 t.entry.status = f"stopped after round {r} of {ROUNDS}: the race's time budget was spent"
                 active.remove(t)
         if not active:
