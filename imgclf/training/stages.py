@@ -66,7 +66,7 @@ IMAGES_IN_MEMORY_MB = 1024  # IMGCLF_IMAGES_IN_MEMORY_MB overrides
 LOWRES_LR = 5e-4  # the backbone's rate (AdamW, warm-up + cosine)
 LOWRES_HEAD_MULT = 10  # the head's rate: x10
 LOWRES_EPOCHS = 6
-LOWRES_SIZE = 96  # input px: the usual upscale for such transfer; 64 px measured lower on val (docs/benchmarks.md)
+LOWRES_SIZE = 96  # input px: the usual upscale for such transfer, not yet chosen on val (docs/benchmarks.md)
 
 
 def images_in_memory_mb() -> float:
