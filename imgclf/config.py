@@ -33,7 +33,8 @@ class TrainConfig:
     pretrained: bool = _f(True, "start from ImageNet weights (--no-pretrained: random init)")
     weights: str | None = _f(None, "local backbone state dict (.pt/.pth) instead of the default pretrained weights")
     strategy: str = _f("auto", "auto | linear (frozen backbone, cached features) | finetune (head, then all layers) | scratch "
-                                 "| native (small images: small_cnn at their own size, decoded once into memory)")
+                                 "| native (small images: small_cnn at their own size, decoded once into memory) "
+                                 "| lowres (small images: the pretrained backbone fine-tuned at --lowres-size)")
     epochs: int | None = _f(None, "maximum epochs of the main stage (default: 100 linear, 8 finetune, 30 scratch, "
                                                "14 native)")
     head_epochs: int = _f(30, "finetune: epochs of head-only training on cached features before unfreezing")
@@ -101,6 +102,17 @@ class TrainConfig:
                             "still returned); stored with the model")
     ignore_index: int = _f(255, "segment: the mask value that marks void pixels, neither trained on nor scored "
                                 "(CamVid: 11)")
+    race: str = _f("auto", "how `auto` picks on small images: auto (a short race between linear, native and lowres "
+                           "on small colour images; grayscale ones train natively) | on (race on any small images) "
+                           "| off (the size rule alone); photos above 64 px never race", choices=("auto", "on", "off"))
+    race_images: int = _f(1000, "training images (a stratified sample) each strategy in the race learns from")
+    race_seconds: float = _f(240, "the race's time budget for training its candidates; when it runs out the best "
+                                  "score so far wins")
+    lowres_size: int | None = _f(None, "lowres: the input size the pretrained backbone is fine-tuned at (default 96)")
+    decode_size: int | None = _f(None, "lowres: the size training images are decoded at and kept in memory before "
+                                       "each batch is upscaled (default: their own, at most 64 px)")
+    erase: float | None = _f(None, "native and lowres: share of training images given a random erased rectangle "
+                                   "(random erasing; default off: it measured no gain on val)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -120,8 +132,14 @@ class TrainConfig:
 
         checks = [
             (self.model in MODELS, f"--model {self.model!r} is unknown; choose one of {', '.join(MODELS)}"),
-            (self.strategy in ("auto", "linear", "finetune", "scratch", "native"),
-             f"--strategy {self.strategy!r}: use auto, linear, finetune, scratch or native"),
+            (self.strategy in ("auto", "linear", "finetune", "scratch", "native", "lowres"),
+             f"--strategy {self.strategy!r}: use auto, linear, finetune, scratch, native or lowres"),
+            (self.race_images >= 20 and self.race_seconds > 0,
+             f"--race-images {self.race_images} / --race-seconds {self.race_seconds}: use at least 20 images and "
+             f"a positive budget"),
+            (self.lowres_size is None or 32 <= self.lowres_size <= 224,
+             f"--lowres-size {self.lowres_size}: use 32-224 px (64-128 is the usual range)"),
+            (self.erase is None or 0 <= self.erase <= 1, f"--erase {self.erase}: use a share in [0, 1]"),
             (self.augment in AUGMENTS, f"--augment {self.augment!r}: use one of {', '.join(AUGMENTS)}"),
             (self.resize in (None, *RESIZE_POLICIES), f"--resize {self.resize!r}: use crop, squash or pad"),
             (self.class_weights in ("none", "auto"), f"--class-weights {self.class_weights!r}: use none or auto"),
