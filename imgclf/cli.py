@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
 EXTRAS = {"imagehash": "train", "torch": "train", "torchvision": "train", "timm": "train", "sklearn": "train",
           "onnx": "train", "usearch": "train", "scipy": "train", "matplotlib": "report", "fastapi": "serve",
           "uvicorn": "serve", "python_multipart": "serve", "prometheus_client": "serve", "ai_edge_litert": "litert",
-          "litert_torch": "mobile", "ai_edge_quantizer": "mobile"}
+          "litert_torch": "mobile", "ai_edge_quantizer": "mobile",
+          "tensorboard": "tensorboard", "mlflow": "mlflow"}
 
 
 if __name__ == "__main__":

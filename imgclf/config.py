@@ -89,7 +89,10 @@ class TrainConfig:
     from_run: str | None = _f(None, "start from an earlier run: its settings (flags given here win), its backbone, its "
                                     "split for the files it had, and its feature cache, so only new files are encoded",
                               flag="--from")
-    tensorboard: bool = _f(False, "also log to RUN/tensorboard (needs `pip install tensorboard`)")
+    log: str = _f("", "also track the run in: tensorboard (event files in RUN/tensorboard) | mlflow (the store at "
+                      "MLFLOW_TRACKING_URI, else sqlite under RUN) | tensorboard,mlflow; needs "
+                      "pip install 'imgclf[tensorboard]' / 'imgclf[mlflow]'")
+    tensorboard: bool = _f(False, "same as --log tensorboard")
     evaluate: bool = _f(True, "evaluate on the test split (or val) when training ends")
     multi_label: bool = _f(False, "several labels per image: sigmoid outputs, per-label thresholds (automatic for a "
                                   "CSV with a 'labels' header or ';'-separated labels)")
@@ -152,6 +155,8 @@ class TrainConfig:
             (self.search >= 0, f"--search {self.search}: give a number of trials (0: no search)"),
             (not (self.search and self.strategy in ("scratch", "native")),
              f"--search tunes a head on cached features; --strategy {self.strategy} has none (use linear or auto)"),
+            (all(s.strip() in ("tensorboard", "mlflow", "") for s in self.log.split(",")),
+             f"--log {self.log!r}: use tensorboard, mlflow or tensorboard,mlflow"),
             (self.cv_folds >= 2, f"--cv-folds {self.cv_folds}: use 2 or more (5 is usual)"),
             (not (self.head_fit == "cv" and self.head_hidden),
              "--head-fit cv fits a linear head; with --head-hidden use --head-fit epochs (or auto)"),

@@ -48,6 +48,7 @@ from imgclf.training.loop import (
     warmup_cosine,
 )
 from imgclf.training.search import fit_best, run_search, search_csv
+from imgclf.training.tracking import Tracker
 
 log = get_logger(__name__)
 
@@ -119,7 +120,7 @@ class Context:
     bad: BadFileLog
     workers: int
     deadline: float | None = None  # time.time() by which --time-budget ends training
-    tb: object | None = None  # tensorboard SummaryWriter
+    tracker: Tracker = field(default_factory=Tracker)  # --log: TensorBoard / MLflow (rank 0)
     class_weights: torch.Tensor | None = None
     features_per_s: float | None = field(default=None)  # measured, to size a budgeted fine-tuning stage
     dist: Dist = field(default_factory=Dist)  # this process's place under torchrun (one process: world 1)
@@ -659,8 +660,6 @@ def train_epochs(ctx: Context, stage: Stage, module, scope: str, opt, sched, tra
                 ctx.save_best()  # a slow epoch's best is never lost to a crash
         if d.broadcast(_should_stop(ctx, stage, stopper, secs) if d.main else None):
             break
-    if ctx.tb is not None:
-        ctx.tb.flush()
 
 
 def _gather_logits(d: Dist):
@@ -686,10 +685,7 @@ def _history_row(stage: Stage, state: RunState, epoch: int, tr: dict, va: dict, 
 
 
 def _report_epoch(ctx: Context, stage: Stage, row: dict, improved: bool, verbose: bool) -> None:
-    if ctx.tb is not None:
-        for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "val_map", "lr"):
-            if k in row:
-                ctx.tb.add_scalar(k, row[k], row["epoch"])
+    ctx.tracker.epoch(row)
     if verbose:
         say(f"{stage.name} epoch {row['stage_epoch']:>3}/{stage.epochs}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "

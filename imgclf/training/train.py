@@ -36,7 +36,7 @@ from imgclf.config import EvaluateConfig, TrainConfig
 from imgclf.data.datasets import Splits, discover, drop_files, has_label, multi_hot
 from imgclf.data.loading import BadFileLog, ImageLook, default_workers, look_at, scan
 from imgclf.data.preprocess import Preprocess, native_preprocess
-from imgclf.errors import ConfigError, DataError, MissingExtra, RunError
+from imgclf.errors import ConfigError, DataError, RunError
 from imgclf.evaluation.evaluate import evaluate_run
 from imgclf.evaluation.fits import FitData, fit_after_training
 from imgclf.inference.torch_predictor import TorchPredictor
@@ -48,6 +48,7 @@ from imgclf.training.distributed import Dist, init_distributed
 from imgclf.training.loop import balanced_class_weights, positive_weights
 from imgclf.training.race import RaceResult, race_strategies
 from imgclf.training.stages import LOWRES_SIZE, Context, check_memory_budget, plan_stages, run_stages, say
+from imgclf.training.tracking import Tracker, parse_sinks
 
 
 @dataclass
@@ -121,9 +122,8 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
         run_stages(ctx, plan_stages(strategy, cfg), budgeted=strategy == "linear+finetune")
     except KeyboardInterrupt:
         say(f"\ninterrupted: the last completed epoch is saved; continue with `imgclf train --resume --out {run}`")
+        ctx.tracker.close(failed=True)
         raise
-    if ctx.tb is not None:
-        ctx.tb.close()  # written out now: the CLI exits without interpreter teardown (cli.run)
     if not dist.main:  # rank 0 alone calibrates, evaluates and writes the run
         return TrainResult(run.path, strategy, {}, None, round(time.time() - t_start, 2))
     # One predictor of the best weights, in memory (one backbone session): the
@@ -139,6 +139,7 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
     summary["total_seconds"] = round(time.time() - t_start, 2)
     forget_skipped(ctx, summary)
     write_json(run.summary_file, summary)
+    ctx.tracker.finish(run.path, test, ctx.splits.classes)
     say(f"done in {summary['total_seconds']:.1f}s. Run: {run}  (predict: imgclf predict {run} IMAGE...)")
     return TrainResult(run.path, strategy, state.best_metrics, test, summary["total_seconds"], calibration)
 
@@ -290,13 +291,8 @@ def check_files(splits: Splits, dist: Dist | None = None) -> BadFileLog:
 
 def make_context(cfg: TrainConfig, splits: Splits, model, pp: Preprocess, device: torch.device, state: RunState,
                  bad: BadFileLog, t_start: float, dist: Dist | None = None, strategy: str = "") -> Context:
-    tb = None
-    if cfg.tensorboard and (dist is None or dist.main):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise MissingExtra("--tensorboard needs the tensorboard package", "pip install tensorboard") from None
-        tb = SummaryWriter(str(state.run.path / "tensorboard"))
+    tracker = Tracker.open(parse_sinks(cfg.log, cfg.tensorboard), state.run.path, cfg.to_dict(),
+                           main=dist is None or dist.main)
     weights = None
     if cfg.class_weights == "auto" and splits.multi_label:
         weights = positive_weights(multi_hot([y for _, y in splits.train], len(splits.classes)))
@@ -309,7 +305,7 @@ def make_context(cfg: TrainConfig, splits: Splits, model, pp: Preprocess, device
     workers = cfg.workers if cfg.workers is not None else default_workers() // dist.local_world  # a share per rank
     return Context(cfg, splits, model, pp, device, state, bad, workers=workers,
                    deadline=t_start - state.elapsed + cfg.time_budget if cfg.time_budget else None,
-                   tb=tb if dist.main else None, class_weights=weights, dist=dist, strategy=strategy)
+                   tracker=tracker, class_weights=weights, dist=dist, strategy=strategy)
 
 
 def predictor(ctx: Context, record: dict) -> TorchPredictor:

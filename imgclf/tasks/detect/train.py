@@ -42,6 +42,7 @@ from imgclf.training.checkpoint import CKPT_KEYS, RunState
 from imgclf.training.distributed import Dist, init_distributed
 from imgclf.training.loop import EarlyStopping, warmup_cosine
 from imgclf.training.stages import say
+from imgclf.training.tracking import Tracker, parse_sinks
 from imgclf.training.train import free_run_dir, seed_everything, set_threads
 
 log = get_logger(__name__)
@@ -84,10 +85,13 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, held: contextlib.
                      weights=cfg.weights, freeze_backbone=STRATEGIES[cfg.strategy] == "cached",
                      masks=masks).to(device)
     state = RunState(cfg.to_dict(), run, dist.world)
-    fit(cfg, model, ds, items, pp, state, ckpt, dist, device, t0)
+    tracker = Tracker.open(parse_sinks(cfg.log, cfg.tensorboard), run.path, cfg.to_dict(), main=dist.main)
+    fit(cfg, model, ds, items, pp, state, ckpt, dist, device, t0, tracker)
     if not dist.main:
         return {}
-    return finish(cfg, run, model, ds, items, pp, state, splits, dist, device, t0)
+    summary = finish(cfg, run, model, ds, items, pp, state, splits, dist, device, t0)
+    tracker.finish(run.path, summary["test"])
+    return summary
 
 
 def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, RunDir, dict | None]:
@@ -146,7 +150,7 @@ def describe(cfg: TrainConfig, ds: DetDataset, items: dict[str, list[int]], run:
 
 
 def fit(cfg: TrainConfig, model: Detector, ds: DetDataset, items: dict, pp: Preprocess, state: RunState,
-        ckpt: dict | None, dist: Dist, device: torch.device, t0: float) -> None:
+        ckpt: dict | None, dist: Dist, device: torch.device, t0: float, tracker: Tracker | None = None) -> None:
     """The epochs: train, validate (rank 0), keep the best, checkpoint, stop
     early or at the time budget. Restores the best weights at the end."""
     train_items = dist.shard(items["train"])[: len(items["train"]) // dist.world]  # equal shares: no rank waits
@@ -176,7 +180,7 @@ def fit(cfg: TrainConfig, model: Detector, ds: DetDataset, items: dict, pp: Prep
         # One process may stop mid-epoch at the deadline; several stop together, at epoch ends (rank 0 decides).
         tr = train_one_epoch(model, opt, batches, sched, device, amp=device.type == "cuda",
                              deadline=None if dist.enabled else deadline)
-        stop = run_epoch_end(cfg, net, ds, items, pp, state, stopper, epoch, tr, device, opt, sched) if dist.main \
+        stop = run_epoch_end(cfg, net, ds, items, pp, state, stopper, epoch, tr, device, opt, sched, tracker) if dist.main \
             else None
         plan.after_epoch(time.time() - t, deadline)
         out_of_time = deadline is not None and time.time() + (time.time() - t) > deadline
@@ -216,7 +220,7 @@ class Plan:
 
 
 def run_epoch_end(cfg: TrainConfig, net: Detector, ds: DetDataset, items: dict, pp: Preprocess, state: RunState,
-                  stopper: EarlyStopping, epoch: int, tr: dict, device, opt, sched) -> bool:
+                  stopper: EarlyStopping, epoch: int, tr: dict, device, opt, sched, tracker: Tracker | None = None) -> bool:
     """Rank 0: validate, keep the best, write history and last.pt; whether to stop."""
     m = val_metrics(TorchDetPredictor(net, ds.classes, pp, np.zeros(len(ds.classes)), device), ds, items["val"])
     net.train()
@@ -229,6 +233,8 @@ def run_epoch_end(cfg: TrainConfig, net: Detector, ds: DetDataset, items: dict, 
            "val_map": round(m["map"], 4), "val_map50": round(m["map50"], 4), "lr": opt.param_groups[0]["lr"]}
     state.history.append(row)
     write_history(state.run.history_file, state.history)
+    if tracker:
+        tracker.epoch(row)
     state.checkpoint(net, "all", opt, sched, stopper)
     say(f"epoch {epoch + 1}/{cfg.epochs}  loss {tr['loss']:.4f}  val mAP {m['map']:.3f}  mAP@.5 {m['map50']:.3f}"
         f"  {tr['seconds']:.0f}s" + ("  *" if improved else ""))
