@@ -14,7 +14,6 @@ from imgclf import tasks
 from imgclf._version import __version__
 from imgclf.config import TrainConfig
 from imgclf.errors import ImgclfError
-from imgclf.inference.load import load
 
 # onnxruntime's Linux builds record an event per session (a persistent device
 # id, the process path, OS and CPU) in ~/.cache/Microsoft/DeveloperTools/
@@ -23,6 +22,8 @@ from imgclf.inference.load import load
 # module does at import time (tests/test_hardening.py::test_onnxruntime_writes_no_telemetry).
 # A user's own value is kept.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+load = tasks.load  # any run directory or model file, of any task: the predictor for it
 
 __all__ = ["train", "load", "TrainConfig", "ImgclfError", "__version__"]
 

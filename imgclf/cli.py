@@ -195,7 +195,7 @@ def cmd_serve(cfg: C.ServeConfig) -> int:
 
 
 COMMANDS = {  # name: (config class, function, one-line help)
-    "train": (C.TrainConfig, cmd_train, "train a classifier (class folders, CSV) or a detector (VOC, COCO, YOLO labels, instance masks)"),
+    "train": (C.TrainConfig, cmd_train, "train a classifier (class folders, CSV), a detector (VOC, COCO, YOLO labels, instance masks) or a segmenter (mask PNGs)"),
     "evaluate": (C.EvaluateConfig, cmd_evaluate, "metrics, calibration and an HTML report of a run on its held-out split"),
     "compare": (C.CompareConfig, cmd_compare, "side-by-side metrics of several runs on the same split"),
     "predict": (C.PredictConfig, cmd_predict, "top-k labels for image files or folders"),

@@ -143,7 +143,7 @@ def describe(cfg: TrainConfig, ds: DetDataset, items: dict[str, list[int]], run:
     """Once, before training: the split, and what `imgclf check` would warn about."""
     say(f"detect: {ds.format} labels, {len(ds.classes)} classes ({', '.join(ds.classes)}), "
         + ", ".join(f"{len(v)} {k}" for k, v in items.items()) + f" images -> {run}")
-    for line in format_summary(check_dataset(ds, cfg.image_size)):
+    for line in format_summary(check_dataset(ds, cfg.image_size, split=items)):  # leakage judged on this run's split
         say(line)
     if not items["val"]:
         raise ConfigError("the split leaves no validation images", "give --val-fraction 0.1 or more, or more images")
