@@ -202,7 +202,7 @@ def check_world_size(ckpt: dict, dist: Dist, run: RunDir) -> None:
 
 
 # Never taken from the earlier run: what names this run and where it starts.
-OWN_FIELDS = ("data", "out", "resume", "from_run")
+OWN_FIELDS = ("data", "out", "resume", "from_run", "task")  # task: the registry resolved it, not the user
 
 
 def settings_from(cfg: TrainConfig) -> tuple[TrainConfig, Splits]:

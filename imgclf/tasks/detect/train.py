@@ -232,10 +232,10 @@ def run_epoch_end(cfg: TrainConfig, net: Detector, ds: DetDataset, items: dict, 
     row = {"epoch": epoch + 1, **{k: round(v, 5) for k, v in tr.items() if k not in ("n", "stopped")},
            "val_map": round(m["map"], 4), "val_map50": round(m["map50"], 4), "lr": opt.param_groups[0]["lr"]}
     state.history.append(row)
-    write_history(state.run.history_file, state.history)
+    state.checkpoint(net, "all", opt, sched, stopper)  # last.pt first: it is what --resume continues from
     if tracker:
         tracker.epoch(row)
-    state.checkpoint(net, "all", opt, sched, stopper)
+    write_history(state.run.history_file, state.history)
     say(f"epoch {epoch + 1}/{cfg.epochs}  loss {tr['loss']:.4f}  val mAP {m['map']:.3f}  mAP@.5 {m['map50']:.3f}"
         f"  {tr['seconds']:.0f}s" + ("  *" if improved else ""))
     return stopper.should_stop
