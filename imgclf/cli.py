@@ -19,11 +19,12 @@ import typing
 
 from imgclf import config as C
 from imgclf._version import __version__
-from imgclf.errors import ImgclfError
-from imgclf.inference import expand_paths, load, reject_threshold
+from imgclf.errors import ConfigError, ImgclfError
+from imgclf.inference import expand_paths, reject_threshold
 from imgclf.io import write_error
 from imgclf.log import setup_cli
 from imgclf.runs import RunDir
+from imgclf.tasks import task_for_data, task_of, verbs
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
@@ -57,17 +58,13 @@ def config_from_args(cls, a: argparse.Namespace):
 # ---------------------------------------------------------------- commands
 
 def cmd_train(cfg: C.TrainConfig) -> int:
-    from imgclf.training.train import train  # deferred: verbs load only what they need
-
-    train(cfg)
+    cfg.task = task_for_data(cfg.data, cfg.task) if not cfg.resume else task_of(cfg.out)
+    verbs(cfg.task).train(cfg)
     return 0
 
 
 def cmd_evaluate(cfg: C.EvaluateConfig) -> int:
-    from imgclf.data_engine import REPORT_SECTIONS  # deferred: verbs load only what they need
-    from imgclf.evaluation.evaluate import evaluate_run  # deferred: verbs load only what they need
-
-    evaluate_run(cfg, sections=REPORT_SECTIONS)
+    verbs(task_of(cfg.run)).evaluate(cfg)
     return 0
 
 
@@ -80,39 +77,23 @@ def cmd_compare(cfg: C.CompareConfig) -> int:
 
 
 def cmd_predict(cfg: C.PredictConfig) -> int:
-
+    task = verbs(task_of(cfg.run))
+    if getattr(task, "save_images", None) is None and (cfg.conf is not None or cfg.save_images):
+        raise ConfigError("--conf and --save-images are for detection runs", "leave them out for this run")
     reject_threshold(cfg.reject, None)  # a bad --reject fails before the model loads
-    clf = load(cfg.run, device=cfg.device, engine=cfg.engine, cache_dir=cfg.cache_dir)
-    clf.set_reject(cfg.reject)
-    results = clf.predict(expand_paths(cfg.paths), top_k=cfg.top_k, batch_size=cfg.batch_size)
-    print_predictions(results, cfg.format)
+    model = task.load(cfg.run, device=cfg.device, engine=cfg.engine, cache_dir=cfg.cache_dir)
+    if cfg.reject is not None:
+        model.set_reject(cfg.reject)
+    opts = {"conf": cfg.conf} if cfg.conf is not None else {}
+    results = model.predict(expand_paths(cfg.paths), top_k=cfg.top_k, batch_size=cfg.batch_size, **opts)
+    print(task.format_answers(results, cfg.format))
+    if cfg.save_images:
+        n = task.save_images(results, model.classes, cfg.save_images)
+        print(f"{n} image(s) with their boxes -> {cfg.save_images}", file=sys.stderr)
     bad = sum("error" in r for r in results)
     if bad:
         print(f"{bad} of {len(results)} file(s) could not be read", file=sys.stderr)
     return 0 if bad < len(results) or not results else 1
-
-
-def print_predictions(results: list[dict], fmt: str) -> None:
-    import csv
-
-    if fmt == "json":
-        print(json.dumps(results, indent=2))
-    elif fmt == "csv":
-        w = csv.writer(sys.stdout)
-        w.writerow(["path", "label", "score", "top", "unknown", "error"])
-        for r in results:
-            top = ";".join(f"{t['label']}:{t['score']:.4f}" for t in r.get("top", []))
-            w.writerow([r["path"], r.get("label", ""), f"{r['score']:.4f}" if "score" in r else "", top,
-                        f"{r['unknown']:.4f}" if "unknown" in r else "", r.get("error", "")])
-    else:
-        wp = max(10, *(len(r["path"]) for r in results)) if results else 10
-        for r in results:
-            body = f"ERROR {r['error']}" if "error" in r else "  ".join(f"{t['label']} {t['score']:.3f}" for t in r["top"])
-            if "labels" in r and "error" not in r:  # multi-label: the decided set first
-                body = f"[{r['label'] or 'none'}]  " + body
-            if "unknown" in r:
-                body = ("UNKNOWN  " if r["label"] == "unknown" else "") + body + f"  (unknown {r['unknown']:.2f})"
-            print(f"{r['path']:<{wp}}  {body}")
 
 
 def cmd_embed(cfg: C.EmbedConfig) -> int:
@@ -146,13 +127,8 @@ def cmd_suggest(cfg: C.SuggestConfig) -> int:
 
 
 def cmd_check(cfg: C.CheckConfig) -> int:
-    from imgclf.data.check import default_fix_path, format_report  # deferred: verbs load only what they need
-    from imgclf.data_engine.near_dup import check_dataset  # deferred: verbs load only what they need
-
-    fix = (cfg.fix_out or default_fix_path(cfg.data)) if cfg.fix else None
-    r = check_dataset(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, near_dup=cfg.near_dup,
-                      model=cfg.model, cache_dir=cfg.cache_dir, fix=fix, follow_links=cfg.follow_links)
-    print(json.dumps(r, indent=2) if cfg.json else format_report(r))
+    report, text = verbs(task_for_data(cfg.data, cfg.task)).check(cfg)
+    print(json.dumps(report, indent=2, default=str) if cfg.json else text)
     return 0
 
 
@@ -213,7 +189,7 @@ def cmd_serve(cfg: C.ServeConfig) -> int:
 
 
 COMMANDS = {  # name: (config class, function, one-line help)
-    "train": (C.TrainConfig, cmd_train, "train a classifier on a folder of labelled images"),
+    "train": (C.TrainConfig, cmd_train, "train a classifier (class folders, CSV) or a detector (VOC, COCO, YOLO labels, instance masks)"),
     "evaluate": (C.EvaluateConfig, cmd_evaluate, "metrics, calibration and an HTML report of a run on its held-out split"),
     "compare": (C.CompareConfig, cmd_compare, "side-by-side metrics of several runs on the same split"),
     "predict": (C.PredictConfig, cmd_predict, "top-k labels for image files or folders"),

@@ -25,7 +25,10 @@ class TrainConfig:
     data: str = _f("", "image folder (DATA/<class>/*, or DATA/train|val|test/<class>/*) or a CSV of path,label",
                    positional="?")
     out: str = _f("", "run directory for weights, splits, history, metrics (default: runs/<data name>, numbered if taken)")
-    model: str = _f("efficientnet_lite1", "architecture, see `imgclf models`")
+    task: str = _f("auto", "auto (from the data: VOC, COCO, YOLO labels or instance masks mean detect; class folders "
+                           "and CSVs classify) | classify | detect")
+    model: str = _f("efficientnet_lite1", "architecture, see `imgclf models` (detect: the backbone; "
+                                          "efficientnet_lite0 unless given)")
     pretrained: bool = _f(True, "start from ImageNet weights (--no-pretrained: random init)")
     weights: str | None = _f(None, "local backbone state dict (.pt/.pth) instead of the default pretrained weights")
     strategy: str = _f("auto", "auto | linear (frozen backbone, cached features) | finetune (head, then all layers) | scratch "
@@ -38,7 +41,7 @@ class TrainConfig:
     resize: str | None = _f(None, "crop | squash | pad (default: the model's own, crop)")
     crop_pct: float | None = _f(None, "--resize crop: the share of the resized image kept around its centre (timm's "
                                       "crop_pct; default: the model's own: 208/240 for Lite1, 1 for the others)")
-    batch_size: int = _f(32, "images per step for image batches; under torchrun per process (the global batch "
+    batch_size: int = _f(32, "images per step for image batches (detect: 4 unless given); under torchrun per process (the global batch "
                              "is this x the number of processes)")
     feature_batch_size: int = _f(128, "examples per step when training a head on cached features")
     lr: float | None = _f(None, "peak learning rate of the head (default: 1e-3; 2e-3 for scratch)")
@@ -193,6 +196,9 @@ class PredictConfig(RuntimeConfig):
     batch_size: int = _f(32, "images per model call")
     reject: str | None = _f(None, "override the model's rejection of unknown inputs: auto, off, or a threshold "
                                   "in (0, 1] on the unknown score")
+    conf: float | None = _f(None, "detect: one score threshold for every class (default: each class's F1-optimal "
+                                  "threshold, chosen on val at training time)")
+    save_images: str | None = _f(None, "detect: write each image with its boxes drawn into this folder")
 
 
 @dataclass
@@ -233,7 +239,11 @@ class SuggestConfig(RuntimeConfig):
 
 @dataclass
 class CheckConfig:
-    data: str = _f("", "image folder or CSV, as for `imgclf train`", positional=1)
+    data: str = _f("", "image folder or CSV, or detection labels (VOC, COCO, YOLO, instance masks), as for "
+                       "`imgclf train`", positional=1)
+    task: str = _f("auto", "as for train: auto (from the data) | classify | detect")
+    image_size: int | None = _f(None, "detect: the input size the small-object warning is judged at (default: "
+                                      "the one train would choose from the boxes)")
     json: bool = _f(False, "machine-readable output")
     val_fraction: float = _f(0.1, "as for train: share held out for validation when the data has no split")
     test_fraction: float = _f(0.1, "as for train: share held out for testing when the data has no split")

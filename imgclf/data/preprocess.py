@@ -78,10 +78,9 @@ def resize_image(img: Image.Image, pp: Preprocess, reducing_gap: float | None = 
     if pp.resize == "squash":
         return img.resize((s, s), interp, reducing_gap=reducing_gap)
     if pp.resize == "pad":
-        r = s / max(w, h)
-        nw, nh = max(1, round(w * r)), max(1, round(h * r))
+        nw, nh, left, top = pad_geometry(w, h, s)
         canvas = Image.new("RGB", (s, s), pp.pad_color)
-        canvas.paste(img.resize((nw, nh), interp, reducing_gap=reducing_gap), ((s - nw) // 2, (s - nh) // 2))
+        canvas.paste(img.resize((nw, nh), interp, reducing_gap=reducing_gap), (left, top))
         return canvas
     short = pp.draft_size
     r = short / min(w, h)
@@ -96,6 +95,15 @@ def resize_image(img: Image.Image, pp: Preprocess, reducing_gap: float | None = 
     img = img.resize((nw, nh), interp, reducing_gap=reducing_gap)
     left, top = (nw - s) // 2, (nh - s) // 2
     return img.crop((left, top, left + s, top + s))
+
+
+def pad_geometry(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+    """The letterbox ("pad") of a w x h image into a size x size square: the
+    resized width and height, and the left and top padding. Detection maps
+    boxes back to the original pixels with it."""
+    r = size / max(w, h)
+    nw, nh = max(1, round(w * r)), max(1, round(h * r))
+    return nw, nh, (size - nw) // 2, (size - nh) // 2
 
 
 def to_chw(a: np.ndarray):

@@ -234,3 +234,31 @@ def split_dataset(ds: DetDataset, val_fraction: float = 0.1, test_fraction: floa
     for (name, _), part in zip(want, parts[:-1]):
         out[name] = sorted(given[name] + [int(i) for i, _ in part])
     return out
+
+
+def format_summary(rep: DetCheckReport) -> list[str]:
+    """The lines `train` says once: boxes per class, their sizes at the input
+    size, background images, and the warnings."""
+    lines = [f"{rep.boxes} boxes in {rep.images} images: " + ", ".join(
+        f"{c} {rep.boxes_per_class[c]}" for c in rep.classes)]
+    lines += [f"  {c}: side p5/p50/p95 {'/'.join(f'{v:g}' for v in rep.sizes[c]['side_at_input'])} px at "
+              f"{rep.image_size} px, aspect w/h p50 {rep.sizes[c]['aspect'][1]:g}" for c in rep.classes
+              if rep.sizes.get(c, {}).get("side_at_input")]
+    if rep.background_images:
+        lines.append(f"{len(rep.background_images)} image(s) without boxes, kept as background")
+    return lines + [f"warning: {w}" for w in rep.warnings]
+
+
+def format_report(rep: DetCheckReport) -> str:
+    """`imgclf check` on detection labels, as text."""
+    lines = [f"detection labels ({rep.format}): {len(rep.classes)} classes, {rep.images} images"] + format_summary(rep)
+    for what, items in (("outside the image", rep.outside), ("degenerate", rep.degenerate),
+                        ("duplicated", rep.duplicates)):
+        lines += [f"  {what}: {i.image} box {i.index} ({i.label} {[round(v, 1) for v in i.box]}) {i.detail}".rstrip()
+                  for i in items[:10]]
+        if len(items) > 10:
+            lines.append(f"  ... and {len(items) - 10} more {what}")
+    lines += [f"  problem: {p}" for p in rep.problems[:20]]
+    lines.append("clean" if rep.clean else "not clean: `imgclf check DATA --fix` writes a cleaned COCO copy "
+                 "(your files are never changed)")
+    return "\n".join(lines)

@@ -129,8 +129,13 @@ class Detector(nn.Module):
         a = head["cls_logits"].shape[1] // sum(per_level)  # anchors per location (1 for FCOS)
         return {"head": head, "anchors": anchors, "per_level": [n * a for n in per_level], "sizes": sizes}
 
-    def forward(self, images: torch.Tensor) -> dict:
-        return self.forward_head(self.forward_features(images), (int(images.shape[-2]), int(images.shape[-1])))
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> dict:
+        """Images (B, 3, S, S), or the trunk's cached maps of such images (a
+        list): training on cached maps goes through `forward` too, so a
+        DDP-wrapped model synchronises its gradients either way."""
+        if isinstance(x, (list, tuple)):
+            return self.forward_head(list(x), (self.image_size, self.image_size))
+        return self.forward_head(self.forward_features(x), (int(x.shape[-2]), int(x.shape[-1])))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, score_thresh: float = 0.05) -> list[dict[str, torch.Tensor]]:
@@ -191,8 +196,22 @@ def train_transform(image_size: int, scale: tuple[float, float] = (0.6, 1.4), vf
     return v2.Compose(steps)
 
 
-def eval_transform(image_size: int):
-    """Letterbox: the longer side becomes image_size (padding to the square is the collate's)."""
-    from torchvision.transforms import v2
+# --- the model record (what a detection run's model.pt holds) ---
 
-    return v2.Compose([v2.Resize(size=None, max_size=image_size, antialias=True), v2.ToDtype(torch.float32, scale=True)])
+RECORD_KEYS = ("task", "detector", "classes", "preprocess", "thresholds", "state_dict")
+
+
+def detector_record(model: Detector, classes: list[str], preprocess: dict, thresholds: list[float],
+                    extra: dict | None = None) -> dict:
+    """Weights, the network's settings, classes, the letterbox and the
+    per-class score thresholds: all `DetPredictor` needs, nothing to import."""
+    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {"format_version": 1, "task": "detect", "detector": dict(model.config), "classes": list(classes),
+            "preprocess": preprocess, "thresholds": [float(t) for t in thresholds], "state_dict": sd, **(extra or {})}
+
+
+def detector_from_record(rec: dict) -> Detector:
+    """The network of a record, its weights loaded (no pretrained download or file needed)."""
+    model = Detector(**rec["detector"], pretrained=False, freeze_backbone=True)
+    model.load_state_dict(rec["state_dict"])
+    return model.eval()

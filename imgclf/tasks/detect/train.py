@@ -1,218 +1,259 @@
-"""A minimal detection training loop, in the style of torchvision's
-references: a torch Dataset over `DetDataset` images, `train_one_epoch`,
-`evaluate` (COCO metrics on the original images' pixels) and `fit`, which
-chains them. The shared machinery (run directory, checkpoints, early
-stopping, DDP) is the task seam's, not this module's.
+"""`imgclf train` on detection labels: the recipe, top to bottom.
+
+  resolve the config -> read the labels, split them, name what `check` would
+  -> the model (pretrained Lite trunk + FPN + RetinaNet head)
+  -> batches: the frozen trunk's maps cached once (auto), or augmented images (finetune)
+  -> epochs: validate on val through the predictor, keep the best by val mAP,
+     last.pt after each, early stopping, --time-budget
+  -> per-class score thresholds (F1-optimal on val) -> model.pt -> evaluate on the held-out split
+
+The CPU-first default (auto): the trunk stays frozen with its ImageNet
+weights, so its maps of every training image and its mirror are computed once
+and only the FPN and head train, a few seconds per epoch on 2 cores.
+Shared with classification, not copied: RunDir/RunLock, RunState (last.pt,
+--resume), EarlyStopping and the warm-up + cosine schedule, Dist (torchrun),
+the seeds and threads.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 import time
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-from imgclf.data.images import open_image
-from imgclf.tasks.detect.data import DetDataset
-from imgclf.tasks.detect.metrics import coco_metrics
-from imgclf.tasks.detect.model import (
-    Detector,
-    detection_loss,
-    eval_transform,
-    train_transform,
-)
+from imgclf.config import TrainConfig
+from imgclf.data.preprocess import Preprocess
+from imgclf.errors import ConfigError, RunError
+from imgclf.io import torch_load, torch_save_atomic, write_history, write_json
+from imgclf.log import get_logger
+from imgclf.runs import RunDir, RunLock
+from imgclf.tasks.detect.check import check_dataset, format_summary, split_dataset, suggest_image_size
+from imgclf.tasks.detect.data import DetDataset, read_dataset
+from imgclf.tasks.detect.evaluate import evaluate_split, val_metrics
+from imgclf.tasks.detect.loop import AugmentedImages, CachedFeatures, image_loader, train_one_epoch
+from imgclf.tasks.detect.model import Detector, detector_record
+from imgclf.tasks.detect.splits import DetSplits
+from imgclf.tasks.detect.torch_predictor import TorchDetPredictor
+from imgclf.training.checkpoint import CKPT_KEYS, RunState
+from imgclf.training.distributed import Dist, init_distributed
+from imgclf.training.loop import EarlyStopping, warmup_cosine
+from imgclf.training.stages import say
+from imgclf.training.train import free_run_dir, seed_everything, set_threads
+
+log = get_logger(__name__)
+
+# What detection uses where a flag keeps classification's default (measured on
+# a BCCD val split, docs/benchmarks.md): Lite0 (the cached trunk runs once per
+# image, the head does the work), 4 images per step (small sets need steps).
+DEFAULTS = {"model": "efficientnet_lite0", "batch_size": 4, "epochs": 12, "lr": 2e-3, "patience": 5}
+STRATEGIES = {"auto": "cached", "linear": "cached", "finetune": "images", "scratch": "images"}
 
 
-class BoxDataset(torch.utils.data.Dataset):
-    """Images of `ds` (indices `items`) through a v2 transform; yields
-    (image, target) where target holds "boxes" (tv_tensors.BoundingBoxes),
-    "labels", "scale" (input pixels per original pixel, x and y) and
-    "size" (the original width and height).
-    Boxes are clipped to the image and degenerate ones dropped first (what
-    `check --fix` would do), so a slightly-off label never stops training."""
-
-    def __init__(self, ds: DetDataset, items: list[int], transform):
-        self.ds, self.items, self.transform = ds, list(items), transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        from torchvision import tv_tensors
-        from torchvision.transforms.v2 import functional as F
+def train(cfg: TrainConfig) -> dict:
+    """Train a detector; returns the run's summary (also RUN/summary.json)."""
+    dist, device = init_distributed(cfg.device)
+    try:
+        with contextlib.ExitStack() as held:
+            return _train(cfg, dist, device, held)
+    finally:
+        dist.close()
 
 
-        im = self.ds.images[self.items[i]]
-        pil = open_image(im.path)
-        w, h = pil.size
-        b = np.clip(im.boxes, 0, [w, h, w, h])
-        ok = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
-        target = {"boxes": tv_tensors.BoundingBoxes(torch.as_tensor(b[ok], dtype=torch.float32), format="XYXY",
-                                                    canvas_size=(h, w)),
-                  "labels": torch.as_tensor(im.labels[ok], dtype=torch.int64)}
-        img, target = self.transform(tv_tensors.Image(F.pil_to_tensor(pil)), target)
-        target["scale"] = torch.tensor([img.shape[-1] / w, img.shape[-2] / h])
-        target["size"] = torch.tensor([w, h])
-        return img, target
+def _train(cfg: TrainConfig, dist: Dist, device: torch.device, held: contextlib.ExitStack) -> dict:
+    t0 = time.time()
+    cfg, run, ckpt = resolve_config(cfg)
+    ds = read_dataset(cfg.data)
+    splits = DetSplits.read(run) if ckpt else dist.broadcast(new_splits(cfg, ds) if dist.main else None)
+    if dist.main:
+        held.enter_context(RunLock(run.path, splits.run_id))
+    cfg = resolve_sizes(cfg, ds)
+    set_threads(device, dist)
+    seed_everything(cfg.seed)
+    items = splits.indices(ds)
+    if not ckpt and dist.main:
+        describe(cfg, ds, items, run)
+        write_json(run.config_file, {**cfg.to_dict(), "task": "detect", "run_id": splits.run_id})
+        splits.write(run)
+    pp = Preprocess(size=cfg.image_size, resize="pad", interpolation="bilinear")
+    model = Detector(len(ds.classes), backbone=cfg.model, image_size=cfg.image_size, pretrained=cfg.pretrained,
+                     weights=cfg.weights, freeze_backbone=STRATEGIES[cfg.strategy] == "cached").to(device)
+    state = RunState(cfg.to_dict(), run, dist.world)
+    fit(cfg, model, ds, items, pp, state, ckpt, dist, device, t0)
+    if not dist.main:
+        return {}
+    return finish(cfg, run, model, ds, items, pp, state, splits, device, t0)
 
 
-def collate(batch, size: int):
-    """Stack into (B, 3, size, size), padding each image at the right and bottom."""
-    x = torch.zeros(len(batch), 3, size, size)
-    for k, (img, _) in enumerate(batch):
-        x[k, :, : img.shape[-2], : img.shape[-1]] = img
-    return x, [t for _, t in batch]
+def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, RunDir, dict | None]:
+    """The config (the checkpoint's when resuming), detection's defaults where
+    a flag kept classification's, and the run directory."""
+    if cfg.resume:
+        run = RunDir(cfg.out)
+        if not run.last_file.exists():
+            raise RunError(f"{run.last_file} not found: nothing to resume", f"start a run with `imgclf train DATA "
+                           f"--out {run}`")
+        ckpt = torch_load(run.last_file, CKPT_KEYS)
+        say(f"resuming {run}: {ckpt['epoch']} epochs done")
+        return replace(TrainConfig.from_dict(ckpt["config"]), resume=True), run, ckpt
+    if not cfg.data:
+        raise ConfigError("no data given", "imgclf train DATA --out RUN")
+    if cfg.strategy not in STRATEGIES:
+        raise ConfigError(f"--strategy {cfg.strategy} is not one detection has",
+                          f"use one of {', '.join(STRATEGIES)} (auto: frozen trunk, cached maps)")
+    base = TrainConfig()
+    cfg = replace(cfg, task="detect", out=cfg.out or str(free_run_dir(cfg.data)),
+                  model=DEFAULTS["model"] if cfg.model == base.model else cfg.model,
+                  batch_size=DEFAULTS["batch_size"] if cfg.batch_size == base.batch_size else cfg.batch_size,
+                  epochs=cfg.epochs or DEFAULTS["epochs"], lr=cfg.lr or DEFAULTS["lr"],
+                  patience=cfg.patience or DEFAULTS["patience"])
+    if not cfg.model.startswith("efficientnet_lite"):
+        raise ConfigError(f"--model {cfg.model}: detection uses an EfficientNet-Lite backbone",
+                          "choose efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2")
+    run = RunDir(cfg.out)
+    if run.model_file.exists() or run.last_file.exists():
+        raise RunError(f"{run} already holds a run", f"continue it with `imgclf train --resume --out {run}`, "
+                       f"or pick another --out (or delete {run})")
+    return cfg, run, None
 
 
-def make_loader(ds: DetDataset, items: list[int], size: int, train: bool, batch_size: int = 8, workers: int = 0,
-                seed: int = 0, vflip: bool = False):
-    from functools import partial
-
-    tf = train_transform(size, vflip=vflip) if train else eval_transform(size)
-    g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(BoxDataset(ds, items, tf), batch_size=batch_size, shuffle=train,
-                                       num_workers=workers, collate_fn=partial(collate, size=size), generator=g,
-                                       persistent_workers=workers > 0)
+def resolve_sizes(cfg: TrainConfig, ds: DetDataset) -> TrainConfig:
+    """--image-size, else the size at which the small boxes still span 16 px."""
+    if cfg.image_size is None:
+        cfg = replace(cfg, image_size=suggest_image_size(ds))
+        say(f"input size {cfg.image_size} px (from the box sizes; --image-size to choose)")
+    return cfg
 
 
-def train_one_epoch(model: Detector, optimizer, loader, device="cpu", scheduler=None, max_norm: float = 10.0) -> dict:
-    """One pass over loader; returns the mean of each loss term."""
-    model.train()
-    sums: dict[str, float] = {}
-    n = 0
-    for x, targets in loader:
-        tg = [{"boxes": t["boxes"].as_subclass(torch.Tensor).to(device), "labels": t["labels"].to(device)}
-              for t in targets]
-        if isinstance(x, list):  # cached trunk maps
-            out = model.forward_head([f.to(device) for f in x], (model.image_size, model.image_size))
-        else:
-            out = model(x.to(device))
-        losses = detection_loss(model, out, tg)
-        loss = sum(losses.values())
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {float(loss)}: lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + v.item()
-        n += 1
-    return {k: v / max(n, 1) for k, v in sums.items()}
+def new_splits(cfg: TrainConfig, ds: DetDataset) -> DetSplits:
+    sp = split_dataset(ds, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    return DetSplits.of(ds, sp, cfg.data, uuid.uuid4().hex[:12])
 
 
-class CachedFeatures:
-    """The frozen trunk's maps of every training image, computed once (and of
-    its mirror image with flip=True), served in shuffled batches as
-    (list of per-level maps, targets). Costs scale jitter and crops, which
-    change the pixels the trunk sees; saves the trunk's forward pass, most of
-    an epoch's time on a CPU."""
-
-    def __init__(self, model: Detector, ds: DetDataset, items: list[int], size: int, batch_size: int = 8,
-                 flip: bool = True, seed: int = 0, device="cpu", workers: int = 0):
-        model.eval()
-        self.feats: list[list[torch.Tensor]] = []
-        self.targets: list[dict] = []
-        self.batch_size, self.gen = batch_size, torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for x, targets in make_loader(ds, items, size, False, batch_size, workers):
-                for xx, mirror in [(x, False)] + ([(x.flip(-1), True)] if flip else []):
-                    f = [t.cpu() for t in model.forward_features(xx.to(device))]
-                    for k, t in enumerate(targets):
-                        b = t["boxes"].as_subclass(torch.Tensor).clone()
-                        if mirror:
-                            b[:, [0, 2]] = size - b[:, [2, 0]]
-                        self.feats.append([m[k] for m in f])
-                        self.targets.append({"boxes": b, "labels": t["labels"]})
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.feats) / self.batch_size)
-
-    def __iter__(self):
-        order = torch.randperm(len(self.feats), generator=self.gen).tolist()
-        for i in range(0, len(order), self.batch_size):
-            idx = order[i:i + self.batch_size]
-            yield ([torch.stack([self.feats[j][lv] for j in idx]) for lv in range(len(self.feats[0]))],
-                   [self.targets[j] for j in idx])
+def describe(cfg: TrainConfig, ds: DetDataset, items: dict[str, list[int]], run: RunDir) -> None:
+    """Once, before training: the split, and what `imgclf check` would warn about."""
+    say(f"detect: {ds.format} labels, {len(ds.classes)} classes ({', '.join(ds.classes)}), "
+        + ", ".join(f"{len(v)} {k}" for k, v in items.items()) + f" images -> {run}")
+    for line in format_summary(check_dataset(ds, cfg.image_size)):
+        say(line)
+    if not items["val"]:
+        raise ConfigError("the split leaves no validation images", "give --val-fraction 0.1 or more, or more images")
 
 
-@torch.no_grad()
-def predict_loader(model: Detector, loader, device="cpu", score_thresh: float = 0.05) -> list[dict]:
-    """Detections per image in the original image's pixels (numpy)."""
-    model.eval()
-    out = []
-    for x, targets in loader:
-        for d, t in zip(model.predict(x.to(device), score_thresh), targets):
-            sx, sy = t["scale"].tolist()
-            w, h = t["size"].tolist()
-            boxes = np.clip(d["boxes"].cpu().numpy() / np.array([sx, sy, sx, sy]), 0, [w, h, w, h])  # not into the padding
-            out.append({"boxes": boxes, "scores": d["scores"].cpu().numpy(), "labels": d["labels"].cpu().numpy()})
-    return out
+def fit(cfg: TrainConfig, model: Detector, ds: DetDataset, items: dict, pp: Preprocess, state: RunState,
+        ckpt: dict | None, dist: Dist, device: torch.device, t0: float) -> None:
+    """The epochs: train, validate (rank 0), keep the best, checkpoint, stop
+    early or at the time budget. Restores the best weights at the end."""
+    train_items = dist.shard(items["train"])[: len(items["train"]) // dist.world]  # equal shares: no rank waits
+    cached = STRATEGIES[cfg.strategy] == "cached"
+    batches = (CachedFeatures(model, ds, train_items, pp, cfg.batch_size, True, cfg.seed, device, cfg.workers or 0)
+               if cached else image_loader(AugmentedImages(ds, train_items, pp.size), pp.size, cfg.batch_size,
+                                           cfg.workers or 0, True, cfg.seed))
+    net = model
+    if dist.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    opt, sched, plan = optimizer(cfg, net, len(batches), cached)
+    stopper = EarlyStopping(cfg.patience, monitor="map")
+    if ckpt:
+        state.restore(ckpt, net)
+        opt.load_state_dict(ckpt["optimizer"]), sched.load_state_dict(ckpt["scheduler"])
+        stopper.load_state_dict(ckpt["stopper"])
+    deadline = t0 + cfg.time_budget - state.elapsed if cfg.time_budget else None
+    for epoch in range(state.epoch, cfg.epochs):
+        if not cached and epoch == cfg.epochs // 3:
+            net.freeze_backbone(False)  # finetune: the trunk joins once the head has settled
+        if cached:
+            batches.epoch = epoch
+        elif hasattr(batches.sampler, "set_epoch"):
+            batches.sampler.set_epoch(epoch)
+        t = time.time()
+        tr = train_one_epoch(model, opt, batches, sched, device, amp=device.type == "cuda", deadline=deadline)
+        stop = dist.broadcast(run_epoch_end(cfg, net, ds, items, pp, state, stopper, epoch, tr, device, opt, sched)
+                              if dist.main else None)
+        plan.after_epoch(time.time() - t, deadline)
+        if stop or tr["stopped"]:
+            break
+    if state.best_state is not None:
+        net.load_state_dict(state.best_state)
 
 
-def evaluate(model: Detector, ds: DetDataset, items: list[int], size: int, device="cpu", batch_size: int = 8,
-             workers: int = 0) -> dict:
-    """COCO metrics of model on ds's images `items`."""
-    preds = predict_loader(model, make_loader(ds, items, size, False, batch_size, workers), device)
-    sub = DetDataset(classes=ds.classes, images=[ds.images[i] for i in items], format=ds.format, root=ds.root)
-    return coco_metrics(sub, preds)
-
-
-@dataclass
-class FitResult:
-    model: Detector
-    history: list[dict] = field(default_factory=list)
-    best: dict = field(default_factory=dict)
-    seconds: float = 0.0
-
-
-def fit(ds: DetDataset, train_items: list[int], val_items: list[int], epochs: int = 10, image_size: int = 320,
-        batch_size: int = 8, lr: float = 2e-3, head: str = "retinanet", freeze_backbone: bool = True,
-        unfreeze_at: int | None = None, seed: int = 0, workers: int = 0, eval_every: int = 1,
-        backbone: str = "efficientnet_lite0", vflip: bool = False, cache: bool = False, cache_flip: bool = True, log=None,
-        **model_kw) -> FitResult:
-    """Train a Detector; keep the weights of the epoch with the best val mAP.
-    AdamW with a one-cycle schedule; with unfreeze_at, the backbone trains
-    from that epoch on at a tenth of the learning rate. cache=True (frozen
-    trunk only): train on CachedFeatures (of each image and, with
-    cache_flip, its mirror) instead of augmented images."""
-    import copy
-
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    model = Detector(len(ds.classes), backbone=backbone, head=head, image_size=image_size,
-                     freeze_backbone=freeze_backbone, **model_kw)
-    if cache and (not freeze_backbone or unfreeze_at is not None):
-        raise ValueError("cache=True needs a backbone frozen throughout")
-    loader = (CachedFeatures(model, ds, train_items, image_size, batch_size, cache_flip, seed, workers=workers) if cache
-              else make_loader(ds, train_items, image_size, True, batch_size, workers, seed, vflip))
-    params = [p for n, p in model.named_parameters() if not n.startswith("det.backbone.body.")]
-    groups = [{"params": params, "lr": lr}]
-    if unfreeze_at is not None or not freeze_backbone:
-        groups.append({"params": list(model.det.backbone.body.parameters()), "lr": lr / 10})
+def optimizer(cfg: TrainConfig, net: Detector, steps_per_epoch: int, cached: bool):
+    """AdamW, the trunk (when it trains) at a tenth of the head's rate; warm-up
+    then cosine over the planned steps (re-planned under a time budget)."""
+    head = [p for n, p in net.named_parameters() if not n.startswith("det.backbone.body.")]
+    groups = [{"params": head, "lr": cfg.lr}]
+    if not cached:
+        groups.append({"params": list(net.det.backbone.body.parameters()), "lr": cfg.lr * cfg.backbone_lr_mult})
     opt = torch.optim.AdamW(groups, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=epochs * len(loader),
-                                                pct_start=0.15)
-    res = FitResult(model)
-    best_state = None
-    for ep in range(epochs):
-        if unfreeze_at is not None and ep == unfreeze_at:
-            model.freeze_backbone(False)
-        losses = train_one_epoch(model, opt, loader, scheduler=sched)
-        row = {"epoch": ep + 1, **losses, "seconds": round(time.perf_counter() - t0, 1)}
-        if val_items and ((ep + 1) % eval_every == 0 or ep + 1 == epochs):
-            m = evaluate(model, ds, val_items, image_size, batch_size=batch_size, workers=workers)
-            row.update(map=m["map"], map50=m["map50"])
-            if not res.best or m["map"] > res.best["map"]:
-                res.best, best_state = {**m, "epoch": ep + 1}, copy.deepcopy(model.state_dict())
-        res.history.append(row)
-        if log:
-            log(row)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    res.seconds = time.perf_counter() - t0
-    return res
+    plan = Plan(cfg.epochs, steps_per_epoch, max(1, int(cfg.warmup_epochs * steps_per_epoch)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, plan), plan
+
+
+class Plan:
+    """The learning-rate multiplier per step; under --time-budget the epochs
+    that fit are re-estimated after each one, and the cosine ends with them.
+    Plain numbers only: LambdaLR saves this object's state in last.pt."""
+
+    def __init__(self, epochs: int, steps: int, warmup: int):
+        self.epochs, self.steps, self.warmup, self.done = epochs, steps, warmup, 0
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine(self.epochs * self.steps, self.warmup)(step)
+
+    def after_epoch(self, seconds: float, deadline: float | None) -> None:
+        self.done += 1
+        if deadline is not None:
+            self.epochs = min(self.epochs, self.done + max(0, int((deadline - time.time()) / max(seconds, 1e-3))))
+
+
+def run_epoch_end(cfg: TrainConfig, net: Detector, ds: DetDataset, items: dict, pp: Preprocess, state: RunState,
+                  stopper: EarlyStopping, epoch: int, tr: dict, device, opt, sched) -> bool:
+    """Rank 0: validate, keep the best, write history and last.pt; whether to stop."""
+    m = val_metrics(TorchDetPredictor(net, ds.classes, pp, np.zeros(len(ds.classes)), device), ds, items["val"])
+    net.train()
+    m["loss"] = tr["loss"]
+    improved = stopper.step(m, epoch)
+    if improved:
+        state.consider(net, stopper.best, m, "all")
+    state.epoch, state.elapsed = epoch + 1, state.elapsed + tr["seconds"]
+    row = {"epoch": epoch + 1, **{k: round(v, 5) for k, v in tr.items() if k not in ("n", "stopped")},
+           "val_map": round(m["map"], 4), "val_map50": round(m["map50"], 4), "lr": opt.param_groups[0]["lr"]}
+    state.history.append(row)
+    write_history(state.run.history_file, state.history)
+    state.checkpoint(net, "all", opt, sched, stopper)
+    say(f"epoch {epoch + 1}/{cfg.epochs}  loss {tr['loss']:.4f}  val mAP {m['map']:.3f}  mAP@.5 {m['map50']:.3f}"
+        f"  {tr['seconds']:.0f}s" + ("  *" if improved else ""))
+    return stopper.should_stop
+
+
+def finish(cfg: TrainConfig, run: RunDir, model: Detector, ds: DetDataset, items: dict, pp: Preprocess,
+           state: RunState, splits: DetSplits, device, t0: float) -> dict:
+    """model.pt with the best epoch's weights and its thresholds, then the held-out figures."""
+    best = state.best_metrics
+    thr = [best.get("thresholds", {}).get(c, 0.5) for c in ds.classes]
+    rec = detector_record(model, ds.classes, pp.to_dict(), thr, extra={
+        "run_id": splits.run_id, "config": cfg.to_dict(),
+        "best": {k: v for k, v in best.items() if not isinstance(v, dict)}})
+    torch_save_atomic(rec, run.model_file)
+    say(f"best epoch {stopper_epoch(state)}: val mAP {best.get('map', 0):.3f}, "
+        f"mAP@.5 {best.get('map50', 0):.3f} -> {run.model_file}")
+    pred = TorchDetPredictor(model, ds.classes, pp, thr, device, str(run.model_file))
+    held = "test" if items["test"] else "val"
+    test = evaluate_split(run, pred, ds, items[held], held, report=cfg.evaluate) if cfg.evaluate else None
+    summary = {"task": "detect", "run": str(run), "data": cfg.data, "strategy": cfg.strategy, "model": cfg.model,
+               "image_size": cfg.image_size, "epochs_run": state.epoch, "seconds": round(time.time() - t0, 1),
+               "val": rec["best"], "thresholds": dict(zip(ds.classes, thr)),
+               "held_out": held, "test": {k: v for k, v in (test or {}).items() if k != "f1"} or None}
+    write_json(run.summary_file, summary)
+    if held == "val":
+        log.warning("no test split: the figures above are on val, which chose the epoch (not held out)")
+    return summary
+
+
+def stopper_epoch(state: RunState) -> int:
+    """The 1-based epoch whose weights were kept (from the history)."""
+    best = max(state.history, key=lambda r: (r["val_map"], -r["loss"]), default={"epoch": 0})
+    return best["epoch"]
