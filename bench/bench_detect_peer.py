@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import DATASETS  # noqa: E402
+from bench.common import DATASETS, timed_cli  # noqa: E402
 
 WORK = Path(os.environ.get("IMGCLF_BENCH_WORK", "/tmp/imgclf-detpeer"))
 UL_PY = os.environ.get("ULTRALYTICS_PYTHON", "/work/ul-venv/bin/python")
@@ -116,25 +116,57 @@ def _scores(m: dict) -> dict:
     return {**{k: round(m[k], 4) for k in keep}, "ap50_per_class": {k: round(v, 4) for k, v in m["ap50_per_class"].items()}}
 
 
-# --- imgclf -----------------------------------------------------------------------
+# --- imgclf ---------------------------------------------------------------------
 
-def run_imgclf(name: str, seed: int, **over) -> dict:
-    import torch
+# The CLI in a fresh process, as common.timed_cli runs it, but with the
+# training's intra-op threads set to THREADS (imgclf uses every core, and on
+# this contended 2-core machine two threads made a step several times slower).
+_WRAP_THREADS = ("import sys, torch; import imgclf.tasks.detect.train as T; "
+                 "T.set_threads = lambda *a, **k: torch.set_num_threads({threads}); "
+                 "from imgclf.cli import main; rc = main(sys.argv[1:]); "
+                 "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
+                 "print('PEAK_RSS_KB', hwm); sys.exit(rc)")
+THREADS = int(os.environ.get("BENCH_THREADS", 1))
 
-    from imgclf.tasks.detect.train import evaluate, fit
 
-    torch.set_num_threads(1)
-    kw = {**IMGCLF_DEFAULTS, **{k: v for k, v in over.items() if v is not None}}
+def _timed_train(args: list[str]) -> tuple[float, float]:
+    if THREADS == 0:  # imgclf's own choice
+        wall, peak, _ = timed_cli(args)
+        return wall, peak
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", _WRAP_THREADS.format(threads=THREADS), *args], capture_output=True,
+                       text=True)
+    wall = time.time() - t0
+    if p.returncode:
+        raise SystemExit(f"imgclf {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}")
+    return wall, int(p.stdout.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) / 2**20
+
+
+def run_imgclf(name: str, seed: int, flags: list[str] | None = None, tag: str = "") -> dict:
+    """`imgclf train DATA --seed S` as a user runs it (a fresh process, its
+    defaults unless `flags` say otherwise); its held-out figures are from the
+    same evaluator on the same test images (checked against `split`)."""
+    from imgclf.io import read_history
+    from imgclf.runs import RunDir
+    from imgclf.tasks.detect.splits import DetSplits
+
+    flags = list(flags or [])
     ds, sp = split(name, seed)
-    load0, t0 = _load(), time.time()
-    r = fit(ds, sp["train"], sp["val"], seed=seed, log=lambda row: print(row, flush=True), **kw)
-    fit_s = time.time() - t0
-    m = evaluate(r.model, ds, sp["test"], kw["image_size"])
-    (WORK / f"{name}-s{seed}").mkdir(parents=True, exist_ok=True)
-    torch.save({"config": r.model.config, "state_dict": r.model.state_dict()}, WORK / f"{name}-s{seed}" / "imgclf.pt")
-    row = {"who": "imgclf", "data": name, "seed": seed, "config": kw, "n": {k: len(v) for k, v in sp.items()},
-           "train_s": round(fit_s, 1), "load_before": load0, "load_after": _load(), "best_epoch": r.best["epoch"],
-           "val_map50": round(r.best["map50"], 4), "val_map": round(r.best["map"], 4), "test": _scores(m),
+    run = WORK / f"{name}-s{seed}" / f"imgclf{tag}"
+    if run.exists():
+        shutil.rmtree(run)
+    load0 = _load()
+    wall, peak = _timed_train(["train", str(DATASETS / name), "--out", str(run), "--seed", str(seed), *flags])
+    summary = json.loads((run / "summary.json").read_text())
+    theirs = DetSplits.read(RunDir(run)).indices(ds)
+    assert {k: sorted(v) for k, v in theirs.items()} == {k: sorted(v) for k, v in sp.items()}, "not the same split"
+    hist = read_history(RunDir(run).history_file)
+    row = {"who": "imgclf", "data": name, "seed": seed, "flags": flags, "tag": tag, "threads": THREADS or "imgclf's", "n": {k: len(v) for k, v in sp.items()},
+           "image_size": summary["image_size"], "epochs": summary["epochs_run"], "train_s": summary["seconds"],
+           "wall_s": round(wall, 1), "peak_rss_gib": round(peak, 2), "load_before": load0, "load_after": _load(),
+           "best_epoch": int(max(hist, key=lambda r: float(r["val_map"]))["epoch"]) if hist else None,
+           "val_map50": round(summary["val"]["map50"], 4), "val_map": round(summary["val"]["map"], 4),
+           "test": _scores(summary["test"]), "run": str(run),
            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _record(row)
     return row
@@ -257,21 +289,22 @@ def infer(name: str, seed: int, imgsz: int = 320) -> None:
 
     import torch
 
-    from imgclf.tasks.detect.model import Detector
+    from imgclf.io import torch_load
+    from imgclf.tasks.detect.model import detector_from_record
 
     torch.set_num_threads(1)
     out = WORK / f"{name}-s{seed}"
     test = json.loads((out / "test.json").read_text())
-    rec = torch.load(out / "imgclf.pt", map_location="cpu", weights_only=True)
-    model = Detector(**{**rec["config"], "pretrained": False}).eval()
-    model.load_state_dict(rec["state_dict"])
-    x = torch.from_numpy(_letterboxed(test[:8], rec["config"]["image_size"]))
+    rec = torch_load(out / "imgclf" / "model.pt")
+    model = detector_from_record(rec)
+    size = rec["detector"]["image_size"]
+    x = torch.from_numpy(_letterboxed(test[:8], size))
     load0 = _load()
-    rows = [{"who": "imgclf", "runtime": "PyTorch eager", "imgsz": rec["config"]["image_size"],
+    rows = [{"who": "imgclf", "runtime": "PyTorch eager (+ NMS)", "imgsz": size,
              **{f"b{b}": _rate(lambda b=b: model.predict(x[:b]), b) for b in (1, 8)}}]
     if importlib.util.find_spec("imgclf.tasks.detect.export") is None:
-        rows.append({"who": "imgclf", "runtime": "ONNX Runtime (NMS inside)", "imgsz": rec["config"]["image_size"],
-                     "b1": "pending", "b8": "pending"})
+        rows.append({"who": "imgclf", "runtime": "ONNX Runtime (NMS inside)", "imgsz": size, "b1": "pending",
+                     "b8": "pending"})
     peer = sorted(out.glob(f"peer-*-{imgsz}"))[0]
     subprocess.run([UL_PY, __file__, "peer-infer", str(peer / "weights" / "best.pt"), str(imgsz), str(out / "test.json"),
                     str(peer / "infer.json")], check=True, env=_peer_env(WORK))
@@ -325,41 +358,43 @@ def peer_infer(weights: str, imgsz: str, test_json: str, out_json: str) -> None:
 
 # --- both, in one run ----------------------------------------------------------------
 
-def run_both(name: str, seed: int, imgsz: int, model: str) -> None:
-    mine = run_imgclf(name, seed)
-    run_peer(name, seed, mine["train_s"], imgsz, model)
+def run_both(name: str, seed: int, imgsz: int | None, model: str, flags: list[str] | None = None) -> None:
+    """imgclf's default run, then the peer in imgclf's wall time at imgclf's
+    input size (or imgsz)."""
+    mine = run_imgclf(name, seed, flags)
+    run_peer(name, seed, mine["train_s"], imgsz or mine["image_size"], model)
 
 
 def table() -> None:
     rows = [json.loads(ln) for ln in open(WORK / "results.jsonl")]
-    print("| data | seed | who | setting | test mAP@.5 | test mAP@[.5:.95] | train s | load avg (1/5/15 min, before) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| data | seed | who | setting | test mAP@.5 | test mAP@[.5:.95] | AP@.5 per class | train s | load avg before |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["who"] == "imgclf":
-            c = r["config"]
-            extra = "".join(f", {k} {c[k]}" for k in ("unfreeze_at", "freeze_backbone") if k in c)
-            setting = f"{c['epochs']} ep, batch {c['batch_size']}, {c['image_size']} px{', cached' if c.get('cache') else ''}{extra}"
+            setting = f"`imgclf train {' '.join(r['flags'])}`".replace(" `", "`") + f", {r['image_size']} px, {r['epochs']} ep"
         elif r["who"] == "ultralytics":
-            setting = f"{Path(r['model']).stem} scratch, {r['imgsz']} px, {r['epochs']} ep in {r['budget_s']:.0f} s"
+            setting = f"{Path(r['model']).stem} from its yaml, {r['imgsz']} px, {r['epochs']} ep in {r['budget_s']:.0f} s"
         else:
             continue
+        per = " / ".join(f"{v:.3f}" for v in r["test"]["ap50_per_class"].values())
         print(f"| {r['data']} | {r['seed']} | {r['who']} | {setting} | {r['test']['map50']:.3f} | {r['test']['map']:.3f} "
-              f"| {r['train_s']:.0f} | {r['load_before']} |")
+              f"| {per} | {r['train_s']:.0f} | {r['load_before']} |")
+    for r in rows:
+        if r["who"] == "infer":
+            print(f"\ninference, {r['data']} seed {r['seed']} (load {r['load_before']}):")
+            for x in r["rows"]:
+                print(f"| {x['who']} | {x['runtime']} | {x['imgsz']} | {x['b1']} | {x['b8']} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd")
+    ap.add_argument("cmd", choices=["run", "imgclf", "peer", "infer", "table", "peer-train", "peer-infer"])
     ap.add_argument("args", nargs="*")
-    ap.add_argument("--imgsz", type=int, default=320)
-    ap.add_argument("--model", default="yolo11n.yaml")
-    ap.add_argument("--budget", type=float)
-    ap.add_argument("--epochs", type=int)
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--image-size", type=int)
-    ap.add_argument("--unfreeze-at", type=int)
-    ap.add_argument("--no-cache", action="store_true")
-    a = ap.parse_args()
+    ap.add_argument("--imgsz", type=int, help="the peer's input size (default: imgclf's)")
+    ap.add_argument("--model", default="yolo11n.yaml", help="the peer's model yaml")
+    ap.add_argument("--budget", type=float, help="peer: seconds of training")
+    ap.add_argument("--tag", default="", help="imgclf: a suffix for the run folder")
+    a, flags = ap.parse_known_args()  # anything else goes to `imgclf train`
     if a.cmd == "peer-train":
         return peer_train(*a.args)
     if a.cmd == "peer-infer":
@@ -368,14 +403,13 @@ def main() -> None:
         return table()
     name, seed = a.args[0], int(a.args[1])
     if a.cmd == "run":
-        run_both(name, seed, a.imgsz, a.model)
+        run_both(name, seed, a.imgsz, a.model, flags)
     elif a.cmd == "imgclf":
-        run_imgclf(name, seed, epochs=a.epochs, batch_size=a.batch_size, image_size=a.image_size,
-                   unfreeze_at=a.unfreeze_at, **({"cache": False} if a.no_cache or a.unfreeze_at is not None else {}))
+        run_imgclf(name, seed, flags, a.tag)
     elif a.cmd == "peer":
-        run_peer(name, seed, a.budget, a.imgsz, a.model)
+        run_peer(name, seed, a.budget, a.imgsz or 320, a.model)
     elif a.cmd == "infer":
-        infer(name, seed, a.imgsz)
+        infer(name, seed, a.imgsz or 320)
 
 
 if __name__ == "__main__":
