@@ -1,10 +1,12 @@
 """imgclf's detector against the Ultralytics peer, in one run: the same
 split, the same wall-clock budget, the same evaluator.
 
-    python bench/bench_detect_peer.py run bccd 0            # imgclf, then the peer in imgclf's wall time
+    python bench/bench_detect_peer.py run bccd 0            # `imgclf train`, then the peer in imgclf's wall time
     python bench/bench_detect_peer.py run pennfudan 0
-    python bench/bench_detect_peer.py run bccd 0 --imgsz 640   # the peer at 640 px (imgclf stays at 320)
-    python bench/bench_detect_peer.py imgclf bccd 0 --epochs 20 --unfreeze-at 14  # imgclf alone, a lever
+    python bench/bench_detect_peer.py run bccd 0 --imgsz 640   # the peer at 640 px (imgclf at its own size)
+    python bench/bench_detect_peer.py imgclf pennfudan 0 --strategy finetune --tag -ft  # imgclf alone; other
+                                                               # flags go to `imgclf train`
+    python bench/bench_detect_peer.py peer pennfudan 0 --budget 344 --imgsz 320  # the peer alone
     python bench/bench_detect_peer.py infer bccd 0          # img/s: PyTorch eager and ONNX Runtime, batch 1 and 8
     python bench/bench_detect_peer.py table                 # the markdown rows of every result so far
 
@@ -27,8 +29,9 @@ folder, a local font placed where its dataset check looks (it would
 otherwise try to download Arial.ttf), plots=False.
 
 One intra-op thread for both (Ultralytics picks min(8, cores - 1) = 1 on
-this machine; imgclf is set to 1): on a contended 2-core machine more
-threads per process made each step slower. The load average is recorded
+this machine; imgclf's CLI runs with its `set_threads` replaced, see
+BENCH_THREADS): on a contended 2-core machine more threads per process made
+each step slower. The load average is recorded
 beside every timing. Results are appended to WORK/results.jsonl
 (IMGCLF_BENCH_WORK, default /tmp/imgclf-detpeer).
 """
