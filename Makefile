@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test test-all lint bench browser clean
+.PHONY: setup demo test test-all lint docs dist bench browser clean
 
 # Idempotent: re-installs only when pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -26,10 +26,10 @@ demo: setup
 # The suite: real images from ../shared/datasets, about 8 minutes on 2 cores.
 # Two workers (pytest-xdist), a test file each at a time: much of the suite
 # waits on subprocesses, servers and Chromium, so the second core fills in.
-test: setup browser lint
+test: setup browser lint docs
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile
 
-test-all: setup browser lint
+test-all: setup browser lint docs
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The house rules: ruff's small rule set, the layer contract (function-level
@@ -38,6 +38,17 @@ lint: setup
 	$(BIN)/ruff check imgclf tests bench tools
 	$(BIN)/lint-imports
 	$(BIN)/python tools/import_report.py --check
+
+# The documentation site: docs/cli.md regenerated from the parser, then a strict
+# build (a broken link, a missing page or a failing API reference fails) into site/.
+docs: setup
+	$(BIN)/python tools/gen_cli_docs.py
+	$(BIN)/mkdocs build --strict -q
+
+# The release artifacts in dist/: a wheel and an sdist with the vendored web runtime, checked.
+dist: setup $(WEB_VENDOR)
+	rm -rf dist && $(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
 
 bench: setup
 	$(BIN)/python bench/bench_train.py
@@ -49,4 +60,4 @@ browser:
 	  echo "note: chromium not installed (needs root and apt); browser tests will be skipped"
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache

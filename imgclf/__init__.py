@@ -8,11 +8,12 @@ and served CNN image classifier.
 """
 
 import os
+from dataclasses import replace
 
+from imgclf import tasks
 from imgclf._version import __version__
 from imgclf.config import TrainConfig
 from imgclf.errors import ImgclfError
-from imgclf.inference.load import load
 
 # onnxruntime's Linux builds record an event per session (a persistent device
 # id, the process path, OS and CPU) in ~/.cache/Microsoft/DeveloperTools/
@@ -22,11 +23,13 @@ from imgclf.inference.load import load
 # A user's own value is kept.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
+load = tasks.load  # any run directory or model file, of any task: the predictor for it
+
 __all__ = ["train", "load", "TrainConfig", "ImgclfError", "__version__"]
 
 
 def train(config: TrainConfig | None = None, **overrides):
-    """Train a classifier; see `imgclf.TrainConfig` for the settings."""
-    from imgclf.training.train import train as _train  # deferred: torch; `import imgclf` serves .onnx without it
-
-    return _train(config, **overrides)
+    """Train a classifier or a detector (the task from the data, or `task=`);
+    see `imgclf.TrainConfig` for the settings."""
+    cfg = replace(config or TrainConfig(), **overrides)
+    return tasks.train(cfg)

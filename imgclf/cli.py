@@ -24,7 +24,7 @@ from imgclf.inference import expand_paths, reject_threshold
 from imgclf.io import write_error
 from imgclf.log import setup_cli
 from imgclf.runs import RunDir
-from imgclf.tasks import task_for_data, task_of, verbs
+from imgclf.tasks import load, task_for_data, task_of, train, verbs
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls) -> None:
@@ -58,8 +58,7 @@ def config_from_args(cls, a: argparse.Namespace):
 # ---------------------------------------------------------------- commands
 
 def cmd_train(cfg: C.TrainConfig) -> int:
-    cfg.task = task_for_data(cfg.data, cfg.task) if not cfg.resume else task_of(cfg.out)
-    verbs(cfg.task).train(cfg)
+    train(cfg)
     return 0
 
 
@@ -77,12 +76,14 @@ def cmd_compare(cfg: C.CompareConfig) -> int:
 
 
 def cmd_predict(cfg: C.PredictConfig) -> int:
-    task = verbs(task_of(cfg.run))
-    if getattr(task, "save_images", None) is None and (cfg.conf is not None or cfg.save_images):
-        raise ConfigError("--conf and --save-images are for detection runs", "leave them out for this run")
     reject_threshold(cfg.reject, None)  # a bad --reject fails before the model loads
-    model = task.load(cfg.run, device=cfg.device, engine=cfg.engine, cache_dir=cfg.cache_dir)
+    model = load(cfg.run, device=cfg.device, engine=cfg.engine, cache_dir=cfg.cache_dir)
+    task = verbs(getattr(model, "task", "classify"))
+    if getattr(task, "save_images", None) is None and (cfg.conf is not None or cfg.save_images):
+        raise ConfigError("--conf and --save-images are for detection models", "leave them out for this model")
     if cfg.reject is not None:
+        if not hasattr(model, "set_reject"):
+            raise ConfigError(f"--reject is for classifiers; {cfg.run} is a {task_of(cfg.run)} model", "leave it out")
         model.set_reject(cfg.reject)
     opts = {"conf": cfg.conf} if cfg.conf is not None else {}
     results = model.predict(expand_paths(cfg.paths), top_k=cfg.top_k, batch_size=cfg.batch_size, **opts)
@@ -90,6 +91,11 @@ def cmd_predict(cfg: C.PredictConfig) -> int:
     if cfg.save_images:
         n = task.save_images(results, model.classes, cfg.save_images)
         print(f"{n} image(s) with their boxes -> {cfg.save_images}", file=sys.stderr)
+    if cfg.save_masks:
+        if getattr(task, "save_masks", None) is None:
+            raise ConfigError("--save-masks is for segmentation runs", "leave it out for this run")
+        n = task.save_masks(results, model.classes, cfg.save_masks)
+        print(f"{n} label map(s) and overlay(s) -> {cfg.save_masks}", file=sys.stderr)
     bad = sum("error" in r for r in results)
     if bad:
         print(f"{bad} of {len(results)} file(s) could not be read", file=sys.stderr)
@@ -129,7 +135,7 @@ def cmd_suggest(cfg: C.SuggestConfig) -> int:
 def cmd_check(cfg: C.CheckConfig) -> int:
     report, text = verbs(task_for_data(cfg.data, cfg.task)).check(cfg)
     print(json.dumps(report, indent=2, default=str) if cfg.json else text)
-    return 0
+    return 1 if (report.get("fix") or {}).get("refused") else 0  # --fix would drop too much: nothing written
 
 
 def cmd_models(cfg: C.ModelsConfig) -> int:
@@ -189,7 +195,7 @@ def cmd_serve(cfg: C.ServeConfig) -> int:
 
 
 COMMANDS = {  # name: (config class, function, one-line help)
-    "train": (C.TrainConfig, cmd_train, "train a classifier (class folders, CSV) or a detector (VOC, COCO, YOLO labels, instance masks)"),
+    "train": (C.TrainConfig, cmd_train, "train a classifier (class folders, CSV), a detector (VOC, COCO, YOLO labels, instance masks) or a segmenter (mask PNGs)"),
     "evaluate": (C.EvaluateConfig, cmd_evaluate, "metrics, calibration and an HTML report of a run on its held-out split"),
     "compare": (C.CompareConfig, cmd_compare, "side-by-side metrics of several runs on the same split"),
     "predict": (C.PredictConfig, cmd_predict, "top-k labels for image files or folders"),
@@ -269,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
 EXTRAS = {"imagehash": "train", "torch": "train", "torchvision": "train", "timm": "train", "sklearn": "train",
           "onnx": "train", "usearch": "train", "scipy": "train", "matplotlib": "report", "fastapi": "serve",
           "uvicorn": "serve", "python_multipart": "serve", "prometheus_client": "serve", "ai_edge_litert": "litert",
-          "litert_torch": "mobile", "ai_edge_quantizer": "mobile"}
+          "litert_torch": "mobile", "ai_edge_quantizer": "mobile",
+          "tensorboard": "tensorboard", "mlflow": "mlflow"}
 
 
 if __name__ == "__main__":

@@ -25,14 +25,16 @@ class TrainConfig:
     data: str = _f("", "image folder (DATA/<class>/*, or DATA/train|val|test/<class>/*) or a CSV of path,label",
                    positional="?")
     out: str = _f("", "run directory for weights, splits, history, metrics (default: runs/<data name>, numbered if taken)")
-    task: str = _f("auto", "auto (from the data: VOC, COCO, YOLO labels or instance masks mean detect; class folders "
-                           "and CSVs classify) | classify | detect")
+    task: str = _f("auto", "auto (from the data: VOC, COCO, YOLO labels or instance masks mean detect; images/ + "
+                           "masks/ or CamVid's train/ + trainannot/ segment; class folders and CSVs classify) | "
+                           "classify | detect | segment")
     model: str = _f("efficientnet_lite1", "architecture, see `imgclf models` (detect: the backbone; "
                                           "efficientnet_lite0 unless given)")
     pretrained: bool = _f(True, "start from ImageNet weights (--no-pretrained: random init)")
     weights: str | None = _f(None, "local backbone state dict (.pt/.pth) instead of the default pretrained weights")
     strategy: str = _f("auto", "auto | linear (frozen backbone, cached features) | finetune (head, then all layers) | scratch "
-                                 "| native (small images: small_cnn at their own size, decoded once into memory)")
+                                 "| native (small images: small_cnn at their own size, decoded once into memory) "
+                                 "| lowres (small images: the pretrained backbone fine-tuned at --lowres-size)")
     epochs: int | None = _f(None, "maximum epochs of the main stage (default: 100 linear, 8 finetune, 30 scratch, "
                                                "14 native)")
     head_epochs: int = _f(30, "finetune: epochs of head-only training on cached features before unfreezing")
@@ -87,7 +89,10 @@ class TrainConfig:
     from_run: str | None = _f(None, "start from an earlier run: its settings (flags given here win), its backbone, its "
                                     "split for the files it had, and its feature cache, so only new files are encoded",
                               flag="--from")
-    tensorboard: bool = _f(False, "also log to RUN/tensorboard (needs `pip install tensorboard`)")
+    log: str = _f("", "also track the run in: tensorboard (event files in RUN/tensorboard) | mlflow (the store at "
+                      "MLFLOW_TRACKING_URI, else sqlite under RUN) | tensorboard,mlflow; needs "
+                      "pip install 'imgclf[tensorboard]' / 'imgclf[mlflow]'")
+    tensorboard: bool = _f(False, "same as --log tensorboard")
     evaluate: bool = _f(True, "evaluate on the test split (or val) when training ends")
     multi_label: bool = _f(False, "several labels per image: sigmoid outputs, per-label thresholds (automatic for a "
                                   "CSV with a 'labels' header or ';'-separated labels)")
@@ -98,6 +103,19 @@ class TrainConfig:
     reject: str = _f("off", "answer 'unknown' for inputs unlike the training images: auto (keeps 95%% of known "
                             "validation images), a threshold in (0, 1] on the unknown score, or off (the score is "
                             "still returned); stored with the model")
+    ignore_index: int = _f(255, "segment: the mask value that marks void pixels, neither trained on nor scored "
+                                "(CamVid: 11)")
+    race: str = _f("auto", "how `auto` picks on small images: auto (a short race between linear, native and lowres "
+                           "on small colour images; grayscale ones train natively) | on (race on any small images) "
+                           "| off (the size rule alone); photos above 64 px never race", choices=("auto", "on", "off"))
+    race_images: int = _f(1000, "training images (a stratified sample) each strategy in the race learns from")
+    race_seconds: float = _f(240, "the race's time budget for training its candidates; when it runs out the best "
+                                  "score so far wins")
+    lowres_size: int | None = _f(None, "lowres: the input size the pretrained backbone is fine-tuned at (default 96)")
+    decode_size: int | None = _f(None, "lowres: the size training images are decoded at and kept in memory before "
+                                       "each batch is upscaled (default: their own, at most 64 px)")
+    erase: float | None = _f(None, "native and lowres: share of training images given a random erased rectangle "
+                                   "(random erasing; default off: it measured no gain on val)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -117,8 +135,14 @@ class TrainConfig:
 
         checks = [
             (self.model in MODELS, f"--model {self.model!r} is unknown; choose one of {', '.join(MODELS)}"),
-            (self.strategy in ("auto", "linear", "finetune", "scratch", "native"),
-             f"--strategy {self.strategy!r}: use auto, linear, finetune, scratch or native"),
+            (self.strategy in ("auto", "linear", "finetune", "scratch", "native", "lowres"),
+             f"--strategy {self.strategy!r}: use auto, linear, finetune, scratch, native or lowres"),
+            (self.race_images >= 20 and self.race_seconds > 0,
+             f"--race-images {self.race_images} / --race-seconds {self.race_seconds}: use at least 20 images and "
+             f"a positive budget"),
+            (self.lowres_size is None or 32 <= self.lowres_size <= 224,
+             f"--lowres-size {self.lowres_size}: use 32-224 px (64-128 is the usual range)"),
+            (self.erase is None or 0 <= self.erase <= 1, f"--erase {self.erase}: use a share in [0, 1]"),
             (self.augment in AUGMENTS, f"--augment {self.augment!r}: use one of {', '.join(AUGMENTS)}"),
             (self.resize in (None, *RESIZE_POLICIES), f"--resize {self.resize!r}: use crop, squash or pad"),
             (self.class_weights in ("none", "auto"), f"--class-weights {self.class_weights!r}: use none or auto"),
@@ -131,6 +155,8 @@ class TrainConfig:
             (self.search >= 0, f"--search {self.search}: give a number of trials (0: no search)"),
             (not (self.search and self.strategy in ("scratch", "native")),
              f"--search tunes a head on cached features; --strategy {self.strategy} has none (use linear or auto)"),
+            (all(s.strip() in ("tensorboard", "mlflow", "") for s in self.log.split(",")),
+             f"--log {self.log!r}: use tensorboard, mlflow or tensorboard,mlflow"),
             (self.cv_folds >= 2, f"--cv-folds {self.cv_folds}: use 2 or more (5 is usual)"),
             (not (self.head_fit == "cv" and self.head_hidden),
              "--head-fit cv fits a linear head; with --head-hidden use --head-fit epochs (or auto)"),
@@ -199,6 +225,8 @@ class PredictConfig(RuntimeConfig):
     conf: float | None = _f(None, "detect: one score threshold for every class (default: each class's F1-optimal "
                                   "threshold, chosen on val at training time)")
     save_images: str | None = _f(None, "detect: write each image with its boxes drawn into this folder")
+    save_masks: str | None = _f(None, "segment: write each image's label map (PNG, class ids) and a colour overlay "
+                                      "into this folder")
 
 
 @dataclass
@@ -241,24 +269,29 @@ class SuggestConfig(RuntimeConfig):
 class CheckConfig:
     data: str = _f("", "image folder or CSV, or detection labels (VOC, COCO, YOLO, instance masks), as for "
                        "`imgclf train`", positional=1)
-    task: str = _f("auto", "as for train: auto (from the data) | classify | detect")
+    task: str = _f("auto", "as for train: auto (from the data) | classify | detect | segment")
     image_size: int | None = _f(None, "detect: the input size the small-object warning is judged at (default: "
                                       "the one train would choose from the boxes)")
     json: bool = _f(False, "machine-readable output")
     val_fraction: float = _f(0.1, "as for train: share held out for validation when the data has no split")
     test_fraction: float = _f(0.1, "as for train: share held out for testing when the data has no split")
     seed: int = _f(0, "as for train: the split's seed")
-    near_dup: str = _f("hash", "near-duplicate search: hash (perceptual hash; no model, fast; misses most cropped "
-                               "copies) | embed (hash or backbone embeddings: finds crops too; fills the feature "
-                               "cache `train` reads) | off",
-                       choices=("hash", "embed", "off"))
-    model: str = _f("efficientnet_lite0", "--near-dup embed: the pretrained backbone that embeds the images")
+    near_dup: str = _f("auto", "near-duplicate search, every pair verified by its pixels: hash (perceptual hashes "
+                               "of each image, its mirror and crops; no model) | embed (hash or backbone "
+                               "embeddings: finds heavier edits too; fills the feature cache `train` reads) | "
+                               "auto (embed where the features are already cached, else hash) | off",
+                       choices=("auto", "hash", "embed", "off"))
+    model: str = _f("efficientnet_lite0", "--near-dup embed/auto: the pretrained backbone that embeds the images")
     cache_dir: str | None = _f(None, "feature cache folder (default: $IMGCLF_CACHE_DIR, else ~/.cache/imgclf)")
     fix: bool = _f(False, "write a cleaned split as a CSV for `imgclf train`: one image per group of copies, leaks "
                           "dropped from val/test, conflicting labels left out for you to decide; your files are "
                           "never changed")
     fix_out: str | None = _f(None, "--fix: the CSV to write (default: next to the data, DATA_clean.csv)")
+    max_drop: float = _f(0.05, "--fix: most share of the images the cleaned split may leave out; over it, the "
+                               "list is reported and nothing is written unless --force")
+    force: bool = _f(False, "--fix: write the cleaned split even when it leaves out more than --max-drop")
     follow_links: bool = _f(False, "as for train: follow symbolic links that lead outside the data folder")
+    ignore_index: int = _f(255, "segment: as for train: the mask value that marks void pixels (CamVid: 11)")
 
 
 @dataclass
@@ -315,7 +348,10 @@ class ServeConfig:
     top_k: int = _f(5, "labels per image unless the request says otherwise")
     threads: int | None = _f(None, "onnxruntime threads (default: all cores / workers)")
     max_concurrent: int = _f(64, "requests being parsed, decoded or classified at once; more get 503 busy")
-    decode_pixels: int | None = _f(None, "pixels being decoded at once across all requests (default: 2 x max-pixels)")
+    decode_budget_mb: float | None = _f(None, "memory that decoding images may take at once across all requests, "
+                                              "MiB, as imgclf.data.images.decode_cost counts it for each image's "
+                                              "format, mode and size (default: what the costliest image under "
+                                              "--max-pixels up to a 4:1 aspect ratio needs: about 470 MiB at 40 MP)")
     body_timeout_s: float = _f(30.0, "seconds a client may pause between body chunks before a 408")
     body_deadline_s: float = _f(120.0, "seconds a whole request body may take before a 408")
     max_connections: int = _f(256, "open connections at once (uvicorn's limit); when all are open, the one "
@@ -328,6 +364,11 @@ class ServeConfig:
                                             "more get 503 busy with Retry-After (default: 8 x max-body-mb)")
     similar: bool | None = _f(None, "serve /v1/similar (thumbnails of training images) for a run directory "
                                     "(default: on, except on a non-loopback --host without an API key)")
+    similar_per_minute: float = _f(60.0, "/v1/similar requests a minute from one client address (a token bucket; "
+                                         "more get 429 with Retry-After; 0: no limit, e.g. behind a reverse proxy "
+                                         "that limits clients itself, where every client shares its address)")
+    similar_burst: int = _f(20, "/v1/similar requests one client address may send at once before the per-minute "
+                                "rate applies")
     public_metrics: bool = _f(False, "serve /metrics without the API key when one is set")
     reject: str | None = _f(None, "override the model's rejection of unknown inputs: auto, off, or a threshold "
                                   "in (0, 1] on the unknown score")

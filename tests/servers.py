@@ -25,27 +25,30 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(model: Path, log: Path, *args: str, torch_free: bool = False):
-    """Yields (url, process) for `imgclf serve MODEL ARGS` on a free port."""
+def running_server(model: Path, log: Path, *args: str, torch_free: bool = False, wait_for: str = "/readyz",
+                   env: dict | None = None):
+    """Yields (url, process) for `imgclf serve MODEL ARGS` on a free port, once
+    `wait_for` answers 200: /readyz (the model is ready) or /healthz (the
+    port is open; the model may still be loading). `env` adds variables."""
     port = free_port()
     argv = ["serve", str(model), "--port", str(port), *args]
     code = (NO_TORCH if torch_free else "") + f"from imgclf.cli import main; sys.exit(main({argv!r}))"
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-c", "import sys; " + code], stdout=f, stderr=subprocess.STDOUT,
-                                cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
         while True:
             try:
-                with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                with urllib.request.urlopen(url + wait_for, timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
                 raise AssertionError(f"server did not become ready:\n{log.read_text()}")
-            time.sleep(0.3)
+            time.sleep(0.3 if wait_for == "/readyz" else 0.02)
         yield url, proc
     finally:
         proc.terminate()

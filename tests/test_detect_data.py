@@ -16,6 +16,7 @@ from imgclf.errors import DataError
 from imgclf.tasks.detect.check import (
     check_dataset,
     fix_dataset,
+    format_report,
     split_dataset,
     suggest_image_size,
 )
@@ -151,7 +152,7 @@ def test_bad_labels_are_named_with_the_file_and_fix(tmp_path):
     with pytest.raises(DataError) as e:
         read_dataset(f)
     assert "c.json: annotation 7: bbox [1, 2, nan, 4]" in str(e.value) and "category_id 9" in str(e.value)
-    with pytest.raises(DataError, match="over the 0 MB limit.*max_json_bytes"):
+    with pytest.raises(DataError, match=r"c.json: \d+ bytes is over the 100 bytes limit.*max_json_bytes"):
         read_coco(f, max_json_bytes=100)
     f.write_text("{not json")
     with pytest.raises(DataError, match="c.json: not valid JSON"):
@@ -169,10 +170,180 @@ def test_bad_labels_are_named_with_the_file_and_fix(tmp_path):
 
 def test_small_objects_warned_at_a_small_input_size():
     ds = read_dataset(need(BCCD))
-    rep = check_dataset(ds, image_size=160)
+    rep = check_dataset(ds, image_size=160, near_dup="off")
     assert rep.small_per_class["Platelets"] > 0.5 * rep.boxes_per_class["Platelets"]
     assert rep.small_per_class["WBC"] < 0.01 * rep.boxes_per_class["WBC"]
     assert any("'Platelets'" in w and "--image-size" in w for w in rep.warnings)
     assert rep.sizes["Platelets"]["side_px"][1] < rep.sizes["RBC"]["side_px"][1] < rep.sizes["WBC"]["side_px"][1]
     size = suggest_image_size(ds)
     assert size % 32 == 0 and not any("'Platelets'" in w for w in check_dataset(ds, image_size=size).warnings)
+
+
+def _retake(src: Path, dst: Path) -> None:
+    """The same photo saved again: 90% size, another JPEG quality (other bytes, near-identical pixels)."""
+    im = Image.open(src)
+    im.resize((im.width * 9 // 10, im.height * 9 // 10)).save(dst, quality=70)
+
+
+def test_check_finds_copies_and_leakage_across_the_split(tmp_path):
+    """An image re-saved smaller into val (its annotation copied) leaks across the
+    given split; a byte copy within train is a copy; check names both, and
+    says the labels themselves are clean."""
+    voc = voc_subset(tmp_path / "voc", 12)
+    stems = sorted(p.stem for p in (voc / "Annotations").glob("*.xml"))
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "ImageSets" / "Main" / "train.txt").write_text("".join(f"{s}\n" for s in stems[:9] + ["copy_a"]))
+    (voc / "ImageSets" / "Main" / "val.txt").write_text("".join(f"{s}\n" for s in stems[9:] + ["leak_b"]))
+    a, b = stems[0], stems[1]
+    for src, dst in ((a, "copy_a"), (b, "leak_b")):
+        xml = (voc / "Annotations" / f"{src}.xml").read_text()
+        (voc / "Annotations" / f"{dst}.xml").write_text(xml.replace(f"{src}.jpg", f"{dst}.jpg"))
+    shutil.copy(voc / "JPEGImages" / f"{a}.jpg", voc / "JPEGImages" / "copy_a.jpg")
+    _retake(voc / "JPEGImages" / f"{b}.jpg", voc / "JPEGImages" / "leak_b.jpg")
+
+    rep = check_dataset(read_dataset(voc, strict=False), image_size=320)
+    assert rep.split_given and rep.split_counts == {"train": 10, "val": 4, "test": 0}
+    assert [(g.files, g.splits, g.identical) for g in rep.leaks] == [
+        ([f"JPEGImages/{b}.jpg", "JPEGImages/leak_b.jpg"], ["train", "val"], False)]
+    assert [(g.files, g.splits, g.identical) for g in rep.copies] == [
+        ([f"JPEGImages/{a}.jpg", "JPEGImages/copy_a.jpg"], ["train", "train"], True)]
+    assert rep.labels_clean and not rep.clean
+    assert any("leakage" in w and "leak_b.jpg" in w for w in rep.warnings)
+    text = format_report(rep)
+    assert f"[near-identical] JPEGImages/{b}.jpg (train)  ~  JPEGImages/leak_b.jpg (val)" in text
+    assert "leakage across splits (1 group(s))" in text and "copies within a split (1 group(s))" in text
+    json.dumps(rep.to_dict())
+
+    off = check_dataset(voc, image_size=320, near_dup="off")  # what --near-dup off skips
+    assert off.leaks == off.copies == [] and "nothing (--near-dup off)" in format_report(off)
+
+
+def test_check_judges_leakage_on_the_split_the_run_would_make(tmp_path):
+    """Without a given split, a copy is a leak exactly when split_dataset (as
+    `train` would, same seed and fractions) puts its two images apart."""
+    voc = voc_subset(tmp_path / "voc", 12)
+    for k in range(4):
+        shutil.copy(voc / "JPEGImages" / f"BloodImage_0000{k}.jpg", voc / "JPEGImages" / f"twin{k}.jpg")
+        xml = (voc / "Annotations" / f"BloodImage_0000{k}.xml").read_text()
+        (voc / "Annotations" / f"twin{k}.xml").write_text(xml.replace(f"BloodImage_0000{k}.jpg", f"twin{k}.jpg"))
+    ds = read_dataset(voc)
+    split = split_dataset(ds, 0.25, 0.25, seed=1)
+    where = {ds.images[i].path.name: s for s, items in split.items() for i in items}
+    apart = sorted(f"twin{k}.jpg" for k in range(4) if where[f"twin{k}.jpg"] != where[f"BloodImage_0000{k}.jpg"])
+    rep = check_dataset(ds, image_size=320, val_fraction=0.25, test_fraction=0.25, seed=1)
+    assert not rep.split_given and len(rep.leaks) + len(rep.copies) == 4
+    assert sorted(Path(g.files[1]).name for g in rep.leaks) == apart and apart  # seed 1 parts at least one pair
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG that claims w x h grey pixels (the header only, then a tiny image-data chunk)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def test_hostile_masks_are_named_never_decoded_and_the_rest_kept(tmp_path):
+    """A mask PNG claiming 100,000 x 100,000 pixels (10 GB if decoded), an
+    image doing the same, ids that skip (255 as a border value), an RGB mask:
+    each a problem naming its file and the fix; the good image is kept."""
+    root = tmp_path / "peds"
+    (root / "PNGImages").mkdir(parents=True)
+    (root / "PedMasks").mkdir()
+    for k in range(1, 6):
+        shutil.copy(need(PENN) / "PNGImages" / f"FudanPed0000{k}.png", root / "PNGImages")
+        shutil.copy(PENN / "PedMasks" / f"FudanPed0000{k}_mask.png", root / "PedMasks")
+    (root / "PedMasks" / "FudanPed00002_mask.png").write_bytes(_png_header(100_000, 100_000))
+    (root / "PNGImages" / "FudanPed00003.png").write_bytes(_png_header(100_000, 100_000))
+    m = np.asarray(Image.open(PENN / "PedMasks" / "FudanPed00004_mask.png")).copy()
+    m[0, :] = 255
+    Image.fromarray(m).save(root / "PedMasks" / "FudanPed00004_mask.png")
+    Image.open(PENN / "PNGImages" / "FudanPed00005.png").save(root / "PedMasks" / "FudanPed00005_mask.png")
+
+    ds = read_dataset(root, strict=False)
+    assert [im.path.name for im in ds.images] == ["FudanPed00001.png"] and ds.num_boxes == 2
+    got = {Path(p.file).name: p for p in ds.problems}
+    assert got["FudanPed00002_mask.png"].kind == "bad_mask" and "decompression" in got["FudanPed00002_mask.png"].detail
+    assert got["FudanPed00003.png"].kind == "unreadable" and "decompression" in got["FudanPed00003.png"].detail
+    assert got["FudanPed00004_mask.png"].kind == "bad_mask" and "255" in got["FudanPed00004_mask.png"].detail
+    assert "1..N" in got["FudanPed00004_mask.png"].detail
+    assert got["FudanPed00005_mask.png"].kind == "bad_mask" and "RGB" in got["FudanPed00005_mask.png"].detail
+    with pytest.raises(DataError, match="4 problem"):
+        read_dataset(root)
+
+
+def _coco_file(path: Path, images: list, anns: str, cats: str = '[{"id": 1, "name": "cell"}]') -> Path:
+    path.write_text(f'{{"images": {json.dumps(images)}, "categories": {cats}, "annotations": [{anns}]}}')
+    return path
+
+
+def test_hostile_coco_files_are_named_and_bounded(tmp_path):
+    """A million boxes on one image, NaN/inf/overflowing coordinates,
+    fields of the wrong type, a file over the size cap, nesting too deep:
+    each a DataError or a problem naming the file, the rest kept."""
+    img = str(need(BCCD) / "JPEGImages" / "BloodImage_00000.jpg")
+    other = str(BCCD / "JPEGImages" / "BloodImage_00001.jpg")
+    images = [{"id": 1, "file_name": img, "width": 640, "height": 480},
+              {"id": 2, "file_name": other, "width": "wide", "height": 1e999}, 7, {"id": [3], "file_name": ["x"]}]
+    million = ",".join(f'{{"id": {k}, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}}'
+                       for k in range(1_000_000))
+    f = _coco_file(tmp_path / "million.json", images, million + ', {"id": 0, "image_id": 2, "category_id": 1, '
+                   '"bbox": [10, 20, 30, 40]}')
+    ds = read_dataset(f, strict=False)
+    assert [(Path(im.path).name, im.width, im.height, im.boxes.tolist()) for im in ds.images] == [
+        ("BloodImage_00001.jpg", 640, 480, [[10.0, 20.0, 40.0, 60.0]])]  # garbage sizes: from the header
+    kinds = [(p.kind, p.file == str(f)) for p in ds.problems]
+    assert kinds == [("too_many_boxes", True), ("missing_image", True), ("missing_image", True)]
+    assert "1,000,000 boxes" in ds.problems[0].detail and "image id 1" in ds.problems[0].detail
+
+    bad = ('{"id": 1, "image_id": 1, "category_id": 1, "bbox": [NaN, 2, 3, 4]}, '
+           '{"id": 2, "image_id": 1, "category_id": 1, "bbox": [Infinity, 2, 3, 4]}, '
+           '{"id": 3, "image_id": 1, "category_id": 1, "bbox": [1e308, 2, 1e308, 4]}, '
+           '{"id": 4, "image_id": 1, "category_id": [1], "bbox": [1, 2, 3, 4]}, '
+           '{"id": 5, "image_id": {"a": 1}, "category_id": 1, "bbox": [1, 2, 3, 4]}, '
+           '{"id": 6, "image_id": 1, "category_id": 1, "bbox": ' + "[" * 500 + "]" * 500 + '}, '
+           '{"id": 7, "image_id": 1, "category_id": 1, "bbox": [5, 6, 7, 8]}')
+    f = _coco_file(tmp_path / "bad.json", images[:1], bad, '[{"id": 1, "name": "cell"}, {"id": "two"}, 3]')
+    ds = read_dataset(f, strict=False)
+    assert ds.classes == ["cell"] and ds.images[0].boxes.tolist() == [[5.0, 6.0, 12.0, 14.0]]
+    assert sorted(p.kind for p in ds.problems) == ["bad_coords"] * 5 + ["unknown_label"] * 3
+    assert all(len(p.detail) < 300 for p in ds.problems)  # the 500-deep bbox quoted short
+    with pytest.raises(DataError, match=r"8 problem\(s\)(.|\n)*bad.json: annotation 6: bbox \[\[\[...\]\]\]"):
+        read_dataset(f)
+
+    with pytest.raises(DataError, match=r"bad.json: [\d,]+ bytes is over the 1,000 bytes limit.*max_json_bytes"):
+        read_dataset(f, max_json_bytes=1000)
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"images": ' + "[" * 200_000 + "]" * 200_000 + ', "categories": []}')
+    with pytest.raises(DataError, match="deep.json: JSON nested too deeply"):
+        read_dataset(deep)
+
+
+def test_hostile_yolo_labels_are_named_and_the_rest_kept(tmp_path):
+    """Garbage lines, a binary label file, a data.yaml of nested aliases
+    ("billion laughs") or nested too deeply: named, never a traceback."""
+    yolo = write_yolo(read_dataset(voc_subset(tmp_path / "v", 3)), tmp_path / "yolo")
+    labs = sorted((yolo / "labels").glob("*.txt"))
+    good = labs[0].read_text()
+    labs[0].write_text(good + "0 inf 0.5 0.1 0.1\n0 1e999 0.5 0.1 0.1\n0 0.5\nzero 0.5 0.5 0.1 0.1\n"
+                       "0.5 0.5 0.5 0.1 0.1\n1e20 0.5 0.5 0.1 0.1\n-1 0.5 0.5 0.1 0.1\n\x00\x01 garbage\n")
+    labs[1].write_bytes(b"\xff\xfe\x00binary" * 100)
+    ds = read_dataset(yolo, strict=False)
+    assert len(ds.images) == 2 and len(ds.images[0].boxes) == good.count("\n")
+    assert [(Path(p.file.rsplit(":", 1)[0]).name, p.kind) for p in ds.problems] == (
+        [(labs[0].name, "bad_coords")] * 5 + [(labs[0].name, "unknown_label")] * 2 + [(labs[0].name, "bad_coords")]
+        + [(labs[1].name, "unreadable")])
+    assert "not UTF-8" in ds.problems[-1].detail
+
+    laughs = "names: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"l{k}: &l{k} [{', '.join(['*a' if k == 0 else f'*l{k - 1}'] * 10)}]\n" for k in range(9))
+    (yolo / "data.yaml").write_text(laughs + "names: [*l8, *l8]\n")  # 10^10 names if expanded
+    with pytest.raises(DataError, match="data.yaml: no 'names' list of class names"):
+        read_dataset(yolo)
+    (yolo / "data.yaml").write_text("names: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(DataError, match="data.yaml: (YAML nested too deeply|no 'names')"):
+        read_dataset(yolo)

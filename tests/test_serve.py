@@ -360,16 +360,29 @@ def _crafted_onnx(path: Path, classes, fail_at_run: bool = False, width="2") -> 
     (["a", "b", "c", "d", "e"], False, "2", "scores 2 classes but its metadata names 5"),
     ([], False, "2", "non-empty list"),
     (["a", "b"], True, "2", "fails on a blank")])
-def test_crafted_onnx_is_refused_before_serving(tmp_path, capsys, classes, fail_at_run, width, why):
+def test_crafted_onnx_is_refused_never_served(tmp_path, classes, fail_at_run, width, why):
     """Once: 5 names on a 2-output graph were served mislabelled, classes=[]
     was an IndexError, and a graph failing at run time was 'ready' and then a
-    500 on every request. Now `serve` refuses each before it listens."""
-    from imgclf.cli import main
+    500 on every request. Now the load in the background fails: the app says
+    so on /readyz and every /v1 route (503 load_failed, the reason without
+    server paths) while /healthz still answers; `imgclf serve` stops with the
+    reason (no restart would fix the file)."""
+    from fastapi.testclient import TestClient
+
+    from imgclf.deploy.serve import ServeConfig, create_app
+
+    from .conftest import imgclf
+    from .servers import free_port
 
     model = _crafted_onnx(tmp_path / "m.onnx", classes, fail_at_run, width)
-    assert main(["serve", str(model), "--port", "9"]) == 2
-    err = capsys.readouterr().err
-    assert "m.onnx" in err and why in err and "Traceback" not in err, err
+    with TestClient(create_app(ServeConfig(str(model)))) as c:
+        assert c.get("/healthz").status_code == 200
+        e = error(c.get("/readyz"), 503, "load_failed")
+        assert why in e["message"] and "m.onnx" in e["message"] and str(tmp_path) not in e["message"], e
+        error(c.post("/v1/predict", json={"images": ["aGVsbG8="]}), 503, "load_failed")
+    p = imgclf("serve", model, "--port", str(free_port()), check=False, timeout=120)
+    assert p.returncode == 2 and "m.onnx" in p.stderr and why in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert "imgclf serve:" not in p.stdout  # no banner: it is printed once the model is ready
 
 
 def test_crafted_onnx_baseline_loads(tmp_path):
@@ -417,5 +430,73 @@ def test_similar_is_off_on_an_open_address_without_a_key(tiny_run):
         e = error(c.post("/v1/similar", json={"images": ["aGVsbG8="]}), 404, "similar_unavailable")
         assert "--api-key" in e["message"] and "--similar" in e["message"]
         assert c.get("/v1/model").json()["similar"]["available"] is False
-    with TestClient(create_app(ServeConfig(str(tiny_run[0]), host="0.0.0.0", similar=False))) as c:
+    from imgclf.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["serve", str(tiny_run[0]), "--no-similar", "--similar-per-minute", "0"])
+    cfg = config_from_args(args.cls, args)  # the flags as the command line gives them
+    assert cfg.similar is False and cfg.similar_per_minute == 0
+    with TestClient(create_app(cfg)) as c:  # on loopback, where it would otherwise be on
         assert "--no-similar" in c.get("/v1/model").json()["similar"]["why_not"]
+        e = error(c.post("/v1/similar", json={"images": ["aGVsbG8="]}), 404, "similar_unavailable")
+        assert "--no-similar" in e["message"]
+
+
+def _png_of_mode(mode: str, w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (w, h)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_decode_budget_counts_bytes_by_mode(onnx_path):
+    """The decode budget counts what decoding costs in bytes for each mode
+    (imgclf.data.images.decode_cost), not pixels: a 9 MP 8-bit greyscale PNG
+    and a 9 MP RGBA PNG have the same pixel count, but two greyscale decodes
+    fit where one RGBA decode does, while a greyscale and an RGBA one do not
+    (503 busy with Retry-After once the wait is over); an image that alone
+    costs more than the whole budget is a 413 naming it."""
+    from fastapi.testclient import TestClient
+
+    from imgclf.deploy.serve import ServeConfig, create_app
+    from imgclf.deploy.serve.parsing import ApiError, DecodeBudget, header_cost
+
+    grey, rgba, deep = (_png_of_mode(m, 3000, 3000) for m in ("L", "RGBA", "I;16"))
+    cfg = ServeConfig(str(onnx_path), max_pixels=10_000_000)
+    with TestClient(create_app(cfg)) as c:
+        draft = c.app.state.imgclf.predictor.preprocess.draft_size
+        costs = {name: header_cost(data, draft, cfg.max_pixels) for name, data in (("L", grey), ("RGBA", rgba), ("I;16", deep))}
+        assert costs["L"] < costs["I;16"] < costs["RGBA"] and 2 * costs["L"] <= costs["RGBA"], costs
+        assert c.post("/v1/predict", files={"file": ("rgba.png", rgba)}).status_code == 200  # fits the default
+
+    budget = DecodeBudget(costs["RGBA"], wait_s=0.2)
+    with budget.hold(costs["L"]), budget.hold(costs["L"]):  # two greyscale decodes at once
+        assert budget.used == 2 * costs["L"]
+    with budget.hold(costs["L"]), pytest.raises(ApiError) as e, budget.hold(costs["RGBA"]):
+        pass
+    assert e.value.status == 503 and e.value.code == "busy" and e.value.headers["Retry-After"] == "1"
+    assert budget.used == 0
+
+    mb = (costs["L"] + costs["RGBA"]) / 2 / 2**20  # room for the greyscale image, not for the RGBA one
+    with TestClient(create_app(ServeConfig(str(onnx_path), max_pixels=10_000_000, decode_budget_mb=mb))) as c:
+        r = c.post("/v1/predict", files={"file": ("grey.png", grey)})
+        assert r.status_code == 200 and r.json()["predictions"][0]["filename"] == "grey.png"
+        e = error(c.post("/v1/predict", files={"file": ("rgba.png", rgba)}), 413, "image_too_large")
+        assert "rgba.png" in e["message"] and "--decode-budget-mb" in e["message"], e
+        assert c.get("/v1/model").json()["limits"]["decode_budget_bytes"] == int(mb * 2**20)
+
+
+def test_token_buckets_per_address():
+    """--similar-per-minute 6 --similar-burst 3: three at once, then one every
+    10 s, counted for each address on its own; 0 means no limit."""
+    from imgclf.deploy.serve.ratelimit import TokenBuckets, retry_after
+
+    b = TokenBuckets(per_minute=6, burst=3)
+    assert [b.take("a", now=0.0) for _ in range(3)] == [0, 0, 0]
+    assert b.take("a", now=0.0) == pytest.approx(10.0) and retry_after(b.take("a", now=1.0)) == "9"
+    assert b.take("b", now=1.0) == 0  # another address has its own bucket
+    assert b.take("a", now=10.0) == 0 and b.take("a", now=10.0) > 0
+    assert [b.take("a", now=1000.0) == 0 for _ in range(4)] == [True, True, True, False]  # refilled to the burst
+    small = TokenBuckets(per_minute=60, burst=1, max_clients=2)
+    for addr in ("x", "y", "z"):
+        small.take(addr, now=0.0)
+    assert list(small.buckets) == ["y", "z"]  # the least recently seen address is forgotten first
+    assert all(TokenBuckets(0, 1).take("a") == 0 for _ in range(100))

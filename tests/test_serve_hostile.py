@@ -64,8 +64,8 @@ def test_many_parts_are_refused_at_once_and_never_stall(server, cat):
 
 def test_small_files_decoding_to_huge_images_stay_in_bounded_memory(server):
     """A 5 KB PNG of 6300x6300 (39.7 MP) is under the pixel limit; 16 at once
-    took the old server from 0.96 to 3.8 GB. The pixel budget decodes at most
-    two of them at a time."""
+    took the old server from 0.96 to 3.8 GB. The decode budget (bytes, by
+    decode_cost: about 84 MB each) decodes at most five of them at a time."""
     url, proc, _ = server
     buf = io.BytesIO()
     Image.new("1", (6300, 6300)).save(buf, "PNG", optimize=True)

@@ -39,6 +39,15 @@ def test_cli_train_writes_a_self_describing_run(tiny_run):
     assert not any(os.path.isabs(p) for p, _ in splits["train"])
 
 
+def test_photos_skip_the_race_and_say_why(tiny_run):
+    """200 px photos keep today's decision (linear on cached features) without
+    racing: no time added where the race could not change the answer."""
+    out, proc = tiny_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategy"] == "linear" and "race" not in proc.stdout.split("strategy: linear")[0]
+    assert summary["race"]["ran"] is False and summary["race"]["why"].startswith("photos (200px")
+
+
 def test_frozen_backbone_linear_head_reaches_90_percent(tiny_run):
     """Pretrained weights really load: a frozen Lite1 + fitted linear head >= 90% on cats_dogs_tiny/val."""
     out, _ = tiny_run

@@ -7,6 +7,8 @@ user's files)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +17,20 @@ from imgclf.data import near_dup as nd
 from imgclf.data.datasets import Splits, discover
 from imgclf.data.images import BadImage, open_image, sniff
 from imgclf.data.loading import default_workers, file_hash
-from imgclf.data.near_dup import image_hash
+from imgclf.data.near_dup import image_signature
 from imgclf.errors import ConfigError, DataError
 from imgclf.io import atomic_write_text
 from imgclf.log import Progress
+
+# --fix leaves out at most this share of the images unless forced: more is
+# likelier a detector gone wrong on this data than that much real copying.
+MAX_DROP = 0.05
+# "A graphic or placeholder": one colour covers at least FLAT_MIN of the
+# thumbnail and the rest has under GRAPHIC_MAX_VARIETY distinct colours per
+# pixel (hymenoptera's imageNotFound.gif: 0.17 at full size, 0.23 at 32 px;
+# photos on a white background: 0.68-0.80; docs/benchmarks.md, "Near-duplicates").
+FLAT_MIN = 0.5
+GRAPHIC_MAX_VARIETY = 0.4
 
 KINDS = (("across_splits", "leakage across splits"), ("across_classes", "different labels"),
          ("within_class", "within a class"))
@@ -37,19 +49,24 @@ def _image_stats(path: Path, hashes: bool = True) -> dict:
     img.thumbnail((64, 64))
     a = np.asarray(img, dtype=np.uint8).reshape(-1, 3)
     _, counts = np.unique(a, axis=0, return_counts=True)
-    # A graphic has few distinct colours and a flat area covering most of it
-    # (hymenoptera's imageNotFound.gif: 161 colours, one covering 77%). Photos
-    # on a white background can be flat too, but have hundreds of colours
-    # from noise and shading (the flattest ant photo there: 529, 81%).
-    return {"format": fmt, "mode": mode, "size": size, "frames": frames, "std": float(a.std()),
-            "flat": float(counts.max() / len(a)), "colours": int(len(counts)),
-            "phash": image_hash(img) if hashes else None}
+    flat = float(counts.max() / len(a))
+    sig = image_signature(img) if hashes else (None, None)
+    # A graphic has a flat area covering most of it, and few distinct colours
+    # outside it (flat fills, anti-aliased edges). A photo on a plain
+    # background is flat too, but nearly every pixel of its subject differs
+    # from the next (noise, shading), however small the image: "variety" is
+    # distinct colours per pixel outside the flat area, which a count of
+    # colours alone is not on a 32 px image (1,024 pixels in all).
+    return {"format": fmt, "mode": mode, "size": size, "frames": frames, "std": float(a.std()), "flat": flat,
+            "colours": int(len(counts)), "variety": float(len(counts) / max(1.0, (1 - flat) * len(a))),
+            "phash": sig[0], "thumb": sig[1]}
 
 
 class FileStats:
     """What check knows of each file, in numpy columns indexed like `entries`:
-    about 70 bytes a file instead of a dict of ~600, so a million files cost
-    ~70 MB. ok[k] says whether file k could be read."""
+    about 1.2 KB a file (mostly the 32 px grey thumbnail the near-duplicate
+    check compares), so a million files cost ~1.2 GB. ok[k] says whether
+    file k could be read."""
 
     def __init__(self, n: int):
         self.ok = np.zeros(n, bool)
@@ -60,7 +77,9 @@ class FileStats:
         self.std = np.zeros(n, np.float32)
         self.flat = np.zeros(n, np.float32)
         self.colours = np.zeros(n, np.int32)
-        self.phash = np.zeros((n, 2), np.uint64)
+        self.variety = np.zeros(n, np.float32)
+        self.phash = np.zeros((n, nd.N_VIEWS), np.uint64)
+        self.thumb = np.zeros((n, nd.THUMB, nd.THUMB), np.uint8)
         self.content = np.zeros(n, "S32")  # file_hash: exact copies
         self.names: dict[str, list[str]] = {"format": [], "mode": []}
 
@@ -75,8 +94,9 @@ class FileStats:
         self.fmt[k], self.mode[k] = self._code("format", st["format"]), self._code("mode", st["mode"])
         self.size[k], self.frames[k], self.std[k] = st["size"], st["frames"], st["std"]
         self.flat[k], self.colours[k], self.content[k] = st["flat"], st["colours"], st["content"]
+        self.variety[k] = st["variety"]
         if st["phash"] is not None:
-            self.phash[k] = st["phash"]
+            self.phash[k], self.thumb[k] = st["phash"], st["thumb"]
 
     def counts(self, kind: str) -> dict[str, int]:
         col = self.fmt if kind == "format" else self.mode
@@ -84,12 +104,16 @@ class FileStats:
 
 
 def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-                  progress: bool = True, near_dup: str = "hash", fix: str | Path | None = None,
-                  embed_pairs=None, follow_links: bool = False) -> dict:
+                  progress: bool = True, near_dup: str = "auto", fix: str | Path | None = None,
+                  embed_pairs=None, follow_links: bool = False, max_drop: float = MAX_DROP,
+                  force: bool = False) -> dict:
     """Everything `imgclf check` reports, as one dict (`--json` prints it).
-    near_dup: hash | embed (hash or embedding) | off (see data/near_dup.py); fix: write a cleaned
-    split to this CSV path. embed_pairs: the embedding detector `embed` needs
-    (data_engine/near_dup.py: EmbeddingPairs; its check_dataset passes it)."""
+    near_dup: auto (embed where embed_pairs says its features are cached,
+    else hash) | hash | embed (hash or embedding) | off (see
+    data/near_dup.py); fix: write a cleaned split to this CSV path, unless it
+    would leave out more than `max_drop` of the images and not `force`.
+    embed_pairs: the embedding detector `embed` needs (data_engine/near_dup.py:
+    EmbeddingPairs; its check_dataset passes it)."""
     if near_dup == "embed" and embed_pairs is None:
         raise ConfigError("near_dup='embed' needs an embedding detector (embed_pairs)",
                           "call imgclf.data_engine.near_dup.check_dataset, which passes one, or use near_dup='hash'")
@@ -115,7 +139,7 @@ def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: fl
                        "height": [int(sizes[:, 1].min()), int(sizes[:, 1].max())]},
         "bad_files": bad, "duplicates": dups, "near_duplicates": near, "outliers": _outliers(entries, stats),
         "warnings": _warnings(totals, dups, near, s.notes, counts), "notes": s.notes, "split_given": given,
-        "fix": write_clean_csv(s, data, fix, copies, bad, entries, stats) if fix else None,
+        "fix": write_clean_csv(s, data, fix, copies, bad, entries, stats, max_drop, force) if fix else None,
     }
 
 
@@ -133,28 +157,35 @@ def _scan_chunk(paths: list[Path], hashes: bool) -> list[dict | str]:
 
 
 def _scan(s: Splits, entries: list, progress: bool, hashes: bool) -> tuple[list[dict], FileStats]:
-    """Per readable file its statistics and content hash, streamed into
-    columns; the unreadable ones with why. Decoding thumbnails is CPU work, so
-    chunks of files go to a process per core."""
+    bad, stats = scan_files((s.path(rel) for _, rel, _ in entries), len(entries), progress, hashes)
+    return [{"path": entries[k][1], "reason": r} for k, r in bad], stats
+
+
+def scan_files(paths: Iterable[Path], n: int, progress: bool = True, hashes: bool = True
+               ) -> tuple[list[tuple[int, str]], FileStats]:
+    """Per readable file of the `n` paths its statistics (FileStats, indexed
+    like `paths`: format, size, perceptual and content hashes), streamed into
+    columns; the unreadable ones as (index, why). Decoding thumbnails is CPU
+    work, so chunks of files go to a process per core. Detection's check
+    reads its images through this too."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-
-    bad, stats = [], FileStats(len(entries))
-    step = 256
-    chunks = ([s.path(rel) for _, rel, _ in entries[i:i + step]] for i in range(0, len(entries), step))
+    bad, stats = [], FileStats(n)
+    step, it = 256, iter(paths)
+    chunks = iter(lambda: list(islice(it, step)), [])
     # Below a few thousand files, starting the processes costs more than it saves. forkserver:
     # the workers start clean, not as forks of a process that may hold torch's threads.
-    procs = max(1, 2 * default_workers()) if len(entries) >= 2000 else 1
+    procs = max(1, 2 * default_workers()) if n >= 2000 else 1
     pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("forkserver")) if procs > 1 else None
     results = _bounded_map(pool, chunks, hashes, 4 * procs) if pool else (_scan_chunk(c, hashes) for c in chunks)
     try:
-        with Progress(total=len(entries), desc="checking", unit="img", enabled=progress) as bar:
+        with Progress(total=n, desc="checking", unit="img", enabled=progress) as bar:
             for i, part in enumerate(results):
                 for j, r in enumerate(part):
                     k = i * step + j
                     if isinstance(r, str):
-                        bad.append({"path": entries[k][1], "reason": r})
+                        bad.append((k, r))
                     else:
                         stats.set(k, r)
                 bar.update(len(part))
@@ -217,27 +248,31 @@ def _kinds(groups: list[list[tuple]], classes: list[str], given: bool) -> dict:
 def _near_duplicates(s: Splits, entries: list, stats: FileStats, method: str, embed_pairs,
                      progress: bool) -> dict:
     """Groups of near-identical images, other than groups of identical files
-    (listed as exact duplicates); "_groups" (all of them) is for --fix."""
+    (listed as exact duplicates); "_groups" (all of them) is for --fix.
+    Every pair in a group is proven by two signals (data/near_dup.py), and
+    groups are stars of such pairs, never chains."""
     if method == "off":
         return {"method": "off", **_kinds([], s.classes, s.given), "_groups": []}
-    where = np.flatnonzero(stats.ok)
+    where = np.flatnonzero(stats.ok & (stats.size.min(1) >= nd.MIN_SIDE))
+    too_small = int(stats.ok.sum() - len(where))
+    if method == "auto":  # the embedding where its features are already cached, else hash and pixels
+        method = "embed" if embed_pairs is not None and embed_pairs.cached(stats.content[where]) else "hash"
+    i, j, _ = nd.verified_hash_pairs(stats.phash[where], stats.thumb[where])
+    desc = (f"pHash of each image, its mirror and 90% crops within {nd.HASH_MAX_DISTANCE} of 64 bits, "
+            f"verified by 32 px grey pixels correlating >= {nd.PIXEL_MIN_CORR}")
     if method == "embed":  # the backbone may not read every file the header check passed
-        kept, ei, ej = embed_pairs(s.root, [entries[k][1:] for k in where], progress)
-        where = where[kept]
-    readable = [entries[k] for k in where]
-    h = stats.phash[where]
-    i, j, _ = nd.hash_pairs(h)
-    desc = f"pHash of each image and its mirror, Hamming distance <= {nd.HASH_MAX_DISTANCE} of 64 bits"
-    if method == "embed":  # either detector links a pair: the embedding finds the crops pHash misses
-        i, j = np.concatenate([i, ei]), np.concatenate([j, ej])
-        desc += f", or {embed_pairs.criterion}"
-    comps = nd.groups(len(readable), i, j)
-    found = [[readable[k] for k in g] for g in comps]
+        kept, ei, ej, _ = embed_pairs(s.root, [entries[k][1:] for k in where], progress)
+        ei, ej = kept[ei], kept[ej]
+        ok = nd.pixel_similarity(stats.thumb[where], ei, ej) >= embed_pairs.min_corr
+        i, j = np.concatenate([i, ei[ok]]), np.concatenate([j, ej[ok]])
+        desc += f"; or {embed_pairs.criterion}"
+    comps = nd.star_groups(len(where), i, j)
+    found = [[entries[where[k]] for k in g] for g in comps]
     near = [f for f, g in zip(found, comps) if len({stats.content[where[k]] for k in g}) > 1]
     # With no given split, copies that imgclf's own split would put on both sides leak just the same.
     straddling = 0 if s.given else sum(len({n for n, _, _ in g}) > 1 for g in found)
     return {"method": method, "criterion": desc, "groups": len(near), **_kinds(near, s.classes, s.given),
-            "straddling": straddling, "_groups": found}
+            "straddling": straddling, "too_small": too_small, "_groups": found}
 
 
 def _outliers(entries: list, stats: FileStats) -> list[dict]:
@@ -248,8 +283,9 @@ def _outliers(entries: list, stats: FileStats) -> list[dict]:
     # "Differs from nearly all others": a format or mode held by under 2% of the files.
     rare_f = {stats.names["format"].index(f) for f, c in fmts.items() if c / n < 0.02 and len(fmts) > 1}
     rare_m = {stats.names["mode"].index(m) for m, c in modes.items() if c / n < 0.02 and len(modes) > 1}
+    graphic = (stats.flat >= FLAT_MIN) & (stats.variety < GRAPHIC_MAX_VARIETY)
     flagged = ok & (np.isin(stats.fmt, list(rare_f)) | np.isin(stats.mode, list(rare_m)) | (stats.std < 8) |
-                    ((stats.flat >= 0.5) & (stats.colours < 300)) | (stats.frames > 1))
+                    graphic | (stats.frames > 1))
     outliers = []
     for k in np.flatnonzero(flagged):
         fmt, mode = stats.names["format"][stats.fmt[k]], stats.names["mode"][stats.mode[k]]
@@ -260,8 +296,8 @@ def _outliers(entries: list, stats: FileStats) -> list[dict]:
             why.append(f"colour mode {mode} ({modes[mode]} of {n}; most are {top_m})")
         if stats.std[k] < 8:
             why.append(f"near-blank (pixel std {stats.std[k]:.1f})")
-        elif stats.flat[k] >= 0.5 and stats.colours[k] < 300:
-            why.append(f"few colours ({stats.colours[k]}), one covering {stats.flat[k]:.0%}: "
+        elif graphic[k]:
+            why.append(f"one colour covering {stats.flat[k]:.0%} and few others ({stats.colours[k]} in all): "
                        "a graphic or placeholder rather than a photo?")
         if stats.frames[k] > 1:
             why.append(f"animated ({stats.frames[k]} frames; only the first is used)")
@@ -327,8 +363,9 @@ def format_report(r: dict) -> str:
                 L.append(f"  ... and {len(tagged) - 20} more")
     near = r["near_duplicates"]
     L += ["", f"near-duplicates searched by: {near.get('criterion', 'nothing (--near-dup off)')}"]
-    if near["method"] == "hash":
-        L.append("  (a perceptual hash misses most slightly cropped copies; --near-dup embed finds them too)")
+    if near.get("too_small"):
+        L.append(f"  ({near['too_small']} image(s) under {nd.MIN_SIDE} px on a side were not compared: "
+                 f"too small to tell a copy from a look-alike)")
     if r.get("fix"):
         L += ["", format_fix(r["fix"])]
     if r["outliers"]:
@@ -395,11 +432,14 @@ def default_fix_path(data: str | Path) -> Path:
 
 
 def write_clean_csv(s: Splits, data: str | Path, out: str | Path, groups: list[list[tuple]], bad: list[dict],
-                    all_entries: list[tuple], stats: FileStats) -> dict:
+                    all_entries: list[tuple], stats: FileStats, max_drop: float = MAX_DROP,
+                    force: bool = False) -> dict:
     """Write the cleaned split as a `path,label[,split]` CSV (paths relative to
     its folder; the split column when the data came with one), atomically.
     Rows with conflicting labels are written commented out at the end for a
-    person to decide. The user's images and files are never touched."""
+    person to decide. The user's images and files are never touched. Returns
+    what it drops, and why, either way; writes nothing (refused) when that is
+    more than `max_drop` of the readable images, unless `force`."""
     import os
 
 
@@ -412,8 +452,15 @@ def write_clean_csv(s: Splits, data: str | Path, out: str | Path, groups: list[l
     pixels = {all_entries[k][1]: int(stats.size[k].prod()) for k in np.flatnonzero(stats.ok)
               if all_entries[k][1] in members}
     kept, why = clean_entries(entries, groups, pixels, s.given)
-    cells = lambda n, rel, y: [os.path.relpath(s.path(rel), out.parent), label_name(s.classes, y), n][:3 if s.given else 2]  # noqa: E731
     counts = {k: sum(v.startswith(k) for v in why.values()) for k in ("copy", "leak", "conflict")}
+    share = len(why) / max(1, len(entries))
+    result = {"path": str(out), "kept": len(kept), "of": len(entries) + len(bad), **counts, "unreadable": len(bad),
+              "dropped": [{"path": rel, "why": v} for rel, v in why.items()], "share": share, "max_drop": max_drop,
+              "refused": None}
+    if share > max_drop and not force:
+        return {**result, "refused": f"it would leave out {len(why)} of {len(entries)} readable images "
+                                     f"({share:.1%}), more than --max-drop {max_drop:.0%}"}
+    cells = lambda n, rel, y: [os.path.relpath(s.path(rel), out.parent), label_name(s.classes, y), n][:3 if s.given else 2]  # noqa: E731
     lines = [f"# imgclf check --fix of {s.root}: {len(kept)} of {len(entries) + len(bad)} images kept; dropped "
              f"{counts['copy']} copies within a split, {counts['leak']} copies of training images from val/test "
              f"(leakage), {counts['conflict']} with conflicting labels (at the end), {len(bad)} unreadable",
@@ -428,8 +475,7 @@ def write_clean_csv(s: Splits, data: str | Path, out: str | Path, groups: list[l
             lines.append(f"# {why[e[1]]}:")
         lines.append("#" + _csv_line(cells(*e)))
     atomic_write_text(out, "\n".join(lines) + "\n")
-    return {"path": str(out), "kept": len(kept), "of": len(entries) + len(bad), **counts, "unreadable": len(bad),
-            "dropped": [{"path": rel, "why": v} for rel, v in why.items()]}
+    return result
 
 
 def _csv_line(cells: list[str]) -> str:
@@ -441,8 +487,19 @@ def _csv_line(cells: list[str]) -> str:
     return buf.getvalue()
 
 
+FIX_LISTED = 50  # dropped files listed by the text report (--json lists all)
+
+
 def format_fix(f: dict) -> str:
-    return (f"cleaned split: {f['path']}\n  kept {f['kept']} of {f['of']} images: dropped {f['copy']} copies within "
-            f"a split, {f['leak']} copies of training images from val/test, {f['conflict']} with conflicting labels "
-            f"(commented out at the end of the file), {f['unreadable']} unreadable\n"
-            f"  train on it: imgclf train {f['path']}")
+    L = [f"--fix leaves out {len(f['dropped'])} image(s) ({f['share']:.1%} of the readable ones):"]
+    L += [f"  {d['path']}: {d['why']}" for d in f["dropped"][:FIX_LISTED]]
+    if len(f["dropped"]) > FIX_LISTED:
+        L.append(f"  ... and {len(f['dropped']) - FIX_LISTED} more (--json lists them all)")
+    if f["refused"]:
+        return "\n".join(L + [f"cleaned split NOT written: {f['refused']}. Look at the list above; if it is "
+                               f"right, rerun with --force (or raise --max-drop)"])
+    return "\n".join(L + [
+        f"cleaned split: {f['path']}\n  kept {f['kept']} of {f['of']} images: dropped {f['copy']} copies within "
+        f"a split, {f['leak']} copies of training images from val/test, {f['conflict']} with conflicting labels "
+        f"(commented out at the end of the file), {f['unreadable']} unreadable\n"
+        f"  train on it: imgclf train {f['path']}"])

@@ -240,6 +240,8 @@ def open_header(src: BinaryIO, name: str) -> Image.Image:
         raise BadImage(name, "over Pillow's decompression-bomb limit (about 179 MP): too many pixels") from None
     except OSError as e:
         raise BadImage(name, f"cannot read file: {e}") from None
+    except (ValueError, EOFError) as e:  # a format plugin's own complaint (a PPM header cut short)
+        raise BadImage(name, f"not an image: its header cannot be read ({str(e)[:100]})") from None
     if img.format not in FORMATS:
         img.close()
         raise BadImage(name, f"unsupported image format {img.format}; convert it to JPEG or PNG")

@@ -38,9 +38,10 @@ def _short(name: str, n: int = 18) -> str:
     return name if len(name) <= n else name[: n - 1] + "\u2026"
 
 
-def confusion_png(cm, classes: list[str], normalize: bool) -> bytes:
+def confusion_png(cm, classes: list[str], normalize: bool, unit: str = "images") -> bytes:
     """Confusion matrix (rows: true, columns: predicted), counts or
-    row-normalised (each row sums to 1: the recall on the diagonal)."""
+    row-normalised (each row sums to 1: the recall on the diagonal); `unit`
+    names what is counted."""
     plt = _plt()
     cm = np.asarray(cm, dtype=np.float64)
     n = len(classes)
@@ -54,7 +55,7 @@ def confusion_png(cm, classes: list[str], normalize: bool) -> bytes:
     side = float(np.clip(1.6 + 0.55 * n if n <= 12 else 2.0 + 0.12 * n, 4.0, 14.0))
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
     im = ax.imshow(data, cmap="Blues", vmin=0, vmax=1 if normalize else max(1.0, data.max()), interpolation="nearest")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class" if normalize else "images")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class" if normalize else unit)
     tick_fs = float(np.clip(220 / max(n, 1), 4, 10))
     step = max(1, int(np.ceil(n / 100)))  # beyond 100 classes, label every k-th
     ticks = np.arange(0, n, step)

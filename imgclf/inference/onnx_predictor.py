@@ -34,22 +34,13 @@ RESIZE_IN_GRAPH = "resize_in_graph"  # metadata key: "true" when `images` takes 
 
 
 class OnnxPredictor(Predictor):
-    def __init__(self, path: str | Path | bytes, threads: int | None = None, any_size: bool = False):
+    def __init__(self, path: str | Path | bytes, threads: int | None = None, any_size: bool = False, session=None):
         """path: an .onnx file, or its bytes (the export checks a model before writing it).
         any_size: accept a model that resizes inside its graph (`export --any-size`,
-        the web export), for a caller that feeds it decoded photos itself."""
+        the web export), for a caller that feeds it decoded photos itself.
+        session: the one already opened on path (`open_session`), not opened twice."""
         self.source = "<bytes>" if isinstance(path, bytes) else str(path)
-        if not isinstance(path, bytes) and not Path(path).is_file():
-            raise RunError(f"{path}: no such model file", "write one with `imgclf export RUN --format onnx`")
-        try:
-            # The memory arena stays on here: it holds the peak of the batch shapes
-            # seen (bounded by --max-batch), and serving without it was markedly
-            # slower (bench/bench_soak.py).
-            self.session = ort_session(path, threads)
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
-            why = (str(e).strip().splitlines() or [""])[0][:300]  # e.g. external data it cannot find
-            raise ModelFileError(f"{self.source}: not a loadable ONNX model ({type(e).__name__}: {why})",
-                                 "export it again with `imgclf export RUN` (one self-contained file)") from None
+        self.session = session or open_session(path, threads)
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("format") != FORMAT:
             raise ModelFileError(f"{self.source}: not an imgclf export (metadata format={meta.get('format')!r})",
@@ -82,6 +73,22 @@ class OnnxPredictor(Predictor):
         with self._lock:
             out = self.session.run(self._outputs, {INPUT: np.ascontiguousarray(batch, dtype=np.uint8)})
         return out[0], (out[1] if self.has_unknown else None)
+
+
+def open_session(path: str | Path | bytes, threads: int | None = None):
+    """An onnxruntime session on an exported file, or a ModelFileError that says why not."""
+    source = "<bytes>" if isinstance(path, bytes) else str(path)
+    if not isinstance(path, bytes) and not Path(path).is_file():
+        raise RunError(f"{path}: no such model file", "write one with `imgclf export RUN --format onnx`")
+    try:
+        # The memory arena stays on here: it holds the peak of the batch shapes
+        # seen (bounded by --max-batch), and serving without it was markedly
+        # slower (bench/bench_soak.py).
+        return ort_session(path, threads)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/InvalidProtobuf types
+        why = (str(e).strip().splitlines() or [""])[0][:300]  # e.g. external data it cannot find
+        raise ModelFileError(f"{source}: not a loadable ONNX model ({type(e).__name__}: {why})",
+                             "export it again with `imgclf export RUN` (one self-contained file)") from None
 
 
 def warn_if_stale(meta: dict, path: str | Path) -> bool:

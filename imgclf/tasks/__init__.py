@@ -2,6 +2,7 @@
 
     classify  one label (or several) per image      imgclf.tasks.classify
     detect    boxes (and masks) of objects          imgclf.tasks.detect.task
+    segment   a class per pixel                     imgclf.tasks.segment.task
 
 A task is chosen from the data (`task_for_data`: VOC XML, COCO instances JSON,
 a YOLO data.yaml or instance-mask PNGs mean detect; class folders and CSVs
@@ -32,8 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from imgclf.config import TrainConfig
 from imgclf.errors import ConfigError
+from imgclf.inference.litert_predictor import LiteRTPredictor
+from imgclf.inference.load import model_format
+from imgclf.inference.onnx_predictor import OnnxPredictor, open_session
+from imgclf.io import torch_load
+from imgclf.runs import RunDir
 from imgclf.tasks.detect.data import detect_format
+from imgclf.tasks.detect.onnx_predictor import OnnxDetPredictor
+from imgclf.tasks.segment.data import segment_format
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,10 @@ class TaskInfo:
 
 
 TASKS: dict[str, TaskInfo] = {t.name: t for t in (
+    # Before detect: a folder of semantic masks (images/ + masks/, CamVid's
+    # trainannot/) is not instance masks (PNGImages/ + PedMasks/: detect).
+    TaskInfo("segment", "a class per pixel: images/ + masks/ label maps, the CamVid layout, or COCO masks (--task)",
+             "imgclf.tasks.segment.task", lambda p: segment_format(p) is not None),
     TaskInfo("detect", "boxes of objects: Pascal VOC, COCO, YOLO labels or instance-mask PNGs",
              "imgclf.tasks.detect.task", lambda p: detect_format(p) is not None),
     TaskInfo("classify", "labels of whole images: class folders or a CSV of path,label",
@@ -86,6 +99,39 @@ def task_of(path: str | Path) -> str:
     return "classify"
 
 
+def train(cfg: TrainConfig):
+    """`imgclf train` and `imgclf.train`: the task from the data (or the run
+    being resumed), recorded in the config, then that task's recipe."""
+    cfg.task = task_of(cfg.out) if cfg.resume else task_for_data(cfg.data, cfg.task)
+    return verbs(cfg.task).train(cfg)
+
+
 def verbs(task: str) -> ModuleType:
     """The module with the task's verbs (train, evaluate, check, load, ...)."""
     return importlib.import_module(TASKS[checked(task)].verbs)
+
+
+def load(path: str | Path, device: str = "auto", engine: str = "auto", cache_dir: str | Path | None = None,
+         threads: int | None = None):
+    """Any run directory or model file -> the predictor for its task: a run
+    (config.json's task) or its model.pt (the record's) through the task's
+    own `load`; an exported .onnx/.ort by its metadata's "task", on the one
+    session opened to read it (no torch); a .tflite (classify only)."""
+    fmt = model_format(path)
+    if fmt in ("onnx", "ort"):
+        session = open_session(path, threads)
+        if session.get_modelmeta().custom_metadata_map.get("task", "classify") == "detect":
+            return OnnxDetPredictor(path, threads, session=session)
+        return OnnxPredictor(path, threads, session=session)
+    if fmt == "tflite":
+        return LiteRTPredictor(path, threads=threads)
+    return verbs(model_task(path)).load(path, device=device, engine=engine, cache_dir=cache_dir, threads=threads)
+
+
+def model_task(path: str | Path) -> str:
+    """The task of a run directory or a model.pt: the run's config.json, or
+    (a model.pt on its own) the record's "task"."""
+    run = RunDir(path)
+    if run.config_file.is_file() or Path(path).is_dir():
+        return task_of(run.path)
+    return checked(torch_load(path).get("task", "classify"))

@@ -11,26 +11,33 @@ from pathlib import Path
 
 from imgclf.config import CheckConfig, EvaluateConfig, TrainConfig
 from imgclf.data.check import default_fix_path, format_report
-from imgclf.data_engine import REPORT_SECTIONS
-from imgclf.data_engine.near_dup import check_dataset
-from imgclf.evaluation.evaluate import evaluate_run
 from imgclf.inference import Predictor
 from imgclf.inference import load as load_model
-from imgclf.training.train import train as train_classifier
+
+# The verbs that train, evaluate or check import torch when called: `predict`
+# and `serve` of an exported model use this module without it.
 
 
 def train(cfg: TrainConfig) -> object:
+    from imgclf.training.train import train as train_classifier  # deferred: torch
+
     return train_classifier(cfg)
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
+    from imgclf.data_engine import REPORT_SECTIONS  # deferred: torch
+    from imgclf.evaluation.evaluate import evaluate_run  # deferred: torch
+
     return evaluate_run(cfg, sections=REPORT_SECTIONS)
 
 
 def check(cfg: CheckConfig) -> tuple[dict, str]:
+    from imgclf.data_engine.near_dup import check_dataset  # deferred: torch
+
     fix = (cfg.fix_out or default_fix_path(cfg.data)) if cfg.fix else None
     r = check_dataset(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed, near_dup=cfg.near_dup,
-                      model=cfg.model, cache_dir=cfg.cache_dir, fix=fix, follow_links=cfg.follow_links)
+                      model=cfg.model, cache_dir=cfg.cache_dir, fix=fix, follow_links=cfg.follow_links,
+                      max_drop=cfg.max_drop, force=cfg.force)
     return r, format_report(r)
 
 

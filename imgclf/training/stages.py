@@ -5,6 +5,8 @@
   scratch   every layer on images from random initialisation
   native    every layer from scratch on small images decoded once into memory
             (uint8 tensors) and augmented there, at their own size
+  lowres    the pretrained network, every layer, on small images decoded once
+            into memory at their own size and upscaled per batch (64-128 px)
 
 Each stage builds its batches and optimizer, then hands them to `train_epochs`,
 the one epoch loop: train, validate, keep the best, checkpoint, stop early.
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from imgclf.config import TrainConfig
 from imgclf.data.datasets import Splits, drop_files, multi_hot
@@ -45,6 +48,7 @@ from imgclf.training.loop import (
     warmup_cosine,
 )
 from imgclf.training.search import fit_best, run_search, search_csv
+from imgclf.training.tracking import Tracker
 
 log = get_logger(__name__)
 
@@ -57,6 +61,13 @@ FEATURES_IN_MEMORY_MB = 256  # IMGCLF_FEATURES_IN_MEMORY_MB overrides
 # 60,000 MNIST digits take 141 MB, 50,000 CIFAR images 154 MB. Above this the
 # streaming `scratch` path is used instead (train.py says so).
 IMAGES_IN_MEMORY_MB = 1024  # IMGCLF_IMAGES_IN_MEMORY_MB overrides
+
+
+# Low-resolution fine-tuning (docs/benchmarks.md, "small colour images").
+LOWRES_LR = 5e-4  # the backbone's rate (AdamW, warm-up + cosine)
+LOWRES_HEAD_MULT = 10  # the head's rate: x10
+LOWRES_EPOCHS = 6
+LOWRES_SIZE = 96  # input px: the usual upscale for such transfer, not yet chosen on val (docs/benchmarks.md)
 
 
 def images_in_memory_mb() -> float:
@@ -83,6 +94,8 @@ def plan_stages(strategy: str, cfg: TrainConfig) -> list[Stage]:
     p_feat, p_img = cfg.patience or 15, cfg.patience or 3
     if strategy == "native":  # 14 epochs: chosen on the demo digits (docs/benchmarks.md, small grayscale images)
         return [Stage("native", "memory", cfg.epochs or 14, lr, cfg.patience or 6)]
+    if strategy == "lowres":  # a pretrained network moves little: a lower rate, few epochs
+        return [Stage("lowres", "memory", cfg.epochs or LOWRES_EPOCHS, cfg.lr or LOWRES_LR, cfg.patience or 3)]
     if strategy == "linear":
         return [Stage("head", "features", cfg.epochs or 100, lr, p_feat)]
     if strategy == "finetune":
@@ -107,11 +120,13 @@ class Context:
     bad: BadFileLog
     workers: int
     deadline: float | None = None  # time.time() by which --time-budget ends training
-    tb: object | None = None  # tensorboard SummaryWriter
+    tracker: Tracker = field(default_factory=Tracker)  # --log: TensorBoard / MLflow (rank 0)
     class_weights: torch.Tensor | None = None
     features_per_s: float | None = field(default=None)  # measured, to size a budgeted fine-tuning stage
     dist: Dist = field(default_factory=Dist)  # this process's place under torchrun (one process: world 1)
     strategy: str = ""
+    decode_pp: Preprocess | None = None  # memory stages: decoded at this, resized to pp.size per batch (lowres)
+    decoded: dict = field(default_factory=dict)  # split -> (X, Y, kept) already decoded by decode_pp (the race)
     _hashes: dict = field(default_factory=dict)
 
     def hashes(self, split: str) -> list[str]:
@@ -401,6 +416,8 @@ def _optimizer(ctx: Context, stage: Stage) -> tuple[torch.optim.Optimizer, objec
     if stage.name == "finetune":
         groups = [{"params": model.head.parameters(), "lr": stage.lr},
                   {"params": model.backbone.parameters(), "lr": stage.lr * cfg.backbone_lr_mult}]
+    elif stage.name == "lowres":
+        groups = lowres_groups(model, stage.lr)
     else:
         groups = [{"params": model.parameters(), "lr": stage.lr}]
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -408,6 +425,13 @@ def _optimizer(ctx: Context, stage: Stage) -> tuple[torch.optim.Optimizer, objec
     steps = -(-per_rank // cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(stage.epochs * steps, int(cfg.warmup_epochs * steps)))
     return opt, sched
+
+
+def lowres_groups(model: ImageClassifier, lr: float) -> list[dict]:
+    """lowres: the fresh head learns LOWRES_HEAD_MULT times faster than the
+    pretrained backbone, which has to adapt to upscaled images but not forget."""
+    return [{"params": model.head.parameters(), "lr": lr * LOWRES_HEAD_MULT},
+            {"params": model.backbone.parameters(), "lr": lr}]
 
 
 def _balanced_sampler(ctx: Context):
@@ -477,15 +501,22 @@ def distribute(ctx: Context, model: ImageClassifier, tr_ds: ImageDataset):
 # ---------------------------------------------------------------- whole network on images in memory
 
 def decode_split(ctx: Context, items: list, what: str) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """Decode `items` once, by the run's Preprocess (as prediction will), into
-    a uint8 NCHW tensor; returns it, the targets and the readable items."""
-    pp, n_ml = ctx.pp, len(ctx.splits.classes) if ctx.multi_label else None
+    """Decode `items` once, by the run's Preprocess (as prediction will; lowres:
+    at the decode size), into a uint8 NCHW tensor; returns it, the targets and
+    the readable items."""
+    n_ml = len(ctx.splits.classes) if ctx.multi_label else None
+    return decode_items(ctx.splits.root, items, ctx.decode_pp or ctx.pp, ctx.workers, ctx.bad, what, n_ml)
+
+
+def decode_items(root: str, items: list, pp: Preprocess, workers: int, bad: BadFileLog, what: str,
+                 num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """decode_split's work, for any items and Preprocess (the race decodes through it too)."""
     t0 = time.time()
-    ds = ImageDataset(ctx.splits.root, items, eval_transform(pp), draft_size=pp.draft_size, num_classes=n_ml)
+    ds = ImageDataset(root, items, eval_transform(pp), draft_size=pp.draft_size, num_classes=num_classes)
     xs, ys, kept = [], [], []
-    for x, y, idx, badb in make_loader(ds, 256, False, ctx.workers):
+    for x, y, idx, badb in make_loader(ds, 256, False, workers):
         for j, reason in badb:
-            ctx.bad.add(items[j][0], reason)
+            bad.add(items[j][0], reason)
         if x is not None:
             xs.append(x)
             ys.append(y)
@@ -505,33 +536,70 @@ def check_memory_budget(n: int, size: int) -> float | None:
 
 
 def run_memory_stage(ctx: Context, stage: Stage) -> None:
-    """The native strategy: train and val decoded once, then each epoch draws
-    batches from memory, shifts (and flips, if --flip-features) them on the
-    tensors and feeds `train_epochs`. Under torchrun every process holds the
+    """The native and lowres strategies: train and val decoded once (or taken
+    from the race, which decoded them already), then each epoch draws batches
+    from memory, shifts (and flips, if --flip-features; erases, if --erase)
+    them on the tensors and feeds `train_epochs`; lowres upscales each batch
+    to the model's input size. Under torchrun every process holds the
     training images and takes its DistributedSampler share of each epoch."""
     cfg, model, d = ctx.cfg, ctx.model, ctx.dist
-    X, Y, kept = decode_split(ctx, ctx.splits.train, "train")
+    X, Y, kept = ctx.decoded.get("train") or decode_split(ctx, ctx.splits.train, "train")
     drop_files(ctx.splits, {rel for rel, _ in ctx.splits.train} - {rel for rel, _ in kept}, ("train",))
-    Xv, Yv, _ = decode_split(ctx, d.shard(ctx.splits.val), "val" if not d.enabled else f"val (rank {d.rank})")
+    Xv, Yv, _ = (ctx.decoded.get("val") if not d.enabled else None) or \
+        decode_split(ctx, d.shard(ctx.splits.val), "val" if not d.enabled else f"val (rank {d.rank})")
+    ctx.decoded.clear()  # the stage holds them now
     model.to(ctx.device).to(memory_format=torch.channels_last)
     net, sampler = distribute(ctx, model, X)
     opt, sched = _optimizer(ctx, stage)
-    pad, flip = max(1, ctx.pp.size // 12), cfg.flip_features  # 28 px: shifts of up to 2 px, as for MNIST
-
-    def prepare(x):
-        return normalize(x, ctx.pp).contiguous(memory_format=torch.channels_last)
+    side = X.shape[-1]
+    pad, flip = max(1, side // 12), cfg.flip_features  # 28 px: shifts of up to 2 px, as for MNIST
+    prepare = memory_prepare(ctx.pp)
 
     def train_batches(gen):
         order = _epoch_order(sampler, len(X), gen)
         for i in range(0, len(order), cfg.batch_size):
             j = order[i:i + cfg.batch_size]
-            yield augment_batch(X[j], pad, flip, gen), Y[j]
+            yield erase_batch(augment_batch(X[j], pad, flip, gen), cfg.erase or 0.0, gen), Y[j]
 
     def val_batches():
         return ((Xv[i:i + 512], Yv[i:i + 512]) for i in range(0, len(Xv), 512))
 
     train_epochs(ctx, stage, net, "all", opt, sched, train_batches, val_batches, prepare=prepare,
                  images=len(X) // d.world, eval_module=model)
+
+
+def memory_prepare(pp: Preprocess):
+    """uint8 batch from memory -> model input: upscaled to pp.size when it was
+    decoded smaller (lowres; bilinear, as the Preprocess resizes files at
+    prediction), normalised, channels-last."""
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != pp.size or x.shape[-2] != pp.size:
+            x = F.interpolate(x.float(), size=(pp.size, pp.size), mode="bilinear", align_corners=False)
+        return normalize(x, pp).contiguous(memory_format=torch.channels_last)
+
+    return prepare
+
+
+def erase_batch(x: torch.Tensor, p: float, gen: torch.Generator | None = None,
+                scale=(0.02, 0.25), ratio=(0.3, 3.3)) -> torch.Tensor:
+    """Random erasing (Zhong et al.) on a uint8 NCHW batch: each image, with
+    probability p, gets one rectangle of `scale` of its area and aspect in
+    `ratio` set to zero. Per image in one pass, for the reason augment_batch
+    gives (torchvision's RandomErasing draws once per call)."""
+    if p <= 0:
+        return x
+    n, _, h, w = x.shape
+    area = torch.empty(n).uniform_(*scale, generator=gen) * h * w
+    aspect = torch.exp(torch.empty(n).uniform_(float(np.log(ratio[0])), float(np.log(ratio[1])), generator=gen))
+    eh = (area * aspect).sqrt().round().clamp(1, h).long()
+    ew = (area / aspect).sqrt().round().clamp(1, w).long()
+    y0 = (torch.rand(n, generator=gen) * (h - eh + 1)).long()
+    x0 = (torch.rand(n, generator=gen) * (w - ew + 1)).long()
+    rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    box = ((rows >= y0.view(n, 1, 1)) & (rows < (y0 + eh).view(n, 1, 1)) &
+           (cols >= x0.view(n, 1, 1)) & (cols < (x0 + ew).view(n, 1, 1)))
+    box &= (torch.rand(n, generator=gen) < p).view(n, 1, 1)
+    return x.masked_fill(box.unsqueeze(1), 0)
 
 
 def _epoch_order(sampler, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -592,8 +660,6 @@ def train_epochs(ctx: Context, stage: Stage, module, scope: str, opt, sched, tra
                 ctx.save_best()  # a slow epoch's best is never lost to a crash
         if d.broadcast(_should_stop(ctx, stage, stopper, secs) if d.main else None):
             break
-    if ctx.tb is not None:
-        ctx.tb.flush()
 
 
 def _gather_logits(d: Dist):
@@ -619,10 +685,7 @@ def _history_row(stage: Stage, state: RunState, epoch: int, tr: dict, va: dict, 
 
 
 def _report_epoch(ctx: Context, stage: Stage, row: dict, improved: bool, verbose: bool) -> None:
-    if ctx.tb is not None:
-        for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "val_map", "lr"):
-            if k in row:
-                ctx.tb.add_scalar(k, row[k], row["epoch"])
+    ctx.tracker.epoch(row)
     if verbose:
         say(f"{stage.name} epoch {row['stage_epoch']:>3}/{stage.epochs}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "

@@ -12,6 +12,10 @@ in loop.py. Strategies:
   scratch   every layer on images from random initialisation
   native    small images (<= 64 px, or grayscale <= 128 px): small_cnn from
             scratch at their own size, decoded once into memory
+  lowres    small images: the pretrained backbone, every layer, fine-tuned at
+            a modest upscale (96 px) from images decoded once into memory
+`auto` on small colour images races linear, native and lowres on a sample
+(race.py); on photos it keeps the size rule.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from imgclf.config import EvaluateConfig, TrainConfig
 from imgclf.data.datasets import Splits, discover, drop_files, has_label, multi_hot
 from imgclf.data.loading import BadFileLog, ImageLook, default_workers, look_at, scan
 from imgclf.data.preprocess import Preprocess, native_preprocess
-from imgclf.errors import ConfigError, DataError, MissingExtra, RunError
+from imgclf.errors import ConfigError, DataError, RunError
 from imgclf.evaluation.evaluate import evaluate_run
 from imgclf.evaluation.fits import FitData, fit_after_training
 from imgclf.inference.torch_predictor import TorchPredictor
@@ -42,7 +46,9 @@ from imgclf.runs import RunDir, RunLock
 from imgclf.training.checkpoint import CKPT_KEYS, RunState, save_record
 from imgclf.training.distributed import Dist, init_distributed
 from imgclf.training.loop import balanced_class_weights, positive_weights
-from imgclf.training.stages import Context, check_memory_budget, plan_stages, run_stages, say
+from imgclf.training.race import RaceResult, race_strategies
+from imgclf.training.stages import LOWRES_SIZE, Context, check_memory_budget, plan_stages, run_stages, say
+from imgclf.training.tracking import Tracker, parse_sinks
 
 
 @dataclass
@@ -76,16 +82,22 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
             say(f"note: {run}: {lock.took_over}")
     set_threads(device, dist)
     seed_everything(cfg.seed)
-    look = look_at(splits, seed=cfg.seed) if cfg.strategy in ("auto", "native") and not cfg.resume else None
+    look = look_at(splits, seed=cfg.seed) if cfg.strategy in ("auto", "native", "lowres") and not cfg.resume else None
     strategy, why = choose_strategy(cfg, device, look, len(splits.train))
-    if cfg.flip_features is None:  # auto: mirrored features doubled the encoding for no gain (benchmarks.md)
-        cfg = replace(cfg, flip_features=strategy == "native")
-    if strategy == "native":
-        cfg = native_settings(cfg, look)
-    pp = resolve_preprocess(cfg)
+    if strategy == "race" and (dist.enabled or splits.multi_label):
+        strategy, why = "native", f"{native_reason(cfg, look, len(splits.train))} (no race with several processes " \
+                                  f"or multi-label data)"
     if dist.main:
         describe_found(splits)
     bad = check_files(splits, dist)  # before splits.json is written: it lists only files that were read
+    race: RaceResult | None = None
+    if strategy == "race":
+        say(f"strategy: race: {why}")
+        race = race_strategies(cfg, splits, device, native_size(cfg, look), bad,
+                               cfg.workers if cfg.workers is not None else default_workers(), look.grey >= 0.9)
+        strategy, why = race.winner, race.why
+    cfg = strategy_settings(cfg, strategy, look, fix=race is not None)
+    pp = resolve_preprocess(cfg)
     if dist.main:
         describe_data(splits, run, fresh=ckpt is None, cfg=cfg)
     model = build_model(cfg.model, len(splits.classes), pretrained=cfg.pretrained, weights=cfg.weights,
@@ -102,13 +114,16 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
     if ckpt:
         state.restore(ckpt, model)
     ctx = make_context(cfg, splits, model, pp, device, state, bad, t_start, dist, strategy)
+    if strategy == "lowres":
+        ctx.decode_pp = native_preprocess(cfg.decode_size)
+    if race is not None and strategy in ("native", "lowres"):
+        ctx.decoded = race.decoded  # decoded once, at the size the winner trains from
     try:
         run_stages(ctx, plan_stages(strategy, cfg), budgeted=strategy == "linear+finetune")
     except KeyboardInterrupt:
         say(f"\ninterrupted: the last completed epoch is saved; continue with `imgclf train --resume --out {run}`")
+        ctx.tracker.close(failed=True)
         raise
-    if ctx.tb is not None:
-        ctx.tb.close()  # written out now: the CLI exits without interpreter teardown (cli.run)
     if not dist.main:  # rank 0 alone calibrates, evaluates and writes the run
         return TrainResult(run.path, strategy, {}, None, round(time.time() - t_start, 2))
     # One predictor of the best weights, in memory (one backbone session): the
@@ -119,10 +134,12 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
     save_record(clf.record, run)
     write_history(run.history_file, state.history)
     summary = write_summary(ctx, strategy, why, calibration, t_start)
+    summary["race"] = race.to_dict() if race is not None else {"ran": False, "why": no_race_reason(cfg, look)}
     test = evaluate_held_out(ctx, summary, clf) if cfg.evaluate else None
     summary["total_seconds"] = round(time.time() - t_start, 2)
     forget_skipped(ctx, summary)
     write_json(run.summary_file, summary)
+    ctx.tracker.finish(run.path, test, ctx.splits.classes)
     say(f"done in {summary['total_seconds']:.1f}s. Run: {run}  (predict: imgclf predict {run} IMAGE...)")
     return TrainResult(run.path, strategy, state.best_metrics, test, summary["total_seconds"], calibration)
 
@@ -274,13 +291,8 @@ def check_files(splits: Splits, dist: Dist | None = None) -> BadFileLog:
 
 def make_context(cfg: TrainConfig, splits: Splits, model, pp: Preprocess, device: torch.device, state: RunState,
                  bad: BadFileLog, t_start: float, dist: Dist | None = None, strategy: str = "") -> Context:
-    tb = None
-    if cfg.tensorboard and (dist is None or dist.main):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise MissingExtra("--tensorboard needs the tensorboard package", "pip install tensorboard") from None
-        tb = SummaryWriter(str(state.run.path / "tensorboard"))
+    tracker = Tracker.open(parse_sinks(cfg.log, cfg.tensorboard), state.run.path, cfg.to_dict(),
+                           main=dist is None or dist.main)
     weights = None
     if cfg.class_weights == "auto" and splits.multi_label:
         weights = positive_weights(multi_hot([y for _, y in splits.train], len(splits.classes)))
@@ -293,7 +305,7 @@ def make_context(cfg: TrainConfig, splits: Splits, model, pp: Preprocess, device
     workers = cfg.workers if cfg.workers is not None else default_workers() // dist.local_world  # a share per rank
     return Context(cfg, splits, model, pp, device, state, bad, workers=workers,
                    deadline=t_start - state.elapsed + cfg.time_budget if cfg.time_budget else None,
-                   tb=tb if dist.main else None, class_weights=weights, dist=dist, strategy=strategy)
+                   tracker=tracker, class_weights=weights, dist=dist, strategy=strategy)
 
 
 def predictor(ctx: Context, record: dict) -> TorchPredictor:
@@ -391,9 +403,19 @@ def choose_strategy(cfg: TrainConfig, device: torch.device, look: ImageLook | No
         if cfg.strategy == "native":
             check_native_fits(cfg, look, n_train)
         return cfg.strategy, "chosen with --strategy"
+    if cfg.strategy == "lowres":
+        if not pretrained:
+            raise ConfigError(f"--strategy lowres fine-tunes a pretrained backbone; {cfg.model} has none here",
+                              "use --strategy native, or drop --no-pretrained")
+        check_native_fits(replace(cfg, image_size=cfg.decode_size), look, n_train)
+        return cfg.strategy, "chosen with --strategy"
     small = native_reason(cfg, look, n_train)
+    if small and pretrained and race_fits(cfg, look):
+        kind = "grayscale images" if look.grey >= 0.9 else "small colour images"
+        return "race", (f"{kind} ({look.describe()}): no size rule holds on them, so linear, native and lowres "
+                        f"race on a sample and the best held-out score trains in full")
     if small:
-        return "native", small
+        return "native", small + (" (grayscale: no race; --race on races them)" if cfg.race == "auto" else "")
     if not pretrained:
         return "scratch", f"{cfg.model} has no pretrained weights in use, so every layer is trained"
     if device.type == "cuda":
@@ -410,6 +432,7 @@ def choose_strategy(cfg: TrainConfig, device: torch.device, look: ImageLook | No
 # MNIST digits, where small_cnn at 28 px scored 99.4% (docs/benchmarks.md).
 NATIVE_MAX_SIDE = 64  # any image up to this size (90th percentile of the longer side)
 NATIVE_GREY_MAX_SIDE = 128  # grayscale (scans, drawings, digits) up to this size, trained at 64 px
+NATIVE_GREY_ERASE = 0.0  # random erasing on grayscale native runs: off, no gain on val (docs/benchmarks.md)
 
 
 def native_size(cfg: TrainConfig, look: ImageLook | None) -> int:
@@ -445,6 +468,54 @@ def check_native_fits(cfg: TrainConfig, look: ImageLook | None, n_train: int) ->
                           "IMGCLF_IMAGES_IN_MEMORY_MB (megabytes), or use --strategy scratch (streams from disk)")
 
 
+def race_fits(cfg: TrainConfig, look: ImageLook | None) -> bool:
+    """Race where candidates genuinely compete: small colour images (--race on:
+    any small images), on the default backbone, in a single-label run."""
+    if cfg.race == "off" or look is None or cfg.model != TrainConfig().model:
+        return False
+    return cfg.race == "on" or look.grey < 0.9
+
+
+def no_race_reason(cfg: TrainConfig, look: ImageLook | None) -> str:
+    """Why this run did not race (summary.json)."""
+    if cfg.strategy not in ("auto",) and not cfg.resume:
+        return f"--strategy {cfg.strategy} was given"
+    if cfg.race == "off":
+        return "--race off"
+    if look is None:
+        return "resumed, or no image header could be read: the strategy was fixed already"
+    if look.side > NATIVE_MAX_SIDE and not (look.grey >= 0.9 and look.side <= NATIVE_GREY_MAX_SIDE):
+        return (f"photos ({look.describe()}): the frozen backbone's cached features are the measured default here, "
+                f"and a race would only add time")
+    return "small grayscale images train natively (--race on races them)" if look.grey >= 0.9 else \
+        "the race needs the default pretrained backbone and a single-label run on one process"
+
+
+def strategy_settings(cfg: TrainConfig, strategy: str, look: ImageLook | None, fix: bool) -> TrainConfig:
+    """The chosen strategy's settings, written into the config; fix: the
+    race chose it, so --resume and --from keep it rather than race again."""
+    if cfg.flip_features is None:  # auto: mirrored features doubled the encoding for no gain (benchmarks.md)
+        cfg = replace(cfg, flip_features=strategy in ("native", "lowres"))
+    if strategy == "native":
+        return native_settings(cfg, look)
+    if strategy == "lowres":
+        return lowres_settings(cfg, look)
+    return replace(cfg, strategy=strategy) if fix else cfg
+
+
+def lowres_settings(cfg: TrainConfig, look: ImageLook | None) -> TrainConfig:
+    """lowres's defaults, written into the config as native's are: decoded at
+    the images' own size (at most 64 px), upscaled per batch to 96 px and
+    squashed there (as prediction resizes a file), batches of 64, flips for
+    colour images only."""
+    decode = cfg.decode_size or native_size(replace(cfg, image_size=None), look)
+    size = cfg.lowres_size or LOWRES_SIZE
+    flip = bool(cfg.flip_features) and (look is None or look.grey < 0.5)
+    return replace(cfg, strategy="lowres", image_size=size, lowres_size=size, decode_size=decode, resize="squash",
+                   crop_pct=1.0, batch_size=64 if cfg.batch_size == TrainConfig().batch_size else cfg.batch_size,
+                   flip_features=flip)
+
+
 def native_settings(cfg: TrainConfig, look: ImageLook | None) -> TrainConfig:
     """The native strategy's defaults, written into the config (config.json, and
     so --resume and --from) so the run is fixed once chosen: small_cnn unless
@@ -455,10 +526,11 @@ def native_settings(cfg: TrainConfig, look: ImageLook | None) -> TrainConfig:
     flip = cfg.flip_features and (look is None or look.grey < 0.5)
     if cfg.flip_features and not flip:
         say("native: grayscale images are not mirrored in training: digits and letters change meaning")
+    grey = look is not None and look.grey >= 0.9
     return replace(cfg, strategy="native", model=model, pretrained=False,
                    image_size=native_size(cfg, look),
                    batch_size=128 if cfg.batch_size == TrainConfig().batch_size else cfg.batch_size,
-                   flip_features=flip)
+                   flip_features=flip, erase=cfg.erase if cfg.erase is not None else NATIVE_GREY_ERASE * grey)
 
 
 def free_run_dir(data: str) -> Path:

@@ -1,6 +1,8 @@
 """`imgclf serve RUN_OR_ONNX`: a REST API and a web page for a trained model.
 
   app.py       routes, errors, authentication
+  startup.py   what runs before ready (model, warm-up, similarity index), in a background thread
+  ratelimit.py a token bucket per client address (/v1/similar)
   parsing.py   bounded, in-memory request parsing and decoding
   batching.py  micro-batching of concurrent requests
   metrics.py   Prometheus metrics (prometheus_client; summed over --workers)
@@ -16,18 +18,19 @@ from dataclasses import asdict
 from pathlib import Path
 
 from imgclf.config import ServeConfig
-from imgclf.errors import ConfigError, RunError
-from imgclf.inference.load import load
+from imgclf.errors import ConfigError, ImgclfError
+from imgclf.inference.load import model_format
 from imgclf.log import get_logger
+from imgclf.tasks import load
 
 log = get_logger(__name__)
 
 
-def create_app(cfg: ServeConfig):
+def create_app(cfg: ServeConfig, background: bool = False):
     """The FastAPI app (imported here lazily: app.py imports this package's modules)."""
     from imgclf.deploy.serve.app import create_app as _create_app  # deferred: FastAPI, only when serving
 
-    return _create_app(cfg)
+    return _create_app(cfg, background)
 
 _ENV = "IMGCLF_SERVE_CONFIG_FILE"
 
@@ -41,7 +44,7 @@ def app_from_env():
     return_memory_promptly()
     cfg = ServeConfig(**json.loads(Path(os.environ[_ENV]).read_text()))
     connections.configure(cfg.header_timeout_s, cfg.max_connections_per_client)
-    return create_app(cfg)
+    return create_app(cfg, background=True)
 
 
 def checked_api_key(given: str | None, env: dict) -> str | None:
@@ -84,32 +87,34 @@ def return_memory_promptly() -> None:
 
 
 def serve(cfg: ServeConfig) -> None:
-    """Check the model loads (a clear error now, not inside a worker), then run uvicorn."""
+    """Run uvicorn. It listens at once (/healthz answers) while the model
+    loads in the background (/readyz: 503 until ready). With one process, a
+    model file that cannot be loaded stops the server with its message: no
+    restart would fix it. Worker processes (--workers) report it on /readyz,
+    after this process has checked the model loads (a clear error now)."""
     import uvicorn
 
     from imgclf.deploy.serve import connections  # deferred: uvicorn's protocol classes, only when serving
 
-    if not Path(cfg.model).exists():
-        raise RunError(f"{cfg.model}: no such model", "serve a run directory or an .onnx from `imgclf export`")
+    model_format(cfg.model)  # a missing or non-model file: refused at once, from its first bytes
     if cfg.threads is None and cfg.workers > 1:
         cfg.threads = max(1, (os.cpu_count() or 1) // cfg.workers)  # workers must not oversubscribe the cores
-    pred = load(cfg.model, threads=1)  # fail before the banner, with the reason
-    pred.set_reject(cfg.reject)
-    if Path(cfg.model).is_file():  # an export: one real inference now (a run directory does it at start-up)
-        pred.self_check()
-    del pred
-    return_memory_promptly()
-    log.info(f"imgclf serve: {cfg.model} on http://{cfg.host}:{cfg.port}/  (API: POST /v1/predict, docs: /docs)"
-             + (", API key required" if cfg.api_key else ""))
     connections.configure(cfg.header_timeout_s, cfg.max_connections_per_client)
     # h11 (not httptools, even where installed): its header-size limit applies, and
     # connections.py adds the header deadline and per-client limit to it.
     common = {"host": cfg.host, "port": cfg.port, "log_level": "warning", "timeout_keep_alive": 5,
               "http": connections.GuardedH11Protocol, "h11_max_incomplete_event_size": 64 * 1024,
               "limit_concurrency": cfg.max_connections}
+    banner = (f"imgclf serve: {cfg.model} on http://{cfg.host}:{cfg.port}/  (API: POST /v1/predict, docs: /docs)"
+              + (", API key required" if cfg.api_key else ""))
     if cfg.workers <= 1:
-        uvicorn.run(create_app(cfg), **common)
+        serve_one(cfg, common, banner)
         return
+    pred = load(cfg.model, threads=1)  # fail before the banner, with the reason
+    pred.set_reject(cfg.reject)
+    del pred
+    return_memory_promptly()
+    log.info(banner)
     with tempfile.TemporaryDirectory(prefix="imgclf-serve-") as d:  # mode 0700
         path = Path(d) / "config.json"
         path.touch(0o600)
@@ -119,3 +124,27 @@ def serve(cfg: ServeConfig) -> None:
         (Path(d) / "metrics").mkdir()  # prometheus_client's multiprocess mode: every worker's values in one place
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(Path(d) / "metrics")
         uvicorn.run("imgclf.deploy.serve:app_from_env", factory=True, workers=cfg.workers, **common)
+
+
+def serve_one(cfg: ServeConfig, common: dict, banner: str) -> None:
+    """One uvicorn process: the banner once the model is ready; a model file
+    that cannot be loaded (an ImgclfError: its message names the file and the
+    fix) shuts the server down and is raised here, for the command's one line."""
+    import uvicorn
+
+    return_memory_promptly()
+    app = create_app(cfg, background=True)
+    server = uvicorn.Server(uvicorn.Config(app, **common))
+    st, failed = app.state.imgclf, []
+
+    def on_failure(e: Exception) -> bool:
+        if not isinstance(e, ImgclfError):
+            return False  # unexpected: logged with its traceback, reported by /readyz, the server stays up
+        failed.append(e)
+        server.should_exit = True
+        return True
+
+    st.on_ready, st.on_failure = (lambda: log.info(banner)), on_failure
+    server.run()
+    if failed:
+        raise failed[0]

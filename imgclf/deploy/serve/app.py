@@ -5,7 +5,8 @@
     POST /v1/similar   the same bodies; the k most similar training images of
                        each, with thumbnails (serving a run directory only)
     GET  /v1/model     classes, input size, metrics from the run, versions
-    GET  /healthz      the process is up;  GET /readyz: the model is loaded
+    GET  /healthz      the process is up (at once);  GET /readyz: the model is
+                       loaded, warmed up and checked (done in a background thread)
     GET  /metrics      Prometheus text format
     GET  /             a page to drop images on;  /docs: OpenAPI
 
@@ -20,21 +21,24 @@ JSON body {"error": {"code", "message", ...}} that says what to fix.
 import contextlib
 import hmac
 import logging
+import math
 import platform
+import threading
 import time
 from importlib import resources
 from pathlib import Path
 
 from imgclf._version import __version__
 from imgclf.config import ServeConfig
-from imgclf.data.images import BadImage
+from imgclf.data.images import BadImage, decode_cost
+from imgclf.deploy.serve.answers import image_answers, model_inputs, per_image_outputs
 from imgclf.deploy.serve.batching import Batcher
 from imgclf.deploy.serve.metrics import Metrics
 from imgclf.deploy.serve.openapi import (
     METRICS_OPENAPI,
     MODEL_OPENAPI,
     STATUS_OPENAPI,
-    Predictions,
+    Answers,
     Similar,
     Status,
     predict_openapi,
@@ -43,18 +47,17 @@ from imgclf.deploy.serve.openapi import (
 from imgclf.deploy.serve.parsing import (
     ApiError,
     BodyBudget,
-    PixelBudget,
-    header_pixels,
+    DecodeBudget,
+    header_cost,
     media_type,
     parse_json,
     parse_multipart,
     parse_top_k,
     read_body,
 )
-from imgclf.errors import ImgclfError
-from imgclf.inference.load import TORCH_FREE, load, model_format
-from imgclf.inference.predictor import top_k
-from imgclf.runs import RunDir
+from imgclf.deploy.serve.ratelimit import TokenBuckets, retry_after
+from imgclf.deploy.serve.startup import start_up
+from imgclf.inference.load import TORCH_FREE, model_format
 
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                 "style.css": "text/css; charset=utf-8"}
@@ -62,26 +65,55 @@ log = logging.getLogger("imgclf.serve")
 
 
 class State:
-    """What the routes share: the model, the batcher, limits in force."""
+    """What the routes share: the model, the batcher, limits in force, and how
+    far start-up (a background thread: start_up) has come."""
 
     def __init__(self, cfg: ServeConfig):
         self.cfg, self.metrics = cfg, Metrics()
-        self.predictor = None
+        self.predictor = None  # set once loaded, warmed up and checked: the server is then ready
         self.batcher: Batcher | None = None
-        self.pixels = PixelBudget(cfg.decode_pixels or 2 * cfg.max_pixels)
+        self.decoding = DecodeBudget(decode_budget_bytes(cfg))
         self.bodies = BodyBudget(cfg.body_budget_bytes)
+        self.similar_limit = TokenBuckets(cfg.similar_per_minute, cfg.similar_burst)
         self.in_flight = 0
+        self.waiting_for = "the model to load"  # what readiness waits for
+        self.load_error: str | None = None  # why the model could not be loaded, for answers (no server paths)
         self.similar = None  # SimilarityIndex of the run's training images, when serving a run directory
+        self.similar_building = False
         self.similar_why = "the model is still loading"  # why /v1/similar is unavailable
+        self.started = threading.Event()  # start-up is over: ready, or failed
+        self.on_ready = None  # set by the command line: its banner, once ready;
+        self.on_failure = None  # and what a failed load does (True: the caller reports it, not the log)
 
     def ready(self):
-        if self.predictor is None:
-            raise ApiError(503, "not_ready", "the model is still loading; retry in a moment (see /readyz)")
-        return self.predictor
+        if self.predictor is not None:
+            return self.predictor
+        if self.load_error is not None:
+            raise ApiError(503, "load_failed", f"the model could not be loaded: {self.load_error}")
+        raise ApiError(503, "not_ready", f"the server is starting: waiting for {self.waiting_for}; retry in a "
+                       "moment (see /readyz)", headers={"Retry-After": "2"}, waiting_for=self.waiting_for)
+
+    def run_batch(self, batch) -> list[tuple]:
+        """The batcher's model call: a batch -> one output per image, as the model's task has it."""
+        return per_image_outputs(self.predictor)(batch)
 
 
-def create_app(cfg: ServeConfig):
-    """The FastAPI app; the model loads at start-up (see /readyz)."""
+def decode_budget_bytes(cfg: ServeConfig) -> int:
+    """--decode-budget-mb, or by default what the costliest image of
+    --max-pixels up to a 4:1 aspect ratio takes to decode (an RGBA PNG at
+    full size), so any such image fits, and smaller ones share the budget."""
+    if cfg.decode_budget_mb:
+        return int(cfg.decode_budget_mb * 2**20)
+    side = math.isqrt(cfg.max_pixels)
+    return decode_cost("PNG", "RGBA", (4 * (side + 1), side // 4 + 1))
+
+
+def create_app(cfg: ServeConfig, background: bool = False):
+    """The FastAPI app. Start-up (model, warm-up, similarity index: start_up)
+    runs in a background thread; with background=False the app waits for it
+    before it answers (what a test client or an embedding app expects: ready,
+    or failed, once started). `imgclf serve` passes True: /healthz answers at
+    once, and /readyz says 503 and what it waits for until the model is ready."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -92,13 +124,11 @@ def create_app(cfg: ServeConfig):
 
     @asynccontextmanager
     async def lifespan(app):
-        st.predictor = await run_in_threadpool(load, cfg.model, threads=cfg.threads)
-        st.predictor.set_reject(cfg.reject)
-        await run_in_threadpool(st.predictor.warm_up)
-        await run_in_threadpool(st.predictor.self_check)  # one real inference before /readyz says ready
-        await run_in_threadpool(load_similar, st)
-        st.batcher = Batcher(per_image_outputs(st.predictor), cfg.max_batch, cfg.batch_wait_ms / 1000, st.metrics)
+        st.batcher = Batcher(st.run_batch, cfg.max_batch, cfg.batch_wait_ms / 1000, st.metrics)
         st.batcher.start()
+        threading.Thread(target=start_up, args=(st,), name="imgclf-start-up", daemon=True).start()
+        if not background:
+            await run_in_threadpool(st.started.wait)
         yield
         await st.batcher.stop()
 
@@ -262,12 +292,20 @@ def top_k_of(request, body_k, default: int, n_classes: int) -> int:
 
 
 def decode_all(st: State, files: list[tuple[str, bytes]]) -> list:
-    """Model inputs for every file, under the shared pixel budget; a 413/422
-    naming every bad file otherwise (runs in a worker thread)."""
+    """Model inputs for every file, each decoded once its cost in bytes fits
+    the shared decode budget; a 413/422 naming every bad file otherwise, or
+    503 busy when the budget stays full (runs in a worker thread)."""
     xs, bad = [], []
+    draft = st.predictor.preprocess.draft_size
     for i, (name, data) in enumerate(files):
+        cost = header_cost(data, draft, st.cfg.max_pixels)
+        if cost > st.decoding.limit:
+            bad.append({"index": i, "filename": name, "too_large": True,
+                        "error": f"decoding it would take about {cost >> 20:,} MB, over the server's decode budget "
+                                 f"of {st.decoding.limit >> 20:,} MB (--decode-budget-mb)"})
+            continue
         try:
-            with st.pixels.hold(header_pixels(data)):
+            with st.decoding.hold(cost):
                 xs.append(st.predictor.prepare(data, max_pixels=st.cfg.max_pixels))
         except BadImage as e:
             bad.append({"index": i, "filename": name, "error": e.reason, "too_large": "over the limit" in e.reason})
@@ -275,7 +313,7 @@ def decode_all(st: State, files: list[tuple[str, bytes]]) -> list:
         big = [b for b in bad if b.pop("too_large")]
         if big:
             raise ApiError(413, "image_too_large", f"{big[0]['filename']}: {big[0]['error']}; "
-                           f"resize it below {st.cfg.max_pixels:,} pixels", images=bad)
+                           f"resize it below {st.cfg.max_pixels:,} pixels (or send it as JPEG)", images=bad)
         raise ApiError(422, "bad_image", f"{bad[0]['filename']}: {bad[0]['error']}", images=bad)
     return xs
 
@@ -307,24 +345,14 @@ def processing_slot(st: State):
         st.in_flight -= 1
 
 
-def per_image_outputs(pred):
-    """The batcher's model call: a batch -> one (probs, unknown score) per image."""
-
-    def run(batch) -> list[tuple]:
-        p, u = pred.outputs(batch)
-        return [(p[i], None if u is None else float(u[i])) for i in range(len(p))]
-
-    return run
-
-
 def add_predict_route(app, st: State) -> None:
     from fastapi import Request
     from starlette.concurrency import run_in_threadpool
 
 
-    @app.post("/v1/predict", openapi_extra=predict_openapi(st.cfg.max_files), response_model=Predictions,
-              response_model_exclude_none=True, summary="Top-k labels for one or more images",
-              response_description="top-k labels per image, in request order")
+    @app.post("/v1/predict", openapi_extra=predict_openapi(st.cfg.max_files), response_model=Answers,
+              response_model_exclude_none=True, summary="Top-k labels (or boxes) for one or more images",
+              response_description="top-k labels per image (a detector: boxes), in request order")
     async def predict(request: Request):
         check_key(st, request)
         pred = st.ready()
@@ -336,51 +364,12 @@ def add_predict_route(app, st: State) -> None:
                 k = top_k_of(request, body_k, st.cfg.top_k, len(pred.classes))
                 xs = await run_in_threadpool(decode_all, st, files)
                 t0 = time.perf_counter()
-                outs = await st.batcher(xs)
-        thr = pred.thresholds if pred.multi_label else None
-        preds = [{"filename": name, **top_k(p, pred.classes, k, u, pred.reject, thr)}
-                 for (name, _), (p, u) in zip(files, outs)]
+                outs = await st.batcher(model_inputs(pred, xs))
+        preds = image_answers(pred, files, xs, outs, k)
         return {"predictions": preds, "model_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
 
 MAX_SIMILAR_K = 50  # neighbours per image: each carries a ~3 KB thumbnail
-
-
-def load_similar(st: State) -> None:
-    """The run's similarity index (built once and saved in the run when
-    missing). An exported model has no embedding output, so a bare .onnx
-    serves predictions only and /v1/similar says why. The index shows
-    training images, so it is off on an open address without an API key
-    unless asked for (--similar). Answers never carry an exception string:
-    those name server paths; the log has them."""
-    cfg = st.cfg
-    if model_format(cfg.model) in TORCH_FREE or not hasattr(st.predictor, "embed"):
-        st.similar_why = ("an exported model computes probabilities only, not the embeddings similarity search "
-                          "needs; serve the run directory instead (imgclf serve RUN)")
-        return
-    if cfg.similar is False:
-        st.similar_why = "the server was started with --no-similar"
-        return
-    if cfg.similar is None and not cfg.api_key and not is_loopback(cfg.host):
-        st.similar_why = ("it shows training images, so it is off on a non-loopback --host without an API key; "
-                          "start the server with --api-key, or with --similar to serve it openly")
-        return
-    from imgclf.data_engine.similar import load_index  # deferred: torch; only a run directory has an index
-
-    try:
-        st.similar = load_index(RunDir(cfg.model), st.predictor, progress=False)
-    except (ImgclfError, OSError) as e:  # e.g. the training images moved: predictions still work
-        st.similar_why = "the run's similarity index could not be built (the server log says why)"
-        log.warning("/v1/similar disabled: the similarity index could not be built: %s", e)
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def public_path(p: str) -> str:
@@ -435,8 +424,16 @@ def add_similar_route(app, st: State) -> None:
     async def similar(request: Request):
         check_key(st, request)
         st.ready()
+        if st.similar is None and st.similar_building:
+            raise ApiError(503, "similar_not_ready", "the similarity index of the training images is still being "
+                           "built; predictions already work; retry in a moment", headers={"Retry-After": "5"})
         if st.similar is None:
             raise ApiError(404, "similar_unavailable", f"similarity search is not available: {st.similar_why}")
+        wait = st.similar_limit.take(request.client.host if request.client else "")
+        if wait:
+            raise ApiError(429, "rate_limited", f"over {st.cfg.similar_per_minute:g} /v1/similar requests a minute "
+                           f"from this address (--similar-per-minute); retry in {retry_after(wait)} s",
+                           headers={"Retry-After": retry_after(wait)})
         k = k_of(request, 10, min(MAX_SIMILAR_K, len(st.similar)))
         with st.bodies.account() as held:
             body = await images_body(request, st, held)
@@ -464,11 +461,12 @@ def add_info_routes(app, st: State) -> None:
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: the model is loaded", openapi_extra=STATUS_OPENAPI,
+    @app.get("/readyz", summary="Readiness: the model is loaded, warmed up and checked", openapi_extra=STATUS_OPENAPI,
              response_model=Status, response_model_exclude_none=True)
     async def readyz():
         st.ready()
-        return {"status": "ready", "model": Path(st.cfg.model).name}
+        similar = "building" if st.similar_building else "ready" if st.similar is not None else "unavailable"
+        return {"status": "ready", "model": Path(st.cfg.model).name, "similar": similar}
 
     @app.get("/metrics", summary="Prometheus metrics (text format)", openapi_extra=METRICS_OPENAPI,
              response_class=Response)
@@ -543,14 +541,15 @@ def model_description(pred, cfg: ServeConfig, st: State) -> dict:
     if not onnx and "torch" in sys.modules:
         versions["torch"] = sys.modules["torch"].__version__
     pp = pred.preprocess
-    return {"model": Path(cfg.model).name, "arch": pred.arch, "format": {"run": "pytorch", "ort": "onnx"}.get(fmt, fmt),
+    return {"model": Path(cfg.model).name, "task": getattr(pred, "task", "classify"), "arch": pred.arch, "format": {"run": "pytorch", "ort": "onnx"}.get(fmt, fmt),
             "int8": bool(getattr(pred, "int8", False)), "classes": pred.classes, "num_classes": len(pred.classes),
             "input_size": pp.size, "resize": pp.resize, "temperature": pred.temperature,
             "unknown_score": pred.has_unknown, "reject": pred.reject, "multi_label": pred.multi_label,
             "thresholds": None if pred.thresholds is None else [float(t) for t in pred.thresholds],
             "metrics": meta.get("metrics") or {}, "versions": versions,
             "limits": {"max_batch": cfg.max_batch, "max_files": cfg.max_files, "max_body_bytes": cfg.max_body_bytes,
-                       "max_pixels": cfg.max_pixels, "max_concurrent": cfg.max_concurrent},
+                       "max_pixels": cfg.max_pixels, "max_concurrent": cfg.max_concurrent,
+                       "decode_budget_bytes": st.decoding.limit, "similar_per_minute": cfg.similar_per_minute},
             "api_key_required": bool(cfg.api_key),
             "similar": {"available": st.similar is not None, "images": len(st.similar) if st.similar is not None else 0,
                         **({} if st.similar is not None else {"why_not": st.similar_why})}}

@@ -23,7 +23,9 @@ def _errors(*codes: int) -> dict:
            408: "the body did not arrive in time", 413: "body, files, parts or pixels over the limit",
            415: "content type other than multipart/form-data or application/json",
            422: "not an image, corrupt or truncated", 500: "internal error (a bug; see the server log)",
-           503: "model still loading, or too many requests in progress"}
+           429: "too many requests from this address (/v1/similar; see Retry-After)",
+           503: "model still loading or failed to load, similarity index still building, or too many requests "
+                "in progress (see Retry-After)"}
     return {str(c): {"description": why[c], "content": {"application/json": {"schema": ERROR}}} for c in codes}
 
 
@@ -49,6 +51,29 @@ class Predictions(BaseModel):
     model_ms: float
 
 
+class Box(BaseModel):
+    label: str
+    score: float = Field(ge=0, le=1)
+    box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 in the image's own pixels")
+
+
+class Detection(BaseModel):
+    filename: str
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    boxes: list[Box] = Field(description="detections at or above their class's threshold, best first")
+
+
+class Detections(BaseModel):
+    """/v1/predict's answer from a detector: boxes per image, in request order."""
+    predictions: list[Detection]
+    model_ms: float
+
+
+# A classifier answers Predictions, a detector Detections (GET /v1/model says which: "task").
+Answers = Predictions | Detections
+
+
 class Neighbour(BaseModel):
     id: int = Field(ge=0)
     path: str = Field(description="relative to the data root, or the file name alone")
@@ -71,6 +96,7 @@ class Similar(BaseModel):
 class Status(BaseModel):
     status: str
     model: str | None = None
+    similar: str | None = Field(None, description="/readyz: the similarity index is building, ready or unavailable")
 
 
 def predict_openapi(max_files: int) -> dict:
@@ -110,7 +136,7 @@ def similar_openapi(max_files: int, max_k: int) -> dict:
                            "description": f"neighbours per image (default 10, at most {max_k})"}]
     for body in spec["requestBody"]["content"].values():
         body["schema"]["properties"].pop("top_k")
-    spec["responses"] = _errors(400, 401, 404, 408, 413, 415, 422, 500, 503)
+    spec["responses"] = _errors(400, 401, 404, 408, 413, 415, 422, 429, 500, 503)
     spec["responses"]["404"]["description"] = "similarity search unavailable (serving an exported model)"
     return spec
 

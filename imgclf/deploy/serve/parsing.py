@@ -3,8 +3,8 @@
 The body is read up to a byte limit and a time limit; multipart is parsed in
 one linear pass with a cap on parts (Starlette's own form parser spools large
 files to temp files, so it is not used); JSON depth errors are caught; images
-are told by content and decoded under a pixel limit per image and a pixel
-budget shared by all requests. Parsing and decoding run in worker threads,
+are told by content and decoded under a pixel limit per image and a budget
+of decoding bytes shared by all requests. Parsing and decoding run in worker threads,
 never on the event loop. Request data never becomes a path."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import binascii
 import json
 import threading
 from contextlib import contextmanager
+
+from imgclf.data.images import decode_cost
 
 MAX_TOP_K_DIGITS = 6  # any top_k beyond the class count means "all classes"
 
@@ -179,7 +181,7 @@ def parse_top_k(v, default: int, n_classes: int) -> int:
 
 class BodyBudget:
     """Bounds the request bytes held in memory across all requests (bodies,
-    and the parts and images parsed from them), as PixelBudget bounds
+    and the parts and images parsed from them), as DecodeBudget bounds
     decoding: many large uploads at once get 503 busy with Retry-After
     instead of taking the server's memory. A request counts its bytes from
     before it reads them until its answer is sent. When the last large
@@ -242,38 +244,47 @@ def trim_heap() -> None:
         pass
 
 
-class PixelBudget:
-    """Bounds the pixels being decoded at once across all requests, so many
-    small files that decode to huge images (a 5 KB PNG of 40 MP) cannot
-    exhaust memory together: a decode waits until its pixels fit."""
+class DecodeBudget:
+    """Bounds the memory that decoding takes at once across all requests, in
+    bytes as `decode_cost` counts them for each image's format, mode and size
+    (a 40 MP 1-bit PNG and a 40 MP RGBA PNG differ sixfold), so many small
+    files that decode to huge images (a 5 KB PNG of 40 MP) cannot exhaust
+    memory together: a decode waits until its bytes fit, and after `wait_s`
+    the request gets 503 busy with Retry-After. An image that could never fit
+    is refused by the caller before it waits (413)."""
 
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
+    def __init__(self, limit: int, wait_s: float = 30.0):
+        self.limit, self.used, self.wait_s = limit, 0, wait_s
         self.cond = threading.Condition()
 
     @contextmanager
-    def hold(self, pixels: int):
-        pixels = min(pixels, self.limit)  # one image over the budget still runs, alone
+    def hold(self, cost: int):
+        cost = min(cost, self.limit)
         with self.cond:
-            self.cond.wait_for(lambda: self.used + pixels <= self.limit)
-            self.used += pixels
+            if not self.cond.wait_for(lambda: self.used + cost <= self.limit, self.wait_s):
+                raise ApiError(503, "busy", f"decoding other images takes {self.used >> 20:,} MB of the "
+                               f"{self.limit >> 20:,} MB decode budget; retry in a moment",
+                               headers={"Retry-After": "1"})
+            self.used += cost
         try:
             yield
         finally:
             with self.cond:
-                self.used -= pixels
+                self.used -= cost
                 self.cond.notify_all()
 
 
-def header_pixels(data: bytes) -> int:
-    """Width x height from the image header (no decode); 0 if unreadable (the
-    decode then fails with the reason)."""
+def header_cost(data: bytes, draft_size: int | None, max_pixels: int) -> int:
+    """The bytes decoding this image takes (decode_cost, from the header
+    alone); 0 if unreadable or over max_pixels (the decode then refuses it
+    from its header, with the reason)."""
     import io
 
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return int(im.size[0]) * int(im.size[1])
+            w, h = im.size
+            return 0 if w * h > max_pixels else decode_cost(im.format, im.mode, im.size, draft_size)
     except Exception:
         return 0

@@ -4,7 +4,9 @@
 (with a warning for objects too small at the input size), background images,
 boxes outside the image, degenerate and (near-)duplicated boxes, and every
 problem the reader met (labels not in the class list, unreadable files, bad
-coordinates). `fix_dataset` writes a cleaned COCO JSON next to nothing of the
+coordinates), and identical or near-identical images: copies within a split
+and leakage across the split the run would make (classification's hashing
+and grouping, data/check.py and data/near_dup.py). `fix_dataset` writes a cleaned COCO JSON next to nothing of the
 user's: boxes clipped, degenerate and duplicated ones dropped, each change
 counted. `split_dataset` stratifies by class presence.
 """
@@ -17,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from imgclf.data import near_dup as nd
+from imgclf.data.check import scan_files
 from imgclf.data.datasets import multilabel_split
-from imgclf.errors import DataError
+from imgclf.errors import ConfigError, DataError
 from imgclf.tasks.detect.data import (
     DetDataset,
     DetImage,
@@ -27,6 +31,7 @@ from imgclf.tasks.detect.data import (
     round_px,
     write_coco,
 )
+from imgclf.tasks.detect.splits import rel
 
 # Two boxes of one class overlapping more than this are one object labelled twice.
 DUPLICATE_IOU = 0.95
@@ -47,6 +52,19 @@ class BoxIssue:
 
 
 @dataclass
+class CopyGroup:
+    """Images that are the same photo: byte-identical files, or pixels within
+    the perceptual-hash distance of each other (or of a mirror)."""
+    files: list[str]
+    splits: list[str]  # each file's split (the given one, or the one the run would make)
+    identical: bool  # every file byte-identical
+
+    @property
+    def leak(self) -> bool:
+        return len(set(self.splits)) > 1
+
+
+@dataclass
 class DetCheckReport:
     format: str
     classes: list[str]
@@ -64,13 +82,24 @@ class DetCheckReport:
     duplicates: list[BoxIssue] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    split_given: bool = False  # else the split imgclf would make (val/test fraction, seed)
+    split_counts: dict[str, int] = field(default_factory=dict)
+    near_dup: str = "off"  # hash | off
+    near_dup_criterion: str = ""
+    leaks: list[CopyGroup] = field(default_factory=list)  # copies in more than one split
+    copies: list[CopyGroup] = field(default_factory=list)  # copies within one split
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @property
-    def clean(self) -> bool:
+    def labels_clean(self) -> bool:
+        """Nothing `--fix` repairs: no bad box, no reading problem."""
         return not (self.outside or self.degenerate or self.duplicates or self.problems)
+
+    @property
+    def clean(self) -> bool:
+        return self.labels_clean and not self.leaks
 
 
 def _side_and_aspect(im: DetImage) -> tuple[np.ndarray, np.ndarray]:
@@ -112,21 +141,34 @@ def _box_issues(im: DetImage, classes: list[str], rep: DetCheckReport) -> None:
                                        f"IoU {v:.3f} with box {i}"))
 
 
-def duplicate_pairs(im: DetImage, iou: float = DUPLICATE_IOU) -> list[tuple[int, int, float]]:
-    """(i, j, IoU), i < j: box j repeats box i (same class, IoU > iou)."""
+def duplicate_pairs(im: DetImage, iou: float = DUPLICATE_IOU, rows: int = 256) -> list[tuple[int, int, float]]:
+    """(i, j, IoU), i < j: box j repeats box i (same class, IoU > iou). Per
+    class, `rows` boxes at a time against the rest: memory stays a few MB
+    a block for the most boxes an image may hold (data.MAX_BOXES_PER_IMAGE)."""
     import torch
     from torchvision.ops import box_iou
 
-    if len(im.boxes) < 2:
-        return []
-    m = box_iou(torch.from_numpy(im.boxes), torch.from_numpy(im.boxes)).numpy()
-    same = im.labels[:, None] == im.labels[None, :]
-    ii, jj = np.nonzero(np.triu((m > iou) & same, k=1))
-    return [(i, j, float(m[i, j])) for i, j in zip(ii.tolist(), jj.tolist())]
+    out = []
+    for c in np.unique(im.labels) if len(im.boxes) > 1 else []:
+        idx = np.flatnonzero(im.labels == c)
+        b = torch.from_numpy(im.boxes[idx])
+        for a in range(0, len(idx) - 1, rows):
+            m = box_iou(b[a:a + rows], b[a:]).numpy()
+            ii, jj = np.nonzero(np.triu(m > iou, k=1))  # column j is box a + j: above the diagonal, i < j
+            out += [(int(idx[a + i]), int(idx[a + j]), float(m[i, j])) for i, j in zip(ii.tolist(), jj.tolist())]
+    return sorted(out)
 
 
-def check_dataset(data: str | Path | DetDataset, image_size: int | None = None) -> DetCheckReport:
-    """Read (leniently) and check detection labels; nothing is changed."""
+def check_dataset(data: str | Path | DetDataset, image_size: int | None = None, near_dup: str = "hash",
+                  val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
+                  split: dict[str, list[int]] | None = None, progress: bool = False) -> DetCheckReport:
+    """Read (leniently) and check detection labels; nothing is changed.
+    near_dup: hash (decode each image once: perceptual and content hashes) or
+    off. Leakage is judged on `split` (image indices per split), else on the
+    one split_dataset makes with these fractions and seed, as `train` would."""
+    if near_dup not in ("hash", "off"):
+        raise ConfigError(f"--near-dup {near_dup}: detection labels are checked with hash or off",
+                          "use --near-dup hash (or off); embed is for classification data")
     ds = data if isinstance(data, DetDataset) else read_dataset(data, strict=False)
     size = image_size or suggest_image_size(ds)
     k = len(ds.classes)
@@ -154,8 +196,37 @@ def check_dataset(data: str | Path | DetDataset, image_size: int | None = None) 
         rep.images_per_class[name] = n_img[c]
         rep.sizes[name] = {"side_px": _pct(sides[c]), "side_at_input": _pct(scaled[c]), "aspect": _pct(aspects[c])}
         rep.small_per_class[name] = int(sum(v < SMALL_PX for v in scaled[c]))
+    split = split or split_dataset(ds, val_fraction, test_fraction, seed)
+    rep.split_given = any(im.split for im in ds.images)
+    rep.split_counts = {k: len(v) for k, v in split.items()}
+    if near_dup == "hash":
+        near_duplicates(ds, split, rep, progress)
     rep.warnings = _warnings(rep, ds)
     return rep
+
+
+def near_duplicates(ds: DetDataset, split: dict[str, list[int]], rep: DetCheckReport, progress: bool) -> None:
+    """Groups of identical or near-identical images into rep.leaks and
+    rep.copies, through classification's scan (one decode per image: pHash
+    of it and its mirror, content hash) and pair grouping; an image that
+    cannot be decoded becomes a problem."""
+    where = {i: name for name, items in split.items() for i in items}
+    bad, stats = scan_files((im.path for im in ds.images), len(ds.images), progress)
+    rep.problems += [Problem(str(ds.images[k].path), "unreadable", f"{why}; replace or delete the image "
+                             "(training cannot use it)") for k, why in bad]
+    ok = np.flatnonzero(stats.ok)
+    i, j, _ = nd.hash_pairs(stats.phash[ok])
+    _, first, same = np.unique(stats.content[ok], return_index=True, return_inverse=True)
+    twins = np.flatnonzero(first[same] != np.arange(len(ok)))  # byte-identical to an earlier file
+    i, j = np.concatenate([i, first[same][twins]]), np.concatenate([j, twins])
+    rep.near_dup = "hash"
+    rep.near_dup_criterion = (f"pHash of each image and its mirror, Hamming distance <= {nd.HASH_MAX_DISTANCE} of "
+                              "64 bits, or identical bytes")
+    for comp in nd.groups(len(ok), i, j):
+        k = ok[comp]
+        g = CopyGroup(files=[rel(ds, ds.images[x].path) for x in k], splits=[where.get(x, "-") for x in k],
+                      identical=len({stats.content[x] for x in k}) == 1)
+        (rep.leaks if g.leak else rep.copies).append(g)
 
 
 def _warnings(rep: DetCheckReport, ds: DetDataset) -> list[str]:
@@ -174,6 +245,14 @@ def _warnings(rep: DetCheckReport, ds: DetDataset) -> list[str]:
                        "`imgclf check --fix` writes a cleaned COCO copy")
     if rep.problems:
         out.append(f"{len(rep.problems)} problem(s) reading the labels, e.g. {rep.problems[0]}")
+    which = "given split" if rep.split_given else "split imgclf would make"
+    if rep.leaks:
+        out.append(f"{len(rep.leaks)} group(s) of identical or near-identical images span the {which} (leakage: "
+                   f"val/test figures are inflated), e.g. {' ~ '.join(rep.leaks[0].files[:3])}; remove the copies, "
+                   "or keep each group in one split")
+    if rep.copies:
+        out.append(f"{len(rep.copies)} group(s) of identical or near-identical images within a split, e.g. "
+                   f"{' ~ '.join(rep.copies[0].files[:3])}: they count twice; remove the copies if unintended")
     return out
 
 
@@ -259,6 +338,25 @@ def format_report(rep: DetCheckReport) -> str:
         if len(items) > 10:
             lines.append(f"  ... and {len(items) - 10} more {what}")
     lines += [f"  problem: {p}" for p in rep.problems[:20]]
-    lines.append("clean" if rep.clean else "not clean: `imgclf check DATA --fix` writes a cleaned COCO copy "
-                 "(your files are never changed)")
+    if len(rep.problems) > 20:
+        lines.append(f"  ... and {len(rep.problems) - 20} more problems")
+    lines += _copies_lines(rep)
+    if rep.labels_clean:
+        lines.append("clean" if rep.clean else "labels clean; images leak across the split (see above)")
+    else:
+        lines.append("not clean: `imgclf check DATA --fix` writes a cleaned COCO copy (your files are never changed)")
     return "\n".join(lines)
+
+
+def _copies_lines(rep: DetCheckReport) -> list[str]:
+    which = "given split" if rep.split_given else "split imgclf would make"
+    lines = [f"split ({which}): " + ", ".join(f"{k} {v}" for k, v in rep.split_counts.items())]
+    for word, groups in (("leakage across splits", rep.leaks), ("copies within a split", rep.copies)):
+        if groups:
+            lines.append(f"{word} ({len(groups)} group(s)):")
+            lines += [f"  [{'identical' if g.identical else 'near-identical'}] "
+                      + "  ~  ".join(f"{f} ({s})" for f, s in zip(g.files, g.splits)) for g in groups[:20]]
+            if len(groups) > 20:
+                lines.append(f"  ... and {len(groups) - 20} more")
+    lines.append(f"near-duplicates searched by: {rep.near_dup_criterion or 'nothing (--near-dup off)'}")
+    return lines

@@ -13,6 +13,12 @@ coordinates, a label outside the class list, a missing image) is recorded in
 `DetDataset.problems` with the file and the fix, the box or file is left out,
 and `strict=True` (the default) raises one `DataError` listing them.
 `imgclf.tasks.detect.check` reads with `strict=False` to report them.
+
+Hostile files cost bounded memory and time: every file is size-capped before
+it is parsed, an image may hold at most MAX_BOXES_PER_IMAGE boxes, images and
+masks are sized from their headers (a PNG claiming 100,000 x 100,000 pixels is
+never decoded), nesting too deep for the parsers is a DataError, and a
+field's value is quoted shortened (reprlib) in messages.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import reprlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from imgclf.data.images import MAX_PIXELS, BadImage, sniff
 from imgclf.errors import DataError
 from imgclf.io import atomic_write_text
 
@@ -36,6 +44,13 @@ SPLITS = ("train", "val", "test")
 # A COCO instances file larger than this is refused before json.load (which
 # holds about 10x the file size in memory); pass max_json_bytes to raise it.
 MAX_JSON_BYTES = 1 << 30
+# One image's labels: COCO's densest images hold under 100 objects, dense
+# retail or aerial sets some thousands. Beyond this an image is refused
+# (check's duplicate search and training's matching grow with its square).
+MAX_BOXES_PER_IMAGE = 10_000
+# A text label file (VOC XML, YOLO .txt, data.yaml, classes.txt, split lists):
+# MAX_BOXES_PER_IMAGE polygon lines of a few hundred points fit well within.
+MAX_TEXT_BYTES = 64 << 20
 # Folder pairs (images, instance-id masks) the mask reader knows.
 MASK_LAYOUTS = (("PNGImages", "PedMasks"), ("images", "instance_masks"))
 
@@ -43,7 +58,7 @@ MASK_LAYOUTS = (("PNGImages", "PedMasks"), ("images", "instance_masks"))
 @dataclass
 class Problem:
     file: str
-    kind: str  # unreadable | bad_coords | unknown_label | missing_image | size_mismatch
+    kind: str  # unreadable | bad_coords | unknown_label | missing_image | size_mismatch | too_many_boxes | bad_mask
     detail: str
 
     def __str__(self) -> str:
@@ -95,10 +110,67 @@ def _finite(vals) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)
 
 
+_brief = reprlib.Repr()
+_brief.maxlevel, _brief.maxlist, _brief.maxdict, _brief.maxstring, _brief.maxother = 2, 6, 4, 40, 40
+
+
+def brief(v) -> str:
+    """A value from a label file as a message quotes it: short, whatever its size or depth."""
+    return _brief.repr(v)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n:,} bytes"
+
+
+def _dim(v) -> int:
+    """A width or height from a label file, or 0 (then the image header says)."""
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
+        0 < v <= MAX_PIXELS else 0
+
+
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file's header, without decoding the pixels."""
-    with Image.open(path) as im:
-        return im.size
+    """(width, height) from the file's header, without decoding the pixels;
+    BadImage (naming the file and why) for what is no image or too big to be
+    decoded (over images.MAX_PIXELS)."""
+    _, _, (w, h) = sniff(path)
+    if w * h > MAX_PIXELS:
+        raise BadImage(str(path), f"{w}x{h} = {w * h:,} pixels is over the limit of {MAX_PIXELS:,} "
+                                  "(decompression bomb?)")
+    return w, h
+
+
+def _size_or_problem(img: Path, source: str, ds: DetDataset) -> tuple[int, int] | None:
+    try:
+        return image_size(img)
+    except BadImage as e:
+        ds.problems.append(Problem(source, "unreadable", f"its image {img} cannot be used ({e.reason}); replace "
+                                   "it or delete the annotation (the image is left out)"))
+        return None
+
+
+def read_text(path: Path, what: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """A small text file (UTF-8), or DataError naming it, why and the fix."""
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise DataError(f"{path}: {_mb(size)} is over the {_mb(max_bytes)} limit for {what}",
+                            "this is no label file of a usual dataset; check it, or split it")
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {what} is not UTF-8 text ({e.reason} at byte {e.start})",
+                        "save it as UTF-8 text") from None
+    except OSError as e:
+        raise DataError(f"{path}: {what} cannot be read ({e.strerror or e})", "check the file") from None
+
+
+def _too_many(ds: DetDataset, source: str, n: int, where: str) -> bool:
+    if n <= MAX_BOXES_PER_IMAGE:
+        return False
+    ds.problems.append(Problem(source, "too_many_boxes", f"{where} has {n:,} boxes, over the limit of "
+                               f"{MAX_BOXES_PER_IMAGE:,} for one image; split the image into tiles or correct the "
+                               "labels (the image is left out)"))
+    return True
 
 
 # --- which format is it ----------------------------------------------------------
@@ -158,7 +230,7 @@ def _class_file(root: Path) -> list[str] | None:
     for name in ("classes.txt", "labels.txt"):
         f = root / name
         if f.is_file():
-            return [ln.strip() for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            return [ln.strip() for ln in read_text(f, "a class list").splitlines() if ln.strip()]
     return None
 
 
@@ -169,7 +241,7 @@ def _voc_splits(root: Path) -> dict[str, str]:
     for s in SPLITS:
         f = root / "ImageSets" / "Main" / f"{s}.txt"
         if f.is_file():
-            out.update({ln.split()[0]: s for ln in f.read_text().splitlines() if ln.strip()})
+            out.update({ln.split()[0]: s for ln in read_text(f, "a VOC split list").splitlines() if ln.strip()})
     return out
 
 
@@ -186,10 +258,13 @@ def read_voc(root: Path) -> DetDataset:
     splits, pending = _voc_splits(root), []
     for xml in sorted((root / "Annotations").glob("*.xml")):
         try:
+            if xml.stat().st_size > MAX_TEXT_BYTES:
+                raise ValueError(f"{_mb(xml.stat().st_size)}, over the {_mb(MAX_TEXT_BYTES)} limit for one "
+                                 "annotation")
             tree = parse(str(xml)).getroot()
-        except (ParseError, DefusedXmlException, OSError) as e:
-            ds.problems.append(Problem(str(xml), "unreadable", f"not readable XML ({type(e).__name__}: {e}); "
-                                       "fix or delete the file (its image is left out)"))
+        except (ParseError, DefusedXmlException, OSError, ValueError, RecursionError) as e:
+            ds.problems.append(Problem(str(xml), "unreadable", f"not readable XML ({type(e).__name__}: "
+                                       f"{brief(str(e))}); fix or delete the file (its image is left out)"))
             continue
         item = _voc_image(xml, tree, root, ds)
         if item is not None:
@@ -210,11 +285,16 @@ def _voc_image(xml: Path, tree, root: Path, ds: DetDataset):
                                    f"{root / 'JPEGImages'}; add it or delete the annotation"))
         return None
     try:
-        w, h = int(float(tree.findtext("size/width") or 0)), int(float(tree.findtext("size/height") or 0))
+        w, h = _dim(float(tree.findtext("size/width") or 0)), _dim(float(tree.findtext("size/height") or 0))
     except ValueError:
         w = h = 0
     if w <= 0 or h <= 0:
-        w, h = image_size(img)
+        size = _size_or_problem(img, str(xml), ds)
+        if size is None:
+            return None
+        w, h = size
+    if _too_many(ds, str(xml), sum(1 for _ in tree.iter("object")), "it"):
+        return None
     boxes, names = [], []
     for k, obj in enumerate(tree.iter("object")):
         name = (obj.findtext("name") or "").strip()
@@ -223,7 +303,7 @@ def _voc_image(xml: Path, tree, root: Path, ds: DetDataset):
         except (TypeError, ValueError):
             c = [float("nan")] * 4
         if not _finite(c):
-            ds.problems.append(Problem(str(xml), "bad_coords", f"object {k} ({name}) has a missing or "
+            ds.problems.append(Problem(str(xml), "bad_coords", f"object {k} ({brief(name)}) has a missing or "
                                        "non-numeric corner; correct its <bndbox> (the box is left out)"))
             continue
         boxes.append([round_px(c[0] - 1), round_px(c[1] - 1), round_px(c[2]), round_px(c[3])])
@@ -240,7 +320,7 @@ def _voc_finish(ds: DetDataset, pending: list, listed: bool) -> None:
         keep = [i for i, n in enumerate(names) if n in index]
         for i, n in enumerate(names):
             if n not in index:
-                ds.problems.append(Problem(im.source, "unknown_label", f"object {i} is labelled {n!r}, not in the "
+                ds.problems.append(Problem(im.source, "unknown_label", f"object {i} is labelled {brief(n)}, not in the "
                                            f"class list {ds.classes}; add it to classes.txt or rename the object"))
         im.boxes, im.labels = im.boxes[keep], np.asarray([index[names[i]] for i in keep], np.int64)
         ds.images.append(im)
@@ -251,13 +331,16 @@ def _voc_finish(ds: DetDataset, pending: list, listed: bool) -> None:
 def _load_json(path: Path, max_bytes: int) -> dict:
     size = path.stat().st_size
     if size > max_bytes:
-        raise DataError(f"{path}: {size / 1e6:.0f} MB is over the {max_bytes / 1e6:.0f} MB limit for a COCO file",
+        raise DataError(f"{path}: {_mb(size)} is over the {_mb(max_bytes)} limit for a COCO file",
                         "split it into smaller files, or raise the limit (max_json_bytes) if it is genuine")
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})", "repair or re-export the COCO file") from None
+        raise DataError(f"{path}: not valid JSON ({brief(str(e))})", "repair or re-export the COCO file") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read (no COCO file nests more than a few levels)",
+                        "re-export the COCO file from the labelling tool") from None
     if not isinstance(d, dict) or not isinstance(d.get("images"), list) or not isinstance(d.get("categories"), list):
         raise DataError(f"{path}: not a COCO instances file (needs lists 'images', 'annotations', 'categories')",
                         "export the labels as COCO instances JSON")
@@ -288,8 +371,20 @@ def read_coco(path: Path, max_json_bytes: int = MAX_JSON_BYTES) -> DetDataset:
     return ds
 
 
+def _is_id(v) -> bool:
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
+
+
 def _coco_classes(d: dict, f: Path, ds: DetDataset) -> dict:
-    cats = sorted((c for c in d["categories"] if isinstance(c, dict) and "id" in c), key=lambda c: c["id"])
+    cats = []
+    for k, c in enumerate(d["categories"]):
+        if isinstance(c, dict) and isinstance(c.get("id"), int) and not isinstance(c["id"], bool) \
+                and isinstance(c.get("name", ""), (str, int)):
+            cats.append(c)
+        else:
+            ds.problems.append(Problem(str(f), "unknown_label", f"categories[{k}] = {brief(c)} is not "
+                                       '{"id": integer, "name": text}; correct it (its boxes are left out)'))
+    cats.sort(key=lambda c: c["id"])
     names = [str(c.get("name", c["id"])) for c in cats]
     if ds.classes and names != ds.classes:
         raise DataError(f"{f}: its categories {names} differ from {ds.classes} in the other COCO files",
@@ -302,36 +397,56 @@ def _read_coco_file(f: Path, ds: DetDataset, split: str | None, max_bytes: int) 
     d = _load_json(f, max_bytes)
     cat_index = _coco_classes(d, f, ds)
     by_image: dict = {}
-    for k, a in enumerate(d.get("annotations") or []):
+    anns = d.get("annotations") or []
+    for k, a in enumerate(anns if isinstance(anns, list) else []):
         if not isinstance(a, dict) or a.get("iscrowd", 0):
             continue
-        by_image.setdefault(a.get("image_id"), []).append((k, a))
-    for im in d["images"]:
-        p = _coco_image_path(str(im.get("file_name", "")), f)
-        if p is None:
-            ds.problems.append(Problem(str(f), "missing_image", f"image id {im.get('id')}: {im.get('file_name')!r} "
-                                       f"is not beside {f.name} nor in images/; put it there"))
+        if not _is_id(a.get("image_id")):
+            ds.problems.append(Problem(str(f), "bad_coords", f"annotations[{k}]: image_id {brief(a.get('image_id'))} "
+                                       "is not an id; correct it (the box is left out)"))
             continue
-        w, h = int(im.get("width") or 0), int(im.get("height") or 0)
-        if w <= 0 or h <= 0:
-            w, h = image_size(p)
-        boxes, labels = [], []
-        for k, a in by_image.get(im.get("id"), []):
-            bb = a.get("bbox")
-            if not (isinstance(bb, list) and len(bb) == 4 and _finite(bb)):
-                ds.problems.append(Problem(str(f), "bad_coords", f"annotation {a.get('id', k)}: bbox {bb!r} is not "
-                                           "4 finite numbers [x, y, w, h]; correct it (the box is left out)"))
-                continue
-            if a.get("category_id") not in cat_index:
-                ds.problems.append(Problem(str(f), "unknown_label", f"annotation {a.get('id', k)}: category_id "
-                                           f"{a.get('category_id')!r} is not in 'categories'; add the category or "
-                                           "correct the id"))
-                continue
-            x, y, bw, bh = (float(v) for v in bb)
-            boxes.append([round_px(x), round_px(y), round_px(x + bw), round_px(y + bh)])
-            labels.append(cat_index[a["category_id"]])
-        ds.images.append(DetImage(path=p, width=w, height=h, boxes=_box_array(boxes),
-                                  labels=np.asarray(labels, np.int64), split=split, source=str(f)))
+        by_image.setdefault(a["image_id"], []).append((k, a))
+    for n, im in enumerate(d["images"]):
+        item = _coco_image(im, n, f, ds, by_image, cat_index)
+        if item is not None:
+            item.split = split
+            ds.images.append(item)
+
+
+def _coco_image(im, n: int, f: Path, ds: DetDataset, by_image: dict, cat_index: dict) -> DetImage | None:
+    name = im.get("file_name") if isinstance(im, dict) else None
+    p = _coco_image_path(name, f) if isinstance(name, str) and name else None
+    if p is None:
+        ds.problems.append(Problem(str(f), "missing_image", f"images[{n}]: {brief(name if name else im)} is not an "
+                                   f"image beside {f.name} nor in images/; put it there or correct file_name"))
+        return None
+    w, h = _dim(im.get("width")), _dim(im.get("height"))
+    if w <= 0 or h <= 0:
+        size = _size_or_problem(p, str(f), ds)
+        if size is None:
+            return None
+        w, h = size
+    anns = by_image.get(im.get("id"), []) if _is_id(im.get("id")) else []
+    if _too_many(ds, str(f), len(anns), f"image id {brief(im.get('id'))} ({brief(name)})"):
+        return None
+    boxes, labels = [], []
+    for k, a in anns:
+        bb, x2y2 = a.get("bbox"), None
+        if isinstance(bb, list) and len(bb) == 4 and _finite(bb):
+            x2y2 = (float(bb[0]) + float(bb[2]), float(bb[1]) + float(bb[3]))
+        if x2y2 is None or not _finite(x2y2):  # x + w can overflow to inf
+            ds.problems.append(Problem(str(f), "bad_coords", f"annotation {brief(a.get('id', k))}: bbox {brief(bb)} "
+                                       "is not 4 finite numbers [x, y, w, h]; correct it (the box is left out)"))
+            continue
+        cat = a.get("category_id")
+        if not _is_id(cat) or cat not in cat_index:
+            ds.problems.append(Problem(str(f), "unknown_label", f"annotation {brief(a.get('id', k))}: category_id "
+                                       f"{brief(cat)} is not in 'categories'; add the category or correct the id"))
+            continue
+        boxes.append([round_px(bb[0]), round_px(bb[1]), round_px(x2y2[0]), round_px(x2y2[1])])
+        labels.append(cat_index[cat])
+    return DetImage(path=p, width=w, height=h, boxes=_box_array(boxes), labels=np.asarray(labels, np.int64),
+                    source=str(f))
 
 
 # --- YOLO -------------------------------------------------------------------------
@@ -347,11 +462,12 @@ def _yolo_names(cfg: dict, f: Path) -> list[str]:
     names = cfg.get("names")
     if isinstance(names, dict):
         try:
-            names = [str(names[k]) for k in sorted(names, key=int)]
+            names = [names[k] for k in sorted(names, key=int)]
         except (TypeError, ValueError):
             names = None
-    if not isinstance(names, list) or not names:
-        raise DataError(f"{f}: no 'names' list of classes", "add `names: [class0, class1, ...]` to it")
+    # Only text or numbers: str() of a YAML alias tree ("billion laughs") would grow exponentially.
+    if not isinstance(names, list) or not names or not all(isinstance(n, (str, int, float)) for n in names):
+        raise DataError(f"{f}: no 'names' list of class names", "add `names: [class0, class1, ...]` to it")
     return [str(n) for n in names]
 
 
@@ -361,12 +477,13 @@ def _yolo_image_lists(cfg: dict, base: Path) -> list[tuple[Path, str | None]]:
     out: dict[Path, str | None] = {}
     for s in SPLITS:
         entries = cfg.get(s)
-        for e in ([entries] if isinstance(entries, str) else entries or []):
+        entries = [entries] if isinstance(entries, str) else entries if isinstance(entries, list) else []
+        for e in (e for e in entries if isinstance(e, str)):
             src = base / e
             if src.is_dir():
                 found = [p for p in sorted(src.rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
             elif src.suffix == ".txt" and src.is_file():
-                found = [base / ln.strip() for ln in src.read_text().splitlines() if ln.strip()]
+                found = [base / ln.strip() for ln in read_text(src, "a YOLO image list").splitlines() if ln.strip()]
             else:
                 found = []
             for p in found:
@@ -398,9 +515,15 @@ def read_yolo(path: Path) -> DetDataset:
     cfg: dict = {}
     if f is not None:
         try:
-            cfg = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+            cfg = yaml.safe_load(read_text(f, "a YOLO data.yaml", 1 << 20)) or {}
         except yaml.YAMLError as e:
-            raise DataError(f"{f}: not readable YAML ({e})", "repair the data.yaml") from None
+            raise DataError(f"{f}: not readable YAML ({brief(str(e))})", "repair the data.yaml") from None
+        except RecursionError:
+            raise DataError(f"{f}: YAML nested too deeply to read", "write data.yaml as `names: [...]`, "
+                            "`train: images/train`, `val: images/val`") from None
+        if not isinstance(cfg, dict):
+            raise DataError(f"{f}: not a YOLO data.yaml (a mapping with names, train, val)",
+                            "write it as `names: [...]`, `train: images/train`, `val: images/val`")
         if cfg.get("path"):
             base = (f.parent / str(cfg["path"])).resolve()
         classes = _yolo_names(cfg, f)
@@ -422,10 +545,20 @@ def _yolo_image(img: Path, ds: DetDataset) -> DetImage | None:
     if not img.is_file():
         ds.problems.append(Problem(str(img), "missing_image", "listed in data.yaml but missing; add it or unlist it"))
         return None
-    w, h = image_size(img)
     lab = _yolo_label_path(img)
+    size = _size_or_problem(img, str(lab), ds)
+    if size is None:
+        return None
+    w, h = size
     boxes, labels = [], []
-    lines = lab.read_text(encoding="utf-8").splitlines() if lab.is_file() else []
+    try:
+        lines = read_text(lab, "a YOLO label file").splitlines() if lab.is_file() else []
+    except DataError as e:
+        ds.problems.append(Problem(str(lab), "unreadable", f"{e.message.removeprefix(f'{lab}: ')}; {e.fix} "
+                                   "(the image is left out)"))
+        return None
+    if _too_many(ds, str(lab), sum(1 for ln in lines if ln.strip()), "it"):
+        return None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -434,8 +567,8 @@ def _yolo_image(img: Path, ds: DetDataset) -> DetImage | None:
         except ValueError:
             vals = []
         if len(vals) < 5 or not _finite(vals) or vals[0] != int(vals[0]) or (len(vals) > 5 and len(vals) % 2 == 0):
-            ds.problems.append(Problem(f"{lab}:{n}", "bad_coords", "expected `class xc yc w h` (or a polygon) as "
-                                       "finite numbers; correct the line (the box is left out)"))
+            ds.problems.append(Problem(f"{lab}:{n}", "bad_coords", f"{brief(line)} is not `class xc yc w h` (or a "
+                                       "polygon) in finite numbers; correct the line (the box is left out)"))
             continue
         c = int(vals[0])
         if not 0 <= c < len(ds.classes):
@@ -460,7 +593,9 @@ def read_masks(root: Path, class_name: str | None = None) -> DetDataset:
     """Images beside per-image instance-id PNGs (0 background, k the k-th
     object), as Penn-Fudan's PNGImages/ + PedMasks/. One class, named by
     classes.txt when present. Each box is its mask's extent: x2 is one past
-    the last column that holds the id. Instance k is box k-1."""
+    the last column that holds the id. Instance k is box k-1, so the ids must
+    run 1..N. A mask is sized from its header and decoded only when it
+    matches its image, so a PNG claiming huge dimensions costs nothing."""
     img_dir, mask_dir = next((root / i, root / m) for i, m in MASK_LAYOUTS if (root / i).is_dir() and (root / m).is_dir())
     classes = _class_file(root) or [class_name or "object"]
     ds = DetDataset(classes=classes[:1], images=[], format="masks", root=root)
@@ -470,25 +605,65 @@ def read_masks(root: Path, class_name: str | None = None) -> DetDataset:
             ds.problems.append(Problem(str(img), "missing_image", f"no mask {img.stem}_mask.png in {mask_dir}; "
                                        "add it (the image is left out)"))
             continue
-        m = np.asarray(Image.open(mp))
-        w, h = image_size(img)
-        if m.shape[:2] != (h, w):
-            ds.problems.append(Problem(str(mp), "size_mismatch", f"mask is {m.shape[1]}x{m.shape[0]}, its image "
-                                       f"{w}x{h}; re-save the mask at the image's size"))
+        size = _size_or_problem(img, str(img), ds)
+        m = _read_mask(mp, size, ds) if size is not None else None
+        if m is None:
             continue
-        ds.images.append(DetImage(path=img, width=w, height=h, boxes=mask_boxes(m),
-                                  labels=np.zeros(len(np.unique(m[m > 0])), np.int64), mask_path=mp, source=str(mp)))
+        ids = np.unique(m[m > 0])
+        if _too_many(ds, str(mp), len(ids), "it") or not _ids_in_order(mp, ids, ds):
+            continue
+        ds.images.append(DetImage(path=img, width=size[0], height=size[1], boxes=mask_boxes(m),
+                                  labels=np.zeros(len(ids), np.int64), mask_path=mp, source=str(mp)))
     return ds
+
+
+def _read_mask(mp: Path, size: tuple[int, int], ds: DetDataset) -> np.ndarray | None:
+    """The instance-id array of a mask that matches its image's size, else None and a problem."""
+    try:
+        _, mode, msize = sniff(mp)
+        if msize != size:
+            ds.problems.append(Problem(str(mp), "size_mismatch", f"mask is {msize[0]}x{msize[1]}, its image "
+                                       f"{size[0]}x{size[1]}; re-save the mask at the image's size"))
+            return None
+        if mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
+            raise BadImage(str(mp), f"colour mode {mode}: instance ids are one channel")
+        with Image.open(mp) as im:
+            m = np.asarray(im)
+    except BadImage as e:
+        ds.problems.append(Problem(str(mp), "bad_mask", f"{e.reason}; save the mask as a one-channel PNG of instance "
+                                   "ids (0 background, 1..N the objects) at its image's size (the image is left out)"))
+        return None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken data
+        ds.problems.append(Problem(str(mp), "unreadable", f"corrupt or truncated mask ({brief(str(e))}); re-save it "
+                                   "(the image is left out)"))
+        return None
+    return m.astype(np.int64) if m.dtype == bool else m
+
+
+def _ids_in_order(mp: Path, ids: np.ndarray, ds: DetDataset) -> bool:
+    """Instance k is box k-1 (segmentation pairs them): ids must be 1..N."""
+    if np.array_equal(ids, np.arange(1, len(ids) + 1)):
+        return True
+    extra = ids[ids != np.arange(1, len(ids) + 1)]
+    ds.problems.append(Problem(str(mp), "bad_mask", f"instance ids {brief(ids.tolist())} do not run 1..{len(ids)} "
+                               f"(first out of order: {int(extra[0])}); number the objects 1..N (0 is background; a "
+                               "border or void value such as 255 must be 0) (the image is left out)"))
+    return False
 
 
 def mask_boxes(mask: np.ndarray) -> np.ndarray:
     """Boxes (x1, y1, x2 + 1, y2 + 1) of each nonzero id in an instance-id
-    mask, in increasing id order."""
-    out = []
-    for k in np.unique(mask[mask > 0]):
-        ys, xs = np.nonzero(mask == k)
-        out.append([float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)])
-    return _box_array(out)
+    mask, in increasing id order: one pass over the pixels (per-id passes
+    would cost ids x pixels)."""
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return _box_array([])
+    ids, inv = np.unique(mask[ys, xs], return_inverse=True)
+    lo, hi = np.full((len(ids), 2), np.iinfo(np.int64).max), np.full((len(ids), 2), -1)
+    pts = np.stack([xs, ys], 1)
+    np.minimum.at(lo, inv, pts)
+    np.maximum.at(hi, inv, pts)
+    return np.concatenate([lo, hi + 1], 1).astype(np.float64)
 
 
 # --- writers ----------------------------------------------------------------------

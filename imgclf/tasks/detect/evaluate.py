@@ -4,7 +4,9 @@ through, on the run's held-out split or on every image of another dataset
 (VOC, COCO, YOLO or masks, classes matched by name).
 
     RUN/eval_<split>.json: map, map50, map75, map_small/medium/large, ar100,
-    ap_per_class, ap50_per_class, the thresholds in use and their F1
+    ap_per_class, ap50_per_class, the thresholds in use and their F1, the
+    precision-recall curves, the confusion matrix with background at those
+    thresholds, and the images with the most errors
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from imgclf.io import write_json
 from imgclf.log import get_logger
 from imgclf.runs import RunDir
 from imgclf.tasks.detect.data import DetDataset, DetImage, read_dataset
-from imgclf.tasks.detect.metrics import coco_metrics
+from imgclf.tasks.detect.metrics import MATCH_IOU, background_name, coco_metrics, confusion, worst_images
 from imgclf.tasks.detect.predictor import DetPredictor
 from imgclf.tasks.detect.splits import DetSplits
 from imgclf.tasks.detect.torch_predictor import TorchDetPredictor
@@ -37,7 +39,8 @@ def detections(pred: DetPredictor, ds: DetDataset, items: list[int]) -> tuple[li
             bad.append({"path": str(ds.images[i].path), "reason": d["error"]})
             continue
         kept.append(i)
-        preds.append({"boxes": d["boxes_xyxy"], "scores": d["scores"], "labels": d["labels"]})
+        preds.append({"boxes": d["boxes_xyxy"], "scores": d["scores"], "labels": d["labels"],
+                      **({"masks": d["masks"]} if "masks" in d else {})})
     return kept, preds, bad
 
 
@@ -61,7 +64,10 @@ def evaluate_split(run: RunDir, pred: DetPredictor, ds: DetDataset, items: list[
     m.update(split=split, run=str(run), data=str(ds.root), images=len(kept), skipped_files=bad,
              thresholds_in_use=dict(zip(pred.classes, map(float, pred.thresholds))),
              seconds=round(time.time() - t0, 2))
+    per_image = add_errors(m, sub, preds, list(pred.thresholds))
     write_json(run.eval_file(split), m)
+    if "mask_map" in m:
+        log.info(f"{split}: mask mAP {m['mask_map']:.3f}  mask mAP@.5 {m['mask_map50']:.3f}")
     log.info(f"{split}: mAP {m['map']:.3f}  mAP@.5 {m['map50']:.3f}  on {len(kept)} images  "
              + "  ".join(f"{c} {v:.3f}" for c, v in m["ap50_per_class"].items()) + "  (AP@.5 per class)")
     if bad:
@@ -69,9 +75,22 @@ def evaluate_split(run: RunDir, pred: DetPredictor, ds: DetDataset, items: list[
     if report:
         from imgclf.tasks.detect.report import write_report  # deferred: matplotlib, for the report only
 
-        page = write_report(run, pred, sub, preds, m, split)
+        page = write_report(run, pred, sub, preds, m, split, per_image)
         log.info(f"report: {page}")
     return m
+
+
+def add_errors(m: dict, ds: DetDataset, preds: list[dict], thresholds: list[float]) -> list[dict]:
+    """Put the confusion matrix (metrics.confusion) and the worst images
+    (most missed + false positive + wrong-class boxes) into `m`; returns the
+    per-image matches the report draws."""
+    cm, per_image = confusion(ds, preds, thresholds)
+    m["confusion"] = {"labels": ds.classes + [background_name(ds.classes)], "matrix": cm.tolist(), "iou": MATCH_IOU,
+                      "rows": "truth", "columns": "prediction at the stored thresholds"}
+    m["worst_images"] = [{"path": str(ds.images[i].path), "boxes": len(ds.images[i].boxes),
+                          **{k: per_image[i][k] for k in ("missed", "false_positives", "wrong_class")}}
+                         for i in worst_images(per_image)]
+    return per_image
 
 
 def evaluate(cfg: EvaluateConfig, pred: DetPredictor | None = None) -> dict:

@@ -13,21 +13,23 @@ from functools import partial
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from imgclf.data.images import open_image
 from imgclf.data.preprocess import Preprocess, pad_geometry, resize_image
 from imgclf.tasks.detect.data import DetDataset, DetImage
+from imgclf.tasks.detect.masks import id_map, instance_masks
 from imgclf.tasks.detect.model import Detector, detection_loss, train_transform
 
 
-def clean_boxes(im: DetImage, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+def clean_boxes(im: DetImage, w: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Boxes clipped to the image, degenerate ones dropped (what `check --fix`
-    would do), so a slightly-off label never stops training."""
+    would do), so a slightly-off label never stops training; and which were kept."""
     b = np.clip(im.boxes, 0, [w, h, w, h])
     ok = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
-    return b[ok], im.labels[ok]
+    return b[ok], im.labels[ok], ok
 
 
 class AugmentedImages(torch.utils.data.Dataset):
@@ -44,10 +46,13 @@ class AugmentedImages(torch.utils.data.Dataset):
         im = self.ds.images[self.items[i]]
         pil = open_image(im.path)
         w, h = pil.size
-        b, labels = clean_boxes(im, w, h)
+        b, labels, ok = clean_boxes(im, w, h)
         target = {"boxes": tv_tensors.BoundingBoxes(torch.as_tensor(b, dtype=torch.float32), format="XYXY",
                                                     canvas_size=(h, w)),
                   "labels": torch.as_tensor(labels, dtype=torch.int64)}
+        if im.mask_path is not None:  # the transforms move, crop and drop the masks with their boxes
+            ids = np.asarray(Image.open(im.mask_path), np.uint8)
+            target["masks"] = tv_tensors.Mask(instance_masks(ids, len(ok))[torch.from_numpy(ok)])
         return self.transform(tv_tensors.Image(F.pil_to_tensor(pil)), target)
 
 
@@ -65,11 +70,14 @@ class LetterboxedImages(torch.utils.data.Dataset):
         im = self.ds.images[self.items[i]]
         pil = open_image(im.path)
         w, h = pil.size
-        b, labels = clean_boxes(im, w, h)
+        b, labels, ok = clean_boxes(im, w, h)
         nw, nh, left, top = pad_geometry(w, h, self.pp.size)
         b = b * [nw / w, nh / h, nw / w, nh / h] + [left, top, left, top]
         x = torch.from_numpy(np.array(resize_image(pil, self.pp))).permute(2, 0, 1).float() / 255
-        return x, {"boxes": torch.as_tensor(b, dtype=torch.float32), "labels": torch.as_tensor(labels)}
+        t = {"boxes": torch.as_tensor(b, dtype=torch.float32), "labels": torch.as_tensor(labels)}
+        if im.mask_path is not None:
+            t["masks"] = instance_masks(id_map(im.mask_path, self.pp.size), len(ok))[torch.from_numpy(ok)]
+        return x, t
 
 
 def collate(batch, size: int):
@@ -77,7 +85,7 @@ def collate(batch, size: int):
     x = torch.zeros(len(batch), 3, size, size)
     for k, (img, _) in enumerate(batch):
         x[k, :, : img.shape[-2], : img.shape[-1]] = img
-    return x, [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]} for _, t in batch]
+    return x, [{k: v.as_subclass(torch.Tensor) for k, v in t.items()} for _, t in batch]
 
 
 def image_loader(dataset, size: int, batch_size: int, workers: int, shuffle: bool, seed: int):
@@ -105,11 +113,13 @@ class CachedFeatures:
                 for xx, mirror in [(x, False)] + ([(x.flip(-1), True)] if flip else []):
                     f = [t.cpu() for t in model.forward_features(xx.to(device))]
                     for k, t in enumerate(targets):
-                        b = t["boxes"].clone()
+                        t = dict(t, boxes=t["boxes"].clone())
                         if mirror:
-                            b[:, [0, 2]] = size - b[:, [2, 0]]
+                            t["boxes"][:, [0, 2]] = size - t["boxes"][:, [2, 0]]
+                            if "masks" in t:
+                                t["masks"] = t["masks"].flip(-1)
                         self.feats.append([m[k] for m in f])
-                        self.targets.append({"boxes": b, "labels": t["labels"]})
+                        self.targets.append(t)
 
     def __len__(self) -> int:
         return math.ceil(len(self.feats) / self.batch_size)
@@ -133,7 +143,7 @@ def train_one_epoch(model: torch.nn.Module, optimizer, batches, scheduler=None, 
     sums: dict[str, float] = {}
     n, t0, stopped = 0, time.time(), False
     for x, targets in batches:
-        tg = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+        tg = [{k: v.to(device) for k, v in t.items()} for t in targets]
         x = [f.to(device) for f in x] if isinstance(x, list) else x.to(device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
             out = model(x)

@@ -1,11 +1,13 @@
 """COCO detection metrics through faster-coco-eval (the COCO evaluator's
 definitions, in C++: the same numbers as pycocotools, several times faster),
-and per-class F1-optimal score thresholds from its matches.
+per-class F1-optimal score thresholds from its matches, its precision-recall
+curves, and the detection confusion matrix at the stored thresholds.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 from imgclf.tasks.detect.data import DetDataset, to_coco
 
@@ -39,7 +41,7 @@ def coco_metrics(gt: DetDataset, preds: list[dict]) -> dict:
     per0 = {c: 0.0 for c in gt.classes}
     if not dets:
         return {**zero, "ap_per_class": per0, "ap50_per_class": dict(per0),
-                "thresholds": {c: 1.0 for c in gt.classes}, "f1": dict(per0)}
+                "thresholds": {c: 1.0 for c in gt.classes}, "f1": dict(per0), "pr_curves": {}}
     coco_gt = COCO(to_coco(gt))
     ev = COCOeval_faster(coco_gt, coco_gt.loadRes(dets), "bbox", extra_calc=True)
     ev.evaluate()
@@ -51,7 +53,59 @@ def coco_metrics(gt: DetDataset, preds: list[dict]) -> dict:
     out["ap_per_class"] = {c: _mean_valid(prec[:, :, k, 0, -1]) for k, c in enumerate(gt.classes)}
     out["ap50_per_class"] = {c: _mean_valid(prec[0, :, k, 0, -1]) for k, c in enumerate(gt.classes)}
     out["thresholds"], out["f1"] = f1_thresholds(ev, gt.classes)
+    out["pr_curves"] = pr_curves(ev, gt.classes)
+    if preds and "masks" in preds[0] and all(im.mask_path for im in gt.images):
+        out.update(mask_metrics(gt, preds))
     return out
+
+
+def mask_metrics(gt: DetDataset, preds: list[dict]) -> dict:
+    """Instance masks: the COCO evaluator's "segm" mAP@[.5:.95], @.5 and @.75
+    of the predicted masks (bool arrays in the image's pixels) against the
+    instance-id PNGs (instance k is the k-th box, as read_masks orders them)."""
+    from faster_coco_eval import COCO, COCOeval_faster
+    from faster_coco_eval.core import mask as mask_utils
+
+    coco = to_coco(gt)
+    by_image: dict[int, list[dict]] = {}
+    for a in coco["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    for i, im in enumerate(gt.images, 1):
+        ids = np.asarray(Image.open(im.mask_path))
+        for a, u in zip(by_image.get(i, []), np.unique(ids[ids > 0])):
+            a["segmentation"] = _rle(mask_utils, ids == u)
+            a["area"] = float((ids == u).sum())
+    dets = []
+    for i, p in enumerate(preds, 1):
+        for b, s, c, m in zip(np.asarray(p["boxes"]).reshape(-1, 4), p["scores"], p["labels"], p["masks"]):
+            dets.append({"image_id": i, "category_id": int(c) + 1, "score": float(s), "segmentation": _rle(mask_utils, m),
+                         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
+    if not dets:
+        return {"mask_map": 0.0, "mask_map50": 0.0, "mask_map75": 0.0}
+    coco_gt = COCO(coco)
+    ev = COCOeval_faster(coco_gt, coco_gt.loadRes(dets), "segm")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    st = ev.stats_as_dict
+    return {"mask_map": max(0.0, st["AP_all"]), "mask_map50": max(0.0, st["AP_50"]), "mask_map75": max(0.0, st["AP_75"])}
+
+
+def _rle(mask_utils, m: np.ndarray) -> dict:
+    r = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+    return {"size": list(r["size"]), "counts": r["counts"].decode() if isinstance(r["counts"], bytes) else r["counts"]}
+
+
+def pr_curves(ev, classes: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Per class with ground truth, the evaluator's own precision-recall curve
+    at IoU 0.5 (all sizes, 100 detections an image): interpolated precision
+    and the score reached at each of its 101 recall points (COCO's recThrs;
+    0 where that recall is never reached)."""
+    prec, score = ev.eval["precision"][0, :, :, 0, -1], ev.eval["scores"][0, :, :, 0, -1]
+    recall = [round(float(r), 2) for r in ev.params.recThrs]
+    return {c: {"recall": recall, "precision": [round(float(v), 4) for v in np.clip(prec[:, k], 0, 1)],
+                "score": [round(float(v), 4) for v in np.clip(score[:, k], 0, 1)]}
+            for k, c in enumerate(classes) if (prec[:, k] > -1).any()}
 
 
 def _mean_valid(a: np.ndarray) -> float:
@@ -80,3 +134,86 @@ def f1_thresholds(ev, classes: list[str]) -> tuple[dict[str, float], dict[str, f
         best = int(np.argmax(f))
         thr[name], f1[name] = float(scores[best]), float(f[best])
     return thr, f1
+
+
+# The detection confusion matrix (rows: truth, columns: prediction, the last
+# of each "background"), counted on the detections a user gets: those at or
+# above their class's stored threshold. Per image, two greedy passes by
+# descending score at IoU >= 0.5 (COCO's IoU): first each detection takes the
+# best-overlapping unmatched true box of its own class (COCO's own rule, so
+# the diagonal is the true positives at the thresholds), then each detection
+# left takes the best-overlapping true box left of any class (a wrong class,
+# off the diagonal). What stays unmatched is a false positive (background row)
+# or a missed object (background column). Hand-written (40 lines over
+# faster-coco-eval's IoU): supervision's and Ultralytics' matrices take one
+# confidence for every class and match by IoU alone, and would pull in
+# OpenCV (and for Ultralytics, AGPL code) for this.
+MATCH_IOU = 0.5
+WORST = 12  # images in the report's gallery (and eval_*.json's worst_images)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of xyxy boxes a (N) against b (M), as the COCO evaluator computes it."""
+    from faster_coco_eval.core.mask import iou  # deferred: as coco_metrics, for evaluation only
+
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)))
+    xywh = lambda x: np.concatenate([x[:, :2], x[:, 2:] - x[:, :2]], 1).astype(np.float64)  # noqa: E731
+    return np.asarray(iou(xywh(a), xywh(b), [0] * len(b))).reshape(len(a), len(b))
+
+
+def match_image(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, gt_boxes: np.ndarray,
+                gt_labels: np.ndarray, iou: float = MATCH_IOU) -> np.ndarray:
+    """For each detection (already thresholded), the index of the true box it
+    matches, or -1: the two passes above."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    m = _iou(np.asarray(boxes).reshape(-1, 4), np.asarray(gt_boxes).reshape(-1, 4))
+    match = np.full(len(order), -1)
+    taken = np.zeros(len(gt_labels), bool)
+    for same_class in (True, False):
+        for d in order:
+            if match[d] >= 0:
+                continue
+            ok = (m[d] >= iou) & ~taken & ((gt_labels == labels[d]) if same_class else True)
+            if ok.any():
+                g = int(np.argmax(np.where(ok, m[d], -1)))
+                match[d], taken[g] = g, True
+    return match
+
+
+def confusion(gt: DetDataset, preds: list[dict], thresholds: list[float], iou: float = MATCH_IOU
+              ) -> tuple[np.ndarray, list[dict]]:
+    """The (K+1) x (K+1) confusion matrix over gt's images (see above), and
+    per image its detections at the thresholds with their matches and its
+    counts: missed objects, false positives, wrong classes."""
+    k = len(gt.classes)
+    cm = np.zeros((k + 1, k + 1), np.int64)
+    thr = np.asarray(thresholds, np.float64)
+    per_image = []
+    for im, p in zip(gt.images, preds):
+        labels = np.asarray(p["labels"], np.int64).reshape(-1)
+        scores = np.asarray(p["scores"], np.float64).reshape(-1)
+        keep = scores >= thr[labels] if len(labels) else np.zeros(0, bool)
+        boxes, labels, scores = np.asarray(p["boxes"]).reshape(-1, 4)[keep], labels[keep], scores[keep]
+        match = match_image(boxes, labels, scores, im.boxes, im.labels, iou)
+        hit = match >= 0
+        np.add.at(cm, (im.labels[match[hit]], labels[hit]), 1)
+        np.add.at(cm, (np.full((~hit).sum(), k), labels[~hit]), 1)
+        found = np.zeros(len(im.labels), bool)
+        found[match[hit]] = True
+        np.add.at(cm, (im.labels[~found], np.full((~found).sum(), k)), 1)
+        wrong = int((im.labels[match[hit]] != labels[hit]).sum())
+        per_image.append({"boxes": boxes, "labels": labels, "scores": scores, "match": match, "found": found,
+                          "missed": int((~found).sum()), "false_positives": int((~hit).sum()), "wrong_class": wrong})
+    return cm, per_image
+
+
+def background_name(classes: list[str]) -> str:
+    return "background" if "background" not in classes else "(background)"
+
+
+def worst_images(per_image: list[dict], n: int = WORST) -> list[int]:
+    """The n images with the most errors (missed + false positive + wrong
+    class), most first; images without errors are never listed."""
+    errors = [(p["missed"] + p["false_positives"] + p["wrong_class"], i) for i, p in enumerate(per_image)]
+    return [i for e, i in sorted(errors, key=lambda t: (-t[0], t[1])) if e > 0][:n]

@@ -25,6 +25,7 @@ from torch import nn
 
 from imgclf.errors import ConfigError
 from imgclf.models.registry import get_model_info
+from imgclf.tasks.detect.masks import MaskBranch, mask_loss
 
 HEADS = ("fcos", "retinanet")
 
@@ -81,7 +82,7 @@ class Detector(nn.Module):
 
     def __init__(self, num_classes: int, backbone: str = "efficientnet_lite0", head: str = "retinanet",
                  image_size: int = 320, channels: int = 64, head_convs: int = 2, pretrained: bool = True,
-                 weights: str | None = None, freeze_backbone: bool = True):
+                 weights: str | None = None, freeze_backbone: bool = True, masks: bool = False):
         super().__init__()
 
         if head not in HEADS:
@@ -91,9 +92,10 @@ class Detector(nn.Module):
                               "choose efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2")
         net, _ = get_model_info(backbone).build(pretrained=pretrained, weights=weights)
         self.config = {"num_classes": num_classes, "backbone": backbone, "head": head, "image_size": image_size,
-                           "channels": channels, "head_convs": head_convs}
+                           "channels": channels, "head_convs": head_convs, "masks": masks}
         self.num_classes, self.image_size, self.head_name = num_classes, image_size, head
         self.det = _build_head(head, _Backbone(LiteFeatures(net), channels), num_classes, image_size, head_convs)
+        self.mask_branch = MaskBranch(channels, num_classes) if masks else None  # instance masks (masks.py)
         self.freeze_backbone(freeze_backbone)
 
     def freeze_backbone(self, frozen: bool = True) -> None:
@@ -127,7 +129,8 @@ class Detector(nn.Module):
         anchors = self.det.anchor_generator(ImageList(feats[0].new_empty((0, 0, *size)), sizes), pyramid)
         per_level = [f.shape[2] * f.shape[3] for f in pyramid]
         a = head["cls_logits"].shape[1] // sum(per_level)  # anchors per location (1 for FCOS)
-        return {"head": head, "anchors": anchors, "per_level": [n * a for n in per_level], "sizes": sizes}
+        return {"head": head, "anchors": anchors, "per_level": [n * a for n in per_level], "sizes": sizes,
+                "pyramid": pyramid, "size": tuple(size)}
 
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> dict:
         """Images (B, 3, S, S), or the trunk's cached maps of such images (a
@@ -139,8 +142,17 @@ class Detector(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, score_thresh: float = 0.05) -> list[dict[str, torch.Tensor]]:
-        """Boxes (in the input's pixels), scores and labels per image, after NMS."""
-        return self.postprocess(self.forward(images), score_thresh)
+        """Boxes (in the input's pixels), scores and labels per image, after
+        NMS; with a mask branch also "masks": (K, 28, 28) probabilities in each box."""
+        out = self.forward(images)
+        dets = self.postprocess(out, score_thresh)
+        if self.mask_branch is not None:
+            logits = self.mask_branch(out["pyramid"], [d["boxes"] for d in dets], out["size"])
+            labels = torch.cat([d["labels"] for d in dets])
+            probs = logits[torch.arange(len(labels)), labels].sigmoid().split([len(d["boxes"]) for d in dets])
+            for d, p in zip(dets, probs):
+                d["masks"] = p
+        return dets
 
     def postprocess(self, out: dict, score_thresh: float = 0.05) -> list[dict[str, torch.Tensor]]:
         self.det.score_thresh = score_thresh
@@ -152,10 +164,15 @@ class Detector(nn.Module):
 def detection_loss(model: Detector, out: dict, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The head's own losses (focal loss for classes, GIoU or L1 for boxes,
     centre-ness for FCOS) against targets {"boxes": (N, 4) xyxy in input
-    pixels, "labels": (N,) class indices}."""
+    pixels, "labels": (N,) class indices}; with a mask branch, the mask loss
+    against their "masks" (N, S, S)."""
     if model.head_name == "fcos":
-        return model.det.compute_loss(targets, out["head"], out["anchors"], out["per_level"])
-    return model.det.compute_loss(targets, out["head"], out["anchors"])
+        losses = model.det.compute_loss(targets, out["head"], out["anchors"], out["per_level"])
+    else:
+        losses = model.det.compute_loss(targets, out["head"], out["anchors"])
+    if model.mask_branch is not None:
+        losses["mask"] = mask_loss(model.mask_branch, out["pyramid"], out["size"], targets)
+    return losses
 
 
 def _build_head(head: str, backbone: _Backbone, num_classes: int, image_size: int, head_convs: int) -> nn.Module:

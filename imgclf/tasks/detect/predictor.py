@@ -4,7 +4,11 @@ image and the boxes given back in the original image's pixels.
 
     DetPredictor.prepare(src)   -> uint8 (S, S, 3), and the original (w, h)   Preprocess "pad": the one letterbox
     DetPredictor.outputs(batch) -> per image: boxes (K, 4) in input pixels, scores (K,), labels (K,)
-    DetPredictor.predict(inputs) -> [{"path", "width", "height", "boxes": [{"label", "score", "box"}]}]
+                                   [, masks (K, 28, 28): box-relative probabilities, for instance masks]
+    DetPredictor.predict(inputs) -> [{"path", "width", "height", "boxes": [{"label", "score", "box"[, "mask"]}]}]
+
+An instance mask is answered as COCO RLE ({"size": [h, w], "counts"}) in the
+original image's pixels.
 
 A box is [x1, y1, x2, y2] in the original image's pixels (0 at the left edge
 of the first pixel). Kept are the detections at or above their class's
@@ -18,12 +22,14 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from PIL import Image
 
 from imgclf.data.images import MAX_PIXELS, BadImage, Source, open_image
 from imgclf.data.preprocess import Preprocess, pad_geometry, resize_image
-from imgclf.errors import ConfigError
+from imgclf.errors import ConfigError, ModelFileError
 
 ANSWER_KEYS = ("path", "width", "height", "boxes")
+MAX_DETECTIONS = 100  # per image, best first: what COCO's AP counts (maxDets 100), and plenty for an answer
 
 
 class DetPredictor:
@@ -36,6 +42,9 @@ class DetPredictor:
     source: str
     arch: str = "detector"
     metadata: dict
+    # What the server's /v1/model shows for every model; a detector has no
+    # temperature, unknown-input scorer or multi-label decisions.
+    temperature, has_unknown, multi_label, reject, int8 = 1.0, False, False, None, False
 
     def prepare(self, src: Source, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
         """Any image source -> the letterboxed uint8 (S, S, 3) and the
@@ -66,6 +75,29 @@ class DetPredictor:
                               "each class's threshold chosen on val")
         return np.full(len(self.classes), conf, np.float32)
 
+    def set_reject(self, setting) -> None:
+        if setting not in (None, "", "off"):
+            raise ConfigError(f"--reject {setting}: a detector has no unknown-input score", "drop --reject")
+
+    def warm_up(self) -> None:
+        """Build whatever the first call would (a server calls this before it says ready)."""
+
+    def self_check(self) -> None:
+        """One real inference on a blank image at load: a damaged or crafted
+        model that fails at run time, or answers classes its metadata does not
+        name, is refused now rather than on every request."""
+        s = self.preprocess.size
+        try:
+            (b, sc, c), = self.outputs(np.zeros((1, s, s, 3), np.uint8))
+        except Exception as e:  # any runtime's own error types
+            raise ModelFileError(f"{self.source}: the model fails on a blank {s}x{s} image ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})",
+                                 "export the run again with `imgclf export RUN`") from None
+        ok = np.shape(b) == (len(sc), 4) and np.shape(c) == np.shape(sc) and np.all(np.isfinite(b))
+        if not ok or len(self.thresholds) != len(self.classes) or np.any((c < 0) | (c >= len(self.classes))):
+            raise ModelFileError(f"{self.source}: the model's boxes, scores and labels do not fit its "
+                                 f"{len(self.classes)} classes", "export the run again with `imgclf export RUN`")
+
     def detect(self, inputs, batch_size: int = 8, conf: float | None = None) -> list[dict]:
         """Per input: boxes (original pixels), scores and class indices at or
         above the cut-offs, best first; a bad input gives {"error": reason}."""
@@ -82,12 +114,22 @@ class DetPredictor:
                 xs.append(x), ids.append(i), sizes.append(size)
             if not xs:
                 continue
-            for i, size, (b, s, c) in zip(ids, sizes, self.outputs(np.stack(xs))):
-                keep = s >= cut[c]
-                order = np.argsort(-s[keep], kind="stable")
-                out[i].update(width=size[0], height=size[1], boxes_xyxy=self.to_original(b[keep][order], size),
-                              scores=s[keep][order], labels=c[keep][order])
+            for i, size, o in zip(ids, sizes, self.outputs(np.stack(xs))):
+                out[i].update(self.found(o, size, cut))
         return out
+
+    def found(self, out: tuple, size: tuple[int, int], cut: np.ndarray) -> dict:
+        """One image's network output (boxes in input pixels, scores, labels)
+        -> the detections at or above their cut-off, best first, in the
+        original (width, height) image's pixels."""
+        b, s, c, *m = out
+        keep = np.flatnonzero(s >= cut[c])
+        keep = keep[np.argsort(-s[keep], kind="stable")][:MAX_DETECTIONS]
+        boxes = self.to_original(b[keep], size)
+        found = {"width": size[0], "height": size[1], "boxes_xyxy": boxes, "scores": s[keep], "labels": c[keep]}
+        if m:  # instance masks: box-relative probabilities, pasted into the original pixels
+            found["masks"] = paste(m[0][keep], boxes, *size)
+        return found
 
     def predict(self, inputs, batch_size: int = 8, conf: float | None = None, **_) -> list[dict]:
         """The answer for each input (a path, bytes, PIL image, HxWx3 array,
@@ -104,4 +146,31 @@ def answer(d: dict, classes: list[str]) -> dict:
         return {k: v for k, v in d.items() if k in ("path", "error")}
     boxes = [{"label": classes[int(c)], "score": round(float(s), 4), "box": [round(float(v), 1) for v in b]}
              for b, s, c in zip(d["boxes_xyxy"], d["scores"], d["labels"])]
+    for b, m in zip(boxes, d.get("masks", [])):
+        b["mask"] = rle(m)
     return {**({"path": d["path"]} if "path" in d else {}), "width": d["width"], "height": d["height"], "boxes": boxes}
+
+
+def paste(probs: np.ndarray, boxes: np.ndarray, width: int, height: int, threshold: float = 0.5) -> list[np.ndarray]:
+    """Instance masks: 28 x 28 box-relative probabilities -> (height, width)
+    bool masks in the original pixels (bilinear into each box, as Mask R-CNN pastes)."""
+    out = []
+    for p, b in zip(probs, boxes):
+        m = np.zeros((height, width), bool)
+        x1, y1, x2, y2 = int(np.floor(b[0])), int(np.floor(b[1])), int(np.ceil(b[2])), int(np.ceil(b[3]))
+        if x2 > x1 and y2 > y1:
+            img = Image.fromarray(np.asarray(p, np.float32), mode="F").resize((x2 - x1, y2 - y1), Image.BILINEAR)
+            cx1, cy1 = max(x1, 0), max(y1, 0)
+            crop = np.asarray(img)[cy1 - y1: min(y2, height) - y1, cx1 - x1: min(x2, width) - x1]
+            m[cy1:cy1 + crop.shape[0], cx1:cx1 + crop.shape[1]] = crop >= threshold
+        out.append(m)
+    return out
+
+
+def rle(mask: np.ndarray) -> dict:
+    """A bool mask as COCO RLE ({"size": [h, w], "counts": str}), the COCO format itself."""
+    from faster_coco_eval.core import mask as mask_utils  # deferred: only answers with masks need it
+
+    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    c = r["counts"]
+    return {"size": [int(v) for v in r["size"]], "counts": c.decode() if isinstance(c, bytes) else c}

@@ -17,25 +17,30 @@ from imgclf.data.images import open_image
 from imgclf.errors import ConfigError
 from imgclf.io import atomic_write_bytes
 from imgclf.tasks.detect.check import check_dataset, fix_dataset, format_report
-from imgclf.tasks.detect.evaluate import evaluate as evaluate_run
 from imgclf.tasks.detect.predictor import DetPredictor
-from imgclf.tasks.detect.torch_predictor import TorchDetPredictor
-from imgclf.tasks.detect.train import train as train_detector
 
 # An answer's boxes drawn in these colours, one per class in turn.
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
 
 
+# The verbs that run the network import torch when called: `predict` and
+# `serve` of an exported detector use this module without it.
+
 def train(cfg: TrainConfig) -> dict:
+    from imgclf.tasks.detect.train import train as train_detector  # deferred: torch
+
     return train_detector(cfg)
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
+    from imgclf.tasks.detect.evaluate import evaluate as evaluate_run  # deferred: torch
+
     return evaluate_run(cfg)
 
 
 def check(cfg: CheckConfig) -> tuple[dict, str]:
-    rep = check_dataset(cfg.data, cfg.image_size)
+    rep = check_dataset(cfg.data, cfg.image_size, cfg.near_dup, cfg.val_fraction, cfg.test_fraction, cfg.seed,
+                        progress=True)
     out = rep.to_dict()
     text = format_report(rep)
     if cfg.fix:
@@ -48,6 +53,8 @@ def check(cfg: CheckConfig) -> tuple[dict, str]:
 
 def load(path: str | Path, device: str = "auto", engine: str = "auto", cache_dir: str | None = None,
          threads: int | None = None) -> DetPredictor:
+    from imgclf.tasks.detect.torch_predictor import TorchDetPredictor  # deferred: torch
+
     return TorchDetPredictor.from_run(path, device=device)
 
 

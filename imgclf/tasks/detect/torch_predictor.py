@@ -43,5 +43,6 @@ class TorchDetPredictor(DetPredictor):
     @torch.inference_mode()
     def outputs(self, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2).float() / 255
-        return [(d["boxes"].cpu().numpy(), d["scores"].cpu().numpy(), d["labels"].cpu().numpy())
+        return [tuple(d[k].float().cpu().numpy() if k == "masks" else d[k].cpu().numpy()
+                      for k in ("boxes", "scores", "labels", "masks") if k in d)
                 for d in self.model.predict(x, CANDIDATE_SCORE)]

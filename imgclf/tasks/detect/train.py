@@ -42,6 +42,7 @@ from imgclf.training.checkpoint import CKPT_KEYS, RunState
 from imgclf.training.distributed import Dist, init_distributed
 from imgclf.training.loop import EarlyStopping, warmup_cosine
 from imgclf.training.stages import say
+from imgclf.training.tracking import Tracker, parse_sinks
 from imgclf.training.train import free_run_dir, seed_everything, set_threads
 
 log = get_logger(__name__)
@@ -79,13 +80,18 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, held: contextlib.
         write_json(run.config_file, {**cfg.to_dict(), "task": "detect", "run_id": splits.run_id})
         splits.write(run)
     pp = Preprocess(size=cfg.image_size, resize="pad", interpolation="bilinear")
+    masks = any(im.mask_path for im in ds.images)  # instance masks in the data: the model learns them too
     model = Detector(len(ds.classes), backbone=cfg.model, image_size=cfg.image_size, pretrained=cfg.pretrained,
-                     weights=cfg.weights, freeze_backbone=STRATEGIES[cfg.strategy] == "cached").to(device)
+                     weights=cfg.weights, freeze_backbone=STRATEGIES[cfg.strategy] == "cached",
+                     masks=masks).to(device)
     state = RunState(cfg.to_dict(), run, dist.world)
-    fit(cfg, model, ds, items, pp, state, ckpt, dist, device, t0)
+    tracker = Tracker.open(parse_sinks(cfg.log, cfg.tensorboard), run.path, cfg.to_dict(), main=dist.main)
+    fit(cfg, model, ds, items, pp, state, ckpt, dist, device, t0, tracker)
     if not dist.main:
         return {}
-    return finish(cfg, run, model, ds, items, pp, state, splits, device, t0)
+    summary = finish(cfg, run, model, ds, items, pp, state, splits, dist, device, t0)
+    tracker.finish(run.path, summary["test"])
+    return summary
 
 
 def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, RunDir, dict | None]:
@@ -137,14 +143,14 @@ def describe(cfg: TrainConfig, ds: DetDataset, items: dict[str, list[int]], run:
     """Once, before training: the split, and what `imgclf check` would warn about."""
     say(f"detect: {ds.format} labels, {len(ds.classes)} classes ({', '.join(ds.classes)}), "
         + ", ".join(f"{len(v)} {k}" for k, v in items.items()) + f" images -> {run}")
-    for line in format_summary(check_dataset(ds, cfg.image_size)):
+    for line in format_summary(check_dataset(ds, cfg.image_size, split=items)):  # leakage judged on this run's split
         say(line)
     if not items["val"]:
         raise ConfigError("the split leaves no validation images", "give --val-fraction 0.1 or more, or more images")
 
 
 def fit(cfg: TrainConfig, model: Detector, ds: DetDataset, items: dict, pp: Preprocess, state: RunState,
-        ckpt: dict | None, dist: Dist, device: torch.device, t0: float) -> None:
+        ckpt: dict | None, dist: Dist, device: torch.device, t0: float, tracker: Tracker | None = None) -> None:
     """The epochs: train, validate (rank 0), keep the best, checkpoint, stop
     early or at the time budget. Restores the best weights at the end."""
     train_items = dist.shard(items["train"])[: len(items["train"]) // dist.world]  # equal shares: no rank waits
@@ -161,6 +167,7 @@ def fit(cfg: TrainConfig, model: Detector, ds: DetDataset, items: dict, pp: Prep
         state.restore(ckpt, net)
         opt.load_state_dict(ckpt["optimizer"]), sched.load_state_dict(ckpt["scheduler"])
         stopper.load_state_dict(ckpt["stopper"])
+        plan.done = state.epoch
     deadline = t0 + cfg.time_budget - state.elapsed if cfg.time_budget else None
     for epoch in range(state.epoch, cfg.epochs):
         if not cached and epoch == cfg.epochs // 3:
@@ -170,11 +177,14 @@ def fit(cfg: TrainConfig, model: Detector, ds: DetDataset, items: dict, pp: Prep
         elif hasattr(batches.sampler, "set_epoch"):
             batches.sampler.set_epoch(epoch)
         t = time.time()
-        tr = train_one_epoch(model, opt, batches, sched, device, amp=device.type == "cuda", deadline=deadline)
-        stop = dist.broadcast(run_epoch_end(cfg, net, ds, items, pp, state, stopper, epoch, tr, device, opt, sched)
-                              if dist.main else None)
+        # One process may stop mid-epoch at the deadline; several stop together, at epoch ends (rank 0 decides).
+        tr = train_one_epoch(model, opt, batches, sched, device, amp=device.type == "cuda",
+                             deadline=None if dist.enabled else deadline)
+        stop = run_epoch_end(cfg, net, ds, items, pp, state, stopper, epoch, tr, device, opt, sched, tracker) if dist.main \
+            else None
         plan.after_epoch(time.time() - t, deadline)
-        if stop or tr["stopped"]:
+        out_of_time = deadline is not None and time.time() + (time.time() - t) > deadline
+        if dist.broadcast(bool(stop or tr["stopped"] or out_of_time) if dist.main else None):
             break
     if state.best_state is not None:
         net.load_state_dict(state.best_state)
@@ -210,7 +220,7 @@ class Plan:
 
 
 def run_epoch_end(cfg: TrainConfig, net: Detector, ds: DetDataset, items: dict, pp: Preprocess, state: RunState,
-                  stopper: EarlyStopping, epoch: int, tr: dict, device, opt, sched) -> bool:
+                  stopper: EarlyStopping, epoch: int, tr: dict, device, opt, sched, tracker: Tracker | None = None) -> bool:
     """Rank 0: validate, keep the best, write history and last.pt; whether to stop."""
     m = val_metrics(TorchDetPredictor(net, ds.classes, pp, np.zeros(len(ds.classes)), device), ds, items["val"])
     net.train()
@@ -223,6 +233,8 @@ def run_epoch_end(cfg: TrainConfig, net: Detector, ds: DetDataset, items: dict, 
            "val_map": round(m["map"], 4), "val_map50": round(m["map50"], 4), "lr": opt.param_groups[0]["lr"]}
     state.history.append(row)
     write_history(state.run.history_file, state.history)
+    if tracker:
+        tracker.epoch(row)
     state.checkpoint(net, "all", opt, sched, stopper)
     say(f"epoch {epoch + 1}/{cfg.epochs}  loss {tr['loss']:.4f}  val mAP {m['map']:.3f}  mAP@.5 {m['map50']:.3f}"
         f"  {tr['seconds']:.0f}s" + ("  *" if improved else ""))
@@ -230,7 +242,7 @@ def run_epoch_end(cfg: TrainConfig, net: Detector, ds: DetDataset, items: dict, 
 
 
 def finish(cfg: TrainConfig, run: RunDir, model: Detector, ds: DetDataset, items: dict, pp: Preprocess,
-           state: RunState, splits: DetSplits, device, t0: float) -> dict:
+           state: RunState, splits: DetSplits, dist: Dist, device, t0: float) -> dict:
     """model.pt with the best epoch's weights and its thresholds, then the held-out figures."""
     best = state.best_metrics
     thr = [best.get("thresholds", {}).get(c, 0.5) for c in ds.classes]
@@ -246,7 +258,7 @@ def finish(cfg: TrainConfig, run: RunDir, model: Detector, ds: DetDataset, items
     summary = {"task": "detect", "run": str(run), "data": cfg.data, "strategy": cfg.strategy, "model": cfg.model,
                "image_size": cfg.image_size, "epochs_run": state.epoch, "seconds": round(time.time() - t0, 1),
                "val": rec["best"], "thresholds": dict(zip(ds.classes, thr)),
-               "held_out": held, "test": {k: v for k, v in (test or {}).items() if k != "f1"} or None}
+               "held_out": held, "distributed": dist.describe(cfg.batch_size), "test": {k: v for k, v in (test or {}).items() if k != "f1"} or None}
     write_json(run.summary_file, summary)
     if held == "val":
         log.warning("no test split: the figures above are on val, which chose the epoch (not held out)")

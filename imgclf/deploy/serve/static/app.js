@@ -2,11 +2,15 @@
 // on its own to POST /v1/predict (the server batches concurrent requests), and
 // shown with its top-k labels as bars; when the server holds the run's
 // similarity index, also with the most similar training images (/v1/similar).
+// A detector's answer (boxes) is drawn on the picture, on a canvas.
 "use strict";
 const $ = (id) => document.getElementById(id);
 const TOP_K = 5;
 const SIMILAR_K = 6;
 let similarAvailable = false;
+let modelClasses = [];
+// One colour per class, in turn (as `imgclf predict --save-images` draws them).
+const PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"];
 
 function headers() {
   const key = $("api-key").value.trim();
@@ -28,8 +32,10 @@ async function loadModelInfo() {
       return;
     }
     similarAvailable = Boolean(j.similar && j.similar.available);
-    const acc = j.metrics && j.metrics.accuracy != null
-      ? `, ${(100 * j.metrics.accuracy).toFixed(1)}% accuracy on ${j.metrics.split}` : "";
+    modelClasses = j.classes;
+    const m = j.metrics || {};
+    const acc = m.accuracy != null ? `, ${(100 * m.accuracy).toFixed(1)}% accuracy on ${m.split}`
+      : m.map50 != null ? `, mAP@.5 ${m.map50.toFixed(3)} on ${m.split}` : "";
     $("model-info").textContent =
       `${j.arch}${j.int8 ? " (INT8)" : ""}: ${j.num_classes} classes (${j.classes.slice(0, 8).join(", ")}` +
       `${j.num_classes > 8 ? ", …" : ""}), ${j.input_size}px input${acc}`;
@@ -77,6 +83,46 @@ function showPrediction(c, pred) {
     row.setAttribute("aria-label", `${t.label} ${(100 * t.score).toFixed(1)} percent`);
     c.body.append(row);
   }
+}
+
+function showDetections(c, pred) {
+  const n = pred.boxes.length;
+  const counts = {};
+  for (const b of pred.boxes) counts[b.label] = (counts[b.label] || 0) + 1;
+  c.label.textContent = `${n} object${n === 1 ? "" : "s"}`;
+  c.label.dataset.testid = "label";
+  c.el.dataset.boxes = String(n);
+  for (const [label, k] of Object.entries(counts)) {
+    const row = document.createElement("div");
+    row.className = "count";
+    row.textContent = `${k} × ${label}`;
+    c.body.append(row);
+  }
+  const img = c.el.querySelector("img");
+  const draw = () => {
+    // The picture at the size the server measured the boxes in (its own pixels, upright).
+    const canvas = document.createElement("canvas");
+    canvas.width = pred.width;
+    canvas.height = pred.height;
+    canvas.className = "boxes";
+    canvas.setAttribute("role", "img");
+    canvas.setAttribute("aria-label", `${c.label.textContent}: ` +
+      Object.entries(counts).map(([l, k]) => `${k} ${l}`).join(", "));
+    const ctx = canvas.getContext("2d");
+    ctx.drawImage(img, 0, 0, pred.width, pred.height);
+    ctx.lineWidth = Math.max(2, pred.width / 300);
+    ctx.font = `${Math.max(12, Math.round(pred.width / 50))}px system-ui, sans-serif`;
+    for (const b of pred.boxes) {
+      const i = modelClasses.indexOf(b.label);
+      ctx.strokeStyle = ctx.fillStyle = PALETTE[(i < 0 ? 0 : i) % PALETTE.length];
+      const [x1, y1, x2, y2] = b.box;
+      ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+      ctx.fillText(`${b.label} ${b.score.toFixed(2)}`, x1 + 3, Math.max(y1 - 3, 12));
+    }
+    img.replaceWith(canvas);
+    c.el.dataset.drawn = "true";
+  };
+  if (img.complete && img.naturalWidth) draw(); else img.addEventListener("load", draw, { once: true });
 }
 
 async function showSimilar(c, file) {
@@ -127,7 +173,7 @@ async function classify(file) {
       if (r.status === 401) $("key-box").open = true;
       return false;
     }
-    showPrediction(c, j.predictions[0]);
+    if (j.predictions[0].boxes) showDetections(c, j.predictions[0]); else showPrediction(c, j.predictions[0]);
     if (similarAvailable) await showSimilar(c, file);
     return true;
   } catch (e) {

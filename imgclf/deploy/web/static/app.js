@@ -1,4 +1,5 @@
-// The page: pick, drop or photograph an image; show the model's top-k with scores.
+// The page: pick, drop or photograph an image; show the model's top-k with scores
+// (a detector: the picture with its boxes drawn).
 import { loadClassifier, pixels } from "./classifier.js";
 
 const $ = (id) => document.getElementById(id);
@@ -7,10 +8,11 @@ const TOP_K = 5;
 let clf = null;
 const ready = loadClassifier("./").then((c) => {
   clf = c;
-  const m = c.meta, acc = m.metrics && m.metrics.accuracy;
+  const m = c.meta, acc = m.metrics && m.metrics.accuracy, map50 = m.metrics && m.metrics.map50;
   document.title = `imgclf: ${c.classes.join(", ")}`.slice(0, 80);
   $("model-info").textContent = `${m.arch}, ${c.classes.length} classes (${c.classes.join(", ")}), ` +
-    `${m.input_size} px ${m.resize}` + (acc !== undefined ? `, held-out accuracy ${(acc * 100).toFixed(1)}%` : "");
+    `${m.input_size} px ${m.resize}` + (acc !== undefined ? `, held-out accuracy ${(acc * 100).toFixed(1)}%` : "") +
+    (typeof map50 === "number" ? `, held-out mAP@.5 ${map50.toFixed(3)}` : "");
   window.imgclfReadyAt = performance.now(); // ms since navigation: bench/bench_web.py reads it
   status("ready: choose, drop or photograph an image");
   return c;
@@ -35,12 +37,60 @@ function show(answer, previewUrl) {
   $("result").hidden = false;
 }
 
+// One colour per class, in turn (as `imgclf predict --save-images` and the server's page draw them).
+const PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"];
+
+/** A detector's answer: the picture (or camera frame) with its boxes drawn, and the count per class. */
+async function showBoxes(answer, previewUrl, classes) {
+  const img = new Image();
+  img.src = previewUrl;
+  await img.decode();
+  const canvas = $("boxes");
+  canvas.width = answer.width;
+  canvas.height = answer.height;
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(img, 0, 0, answer.width, answer.height);
+  ctx.lineWidth = Math.max(2, answer.width / 300);
+  ctx.font = `${Math.max(12, Math.round(answer.width / 50))}px system-ui, sans-serif`;
+  const counts = {};
+  for (const b of answer.boxes) {
+    counts[b.label] = (counts[b.label] || 0) + 1;
+    ctx.strokeStyle = ctx.fillStyle = PALETTE[Math.max(0, classes.indexOf(b.label)) % PALETTE.length];
+    const [x1, y1, x2, y2] = b.box;
+    ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+    ctx.fillText(`${b.label} ${b.score.toFixed(2)}`, x1 + 3, Math.max(y1 - 3, 12));
+  }
+  $("preview").hidden = true;
+  canvas.hidden = false;
+  const n = answer.boxes.length;
+  $("label").textContent = `${n} object${n === 1 ? "" : "s"}`;
+  $("top").replaceChildren(...Object.entries(counts).map(([label, k]) => {
+    const li = document.createElement("li");
+    li.className = "count";
+    li.textContent = `${k} × ${label}`;
+    return li;
+  }));
+  $("timing").textContent = `${answer.ms.total.toFixed(0)} ms (decoding ${answer.ms.preprocess.toFixed(0)} ms, ` +
+    `letterbox, model and NMS ${answer.ms.inference.toFixed(0)} ms)`;
+  $("result").hidden = false;
+  document.body.dataset.drawn = String(n);
+}
+
 async function classify(source, previewUrl, name) {
   status(`classifying ${name}…`);
   try {
     const c = await ready;
+    if (c.meta.task === "detect") {
+      const found = await c.detect(source);
+      window.imgclfLast = found; // for tests and the curious: boxes, timings
+      await showBoxes(found, previewUrl, c.classes);
+      status(`done: ${name}`);
+      return;
+    }
     const answer = await c.classify(source, TOP_K);
     window.imgclfLast = answer; // for tests and the curious: probabilities, timings
+    $("preview").hidden = false;
+    $("boxes").hidden = true;
     show(answer, previewUrl);
     status(`done: ${name}`);
   } catch (e) {

@@ -7,6 +7,7 @@
 //   import { loadClassifier } from "./classifier.js";
 //   const clf = await loadClassifier("./");            // folder of model.onnx + model.json
 //   const { top } = await clf.classify(fileOrBlob, 3);  // [{label, score}, ...]
+//   const { boxes } = await clf.detect(fileOrBlob);     // a detector: [{label, score, box: [x1, y1, x2, y2]}, ...]
 import * as ort from "./ort/ort.wasm.min.mjs";
 
 const MAX_PIXELS = 100_000_000; // imgclf/data/images.py MAX_PIXELS: Python refuses bigger images too
@@ -107,10 +108,28 @@ export async function loadClassifier(base = "./", options = {}) {
       ms: { preprocess: t1 - t0, inference: t2 - t1, total: t2 - t0 } }; // decode; resize + model
   }
 
+  /** A detector's graph (tasks/detect/export.py: letterbox, network and NMS
+   * inside): a File/Blob or RGB image -> {boxes: [{label, score, box}], width,
+   * height}, the detections its `selected` output keeps (at or above their
+   * class's threshold), best first, boxes in the image's own pixels. */
+  async function detect(source) {
+    const t0 = performance.now();
+    const img = source instanceof Blob ? await decode(source) : source;
+    const t1 = performance.now();
+    const out = await session.run({ [input]: new ort.Tensor("uint8", img.data, [1, img.height, img.width, 3]) });
+    const t2 = performance.now();
+    const b = out.boxes.data, s = out.scores.data, l = out.labels.data, sel = out.selected.data;
+    const boxes = [];
+    for (let i = 0; i < s.length; i++) {
+      if (sel[i]) boxes.push({ label: classes[Number(l[i])], score: s[i], box: Array.from(b.slice(4 * i, 4 * i + 4)) });
+    }
+    return { boxes, width: img.width, height: img.height, ms: { preprocess: t1 - t0, inference: t2 - t1, total: t2 - t0 } };
+  }
+
   // One run on a blank image: the wasm's first call is several times slower
   // (bench/bench_web.py), better spent while the page says "loading".
   if (options.warmUp !== false) {
     await probs([{ width: pp.size, height: pp.size, data: new Uint8Array(pp.size * pp.size * 3) }]);
   }
-  return { meta, classes, preprocess: pp, session, outputs, probs, topK, classify };
+  return { meta, classes, preprocess: pp, session, outputs, probs, topK, classify, detect };
 }

@@ -1,0 +1,66 @@
+"""An exported detector (`imgclf export` on a detection run: .onnx or .ort)
+as a DetPredictor, on onnxruntime alone: no torch.
+
+The graph (tasks/detect/export.py) takes uint8 images of any size and gives
+boxes in their pixels, after the letterbox, the network and NMS. Here it is
+fed the letterbox Pillow made (`DetPredictor.prepare`, as every engine is),
+which the graph's own letterbox leaves as it is, so its boxes are in input
+pixels and the shared `to_original` maps them back, exactly as for PyTorch.
+
+This module must never import torch (tests/test_detect_deploy.py checks it).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.data.preprocess import Preprocess
+from imgclf.errors import ModelFileError
+from imgclf.inference.onnx_predictor import FORMAT, INPUT, open_session, warn_if_stale
+from imgclf.tasks.detect.predictor import DetPredictor
+
+OUTPUTS = ("boxes", "scores", "labels", "selected")  # (N, D, 4), (N, D), (N, D), (N, D); score 0: padding
+
+
+class OnnxDetPredictor(DetPredictor):
+    def __init__(self, path: str | Path | bytes, threads: int | None = None, session=None):
+        """path: an exported .onnx/.ort, or its bytes; session: the one already
+        opened on it (imgclf.tasks.load reads the task from its metadata)."""
+        self.source = "<bytes>" if isinstance(path, bytes) else str(path)
+        self.session = session = session or open_session(path, threads)
+        meta = {k: _json(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+        if meta.get("format") != FORMAT or meta.get("task") != "detect":
+            raise ModelFileError(f"{self.source}: not an imgclf detection export (metadata format="
+                                 f"{meta.get('format')!r}, task={meta.get('task')!r})",
+                                 "export a detection run with `imgclf export RUN`")
+        names = [o.name for o in session.get_outputs()]
+        if names[:len(OUTPUTS)] != list(OUTPUTS):
+            raise ModelFileError(f"{self.source}: the graph's outputs are {names[:6]}, not {list(OUTPUTS)}",
+                                 "export the run again with `imgclf export RUN`")
+        classes = meta.get("classes")
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+            raise ModelFileError(f"{self.source}: its metadata 'classes' must be a non-empty list of names",
+                                 "export the run again with `imgclf export RUN`")
+        self.metadata, self.classes = meta, list(classes)
+        self.preprocess = Preprocess.from_dict(meta["preprocess"])
+        self.thresholds = np.asarray(meta["thresholds"], np.float32)
+        self.int8, self.arch = bool(meta.get("int8")), str(meta.get("arch", "detector"))
+        self._lock = threading.Lock()  # one call at a time: onnxruntime uses every core inside one
+        if not isinstance(path, bytes):
+            warn_if_stale(meta, path)
+
+    def outputs(self, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        with self._lock:
+            boxes, scores, labels = self.session.run(list(OUTPUTS[:3]), {INPUT: np.ascontiguousarray(batch, np.uint8)})
+        return [(b[s > 0], s[s > 0], c[s > 0]) for b, s, c in zip(boxes, scores, labels)]
+
+
+def _json(v: str):
+    try:
+        return json.loads(v)
+    except (ValueError, TypeError):
+        return v

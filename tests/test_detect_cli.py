@@ -1,0 +1,190 @@
+"""Detection through the real CLI on BCCD subsets: `imgclf train` chooses the
+task from VOC labels, trains, keeps the best epoch and scores the held-out
+split; `predict` answers boxes; `evaluate` scores another dataset in another
+format; a run killed with SIGKILL resumes; two gloo ranks train one run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from imgclf.tasks import task_for_data
+from imgclf.tasks.detect.data import read_dataset, write_yolo
+from tests.conftest import DATASETS, imgclf, need
+
+BCCD = DATASETS / "bccd"
+# mAP@.5 over BCCD's three classes on the 16 test images after the short run
+# below. An untrained head scores about 0 (it starts at a 1% prior, below the
+# candidate score); the run reached 0.6-0.75 on this subset.
+MAP50_BOUND = 0.40
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def bccd_voc(dst: Path, n_train: int = 32, n_val: int = 8, n_test: int = 16) -> Path:
+    """A VOC folder of BCCD's first images, with its own train/val/test lists."""
+    need(BCCD)
+    (dst / "Annotations").mkdir(parents=True)
+    (dst / "JPEGImages").mkdir()
+    (dst / "ImageSets" / "Main").mkdir(parents=True)
+    xmls = sorted((BCCD / "Annotations").glob("*.xml"))[: n_train + n_val + n_test]
+    for xml in xmls:
+        shutil.copy(xml, dst / "Annotations")
+        shutil.copy(BCCD / "JPEGImages" / f"{xml.stem}.jpg", dst / "JPEGImages")
+    cuts = {"train": xmls[:n_train], "val": xmls[n_train:n_train + n_val], "test": xmls[n_train + n_val:]}
+    for split, files in cuts.items():
+        (dst / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{x.stem}\n" for x in files))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("det")
+    data = bccd_voc(root / "bccd")
+    out = root / "run"
+    p = subprocess.run([sys.executable, "-m", "imgclf", "train", str(data), "--out", str(out), "--epochs", "10",
+                        "--image-size", "256"], capture_output=True, text=True, timeout=900, env=ENV)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return data, out, p
+
+
+def test_train_chooses_detect_from_voc_labels_and_beats_a_bound(trained):
+    data, out, p = trained
+    assert task_for_data(data) == "detect" and task_for_data(DATASETS / "cats_dogs_tiny") == "classify"
+    config = json.loads((out / "config.json").read_text())
+    assert config["task"] == "detect" and config["batch_size"] == 4 and config["model"] == "efficientnet_lite0"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["held_out"] == "test" and summary["test"]["images"] == 16
+    assert summary["test"]["map50"] > MAP50_BOUND, p.stdout
+    assert summary["test"]["ap50_per_class"]["RBC"] > 0.5
+    # The kept epoch is the best by val mAP, and model.pt holds its weights.
+    rows = [r for r in (out / "history.csv").read_text().splitlines()[1:]]
+    assert len(rows) >= 2 and "best epoch" in p.stdout and "val mAP" in p.stdout
+    evaluated = json.loads((out / "eval_test.json").read_text())
+    assert evaluated["map"] == pytest.approx(summary["test"]["map"])
+    assert "Platelets" in p.stdout and "boxes in 56 images" in p.stdout  # the data described once
+    assert (out / "report" / "index.html").is_file()
+
+
+def test_predict_answers_boxes_in_the_original_pixels(trained, tmp_path):
+    data, out, _ = trained
+    img = sorted((data / "JPEGImages").glob("*.jpg"))[-1]
+    (ans,) = json.loads(imgclf("predict", out, img, "--format", "json").stdout)
+    assert ans["width"] == 640 and ans["height"] == 480 and ans["boxes"]
+    for b in ans["boxes"]:
+        x1, y1, x2, y2 = b["box"]
+        assert 0 <= x1 < x2 <= 640 and 0 <= y1 < y2 <= 480 and b["label"] in ("Platelets", "RBC", "WBC")
+    # --conf 0.9 keeps a subset of --conf 0.1's boxes; CSV has one row per box.
+    high = json.loads(imgclf("predict", out, img, "--format", "json", "--conf", "0.9").stdout)[0]["boxes"]
+    low = json.loads(imgclf("predict", out, img, "--format", "json", "--conf", "0.1").stdout)[0]["boxes"]
+    assert len(high) < len(low) and all(b["score"] >= 0.9 for b in high)
+    rows = imgclf("predict", out, img, "--format", "csv", "--conf", "0.1").stdout.strip().splitlines()
+    assert rows[0].startswith("path,label,score,x1") and len(rows) == len(low) + 1
+    imgclf("predict", out, img, "--save-images", tmp_path / "drawn")
+    assert len(list((tmp_path / "drawn").glob("*.jpg"))) == 1
+    bad = imgclf("predict", out, img, "--top-k", "1", "--reject", "maybe", check=False)
+    assert bad.returncode == 2 and "--reject" in bad.stderr
+
+
+def test_evaluate_scores_another_dataset_in_another_format(trained, tmp_path):
+    """The run's test images written as YOLO score what the run's own split does."""
+    data, out, _ = trained
+    ds = read_dataset(data)
+    ds.images = [im for im in ds.images if im.split == "test"]
+    for im in ds.images:
+        im.split = None
+    write_yolo(ds, tmp_path / "yolo")
+    imgclf("evaluate", out, tmp_path / "yolo", "--no-report")
+    other = json.loads((out / "eval_data.json").read_text())
+    own = json.loads((out / "eval_test.json").read_text())
+    assert other["images"] == 16
+    assert other["map"] == pytest.approx(own["map"], abs=1e-6)
+    assert set(other["ap_per_class"]) == {"Platelets", "RBC", "WBC"}
+
+
+def test_killed_detection_run_resumes(tmp_path):
+    data = bccd_voc(tmp_path / "bccd", 12, 4, 4)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "imgclf", "train", str(data), "--out", str(out), "--epochs", "30",
+           "--image-size", "192", "--patience", "30"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    deadline = time.time() + 600
+    while time.time() < deadline and (not (out / "history.csv").exists()
+                                      or len((out / "history.csv").read_text().splitlines()) < 3):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.pt").exists() and (out / "last.pt").exists()
+    done = len((out / "history.csv").read_text().splitlines()) - 1
+    p = imgclf("train", "--resume", "--out", out, "--epochs", "30")
+    assert f"resuming {out}: {done} epochs done" in p.stdout
+    epochs = [int(r.split(",")[0]) for r in (out / "history.csv").read_text().splitlines()[1:]]
+    assert epochs == list(range(1, 31))  # no epoch lost, none repeated
+    assert (out / "model.pt").exists() and json.loads((out / "summary.json").read_text())["epochs_run"] == 30
+
+
+def test_two_gloo_ranks_train_one_detection_run(tmp_path):
+    data = bccd_voc(tmp_path / "bccd", 12, 4, 4)
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "imgclf", "train", str(data), "--out", str(out), "--epochs", "2", "--image-size", "192"],
+                       capture_output=True, text=True, timeout=600, env=ENV)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("epoch 1/2") == 1 and p.stdout.count("best epoch") == 1  # rank 0 alone speaks
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["distributed"]["world_size"] == 2 and summary["distributed"]["backend"] == "gloo"
+    assert (out / "model.pt").exists() and summary["test"]["images"] == 4
+
+
+def test_instance_masks_are_learnt_answered_and_scored(tmp_path):
+    """Penn-Fudan's instance-id PNGs: the detector gains a mask branch, the
+    answer carries each mask as COCO RLE in the image's pixels, and the
+    evaluation scores the masks with the COCO evaluator ("segm")."""
+    from faster_coco_eval.core import mask as mask_utils
+
+    penn = need(DATASETS / "pennfudan")
+    data = tmp_path / "penn"
+    (data / "PNGImages").mkdir(parents=True)
+    (data / "PedMasks").mkdir()
+    for img in sorted((penn / "PNGImages").glob("*.png"))[:20]:
+        shutil.copy(img, data / "PNGImages")
+        shutil.copy(penn / "PedMasks" / f"{img.stem}_mask.png", data / "PedMasks")
+    out = tmp_path / "run"
+    imgclf("train", data, "--out", out, "--epochs", "3", "--image-size", "192")
+    assert json.loads((out / "config.json").read_text())["task"] == "detect"
+    m = json.loads((out / "eval_test.json").read_text())
+    assert 0 <= m["mask_map"] <= 1 and "mask_map50" in m
+    img = sorted((data / "PNGImages").glob("*.png"))[0]
+    (ans,) = json.loads(imgclf("predict", out, img, "--format", "json", "--conf", "0.05").stdout)
+    assert ans["boxes"], ans
+    for b in ans["boxes"][:5]:
+        mask = mask_utils.decode({"size": b["mask"]["size"], "counts": b["mask"]["counts"].encode()})
+        assert mask.shape == (ans["height"], ans["width"])
+        ys, xs = mask.nonzero()
+        if len(xs):  # the mask lies inside its box (pasted there)
+            x1, y1, x2, y2 = b["box"]
+            assert x1 - 1 <= xs.min() and xs.max() <= x2 + 1 and y1 - 1 <= ys.min() and ys.max() <= y2 + 1
+
+
+def test_check_routes_detection_labels_and_fix_writes_a_cleaned_copy(tmp_path):
+    data = bccd_voc(tmp_path / "voc", 4, 1, 1)
+    xml = data / "Annotations" / "BloodImage_00000.xml"
+    xml.write_text(xml.read_text().replace("</annotation>", "<object><name>RBC</name><bndbox><xmin>600</xmin>"
+                                           "<ymin>10</ymin><xmax>700</xmax><ymax>90</ymax></bndbox></object></annotation>"))
+    p = imgclf("check", data)
+    assert "detection labels (voc)" in p.stdout and "outside the image: " in p.stdout and "not clean" in p.stdout
+    report = json.loads(imgclf("check", data, "--json").stdout)
+    assert report["boxes_per_class"]["RBC"] > 0 and len(report["outside"]) == 1
+    p = imgclf("check", data, "--fix", "--fix-out", tmp_path / "clean.json")
+    assert "clipped 1" in p.stdout and (tmp_path / "clean.json").is_file()
+    assert "clean" in imgclf("check", tmp_path / "clean.json").stdout.splitlines()[-1]
+    # --task classify on the same folder: read as class folders (Annotations, JPEGImages), not as boxes.
+    assert "detection labels" not in imgclf("check", data, "--task", "classify", check=False).stdout
