@@ -320,10 +320,10 @@ def test_any_size_export_and_what_predict_says(tiny_run, tmp_path, monkeypatch):
 
 
 def test_readme_snippet_in_own_page(web, tmp_path):
-    """The README's "in your own page" snippet, as written, in a page beside the folder."""
+    """The export guide's "in your own page" snippet (docs/export.md), as written, in a page beside the folder."""
     chromium_path()
     (tmp_path / "web").symlink_to(web[0].resolve(), target_is_directory=True)
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "export.md").read_text()
     snippet = readme[readme.index("In your own page"):].split("```html\n", 1)[1].split("```", 1)[0]
     (tmp_path / "own.html").write_text(f"<!doctype html><title>mine</title>\n{snippet}")
     cat = need(DATASETS / "cats_dogs_tiny" / "val" / "cats" / "cat.2004.jpg")

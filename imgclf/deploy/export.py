@@ -276,6 +276,9 @@ def export(cfg: ExportConfig) -> dict:
         check_replaceable_folder(out, is_export)
     if task_of(run.path) == "detect":
         return write_export(out, export_detector(run, cfg, out), cfg)
+    if task_of(run.path) != "classify":
+        raise ConfigError(f"{run}: exporting a {task_of(run.path)} run is not built yet",
+                          "predict and evaluate with the run itself (imgclf predict RUN IMAGES)")
     src = load_source(run, cfg.check_images, cfg.reject)
     meta = metadata(src, cfg.int8)
     report: dict = {"format": cfg.format, "path": str(out), "int8": cfg.int8, "classes": src.record["classes"],

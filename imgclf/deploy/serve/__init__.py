@@ -21,9 +21,10 @@ from imgclf.config import ServeConfig
 from imgclf.errors import ConfigError, ImgclfError
 from imgclf.inference.load import model_format
 from imgclf.log import get_logger
-from imgclf.tasks import load
+from imgclf.tasks import load, task_of
 
 log = get_logger(__name__)
+SERVED_TASKS = ("classify", "detect")  # /v1/predict's answers (answers.py); segmentation's are not built yet
 
 
 def create_app(cfg: ServeConfig, background: bool = False):
@@ -97,6 +98,9 @@ def serve(cfg: ServeConfig) -> None:
     from imgclf.deploy.serve import connections  # deferred: uvicorn's protocol classes, only when serving
 
     model_format(cfg.model)  # a missing or non-model file: refused at once, from its first bytes
+    if task_of(cfg.model) not in SERVED_TASKS:
+        raise ConfigError(f"{cfg.model}: serving a {task_of(cfg.model)} run is not built yet (served: "
+                          f"{', '.join(SERVED_TASKS)})", "predict with the run itself (imgclf predict RUN IMAGES)")
     if cfg.threads is None and cfg.workers > 1:
         cfg.threads = max(1, (os.cpu_count() or 1) // cfg.workers)  # workers must not oversubscribe the cores
     connections.configure(cfg.header_timeout_s, cfg.max_connections_per_client)

@@ -59,6 +59,7 @@ from imgclf.deploy.serve.ratelimit import TokenBuckets, retry_after
 from imgclf.deploy.serve.startup import start_up
 from imgclf.inference.load import TORCH_FREE, model_format
 
+MULTIPART_FIELDS = {"top_k", "file"}  # form fields /v1/predict reads; files are the parts with a filename
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                 "style.css": "text/css; charset=utf-8"}
 log = logging.getLogger("imgclf.serve")
@@ -266,7 +267,12 @@ def parse_request(st: State, body: bytes, ctype: str) -> tuple[list[tuple[str, b
     if kind == "multipart/form-data":
         parts = parse_multipart(body, ctype, cfg.max_files, cfg.max_files + 8)
         files = [(n, d) for n, d in parts if not n.startswith("field:")]
-        k = {n[6:]: d for n, d in parts if n.startswith("field:")}.get("top_k")
+        fields = {n[6:]: d for n, d in parts if n.startswith("field:")}
+        unknown = sorted(set(fields) - MULTIPART_FIELDS)
+        if unknown:  # the schema says so too (additionalProperties: false), so the parts bound never meets a valid body
+            raise ApiError(422, "unknown_field", f"unknown form field {unknown[0][:60]!r}: send image files (any "
+                           "field name, with a filename) and optionally top_k")
+        k = fields.get("top_k")
     elif kind == "application/json":
         files, k = parse_json(body, cfg.max_files)
     else:

@@ -103,7 +103,7 @@ def predict_openapi(max_files: int) -> dict:
     """/v1/predict: multipart files or JSON base64 images, at most max_files."""
     images = {"type": "array", "minItems": 1, "maxItems": max_files}
     top = {"type": "integer", "minimum": 1}
-    multipart = {"type": "object", "required": ["file"],
+    multipart = {"type": "object", "required": ["file"], "additionalProperties": False,  # others: 422 unknown_field
                  "properties": {"file": {**images, "items": {"type": "string", "format": "binary"}}, "top_k": top}}
     json_body = {"type": "object", "required": ["images"],
                  "properties": {"images": {**images, "items": {"type": "string", "format": "byte", "minLength": 4}},

@@ -730,7 +730,9 @@ def write_yolo(ds: DetDataset, out: str | Path) -> Path:
             w, h = im.width, im.height
             lines.append(f"{c} {(x1 + x2) / 2 / w!r} {(y1 + y2) / 2 / h!r} {(x2 - x1) / w!r} {(y2 - y1) / h!r}")
         _atomic_write(out / "labels" / sub / (Path(name).stem + ".txt"), "".join(ln + "\n" for ln in lines))
-    cfg: dict = {"path": ".", "names": {i: n for i, n in enumerate(ds.classes)}}
+    # No "path" key: Ultralytics resolves a relative one against the working
+    # directory, not the yaml's folder; without it both read from the folder.
+    cfg: dict = {"names": {i: n for i, n in enumerate(ds.classes)}}
     splits = sorted({im.split for im in ds.images if im.split})
     # No split given: train and val both name images/ (what Ultralytics needs);
     # read back, an image listed under two splits has none.

@@ -39,7 +39,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def check(cfg: CheckConfig) -> tuple[dict, str]:
-    rep = check_dataset(cfg.data, cfg.image_size, cfg.near_dup, cfg.val_fraction, cfg.test_fraction, cfg.seed,
+    near_dup = "hash" if cfg.near_dup == "auto" else cfg.near_dup  # auto: embeddings are classification's
+    rep = check_dataset(cfg.data, cfg.image_size, near_dup, cfg.val_fraction, cfg.test_fraction, cfg.seed,
                         progress=True)
     out = rep.to_dict()
     text = format_report(rep)
