@@ -398,17 +398,9 @@ def export_ort(src: ExportSource, cfg: ExportConfig, meta: dict, report: dict) -
     onnxruntime itself with basic graph optimisations only, which stay valid on
     any device (the "extended" ones can fuse ops for this CPU), then checked
     again against PyTorch through onnxruntime."""
-    import onnxruntime as ort
 
     onnx_bytes = export_onnx(src, cfg, meta, report)
-    with tempfile.TemporaryDirectory(prefix="imgclf-ort-") as tmp:
-        path = Path(tmp) / "model.ort"
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = str(path)
-        so.add_session_config_entry("session.save_model_format", "ORT")
-        ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
-        data = path.read_bytes()
+    data = to_ort(onnx_bytes)
     # The .ort must answer exactly as the checked ONNX model does (which itself
     # matched PyTorch, or passed the INT8 accuracy gate).
     p_ort = OnnxPredictor(data, any_size=cfg.any_size).probs(src.x_check)
@@ -799,7 +791,19 @@ def det_int8(fp32: bytes, src: DetSource, cfg: ExportConfig, meta: dict, report:
 def det_ort(onnx_bytes: bytes, src: DetSource, report: dict) -> bytes:
     """The checked ONNX graph in ONNX Runtime's own format, checked again: its
     detections on the check images the same as the .onnx's."""
-    import onnxruntime as ort
+
+    data = to_ort(onnx_bytes)
+    ref = OnnxDetPredictor(onnx_bytes)
+    ref_out = [o for i in range(0, len(src.x_check), 8) for o in ref.outputs(src.x_check[i:i + 8])]
+    sub: dict = {}
+    det_parity(OnnxDetPredictor(data), ".ort", src, sub, ref_out)
+    report.update({k.replace("parity_", "ort_parity_"): v for k, v in sub.items()})
+    return data
+
+
+def to_ort(onnx_bytes: bytes) -> bytes:
+    """ONNX Runtime's own format (.ort) of an ONNX graph: basic optimisations, saved by onnxruntime itself."""
+    import onnxruntime as ort  # deferred: a converter, only for --format ort
 
     with tempfile.TemporaryDirectory(prefix="imgclf-ort-") as tmp:
         path = Path(tmp) / "model.ort"
@@ -808,10 +812,4 @@ def det_ort(onnx_bytes: bytes, src: DetSource, report: dict) -> bytes:
         so.optimized_model_filepath = str(path)
         so.add_session_config_entry("session.save_model_format", "ORT")
         ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
-        data = path.read_bytes()
-    ref = OnnxDetPredictor(onnx_bytes)
-    ref_out = [o for i in range(0, len(src.x_check), 8) for o in ref.outputs(src.x_check[i:i + 8])]
-    sub: dict = {}
-    det_parity(OnnxDetPredictor(data), ".ort", src, sub, ref_out)
-    report.update({k.replace("parity_", "ort_parity_"): v for k, v in sub.items()})
-    return data
+        return path.read_bytes()
