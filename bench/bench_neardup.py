@@ -134,7 +134,7 @@ class Signals:
     SWEEP_HASH, SWEEP_COS = 16, 0.70
 
     def __init__(self, files: list[Path], gid: np.ndarray, root: Path, embed: bool):
-        from imgclf.data.check import _image_stats
+        from imgclf.data.file_stats import _image_stats
         from imgclf.data.near_dup import pixel_similarity
 
         t0 = time.perf_counter()
