@@ -30,10 +30,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_infer import timeit
-from common import DATASETS, ROOT, machine, table
+from common import DATASETS, ROOT, machine, table, timeit
 
-from imgclf.deploy.export import INT8_RECIPE, Int8Recipe
+from imgclf.deploy.export_common import INT8_RECIPE, Int8Recipe
 
 R = INT8_RECIPE
 OLD = dataclasses.replace(R, ops=("Conv", "Gemm", "MatMul"))  # the recipe before this benchmark
@@ -79,7 +78,8 @@ def fp32_model(run: Path):
 
 
 def accuracy_rows(run: Path, names: list[str]) -> tuple[list[dict], dict]:
-    from imgclf.deploy.export import batched_probs, parity, quality, quantize, split_images
+    from imgclf.deploy.export import batched_probs, parity, quality, split_images
+    from imgclf.deploy.export_common import quantize
     from imgclf.inference.onnx_predictor import OnnxPredictor
 
     src, fp32, meta = fp32_model(run)
