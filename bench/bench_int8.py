@@ -7,7 +7,7 @@ top-1 agreement with fp32, max and mean |p8 - p32|
 Each run (default: the default model, EfficientNet-Lite1 208 px with a
 linear head, trained on cats_dogs_tiny and on cats_and_dogs_filtered into
 runs/bench-i8-*, once) is exported to fp32 ONNX as `imgclf export` does, then
-quantized by every recipe in VARIANTS (`quantize` in imgclf/deploy/export.py,
+quantized by every recipe in VARIANTS (`quantize` in imgclf/deploy/export_common.py,
 the function `export --int8` calls) with calibration images from the run's
 *train* split; every figure is scored on the run's validation split, which no
 calibration saw. "gate" says whether `export --int8` would write the file:
