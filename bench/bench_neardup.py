@@ -129,7 +129,7 @@ class Signals:
     distance over views (and the former whole + mirror pHash distance), the
     pixel correlation where the hash distance is <= SWEEP_HASH or the cosine
     >= SWEEP_COS, and the embedding cosine (None with --no-embed). Statistics
-    come from check's own scan (data/check.py: _image_stats)."""
+    come from check's own scan (data/file_stats.py: _image_stats)."""
 
     SWEEP_HASH, SWEEP_COS = 16, 0.70
 

@@ -23,8 +23,9 @@ from imgclf.training.loop import balanced_class_weights, warmup_cosine
 
 # The native strategy keeps every training image decoded (uint8, 3 channels):
 # 60,000 MNIST digits take 141 MB, 50,000 CIFAR images 154 MB. Above this the
-# streaming `scratch` path is used instead (train.py says so).
+# streaming `scratch` path is used instead (strategy.py says so).
 IMAGES_IN_MEMORY_MB = 1024  # IMGCLF_IMAGES_IN_MEMORY_MB overrides
+
 # Low-resolution fine-tuning (docs/benchmarks.md, "small colour images").
 LOWRES_LR = 5e-4  # the backbone's rate (AdamW, warm-up + cosine)
 LOWRES_HEAD_MULT = 10  # the head's rate: x10

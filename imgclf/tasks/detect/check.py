@@ -6,7 +6,7 @@ boxes outside the image, degenerate and (near-)duplicated boxes, and every
 problem the reader met (labels not in the class list, unreadable files, bad
 coordinates), and identical or near-identical images: copies within a split
 and leakage across the split the run would make (classification's hashing
-and grouping, data/check.py and data/near_dup.py). `fix_dataset` writes a cleaned COCO JSON next to nothing of the
+and grouping, data/file_stats.py and data/near_dup.py). `fix_dataset` writes a cleaned COCO JSON next to nothing of the
 user's: boxes clipped, degenerate and duplicated ones dropped, each change
 counted. `split_dataset` stratifies by class presence.
 """
