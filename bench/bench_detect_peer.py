@@ -78,7 +78,7 @@ def _record(row: dict) -> None:
 
 def split(name: str, seed: int):
     from imgclf.tasks.detect.check import split_dataset
-    from imgclf.tasks.detect.data import read_dataset
+    from imgclf.tasks.detect.formats import read_dataset
 
     ds = read_dataset(DATASETS / name, format=FORMATS[name])
     return ds, split_dataset(ds, seed=seed)
@@ -89,7 +89,7 @@ def prepare(name: str, seed: int) -> Path:
     paths there, in imgclf's test order)."""
     import yaml
 
-    from imgclf.tasks.detect.data import write_yolo
+    from imgclf.tasks.detect.formats.write import write_yolo
 
     ds, sp = split(name, seed)
     out = WORK / f"{name}-s{seed}"

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from imgclf.tasks import task_for_data
-from imgclf.tasks.detect.data import read_dataset, write_yolo
+from imgclf.tasks.detect.formats import read_dataset
+from imgclf.tasks.detect.formats.write import write_yolo
 from tests.conftest import DATASETS, imgclf, need
 
 BCCD = DATASETS / "bccd"

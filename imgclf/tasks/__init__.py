@@ -40,7 +40,7 @@ from imgclf.inference.load import model_format
 from imgclf.inference.onnx_predictor import OnnxPredictor, open_session
 from imgclf.io import torch_load
 from imgclf.runs import RunDir
-from imgclf.tasks.detect.data import detect_format
+from imgclf.tasks.detect.formats import detect_format
 from imgclf.tasks.detect.onnx_predictor import OnnxDetPredictor
 from imgclf.tasks.segment.data import segment_format
 

@@ -39,9 +39,17 @@ from imgclf.data.preprocess import Preprocess, augment_batch, native_preprocess
 from imgclf.models.embedder import BackboneEmbedder
 from imgclf.models.features import extract
 from imgclf.models.registry import build_model, get_model_info
+from imgclf.training.epochs import say
 from imgclf.training.head_fit import fit_head_cv
 from imgclf.training.loop import warmup_cosine
-from imgclf.training.stages import LOWRES_LR, LOWRES_SIZE, decode_items, erase_batch, lowres_groups, memory_prepare, say
+from imgclf.training.stage_network import (
+    LOWRES_LR,
+    LOWRES_SIZE,
+    decode_items,
+    erase_batch,
+    lowres_groups,
+    memory_prepare,
+)
 
 MIN_SCORED = 200  # held-out images below which the race cross-validates on its sample
 VAL_MAX = 1000  # at most this many val images score the race (a stratified sample)

@@ -6,7 +6,7 @@ boxes outside the image, degenerate and (near-)duplicated boxes, and every
 problem the reader met (labels not in the class list, unreadable files, bad
 coordinates), and identical or near-identical images: copies within a split
 and leakage across the split the run would make (classification's hashing
-and grouping, data/check.py and data/near_dup.py). `fix_dataset` writes a cleaned COCO JSON next to nothing of the
+and grouping, data/file_stats.py and data/near_dup.py). `fix_dataset` writes a cleaned COCO JSON next to nothing of the
 user's: boxes clipped, degenerate and duplicated ones dropped, each change
 counted. `split_dataset` stratifies by class presence.
 """
@@ -20,17 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.data import near_dup as nd
-from imgclf.data.check import scan_files
 from imgclf.data.datasets import multilabel_split
+from imgclf.data.file_stats import scan_files
 from imgclf.errors import ConfigError, DataError
-from imgclf.tasks.detect.data import (
-    DetDataset,
-    DetImage,
-    Problem,
-    read_dataset,
-    round_px,
-    write_coco,
-)
+from imgclf.tasks.detect.data import DetDataset, DetImage, Problem, round_px
+from imgclf.tasks.detect.formats import read_dataset
+from imgclf.tasks.detect.formats.write import write_coco
 from imgclf.tasks.detect.splits import rel
 
 # Two boxes of one class overlapping more than this are one object labelled twice.
@@ -144,7 +139,7 @@ def _box_issues(im: DetImage, classes: list[str], rep: DetCheckReport) -> None:
 def duplicate_pairs(im: DetImage, iou: float = DUPLICATE_IOU, rows: int = 256) -> list[tuple[int, int, float]]:
     """(i, j, IoU), i < j: box j repeats box i (same class, IoU > iou). Per
     class, `rows` boxes at a time against the rest: memory stays a few MB
-    a block for the most boxes an image may hold (data.MAX_BOXES_PER_IMAGE)."""
+    a block for the most boxes an image may hold (formats/bounds.py: MAX_BOXES_PER_IMAGE)."""
     import torch
     from torchvision.ops import box_iou
 
