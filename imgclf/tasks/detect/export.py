@@ -30,6 +30,8 @@ own; `imgclf predict`/`serve` apply the thresholds (or --conf) themselves.
 
 from __future__ import annotations
 
+import io
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -289,9 +291,6 @@ def detector_onnx(model: Detector, size: int, thresholds, front: onnx.ModelProto
 def mask_onnx(model: Detector, size: int) -> onnx.ModelProto:
     """MaskGraph traced (rois dynamic in number), its names prefixed "masks/"
     but for its inputs (the pyramid, MASK_IN) and its output (MASK_OUT)."""
-    import io
-    import warnings
-
     with torch.no_grad():
         pyramid = [p.zero_() for p in model.forward(torch.zeros(1, 3, size, size))["pyramid"][:len(PYRAMID)]]
     example = (*pyramid, torch.tensor([[0.0, 0, 0, size / 2, size / 2]]), torch.zeros(1, dtype=torch.int64))
