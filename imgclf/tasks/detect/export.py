@@ -51,7 +51,7 @@ INPUT = "images"
 OUTPUTS = ("boxes", "scores", "labels", "selected")
 NET_OUTPUTS = ("cls_logits", "bbox_regression")
 PYRAMID = ("pyramid_p3", "pyramid_p4", "pyramid_p5")  # what the mask branch pools from
-MASK_IN, MASK_OUT = ("mask_rois", "mask_labels"), "mask_probs"
+MASK_IN, MASK_OUT, MASK_PREFIX = ("mask_rois", "mask_labels"), "mask_probs", "masks/head/"
 # Mask parity: each matched detection's mask (pasted, at 0.5) from the graph
 # against PyTorch's, as IoU. Probabilities agree to about 1e-4, so only pixels at
 # 0.5 itself or at a box edge moved by the matched box (IoU >= 0.99) can flip.
@@ -83,9 +83,7 @@ class MaskGraph(nn.Module):
     probabilities of each roi's own class. torchvision's MultiScaleRoIAlign
     takes a list of boxes per image; here every roi is pooled on each level
     and each keeps its own level's (the pooler's level mapper), which is what
-    the pooler computes, in a form the tracer keeps for any number of rois.
-    The branch is the attribute `head`, so its nodes are named "/head/" and
-    INT8 keeps them in float as it keeps the box head."""
+    the pooler computes, in a form the tracer keeps for any number of rois."""
 
     def __init__(self, model: Detector, pyramid: list[torch.Tensor], size: int):
         super().__init__()
@@ -289,8 +287,10 @@ def detector_onnx(model: Detector, size: int, thresholds, front: onnx.ModelProto
 
 
 def mask_onnx(model: Detector, size: int) -> onnx.ModelProto:
-    """MaskGraph traced (rois dynamic in number), its names prefixed "masks/"
-    but for its inputs (the pyramid, MASK_IN) and its output (MASK_OUT)."""
+    """MaskGraph traced (rois dynamic in number), its names prefixed
+    MASK_PREFIX but for its inputs (the pyramid, MASK_IN) and its output
+    (MASK_OUT). The prefix holds "/head/", so INT8 keeps the branch in float
+    as it keeps the box head (DET_INT8_RECIPE's float layers)."""
     with torch.no_grad():
         pyramid = [p.zero_() for p in model.forward(torch.zeros(1, 3, size, size))["pyramid"][:len(PYRAMID)]]
     example = (*pyramid, torch.tensor([[0.0, 0, 0, size / 2, size / 2]]), torch.zeros(1, dtype=torch.int64))
@@ -303,10 +303,11 @@ def mask_onnx(model: Detector, size: int) -> onnx.ModelProto:
                                         MASK_OUT: {0: "m"}}, opset_version=OPSET, dynamo=False)
     keep = {*names, MASK_OUT}
     branch = onnx.load_from_string(buf.getvalue())
-    prefixed = onnx.compose.add_prefix(branch, "masks/")
+    prefixed = onnx.compose.add_prefix(branch, MASK_PREFIX)
+    cut = len(MASK_PREFIX)
     for n in prefixed.graph.node:
-        n.input[:] = [x[len("masks/"):] if x[len("masks/"):] in keep else x for x in n.input]
-        n.output[:] = [x[len("masks/"):] if x[len("masks/"):] in keep else x for x in n.output]
+        n.input[:] = [x[cut:] if x[cut:] in keep else x for x in n.input]
+        n.output[:] = [x[cut:] if x[cut:] in keep else x for x in n.output]
     return prefixed
 
 
