@@ -72,8 +72,7 @@ def det_source(run: RunDir, check_images: int) -> DetSource:
     if not xs:
         raise ExportError(f"no readable images in the run's {split} split under {ds.root}", "is the data still there?")
     x = np.stack(xs)
-    # Instance masks stay in PyTorch for now: the graph answers boxes, and parity is on them.
-    ref_out = [o[:3] for i in range(0, len(x), 8) for o in reference.outputs(x[i:i + 8])]
+    ref_out = [o for i in range(0, len(x), 8) for o in reference.outputs(x[i:i + 8])]  # with masks, if any
     return DetSource(run, reference, split, paths, x, ref_out)
 
 
@@ -119,12 +118,13 @@ def export_detector(run: RunDir, cfg: ExportConfig, out: Path) -> tuple[bytes, d
     report: dict = {"format": cfg.format, "path": str(out), "int8": cfg.int8, "task": "detect",
                     "classes": src.reference.classes, "input_size": pp.size, "check_split": src.split,
                     "check_images": len(src.x_check)}
-    if src.reference.model.mask_branch is not None:
-        report["note"] = "instance masks are not exported: the graph answers boxes (masks: imgclf predict RUN)"
+    masks = src.reference.model.mask_branch is not None and cfg.format != "web"
+    if src.reference.model.mask_branch is not None and not masks:
+        report["note"] = "the web app answers boxes only: instance masks are in the .onnx/.ort exports"
         log.warning(report["note"])
-    graph = det_export.detector_onnx(src.reference.model, pp.size, src.reference.thresholds, resize_model(pp))
+    graph = det_export.detector_onnx(src.reference.model, pp.size, src.reference.thresholds, resize_model(pp), masks)
     fp32 = with_metadata(graph, meta)
-    det_parity(OnnxDetPredictor(fp32), "onnxruntime", src, report)
+    det_parity(OnnxDetPredictor(fp32), "onnxruntime", src, report, None if masks else [o[:3] for o in src.ref_out])
     report.update(det_any_size_figures(src, fp32))
     if cfg.format == "web":
         site.require_runtime()
@@ -146,12 +146,17 @@ def det_parity(pred: OnnxDetPredictor, engine: str, src: DetSource, report: dict
            for r, g in zip(ref_out or src.ref_out, got)]
     fig = {"detections": sum(p["reference"] for p in per), "matched": sum(p["matched"] for p in per),
            "missing": sum(p["missing"] for p in per), "extra": sum(p["extra"] for p in per),
-           "min_iou": min(p["min_iou"] for p in per), "max_score_diff": max(p["max_score_diff"] for p in per)}
+           "min_iou": min(p["min_iou"] for p in per), "max_score_diff": max(p["max_score_diff"] for p in per),
+           **det_export.mask_parity(ref_out or src.ref_out, got, per, src.x_check.shape[1])}
     report.update({f"parity_{k}": v for k, v in fig.items()})
     bad = fig["missing"] or fig["extra"] or fig["min_iou"] < DET_MIN_IOU or fig["max_score_diff"] > DET_SCORE_ATOL
+    bad = bad or fig.get("mask_min_iou", 1.0) < det_export.MIN_MASK_IOU
     msg = (f"{fig['matched']} of {fig['detections']} detections matched, {fig['missing']} missing, {fig['extra']} "
            f"extra, min IoU {fig['min_iou']:.4f} (limit {DET_MIN_IOU}), max score difference "
-           f"{fig['max_score_diff']:.1e} (limit {DET_SCORE_ATOL:g}) on {len(src.x_check)} {src.split} images")
+           f"{fig['max_score_diff']:.1e} (limit {DET_SCORE_ATOL:g})"
+           + (f", mask IoU min {fig['mask_min_iou']:.4f} (limit {det_export.MIN_MASK_IOU}) mean "
+              f"{fig['mask_mean_iou']:.4f}" if "mask_min_iou" in fig else "")
+           + f" on {len(src.x_check)} {src.split} images")
     if bad:
         raise ExportError(f"{engine}'s detections differ from PyTorch's: {msg}; the export is wrong, not written",
                           "set IMGCLF_DEBUG=1 and report it with the run's model.pt")
@@ -167,7 +172,7 @@ def det_any_size_figures(src: DetSource, fp32: bytes) -> dict:
     session = ort_session(fp32)
     ref = src.reference
     per = []
-    for path, (b, s, c) in zip(src.paths, src.ref_out):
+    for path, (b, s, c, *_) in zip(src.paths, src.ref_out):
         img = open_image(path)
         ob, os_, oc = session.run(list(det_export.OUTPUTS[:3]), {"images": np.asarray(img)[None]})
         v = os_[0] > 0

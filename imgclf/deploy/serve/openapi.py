@@ -51,10 +51,16 @@ class Predictions(BaseModel):
     model_ms: float
 
 
+class Rle(BaseModel):
+    size: list[int] = Field(min_length=2, max_length=2, description="height, width: the image's own")
+    counts: str = Field(description="COCO's compressed run-length string (pycocotools / faster-coco-eval decode it)")
+
+
 class Box(BaseModel):
     label: str
     score: float = Field(ge=0, le=1)
     box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 in the image's own pixels")
+    mask: Rle | None = Field(None, description="a model with instance masks: the object's pixels as COCO RLE")
 
 
 class Detection(BaseModel):

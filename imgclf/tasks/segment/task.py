@@ -34,7 +34,8 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def check(cfg: CheckConfig) -> tuple[dict, str]:
-    rep = check_dataset(cfg.data, cfg.ignore_index, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    rep = check_dataset(cfg.data, cfg.ignore_index, cfg.val_fraction, cfg.test_fraction, cfg.seed,
+                        near_dup=cfg.near_dup, progress=True)
     return rep.to_dict(), format_report(rep)
 
 
