@@ -50,8 +50,9 @@ FORMATS_NOT = {
               "onnx or ort (onnxruntime-mobile runs on Android and iOS)",
 }
 # INT8 for a segmenter: the trunk's convolutions (with their ReLU6 and
-# residual sums). The decoder, the classifier and the resizes stay float.
-INT8_FLOAT_LAYERS = ("/decoder/", "/classifier/", "rs_", "tail/")
+# residual sums). The decoder, the classifier, the resizes and the size
+# arithmetic (TF padding from the input's shape) stay float.
+INT8_FLOAT_LAYERS = ("/decoder/", "/classifier/", "rs_", "tail/", seg_export.SHAPE_PREFIX)
 
 
 @dataclass(frozen=True)

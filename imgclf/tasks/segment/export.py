@@ -104,6 +104,7 @@ def segmenter_onnx(model: Segmenter, image_size: int, resize: onnx.ModelProto) -
         o.name = OUTPUT
     for n in merged.graph.node:
         n.output[:] = [OUTPUT if x == "tail/" + OUTPUT else x for x in n.output]
+    mark_shape_arithmetic(merged)
     # merge_models lists every domain it knows; the graph uses the default one only
     # (onnxruntime's quantizer refuses more than one ai.onnx entry).
     assert all(not n.domain or n.domain == "ai.onnx" for n in merged.graph.node)
@@ -111,6 +112,29 @@ def segmenter_onnx(model: Segmenter, image_size: int, resize: onnx.ModelProto) -
     merged.opset_import.append(helper.make_opsetid("", OPSET))
     onnx.checker.check_model(merged)
     return merged
+
+
+SHAPE_PREFIX = "shape_arith/"  # names of nodes that compute sizes, not pixels (INT8 must leave them alone)
+
+
+def mark_shape_arithmetic(model: onnx.ModelProto) -> int:
+    """Prefix the names of nodes that compute on the input's shape alone
+    (TF padding, the resize's sizes) with SHAPE_PREFIX, in place; returns how
+    many. Some of them are float Adds and Clips: a static quantizer would
+    otherwise calibrate them as activations at the calibration images' size
+    and pad every other size wrongly."""
+    g = model.graph
+    const = {i.name for i in g.initializer} | {""}
+    shape: set[str] = set()
+    marked = 0
+    for k, n in enumerate(g.node):  # in topological order
+        ins = list(n.input)
+        if n.op_type == "Shape" or (any(i in shape for i in ins) and all(i in shape or i in const for i in ins)):
+            shape.update(n.output)
+            n.name, marked = f"{SHAPE_PREFIX}{n.name or k}", marked + 1
+        elif all(i in const for i in ins):  # Constant nodes and what folds from them
+            const.update(n.output)
+    return marked
 
 
 def pixel_agreement(got: list[np.ndarray], want: list[np.ndarray]) -> tuple[int, int]:
