@@ -188,8 +188,8 @@ def seg_parity(pred: OnnxSegPredictor, engine: str, src: SegSource, report: dict
                    "parity_min_image_agreement": min((g == r).mean() for g, r in zip(got, ref_maps or src.ref_maps))})
     if ref_maps is None:  # against PyTorch: also at the network's own resolution
         xs = [prepare_image(open_image(p), src.reference.image_size) for p in src.paths]
-        net = [pred.outputs(x[None])[0] for x in xs]
-        want = [src.reference.outputs(x[None])[0] for x in xs]
+        net = [pred.outputs(np.stack([x]))[0] for x in xs]
+        want = [src.reference.outputs(np.stack([x]))[0] for x in xs]
         report["parity_network_agreement"] = seg_export.pixel_agreement(net, want)[0] / max(1, sum(w.size for w in want))
     msg = (f"{share:.4%} of {total} pixels the same class as {against} on {len(src.paths)} {src.split} images "
            f"(limit {MIN_AGREEMENT:.1%})")

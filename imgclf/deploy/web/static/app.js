@@ -98,6 +98,8 @@ function showOverlay(answer, c) {
     li.querySelector(".cls").textContent = label;
     const bar = li.querySelector(".bar");
     bar.style.width = `${(share * 100).toFixed(1)}%`;
+    bar.style.display = "block"; // a sized bar in the class's overlay colour
+    bar.style.border = "1px solid #8c959f";
     bar.style.background = `rgb(${colours[c.classes.indexOf(label)].join(",")})`;
     li.querySelector(".score").textContent = `${(share * 100).toFixed(1)}%`;
     return li;
