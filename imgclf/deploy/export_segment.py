@@ -45,9 +45,9 @@ MIN_AGREEMENT = 0.999  # share of val pixels whose class the export gives as PyT
 FORMATS_NOT = {
     "torchscript": "the ONNX graph holds the resize and the argmax for deployment; TorchScript is the classifier's "
                    "wrapper; use --format onnx or ort (onnxruntime runs from Python, C++, Java, C#, JS and on phones)",
-    "tflite": "litert-torch converts fixed-shape graphs, and a segmenter's input keeps each photo's aspect (its "
-              "height and width change per image, with TensorFlow's padding worked out from them); use --format "
-              "onnx or ort (onnxruntime-mobile runs on Android and iOS)",
+    "tflite": "imgclf's TFLite path (litert-torch) converts one fixed input shape, and a segmenter's input keeps "
+              "each photo's aspect (its height and width change per image, with TensorFlow's padding worked out "
+              "from them); use --format onnx or ort (onnxruntime-mobile runs on Android and iOS)",
 }
 # INT8 for a segmenter: the trunk's convolutions (with their ReLU6 and
 # residual sums). The decoder, the classifier, the resizes and the size
@@ -163,13 +163,18 @@ def export_segmenter(run: RunDir, cfg: ExportConfig, out: Path, shared: Shared) 
         public = graph_bytes(graph, {k: v for k, v in meta.items() if k != "run_path"}, shared)  # published
         return site.build(public, OnnxSegPredictor(public).metadata), report
     data = seg_int8(fp32, src, cfg, meta, report, shared) if cfg.int8 else fp32
-    if cfg.format == "ort":
-        onnx_bytes, data = data, shared.to_ort(data)
-        same_as = [a["mask"] for a in OnnxSegPredictor(onnx_bytes).segment(src.paths)]
-        sub: dict = {}
-        seg_parity(OnnxSegPredictor(data), ".ort", src, sub, same_as, "the .onnx it was saved from")
-        report.update({k.replace("parity_", "ort_parity_"): v for k, v in sub.items()})
-    return data, report
+    return (seg_ort(data, src, report, shared) if cfg.format == "ort" else data), report
+
+
+def seg_ort(onnx_bytes: bytes, src: SegSource, report: dict, shared: Shared) -> bytes:
+    """The checked ONNX graph in ONNX Runtime's own format, checked again:
+    its label maps of the check images those of the .onnx it was saved from."""
+    data = shared.to_ort(onnx_bytes)
+    same_as = [a["mask"] for a in OnnxSegPredictor(onnx_bytes).segment(src.paths)]
+    sub: dict = {}
+    seg_parity(OnnxSegPredictor(data), ".ort", src, sub, same_as, "the .onnx it was saved from")
+    report.update({k.replace("parity_", "ort_parity_"): v for k, v in sub.items()})
+    return data
 
 
 def seg_parity(pred: OnnxSegPredictor, engine: str, src: SegSource, report: dict, ref_maps: list | None = None,
