@@ -190,7 +190,8 @@ class RuntimeConfig:
 
 @dataclass
 class EvaluateConfig(RuntimeConfig):
-    run: str = _f("", "run directory", positional=1)
+    run: str = _f("", "run directory (a segmenter's exported .onnx or .ort too: results in <file>-eval/)",
+                  positional=1)
     data: str | None = _f(None, "data root (default: the one recorded in the run)", positional="?")
     split: str | None = _f(None, "split to evaluate (default: test, else val)", choices=("test", "val", "train"))
     tta: str = _f("none", "test-time augmentation: flip averages with the mirrored image (the report shows both)",
