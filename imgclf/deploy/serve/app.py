@@ -2,6 +2,8 @@
 
     POST /v1/predict   images as multipart form data (any field name) or JSON
                        {"images": ["<base64>", ...], "top_k": 3}; top-k per image
+                       (a detector: boxes; a segmenter: a label-map PNG and
+                       class shares: answers.py)
     POST /v1/similar   the same bodies; the k most similar training images of
                        each, with thumbnails (serving a run directory only)
     GET  /v1/model     classes, input size, metrics from the run, versions

@@ -182,8 +182,8 @@ def overlay(img: Image.Image, mask: np.ndarray, num_classes: int, alpha: float =
 def mask_png(mask: np.ndarray, num_classes: int) -> bytes:
     """The label map as PNG bytes (label_png): what JSON answers carry, base64.
     zlib's fastest level: label maps are long runs of a few values, so its
-    PNGs stay far under a byte a pixel, and a large photo's encodes over
-    twice as fast as at the default (docs/benchmarks.md)."""
+    PNGs stay far under a byte a pixel, and it is quicker than the default
+    on a large photo's map."""
     buf = io.BytesIO()
     label_png(mask, num_classes).save(buf, "PNG", compress_level=1)
     return buf.getvalue()
