@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from imgclf.tasks import load
+from imgclf.tasks.segment.torch_predictor import MAX_LOGIT_BYTES, logit_size
 
 from .browser import browser_page, chromium_path
 from .servers import memory_mb, running_server
@@ -114,6 +115,21 @@ def test_bad_input_gets_the_errors_a_classifier_gives(server, images):
         assert c.post("/v1/predict", content=b"x", headers={"Content-Type": "text/plain"}).status_code == 415
         assert c.post("/v1/predict?top_k=0", files={"file": ("a.jpg", open(images[0], "rb").read())}).status_code == 400
         assert c.post("/v1/predict", files={"file": ("a.jpg", open(images[0], "rb").read())}).status_code == 200
+        strip = c.post("/v1/predict", files={"file": ("strip.png", _png(1, 2000))})  # odd shapes: answered, never a 500
+        assert strip.status_code == 200 and _mask(strip.json()["predictions"][0]).size == (1, 2000)
+
+
+@pytest.mark.parametrize("w,h,classes", [(4000, 3000, 11), (1, 39_000_000, 11), (39_000_000, 1, 11),
+                                         (2, 6_000_000, 150)])
+def test_logits_stay_within_their_budget_at_any_shape(w, h, classes):
+    """Logits are resized to the image only within MAX_LOGIT_BYTES, whatever
+    its aspect: a thin strip must not escape the budget by rounding its
+    narrow side up to one pixel; the aspect is kept where both sides allow."""
+    lh, lw = logit_size(w, h, classes)
+    assert 4 * classes * lh * lw <= MAX_LOGIT_BYTES and 1 <= lh <= h and 1 <= lw <= w
+    if min(w, h) > 100:
+        assert abs(lw / lh - w / h) < 0.01
+    assert logit_size(480, 360, 11) == (360, 480)  # a CamVid frame: logits at its own size
 
 
 def test_a_12_megapixel_photo_is_answered_in_bounded_memory(server, images, tmp_path):

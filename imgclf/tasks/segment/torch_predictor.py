@@ -66,8 +66,20 @@ class TorchSegPredictor(SegPredictor):
             logits = self._logits(np.stack([xs[i] for i in idx]))
             for i, lg in zip(idx, logits):
                 w, h = sizes[i]
-                s = min(1.0, (MAX_LOGIT_BYTES / (4 * lg.shape[0] * w * h)) ** 0.5)
-                size = (max(1, round(h * s)), max(1, round(w * s)))
+                size = logit_size(w, h, lg.shape[0])
                 up = F.interpolate(lg[None].float(), size=size, mode="bilinear", align_corners=False)[0]
                 out[i] = resize_mask(up.argmax(0).to(torch.uint8).cpu().numpy(), (w, h))
         return out
+
+
+def logit_size(width: int, height: int, num_classes: int) -> tuple[int, int]:
+    """(h, w) to resize logits to before the argmax: the image's own size, or
+    the largest of its aspect within MAX_LOGIT_BYTES (each side at least 1,
+    so a thin strip keeps its length only as far as the budget allows)."""
+    px = max(1, MAX_LOGIT_BYTES // (4 * num_classes))
+    if width * height <= px:
+        return height, width
+    s = (px / (width * height)) ** 0.5
+    w = max(1, round(width * s))
+    h = max(1, min(round(height * s), px // w))
+    return h, max(1, min(w, px // h))
