@@ -330,13 +330,3 @@ def test_two_gloo_ranks_train_one_run(tmp_path):
     assert summary["epochs_run"] == 2 and (out / "model.pt").exists()
     ev = json.loads((out / "eval_val.json").read_text())
     assert ev["n"] == 4 and 0 <= ev["miou"] <= 1
-
-
-def test_serve_says_it_does_not_take_a_segmenter_yet(trained):
-    """Not built yet: refused with one line naming what works, never a
-    server that answers 500 (export: tests/test_segment_export.py)."""
-    _, out, _, _ = trained
-    for args in (["serve", out, "--port", "0"],):
-        p = subprocess.run([sys.executable, "-m", "imgclf", *map(str, args)], capture_output=True, text=True,
-                           timeout=120)
-        assert p.returncode == 2 and "segment run is not built yet" in p.stderr, p.stderr

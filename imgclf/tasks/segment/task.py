@@ -23,7 +23,7 @@ from imgclf.runs import RunDir
 from imgclf.tasks.segment.check import check_dataset, format_report
 from imgclf.tasks.segment.data import SegDataset, read_dataset, remap_classes
 from imgclf.tasks.segment.onnx_predictor import OnnxSegPredictor
-from imgclf.tasks.segment.predictor import SegPredictor, label_png, overlay
+from imgclf.tasks.segment.predictor import SegPredictor, mask_png, overlay
 from imgclf.tasks.segment.report import write_seg_report
 
 log = get_logger(__name__)
@@ -101,19 +101,13 @@ def evaluate_split(run: RunDir, pred: SegPredictor, ds: SegDataset, items: list[
     return out
 
 
-def _png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
 def format_answers(results: list[dict], fmt: str) -> str:
     """`imgclf predict`'s output: JSON (the label map as a base64 palette
     PNG: its pixel values are the class ids), CSV (one row per image and
     class), or a table of pixel shares."""
     if fmt == "json":
         return json.dumps([{**{k: v for k, v in r.items() if k != "mask"},
-                            **({"mask_png": base64.b64encode(_png(label_png(r["mask"], 256))).decode()}
+                            **({"mask_png": base64.b64encode(mask_png(r["mask"], 256)).decode()}
                                if "mask" in r else {})} for r in results], indent=2)
     if fmt == "csv":
         buf = io.StringIO()
@@ -148,7 +142,7 @@ def save_masks(results: list[dict], classes: list[str], out: str | Path) -> int:
         if "mask" not in r or "path" not in r:
             continue
         stem = f"{k:05d}_{Path(r['path']).stem}"
-        atomic_write_bytes(out / f"{stem}.png", _png(label_png(r["mask"], len(classes))))
+        atomic_write_bytes(out / f"{stem}.png", mask_png(r["mask"], len(classes)))
         buf = io.BytesIO()
         overlay(open_image(r["path"]), r["mask"], len(classes)).save(buf, "JPEG", quality=90)
         atomic_write_bytes(out / f"{stem}_overlay.jpg", buf.getvalue())
