@@ -67,7 +67,8 @@ class TrainConfig:
     flip_features: bool | None = _f(None, "mirror training images: cached features also cache each image flipped; "
                                           "native: random flips, colour images only (default: on for native, off "
                                           "for cached features, where it doubled the encoding for no measured gain)")
-    class_weights: str = _f("none", "none | auto (loss weights inversely proportional to class frequency)")
+    class_weights: str | None = _f(None, "none | auto (loss weights inversely proportional to class frequency; "
+                                         "default: none, segment: auto, median frequency)")
     balanced_sampler: bool = _f(False, "draw training batches with equal class probability")
     val_fraction: float = _f(0.1, "share of each class held out for validation when the data has no split")
     test_fraction: float = _f(0.1, "share of each class held out for testing when the data has no split")
@@ -145,7 +146,7 @@ class TrainConfig:
             (self.erase is None or 0 <= self.erase <= 1, f"--erase {self.erase}: use a share in [0, 1]"),
             (self.augment in AUGMENTS, f"--augment {self.augment!r}: use one of {', '.join(AUGMENTS)}"),
             (self.resize in (None, *RESIZE_POLICIES), f"--resize {self.resize!r}: use crop, squash or pad"),
-            (self.class_weights in ("none", "auto"), f"--class-weights {self.class_weights!r}: use none or auto"),
+            (self.class_weights in (None, "none", "auto"), f"--class-weights {self.class_weights!r}: use none or auto"),
             (self.monitor in ("acc", "balanced_acc", "loss"), f"--monitor {self.monitor!r}: use acc, balanced_acc or loss"),
             (self.engine in ("auto", "torch", "onnxruntime"), f"--engine {self.engine!r}: use auto, torch or onnxruntime"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"--device {self.device!r}: use auto, cpu or cuda"),
