@@ -174,6 +174,18 @@ def test_check_finds_planted_size_mismatch_unknown_values_and_unpaired_files(tmp
     assert {v for u in rep.unknown_values for v in u["values"]} == {11, 42}
 
 
+def test_a_hostile_mask_png_is_named_and_the_rest_still_checked(tmp_path):
+    """A 144-megapixel mask (a few hundred KB as PNG) is refused before it is
+    decoded, with its name and the fix; the other pairs are still checked."""
+    stems = _stems("train", 3)
+    root = _folders(tmp_path / "f", stems, "\n".join(CLASSES), lambda m: Image.fromarray(m))
+    Image.new("L", (12_000, 12_000), 0).save(root / "masks" / f"{stems[0]}.png")
+    rep = check_dataset(root, ignore_index=VOID)
+    assert not rep.clean
+    assert len(rep.problems) == 1 and f"{stems[0]}.png" in rep.problems[0] and "pixel limit" in rep.problems[0]
+    assert not rep.size_mismatch and abs(sum(rep.pixel_share.values()) - 1) < 1e-3  # the two others were read
+
+
 def test_check_names_a_frame_planted_in_train_and_val(tmp_path):
     """A CamVid subset with one training frame planted again in val, once
     as the same bytes and once re-encoded smaller: `imgclf check` reports

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from imgclf.data.images import MAX_PIXELS
 from imgclf.errors import DataError
 
 FORMATS = ("folders", "camvid", "coco")
@@ -284,9 +285,12 @@ def load_mask(ds: SegDataset, item: SegItem) -> np.ndarray:
     else:
         try:
             with Image.open(item.mask) as pil:
+                if pil.width * pil.height > MAX_PIXELS:  # a hostile or broken PNG: refuse before decoding it
+                    raise DataError(f"{item.mask}: {pil.width}x{pil.height} px is over the {MAX_PIXELS:,}-pixel "
+                                    "limit for a mask", "save the mask at its image's size, or remove the pair")
                 pil.load()
                 m = decode_mask(pil, ds.colours, ds.ignore_index)
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:
             raise DataError(f"{item.mask}: cannot be read as a mask ({e})", "replace or remove it") from None
     return m if ds.remap is None else ds.remap[m]
 
