@@ -13,7 +13,8 @@ in loop.py. Strategies:
   native    small images (<= 64 px, or grayscale <= 128 px): small_cnn from
             scratch at their own size, decoded once into memory
   lowres    small images: the pretrained backbone, every layer, fine-tuned at
-            a modest upscale (96 px) from images decoded once into memory
+            a modest upscale (128 px) from images decoded once into memory,
+            its head first fitted as a linear probe (LP-FT)
 `auto` on small colour images races linear, native and lowres on a sample
 (race.py); on photos it keeps the size rule.
 """
@@ -94,7 +95,8 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
     if strategy == "race":
         say(f"strategy: race: {why}")
         race = race_strategies(cfg, splits, device, native_size(cfg, look), bad,
-                               cfg.workers if cfg.workers is not None else default_workers(), look.grey >= 0.9)
+                               cfg.workers if cfg.workers is not None else default_workers(),
+                               lambda s: settled(cfg, s, look))
         strategy, why = race.winner, race.why
     cfg = strategy_settings(cfg, strategy, look, fix=race is not None)
     pp = resolve_preprocess(cfg)
@@ -118,6 +120,7 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
         ctx.decode_pp = native_preprocess(cfg.decode_size)
     if race is not None and strategy in ("native", "lowres"):
         ctx.decoded = race.decoded  # decoded once, at the size the winner trains from
+        race.hand_over(ctx)  # the winner's race model, when it is this run's so far
     try:
         run_stages(ctx, plan_stages(strategy, cfg), budgeted=strategy == "linear+finetune")
     except KeyboardInterrupt:
@@ -503,9 +506,15 @@ def strategy_settings(cfg: TrainConfig, strategy: str, look: ImageLook | None, f
     return replace(cfg, strategy=strategy) if fix else cfg
 
 
+def settled(cfg: TrainConfig, strategy: str, look: ImageLook | None) -> tuple[TrainConfig, Preprocess]:
+    """A race candidate's finishing config and input: the race trains its recipe as is."""
+    c = strategy_settings(cfg, strategy, look, fix=True)
+    return c, resolve_preprocess(c)
+
+
 def lowres_settings(cfg: TrainConfig, look: ImageLook | None) -> TrainConfig:
     """lowres's defaults, written into the config as native's are: decoded at
-    the images' own size (at most 64 px), upscaled per batch to 96 px and
+    the images' own size (at most 64 px), upscaled per batch to 128 px and
     squashed there (as prediction resizes a file), batches of 64, flips for
     colour images only."""
     decode = cfg.decode_size or native_size(replace(cfg, image_size=None), look)
