@@ -111,7 +111,8 @@ class RaceResult:
         training split under the finishing recipe; True if it did."""
         learner = self.learners.pop(self.winner, None)
         self.learners.clear()  # the losers' models and optimizers are no longer needed
-        if learner is None or not learner.continuable or ctx.state.epoch or ctx.dist.enabled:
+        if learner is None or not learner.continuable or not learner.epochs_done or ctx.state.epoch \
+                or ctx.dist.enabled:
             return False
         model = learner.models[0]
         try:
