@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from common import DATASETS, ROOT, machine, table
+from common import DATASETS, ROOT, machine, speed_columns, speedup, table
 
 
 def ensure_run(run: Path) -> Path:
@@ -43,17 +41,6 @@ def ensure_run(run: Path) -> Path:
         subprocess.run([sys.executable, "-m", "imgclf", "train", str(data), "--out", str(run), "--epochs", "2",
                         "--image-size", "256"], check=True, capture_output=True)
     return run
-
-
-def timeit(fn, x, repeats: int) -> float:
-    """Median seconds per call of fn(x), after one warm-up call."""
-    fn(x)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main() -> None:
@@ -102,13 +89,10 @@ def main() -> None:
                    lambda b: fp32.session.run(["boxes", "scores", "labels"], {"images": b}), raw)}
     rows = []
     for name, (fn, data) in engines.items():
-        t1, t8 = timeit(fn, data[:1], a.repeats1), timeit(fn, data[:8], a.repeats8)
-        rows.append({"engine": name, "batch 1 img/s": f"{1 / t1:.1f}", "batch 1 ms/img": f"{t1 * 1000:.0f}",
-                     "batch 8 img/s": f"{8 / t8:.1f}", "batch 8 ms/img": f"{t8 * 1000 / 8:.0f}"})
+        rows.append({"engine": name, **speed_columns(fn, data, (1, 8), (a.repeats1, a.repeats8), ms_digits=0)})
         print(f"  {name}: done", file=sys.stderr, flush=True)
-    b1, b8 = float(rows[0]["batch 1 img/s"]), float(rows[0]["batch 8 img/s"])
-    for r in rows:
-        r["speed-up b1 / b8"] = f"{float(r['batch 1 img/s']) / b1:.2f}x / {float(r['batch 8 img/s']) / b8:.2f}x"
+    for r, s1, s8 in zip(rows, speedup(rows, "batch 1 img/s"), speedup(rows, "batch 8 img/s")):
+        r["speed-up b1 / b8"] = f"{s1} / {s8}"
     print(f"Machine: {machine()}, torch threads {torch.get_num_threads()}")
     print(f"Model: {ref.arch} {ref.preprocess.size}px from {run}; INT8 val mAP@.5 {r8['fp32_map50']:.3f} -> "
           f"{r8['int8_map50']:.3f}; sizes: fp32 {(tmp / 'fp32.onnx').stat().st_size / 1e6:.1f} MB, INT8 "

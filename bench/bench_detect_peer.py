@@ -48,12 +48,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image, ImageDraw
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import DATASETS, timed_cli  # noqa: E402
 
 WORK = Path(os.environ.get("IMGCLF_BENCH_WORK", "/tmp/imgclf-detpeer"))
 UL_PY = os.environ.get("ULTRALYTICS_PYTHON", "/work/ul-venv/bin/python")
 FORMATS = {"bccd": None, "pennfudan": "masks"}
+PEER_MODEL = {"bccd": "yolo11n.yaml", "pennfudan": "yolo11n-seg.yaml"}  # instance masks: the peer's -seg model
 # imgclf's detection defaults as `imgclf train` sets them (frozen trunk, maps
 # cached once per image and mirror, batch 4, 12 epochs, lr 2e-3).
 IMGCLF_DEFAULTS = {"epochs": 12, "batch_size": 4, "lr": 2e-3, "image_size": 320, "cache": True}
@@ -74,7 +78,7 @@ def _record(row: dict) -> None:
 
 def split(name: str, seed: int):
     from imgclf.tasks.detect.check import split_dataset
-    from imgclf.tasks.detect.data import read_dataset
+    from imgclf.tasks.detect.formats import read_dataset
 
     ds = read_dataset(DATASETS / name, format=FORMATS[name])
     return ds, split_dataset(ds, seed=seed)
@@ -85,7 +89,7 @@ def prepare(name: str, seed: int) -> Path:
     paths there, in imgclf's test order)."""
     import yaml
 
-    from imgclf.tasks.detect.data import write_yolo
+    from imgclf.tasks.detect.formats.write import write_yolo
 
     ds, sp = split(name, seed)
     out = WORK / f"{name}-s{seed}"
@@ -105,6 +109,10 @@ def prepare(name: str, seed: int) -> Path:
     test = [str(out / "yolo" / "images" / "test" / ds.images[i].path.name) for i in sp["test"]]
     assert all(Path(p).is_file() for p in test), "write_yolo renamed a test image"
     (out / "test.json").write_text(json.dumps(test))
+    if ds.images[0].mask_path is not None:  # instance masks: what the -seg peer turns into polygons
+        label = {i: str(out / "yolo" / "labels" / s / (ds.images[i].path.stem + ".txt")) for s, idx in sp.items() for i in idx}
+        (out / "masks.json").write_text(json.dumps([[label[i], str(ds.images[i].mask_path),
+                                                     ds.images[i].labels.tolist()] for i in sorted(label)]))
     return out
 
 
@@ -116,7 +124,9 @@ def _test_subset(ds, items):
 
 def _scores(m: dict) -> dict:
     keep = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "ar100")
-    return {**{k: round(m[k], 4) for k in keep}, "ap50_per_class": {k: round(v, 4) for k, v in m["ap50_per_class"].items()}}
+    masks = {k: round(m[k], 4) for k in ("mask_map", "mask_map50", "person_iou") if m.get(k) is not None}
+    return {**{k: round(m[k], 4) for k in keep}, **masks,
+            "ap50_per_class": {k: round(v, 4) for k, v in m["ap50_per_class"].items()}}
 
 
 # --- imgclf ---------------------------------------------------------------------
@@ -164,6 +174,12 @@ def run_imgclf(name: str, seed: int, flags: list[str] | None = None, tag: str = 
     theirs = DetSplits.read(RunDir(run)).indices(ds)
     assert {k: sorted(v) for k, v in theirs.items()} == {k: sorted(v) for k, v in sp.items()}, "not the same split"
     hist = read_history(RunDir(run).history_file)
+    if ds.images[0].mask_path is not None:
+        import imgclf
+
+        test = _test_subset(ds, sp["test"])
+        found = imgclf.load(run).detect([str(im.path) for im in test.images])  # at the run's thresholds
+        summary["test"]["person_iou"] = person_iou(test, [f["masks"] for f in found])
     row = {"who": "imgclf", "data": name, "seed": seed, "flags": flags, "tag": tag, "threads": THREADS or "imgclf's", "n": {k: len(v) for k, v in sp.items()},
            "image_size": summary["image_size"], "epochs": summary["epochs_run"], "train_s": summary["seconds"],
            "wall_s": round(wall, 1), "peak_rss_gib": round(peak, 2), "load_before": load0, "load_after": _load(),
@@ -199,7 +215,13 @@ def run_peer(name: str, seed: int, budget_s: float, imgsz: int = 320, model: str
     got = json.loads((run / "result.json").read_text())
     ds, sp = split(name, seed)
     preds = [{"boxes": p["boxes"], "scores": p["scores"], "labels": p["labels"]} for p in got["preds"]]
-    m = coco_metrics(_test_subset(ds, sp["test"]), preds)
+    test = _test_subset(ds, sp["test"])
+    if "polygons" in got["preds"][0]:
+        for p, q, im in zip(preds, got["preds"], test.images):
+            p["masks"] = _raster(q["polygons"], *Image.open(im.path).size)
+    m = coco_metrics(test, preds)
+    if "masks" in preds[0]:  # Ultralytics' predict default: conf 0.25
+        m["person_iou"] = person_iou(test, [[mk for mk, sc in zip(p["masks"], p["scores"]) if sc >= 0.25] for p in preds])
     row = {"who": "ultralytics", "data": name, "seed": seed, "model": model, "imgsz": imgsz, "batch": batch,
            "budget_s": round(budget_s, 1), "train_s": got["train_s"], "wall_s": round(wall, 1), "epochs": got["epochs"],
            "best_epoch": got["best_epoch"], "val_map50": got["val_map50"], "val_map": got["val_map"],
@@ -207,6 +229,45 @@ def run_peer(name: str, seed: int, budget_s: float, imgsz: int = 320, model: str
            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _record(row)
     return row
+
+
+def _raster(polygons: list[list[list[float]]], width: int, height: int) -> list[np.ndarray]:
+    """The peer's mask polygons (original pixels) as bool masks."""
+    out = []
+    for poly in polygons:
+        img = Image.new("L", (width, height), 0)
+        if len(poly) >= 3:
+            ImageDraw.Draw(img).polygon([tuple(p) for p in poly], fill=1)
+        out.append(np.asarray(img, bool))
+    return out
+
+
+def person_iou(gt, masks: list[list[np.ndarray]]) -> float:
+    """Instances as one semantic "person" mask: IoU of the union of the kept
+    masks against the union of the true ones, pixels summed over the split."""
+    inter = union = 0
+    for im, ms in zip(gt.images, masks):
+        truth = np.asarray(Image.open(im.mask_path)) > 0
+        pred = np.any(np.stack(ms), 0) if len(ms) else np.zeros_like(truth)
+        inter, union = inter + int((truth & pred).sum()), union + int((truth | pred).sum())
+    return inter / max(union, 1)
+
+
+def _seg_labels(out: Path) -> None:
+    """(In the Ultralytics venv.) YOLO segment labels (class, then the
+    normalised outline) from the instance-id PNGs: each instance's largest
+    outer contour, as Ultralytics' own mask converters take it."""
+    import cv2
+
+    for label, mask_path, classes in json.loads((out / "masks.json").read_text()):
+        ids = np.asarray(Image.open(mask_path))
+        h, w = ids.shape
+        lines = []
+        for c, u in zip(classes, np.unique(ids[ids > 0])):
+            cs, _ = cv2.findContours((ids == u).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            pts = max(cs, key=cv2.contourArea).reshape(-1, 2) / [w, h]
+            lines.append(" ".join([str(int(c))] + [f"{v:.6f}" for v in pts.reshape(-1)]))
+        Path(label).write_text("\n".join(lines) + "\n")
 
 
 def _place_font(cfg_dir: Path) -> None:
@@ -229,6 +290,9 @@ def peer_train(out: str, run: str, budget_s: str, imgsz: str, model: str, batch:
 
     _place_font(Path(os.environ["YOLO_CONFIG_DIR"]))
     out, run = Path(out), Path(run)
+    seg = "-seg" in model
+    if seg:
+        _seg_labels(out)
     yolo = YOLO(model)
     t0 = time.time()
     yolo.train(data=str(out / "yolo" / "data.yaml"), imgsz=int(imgsz), time=float(budget_s) / 3600, epochs=1000,
@@ -245,7 +309,8 @@ def peer_train(out: str, run: str, budget_s: str, imgsz: str, model: str, batch:
     for p in test:
         r = best_model.predict(p, imgsz=int(imgsz), conf=0.001, iou=0.7, max_det=300, device="cpu", verbose=False)[0]
         preds.append({"boxes": r.boxes.xyxy.tolist(), "scores": r.boxes.conf.tolist(),
-                      "labels": [int(c) for c in r.boxes.cls.tolist()]})
+                      "labels": [int(c) for c in r.boxes.cls.tolist()],
+                      **({"polygons": [q.tolist() for q in r.masks.xy] if r.masks is not None else []} if seg else {})})
     (run / "result.json").write_text(json.dumps({
         "train_s": round(train_s, 1), "epochs": len(rows), "best_epoch": b + 1,
         "val_map50": round(float(rows[b]["metrics/mAP50(B)"]), 4), "val_map": round(float(rows[b]["metrics/mAP50-95(B)"]), 4),
@@ -303,15 +368,27 @@ def infer(name: str, seed: int, imgsz: int = 320) -> None:
     load0 = _load()
     rows = [{"who": "imgclf", "runtime": "PyTorch eager (+ NMS)", "imgsz": size,
              **{f"b{b}": _rate(lambda b=b: model.predict(x[:b]), b) for b in (1, 8)}}]
-    # imgclf's own ONNX graph (letterbox and NMS inside) is timed by bench/bench_detect_infer.py; not yet here.
-    rows.append({"who": "imgclf", "runtime": "ONNX Runtime (NMS inside)", "imgsz": size, "b1": "pending",
-                 "b8": "pending"})
+    rows.append({"who": "imgclf", "runtime": "ONNX Runtime (letterbox and NMS inside)", "imgsz": size,
+                 **_imgclf_onnx_rates(out / "imgclf", test[:8])})
     peer = sorted(out.glob(f"peer-*-{imgsz}"))[0]
     subprocess.run([UL_PY, __file__, "peer-infer", str(peer / "weights" / "best.pt"), str(imgsz), str(out / "test.json"),
                     str(peer / "infer.json")], check=True, env=_peer_env(WORK))
     rows += json.loads((peer / "infer.json").read_text())
     _record({"who": "infer", "data": name, "seed": seed, "rows": rows, "load_before": load0, "load_after": _load(),
              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def _imgclf_onnx_rates(run: Path, paths: list[str]) -> dict:
+    """img/s of `imgclf export RUN` (fp32 ONNX) in ONNX Runtime on one
+    thread, from the decoded uint8 image to the kept boxes."""
+    from imgclf.tasks.detect.onnx_predictor import OnnxDetPredictor
+
+    onnx = run / "bench-model.onnx"
+    subprocess.run([sys.executable, "-m", "imgclf", "export", str(run), "--format", "onnx", "--out", str(onnx)],
+                   check=True, capture_output=True)
+    pred = OnnxDetPredictor(onnx, threads=1)
+    x = np.stack([pred.prepare(p)[0] for p in paths])
+    return {f"b{b}": _rate(lambda b=b: pred.outputs(x[:b]), b) for b in (1, 8)}
 
 
 def peer_infer(weights: str, imgsz: str, test_json: str, out_json: str) -> None:
@@ -359,17 +436,18 @@ def peer_infer(weights: str, imgsz: str, test_json: str, out_json: str) -> None:
 
 # --- both, in one run ----------------------------------------------------------------
 
-def run_both(name: str, seed: int, imgsz: int | None, model: str, flags: list[str] | None = None) -> None:
+def run_both(name: str, seed: int, imgsz: int | None, model: str | None, flags: list[str] | None = None) -> None:
     """imgclf's default run, then the peer in imgclf's wall time at imgclf's
     input size (or imgsz)."""
     mine = run_imgclf(name, seed, flags)
-    run_peer(name, seed, mine["train_s"], imgsz or mine["image_size"], model)
+    run_peer(name, seed, mine["train_s"], imgsz or mine["image_size"], model or PEER_MODEL[name])
 
 
 def table() -> None:
     rows = [json.loads(ln) for ln in open(WORK / "results.jsonl")]
-    print("| data | seed | who | setting | test mAP@.5 | test mAP@[.5:.95] | AP@.5 per class | train s | load avg before |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| data | seed | who | setting | test mAP@.5 | test mAP@[.5:.95] | mask mAP@.5 / @[.5:.95] "
+          "| AP@.5 per class | train s | load avg before |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["who"] == "imgclf":
             setting = f"`imgclf train {' '.join(r['flags'])}`".replace(" `", "`") + f", {r['image_size']} px, {r['epochs']} ep"
@@ -378,7 +456,10 @@ def table() -> None:
         else:
             continue
         per = " / ".join(f"{v:.3f}" for v in r["test"]["ap50_per_class"].values())
-        print(f"| {r['data']} | {r['seed']} | {r['who']} | {setting} | {r['test']['map50']:.3f} | {r['test']['map']:.3f} "
+        t = r["test"]
+        masks = f"{t['mask_map50']:.3f} / {t['mask_map']:.3f}" if "mask_map" in t else "-"
+        masks += f", person IoU {t['person_iou']:.3f}" if "person_iou" in t else ""
+        print(f"| {r['data']} | {r['seed']} | {r['who']} | {setting} | {t['map50']:.3f} | {t['map']:.3f} | {masks} "
               f"| {per} | {r['train_s']:.0f} | {r['load_before']} |")
     for r in rows:
         if r["who"] == "infer":
@@ -392,7 +473,7 @@ def main() -> None:
     ap.add_argument("cmd", choices=["run", "imgclf", "peer", "infer", "table", "peer-train", "peer-infer"])
     ap.add_argument("args", nargs="*")
     ap.add_argument("--imgsz", type=int, help="the peer's input size (default: imgclf's)")
-    ap.add_argument("--model", default="yolo11n.yaml", help="the peer's model yaml")
+    ap.add_argument("--model", help="the peer's model yaml (default: yolo11n.yaml, yolo11n-seg.yaml for masks)")
     ap.add_argument("--budget", type=float, help="peer: seconds of training")
     ap.add_argument("--tag", default="", help="imgclf: a suffix for the run folder")
     a, flags = ap.parse_known_args()  # anything else goes to `imgclf train`
@@ -408,7 +489,7 @@ def main() -> None:
     elif a.cmd == "imgclf":
         run_imgclf(name, seed, flags, a.tag)
     elif a.cmd == "peer":
-        run_peer(name, seed, a.budget, a.imgsz or 320, a.model)
+        run_peer(name, seed, a.budget, a.imgsz or 320, a.model or PEER_MODEL[name])
     elif a.cmd == "infer":
         infer(name, seed, a.imgsz or 320)
 

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_infer import ensure_run, timeit
-from common import ROOT, machine, table
+from bench_infer import ensure_run
+from common import ROOT, machine, table, timeit
 
 FORMATS = [("onnx", False), ("onnx", True), ("ort", False), ("ort", True), ("torchscript", False),
            ("tflite", False), ("tflite", True)]
@@ -58,7 +58,8 @@ def main() -> None:
 
     import imgclf
     from imgclf.config import ExportConfig
-    from imgclf.deploy.export import export, int8_verdict, probs_module, split_images
+    from imgclf.deploy.export import export, probs_module, split_images
+    from imgclf.deploy.export_common import int8_verdict
     from imgclf.models.records import model_from_record
     from imgclf.runs import RunDir
 

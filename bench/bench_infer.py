@@ -12,15 +12,13 @@ PIL is the same for all three and not timed), and validation accuracy of each.
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from common import DATASETS, ROOT, machine, table
+from common import DATASETS, ROOT, machine, speed_columns, speedup, table
 
 
 def ensure_run(run: Path) -> Path:
@@ -31,17 +29,6 @@ def ensure_run(run: Path) -> Path:
         subprocess.run([sys.executable, "-m", "imgclf", "train", str(DATASETS / "cats_dogs_tiny"), "--out", str(run)],
                        check=True, capture_output=True)
     return run
-
-
-def timeit(fn, x: np.ndarray, repeats: int) -> float:
-    """Median seconds per call of fn(x), after one warm-up call."""
-    fn(x)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main() -> None:
@@ -80,15 +67,11 @@ def main() -> None:
     rows = []
     for name, fn in engines.items():
         acc = float((np.concatenate([fn(x_val[i:i + 32]) for i in range(0, len(x_val), 32)]).argmax(1) == y_val).mean())
-        t1 = timeit(fn, x_val[:1], a.repeats1)
-        t32 = timeit(fn, x_val[:32], a.repeats32)
         rows.append({"engine": name, "val accuracy": f"{acc:.1%}",
-                     "batch 1 img/s": f"{1 / t1:.1f}", "batch 1 ms/img": f"{t1 * 1000:.1f}",
-                     "batch 32 img/s": f"{32 / t32:.1f}", "batch 32 ms/img": f"{t32 * 1000 / 32:.1f}"})
+                     **speed_columns(fn, x_val, (1, 32), (a.repeats1, a.repeats32))})
         print(f"  {name}: done", file=sys.stderr, flush=True)
-    base = float(rows[0]["batch 32 img/s"])
-    for r in rows:
-        r["speed-up (b32)"] = f"{float(r['batch 32 img/s']) / base:.2f}x"
+    for r, s in zip(rows, speedup(rows, "batch 32 img/s")):
+        r["speed-up (b32)"] = s
     print(f"Machine: {machine()}, torch threads {torch.get_num_threads()}")
     print(f"Model: {record['arch']} {record['preprocess']['size']}px from {run}; val = {len(y_val)} images of "
           f"cats_dogs_tiny; INT8 calibrated on {r8['calib_images']} train images; sizes: fp32 "

@@ -7,7 +7,7 @@ top-1 agreement with fp32, max and mean |p8 - p32|
 Each run (default: the default model, EfficientNet-Lite1 208 px with a
 linear head, trained on cats_dogs_tiny and on cats_and_dogs_filtered into
 runs/bench-i8-*, once) is exported to fp32 ONNX as `imgclf export` does, then
-quantized by every recipe in VARIANTS (`quantize` in imgclf/deploy/export.py,
+quantized by every recipe in VARIANTS (`quantize` in imgclf/deploy/export_common.py,
 the function `export --int8` calls) with calibration images from the run's
 *train* split; every figure is scored on the run's validation split, which no
 calibration saw. "gate" says whether `export --int8` would write the file:
@@ -30,10 +30,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_infer import timeit
-from common import DATASETS, ROOT, machine, table
+from common import DATASETS, ROOT, machine, table, timeit
 
-from imgclf.deploy.export import INT8_RECIPE, Int8Recipe
+from imgclf.deploy.export_common import INT8_RECIPE, Int8Recipe
 
 R = INT8_RECIPE
 OLD = dataclasses.replace(R, ops=("Conv", "Gemm", "MatMul"))  # the recipe before this benchmark
@@ -79,7 +78,8 @@ def fp32_model(run: Path):
 
 
 def accuracy_rows(run: Path, names: list[str]) -> tuple[list[dict], dict]:
-    from imgclf.deploy.export import batched_probs, parity, quality, quantize, split_images
+    from imgclf.deploy.export import batched_probs, parity, quality, split_images
+    from imgclf.deploy.export_common import quantize
     from imgclf.inference.onnx_predictor import OnnxPredictor
 
     src, fp32, meta = fp32_model(run)

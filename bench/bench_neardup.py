@@ -129,12 +129,12 @@ class Signals:
     distance over views (and the former whole + mirror pHash distance), the
     pixel correlation where the hash distance is <= SWEEP_HASH or the cosine
     >= SWEEP_COS, and the embedding cosine (None with --no-embed). Statistics
-    come from check's own scan (data/check.py: _image_stats)."""
+    come from check's own scan (data/file_stats.py: _image_stats)."""
 
     SWEEP_HASH, SWEEP_COS = 16, 0.70
 
     def __init__(self, files: list[Path], gid: np.ndarray, root: Path, embed: bool):
-        from imgclf.data.check import _image_stats
+        from imgclf.data.file_stats import _image_stats
         from imgclf.data.near_dup import pixel_similarity
 
         t0 = time.perf_counter()

@@ -2,8 +2,9 @@
 (segmentation-models-pytorch's U-Net, bench/smp_peer.py, in its own venv)
 on the same split, with the same time budget, in one run.
 
-    python bench/bench_segment.py --budget 600 --seed 0
-    python bench/bench_segment.py --budget 600 --seed 0 --peer /work/smp-venv/bin/python
+    python bench/bench_segment.py --seed 0      # the default `imgclf train CAMVID --ignore-index 11`
+    python bench/bench_segment.py --seed 0 --peer /work/smp-venv/bin/python   # the peer gets imgclf's train seconds
+    python bench/bench_segment.py --budget 600 --seed 0   # both with --time-budget 600
 
 The split no choice saw: CamVid's val (101 frames) is the test split here;
 imgclf carves its own val (for early stopping and the best epoch) from
@@ -40,18 +41,22 @@ def view(out: Path) -> Path:
     return v
 
 
-def run_imgclf(data: Path, out: Path, budget: float, seed: int, size: int, class_weights: str = "none") -> dict:
+def run_imgclf(data: Path, out: Path, budget: float | None, seed: int, size: int | None,
+               class_weights: str | None = None) -> dict:
     from imgclf.config import TrainConfig
     from imgclf.tasks import verbs
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     s = verbs("segment").train(TrainConfig(data=str(data), out=str(out), ignore_index=11, time_budget=budget,
                                            seed=seed, image_size=size, class_weights=class_weights))
     ev = json.loads((out / "eval_test.json").read_text())
-    return {"tool": f"imgclf (loss {s['plan']['loss']})", "start": "Lite0 ImageNet (offline), frozen trunk + FPN decoder",
+    crops = f"{s['plan']['cache_crop']} px crops of cached trunk maps" if s["plan"]["cached"] else "image crops"
+    return {"tool": f"imgclf (loss {s['plan']['loss']})",
+            "start": f"Lite0 ImageNet (offline), frozen trunk + FPN decoder, {s['plan']['image_size']} px, {crops}",
             "miou": ev["miou"],
             "pixel_accuracy": ev["pixel_accuracy"], "iou": ev["iou_per_class"], "epochs": s["epochs_run"],
-            "train_s": s["train_seconds"], "wall_s": round(time.time() - t0, 1), "plan": s["plan"]}
+            "train_s": s["train_seconds"], "wall_s": round(time.time() - t0, 1), "plan": s["plan"],
+            "cpu_s": round(time.process_time() - c0, 1), "val_miou": s["best"].get("miou")}
 
 
 def run_peer(python: str, data: Path, run: Path, out: Path, budget: float, seed: int, size: int) -> dict:
@@ -90,13 +95,14 @@ def row(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budget", type=float, default=600)
+    ap.add_argument("--budget", type=float, default=None, help="seconds (--time-budget); default: none, the "
+                    "default `imgclf train` as a user runs it; the peer then gets imgclf's training seconds")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--image-size", type=int, default=320)
+    ap.add_argument("--image-size", type=int, default=None, help="base size (default: imgclf's, 480)")
     ap.add_argument("--peer", default=None, help="the python of a venv with segmentation-models-pytorch")
     ap.add_argument("--out", default="/tmp/bench_segment")
-    ap.add_argument("--class-weights", default="none", help="imgclf's loss: none (CE) | auto (CE, median-frequency "
-                    "class weights); several, comma-separated, run one after the other")
+    ap.add_argument("--class-weights", default="default", help="imgclf's loss: default (imgclf's: auto) | none (CE) | "
+                    "auto (CE, median-frequency class weights); several, comma-separated, run one after the other")
     a = ap.parse_args()
     import logging
 
@@ -106,10 +112,11 @@ def main() -> None:
     data = view(out)
     rows = []
     for cw in a.class_weights.split(","):
-        run = out / f"imgclf_s{a.seed}_{int(a.budget)}_{a.image_size}_{cw}"
-        rows.append(run_imgclf(data, run, a.budget, a.seed, a.image_size, cw))
+        run = out / f"imgclf_s{a.seed}_{int(a.budget or 0)}_{a.image_size or 'default'}_{cw}"
+        rows.append(run_imgclf(data, run, a.budget, a.seed, a.image_size, None if cw == "default" else cw))
     if a.peer:
-        rows.append(run_peer(a.peer, data, run, out, a.budget, a.seed, a.image_size))
+        r = rows[-1]
+        rows.append(run_peer(a.peer, data, run, out, a.budget or r["train_s"], a.seed, r["plan"]["image_size"]))
     print(machine())
     print("| tool | start | test mIoU | IoU Pole / SignSymbol / Bicyclist | pixel acc. | epochs | train s | wall s |")
     print("|---|---|---|---|---|---|---|---|")

@@ -192,7 +192,7 @@ def main() -> None:
     a.model = a.model or TrainConfig().model
     import torch
 
-    torch.set_num_threads(1)  # tiny matmuls: one thread is faster (training/stages.py)
+    torch.set_num_threads(1)  # tiny matmuls: one thread is faster (training/stage_head.py)
     names, kinds = a.datasets.split(","), a.novelty.split(",")
     strategies = [f"suggest:{k}" for k in kinds] + ["random"]
     results, t0 = {}, time.time()

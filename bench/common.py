@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -26,6 +27,34 @@ def machine() -> str:
 
     return (f"{cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
             f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def timeit(fn, x, repeats: int) -> float:
+    """Median seconds per call of fn(x), after one warm-up call."""
+    fn(x)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def speed_columns(fn, data, batches: tuple[int, ...], repeats: tuple[int, ...], ms_digits: int = 1) -> dict:
+    """An engine's table columns: "batch B img/s" and "batch B ms/img" for each
+    batch size B, timed by `timeit` on the first B items of `data`."""
+    row = {}
+    for b, r in zip(batches, repeats):
+        t = timeit(fn, data[:b], r)
+        row[f"batch {b} img/s"] = f"{b / t:.1f}"
+        row[f"batch {b} ms/img"] = f"{t * 1000 / b:.{ms_digits}f}"
+    return row
+
+
+def speedup(rows: list[dict], col: str) -> list[str]:
+    """Each row's `col` (a number in text) against the first row's (the baseline), as "1.23x"."""
+    base = float(rows[0][col])
+    return [f"{float(r[col]) / base:.2f}x" for r in rows]
 
 
 def table(rows: list[dict], cols: list[str]) -> str:

@@ -67,7 +67,8 @@ class TrainConfig:
     flip_features: bool | None = _f(None, "mirror training images: cached features also cache each image flipped; "
                                           "native: random flips, colour images only (default: on for native, off "
                                           "for cached features, where it doubled the encoding for no measured gain)")
-    class_weights: str = _f("none", "none | auto (loss weights inversely proportional to class frequency)")
+    class_weights: str | None = _f(None, "none | auto (loss weights inversely proportional to class frequency; "
+                                         "default: none, segment: auto, median frequency)")
     balanced_sampler: bool = _f(False, "draw training batches with equal class probability")
     val_fraction: float = _f(0.1, "share of each class held out for validation when the data has no split")
     test_fraction: float = _f(0.1, "share of each class held out for testing when the data has no split")
@@ -111,7 +112,7 @@ class TrainConfig:
     race_images: int = _f(1000, "training images (a stratified sample) each strategy in the race learns from")
     race_seconds: float = _f(240, "the race's time budget for training its candidates; when it runs out the best "
                                   "score so far wins")
-    lowres_size: int | None = _f(None, "lowres: the input size the pretrained backbone is fine-tuned at (default 96)")
+    lowres_size: int | None = _f(None, "lowres: the input size the pretrained backbone is fine-tuned at (default 128, chosen on val)")
     decode_size: int | None = _f(None, "lowres: the size training images are decoded at and kept in memory before "
                                        "each batch is upscaled (default: their own, at most 64 px)")
     erase: float | None = _f(None, "native and lowres: share of training images given a random erased rectangle "
@@ -145,7 +146,7 @@ class TrainConfig:
             (self.erase is None or 0 <= self.erase <= 1, f"--erase {self.erase}: use a share in [0, 1]"),
             (self.augment in AUGMENTS, f"--augment {self.augment!r}: use one of {', '.join(AUGMENTS)}"),
             (self.resize in (None, *RESIZE_POLICIES), f"--resize {self.resize!r}: use crop, squash or pad"),
-            (self.class_weights in ("none", "auto"), f"--class-weights {self.class_weights!r}: use none or auto"),
+            (self.class_weights in (None, "none", "auto"), f"--class-weights {self.class_weights!r}: use none or auto"),
             (self.monitor in ("acc", "balanced_acc", "loss"), f"--monitor {self.monitor!r}: use acc, balanced_acc or loss"),
             (self.engine in ("auto", "torch", "onnxruntime"), f"--engine {self.engine!r}: use auto, torch or onnxruntime"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"--device {self.device!r}: use auto, cpu or cuda"),
@@ -190,7 +191,8 @@ class RuntimeConfig:
 
 @dataclass
 class EvaluateConfig(RuntimeConfig):
-    run: str = _f("", "run directory", positional=1)
+    run: str = _f("", "run directory (a segmenter's exported .onnx or .ort too: results in <file>-eval/)",
+                  positional=1)
     data: str | None = _f(None, "data root (default: the one recorded in the run)", positional="?")
     split: str | None = _f(None, "split to evaluate (default: test, else val)", choices=("test", "val", "train"))
     tta: str = _f("none", "test-time augmentation: flip averages with the mirrored image (the report shows both)",

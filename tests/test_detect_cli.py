@@ -11,14 +11,25 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
+from faster_coco_eval.core import mask as mask_utils
 
+from imgclf.config import EvaluateConfig, ExportConfig
+from imgclf.deploy.export import export
+from imgclf.errors import ExportError
 from imgclf.tasks import task_for_data
-from imgclf.tasks.detect.data import read_dataset, write_yolo
+from imgclf.tasks.detect import export as det_export
+from imgclf.tasks.detect.evaluate import evaluate
+from imgclf.tasks.detect.formats import read_dataset
+from imgclf.tasks.detect.formats.write import write_yolo
+from imgclf.tasks.detect.onnx_predictor import OnnxDetPredictor
+from imgclf.tasks.detect.torch_predictor import TorchDetPredictor
 from tests.conftest import DATASETS, imgclf, need
 
 BCCD = DATASETS / "bccd"
@@ -145,21 +156,26 @@ def test_two_gloo_ranks_train_one_detection_run(tmp_path):
     assert (out / "model.pt").exists() and summary["test"]["images"] == 4
 
 
-def test_instance_masks_are_learnt_answered_and_scored(tmp_path):
-    """Penn-Fudan's instance-id PNGs: the detector gains a mask branch, the
-    answer carries each mask as COCO RLE in the image's pixels, and the
-    evaluation scores the masks with the COCO evaluator ("segm")."""
-    from faster_coco_eval.core import mask as mask_utils
-
+@pytest.fixture(scope="module")
+def penn_masks(tmp_path_factory) -> tuple[Path, Path]:
+    """20 Penn-Fudan photos with their instance-id PNGs, trained 3 epochs at 192 px through the CLI."""
     penn = need(DATASETS / "pennfudan")
-    data = tmp_path / "penn"
+    data = tmp_path_factory.mktemp("penn") / "penn"
     (data / "PNGImages").mkdir(parents=True)
     (data / "PedMasks").mkdir()
     for img in sorted((penn / "PNGImages").glob("*.png"))[:20]:
         shutil.copy(img, data / "PNGImages")
         shutil.copy(penn / "PedMasks" / f"{img.stem}_mask.png", data / "PedMasks")
-    out = tmp_path / "run"
+    out = data.parent / "run"
     imgclf("train", data, "--out", out, "--epochs", "3", "--image-size", "192")
+    return data, out
+
+
+def test_instance_masks_are_learnt_answered_and_scored(penn_masks):
+    """Penn-Fudan's instance-id PNGs: the detector gains a mask branch, the
+    answer carries each mask as COCO RLE in the image's pixels, and the
+    evaluation scores the masks with the COCO evaluator ("segm")."""
+    data, out = penn_masks
     assert json.loads((out / "config.json").read_text())["task"] == "detect"
     m = json.loads((out / "eval_test.json").read_text())
     assert 0 <= m["mask_map"] <= 1 and "mask_map50" in m
@@ -173,6 +189,69 @@ def test_instance_masks_are_learnt_answered_and_scored(tmp_path):
         if len(xs):  # the mask lies inside its box (pasted there)
             x1, y1, x2, y2 = b["box"]
             assert x1 - 1 <= xs.min() and xs.max() <= x2 + 1 and y1 - 1 <= ys.min() and ys.max() <= y2 + 1
+
+
+def _mask_iou(a: dict, b: dict) -> float:
+    x, y = (mask_utils.decode({"size": m["size"], "counts": m["counts"].encode()}).astype(bool) for m in (a, b))
+    union = (x | y).sum()
+    return float((x & y).sum() / union) if union else 1.0
+
+
+def test_instance_masks_export_to_onnx_and_answer_as_pytorch(penn_masks, monkeypatch, tmp_path):
+    """`imgclf export` of a run with instance masks: the graph also gives each
+    detection's 28 x 28 mask, the gate compares them with PyTorch's (mask IoU
+    per matched detection), and the .onnx alone (torch unimportable) answers
+    masks as COCO RLE in the photo's pixels that agree with PyTorch's, through
+    predict and the server; evaluate scores them as the run does. A graph
+    whose masks are wrong is refused and not written."""
+    data, out = penn_masks
+    r = export(ExportConfig(str(out), check_images=4))
+    path = out / "model.onnx"
+    assert [o.name for o in onnx.load(str(path)).graph.output][-1] == "masks" and "note" not in r
+    assert r["parity_masks_compared"] == r["parity_matched"] > 0
+    assert r["parity_mask_min_iou"] >= det_export.MIN_MASK_IOU and r["parity_mask_max_prob_diff"] < 1e-3
+    imgs = [str(p) for p in sorted((data / "PNGImages").glob("*.png"))[:2]]
+    code = textwrap.dedent(f"""
+        import sys, json
+        sys.modules["torch"] = None
+        from imgclf.tasks import load
+        print("ANSWERS", json.dumps(load({str(path)!r}).predict({imgs!r}, conf=0.1)))
+        from imgclf.tasks.detect.onnx_predictor import OnnxDetPredictor
+        opened = OnnxDetPredictor.__init__
+        def at_0_1(self, *a, **k):  # the server answers at each class's threshold: 0.1, as above, for boxes to show
+            opened(self, *a, **k)
+            self.thresholds = self.thresholds * 0 + 0.1
+        OnnxDetPredictor.__init__ = at_0_1
+        from fastapi.testclient import TestClient
+        from imgclf.deploy.serve import ServeConfig, create_app
+        with TestClient(create_app(ServeConfig({str(path)!r}))) as c:
+            j = c.post("/v1/predict", files={{"file": ("a.png", open({imgs[0]!r}, "rb").read())}}).json()
+        print("SERVED", json.dumps(j["predictions"][0]))
+        print("TORCH_FREE_OK", [m for m in ("torch", "torchvision", "timm") if sys.modules.get(m) is not None])
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV)
+    assert p.returncode == 0 and "TORCH_FREE_OK []" in p.stdout, p.stdout + p.stderr
+    got = json.loads(p.stdout.split("ANSWERS ", 1)[1].splitlines()[0])
+    served = json.loads(p.stdout.split("SERVED ", 1)[1].splitlines()[0])
+    want = TorchDetPredictor.from_run(out, device="cpu").predict(imgs, conf=0.1)
+    assert got[0]["boxes"] and served["boxes"] == got[0]["boxes"]  # masks and all
+    for g, w in zip(got, want):
+        assert [b["label"] for b in g["boxes"]] == [b["label"] for b in w["boxes"]]
+        for gb, wb in zip(g["boxes"], w["boxes"]):
+            assert gb["mask"]["size"] == [g["height"], g["width"]]
+            assert _mask_iou(gb["mask"], wb["mask"]) >= 0.9
+    own = (out / "eval_test.json").read_text()
+    try:
+        m = evaluate(EvaluateConfig(run=str(out), report=False), pred=OnnxDetPredictor(path))
+    finally:
+        (out / "eval_test.json").write_text(own)
+    assert abs(m["mask_map"] - json.loads(own)["mask_map"]) <= 0.01
+
+    flipped = det_export.MaskGraph.forward
+    monkeypatch.setattr(det_export.MaskGraph, "forward", lambda self, *a: 1 - flipped(self, *a))
+    with pytest.raises(ExportError, match=r"mask IoU min \d"):
+        export(ExportConfig(str(out), out=str(tmp_path / "bad.onnx"), check_images=4))
+    assert not (tmp_path / "bad.onnx").exists()
 
 
 def test_check_routes_detection_labels_and_fix_writes_a_cleaned_copy(tmp_path):

@@ -20,13 +20,9 @@ from imgclf.tasks.detect.check import (
     split_dataset,
     suggest_image_size,
 )
-from imgclf.tasks.detect.data import (
-    detect_format,
-    read_coco,
-    read_dataset,
-    write_coco,
-    write_yolo,
-)
+from imgclf.tasks.detect.formats import detect_format, read_dataset
+from imgclf.tasks.detect.formats.coco import read_coco
+from imgclf.tasks.detect.formats.write import write_coco, write_yolo
 from tests.conftest import DATASETS, need
 
 BCCD, PENN = DATASETS / "bccd", DATASETS / "pennfudan"

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.tasks.detect.data import read_dataset
 from imgclf.tasks.detect.figures import STYLE, boxes_thumb
+from imgclf.tasks.detect.formats import read_dataset
 from tests.conftest import imgclf
 from tests.test_detect_data import voc_subset
 

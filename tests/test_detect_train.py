@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from imgclf.tasks.detect.data import DetDataset, read_dataset
+from imgclf.tasks.detect.data import DetDataset
+from imgclf.tasks.detect.formats import read_dataset
 from imgclf.tasks.detect.loop import AugmentedImages
 from imgclf.tasks.detect.metrics import coco_metrics
 from imgclf.tasks.detect.model import HEADS, Detector, detection_loss, train_transform

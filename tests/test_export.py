@@ -161,7 +161,7 @@ def test_int8_export(tiny_run, exported, tmp_path):
 
 
 def test_int8_verdict():
-    from imgclf.deploy.export import int8_verdict
+    from imgclf.deploy.export_common import int8_verdict
 
     assert int8_verdict(0.98, 0.97, 1.0, False) is None
     assert int8_verdict(0.98, 0.99, 1.0, False) is None

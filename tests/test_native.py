@@ -69,7 +69,7 @@ def test_photos_keep_the_linear_default_and_budget_is_enforced(tiny, digits, mon
     from imgclf.data.datasets import discover
     from imgclf.data.loading import look_at
     from imgclf.errors import ConfigError
-    from imgclf.training.train import choose_strategy
+    from imgclf.training.strategy import choose_strategy
 
     cpu = torch.device("cpu")
     photos, small = discover(tiny), discover(digits)
@@ -143,7 +143,7 @@ def test_lowres_finetuning_learns_small_colour_images(tiny32, tmp_path):
 
 
 def test_random_erasing_zeroes_one_box_per_chosen_image():
-    from imgclf.training.stages import erase_batch
+    from imgclf.training.stage_network import erase_batch
 
     x = torch.full((64, 3, 28, 28), 255, dtype=torch.uint8)
     g = torch.Generator().manual_seed(0)

@@ -23,6 +23,7 @@ from imgclf.tasks import task_for_data, verbs
 from imgclf.tasks.segment.check import check_dataset
 from imgclf.tasks.segment.data import load_mask, read_dataset, split_dataset
 from imgclf.tasks.segment.predictor import palette
+from tests.conftest import imgclf
 
 CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "camvid"
 if not CAMVID.is_dir():
@@ -173,6 +174,40 @@ def test_check_finds_planted_size_mismatch_unknown_values_and_unpaired_files(tmp
     assert {v for u in rep.unknown_values for v in u["values"]} == {11, 42}
 
 
+def test_check_names_a_frame_planted_in_train_and_val(tmp_path):
+    """A CamVid subset with one training frame planted again in val, once
+    as the same bytes and once re-encoded smaller: `imgclf check` reports
+    the leak by the files' names (as for classification and detection);
+    --near-dup off does not search, and embed is refused with the fix."""
+    data = _camvid_subset(tmp_path / "cv", 4, 2)  # consecutive frames: near-identical within train
+    frame = _stems("train", 200)[-1]  # a frame from another part of the drive, with none of its neighbours
+    (data / "train" / f"{frame}.jpg").symlink_to(CAMVID / "train" / f"{frame}.jpg")
+    (data / "trainannot" / f"{frame}.png").symlink_to(CAMVID / "trainannot" / f"{frame}.png")
+    shutil.copy(CAMVID / "train" / f"{frame}.jpg", data / "val" / "planted_same.jpg")
+    Image.open(CAMVID / "train" / f"{frame}.jpg").resize((400, 300)).save(data / "val" / "planted_small.jpg",
+                                                                          quality=70)
+    for name in ("planted_same", "planted_small"):
+        shutil.copy(CAMVID / "trainannot" / f"{frame}.png", data / "valannot" / f"{name}.png")
+        if name == "planted_small":
+            Image.open(data / "valannot" / f"{name}.png").resize((400, 300), Image.NEAREST).save(
+                data / "valannot" / f"{name}.png")
+
+    rep = check_dataset(data, ignore_index=VOID)
+    assert not rep.clean and len(rep.leaks) == 1, rep.leaks
+    g = rep.leaks[0]
+    assert sorted(zip(g.files, g.splits)) == [(f"train/{frame}.jpg", "train"), ("val/planted_same.jpg", "val"),
+                                              ("val/planted_small.jpg", "val")]
+    p = imgclf("check", data, "--ignore-index", VOID)
+    leak = p.stdout.split("leakage across splits (1 group(s)):", 1)[1].splitlines()[1]
+    assert f"train/{frame}.jpg (train)" in leak and "val/planted_same.jpg (val)" in leak
+    assert "val/planted_small.jpg (val)" in leak and "near-identical" in leak
+    assert "span the given split (leakage" in p.stdout and "NOT clean" in p.stdout
+    off = imgclf("check", data, "--ignore-index", VOID, "--near-dup", "off").stdout
+    assert "leakage across splits" not in off and "nothing (--near-dup off)" in off
+    refused = imgclf("check", data, "--near-dup", "embed", check=False)
+    assert refused.returncode != 0 and "--near-dup embed" in refused.stderr + refused.stdout
+
+
 def test_check_warns_about_classes_under_half_a_percent(tmp_path):
     stems = _stems("train", 3)
 
@@ -295,13 +330,3 @@ def test_two_gloo_ranks_train_one_run(tmp_path):
     assert summary["epochs_run"] == 2 and (out / "model.pt").exists()
     ev = json.loads((out / "eval_val.json").read_text())
     assert ev["n"] == 4 and 0 <= ev["miou"] <= 1
-
-
-def test_export_and_serve_say_they_do_not_take_a_segmenter_yet(trained):
-    """Not built yet: refused with one line naming what works, never a
-    server that answers 500 or an export that writes a wrong graph."""
-    _, out, _, _ = trained
-    for args in (["export", out], ["serve", out, "--port", "0"]):
-        p = subprocess.run([sys.executable, "-m", "imgclf", *map(str, args)], capture_output=True, text=True,
-                           timeout=120)
-        assert p.returncode == 2 and "segment run is not built yet" in p.stderr, p.stderr

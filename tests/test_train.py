@@ -212,7 +212,7 @@ def test_feature_cache_hit_and_misses(tmp_path, tiny):
 
 def test_auto_strategy_choice():
     from imgclf.config import TrainConfig
-    from imgclf.training.train import choose_strategy
+    from imgclf.training.strategy import choose_strategy
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert choose_strategy(TrainConfig(), cpu)[0] == "linear"

@@ -3,6 +3,8 @@ functions (with the reason comment, if any) and import cycles at every depth
 (strongly connected components of the module graph, counting function-level
 imports too, since they run). Imports that point up the layer order are
 lint-imports' job (the contract in pyproject.toml is the one layer list).
+Also the house's size: modules over MODULE_LINES lines and the longest
+functions (def to last line, docstring included).
 
     python tools/import_report.py [--list] [--check]
 
@@ -19,7 +21,11 @@ from collections import defaultdict
 from pathlib import Path
 
 MAX_DEFERRED = 30
+MODULE_LINES = 500  # a module longer than this is reported (a function: LONGEST of them)
+LONGEST = 5
 ROOT = Path(__file__).resolve().parents[1] / "imgclf"
+
+
 def module_name(path: Path) -> str:
     rel = path.relative_to(ROOT.parent).with_suffix("")
     parts = list(rel.parts)
@@ -59,6 +65,14 @@ def imports(path: Path):
 
     visit(tree, False)
     return me, out
+
+
+def function_lengths(path: Path) -> list[tuple[int, str]]:
+    """(lines, "file:line name") of every function and method in the file."""
+    tree = ast.parse(path.read_text())
+    where = path.relative_to(ROOT.parent)
+    return [(node.end_lineno - node.lineno + 1, f"{where}:{node.lineno} {node.name}") for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
 
 
 def sccs(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -119,12 +133,14 @@ def main() -> None:
                 top += 1
     cycles = sccs(graph)
     big = [(len(p.read_text().splitlines()), str(p.relative_to(ROOT.parent))) for p in files]
-    big = sorted([b for b in big if b[0] > 500], reverse=True)
+    big = sorted([b for b in big if b[0] > MODULE_LINES], reverse=True)
+    longest = sorted((f for p in files for f in function_lengths(p)), reverse=True)[:LONGEST]
     print(f"imgclf imports at module top: {top}")
     print(f"imgclf imports inside functions: {len(func_level)} "
           f"({sum(1 for f in func_level if not f[2])} without a reason comment)")
     print(f"modules in import cycles: {sum(len(c) for c in cycles)} in {len(cycles)} cycle(s)")
-    print(f"modules over 500 lines: {len(big)} {big}")
+    print(f"modules over {MODULE_LINES} lines: {len(big)} {big}")
+    print(f"longest functions (lines): {longest}")
     if "--check" in sys.argv:
         unexplained = [f for f in func_level if not f[2]]
         if cycles or unexplained or len(func_level) > MAX_DEFERRED:

@@ -3,28 +3,22 @@ before any compute is spent: counts, formats, sizes, unreadable files, exact
 and near duplicates (within a class, across classes, across splits),
 imbalance, and outliers worth a look (odd format or colour mode, near-blank
 placeholders). `--fix` writes a cleaned split as a CSV (never touching the
-user's files)."""
+user's files).
+
+Each file's statistics come from file_stats.py; --fix is check_fix.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from imgclf.data import near_dup as nd
+from imgclf.data.check_fix import MAX_DROP, format_fix, label_name, write_clean_csv
 from imgclf.data.datasets import Splits, discover
-from imgclf.data.images import BadImage, open_image, sniff
-from imgclf.data.loading import default_workers, file_hash
-from imgclf.data.near_dup import image_signature
-from imgclf.errors import ConfigError, DataError
-from imgclf.io import atomic_write_text
-from imgclf.log import Progress
+from imgclf.data.file_stats import FileStats, scan_files
+from imgclf.errors import ConfigError
 
-# --fix leaves out at most this share of the images unless forced: more is
-# likelier a detector gone wrong on this data than that much real copying.
-MAX_DROP = 0.05
 # "A graphic or placeholder": one colour covers at least FLAT_MIN of the
 # thumbnail and the rest has under GRAPHIC_MAX_VARIETY distinct colours per
 # pixel (hymenoptera's imageNotFound.gif: 0.17 at full size, 0.23 at 32 px;
@@ -34,73 +28,6 @@ GRAPHIC_MAX_VARIETY = 0.4
 
 KINDS = (("across_splits", "leakage across splits"), ("across_classes", "different labels"),
          ("within_class", "within a class"))
-
-
-def _image_stats(path: Path, hashes: bool = True) -> dict:
-    """Format, mode, size, how 'photo-like' the pixels are and the perceptual
-    hash, from one small thumbnail (decoding at reduced scale keeps this fast
-    on big JPEGs)."""
-    from PIL import Image
-
-    fmt, mode, size = sniff(path)  # BadImage for non-images, with the reason
-    img = open_image(path, draft_size=64)
-    with Image.open(path) as raw:
-        frames = getattr(raw, "n_frames", 1)
-    img.thumbnail((64, 64))
-    a = np.asarray(img, dtype=np.uint8).reshape(-1, 3)
-    _, counts = np.unique(a, axis=0, return_counts=True)
-    flat = float(counts.max() / len(a))
-    sig = image_signature(img) if hashes else (None, None)
-    # A graphic has a flat area covering most of it, and few distinct colours
-    # outside it (flat fills, anti-aliased edges). A photo on a plain
-    # background is flat too, but nearly every pixel of its subject differs
-    # from the next (noise, shading), however small the image: "variety" is
-    # distinct colours per pixel outside the flat area, which a count of
-    # colours alone is not on a 32 px image (1,024 pixels in all).
-    return {"format": fmt, "mode": mode, "size": size, "frames": frames, "std": float(a.std()), "flat": flat,
-            "colours": int(len(counts)), "variety": float(len(counts) / max(1.0, (1 - flat) * len(a))),
-            "phash": sig[0], "thumb": sig[1]}
-
-
-class FileStats:
-    """What check knows of each file, in numpy columns indexed like `entries`:
-    about 1.2 KB a file (mostly the 32 px grey thumbnail the near-duplicate
-    check compares), so a million files cost ~1.2 GB. ok[k] says whether
-    file k could be read."""
-
-    def __init__(self, n: int):
-        self.ok = np.zeros(n, bool)
-        self.fmt = np.zeros(n, np.uint8)  # index into self.names["format"]
-        self.mode = np.zeros(n, np.uint8)
-        self.size = np.zeros((n, 2), np.int32)
-        self.frames = np.zeros(n, np.int32)
-        self.std = np.zeros(n, np.float32)
-        self.flat = np.zeros(n, np.float32)
-        self.colours = np.zeros(n, np.int32)
-        self.variety = np.zeros(n, np.float32)
-        self.phash = np.zeros((n, nd.N_VIEWS), np.uint64)
-        self.thumb = np.zeros((n, nd.THUMB, nd.THUMB), np.uint8)
-        self.content = np.zeros(n, "S32")  # file_hash: exact copies
-        self.names: dict[str, list[str]] = {"format": [], "mode": []}
-
-    def _code(self, kind: str, name: str) -> int:
-        names = self.names[kind]
-        if name not in names:
-            names.append(name)
-        return names.index(name)
-
-    def set(self, k: int, st: dict) -> None:
-        self.ok[k] = True
-        self.fmt[k], self.mode[k] = self._code("format", st["format"]), self._code("mode", st["mode"])
-        self.size[k], self.frames[k], self.std[k] = st["size"], st["frames"], st["std"]
-        self.flat[k], self.colours[k], self.content[k] = st["flat"], st["colours"], st["content"]
-        self.variety[k] = st["variety"]
-        if st["phash"] is not None:
-            self.phash[k], self.thumb[k] = st["phash"], st["thumb"]
-
-    def counts(self, kind: str) -> dict[str, int]:
-        col = self.fmt if kind == "format" else self.mode
-        return {name: int((col[self.ok] == i).sum()) for i, name in enumerate(self.names[kind])}
 
 
 def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
@@ -143,70 +70,9 @@ def check_dataset(data: str | Path, val_fraction: float = 0.1, test_fraction: fl
     }
 
 
-def _stats_or_reason(path: Path, hashes: bool) -> dict | str:
-    try:
-        return {**_image_stats(path, hashes), "content": file_hash(path)}
-    except BadImage as e:
-        return e.reason
-    except Exception as e:  # anything PIL throws is a bad file, not a crash of check
-        return f"unreadable: {e}"
-
-
-def _scan_chunk(paths: list[Path], hashes: bool) -> list[dict | str]:
-    return [_stats_or_reason(p, hashes) for p in paths]
-
-
 def _scan(s: Splits, entries: list, progress: bool, hashes: bool) -> tuple[list[dict], FileStats]:
     bad, stats = scan_files((s.path(rel) for _, rel, _ in entries), len(entries), progress, hashes)
     return [{"path": entries[k][1], "reason": r} for k, r in bad], stats
-
-
-def scan_files(paths: Iterable[Path], n: int, progress: bool = True, hashes: bool = True
-               ) -> tuple[list[tuple[int, str]], FileStats]:
-    """Per readable file of the `n` paths its statistics (FileStats, indexed
-    like `paths`: format, size, perceptual and content hashes), streamed into
-    columns; the unreadable ones as (index, why). Decoding thumbnails is CPU
-    work, so chunks of files go to a process per core. Detection's check
-    reads its images through this too."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    bad, stats = [], FileStats(n)
-    step, it = 256, iter(paths)
-    chunks = iter(lambda: list(islice(it, step)), [])
-    # Below a few thousand files, starting the processes costs more than it saves. forkserver:
-    # the workers start clean, not as forks of a process that may hold torch's threads.
-    procs = max(1, 2 * default_workers()) if n >= 2000 else 1
-    pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("forkserver")) if procs > 1 else None
-    results = _bounded_map(pool, chunks, hashes, 4 * procs) if pool else (_scan_chunk(c, hashes) for c in chunks)
-    try:
-        with Progress(total=n, desc="checking", unit="img", enabled=progress) as bar:
-            for i, part in enumerate(results):
-                for j, r in enumerate(part):
-                    k = i * step + j
-                    if isinstance(r, str):
-                        bad.append((k, r))
-                    else:
-                        stats.set(k, r)
-                bar.update(len(part))
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
-    return bad, stats
-
-
-def _bounded_map(pool, chunks, hashes: bool, window: int):
-    """pool.map in order, with at most `window` chunks in flight (Executor.map
-    would queue every chunk of a million files at once)."""
-    from collections import deque
-
-    pending = deque()
-    for c in chunks:
-        pending.append(pool.submit(_scan_chunk, c, hashes))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 def _exact_groups(entries: list, stats: FileStats) -> list[list[tuple]]:
@@ -218,11 +84,6 @@ def _exact_groups(entries: list, stats: FileStats) -> list[list[tuple]]:
         if counts[g] > 1:
             groups.setdefault(int(g), []).append(entries[k])
     return list(groups.values())
-
-
-def label_name(classes: list[str], y) -> str:
-    """A label as the CSV writes it: multi-label sets joined by ';'."""
-    return ";".join(classes[i] for i in y) if isinstance(y, tuple) else classes[y]
 
 
 def _kinds(groups: list[list[tuple]], classes: list[str], given: bool) -> dict:
@@ -392,114 +253,3 @@ def _member(g: dict, i: int) -> str:
     """A group member as listed: its path, with its label or split where those differ."""
     extra = [v[i] for v in (g["labels"], g.get("splits", [])) if len(set(v)) > 1]
     return g["files"][i] + (f" ({', '.join(extra)})" if extra else "")
-
-
-# ------------------------------------------------------------------ --fix
-
-SPLIT_RANK = {"train": 0, "val": 1, "test": 2}
-
-
-def clean_entries(entries: list[tuple], groups: list[list[tuple]], pixels: dict, given: bool
-                  ) -> tuple[list[tuple], dict]:
-    """The entries (split, path, label) to keep, and why each other one goes.
-    Per group of copies (exact or near, merged where they overlap): one label ->
-    keep one image, from the earliest split (train, then val, then test: a leak
-    leaves the evaluation side) and with the most pixels; several labels ->
-    keep none (which label is right is for a person to say)."""
-
-    index = {e[1]: k for k, e in enumerate(entries)}
-    i = [index[g[0][1]] for g in groups for _ in g[1:]]
-    j = [index[e[1]] for g in groups for e in g[1:]]
-    why, n_conflicts = {}, 0
-    for comp in nd.groups(len(entries), np.array(i, np.int64), np.array(j, np.int64)):
-        members = [entries[k] for k in comp]
-        if len({y for _, _, y in members}) > 1:
-            n_conflicts += 1
-            for m in members:
-                why[m[1]] = f"conflict {n_conflicts}"
-            continue
-        keep = min(members, key=lambda m: (SPLIT_RANK[m[0]], -pixels[m[1]], m[1]))
-        for m in members:
-            if m is not keep:
-                why[m[1]] = f"leak of {keep[1]}" if given and m[0] != keep[0] else f"copy of {keep[1]}"
-    return [e for e in entries if e[1] not in why], why
-
-
-def default_fix_path(data: str | Path) -> Path:
-    """Next to the data: PHOTOS_clean.csv beside the folder PHOTOS, LABELS_clean.csv beside LABELS.csv."""
-    d = Path(data).expanduser().resolve()
-    return d.with_name(f"{d.stem if d.is_file() else d.name}_clean.csv")
-
-
-def write_clean_csv(s: Splits, data: str | Path, out: str | Path, groups: list[list[tuple]], bad: list[dict],
-                    all_entries: list[tuple], stats: FileStats, max_drop: float = MAX_DROP,
-                    force: bool = False) -> dict:
-    """Write the cleaned split as a `path,label[,split]` CSV (paths relative to
-    its folder; the split column when the data came with one), atomically.
-    Rows with conflicting labels are written commented out at the end for a
-    person to decide. The user's images and files are never touched. Returns
-    what it drops, and why, either way; writes nothing (refused) when that is
-    more than `max_drop` of the readable images, unless `force`."""
-    import os
-
-
-    out = Path(out).expanduser().resolve()
-    if Path(data).is_file() and out == Path(data).resolve():
-        raise DataError(f"--fix-out {out} is the input CSV; imgclf never overwrites your files",
-                        "name another file, or leave --fix-out out to write next to the data")
-    entries = [all_entries[k] for k in np.flatnonzero(stats.ok)]
-    members = {rel for g in groups for _, rel, _ in g}  # only copies need their pixel counts
-    pixels = {all_entries[k][1]: int(stats.size[k].prod()) for k in np.flatnonzero(stats.ok)
-              if all_entries[k][1] in members}
-    kept, why = clean_entries(entries, groups, pixels, s.given)
-    counts = {k: sum(v.startswith(k) for v in why.values()) for k in ("copy", "leak", "conflict")}
-    share = len(why) / max(1, len(entries))
-    result = {"path": str(out), "kept": len(kept), "of": len(entries) + len(bad), **counts, "unreadable": len(bad),
-              "dropped": [{"path": rel, "why": v} for rel, v in why.items()], "share": share, "max_drop": max_drop,
-              "refused": None}
-    if share > max_drop and not force:
-        return {**result, "refused": f"it would leave out {len(why)} of {len(entries)} readable images "
-                                     f"({share:.1%}), more than --max-drop {max_drop:.0%}"}
-    cells = lambda n, rel, y: [os.path.relpath(s.path(rel), out.parent), label_name(s.classes, y), n][:3 if s.given else 2]  # noqa: E731
-    lines = [f"# imgclf check --fix of {s.root}: {len(kept)} of {len(entries) + len(bad)} images kept; dropped "
-             f"{counts['copy']} copies within a split, {counts['leak']} copies of training images from val/test "
-             f"(leakage), {counts['conflict']} with conflicting labels (at the end), {len(bad)} unreadable",
-             _csv_line(["path", "labels" if s.multi_label else "label"] + (["split"] if s.given else []))]
-    lines += [_csv_line(cells(*e)) for e in kept]
-    conflicts = sorted((e for e in entries if why.get(e[1], "").startswith("conflict")),
-                       key=lambda e: int(why[e[1]].split()[1]))
-    if conflicts:
-        lines.append("# The same photo with different labels: left out. To keep one, remove the '#' of its right row.")
-    for k, e in enumerate(conflicts):
-        if k == 0 or why[e[1]] != why[conflicts[k - 1][1]]:
-            lines.append(f"# {why[e[1]]}:")
-        lines.append("#" + _csv_line(cells(*e)))
-    atomic_write_text(out, "\n".join(lines) + "\n")
-    return result
-
-
-def _csv_line(cells: list[str]) -> str:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="").writerow(cells)
-    return buf.getvalue()
-
-
-FIX_LISTED = 50  # dropped files listed by the text report (--json lists all)
-
-
-def format_fix(f: dict) -> str:
-    L = [f"--fix leaves out {len(f['dropped'])} image(s) ({f['share']:.1%} of the readable ones):"]
-    L += [f"  {d['path']}: {d['why']}" for d in f["dropped"][:FIX_LISTED]]
-    if len(f["dropped"]) > FIX_LISTED:
-        L.append(f"  ... and {len(f['dropped']) - FIX_LISTED} more (--json lists them all)")
-    if f["refused"]:
-        return "\n".join(L + [f"cleaned split NOT written: {f['refused']}. Look at the list above; if it is "
-                               f"right, rerun with --force (or raise --max-drop)"])
-    return "\n".join(L + [
-        f"cleaned split: {f['path']}\n  kept {f['kept']} of {f['of']} images: dropped {f['copy']} copies within "
-        f"a split, {f['leak']} copies of training images from val/test, {f['conflict']} with conflicting labels "
-        f"(commented out at the end of the file), {f['unreadable']} unreadable\n"
-        f"  train on it: imgclf train {f['path']}"])

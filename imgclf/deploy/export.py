@@ -34,13 +34,14 @@ same accuracy gate.
 Web: a static folder (imgclf/deploy/web) holding the checked any-size ONNX
 model, its metadata as model.json, ONNX Runtime Web and a page that decodes the
 photo and hands it to the graph; it works offline after the first visit.
+
+A detection run goes to deploy/export_detect.py; what both drivers share
+(check images, ONNX metadata, INT8, .ort) is in deploy/export_common.py.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,9 @@ from imgclf.config import ExportConfig
 from imgclf.data.datasets import multi_hot
 from imgclf.data.images import BadImage, open_image
 from imgclf.data.preprocess import normalize, resize_image
+from imgclf.deploy.export_common import Int8Recipe, every_kth, int8_verdict, quantize, to_ort, with_metadata
+from imgclf.deploy.export_detect import export_detector
+from imgclf.deploy.export_segment import Shared, export_segmenter
 from imgclf.deploy.resize_graph import resize_model, with_resize
 from imgclf.deploy.tflite import quantize_tflite, to_tflite
 from imgclf.deploy.tflite import with_metadata as tflite_metadata
@@ -78,12 +82,6 @@ from imgclf.models.same_pad import trace_to_onnx
 from imgclf.ort import ort_session
 from imgclf.runs import RunDir
 from imgclf.tasks import task_of
-from imgclf.tasks.detect import export as det_export
-from imgclf.tasks.detect.data import read_dataset
-from imgclf.tasks.detect.evaluate import val_metrics
-from imgclf.tasks.detect.onnx_predictor import OnnxDetPredictor
-from imgclf.tasks.detect.splits import DetSplits
-from imgclf.tasks.detect.torch_predictor import CANDIDATE_SCORE, TorchDetPredictor
 
 log = get_logger(__name__)
 
@@ -189,11 +187,6 @@ def metadata(src: ExportSource, int8: bool) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
-def every_kth(items: list, limit: int | None) -> list:
-    """Every k-th item, so a subset still covers every class (splits are sorted by class)."""
-    return items[::max(1, len(items) // limit)][:limit] if limit else items
-
-
 def split_images(run: RunDir, split: str, limit: int | None, pp) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (N, S, S, 3) images of a run's split, as the model sees them, and
     their labels. Unreadable files are skipped (training skipped them too)."""
@@ -239,27 +232,6 @@ def parity(p: np.ndarray, p_ref: np.ndarray) -> tuple[float, float]:
     return float(np.abs(p - p_ref).max()), float((p.argmax(1) == p_ref.argmax(1)).mean())
 
 
-def int8_verdict(fp32_acc: float, int8_acc: float, max_drop: float, force: bool, agreement: float | None = None,
-                 min_agreement: float = 0.0) -> str | None:
-    """None if the INT8 model may be written; otherwise why not (and how to override).
-    Accuracy alone can hide answers that change both ways, so the share of
-    images whose top-1 answer stays fp32's (`agreement`, single-label) is
-    gated too."""
-    drop = (fp32_acc - int8_acc) * 100
-    low = agreement is not None and agreement < min_agreement - 1e-9
-    if (drop <= max_drop + 1e-9 and not low) or force:
-        return None
-    same = "" if agreement is None else f"; top-1 as fp32 on {agreement:.1%}"
-    if drop > max_drop + 1e-9:
-        why = (f"INT8 accuracy drops by {drop:.1f} points ({fp32_acc:.1%} -> {int8_acc:.1%} on validation{same}), "
-               f"over the limit of {max_drop:g}")
-    else:
-        why = (f"INT8 changes the top-1 answer of {1 - agreement:.1%} of validation images (top-1 as fp32 on "
-               f"{agreement:.1%}, under the limit of {min_agreement:.1%}; accuracy {fp32_acc:.1%} -> {int8_acc:.1%})")
-    return (f"{why}; the file was not written. Use the fp32 export, calibrate on more images (--calib-images), "
-            f"or write it anyway with --force (or raise --max-drop / lower --min-agreement)")
-
-
 def export(cfg: ExportConfig) -> dict:
     """Export a run; returns a report dict (path, parity, INT8 accuracy and speed)."""
     if cfg.int8 and cfg.format not in ("onnx", "ort", "tflite"):
@@ -276,6 +248,8 @@ def export(cfg: ExportConfig) -> dict:
         check_replaceable_folder(out, is_export)
     if task_of(run.path) == "detect":
         return write_export(out, export_detector(run, cfg, out), cfg)
+    if task_of(run.path) == "segment":  # its driver takes this module's machinery as arguments (no import cycle)
+        return write_export(out, export_segmenter(run, cfg, out, Shared(with_metadata, quantize, Int8Recipe, to_ort)), cfg)
     if task_of(run.path) != "classify":
         raise ConfigError(f"{run}: exporting a {task_of(run.path)} run is not built yet",
                           "predict and evaluate with the run itself (imgclf predict RUN IMAGES)")
@@ -472,97 +446,6 @@ def to_onnx(wrapped, size: int, meta: dict[str, str], outputs: list[str] = (OUTP
     return with_metadata(trace_to_onnx(wrapped, example, [INPUT], list(outputs)), meta)
 
 
-def with_metadata(m, meta: dict[str, str]) -> bytes:
-    del m.metadata_props[:]
-    for k, v in meta.items():
-        p = m.metadata_props.add()
-        p.key, p.value = k, v
-    what = "imgclf object detector: " if meta.get("task") == "detect" else "imgclf image classifier: "
-    m.doc_string = what + meta["input"] + " -> " + meta["output"]
-    return m.SerializeToString()
-
-
-@dataclass(frozen=True)
-class Int8Recipe:
-    """How `quantize` makes a static INT8 model; the default is the one chosen
-    by measurement (bench/bench_int8.py, docs/benchmarks.md).
-
-    ops: the op types quantized. `Clip` (ReLU6) must be among them: only then
-    does the quantizer give each convolution's output the range after the
-    clip ([0, 6]) instead of the wide range before it, and drop the
-    dequantize -> Clip -> quantize between convolutions; without it the
-    default model lost accuracy and most of the speed. `Add` and
-    `GlobalAveragePool` keep the residual sums and the pooling in int8 too
-    (fewer conversions; as accurate). Per-channel weights: per-tensor ones
-    lose accuracy on the depthwise convolutions.
-    float_layers: node-name parts kept in float ("conv_stem", "conv_head",
-    "/head/", "conv_dw"). calibration: minmax, entropy or percentile.
-    """
-
-    format: str = "qoperator"  # or "qdq"
-    ops: tuple[str, ...] = ("Conv", "Clip", "Add", "GlobalAveragePool", "Gemm", "MatMul")
-    per_channel: bool = True
-    symmetric_activations: bool = False
-    calibration: str = "minmax"
-    percentile: float = 99.999
-    float_layers: tuple[str, ...] = ()
-    preprocess: bool = True
-
-
-INT8_RECIPE = Int8Recipe()
-
-
-def quantize(fp32: bytes, x_cal: np.ndarray, meta: dict[str, str], recipe: Int8Recipe = INT8_RECIPE) -> bytes:
-    """Static INT8 with onnxruntime, calibrated on `x_cal`, made as `recipe` says."""
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    # Batches of one size: the histogram calibrators (entropy, percentile) stack them.
-    b = max(d for d in range(1, 9) if len(x_cal) % d == 0)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(range(0, len(x_cal), b))
-
-        def get_next(self):
-            i = next(self.it, None)
-            return None if i is None else {INPUT: x_cal[i:i + b]}
-
-    with tempfile.TemporaryDirectory(prefix="imgclf-int8-") as tmp:
-        src, pre, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-        src.write_bytes(fp32)
-        if recipe.preprocess:
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        else:
-            pre = src
-        # The unknown scorer stays float: its scale is a rank among validation distances.
-        keep = ("/scorer/",) + recipe.float_layers
-        skip = [n.name for n in onnx.load(str(pre)).graph.node if any(k in n.name for k in keep)]
-        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                  "percentile": CalibrationMethod.Percentile}[recipe.calibration]
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # the quantizer warns per tensor about bias scales
-        try:
-            quantize_static(str(pre), str(dst), Reader(),
-                            quant_format=QuantFormat.QDQ if recipe.format == "qdq" else QuantFormat.QOperator,
-                            per_channel=recipe.per_channel, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, op_types_to_quantize=list(recipe.ops),
-                            nodes_to_exclude=skip, calibrate_method=method,
-                            extra_options={"ActivationSymmetric": recipe.symmetric_activations,
-                                           "CalibPercentile": recipe.percentile})
-        finally:
-            root.setLevel(level)
-        return with_metadata(onnx.load(str(dst)), meta)
-
-
 def quantize_checked(fp32: bytes, src: ExportSource, cfg: ExportConfig, report: dict, quantize_fn,
                      predictor=OnnxPredictor, calibrated: bool = True) -> bytes:
     """INT8 = quantize_fn(calibration images, from train), refused when validation
@@ -612,204 +495,3 @@ def export_web(src: ExportSource, cfg: ExportConfig, meta: dict, report: dict) -
 
 EXPORTERS = {"onnx": export_onnx, "ort": export_ort, "torchscript": export_torchscript, "tflite": export_tflite,
              "web": export_web}
-
-
-# ---------------------------------------------------------------- detection
-# A detection run's export: one graph with the letterbox, the network and NMS
-# inside (tasks/detect/export.py), checked against the PyTorch predictor on
-# val images by matching detections, written by the same driver.
-
-DET_MIN_IOU, DET_SCORE_ATOL = 0.99, 1e-4  # a matched box and score, exported vs PyTorch
-DET_FORMATS_NOT = {
-    "torchscript": "torchvision's detection postprocess loops over images in Python; export --format onnx instead",
-    "tflite": "litert-torch converts fixed-shape graphs: NMS and the data-dependent number of boxes have no "
-              "builtin TFLite op it emits; use --format onnx or ort (onnxruntime-mobile runs on Android and iOS)",
-}
-# INT8 for a detector: the trunk's convolutions only. The FPN and the head
-# (GroupNorm, box regression in pixels) stay float: the boxes are sums of
-# small regression deltas times anchor sizes, which int8 rounding moves.
-DET_INT8_RECIPE = Int8Recipe(ops=("Conv", "Clip", "Add"), float_layers=("/fpn/", "/head/"))
-
-
-@dataclass
-class DetSource:
-    """The detection run being exported and its check images."""
-
-    run: RunDir
-    reference: object  # TorchDetPredictor: the answers every export must reproduce
-    split: str
-    paths: list[str]  # the check images' files
-    x_check: np.ndarray  # their letterboxes (N, S, S, 3)
-    ref_out: list  # the reference's (boxes, scores, labels) per check image
-
-
-def det_source(run: RunDir, check_images: int) -> DetSource:
-    reference = TorchDetPredictor.from_run(run.path, device="cpu")
-    splits = DetSplits.read(run)
-    ds = read_dataset(splits.data)
-    items = splits.indices(ds)
-    split = "val" if items["val"] else "test"
-    paths, xs = [], []
-    for i in every_kth(items[split], check_images):
-        try:
-            xs.append(reference.prepare(str(ds.images[i].path))[0])
-            paths.append(str(ds.images[i].path))
-        except BadImage:
-            continue
-    if not xs:
-        raise ExportError(f"no readable images in the run's {split} split under {ds.root}", "is the data still there?")
-    x = np.stack(xs)
-    # Instance masks stay in PyTorch for now: the graph answers boxes, and parity is on them.
-    ref_out = [o[:3] for i in range(0, len(x), 8) for o in reference.outputs(x[i:i + 8])]
-    return DetSource(run, reference, split, paths, x, ref_out)
-
-
-def det_metadata(src: DetSource, int8: bool) -> dict[str, str]:
-    ref, pp = src.reference, src.reference.preprocess
-    meta = {
-        "format": FORMAT, "task": "detect", "classes": ref.classes, "preprocess": pp.to_dict(), "input_size": pp.size,
-        "resize": pp.resize, RESIZE_IN_GRAPH: True,
-        "input": f"uint8 RGB images (N, H, W, 3) of any size (one size per call), upright; letterboxed to {pp.size} "
-                 "px inside the graph",
-        "output": "boxes (N, D, 4) x1, y1, x2, y2 in the input image's pixels; scores (N, D), best first, 0 = "
-                  "padding; labels (N, D) class indices; selected (N, D): score >= its class's threshold",
-        "thresholds": [float(t) for t in ref.thresholds],
-        "postprocess": {"candidate_score": det_export.CANDIDATE, "nms_iou": det_export.IOU,
-                        "topk_per_level": det_export.TOPK_PER_LEVEL, "per_image": det_export.PER_IMAGE},
-        "arch": ref.arch, "imgclf_version": __version__, "trained_with": src.reference.metadata.get("trained_with", "?"),
-        "metrics": det_headline(src.run), "int8": int8, "run": src.run.path.name,
-        "run_path": str(src.run.path.resolve()), "model_sha256": src.run.model_sha256(),
-    }
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-
-
-def det_headline(run: RunDir) -> dict:
-    """The held-out mAP a deployment shows, from the run's eval file."""
-    for split in ("test", "val"):
-        f = run.eval_file(split)
-        if f.exists():
-            m = json.loads(f.read_text())
-            return {"split": split, "n": m.get("images"), "map": m.get("map"), "map50": m.get("map50")}
-    return {}
-
-
-def export_detector(run: RunDir, cfg: ExportConfig, out: Path) -> tuple[bytes, dict]:
-    """A detection run as ONNX (or .ort), NMS inside, checked on val images."""
-    if cfg.format in DET_FORMATS_NOT:
-        raise ConfigError(f"--format {cfg.format} is not available for a detection run: "
-                          f"{DET_FORMATS_NOT[cfg.format]}", "use --format onnx or --format ort")
-    if cfg.reject is not None:
-        raise ConfigError("--reject is for classifiers (a detector has no unknown-input score)", "drop --reject")
-    src = det_source(run, cfg.check_images)
-    meta = det_metadata(src, cfg.int8)
-    pp = src.reference.preprocess
-    report: dict = {"format": cfg.format, "path": str(out), "int8": cfg.int8, "task": "detect",
-                    "classes": src.reference.classes, "input_size": pp.size, "check_split": src.split,
-                    "check_images": len(src.x_check)}
-    if src.reference.model.mask_branch is not None:
-        report["note"] = "instance masks are not exported: the graph answers boxes (masks: imgclf predict RUN)"
-        log.warning(report["note"])
-    graph = det_export.detector_onnx(src.reference.model, pp.size, src.reference.thresholds, resize_model(pp))
-    fp32 = with_metadata(graph, meta)
-    det_parity(OnnxDetPredictor(fp32), "onnxruntime", src, report)
-    report.update(det_any_size_figures(src, fp32))
-    if cfg.format == "web":
-        site.require_runtime()
-        public = with_metadata(graph, {k: v for k, v in meta.items() if k != "run_path"})  # the folder is published
-        return site.build(public, OnnxDetPredictor(public).metadata), report
-    data = det_int8(fp32, src, cfg, meta, report) if cfg.int8 else fp32
-    if cfg.format == "ort":
-        data = det_ort(data, src, report)
-    return data, report
-
-
-def det_parity(pred: OnnxDetPredictor, engine: str, src: DetSource, report: dict,
-               ref_out: list | None = None) -> dict:
-    """The exported graph's detections on the check images against the
-    reference's: the same detections, matched boxes IoU >= DET_MIN_IOU and
-    scores within DET_SCORE_ATOL, or ExportError (nothing is written)."""
-    got = [o for i in range(0, len(src.x_check), 8) for o in pred.outputs(src.x_check[i:i + 8])]
-    per = [det_export.match(r, g, DET_SCORE_ATOL, DET_MIN_IOU, CANDIDATE_SCORE)  # the reference's own cut
-           for r, g in zip(ref_out or src.ref_out, got)]
-    fig = {"detections": sum(p["reference"] for p in per), "matched": sum(p["matched"] for p in per),
-           "missing": sum(p["missing"] for p in per), "extra": sum(p["extra"] for p in per),
-           "min_iou": min(p["min_iou"] for p in per), "max_score_diff": max(p["max_score_diff"] for p in per)}
-    report.update({f"parity_{k}": v for k, v in fig.items()})
-    bad = fig["missing"] or fig["extra"] or fig["min_iou"] < DET_MIN_IOU or fig["max_score_diff"] > DET_SCORE_ATOL
-    msg = (f"{fig['matched']} of {fig['detections']} detections matched, {fig['missing']} missing, {fig['extra']} "
-           f"extra, min IoU {fig['min_iou']:.4f} (limit {DET_MIN_IOU}), max score difference "
-           f"{fig['max_score_diff']:.1e} (limit {DET_SCORE_ATOL:g}) on {len(src.x_check)} {src.split} images")
-    if bad:
-        raise ExportError(f"{engine}'s detections differ from PyTorch's: {msg}; the export is wrong, not written",
-                          "set IMGCLF_DEBUG=1 and report it with the run's model.pt")
-    log.info(f"parity ({engine}): {msg}")
-    return fig
-
-
-def det_any_size_figures(src: DetSource, fp32: bytes) -> dict:
-    """Not gated, reported: the graph fed the check photos at their own size
-    (its letterbox inside) against the Python path (Pillow's letterbox, boxes
-    mapped back): the resize differs by a level or two, so a detection at
-    the edge of the candidate cut may come or go."""
-    session = ort_session(fp32)
-    ref = src.reference
-    per = []
-    for path, (b, s, c) in zip(src.paths, src.ref_out):
-        img = open_image(path)
-        ob, os_, oc = session.run(list(det_export.OUTPUTS[:3]), {"images": np.asarray(img)[None]})
-        v = os_[0] > 0
-        per.append(det_export.match((ref.to_original(b, img.size), s, c), (ob[0][v], os_[0][v], oc[0][v]),
-                                    0.02, 0.9, 0.1))
-    total = sum(p["reference"] for p in per)
-    return {"any_size_images": len(per), "any_size_matched_share": sum(p["matched"] for p in per) / max(total, 1),
-            "any_size_min_iou": min((p["min_iou"] for p in per), default=1.0)}
-
-
-def det_int8(fp32: bytes, src: DetSource, cfg: ExportConfig, meta: dict, report: dict) -> bytes:
-    """Static INT8 of the trunk, refused when val mAP@.5 drops by more than --max-drop points."""
-    t0 = time.time()
-    splits = DetSplits.read(src.run)
-    ds = read_dataset(splits.data)
-    items = splits.indices(ds)
-    x_cal = np.stack([src.reference.prepare(str(ds.images[i].path))[0]
-                      for i in every_kth(items["train"], cfg.calib_images)])
-    q = quantize(fp32, x_cal, meta, DET_INT8_RECIPE)
-    report.update(calib_images=len(x_cal), calib_seconds=round(time.time() - t0, 1))
-    p32, p8 = OnnxDetPredictor(fp32), OnnxDetPredictor(q)
-    m32, m8 = (val_metrics(p, ds, items[src.split])["map50"] for p in (p32, p8))
-    drop = (m32 - m8) * 100
-    report.update(fp32_map50=m32, int8_map50=m8, map50_change_points=round(-drop, 2), val_images=len(items[src.split]))
-    log.info(f"INT8: {src.split} mAP@.5 {m32:.3f} -> {m8:.3f} ({-drop:+.1f} points) on {len(items[src.split])} "
-             f"images; calibrated on {len(x_cal)} train images in {report['calib_seconds']} s")
-    if drop > cfg.max_drop + 1e-9 and not cfg.force:
-        raise ExportError(f"INT8 mAP@.5 drops by {drop:.1f} points ({m32:.3f} -> {m8:.3f} on {src.split}), over the "
-                          f"limit of {cfg.max_drop:g}; the file was not written",
-                          "use the fp32 export, or write it anyway with --force (or raise --max-drop)")
-    return q
-
-
-def det_ort(onnx_bytes: bytes, src: DetSource, report: dict) -> bytes:
-    """The checked ONNX graph in ONNX Runtime's own format, checked again: its
-    detections on the check images the same as the .onnx's."""
-
-    data = to_ort(onnx_bytes)
-    ref = OnnxDetPredictor(onnx_bytes)
-    ref_out = [o for i in range(0, len(src.x_check), 8) for o in ref.outputs(src.x_check[i:i + 8])]
-    sub: dict = {}
-    det_parity(OnnxDetPredictor(data), ".ort", src, sub, ref_out)
-    report.update({k.replace("parity_", "ort_parity_"): v for k, v in sub.items()})
-    return data
-
-
-def to_ort(onnx_bytes: bytes) -> bytes:
-    """ONNX Runtime's own format (.ort) of an ONNX graph: basic optimisations, saved by onnxruntime itself."""
-    import onnxruntime as ort  # deferred: a converter, only for --format ort
-
-    with tempfile.TemporaryDirectory(prefix="imgclf-ort-") as tmp:
-        path = Path(tmp) / "model.ort"
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = str(path)
-        so.add_session_config_entry("session.save_model_format", "ORT")
-        ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
-        return path.read_bytes()

@@ -144,6 +144,30 @@ def resize_model(pp, antialias: bool = True) -> onnx.ModelProto:
     return model
 
 
+def longer_side_model(size: int, antialias: bool = True) -> onnx.ModelProto:
+    """ONNX model: uint8 `images` (N, H, W, 3) of any size -> uint8 `resized`
+    (N, h, w, 3) with the longer side at `size` and the aspect kept, bilinear:
+    segmentation's resize (tasks/segment/predictor.py: base_size,
+    prepare_image), as `_pad` sizes its letterbox before padding. An image
+    already at that size passes unchanged."""
+    g = _Nodes()
+    shape = g.op("Shape", INPUT)
+    h = g.op("Slice", shape, g.const([1], np.int64), g.const([2], np.int64))
+    w = g.op("Slice", shape, g.const([2], np.int64), g.const([3], np.int64))
+    r = g.op("Div", g.const([float(size)], np.float64), g.f64(g.op("Max", h, w)))
+    one = g.const([1], np.int64)
+    nh, nw = (g.op("Max", one, g.rounded(g.op("Mul", g.f64(v), r))) for v in (h, w))
+    g.nodes.append(helper.make_node("Identity", [_resize(g, INPUT, nh, nw, antialias)], [RESIZED]))
+    graph = helper.make_graph(
+        g.nodes, "imgclf_resize_longer_side",
+        [helper.make_tensor_value_info(INPUT, TensorProto.UINT8, ["n", "h", "w", 3])],
+        [helper.make_tensor_value_info(RESIZED, TensorProto.UINT8, ["n", "rh", "rw", 3])], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def with_resize(model_bytes: bytes, pp, antialias: bool = True) -> onnx.ModelProto:
     """The fixed-size exported model (uint8 `images` (N, S, S, 3) in) behind
     resize_model: the same outputs and metadata, `images` of any size in."""

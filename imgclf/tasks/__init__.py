@@ -40,9 +40,10 @@ from imgclf.inference.load import model_format
 from imgclf.inference.onnx_predictor import OnnxPredictor, open_session
 from imgclf.io import torch_load
 from imgclf.runs import RunDir
-from imgclf.tasks.detect.data import detect_format
+from imgclf.tasks.detect.formats import detect_format
 from imgclf.tasks.detect.onnx_predictor import OnnxDetPredictor
 from imgclf.tasks.segment.data import segment_format
+from imgclf.tasks.segment.onnx_predictor import OnnxSegPredictor
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,9 @@ def checked(task: str) -> str:
 def task_of(path: str | Path) -> str:
     """The task a run directory (its config.json) or a model file was made
     for. A model file says so itself (model.pt's record, an export's
-    metadata): the verbs' `load` checks; here only a run directory is read,
-    since opening a model file would cost a second load."""
+    metadata): the verbs' `load` checks. Read here: a run directory, and an
+    export's metadata (one more onnxruntime session, for `evaluate x.onnx`
+    and `serve`); a model.pt is not opened (a second load of its weights)."""
     p = Path(path)
     cfg = p / "config.json"
     if p.is_dir() and cfg.is_file():
@@ -96,7 +98,15 @@ def task_of(path: str | Path) -> str:
             return checked(json.loads(cfg.read_text()).get("task", "classify"))
         except (OSError, ValueError):
             return "classify"  # a damaged config is the classify loader's message to give
+    if p.is_file() and model_format(p) in ("onnx", "ort"):  # `imgclf evaluate x.onnx DATA`, serve: its metadata
+        return export_task(open_session(p))
     return "classify"
+
+
+def export_task(session) -> str:
+    """The task an exported .onnx/.ort was made for (its metadata's "task"; classify before tasks existed)."""
+    task = session.get_modelmeta().custom_metadata_map.get("task", "classify")
+    return task if task in TASKS else "classify"
 
 
 def train(cfg: TrainConfig):
@@ -120,8 +130,11 @@ def load(path: str | Path, device: str = "auto", engine: str = "auto", cache_dir
     fmt = model_format(path)
     if fmt in ("onnx", "ort"):
         session = open_session(path, threads)
-        if session.get_modelmeta().custom_metadata_map.get("task", "classify") == "detect":
+        task = export_task(session)
+        if task == "detect":
             return OnnxDetPredictor(path, threads, session=session)
+        if task == "segment":
+            return OnnxSegPredictor(path, threads, session=session)
         return OnnxPredictor(path, threads, session=session)
     if fmt == "tflite":
         return LiteRTPredictor(path, threads=threads)

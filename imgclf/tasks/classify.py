@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 from imgclf.config import CheckConfig, EvaluateConfig, TrainConfig
-from imgclf.data.check import default_fix_path, format_report
+from imgclf.data.check import format_report
+from imgclf.data.check_fix import default_fix_path
 from imgclf.inference import Predictor
 from imgclf.inference import load as load_model
 

@@ -52,10 +52,12 @@ from imgclf.data.preprocess import Preprocess, augment_batch, native_preprocess
 from imgclf.models.embedder import BackboneEmbedder
 from imgclf.models.features import extract
 from imgclf.models.registry import build_model, get_model_info
+from imgclf.training.epochs import say
 from imgclf.training.head_fit import fit_head_cv
 from imgclf.training.loop import EarlyStopping, warmup_cosine
 from imgclf.training.lowres import probe_head
-from imgclf.training.stages import decode_items, erase_batch, lowres_groups, memory_prepare, plan_stages, say
+from imgclf.training.stage_network import decode_items, erase_batch, lowres_groups, memory_prepare
+from imgclf.training.stages import plan_stages
 
 MIN_SCORED = 200  # held-out images below which the race cross-validates on its sample
 VAL_MAX = 1000  # at most this many val images score the race (a stratified sample)

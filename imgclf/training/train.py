@@ -4,8 +4,9 @@
   -> stages (head on cached features | whole network on images)
   -> save the best epoch -> fit the temperature on val -> evaluate on held-out data
 
-Stages live in stages.py, checkpoints in checkpoint.py, the epoch functions
-in loop.py. Strategies:
+Which strategy and its settings: strategy.py (and race.py); stages live in
+stages.py, checkpoints in checkpoint.py, the epoch functions in loop.py.
+Strategies:
   linear    head only, on cached frozen-backbone features (seconds per epoch)
   finetune  head on cached features, then every layer on images with a lower
             learning rate for the backbone
@@ -13,8 +14,7 @@ in loop.py. Strategies:
   native    small images (<= 64 px, or grayscale <= 128 px): small_cnn from
             scratch at their own size, decoded once into memory
   lowres    small images: the pretrained backbone, every layer, fine-tuned at
-            a modest upscale (128 px) from images decoded once into memory,
-            its head first fitted as a linear probe (LP-FT)
+            a modest upscale (96 px) from images decoded once into memory
 `auto` on small colour images races linear, native and lowres on a sample
 (race.py); on photos it keeps the size rule.
 """
@@ -46,9 +46,11 @@ from imgclf.models.registry import SmallCNN, build_model, count_params, get_mode
 from imgclf.runs import RunDir, RunLock
 from imgclf.training.checkpoint import CKPT_KEYS, RunState, save_record
 from imgclf.training.distributed import Dist, init_distributed
+from imgclf.training.epochs import Context, say
 from imgclf.training.loop import balanced_class_weights, positive_weights
 from imgclf.training.race import RaceResult, race_strategies
-from imgclf.training.stages import LOWRES_SIZE, Context, check_memory_budget, plan_stages, run_stages, say
+from imgclf.training.stages import plan_stages, run_stages
+from imgclf.training.strategy import native_size, no_race_reason, strategy_for_run, strategy_settings
 from imgclf.training.tracking import Tracker, parse_sinks
 
 
@@ -78,59 +80,98 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
            held: contextlib.ExitStack) -> TrainResult:
     cfg, run, ckpt, splits = resolve_run(config, overrides, dist)
     if dist.main:  # one writer per run directory, until training ends
-        lock = held.enter_context(RunLock(run.path, splits.run_id))
-        if lock.took_over:
-            say(f"note: {run}: {lock.took_over}")
+        lock_run(held, run, splits)
     set_threads(device, dist)
     seed_everything(cfg.seed)
     look = look_at(splits, seed=cfg.seed) if cfg.strategy in ("auto", "native", "lowres") and not cfg.resume else None
-    strategy, why = choose_strategy(cfg, device, look, len(splits.train))
-    if strategy == "race" and (dist.enabled or splits.multi_label):
-        strategy, why = "native", f"{native_reason(cfg, look, len(splits.train))} (no race with several processes " \
-                                  f"or multi-label data)"
+    strategy, why = strategy_for_run(cfg, device, look, splits, dist)
     if dist.main:
         describe_found(splits)
     bad = check_files(splits, dist)  # before splits.json is written: it lists only files that were read
-    race: RaceResult | None = None
-    if strategy == "race":
-        say(f"strategy: race: {why}")
-        race = race_strategies(cfg, splits, device, native_size(cfg, look), bad,
-                               cfg.workers if cfg.workers is not None else default_workers(),
-                               lambda s: settled(cfg, s, look))
+    race = run_race(cfg, splits, device, look, bad, why) if strategy == "race" else None
+    if race is not None:
         strategy, why = race.winner, race.why
     cfg = strategy_settings(cfg, strategy, look, fix=race is not None)
     pp = resolve_preprocess(cfg)
     if dist.main:
         describe_data(splits, run, fresh=ckpt is None, cfg=cfg)
-    model = build_model(cfg.model, len(splits.classes), pretrained=cfg.pretrained, weights=cfg.weights,
+    model = build_network(cfg, len(splits.classes))
+    describe_plan(cfg, model, pp, device, strategy, why, dist)
+    state = RunState(cfg.to_dict(), run, dist.world)
+    if ckpt:
+        state.restore(ckpt, model)
+    ctx = make_context(cfg, splits, model, pp, device, state, bad, t_start, dist, strategy)
+    take_decoded(ctx, race)
+    train_stages(ctx, strategy)
+    if not dist.main:  # rank 0 alone calibrates, evaluates and writes the run
+        return TrainResult(run.path, strategy, {}, None, round(time.time() - t_start, 2))
+    return finish_run(ctx, strategy, why, race, look, t_start)
+
+
+# ---------------------------------------------------------------- the recipe's steps
+
+def lock_run(held: contextlib.ExitStack, run: RunDir, splits: Splits) -> None:
+    """Hold the run directory's lock until training ends: one writer per run."""
+    lock = held.enter_context(RunLock(run.path, splits.run_id))
+    if lock.took_over:
+        say(f"note: {run}: {lock.took_over}")
+
+
+def run_race(cfg: TrainConfig, splits: Splits, device: torch.device, look: ImageLook, bad: BadFileLog,
+             why: str) -> RaceResult:
+    """`auto` on small colour images: the candidates race on a sample (race.py)."""
+    say(f"strategy: race: {why}")
+    return race_strategies(cfg, splits, device, native_size(cfg, look), bad,
+                           cfg.workers if cfg.workers is not None else default_workers(),
+                           lambda s: settled(cfg, s, look))
+
+
+def build_network(cfg: TrainConfig, num_classes: int):
+    """The model the config names; with --from, the earlier run's backbone in it."""
+    model = build_model(cfg.model, num_classes, pretrained=cfg.pretrained, weights=cfg.weights,
                         head_hidden=cfg.head_hidden, dropout=cfg.dropout)
     if cfg.from_run:  # also on --resume: a checkpoint of a frozen-backbone stage holds only the head
         load_earlier_backbone(model, cfg.from_run)
+    return model
+
+
+def describe_plan(cfg: TrainConfig, model, pp: Preprocess, device: torch.device, strategy: str, why: str,
+                  dist: Dist) -> None:
+    """Say which model trains how, where and why."""
     say(f"model: {cfg.model} ({count_params(model) / 1e6:.1f}M parameters), input {pp.size}px {pp.resize}, "
         f"device {device}{f' ({torch.get_num_threads()} threads)' if device.type == 'cpu' else ''}")
     say(f"strategy: {strategy}: {why}")
     if dist.enabled:
         say(f"distributed: {dist.world} processes on {dist.nodes} node(s), {dist.backend}; batch {cfg.batch_size} "
             f"per process, {cfg.batch_size * dist.world} in all")
-    state = RunState(cfg.to_dict(), run, dist.world)
-    if ckpt:
-        state.restore(ckpt, model)
-    ctx = make_context(cfg, splits, model, pp, device, state, bad, t_start, dist, strategy)
-    if strategy == "lowres":
-        ctx.decode_pp = native_preprocess(cfg.decode_size)
-    if race is not None and strategy in ("native", "lowres"):
+
+
+def take_decoded(ctx: Context, race: RaceResult | None) -> None:
+    """lowres decodes at its own size; images the race decoded already are not decoded again."""
+    if ctx.strategy == "lowres":
+        ctx.decode_pp = native_preprocess(ctx.cfg.decode_size)
+    if race is not None and ctx.strategy in ("native", "lowres"):
         ctx.decoded = race.decoded  # decoded once, at the size the winner trains from
         race.hand_over(ctx)  # the winner's race model, when it is this run's so far
+
+
+def train_stages(ctx: Context, strategy: str) -> None:
+    """The planned stages; on Ctrl-C the last completed epoch is kept for --resume."""
     try:
-        run_stages(ctx, plan_stages(strategy, cfg), budgeted=strategy == "linear+finetune")
+        run_stages(ctx, plan_stages(strategy, ctx.cfg), budgeted=strategy == "linear+finetune")
     except KeyboardInterrupt:
-        say(f"\ninterrupted: the last completed epoch is saved; continue with `imgclf train --resume --out {run}`")
+        say(f"\ninterrupted: the last completed epoch is saved; continue with `imgclf train --resume --out "
+            f"{ctx.state.run}`")
         ctx.tracker.close(failed=True)
         raise
-    if not dist.main:  # rank 0 alone calibrates, evaluates and writes the run
-        return TrainResult(run.path, strategy, {}, None, round(time.time() - t_start, 2))
-    # One predictor of the best weights, in memory (one backbone session): the
-    # post-training fits go into it, it is saved, and it evaluates the held-out split.
+
+
+def finish_run(ctx: Context, strategy: str, why: str, race: RaceResult | None, look: ImageLook | None,
+               t_start: float) -> TrainResult:
+    """Rank 0: one predictor of the best weights, in memory (one backbone
+    session): the post-training fits go into it, it is saved as model.pt, and
+    it evaluates the held-out split; then the history and the summary."""
+    cfg, state, run = ctx.cfg, ctx.state, ctx.state.run
     clf = predictor(ctx, ctx.best_record())
     data = FitData(ctx.splits.root, ctx.splits.train, ctx.splits.val, cfg.batch_size, ctx.workers, ctx.bad, cfg.cache)
     calibration = fit_after_training(clf, data, cfg.threshold, cfg.reject, cfg.seed).get("calibration")
@@ -146,8 +187,6 @@ def _train(config: TrainConfig | None, overrides: dict, dist: Dist, device, t_st
     say(f"done in {summary['total_seconds']:.1f}s. Run: {run}  (predict: imgclf predict {run} IMAGE...)")
     return TrainResult(run.path, strategy, state.best_metrics, test, summary["total_seconds"], calibration)
 
-
-# ---------------------------------------------------------------- the recipe's steps
 
 def resolve_run(config: TrainConfig | None, overrides: dict, dist: Dist | None = None
                 ) -> tuple[TrainConfig, RunDir, dict | None, Splits]:
@@ -378,6 +417,12 @@ def set_threads(device: torch.device, dist: Dist | None = None) -> None:
                               and dist.enabled else share)
 
 
+def settled(cfg: TrainConfig, strategy: str, look: ImageLook | None) -> tuple[TrainConfig, Preprocess]:
+    """A race candidate's finishing config and input: the race trains its recipe as is."""
+    c = strategy_settings(cfg, strategy, look, fix=True)
+    return c, resolve_preprocess(c)
+
+
 def resolve_preprocess(cfg: TrainConfig) -> Preprocess:
     if cfg.model == "small_cnn" and cfg.image_size and cfg.image_size < SmallCNN.MIN_SIDE:
         raise ConfigError(f"--image-size {cfg.image_size} is too small for small_cnn (unpadded convolutions)",
@@ -392,154 +437,6 @@ def resolve_preprocess(cfg: TrainConfig) -> Preprocess:
     if cfg.crop_pct:
         pp.crop_pct = cfg.crop_pct
     return pp
-
-
-def choose_strategy(cfg: TrainConfig, device: torch.device, look: ImageLook | None = None,
-                    n_train: int = 0) -> tuple[str, str]:
-    """The fastest path to a good model for these images, model and hardware, and why."""
-    info = get_model_info(cfg.model)
-    pretrained = info.pretrained and (cfg.pretrained or cfg.weights)
-    if cfg.strategy != "auto":
-        if cfg.strategy in ("linear", "finetune") and not pretrained:
-            raise ConfigError(f"--strategy {cfg.strategy} needs a pretrained backbone; {cfg.model} has none here",
-                              "use --strategy scratch, or drop --no-pretrained")
-        if cfg.strategy == "native":
-            check_native_fits(cfg, look, n_train)
-        return cfg.strategy, "chosen with --strategy"
-    if cfg.strategy == "lowres":
-        if not pretrained:
-            raise ConfigError(f"--strategy lowres fine-tunes a pretrained backbone; {cfg.model} has none here",
-                              "use --strategy native, or drop --no-pretrained")
-        check_native_fits(replace(cfg, image_size=cfg.decode_size), look, n_train)
-        return cfg.strategy, "chosen with --strategy"
-    small = native_reason(cfg, look, n_train)
-    if small and pretrained and race_fits(cfg, look):
-        kind = "grayscale images" if look.grey >= 0.9 else "small colour images"
-        return "race", (f"{kind} ({look.describe()}): no size rule holds on them, so linear, native and lowres "
-                        f"race on a sample and the best held-out score trains in full")
-    if small:
-        return "native", small + (" (grayscale: no race; --race on races them)" if cfg.race == "auto" else "")
-    if not pretrained:
-        return "scratch", f"{cfg.model} has no pretrained weights in use, so every layer is trained"
-    if device.type == "cuda":
-        return "finetune", "GPU: fine-tuning every layer is affordable and usually the most accurate"
-    if cfg.time_budget:
-        return "linear+finetune", (f"CPU with --time-budget {cfg.time_budget:g}s: a head on cached features first, "
-                                   "then fine-tuning for as long as the budget allows")
-    return "linear", ("CPU: the frozen backbone's features are computed once and cached, so the head trains in "
-                      "seconds; full fine-tuning recomputes them every epoch (about 10x slower per epoch)")
-
-
-# `auto` trains small images natively: upscaling a 28 px digit for an ImageNet
-# backbone costs 16-64x the pixels and scored 93.8% (112 px) on the demo's
-# MNIST digits, where small_cnn at 28 px scored 99.4% (docs/benchmarks.md).
-NATIVE_MAX_SIDE = 64  # any image up to this size (90th percentile of the longer side)
-NATIVE_GREY_MAX_SIDE = 128  # grayscale (scans, drawings, digits) up to this size, trained at 64 px
-NATIVE_GREY_ERASE = 0.0  # random erasing on grayscale native runs: off, no gain on val (docs/benchmarks.md)
-
-
-def native_size(cfg: TrainConfig, look: ImageLook | None) -> int:
-    """--image-size, else the images' own size (at most 64 px)."""
-    return cfg.image_size or (max(SmallCNN.MIN_SIDE, min(look.side, NATIVE_MAX_SIDE)) if look else NATIVE_MAX_SIDE)
-
-
-def native_reason(cfg: TrainConfig, look: ImageLook | None, n_train: int) -> str | None:
-    """Why `auto` trains these images natively, or None (photos: today's defaults)."""
-    if look is None or cfg.model not in (TrainConfig().model, "small_cnn"):
-        return None  # another model was asked for: its own strategy
-    grey = look.grey >= 0.9
-    if not (look.side <= NATIVE_MAX_SIDE or (grey and look.side <= NATIVE_GREY_MAX_SIDE)):
-        return None
-    size = native_size(cfg, look)
-    over = check_memory_budget(n_train, size)
-    if over:
-        say(f"note: images are small ({look.describe()}), but {n_train} of them decoded at {size}px need "
-            f"{over:.0f} MB, above the in-memory budget (raise IMGCLF_IMAGES_IN_MEMORY_MB, in MB, to train them "
-            f"natively); keeping the usual strategy")
-        return None
-    kind = "grayscale images" if grey else "small images"
-    return (f"{kind} ({look.describe()}): small_cnn trained from scratch at {size}px, decoded once into memory, "
-            f"instead of upscaling to 224px for a frozen ImageNet backbone (--strategy linear keeps that)")
-
-
-def check_native_fits(cfg: TrainConfig, look: ImageLook | None, n_train: int) -> None:
-    size = native_size(cfg, look)
-    over = check_memory_budget(n_train, size)
-    if over:
-        raise ConfigError(f"--strategy native keeps the {n_train} training images decoded in memory: {over:.0f} MB "
-                          f"at {size}px, above the budget", "set a smaller --image-size, raise "
-                          "IMGCLF_IMAGES_IN_MEMORY_MB (megabytes), or use --strategy scratch (streams from disk)")
-
-
-def race_fits(cfg: TrainConfig, look: ImageLook | None) -> bool:
-    """Race where candidates genuinely compete: small colour images (--race on:
-    any small images), on the default backbone, in a single-label run."""
-    if cfg.race == "off" or look is None or cfg.model != TrainConfig().model:
-        return False
-    return cfg.race == "on" or look.grey < 0.9
-
-
-def no_race_reason(cfg: TrainConfig, look: ImageLook | None) -> str:
-    """Why this run did not race (summary.json)."""
-    if cfg.strategy not in ("auto",) and not cfg.resume:
-        return f"--strategy {cfg.strategy} was given"
-    if cfg.race == "off":
-        return "--race off"
-    if look is None:
-        return "resumed, or no image header could be read: the strategy was fixed already"
-    if look.side > NATIVE_MAX_SIDE and not (look.grey >= 0.9 and look.side <= NATIVE_GREY_MAX_SIDE):
-        return (f"photos ({look.describe()}): the frozen backbone's cached features are the measured default here, "
-                f"and a race would only add time")
-    return "small grayscale images train natively (--race on races them)" if look.grey >= 0.9 else \
-        "the race needs the default pretrained backbone and a single-label run on one process"
-
-
-def strategy_settings(cfg: TrainConfig, strategy: str, look: ImageLook | None, fix: bool) -> TrainConfig:
-    """The chosen strategy's settings, written into the config; fix: the
-    race chose it, so --resume and --from keep it rather than race again."""
-    if cfg.flip_features is None:  # auto: mirrored features doubled the encoding for no gain (benchmarks.md)
-        cfg = replace(cfg, flip_features=strategy in ("native", "lowres"))
-    if strategy == "native":
-        return native_settings(cfg, look)
-    if strategy == "lowres":
-        return lowres_settings(cfg, look)
-    return replace(cfg, strategy=strategy) if fix else cfg
-
-
-def settled(cfg: TrainConfig, strategy: str, look: ImageLook | None) -> tuple[TrainConfig, Preprocess]:
-    """A race candidate's finishing config and input: the race trains its recipe as is."""
-    c = strategy_settings(cfg, strategy, look, fix=True)
-    return c, resolve_preprocess(c)
-
-
-def lowres_settings(cfg: TrainConfig, look: ImageLook | None) -> TrainConfig:
-    """lowres's defaults, written into the config as native's are: decoded at
-    the images' own size (at most 64 px), upscaled per batch to 128 px and
-    squashed there (as prediction resizes a file), batches of 64, flips for
-    colour images only."""
-    decode = cfg.decode_size or native_size(replace(cfg, image_size=None), look)
-    size = cfg.lowres_size or LOWRES_SIZE
-    flip = bool(cfg.flip_features) and (look is None or look.grey < 0.5)
-    return replace(cfg, strategy="lowres", image_size=size, lowres_size=size, decode_size=decode, resize="squash",
-                   crop_pct=1.0, batch_size=64 if cfg.batch_size == TrainConfig().batch_size else cfg.batch_size,
-                   flip_features=flip)
-
-
-def native_settings(cfg: TrainConfig, look: ImageLook | None) -> TrainConfig:
-    """The native strategy's defaults, written into the config (config.json, and
-    so --resume and --from) so the run is fixed once chosen: small_cnn unless
-    another from-scratch model was asked for, the images' own size, batches of
-    128 (small images: larger batches use the cores better), flips only for
-    colour images (digits and letters change meaning when mirrored)."""
-    model = cfg.model if not get_model_info(cfg.model).pretrained or not cfg.pretrained else "small_cnn"
-    flip = cfg.flip_features and (look is None or look.grey < 0.5)
-    if cfg.flip_features and not flip:
-        say("native: grayscale images are not mirrored in training: digits and letters change meaning")
-    grey = look is not None and look.grey >= 0.9
-    return replace(cfg, strategy="native", model=model, pretrained=False,
-                   image_size=native_size(cfg, look),
-                   batch_size=128 if cfg.batch_size == TrainConfig().batch_size else cfg.batch_size,
-                   flip_features=flip, erase=cfg.erase if cfg.erase is not None else NATIVE_GREY_ERASE * grey)
 
 
 def free_run_dir(data: str) -> Path:

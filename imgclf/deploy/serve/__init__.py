@@ -24,7 +24,7 @@ from imgclf.log import get_logger
 from imgclf.tasks import load, task_of
 
 log = get_logger(__name__)
-SERVED_TASKS = ("classify", "detect")  # /v1/predict's answers (answers.py); segmentation's are not built yet
+SERVED_TASKS = ("classify", "detect", "segment")  # /v1/predict's answers (answers.py)
 
 
 def create_app(cfg: ServeConfig, background: bool = False):

@@ -2,6 +2,8 @@
 
     POST /v1/predict   images as multipart form data (any field name) or JSON
                        {"images": ["<base64>", ...], "top_k": 3}; top-k per image
+                       (a detector: boxes; a segmenter: a label-map PNG and
+                       class shares: answers.py)
     POST /v1/similar   the same bodies; the k most similar training images of
                        each, with thumbnails (serving a run directory only)
     GET  /v1/model     classes, input size, metrics from the run, versions
@@ -31,7 +33,16 @@ from pathlib import Path
 from imgclf._version import __version__
 from imgclf.config import ServeConfig
 from imgclf.data.images import BadImage, decode_cost
-from imgclf.deploy.serve.answers import image_answers, model_inputs, per_image_outputs
+from imgclf.deploy.serve.answers import (
+    answer_bytes,
+    collate,
+    draft_size,
+    image_answers,
+    input_description,
+    legend,
+    model_inputs,
+    per_image_outputs,
+)
 from imgclf.deploy.serve.batching import Batcher
 from imgclf.deploy.serve.metrics import Metrics
 from imgclf.deploy.serve.openapi import (
@@ -58,6 +69,7 @@ from imgclf.deploy.serve.parsing import (
 from imgclf.deploy.serve.ratelimit import TokenBuckets, retry_after
 from imgclf.deploy.serve.startup import start_up
 from imgclf.inference.load import TORCH_FREE, model_format
+from imgclf.tasks import task_of
 
 MULTIPART_FIELDS = {"top_k", "file"}  # form fields /v1/predict reads; files are the parts with a filename
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -98,6 +110,10 @@ class State:
         """The batcher's model call: a batch -> one output per image, as the model's task has it."""
         return per_image_outputs(self.predictor)(batch)
 
+    def collate(self, items: list):
+        """How the batcher joins images, as the model's task has it."""
+        return collate(self.predictor)(items)
+
 
 def decode_budget_bytes(cfg: ServeConfig) -> int:
     """--decode-budget-mb, or by default what the costliest image of
@@ -125,7 +141,7 @@ def create_app(cfg: ServeConfig, background: bool = False):
 
     @asynccontextmanager
     async def lifespan(app):
-        st.batcher = Batcher(st.run_batch, cfg.max_batch, cfg.batch_wait_ms / 1000, st.metrics)
+        st.batcher = Batcher(st.run_batch, cfg.max_batch, cfg.batch_wait_ms / 1000, st.metrics, st.collate)
         st.batcher.start()
         threading.Thread(target=start_up, args=(st,), name="imgclf-start-up", daemon=True).start()
         if not background:
@@ -302,7 +318,7 @@ def decode_all(st: State, files: list[tuple[str, bytes]]) -> list:
     the shared decode budget; a 413/422 naming every bad file otherwise, or
     503 busy when the budget stays full (runs in a worker thread)."""
     xs, bad = [], []
-    draft = st.predictor.preprocess.draft_size
+    draft = draft_size(st.predictor)
     for i, (name, data) in enumerate(files):
         cost = header_cost(data, draft, st.cfg.max_pixels)
         if cost > st.decoding.limit:
@@ -357,8 +373,9 @@ def add_predict_route(app, st: State) -> None:
 
 
     @app.post("/v1/predict", openapi_extra=predict_openapi(st.cfg.max_files), response_model=Answers,
-              response_model_exclude_none=True, summary="Top-k labels (or boxes) for one or more images",
-              response_description="top-k labels per image (a detector: boxes), in request order")
+              response_model_exclude_none=True, summary="Top-k labels (or boxes, or label maps) for one or more images",
+              response_description="top-k labels per image (a detector: boxes; a segmenter: a label map and "
+                                   "class shares), in request order")
     async def predict(request: Request):
         check_key(st, request)
         pred = st.ready()
@@ -370,9 +387,18 @@ def add_predict_route(app, st: State) -> None:
                 k = top_k_of(request, body_k, st.cfg.top_k, len(pred.classes))
                 xs = await run_in_threadpool(decode_all, st, files)
                 t0 = time.perf_counter()
-                outs = await st.batcher(model_inputs(pred, xs))
-        preds = image_answers(pred, files, xs, outs, k)
-        return {"predictions": preds, "model_ms": round((time.perf_counter() - t0) * 1000, 2)}
+                # A segmenter's full-size label maps share the decode budget until they are encoded.
+                cost = answer_bytes(pred, xs)
+                taken = await run_in_threadpool(st.decoding.take, cost) if cost else 0
+                try:
+                    outs = await st.batcher(model_inputs(pred, xs))
+                    preds = await run_in_threadpool(image_answers, pred, files, xs, outs, k)
+                    del outs  # the label maps: only their PNGs leave
+                finally:
+                    st.decoding.give(taken)
+        lg = legend(pred)
+        return {"predictions": preds, "model_ms": round((time.perf_counter() - t0) * 1000, 2),
+                **({"legend": lg} if lg else {})}
 
 
 MAX_SIMILAR_K = 50  # neighbours per image: each carries a ~3 KB thumbnail
@@ -426,7 +452,7 @@ def add_similar_route(app, st: State) -> None:
     @app.post("/v1/similar", openapi_extra=similar_openapi(st.cfg.max_files, MAX_SIMILAR_K), response_model=Similar,
               response_description="the k most similar training images of each image, best first",
               summary="The most similar training images of each image, with thumbnails",
-              include_in_schema=model_format(st.cfg.model) not in TORCH_FREE)
+              include_in_schema=model_format(st.cfg.model) not in TORCH_FREE and task_of(st.cfg.model) == "classify")
     async def similar(request: Request):
         check_key(st, request)
         st.ready()
@@ -546,10 +572,10 @@ def model_description(pred, cfg: ServeConfig, st: State) -> dict:
         versions["trained_with_imgclf"] = meta["trained_with"]
     if not onnx and "torch" in sys.modules:
         versions["torch"] = sys.modules["torch"].__version__
-    pp = pred.preprocess
+    lg = legend(pred)
     return {"model": Path(cfg.model).name, "task": getattr(pred, "task", "classify"), "arch": pred.arch, "format": {"run": "pytorch", "ort": "onnx"}.get(fmt, fmt),
             "int8": bool(getattr(pred, "int8", False)), "classes": pred.classes, "num_classes": len(pred.classes),
-            "input_size": pp.size, "resize": pp.resize, "temperature": pred.temperature,
+            **({"legend": lg} if lg else {}), **input_description(pred), "temperature": pred.temperature,
             "unknown_score": pred.has_unknown, "reject": pred.reject, "multi_label": pred.multi_label,
             "thresholds": None if pred.thresholds is None else [float(t) for t in pred.thresholds],
             "metrics": meta.get("metrics") or {}, "versions": versions,

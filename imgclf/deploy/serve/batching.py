@@ -16,8 +16,10 @@ import numpy as np
 class Batcher:
     """Collects single images from concurrent requests into batches."""
 
-    def __init__(self, fn, max_batch: int, wait_s: float, metrics):
+    def __init__(self, fn, max_batch: int, wait_s: float, metrics, collate=np.stack):
+        """collate joins a batch's items for fn (images of one size: stacked)."""
         self.fn, self.max_batch, self.wait_s, self.metrics = fn, max_batch, wait_s, metrics
+        self.collate = collate
         self.queue: asyncio.Queue = asyncio.Queue()
         # One thread runs the model: onnxruntime already uses every core inside
         # a call, so two concurrent calls would only fight over them.
@@ -71,7 +73,7 @@ class Batcher:
                 continue
             self.metrics.batch(len(items))
             try:
-                probs = await loop.run_in_executor(self.pool, self.fn, np.stack([x for x, _ in items]))
+                probs = await loop.run_in_executor(self.pool, self.fn, self.collate([x for x, _ in items]))
             except Exception as e:  # never let one bad batch kill the loop
                 for _, f in items:
                     if not f.done():

@@ -9,6 +9,8 @@ keep (its form parser spools files to disk)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, Field
 
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -51,10 +53,16 @@ class Predictions(BaseModel):
     model_ms: float
 
 
+class Rle(BaseModel):
+    size: list[int] = Field(min_length=2, max_length=2, description="height, width: the image's own")
+    counts: str = Field(description="COCO's compressed run-length string (pycocotools / faster-coco-eval decode it)")
+
+
 class Box(BaseModel):
     label: str
     score: float = Field(ge=0, le=1)
     box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 in the image's own pixels")
+    mask: Rle | None = Field(None, description="a model with instance masks: the object's pixels as COCO RLE")
 
 
 class Detection(BaseModel):
@@ -70,8 +78,33 @@ class Detections(BaseModel):
     model_ms: float
 
 
-# A classifier answers Predictions, a detector Detections (GET /v1/model says which: "task").
-Answers = Predictions | Detections
+class Segmentation(BaseModel):
+    filename: str
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    classes: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        description="each class's share of the image's pixels (classes with none left out; the shares sum to 1)")
+    mask_png: str = Field(pattern=r"^[A-Za-z0-9+/]+={0,2}$", min_length=4,
+                          description="the label map, base64: an 8-bit palette PNG of width x height whose pixel "
+                                      "values are class ids (`legend`), its palette the legend's colours")
+
+
+class LegendEntry(BaseModel):
+    id: int = Field(ge=0, le=255)
+    name: str
+    color: str = Field(pattern="^#[0-9a-f]{6}$", description="the class's colour in mask_png's palette and the page")
+
+
+class Segmentations(BaseModel):
+    """/v1/predict's answer from a segmenter: a label map and class shares per image, in request order."""
+    predictions: list[Segmentation]
+    legend: list[LegendEntry] = Field(description="every class of the model by id")
+    model_ms: float
+
+
+# A classifier answers Predictions, a detector Detections, a segmenter
+# Segmentations (GET /v1/model says which: "task").
+Answers = Predictions | Detections | Segmentations
 
 
 class Neighbour(BaseModel):
@@ -137,7 +170,8 @@ def similar_openapi(max_files: int, max_k: int) -> dict:
     for body in spec["requestBody"]["content"].values():
         body["schema"]["properties"].pop("top_k")
     spec["responses"] = _errors(400, 401, 404, 408, 413, 415, 422, 429, 500, 503)
-    spec["responses"]["404"]["description"] = "similarity search unavailable (serving an exported model)"
+    spec["responses"]["404"]["description"] = ("similarity search unavailable (an exported model, or a detection "
+                                               "or segmentation model)")
     return spec
 
 

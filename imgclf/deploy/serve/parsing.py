@@ -257,8 +257,9 @@ class DecodeBudget:
         self.limit, self.used, self.wait_s = limit, 0, wait_s
         self.cond = threading.Condition()
 
-    @contextmanager
-    def hold(self, cost: int):
+    def take(self, cost: int) -> int:
+        """Wait until `cost` fits (blocking: from a worker thread), or 503;
+        returns the bytes taken, for `give`."""
         cost = min(cost, self.limit)
         with self.cond:
             if not self.cond.wait_for(lambda: self.used + cost <= self.limit, self.wait_s):
@@ -266,12 +267,20 @@ class DecodeBudget:
                                f"{self.limit >> 20:,} MB decode budget; retry in a moment",
                                headers={"Retry-After": "1"})
             self.used += cost
+        return cost
+
+    def give(self, taken: int) -> None:
+        with self.cond:
+            self.used -= taken
+            self.cond.notify_all()
+
+    @contextmanager
+    def hold(self, cost: int):
+        taken = self.take(cost)
         try:
             yield
         finally:
-            with self.cond:
-                self.used -= cost
-                self.cond.notify_all()
+            self.give(taken)
 
 
 def header_cost(data: bytes, draft_size: int | None, max_pixels: int) -> int:

@@ -68,6 +68,11 @@ def load_similar(st) -> None:
     unless asked for (--similar). Answers never carry an exception string:
     those name server paths; the log has them."""
     cfg = st.cfg
+    task = getattr(st.predictor, "task", "classify")
+    if task != "classify":
+        st.similar_why = (f"not for this task ({task}); it compares the image embeddings of classification "
+                          "models; /v1/predict answers as usual")
+        return
     if model_format(cfg.model) in TORCH_FREE or not hasattr(st.predictor, "embed"):
         st.similar_why = ("an exported model computes probabilities only, not the embeddings similarity search "
                           "needs; serve the run directory instead (imgclf serve RUN)")

@@ -6,7 +6,7 @@ boxes outside the image, degenerate and (near-)duplicated boxes, and every
 problem the reader met (labels not in the class list, unreadable files, bad
 coordinates), and identical or near-identical images: copies within a split
 and leakage across the split the run would make (classification's hashing
-and grouping, data/check.py and data/near_dup.py). `fix_dataset` writes a cleaned COCO JSON next to nothing of the
+and grouping, data/file_stats.py and data/near_dup.py). `fix_dataset` writes a cleaned COCO JSON next to nothing of the
 user's: boxes clipped, degenerate and duplicated ones dropped, each change
 counted. `split_dataset` stratifies by class presence.
 """
@@ -19,18 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data import near_dup as nd
-from imgclf.data.check import scan_files
+from imgclf.data.copies import CRITERION, CopyGroup, copies_lines, copies_warnings, copy_groups, hash_or_off
 from imgclf.data.datasets import multilabel_split
-from imgclf.errors import ConfigError, DataError
-from imgclf.tasks.detect.data import (
-    DetDataset,
-    DetImage,
-    Problem,
-    read_dataset,
-    round_px,
-    write_coco,
-)
+from imgclf.errors import DataError
+from imgclf.tasks.detect.data import DetDataset, DetImage, Problem, round_px
+from imgclf.tasks.detect.formats import read_dataset
+from imgclf.tasks.detect.formats.write import write_coco
 from imgclf.tasks.detect.splits import rel
 
 # Two boxes of one class overlapping more than this are one object labelled twice.
@@ -49,19 +43,6 @@ class BoxIssue:
     label: str
     box: list[float]
     detail: str = ""
-
-
-@dataclass
-class CopyGroup:
-    """Images that are the same photo: byte-identical files, or pixels within
-    the perceptual-hash distance of each other (or of a mirror)."""
-    files: list[str]
-    splits: list[str]  # each file's split (the given one, or the one the run would make)
-    identical: bool  # every file byte-identical
-
-    @property
-    def leak(self) -> bool:
-        return len(set(self.splits)) > 1
 
 
 @dataclass
@@ -144,7 +125,7 @@ def _box_issues(im: DetImage, classes: list[str], rep: DetCheckReport) -> None:
 def duplicate_pairs(im: DetImage, iou: float = DUPLICATE_IOU, rows: int = 256) -> list[tuple[int, int, float]]:
     """(i, j, IoU), i < j: box j repeats box i (same class, IoU > iou). Per
     class, `rows` boxes at a time against the rest: memory stays a few MB
-    a block for the most boxes an image may hold (data.MAX_BOXES_PER_IMAGE)."""
+    a block for the most boxes an image may hold (formats/bounds.py: MAX_BOXES_PER_IMAGE)."""
     import torch
     from torchvision.ops import box_iou
 
@@ -166,9 +147,7 @@ def check_dataset(data: str | Path | DetDataset, image_size: int | None = None, 
     near_dup: hash (decode each image once: perceptual and content hashes) or
     off. Leakage is judged on `split` (image indices per split), else on the
     one split_dataset makes with these fractions and seed, as `train` would."""
-    if near_dup not in ("hash", "off"):
-        raise ConfigError(f"--near-dup {near_dup}: detection labels are checked with hash or off",
-                          "use --near-dup hash (or off); embed is for classification data")
+    near_dup = hash_or_off(near_dup, "detection labels")
     ds = data if isinstance(data, DetDataset) else read_dataset(data, strict=False)
     size = image_size or suggest_image_size(ds)
     k = len(ds.classes)
@@ -211,22 +190,11 @@ def near_duplicates(ds: DetDataset, split: dict[str, list[int]], rep: DetCheckRe
     of it and its mirror, content hash) and pair grouping; an image that
     cannot be decoded becomes a problem."""
     where = {i: name for name, items in split.items() for i in items}
-    bad, stats = scan_files((im.path for im in ds.images), len(ds.images), progress)
+    bad, rep.leaks, rep.copies = copy_groups([im.path for im in ds.images], [rel(ds, im.path) for im in ds.images],
+                                             [where.get(x, "-") for x in range(len(ds.images))], progress)
     rep.problems += [Problem(str(ds.images[k].path), "unreadable", f"{why}; replace or delete the image "
                              "(training cannot use it)") for k, why in bad]
-    ok = np.flatnonzero(stats.ok)
-    i, j, _ = nd.hash_pairs(stats.phash[ok])
-    _, first, same = np.unique(stats.content[ok], return_index=True, return_inverse=True)
-    twins = np.flatnonzero(first[same] != np.arange(len(ok)))  # byte-identical to an earlier file
-    i, j = np.concatenate([i, first[same][twins]]), np.concatenate([j, twins])
-    rep.near_dup = "hash"
-    rep.near_dup_criterion = (f"pHash of each image and its mirror, Hamming distance <= {nd.HASH_MAX_DISTANCE} of "
-                              "64 bits, or identical bytes")
-    for comp in nd.groups(len(ok), i, j):
-        k = ok[comp]
-        g = CopyGroup(files=[rel(ds, ds.images[x].path) for x in k], splits=[where.get(x, "-") for x in k],
-                      identical=len({stats.content[x] for x in k}) == 1)
-        (rep.leaks if g.leak else rep.copies).append(g)
+    rep.near_dup, rep.near_dup_criterion = "hash", CRITERION
 
 
 def _warnings(rep: DetCheckReport, ds: DetDataset) -> list[str]:
@@ -245,15 +213,7 @@ def _warnings(rep: DetCheckReport, ds: DetDataset) -> list[str]:
                        "`imgclf check --fix` writes a cleaned COCO copy")
     if rep.problems:
         out.append(f"{len(rep.problems)} problem(s) reading the labels, e.g. {rep.problems[0]}")
-    which = "given split" if rep.split_given else "split imgclf would make"
-    if rep.leaks:
-        out.append(f"{len(rep.leaks)} group(s) of identical or near-identical images span the {which} (leakage: "
-                   f"val/test figures are inflated), e.g. {' ~ '.join(rep.leaks[0].files[:3])}; remove the copies, "
-                   "or keep each group in one split")
-    if rep.copies:
-        out.append(f"{len(rep.copies)} group(s) of identical or near-identical images within a split, e.g. "
-                   f"{' ~ '.join(rep.copies[0].files[:3])}: they count twice; remove the copies if unintended")
-    return out
+    return out + copies_warnings(rep.split_given, rep.leaks, rep.copies)
 
 
 def fix_dataset(data: str | Path | DetDataset, out: str | Path) -> dict[str, int]:
@@ -349,14 +309,4 @@ def format_report(rep: DetCheckReport) -> str:
 
 
 def _copies_lines(rep: DetCheckReport) -> list[str]:
-    which = "given split" if rep.split_given else "split imgclf would make"
-    lines = [f"split ({which}): " + ", ".join(f"{k} {v}" for k, v in rep.split_counts.items())]
-    for word, groups in (("leakage across splits", rep.leaks), ("copies within a split", rep.copies)):
-        if groups:
-            lines.append(f"{word} ({len(groups)} group(s)):")
-            lines += [f"  [{'identical' if g.identical else 'near-identical'}] "
-                      + "  ~  ".join(f"{f} ({s})" for f, s in zip(g.files, g.splits)) for g in groups[:20]]
-            if len(groups) > 20:
-                lines.append(f"  ... and {len(groups) - 20} more")
-    lines.append(f"near-duplicates searched by: {rep.near_dup_criterion or 'nothing (--near-dup off)'}")
-    return lines
+    return copies_lines(rep.split_given, rep.split_counts, rep.leaks, rep.copies, rep.near_dup_criterion)

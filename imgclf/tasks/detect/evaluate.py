@@ -20,7 +20,8 @@ from imgclf.errors import DataError
 from imgclf.io import write_json
 from imgclf.log import get_logger
 from imgclf.runs import RunDir
-from imgclf.tasks.detect.data import DetDataset, DetImage, read_dataset
+from imgclf.tasks.detect.data import DetDataset, DetImage
+from imgclf.tasks.detect.formats import read_dataset
 from imgclf.tasks.detect.metrics import MATCH_IOU, background_name, coco_metrics, confusion, worst_images
 from imgclf.tasks.detect.predictor import DetPredictor
 from imgclf.tasks.detect.splits import DetSplits

@@ -15,6 +15,13 @@ per image. torchvision's own loop over images, its boolean filtering and
 `batched_nms` trace to a graph fixed to one batch size; ONNX's TopK,
 GatherND(batch_dims=1) and NonMaxSuppression take every image at once.
 
+With a mask branch (instance masks) the graph also gives `masks` (N, D, 28,
+28): each detection's mask probabilities inside its box, at the branch's own
+resolution, for its own class (Mask R-CNN's head on P3-P5 at the detected
+boxes, as `Detector.predict` computes them; `MaskGraph` below, traced). Only
+the real rows (score > 0) go through the branch; padding rows are zeros. An
+engine pastes them into the image (predictor.py's `paste`, torch-free).
+
 Rows are best first; a row with score 0 is padding (every real detection
 scores above 0.05). `selected` is score >= its class's threshold (chosen on
 val at training time, also in the metadata): an app needs no logic of its
@@ -23,6 +30,8 @@ own; `imgclf predict`/`serve` apply the thresholds (or --conf) themselves.
 
 from __future__ import annotations
 
+import io
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -30,14 +39,23 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
+from torchvision.ops import roi_align
 
 from imgclf.errors import ExportError
 from imgclf.models.same_pad import trace_to_onnx
+from imgclf.tasks.detect.masks import RESOLUTION
 from imgclf.tasks.detect.model import Detector
+from imgclf.tasks.detect.predictor import paste
 
 INPUT = "images"
 OUTPUTS = ("boxes", "scores", "labels", "selected")
 NET_OUTPUTS = ("cls_logits", "bbox_regression")
+PYRAMID = ("pyramid_p3", "pyramid_p4", "pyramid_p5")  # what the mask branch pools from
+MASK_IN, MASK_OUT, MASK_PREFIX = ("mask_rois", "mask_labels"), "mask_probs", "masks/head/"
+# Mask parity: each matched detection's mask (pasted, at 0.5) from the graph
+# against PyTorch's, as IoU. Probabilities agree to about 1e-4, so only pixels at
+# 0.5 itself or at a box edge moved by the matched box (IoU >= 0.99) can flip.
+MIN_MASK_IOU = 0.9
 OPSET = 18  # the letterbox's Resize(antialias) needs 18; TopK, GatherND(batch_dims), NonMaxSuppression are older
 TOPK_PER_LEVEL, IOU, CANDIDATE, PER_IMAGE = 1000, 0.5, 0.05, 300  # = the head's settings (checked in `settings`)
 
@@ -46,16 +64,46 @@ class Network(nn.Module):
     """uint8 (N, S, S, 3) -> the head's raw outputs, as `Detector.predict`
     computes them (x / 255, the trunk, FPN, head); no anchors, no postprocess."""
 
-    def __init__(self, model: Detector):
+    def __init__(self, model: Detector, masks: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.masks = model, masks
 
     def forward(self, images: torch.Tensor):
         x = images.permute(0, 3, 1, 2).float() / 255
         feats = self.model.forward_features(x)
         fpn = self.model.det.backbone.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
-        head = self.model.det.head(list(fpn.values()))
-        return head["cls_logits"], head["bbox_regression"]
+        pyramid = list(fpn.values())
+        head = self.model.det.head(pyramid)
+        return (head["cls_logits"], head["bbox_regression"], *(pyramid[:len(PYRAMID)] if self.masks else ()))
+
+
+class MaskGraph(nn.Module):
+    """The mask branch for the graph: P3-P5 and rois (M, 5: image, x1, y1,
+    x2, y2 in input pixels) with their labels (M,) -> (M, 28, 28)
+    probabilities of each roi's own class. torchvision's MultiScaleRoIAlign
+    takes a list of boxes per image; here every roi is pooled on each level
+    and each keeps its own level's (the pooler's level mapper), which is what
+    the pooler computes, in a form the tracer keeps for any number of rois."""
+
+    def __init__(self, model: Detector, pyramid: list[torch.Tensor], size: int):
+        super().__init__()
+        self.head = model.mask_branch
+        pool = self.head.pool
+        if pool.scales is None:  # the pooler sets its scales and level mapper on its first call
+            with torch.no_grad():
+                pool(OrderedDict((str(i), p) for i, p in enumerate(pyramid)), [torch.zeros(1, 4)], [(size, size)])
+        self.scales, self.mapper = list(pool.scales), pool.map_levels
+
+    def forward(self, p3, p4, p5, rois, labels):
+        pool = self.head.pool
+        level = self.mapper([rois[:, 1:]])[:, None, None, None]
+        x = None
+        for k, (feat, scale) in enumerate(zip((p3, p4, p5), self.scales)):
+            y = roi_align(feat, rois, pool.output_size, spatial_scale=scale, sampling_ratio=pool.sampling_ratio)
+            x = y if x is None else torch.where(level == k, y, x)
+        logits = self.head.logits(self.head.convs(x))  # (M, C, 28, 28)
+        pick = labels[:, None, None, None].expand(-1, 1, *logits.shape[2:])
+        return logits.gather(1, pick)[:, 0].sigmoid()
 
 
 def settings(model: Detector) -> dict:
@@ -85,6 +133,7 @@ class _G:
 
     def __init__(self):
         self.nodes, self.inits, self.n = [], [], 0
+        self.split = None  # with masks: where the mask branch's nodes go (after its inputs, before its readers)
 
     def const(self, value, dtype) -> str:
         self.n += 1
@@ -152,8 +201,10 @@ def _to_original(g: _G, boxes: str, size: int) -> str:
 
 
 def postprocess_graph(anchors: np.ndarray, per_level: list[int], num_classes: int, size: int, clip: float,
-                      thresholds) -> _G:
-    """The nodes from the network's outputs (and `images`' shape) to the four outputs."""
+                      thresholds, masks: bool = False) -> _G:
+    """The nodes from the network's outputs (and `images`' shape) to the four
+    outputs; with masks, also the mask branch's inputs (MASK_IN) and, from
+    its output (MASK_OUT, added after g.split), `masks`."""
     g = _G()
     bounds = np.cumsum([0, *per_level])
     parts = [_level(g, NET_OUTPUTS[0], NET_OUTPUTS[1], anchors, int(a0), int(a1), num_classes, clip, size)
@@ -178,38 +229,86 @@ def postprocess_graph(anchors: np.ndarray, per_level: list[int], num_classes: in
     chosen = g.op("And", g.op("Greater", best, g.const(0.0, np.float32)), g.op("GreaterOrEqual", best, thr))
     for name, src in zip(OUTPUTS, (_to_original(g, out_boxes, size), best, out_labels, chosen)):
         g.nodes.append(helper.make_node("Identity", [src], [name]))
+    if masks:
+        _mask_rows(g, out_boxes, best, out_labels)
     return g
 
 
-def detector_onnx(model: Detector, size: int, thresholds, front: onnx.ModelProto) -> onnx.ModelProto:
+def _mask_rows(g: _G, boxes: str, scores: str, labels: str) -> None:
+    """The real rows (score > 0) as the branch's rois and labels; after
+    g.split, their probabilities scattered back into (N, D, 28, 28) zeros."""
+    where = g.op("Transpose", g.op("NonZero", g.op("Greater", scores, g.const(0.0, np.float32))))  # (M, 2)
+    image = g.op("Cast", g.op("Gather", where, g.const([0], np.int64), axis=1), to=TensorProto.FLOAT)
+    g.nodes.append(helper.make_node("Concat", [image, g.op("GatherND", boxes, where)], [MASK_IN[0]], axis=1))
+    g.nodes.append(helper.make_node("GatherND", [labels, where], [MASK_IN[1]]))
+    g.split = len(g.nodes)
+    shape = g.op("Concat", g.op("Shape", scores), g.const([RESOLUTION, RESOLUTION], np.int64), axis=0)
+    zeros = g.op("ConstantOfShape", shape, value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    g.nodes.append(helper.make_node("ScatterND", [zeros, where, MASK_OUT], ["masks"]))
+
+
+def detector_onnx(model: Detector, size: int, thresholds, front: onnx.ModelProto,
+                  masks: bool | None = None) -> onnx.ModelProto:
     """The whole detector as one graph. `front` maps uint8 `images` of any size
-    to uint8 `resized` (N, S, S, 3): the letterbox (deploy/resize_graph.py)."""
+    to uint8 `resized` (N, S, S, 3): the letterbox (deploy/resize_graph.py).
+    masks: the `masks` output too (default: when the model has a mask branch)."""
     from onnx import version_converter
 
+    masks = model.mask_branch is not None if masks is None else masks and model.mask_branch is not None
     clip = settings(model)["clip"]
     anchors, per_level = anchors_of(model, size)
-    net = trace_to_onnx(Network(model.eval()), torch.zeros(1, size, size, 3, dtype=torch.uint8), [INPUT],
-                        list(NET_OUTPUTS))
+    outs = list(NET_OUTPUTS) + (list(PYRAMID) if masks else [])
+    net = trace_to_onnx(Network(model.eval(), masks), torch.zeros(1, size, size, 3, dtype=torch.uint8), [INPUT], outs)
     net = version_converter.convert_version(net, OPSET)
     prefix = onnx.compose.add_prefix(net, "net/")
     # The network reads the letterbox's output and keeps its outputs' names.
-    renamed = {"net/" + INPUT: front.graph.output[0].name, **{"net/" + o: o for o in NET_OUTPUTS}}
+    renamed = {"net/" + INPUT: front.graph.output[0].name, **{"net/" + o: o for o in outs}}
     for n in prefix.graph.node:
         n.input[:] = [renamed.get(x, x) for x in n.input]
         n.output[:] = [renamed.get(x, x) for x in n.output]
-    post = postprocess_graph(anchors, per_level, model.num_classes, size, clip, thresholds)
-    graph = helper.make_graph(
-        list(front.graph.node) + list(prefix.graph.node) + post.nodes, "imgclf_detector",
-        [helper.make_tensor_value_info(INPUT, TensorProto.UINT8, ["n", "h", "w", 3])],
-        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["n", "d", 4]),
-         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", "d"]),
-         helper.make_tensor_value_info("labels", TensorProto.INT64, ["n", "d"]),
-         helper.make_tensor_value_info("selected", TensorProto.BOOL, ["n", "d"])],
-        list(front.graph.initializer) + list(prefix.graph.initializer) + post.inits)
+    post = postprocess_graph(anchors, per_level, model.num_classes, size, clip, thresholds, masks)
+    nodes, inits = post.nodes, list(post.inits)
+    outputs = [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["n", "d", 4]),
+               helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", "d"]),
+               helper.make_tensor_value_info("labels", TensorProto.INT64, ["n", "d"]),
+               helper.make_tensor_value_info("selected", TensorProto.BOOL, ["n", "d"])]
+    if masks:
+        branch = mask_onnx(model, size)
+        nodes = nodes[:post.split] + list(branch.graph.node) + nodes[post.split:]
+        inits += list(branch.graph.initializer)
+        outputs.append(helper.make_tensor_value_info("masks", TensorProto.FLOAT, ["n", "d", RESOLUTION, RESOLUTION]))
+    graph = helper.make_graph(list(front.graph.node) + list(prefix.graph.node) + nodes, "imgclf_detector",
+                              [helper.make_tensor_value_info(INPUT, TensorProto.UINT8, ["n", "h", "w", 3])], outputs,
+                              list(front.graph.initializer) + list(prefix.graph.initializer) + inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     m.ir_version = 8
     onnx.checker.check_model(m)
     return m
+
+
+def mask_onnx(model: Detector, size: int) -> onnx.ModelProto:
+    """MaskGraph traced (rois dynamic in number), its names prefixed
+    MASK_PREFIX but for its inputs (the pyramid, MASK_IN) and its output
+    (MASK_OUT). The prefix holds "/head/", so INT8 keeps the branch in float
+    as it keeps the box head (DET_INT8_RECIPE's float layers)."""
+    with torch.no_grad():
+        pyramid = [p.zero_() for p in model.forward(torch.zeros(1, 3, size, size))["pyramid"][:len(PYRAMID)]]
+    example = (*pyramid, torch.tensor([[0.0, 0, 0, size / 2, size / 2]]), torch.zeros(1, dtype=torch.int64))
+    names = [*PYRAMID, *MASK_IN]
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(MaskGraph(model, pyramid, size).eval(), example, buf, input_names=names, output_names=[MASK_OUT],
+                          dynamic_axes={**{n: {0: "n"} for n in PYRAMID}, **{n: {0: "m"} for n in MASK_IN},
+                                        MASK_OUT: {0: "m"}}, opset_version=OPSET, dynamo=False)
+    keep = {*names, MASK_OUT}
+    branch = onnx.load_from_string(buf.getvalue())
+    prefixed = onnx.compose.add_prefix(branch, MASK_PREFIX)
+    cut = len(MASK_PREFIX)
+    for n in prefixed.graph.node:
+        n.input[:] = [x[cut:] if x[cut:] in keep else x for x in n.input]
+        n.output[:] = [x[cut:] if x[cut:] in keep else x for x in n.output]
+    return prefixed
 
 
 def match(ref: tuple, got: tuple, score_atol: float, min_iou: float, floor: float) -> dict:
@@ -218,23 +317,44 @@ def match(ref: tuple, got: tuple, score_atol: float, min_iou: float, floor: floa
     candidate cut, where a 1e-6 difference may keep one and drop the other)
     must have a partner in the other of the same class with IoU >= min_iou
     and a score within score_atol. Returns the counts and the worst figures."""
-    rb, rs, rl = (np.asarray(v) for v in ref)
-    gb, gs, gl = (np.asarray(v) for v in got)
+    rb, rs, rl = (np.asarray(v) for v in ref[:3])
+    gb, gs, gl = (np.asarray(v) for v in got[:3])
     iou = _iou(rb.reshape(-1, 4), gb.reshape(-1, 4))
     same = (rl[:, None] == gl[None, :]) & (np.abs(rs[:, None] - gs[None, :]) <= score_atol) & (iou >= min_iou)
-    worst_iou, worst_score, used = 1.0, 0.0, set()
+    worst_iou, worst_score, used, pairs = 1.0, 0.0, set(), []
     missing = 0
     for i in np.argsort(-rs, kind="stable"):
         js = [j for j in np.flatnonzero(same[i]) if j not in used]
         if js:
             j = max(js, key=lambda j: iou[i, j])
-            used.add(j)
+            used.add(j), pairs.append((int(i), int(j)))
             worst_iou, worst_score = min(worst_iou, float(iou[i, j])), max(worst_score, float(abs(rs[i] - gs[j])))
         elif rs[i] > floor + score_atol:
             missing += 1
     extra = sum(1 for j in range(len(gs)) if j not in used and gs[j] > floor + score_atol)
     return {"reference": int(len(rs)), "exported": int(len(gs)), "matched": len(used), "missing": missing,
-            "extra": extra, "min_iou": worst_iou, "max_score_diff": worst_score}
+            "extra": extra, "min_iou": worst_iou, "max_score_diff": worst_score, "pairs": pairs}
+
+
+def mask_parity(ref_out: list[tuple], got_out: list[tuple], per: list[dict], size: int) -> dict:
+    """Instance masks of the matched detections (`match`'s pairs), each
+    pasted at 0.5 into the size x size input with its own engine's box, as
+    IoU; and the largest difference of their 28 x 28 probabilities. {} when
+    the reference has no masks; IoU 0 for every pair the graph gave none."""
+    if not any(len(r) > 3 for r in ref_out):
+        return {}
+    ious, diff = [], 0.0
+    for r, g, p in zip(ref_out, got_out, per):
+        for i, j in p["pairs"]:
+            if len(g) <= 3:
+                ious.append(0.0)
+                continue
+            a, b = (paste(o[3][k:k + 1], o[0][k:k + 1], size, size)[0] for o, k in ((r, i), (g, j)))
+            union = np.logical_or(a, b).sum()
+            ious.append(float(np.logical_and(a, b).sum() / union) if union else 1.0)
+            diff = max(diff, float(np.abs(r[3][i] - g[3][j]).max()))
+    return {"masks_compared": len(ious), "mask_min_iou": min(ious, default=1.0),
+            "mask_mean_iou": float(np.mean(ious)) if ious else 1.0, "mask_max_prob_diff": diff}
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

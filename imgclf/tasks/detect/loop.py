@@ -32,51 +32,64 @@ def clean_boxes(im: DetImage, w: int, h: int) -> tuple[np.ndarray, np.ndarray, n
     return b[ok], im.labels[ok], ok
 
 
-class AugmentedImages(torch.utils.data.Dataset):
+class LabelledImages(torch.utils.data.Dataset):
+    """A split's images, each decoded with its boxes cleaned (clean_boxes):
+    what the augmented and the letterboxed datasets both start from."""
+
+    def __init__(self, ds: DetDataset, items: list[int]):
+        self.ds, self.items = ds, list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, i: int) -> tuple[DetImage, Image.Image, np.ndarray, np.ndarray, np.ndarray]:
+        """The i-th item's labels, its decoded image, and its kept boxes, labels and keep mask."""
+        im = self.ds.images[self.items[i]]
+        pil = open_image(im.path)
+        return (im, pil, *clean_boxes(im, *pil.size))
+
+
+def kept_masks(ids: np.ndarray, ok: np.ndarray) -> torch.Tensor:
+    """The instance masks of the boxes clean_boxes kept (instance k is box k)."""
+    return instance_masks(ids, len(ok))[torch.from_numpy(ok)]
+
+
+class AugmentedImages(LabelledImages):
     """Training images through the box-aware v2 transform: (image, target)
     with target {"boxes" (tv_tensors.BoundingBoxes, input pixels), "labels"}."""
 
     def __init__(self, ds: DetDataset, items: list[int], size: int, vflip: bool = False):
-        self.ds, self.items, self.transform = ds, list(items), train_transform(size, vflip=vflip)
-
-    def __len__(self) -> int:
-        return len(self.items)
+        super().__init__(ds, items)
+        self.transform = train_transform(size, vflip=vflip)
 
     def __getitem__(self, i: int):
-        im = self.ds.images[self.items[i]]
-        pil = open_image(im.path)
+        im, pil, b, labels, ok = self.load(i)
         w, h = pil.size
-        b, labels, ok = clean_boxes(im, w, h)
         target = {"boxes": tv_tensors.BoundingBoxes(torch.as_tensor(b, dtype=torch.float32), format="XYXY",
                                                     canvas_size=(h, w)),
                   "labels": torch.as_tensor(labels, dtype=torch.int64)}
         if im.mask_path is not None:  # the transforms move, crop and drop the masks with their boxes
-            ids = np.asarray(Image.open(im.mask_path), np.uint8)
-            target["masks"] = tv_tensors.Mask(instance_masks(ids, len(ok))[torch.from_numpy(ok)])
+            target["masks"] = tv_tensors.Mask(kept_masks(np.asarray(Image.open(im.mask_path), np.uint8), ok))
         return self.transform(tv_tensors.Image(F.pil_to_tensor(pil)), target)
 
 
-class LetterboxedImages(torch.utils.data.Dataset):
+class LetterboxedImages(LabelledImages):
     """Images letterboxed exactly as the predictor does (Preprocess "pad"),
     as float (3, S, S) in [0, 1], with their boxes in input pixels."""
 
     def __init__(self, ds: DetDataset, items: list[int], pp: Preprocess):
-        self.ds, self.items, self.pp = ds, list(items), pp
-
-    def __len__(self) -> int:
-        return len(self.items)
+        super().__init__(ds, items)
+        self.pp = pp
 
     def __getitem__(self, i: int):
-        im = self.ds.images[self.items[i]]
-        pil = open_image(im.path)
+        im, pil, b, labels, ok = self.load(i)
         w, h = pil.size
-        b, labels, ok = clean_boxes(im, w, h)
         nw, nh, left, top = pad_geometry(w, h, self.pp.size)
         b = b * [nw / w, nh / h, nw / w, nh / h] + [left, top, left, top]
         x = torch.from_numpy(np.array(resize_image(pil, self.pp))).permute(2, 0, 1).float() / 255
         t = {"boxes": torch.as_tensor(b, dtype=torch.float32), "labels": torch.as_tensor(labels)}
         if im.mask_path is not None:
-            t["masks"] = instance_masks(id_map(im.mask_path, self.pp.size), len(ok))[torch.from_numpy(ok)]
+            t["masks"] = kept_masks(id_map(im.mask_path, self.pp.size), ok)
         return x, t
 
 

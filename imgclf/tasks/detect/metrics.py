@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from imgclf.tasks.detect.data import DetDataset, to_coco
+from imgclf.tasks.detect.data import DetDataset
+from imgclf.tasks.detect.formats.write import to_coco
 
 # stats_as_dict names -> ours
 _STATS = {"AP_all": "map", "AP_50": "map50", "AP_75": "map75", "AP_small": "map_small", "AP_medium": "map_medium",

@@ -6,6 +6,9 @@ boxes in their pixels, after the letterbox, the network and NMS. Here it is
 fed the letterbox Pillow made (`DetPredictor.prepare`, as every engine is),
 which the graph's own letterbox leaves as it is, so its boxes are in input
 pixels and the shared `to_original` maps them back, exactly as for PyTorch.
+A graph with a `masks` output (a run with instance masks) gives each
+detection's 28 x 28 mask probabilities too; the shared `found` pastes them
+into the original pixels and `answer` writes them as COCO RLE.
 
 This module must never import torch (tests/test_detect_deploy.py checks it).
 """
@@ -24,6 +27,7 @@ from imgclf.inference.onnx_predictor import FORMAT, INPUT, open_session, warn_if
 from imgclf.tasks.detect.predictor import DetPredictor
 
 OUTPUTS = ("boxes", "scores", "labels", "selected")  # (N, D, 4), (N, D), (N, D), (N, D); score 0: padding
+MASKS = "masks"  # (N, D, 28, 28), when the run has instance masks
 
 
 class OnnxDetPredictor(DetPredictor):
@@ -46,6 +50,7 @@ class OnnxDetPredictor(DetPredictor):
             raise ModelFileError(f"{self.source}: its metadata 'classes' must be a non-empty list of names",
                                  "export the run again with `imgclf export RUN`")
         self.metadata, self.classes = meta, list(classes)
+        self.wanted = list(OUTPUTS[:3]) + ([MASKS] if MASKS in names else [])
         self.preprocess = Preprocess.from_dict(meta["preprocess"])
         self.thresholds = np.asarray(meta["thresholds"], np.float32)
         self.int8, self.arch = bool(meta.get("int8")), str(meta.get("arch", "detector"))
@@ -55,8 +60,8 @@ class OnnxDetPredictor(DetPredictor):
 
     def outputs(self, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         with self._lock:
-            boxes, scores, labels = self.session.run(list(OUTPUTS[:3]), {INPUT: np.ascontiguousarray(batch, np.uint8)})
-        return [(b[s > 0], s[s > 0], c[s > 0]) for b, s, c in zip(boxes, scores, labels)]
+            got = self.session.run(self.wanted, {INPUT: np.ascontiguousarray(batch, np.uint8)})
+        return [tuple(v[s > 0] for v in per) for per in zip(*got) for s in [per[1]]]
 
 
 def _json(v: str):

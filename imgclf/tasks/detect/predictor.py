@@ -88,7 +88,7 @@ class DetPredictor:
         name, is refused now rather than on every request."""
         s = self.preprocess.size
         try:
-            (b, sc, c), = self.outputs(np.zeros((1, s, s, 3), np.uint8))
+            (b, sc, c, *_), = self.outputs(np.zeros((1, s, s, 3), np.uint8))
         except Exception as e:  # any runtime's own error types
             raise ModelFileError(f"{self.source}: the model fails on a blank {s}x{s} image ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:200] if str(e) else ''})",

@@ -1,5 +1,5 @@
 """detect: the task's verbs (see imgclf/tasks/__init__.py), over this
-package's parts: labels (data.py, check.py), the network (model.py), the
+package's parts: labels (data.py, formats/, check.py), the network (model.py), the
 recipe (train.py), metrics and the report (evaluate.py, report.py), the
 answer (predictor.py)."""
 

@@ -32,16 +32,17 @@ from imgclf.io import torch_load, torch_save_atomic, write_history, write_json
 from imgclf.log import get_logger
 from imgclf.runs import RunDir, RunLock
 from imgclf.tasks.detect.check import check_dataset, format_summary, split_dataset, suggest_image_size
-from imgclf.tasks.detect.data import DetDataset, read_dataset
+from imgclf.tasks.detect.data import DetDataset
 from imgclf.tasks.detect.evaluate import evaluate_split, val_metrics
+from imgclf.tasks.detect.formats import read_dataset
 from imgclf.tasks.detect.loop import AugmentedImages, CachedFeatures, image_loader, train_one_epoch
 from imgclf.tasks.detect.model import Detector, detector_record
 from imgclf.tasks.detect.splits import DetSplits
 from imgclf.tasks.detect.torch_predictor import TorchDetPredictor
 from imgclf.training.checkpoint import CKPT_KEYS, RunState
 from imgclf.training.distributed import Dist, init_distributed
+from imgclf.training.epochs import say
 from imgclf.training.loop import EarlyStopping, warmup_cosine
-from imgclf.training.stages import say
 from imgclf.training.tracking import Tracker, parse_sinks
 from imgclf.training.train import free_run_dir, seed_everything, set_threads
 

@@ -95,13 +95,32 @@ class Segmenter(nn.Module):
                     m.eval()
         return self
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feats = self.trunk((images - 0.5) / 0.5)  # the Lite weights expect pixels in [-1, 1]
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The trunk's maps at strides 4, 8, 16 and 32 of a float batch in [0, 1]."""
+        return self.trunk((images - 0.5) / 0.5)  # the Lite weights expect pixels in [-1, 1]
+
+    def decode(self, feats: list[torch.Tensor], size) -> torch.Tensor:
+        """Class logits at `size` (h, w) from the trunk's maps (cached ones train the decoder alone)."""
         if self.decoder_name == "fpn":
             out = self.classifier(self.decoder(feats))
         else:
             out = self.decoder({"low": feats[1], "high": feats[3]})
-        return F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(out, size=tuple(size), mode="bilinear", align_corners=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.features(images), images.shape[-2:])
+
+
+class DecoderOnly(nn.Module):
+    """The segmenter from the trunk's maps on (what trains on cached maps, and
+    what DDP wraps then): logits at `size` (h, w), the mask's."""
+
+    def __init__(self, model: Segmenter):
+        super().__init__()
+        self.model = model
+
+    def forward(self, feats: list[torch.Tensor], size) -> torch.Tensor:
+        return self.model.decode(feats, size)
 
 
 class SegLoss(nn.Module):

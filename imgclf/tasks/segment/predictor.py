@@ -7,6 +7,7 @@ answer.
     SegPredictor.outputs(batch) -> uint8 (N, h, w) label maps at the input's size (argmax of the logits)
     SegPredictor.label_maps(xs, sizes) -> a label map per image at its original size
     SegPredictor.predict(inputs) -> [{"path", "width", "height", "classes": {name: pixel share}, "mask": (H, W) uint8}]
+    mask_png(mask, n) -> bytes: the label map as a palette PNG (pixel values: class ids), as answers carry it
 
 An engine that has the logits (PyTorch) resizes them before the argmax
 (`label_maps`); one that returns label maps is resized back with nearest
@@ -15,12 +16,14 @@ neighbour, the documented way for an exported graph. No torch here.
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 from PIL import Image
 
 from imgclf.data.images import MAX_PIXELS, BadImage, Source, open_image
+from imgclf.errors import ConfigError, ModelFileError
 
 ANSWER_KEYS = ("path", "width", "height", "classes", "mask")
 
@@ -54,6 +57,32 @@ class SegPredictor:
     source: str
     arch: str = "segmenter"
     metadata: dict
+    # What the server's /v1/model shows for every model; a segmenter has no
+    # temperature, unknown-input scorer, multi-label decisions or thresholds.
+    temperature, has_unknown, multi_label, reject, int8, thresholds = 1.0, False, False, None, False, None
+
+    def set_reject(self, setting) -> None:
+        if setting not in (None, "", "off"):
+            raise ConfigError(f"--reject {setting}: a segmentation model has no unknown-input score", "drop --reject")
+
+    def warm_up(self) -> None:
+        """Build whatever the first call would (a server calls this before it says ready)."""
+
+    def self_check(self) -> None:
+        """One real inference on a blank image at load: a damaged or crafted
+        model that fails at run time, or answers ids its classes do not name,
+        is refused now rather than on every request."""
+        s = self.image_size
+        try:
+            m = np.asarray(self.outputs(np.zeros((1, s, s, 3), np.uint8)))
+        except Exception as e:  # any runtime's own error types
+            raise ModelFileError(f"{self.source}: the model fails on a blank {s}x{s} image ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})",
+                                 "train or export the run again") from None
+        if m.shape != (1, s, s) or (m.size and int(m.max()) >= len(self.classes)):
+            raise ModelFileError(f"{self.source}: the model's label map ({m.shape}, ids up to "
+                                 f"{int(m.max()) if m.size else '-'}) does not fit a {s}x{s} input and its "
+                                 f"{len(self.classes)} classes", "train or export the run again")
 
     def prepare(self, src: Source, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
         img = open_image(src, None, max_pixels)
@@ -105,8 +134,10 @@ class SegPredictor:
 
 
 def class_shares(mask: np.ndarray, classes: list[str]) -> dict[str, float]:
-    """Each class's share of the image's pixels (classes with none left out)."""
-    n = np.bincount(mask.ravel(), minlength=len(classes))[: len(classes)]
+    """Each class's share of the image's pixels (classes with none left out).
+    Counted by PIL's histogram of the uint8 map: np.bincount would first copy
+    it at 8 bytes a pixel, which a server answering large photos cannot spare."""
+    n = Image.fromarray(np.ascontiguousarray(mask, np.uint8)).histogram()[: len(classes)]
     total = max(1, mask.size)
     return {c: round(float(k) / total, 6) for c, k in zip(classes, n) if k}
 
@@ -148,6 +179,16 @@ def overlay(img: Image.Image, mask: np.ndarray, num_classes: int, alpha: float =
     col = colour_mask(mask, num_classes).astype(np.float32)
     a = np.where((mask < num_classes)[..., None], alpha, 0.0)
     return Image.fromarray((rgb * (1 - a) + col * a).round().astype(np.uint8))
+
+
+def mask_png(mask: np.ndarray, num_classes: int) -> bytes:
+    """The label map as PNG bytes (label_png): what JSON answers carry, base64.
+    zlib's fastest level: label maps are long runs of a few values, so its
+    PNGs stay far under a byte a pixel, and it is quicker than the default
+    on a large photo's map."""
+    buf = io.BytesIO()
+    label_png(mask, num_classes).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def label_png(mask: np.ndarray, num_classes: int) -> Image.Image:

@@ -15,7 +15,14 @@ from imgclf.errors import ModelFileError
 from imgclf.io import torch_load
 from imgclf.runs import RunDir
 from imgclf.tasks.segment.model import RECORD_KEYS, Segmenter, segmenter_from_record
-from imgclf.tasks.segment.predictor import SegPredictor
+from imgclf.tasks.segment.predictor import SegPredictor, resize_mask
+
+# Logits are resized to the original image before the argmax, up to this many
+# bytes (11 classes at 12 MP would take 530 MB); beyond it they are resized
+# to the largest size that fits, and the label map to the original with
+# nearest neighbour. The network sees the image at image_size, so the edges
+# gain nothing from logits at more than about a megapixel.
+MAX_LOGIT_BYTES = 64 << 20
 
 
 class TorchSegPredictor(SegPredictor):
@@ -59,6 +66,20 @@ class TorchSegPredictor(SegPredictor):
             logits = self._logits(np.stack([xs[i] for i in idx]))
             for i, lg in zip(idx, logits):
                 w, h = sizes[i]
-                up = F.interpolate(lg[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
-                out[i] = up.argmax(0).to(torch.uint8).cpu().numpy()
+                size = logit_size(w, h, lg.shape[0])
+                up = F.interpolate(lg[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+                out[i] = resize_mask(up.argmax(0).to(torch.uint8).cpu().numpy(), (w, h))
         return out
+
+
+def logit_size(width: int, height: int, num_classes: int) -> tuple[int, int]:
+    """(h, w) to resize logits to before the argmax: the image's own size, or
+    the largest of its aspect within MAX_LOGIT_BYTES (each side at least 1,
+    so a thin strip keeps its length only as far as the budget allows)."""
+    px = max(1, MAX_LOGIT_BYTES // (4 * num_classes))
+    if width * height <= px:
+        return height, width
+    s = (px / (width * height)) ** 0.5
+    w = max(1, round(width * s))
+    h = max(1, min(round(height * s), px // w))
+    return h, max(1, min(w, px // h))

@@ -3,14 +3,17 @@ RunLock (the run directory), RunState (last.pt, --resume, the best weights),
 EarlyStopping on val mIoU, warmup_cosine, the loop's train_one_epoch, Dist
 (DDP under torchrun), `say` for the story.
 
-CPU first: images are decoded and resized once (longer side --image-size,
-default 320) and kept in memory; training runs on random square crops of
-3/4 of that size; the trunk stays frozen on CPU (strategy auto -> linear:
-only the decoder learns, so a step costs the trunk's forward pass alone),
-and on CUDA it trains after the first epochs (finetune) at backbone_lr_mult
-of the learning rate. Validation scores every val image whole, its logits
-brought back to the mask's own resolution.
-"""
+CPU first: the trunk stays frozen on CPU (strategy auto -> linear), so its
+maps of every training image (longer side --image-size, default 480, and
+its mirror) are computed once and cached (cache.py); the decoder then
+trains on 256 px crops of those maps, aligned to stride 32, with
+class-weighted cross-entropy (median frequency, SegNet's balancing) unless
+--class-weights none. Without the trunk in the step an epoch costs the
+decoder alone, so many epochs fit. Validation scores the cached val maps,
+logits brought back to the mask's own resolution (the predictor's path).
+On CUDA (finetune) the trunk trains after the first epochs at
+backbone_lr_mult of the learning rate, on augmented crops of the decoded
+images (random scale, crop, flip, colour)."""
 
 from __future__ import annotations
 
@@ -28,9 +31,10 @@ from imgclf.data.images import open_image
 from imgclf.errors import ConfigError, DataError, RunError
 from imgclf.io import read_json, torch_load, torch_save_atomic, write_history, write_json
 from imgclf.runs import RunDir, RunLock
+from imgclf.tasks.segment.cache import CachedSegFeatures, CachedSegVal, cache_bytes, train_cached_epoch
 from imgclf.tasks.segment.data import SegDataset, load_mask, read_dataset, split_dataset, unknown_values
 from imgclf.tasks.segment.metrics import confusion, scores
-from imgclf.tasks.segment.model import SegLoss, Segmenter, median_frequency_weights, train_transform
+from imgclf.tasks.segment.model import DecoderOnly, SegLoss, Segmenter, median_frequency_weights, train_transform
 from imgclf.tasks.segment.predictor import prepare_image, resize_mask
 from imgclf.tasks.segment.torch_predictor import TorchSegPredictor
 from imgclf.training.checkpoint import CKPT_KEYS, RunState
@@ -39,9 +43,12 @@ from imgclf.training.loop import EarlyStopping, train_one_epoch, warmup_cosine
 from imgclf.training.stages import say
 from imgclf.training.train import free_run_dir, seed_everything, set_threads
 
-DEFAULT_IMAGE_SIZE = 320  # longer side; --image-size 480 is CamVid's own 480x360
+DEFAULT_IMAGE_SIZE = 480  # longer side: CamVid's own 480x360, where poles and signs are still a few pixels wide
 DEFAULT_MODEL = "efficientnet_lite0"
 RECORD_FORMAT = 1
+CACHE_CROP = 256  # frozen trunk: the decoder trains on crops of the cached maps (whole images when smaller)
+CACHE_SCALES = (1.0,)  # of the image at these multiples of the base size
+CACHE_MAX_BYTES = 4 << 30  # more training images than this holds train through the trunk, uncached
 
 
 # --- data in memory -------------------------------------------------------------------
@@ -179,13 +186,18 @@ def plan(cfg: TrainConfig, device: torch.device) -> dict:
     if strategy not in ("linear", "finetune"):
         raise ConfigError(f"--strategy {strategy}: segmentation trains linear (frozen trunk) or finetune",
                           "choose --strategy auto, linear or finetune")
-    epochs = cfg.epochs or (30 if strategy == "linear" else 40)
+    epochs = cfg.epochs or (10 if strategy == "linear" else 40)  # linear: the decoder on cached maps plateaus by 8-10
     size = cfg.image_size or DEFAULT_IMAGE_SIZE
     return {"strategy": strategy, "epochs": epochs, "frozen_epochs": epochs if strategy == "linear" else max(1, epochs // 8),
             "image_size": size, "crop": max(32, (size * 3 // 4) // 32 * 32), "lr": cfg.lr or 2e-3,
             "batch_size": 8 if cfg.batch_size == TrainConfig().batch_size else cfg.batch_size,
             "patience": cfg.patience or 6, "model": DEFAULT_MODEL if cfg.model == TrainConfig().model else cfg.model,
-            "decoder": "fpn", "loss": "ce+median_frequency_weights" if cfg.class_weights == "auto" else "ce"}
+            "decoder": "fpn", "loss": "ce" if cfg.class_weights == "none" else "ce+median_frequency_weights",
+            "cached": strategy == "linear", "cache_crop": CACHE_CROP, "scales": list(CACHE_SCALES)}
+
+
+def _cache_fits(p: dict, n_train: int) -> bool:
+    return cache_bytes(n_train, p["image_size"], p["scales"]) <= CACHE_MAX_BYTES
 
 
 def _train(cfg: TrainConfig, dist: Dist, device: torch.device, t_start: float, held: contextlib.ExitStack) -> dict:
@@ -200,21 +212,20 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, t_start: float, h
     set_threads(device, dist)
     seed_everything(cfg.seed)
     p = plan(cfg, device)
+    p["cached"] = p["cached"] and _cache_fits(p, len(parts["train"]))
     counts = pixel_counts(ds, parts["train"])
     say(f"segment: {len(ds.classes)} classes, {len(parts['train'])} train / {len(parts['val'])} val / "
         f"{len(parts['test'])} test images; ignore value {ds.ignore_index}; {p['strategy']}, {p['epochs']} epochs at "
-        f"{p['image_size']} px (crops {p['crop']}), {p['model']} + {p['decoder']}, device {device}")
+        f"{p['image_size']} px (crops {p['cache_crop'] if p['cached'] else p['crop']}"
+        f"{' of cached trunk maps' if p['cached'] else ''}), {p['model']} + {p['decoder']}, device {device}")
     model = Segmenter(len(ds.classes), p["model"], p["decoder"], pretrained=cfg.pretrained, weights=cfg.weights).to(device)
-    weight = median_frequency_weights(counts).to(device) if cfg.class_weights == "auto" else None
+    weight = median_frequency_weights(counts).to(device) if p["loss"] != "ce" else None
     loss_fn = SegLoss(ds.ignore_index, weight)
-    tr = SegImages(ds, parts["train"], p["image_size"], train_transform(p["crop"], ds.ignore_index))
-    # Under DDP every rank must take as many steps: DistributedSampler pads the shares to one length.
-    sampler = (torch.utils.data.DistributedSampler(tr, dist.world, dist.rank, shuffle=True, seed=cfg.seed)
-               if dist.enabled else None)
-    loader = torch.utils.data.DataLoader(tr, batch_size=p["batch_size"], shuffle=sampler is None, sampler=sampler,
-                                         drop_last=len(tr) // dist.world > p["batch_size"],
-                                         num_workers=cfg.workers or 0, generator=torch.Generator())
     state = RunState(cfg.to_dict(), run, dist.world)
+    if p["cached"]:
+        loader, val = _cached(model, ds, parts, p, cfg, dist, device, state)
+    else:
+        loader, val = _loader(ds, parts, p, cfg, dist), None
     if ckpt:
         state.restore(ckpt, model)
         if state.stage_epochs:
@@ -226,7 +237,7 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, t_start: float, h
         sched.load_state_dict(state.sched_state)
         stopper.load_state_dict(state.stopper_state)
     model.bn_frozen = cfg.freeze_bn
-    _epochs(model, ds, parts, p, cfg, loader, loss_fn, opt, sched, stopper, state, dist, device)
+    _epochs(model, ds, parts, p, cfg, loader, val, loss_fn, opt, sched, stopper, state, dist, device)
     if not dist.main:
         return {}
     if state.best_state is not None:
@@ -246,6 +257,32 @@ def _train(cfg: TrainConfig, dist: Dist, device: torch.device, t_start: float, h
     write_json(run.summary_file, summary)
     say(f"done in {summary['total_seconds']:.1f}s. Run: {run}")
     return summary
+
+
+def _loader(ds: SegDataset, parts: dict, p: dict, cfg: TrainConfig, dist: Dist):
+    """Augmented crops of the decoded images (the trunk trains: no cache)."""
+    tr = SegImages(ds, parts["train"], p["image_size"], train_transform(p["crop"], ds.ignore_index))
+    # Under DDP every rank must take as many steps: DistributedSampler pads the shares to one length.
+    sampler = (torch.utils.data.DistributedSampler(tr, dist.world, dist.rank, shuffle=True, seed=cfg.seed)
+               if dist.enabled else None)
+    return torch.utils.data.DataLoader(tr, batch_size=p["batch_size"], shuffle=sampler is None, sampler=sampler,
+                                       drop_last=len(tr) // dist.world > p["batch_size"],
+                                       num_workers=cfg.workers or 0, generator=torch.Generator())
+
+
+def _cached(model: Segmenter, ds: SegDataset, parts: dict, p: dict, cfg: TrainConfig, dist: Dist, device,
+            state: RunState) -> tuple[CachedSegFeatures, CachedSegVal]:
+    """The frozen trunk's maps of this rank's share of train and val, once; the
+    seconds count against --time-budget."""
+    t0 = time.time()
+    model.freeze_backbone(True)
+    cache = CachedSegFeatures(model, ds, dist.shard(parts["train"]), p["image_size"], p["batch_size"], p["cache_crop"],
+                              p["scales"], cfg.seed, device, dist.world, len(parts["train"]))
+    val = CachedSegVal(model, ds, dist.shard(parts["val"]), p["image_size"], device)
+    state.elapsed += time.time() - t0
+    say(f"cached the trunk's maps: {len(cache.feats)} train (scales {', '.join(map(str, p['scales']))}, mirrored), "
+        f"{len(val.feats)} val, {cache.nbytes() / 2**20:.0f} MiB, {time.time() - t0:.0f}s")
+    return cache, val
 
 
 def eval_json(m: dict, split: str, ds: SegDataset) -> dict:
@@ -268,11 +305,12 @@ def _optimizer(model: Segmenter, p: dict, cfg: TrainConfig, steps_per_epoch: int
 
 def fit_budget(p: dict, cfg: TrainConfig, state: RunState, epoch_seconds: float, dist: Dist | None = None) -> None:
     """Under --time-budget, the epochs that fit, judged on the first epoch's
-    time (kept in last.pt as stage_epochs, so a resumed run plans the same)."""
+    time and the budget left after it (and after the cache) (kept in last.pt as stage_epochs, so a resumed run plans the same)."""
     if cfg.time_budget is None:
         return
-    if not state.stage_epochs:
-        n = max(1, min(p["epochs"], int(cfg.time_budget // max(epoch_seconds, 1e-3))))
+    if not state.stage_epochs:  # the epochs done, and as many more as the budget left holds
+        left = int(max(0.0, cfg.time_budget - state.elapsed) // max(epoch_seconds, 1e-3))
+        n = max(1, min(p["epochs"], state.epoch + left))
         state.stage_epochs = dist.broadcast(n) if dist else n  # rank 0's clock: every rank plans alike
     p["epochs"] = state.stage_epochs
     if p["strategy"] == "linear":
@@ -286,24 +324,29 @@ def _wrap(model: Segmenter, dist: Dist, device: torch.device):
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _epochs(model, ds, parts, p, cfg, loader, loss_fn, opt, sched, stopper, state, dist, device) -> None:
+def _epochs(model, ds, parts, p, cfg, loader, val, loss_fn, opt, sched, stopper, state, dist, device) -> None:
     amp, net = device.type == "cuda", None
     while state.epoch < p["epochs"]:
         t0 = time.time()
         frozen = state.epoch < p["frozen_epochs"]
         if net is None or frozen != model.frozen:
             model.freeze_backbone(frozen)
-            net = _wrap(model, dist, device)
-        loader.generator.manual_seed(cfg.seed * 100_003 + state.epoch * 1009)  # the same order on --resume
-        if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
-            loader.sampler.set_epoch(state.epoch)
+            net = _wrap(DecoderOnly(model) if val is not None else model, dist, device)
         # Mid-epoch stops only in one process: under DDP a rank stopping alone would leave the others waiting.
         deadline = None if dist.enabled else t_start_budget(cfg, state, t0)
-        tr = train_one_epoch(net, loader, loss_fn, opt, sched, device, amp=amp, deadline=deadline)
-        va = _validate(model, ds, parts["val"], p, dist, device)
+        if val is not None:  # cached maps: the decoder alone
+            loader.epoch = state.epoch  # the same order on --resume
+            tr = train_cached_epoch(net, loader, loss_fn, opt, sched, device, deadline)
+            va = _validate_cached(model, val, ds, dist, device)
+        else:
+            loader.generator.manual_seed(cfg.seed * 100_003 + state.epoch * 1009)  # the same order on --resume
+            if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+                loader.sampler.set_epoch(state.epoch)
+            tr = train_one_epoch(net, loader, loss_fn, opt, sched, device, amp=amp, deadline=deadline)
+            va = _validate(model, ds, parts["val"], p, dist, device)
         state.epoch += 1
         state.elapsed += time.time() - t0
-        fit_budget(p, cfg, state, state.elapsed / state.epoch, dist)
+        fit_budget(p, cfg, state, time.time() - t0, dist)
         improved = stopper.step(va, state.epoch)
         if improved:
             state.consider(model, stopper.best, va, "all")
@@ -335,6 +378,16 @@ def _validate(model, ds, items, p, dist: Dist, device) -> dict:
     parts = dist.gather([(np.asarray(m["confusion_matrix"]), m["loss"] * m["n"], m["n"])])
     out = scores(sum(c for c, _, _ in parts), ds.classes)
     out["loss"] = sum(s for _, s, _ in parts) / max(1, sum(n for _, _, n in parts))
+    return out
+
+
+def _validate_cached(model: Segmenter, val: CachedSegVal, ds: SegDataset, dist: Dist, device) -> dict:
+    """Val scores from the cached maps: each rank its share, the matrices summed."""
+    cm = val.confusion(model, len(ds.classes), ds.ignore_index, device)
+    if dist.enabled:
+        cm = sum(dist.gather([cm]))
+    out = scores(cm, ds.classes)
+    out["loss"] = 1.0 - out["pixel_accuracy"]  # EarlyStopping breaks mIoU ties on its "loss": the pixel error
     return out
 
 

@@ -2,13 +2,16 @@
 // on its own to POST /v1/predict (the server batches concurrent requests), and
 // shown with its top-k labels as bars; when the server holds the run's
 // similarity index, also with the most similar training images (/v1/similar).
-// A detector's answer (boxes) is drawn on the picture, on a canvas.
+// A detector's answer (boxes) is drawn on the picture, on a canvas; a
+// segmenter's label map is laid over it, translucent, in its classes' colours,
+// with each class's share of the pixels. A camera frame goes the same way.
 "use strict";
 const $ = (id) => document.getElementById(id);
 const TOP_K = 5;
 const SIMILAR_K = 6;
 let similarAvailable = false;
 let modelClasses = [];
+const MASK_ALPHA = 0.5;  // how much of a segmenter's class colour covers the picture
 // One colour per class, in turn (as `imgclf predict --save-images` draws them).
 const PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"];
 
@@ -35,10 +38,11 @@ async function loadModelInfo() {
     modelClasses = j.classes;
     const m = j.metrics || {};
     const acc = m.accuracy != null ? `, ${(100 * m.accuracy).toFixed(1)}% accuracy on ${m.split}`
-      : m.map50 != null ? `, mAP@.5 ${m.map50.toFixed(3)} on ${m.split}` : "";
+      : m.map50 != null ? `, mAP@.5 ${m.map50.toFixed(3)} on ${m.split}`
+      : m.miou != null ? `, mIoU ${m.miou.toFixed(3)} on ${m.split}` : "";
     $("model-info").textContent =
       `${j.arch}${j.int8 ? " (INT8)" : ""}: ${j.num_classes} classes (${j.classes.slice(0, 8).join(", ")}` +
-      `${j.num_classes > 8 ? ", …" : ""}), ${j.input_size}px input${acc}`;
+      `${j.num_classes > 8 ? ", …" : ""}), ${j.input_size}px input${j.resize === "longer_side" ? " (longer side)" : ""}${acc}`;
   } catch (e) {
     $("model-info").textContent = "cannot reach the server: " + e;
   }
@@ -98,18 +102,10 @@ function showDetections(c, pred) {
     row.textContent = `${k} × ${label}`;
     c.body.append(row);
   }
-  const img = c.el.querySelector("img");
-  const draw = () => {
-    // The picture at the size the server measured the boxes in (its own pixels, upright).
-    const canvas = document.createElement("canvas");
-    canvas.width = pred.width;
-    canvas.height = pred.height;
-    canvas.className = "boxes";
-    canvas.setAttribute("role", "img");
+  // The picture at the size the server measured the boxes in (its own pixels, upright).
+  onCanvas(c, pred, "boxes", (ctx, canvas) => {
     canvas.setAttribute("aria-label", `${c.label.textContent}: ` +
       Object.entries(counts).map(([l, k]) => `${k} ${l}`).join(", "));
-    const ctx = canvas.getContext("2d");
-    ctx.drawImage(img, 0, 0, pred.width, pred.height);
     ctx.lineWidth = Math.max(2, pred.width / 300);
     ctx.font = `${Math.max(12, Math.round(pred.width / 50))}px system-ui, sans-serif`;
     for (const b of pred.boxes) {
@@ -119,10 +115,61 @@ function showDetections(c, pred) {
       ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
       ctx.fillText(`${b.label} ${b.score.toFixed(2)}`, x1 + 3, Math.max(y1 - 3, 12));
     }
+  });
+}
+
+/** A picture's card image -> a canvas at the answer's size (the image's own pixels, upright), then draw(ctx). */
+function onCanvas(c, pred, className, draw) {
+  const img = c.el.querySelector("img");
+  const paint = async () => {
+    const canvas = document.createElement("canvas");
+    canvas.width = pred.width;
+    canvas.height = pred.height;
+    canvas.className = className;
+    canvas.setAttribute("role", "img");
+    const ctx = canvas.getContext("2d");
+    ctx.drawImage(img, 0, 0, pred.width, pred.height);
+    await draw(ctx, canvas);
     img.replaceWith(canvas);
     c.el.dataset.drawn = "true";
   };
-  if (img.complete && img.naturalWidth) draw(); else img.addEventListener("load", draw, { once: true });
+  if (img.complete && img.naturalWidth) paint(); else img.addEventListener("load", paint, { once: true });
+}
+
+function showSegmentation(c, pred, legend) {
+  const shares = Object.entries(pred.classes).sort((a, b) => b[1] - a[1]);
+  const colour = Object.fromEntries(legend.map((e) => [e.name, e.color]));
+  c.label.textContent = shares.length ? `${shares[0][0]} ${(100 * shares[0][1]).toFixed(0)}%` : "no classes";
+  c.label.dataset.testid = "label";
+  c.el.dataset.classes = String(shares.length);
+  for (const [name, share] of shares) {
+    const row = document.createElement("div");
+    row.className = "bar share";
+    const cls = document.createElement("span"); cls.className = "cls";
+    const swatch = document.createElement("span"); swatch.className = "swatch";
+    swatch.style.background = colour[name];
+    cls.append(swatch, document.createTextNode(name));
+    const track = document.createElement("span"); track.className = "track";
+    const fill = document.createElement("span"); fill.className = "fill";
+    fill.style.width = (100 * share).toFixed(1) + "%";
+    fill.style.display = "block";
+    fill.style.background = colour[name];
+    track.append(fill);
+    const pct = document.createElement("span"); pct.className = "pct"; pct.textContent = (100 * share).toFixed(1) + "%";
+    row.append(cls, track, pct);
+    row.setAttribute("aria-label", `${name} ${(100 * share).toFixed(1)} percent of the pixels`);
+    c.body.append(row);
+  }
+  onCanvas(c, pred, "mask", async (ctx, canvas) => {
+    // The label map is a palette PNG whose palette is the legend's colours: drawn as is, it is the colour mask.
+    const mask = new Image();
+    mask.src = "data:image/png;base64," + pred.mask_png;
+    await mask.decode();
+    ctx.globalAlpha = MASK_ALPHA;
+    ctx.drawImage(mask, 0, 0, pred.width, pred.height);
+    ctx.globalAlpha = 1;
+    canvas.setAttribute("aria-label", "class map: " + shares.map(([n, v]) => `${n} ${(100 * v).toFixed(0)}%`).join(", "));
+  });
 }
 
 async function showSimilar(c, file) {
@@ -173,7 +220,10 @@ async function classify(file) {
       if (r.status === 401) $("key-box").open = true;
       return false;
     }
-    if (j.predictions[0].boxes) showDetections(c, j.predictions[0]); else showPrediction(c, j.predictions[0]);
+    const pred = j.predictions[0];
+    if (pred.mask_png) showSegmentation(c, pred, j.legend);
+    else if (pred.boxes) showDetections(c, pred);
+    else showPrediction(c, pred);
     if (similarAvailable) await showSimilar(c, file);
     return true;
   } catch (e) {
@@ -198,4 +248,30 @@ const drop = $("drop");
 drop.addEventListener("drop", (e) => handle(e.dataTransfer.files));
 $("file").addEventListener("change", (e) => { handle(e.target.files); e.target.value = ""; });
 $("api-key").addEventListener("change", loadModelInfo);
+
+// Camera: a live preview; "Predict this frame" sends the current frame as a JPEG, answered like a dropped picture.
+let stream = null;
+$("camera-start").addEventListener("click", async () => {
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ video: { facingMode: "environment" }, audio: false });
+  } catch (e) {
+    setStatus(`no camera: ${e.message || e} (the page needs camera permission, and https or localhost)`, true);
+    return;
+  }
+  $("video").srcObject = stream;
+  await $("video").play();
+  $("camera").hidden = false;
+});
+$("capture").addEventListener("click", () => {
+  const v = $("video");
+  if (!v.videoWidth) return;
+  const canvas = Object.assign(document.createElement("canvas"), { width: v.videoWidth, height: v.videoHeight });
+  canvas.getContext("2d").drawImage(v, 0, 0);
+  canvas.toBlob((blob) => handle([new File([blob], "camera frame.jpg", { type: "image/jpeg" })]), "image/jpeg", 0.9);
+});
+$("camera-stop").addEventListener("click", () => {
+  if (stream) stream.getTracks().forEach((t) => t.stop());
+  stream = null;
+  $("camera").hidden = true;
+});
 loadModelInfo();

@@ -1,6 +1,6 @@
 // The page: pick, drop or photograph an image; show the model's top-k with scores
-// (a detector: the picture with its boxes drawn).
-import { loadClassifier, pixels } from "./classifier.js";
+// (a detector: the picture with its boxes drawn; a segmenter: its label map over the picture).
+import { loadClassifier, overlay, palette, pixels } from "./classifier.js";
 
 const $ = (id) => document.getElementById(id);
 const status = (text) => { $("status").textContent = text; };
@@ -8,11 +8,13 @@ const TOP_K = 5;
 let clf = null;
 const ready = loadClassifier("./").then((c) => {
   clf = c;
-  const m = c.meta, acc = m.metrics && m.metrics.accuracy, map50 = m.metrics && m.metrics.map50;
+  const m = c.meta, acc = m.metrics && m.metrics.accuracy, map50 = m.metrics && m.metrics.map50,
+    miou = m.metrics && m.metrics.miou;
   document.title = `imgclf: ${c.classes.join(", ")}`.slice(0, 80);
   $("model-info").textContent = `${m.arch}, ${c.classes.length} classes (${c.classes.join(", ")}), ` +
     `${m.input_size} px ${m.resize}` + (acc !== undefined ? `, held-out accuracy ${(acc * 100).toFixed(1)}%` : "") +
-    (typeof map50 === "number" ? `, held-out mAP@.5 ${map50.toFixed(3)}` : "");
+    (typeof map50 === "number" ? `, held-out mAP@.5 ${map50.toFixed(3)}` : "") +
+    (typeof miou === "number" ? `, held-out mIoU ${miou.toFixed(3)}` : "");
   window.imgclfReadyAt = performance.now(); // ms since navigation: bench/bench_web.py reads it
   status("ready: choose, drop or photograph an image");
   return c;
@@ -76,6 +78,38 @@ async function showBoxes(answer, previewUrl, classes) {
   document.body.dataset.drawn = String(n);
 }
 
+/** A segmenter's answer: the picture (or camera frame) with its label map
+ * over it in the class colours, half opaque, and each class's share of the pixels. */
+function showOverlay(answer, c) {
+  const canvas = $("boxes"), colours = c.meta.palette || palette(c.classes.length);
+  canvas.width = answer.width;
+  canvas.height = answer.height;
+  canvas.setAttribute("aria-label", "the image with each pixel's class coloured over it");
+  const rgba = overlay(answer.rgb, answer.labels, colours, 0.5);
+  canvas.getContext("2d").putImageData(new ImageData(rgba, answer.width, answer.height), 0, 0);
+  $("preview").hidden = true;
+  canvas.hidden = false;
+  const n = answer.classes.length;
+  $("label").textContent = `${n} class${n === 1 ? "" : "es"} in the picture`;
+  $("top").replaceChildren(...answer.classes.map(({ label, share }) => {
+    const li = document.createElement("li");
+    li.className = "row";
+    li.innerHTML = '<span class="cls"></span><span><span class="bar"></span></span><span class="score"></span>';
+    li.querySelector(".cls").textContent = label;
+    const bar = li.querySelector(".bar");
+    bar.style.width = `${(share * 100).toFixed(1)}%`;
+    bar.style.display = "block"; // a sized bar in the class's overlay colour
+    bar.style.border = "1px solid #8c959f";
+    bar.style.background = `rgb(${colours[c.classes.indexOf(label)].join(",")})`;
+    li.querySelector(".score").textContent = `${(share * 100).toFixed(1)}%`;
+    return li;
+  }));
+  $("timing").textContent = `${answer.ms.total.toFixed(0)} ms (decoding ${answer.ms.preprocess.toFixed(0)} ms, ` +
+    `resize, model and argmax ${answer.ms.inference.toFixed(0)} ms)`;
+  $("result").hidden = false;
+  document.body.dataset.drawn = String(n);
+}
+
 async function classify(source, previewUrl, name) {
   status(`classifying ${name}…`);
   try {
@@ -84,6 +118,13 @@ async function classify(source, previewUrl, name) {
       const found = await c.detect(source);
       window.imgclfLast = found; // for tests and the curious: boxes, timings
       await showBoxes(found, previewUrl, c.classes);
+      status(`done: ${name}`);
+      return;
+    }
+    if (c.meta.task === "segment") {
+      const found = await c.segment(source);
+      window.imgclfLast = found; // for tests and the curious: labels, class shares, timings
+      showOverlay(found, c);
       status(`done: ${name}`);
       return;
     }

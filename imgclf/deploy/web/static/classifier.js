@@ -8,6 +8,7 @@
 //   const clf = await loadClassifier("./");            // folder of model.onnx + model.json
 //   const { top } = await clf.classify(fileOrBlob, 3);  // [{label, score}, ...]
 //   const { boxes } = await clf.detect(fileOrBlob);     // a detector: [{label, score, box: [x1, y1, x2, y2]}, ...]
+//   const { labels, classes } = await clf.segment(fileOrBlob); // a segmenter: class ids per pixel, shares
 import * as ort from "./ort/ort.wasm.min.mjs";
 
 const MAX_PIXELS = 100_000_000; // imgclf/data/images.py MAX_PIXELS: Python refuses bigger images too
@@ -46,6 +47,36 @@ export async function decode(blob) {
   } finally {
     bitmap.close();
   }
+}
+
+/** n colours, one per class: Pascal VOC's bit-interleaved palette, as
+ * imgclf/tasks/segment/predictor.py palette (the export's metadata has them too). */
+export function palette(n) {
+  const out = [];
+  for (let i = 0; i < n; i++) {
+    let c = i, r = 0, g = 0, b = 0;
+    for (let j = 0; j < 8; j++) {
+      r |= ((c >> 0) & 1) << (7 - j); g |= ((c >> 1) & 1) << (7 - j); b |= ((c >> 2) & 1) << (7 - j);
+      c >>= 3;
+    }
+    out.push([r, g, b]);
+  }
+  return out;
+}
+
+/** A label map over its picture: RGBA pixels (for ImageData), each class's
+ * colour blended at `alpha` over the packed RGB picture, other ids (void)
+ * left clear; predictor.py overlay computes the same. */
+export function overlay(rgb, labels, colours, alpha = 0.5) {
+  const out = new Uint8ClampedArray(labels.length * 4);
+  for (let p = 0; p < labels.length; p++) {
+    const col = colours[labels[p]], a = col ? alpha : 0;
+    for (let ch = 0; ch < 3; ch++) {
+      out[4 * p + ch] = Math.round(rgb[3 * p + ch] * (1 - a) + (col ? col[ch] : 0) * a);
+    }
+    out[4 * p + 3] = 255;
+  }
+  return out;
 }
 
 export async function loadClassifier(base = "./", options = {}) {
@@ -126,10 +157,28 @@ export async function loadClassifier(base = "./", options = {}) {
     return { boxes, width: img.width, height: img.height, ms: { preprocess: t1 - t0, inference: t2 - t1, total: t2 - t0 } };
   }
 
+  /** A segmenter's graph (tasks/segment/export.py: the resize, network and
+   * argmax inside): a File/Blob or RGB image -> {labels: Uint8Array of class
+   * ids, row by row, at the image's own size (no resize back needed), classes:
+   * [{label, share}] largest first, width, height, rgb: the picture's pixels}. */
+  async function segment(source) {
+    const t0 = performance.now();
+    const img = source instanceof Blob ? await decode(source) : source;
+    const t1 = performance.now();
+    const out = await session.run({ [input]: new ort.Tensor("uint8", img.data, [1, img.height, img.width, 3]) });
+    const t2 = performance.now();
+    const labels = out.labels.data, counts = new Array(classes.length).fill(0);
+    for (let p = 0; p < labels.length; p++) if (labels[p] < classes.length) counts[labels[p]]++;
+    const shares = counts.map((n, j) => ({ label: classes[j], share: n / Math.max(1, labels.length) }))
+      .filter((c) => c.share > 0).sort((a, b) => b.share - a.share);
+    return { labels, classes: shares, width: img.width, height: img.height, rgb: img.data,
+      ms: { preprocess: t1 - t0, inference: t2 - t1, total: t2 - t0 } };
+  }
+
   // One run on a blank image: the wasm's first call is several times slower
   // (bench/bench_web.py), better spent while the page says "loading".
   if (options.warmUp !== false) {
     await probs([{ width: pp.size, height: pp.size, data: new Uint8Array(pp.size * pp.size * 3) }]);
   }
-  return { meta, classes, preprocess: pp, session, outputs, probs, topK, classify, detect };
+  return { meta, classes, preprocess: pp, session, outputs, probs, topK, classify, detect, segment };
 }
