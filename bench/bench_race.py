@@ -2,6 +2,7 @@
 
   .venv/bin/python bench/bench_race.py [--sets cats32,hym32,mnist,cats32g,hym32g] [--train-per-class 100]
                                        [--lowres-sizes 64,96] [--lowres-epochs 6] [--native-recipes]
+                                       [--probe-sizes 64,96,128,208]
 
 Proxies, built at run time in a temporary folder (never committed):
   cats32   cats_and_dogs_filtered, every image squashed to 32 px colour PNG;
@@ -18,13 +19,19 @@ race them); on grayscale sets also the Keras MNIST CNN peer
 (bench_small.keras_peer_row, its flatten size fitted to 32 px), and with
 --native-recipes native with random erasing and with more epochs (item 3).
 Columns: val accuracy (choices: the lowres size, the native recipe), test
-accuracy (headline: no choice saw it), wall seconds of the whole command.
+accuracy (headline: no choice saw it), wall seconds and CPU seconds (user +
+system, the command and its loader workers) of the whole command. Last, per
+set: the race's CPU seconds (from summary.json) as a share of the CPU seconds
+of running linear, native and the largest lowres size in full.
+With --probe-sizes, instead: per set, the frozen backbone's linear probe at
+each upscale, scored on val (how --lowres-size is chosen).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -82,7 +89,10 @@ def mnist_split(dst: Path, per_class: int) -> Path:
 
 
 def run_row(data: Path, out: Path, name: str, extra: list, cache: Path) -> dict:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall, _, _ = timed_cli(["train", data, "--out", out, "--cache-dir", cache, *extra])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the command and its loader workers, all reaped
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     s = json.loads((out / "summary.json").read_text())
     test = json.loads((out / "eval_test.json").read_text())
     race = s.get("race") or {}
@@ -90,9 +100,10 @@ def run_row(data: Path, out: Path, name: str, extra: list, cache: Path) -> dict:
     if race.get("ran") is not False and race.get("candidates"):
         picked = "race: " + ", ".join(f"{c['strategy']} {100 * c['score']:.1f}" for c in race["candidates"]
                                       if c["score"] is not None)
+        picked += f"; race {race.get('cpu_seconds', '-')} CPU s" + ("; handed over" if race.get("handed_over") else "")
     return {"method": name, "strategy": s["strategy"], "val acc": f"{100 * s['best'].get('acc', 0):.2f}%",
             "test acc": f"{100 * test['accuracy']:.2f}% of {test['n']}", "wall s": f"{wall:.0f}",
-            "race (held-out scores)": picked}
+            "cpu s": f"{cpu:.0f}", "race (held-out scores)": picked}
 
 
 def rows_for(name: str, data: Path, tmp: Path, args) -> list[dict]:
@@ -117,6 +128,55 @@ def rows_for(name: str, data: Path, tmp: Path, args) -> list[dict]:
     return rows
 
 
+def probe_sizes(data: Path, sizes: str, model: str = "efficientnet_lite1") -> list[dict]:
+    """The frozen backbone's linear probe (cross-validated head) on train, scored
+    on val, with the images upscaled in memory to each size, as lowres sees them:
+    what --lowres-size is chosen by."""
+    import copy  # deferred: torch and the model, for this mode only
+
+    import torch
+
+    from imgclf.data.datasets import discover
+    from imgclf.data.loading import BadFileLog
+    from imgclf.data.preprocess import native_preprocess
+    from imgclf.models.registry import build_model, get_model_info
+    from imgclf.training.head_fit import fit_head_cv
+    from imgclf.training.lowres import frozen_features
+    from imgclf.training.stages import decode_items, memory_prepare
+
+    sp, bad, cpu = discover(str(data)), BadFileLog(), torch.device("cpu")
+    X, Y, _ = decode_items(sp.root, sp.train, native_preprocess(32), 1, bad, "train")
+    Xv, Yv, _ = decode_items(sp.root, sp.val, native_preprocess(32), 1, bad, "val")
+    net, rows = build_model(model, len(sp.classes), pretrained=True), []
+    for s in map(int, sizes.split(",")):
+        t0, c0 = time.time(), time.process_time()
+        pp = copy.deepcopy(get_model_info(model).preprocess)
+        pp.size, pp.resize, pp.crop_pct = s, "squash", 1.0
+        prep = memory_prepare(pp)
+        fit = fit_head_cv(frozen_features(net, X, prep, cpu), Y, 1, 5, 0)
+        acc = ((frozen_features(net, Xv, prep, cpu) @ fit.weight.T + fit.bias).argmax(1) == Yv).float().mean()
+        rows.append({"size": f"{s} px", "probe val acc": f"{100 * float(acc):.2f}%",
+                     "wall s": f"{time.time() - t0:.0f}", "cpu s": f"{time.process_time() - c0:.0f}"})
+    return rows
+
+
+def race_cost(rows: list[dict]) -> str:
+    """Per set: the race's CPU seconds against running every candidate in full."""
+    lines = []
+    for name in dict.fromkeys(r["set"] for r in rows):
+        mine = [r for r in rows if r["set"] == name and r.get("cpu s")]
+        full = {r["method"].split(" ")[0]: float(r["cpu s"]) for r in mine if not r["method"].startswith("auto")
+                and "--" not in r["method"]}  # lowres: the last (largest) size listed
+        auto = next((r for r in mine if r["method"].startswith("auto")), None)
+        if not auto or "CPU s" not in auto["race (held-out scores)"]:
+            continue
+        race = float(auto["race (held-out scores)"].split("race ")[-1].split(" CPU s")[0])
+        total = sum(full.values())
+        lines.append(f"{name}: race {race:.0f} CPU s, all of {', '.join(full)} in full {total:.0f} CPU s: "
+                     f"{100 * race / total:.0f}%; whole auto run {auto['cpu s']} CPU s")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="cats32,hym32,mnist,cats32g,hym32g")
@@ -124,15 +184,20 @@ def main() -> None:
     ap.add_argument("--lowres-sizes", default="64,96")
     ap.add_argument("--lowres-epochs", default="6")
     ap.add_argument("--native-recipes", action="store_true")
+    ap.add_argument("--probe-sizes", default="", help="e.g. 64,96,128,208: only the frozen probe per upscale")
     args = ap.parse_args()
     print(f"machine: {machine()}\n")
     rows = []
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
-        for name in args.sets.split(","):
+        for name in args.sets.split(",") if not args.probe_sizes else []:
             rows += rows_for(name, build(name, tmp, args.train_per_class), tmp, args)
-            print(table(rows, ["set", "method", "strategy", "val acc", "test acc", "wall s",
+            print(table(rows, ["set", "method", "strategy", "val acc", "test acc", "wall s", "cpu s",
                                "race (held-out scores)"]) + "\n", flush=True)
+        for name in args.sets.split(",") if args.probe_sizes else []:
+            print(f"{name}:\n" + table(probe_sizes(build(name, tmp, args.train_per_class), args.probe_sizes),
+                                        ["size", "probe val acc", "wall s", "cpu s"]) + "\n", flush=True)
+    print(race_cost(rows))
 
 
 if __name__ == "__main__":

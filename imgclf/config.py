@@ -112,7 +112,7 @@ class TrainConfig:
     race_images: int = _f(1000, "training images (a stratified sample) each strategy in the race learns from")
     race_seconds: float = _f(240, "the race's time budget for training its candidates; when it runs out the best "
                                   "score so far wins")
-    lowres_size: int | None = _f(None, "lowres: the input size the pretrained backbone is fine-tuned at (default 96)")
+    lowres_size: int | None = _f(None, "lowres: the input size the pretrained backbone is fine-tuned at (default 128, chosen on val)")
     decode_size: int | None = _f(None, "lowres: the size training images are decoded at and kept in memory before "
                                        "each batch is upscaled (default: their own, at most 64 px)")
     erase: float | None = _f(None, "native and lowres: share of training images given a random erased rectangle "

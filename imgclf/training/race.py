@@ -8,24 +8,37 @@ network fine-tuned at a low resolution each won somewhere
 sample of the training images and is scored on the same held-out images:
 
   linear   the frozen backbone's features of the sample, through the feature
-           cache (a linear winner finds them there), a cross-validated head
+           cache (a linear winner's finishing stage reads them there), a
+           cross-validated head
   native   small_cnn from scratch at the images' own size
-  lowres   the pretrained network, every layer, upscaled to --lowres-size
+  lowres   the pretrained network at --lowres-size: its head from the linear
+           probe at that size, then every layer fine-tuned (lowres.py)
 
 The images are decoded once (at their own size) for native and lowres, and the
-finishing stage reuses them. native and lowres train in rounds (a quarter of
-their schedule each); after the second, a lowres candidate trailing the
-leader by more than MARGIN stops, and the budget stops it too; native (cheap
-at its own size, and low until its schedule ends) runs its whole recipe. The scoring images: val, or when val holds fewer than
+finishing stage reuses them. native and lowres train their finishing recipe
+itself (batch, rate, schedule, augmentation), epoch by epoch, and are scored
+at rungs (successive halving): lowres after its linear probe (rung 0: the
+probe's cross-validated accuracy, before any fine-tuning), then after epochs
+1, 2, 4, ..., stopped as soon as it trails the leader by more than MARGIN or
+the budget is spent; native (cheap at its own size, and low until its
+schedule ends) only at the end of its schedule. The scoring images: val, or when val holds fewer than
 MIN_SCORED images, 3-fold cross-validation on the sample (each fold's model
-scored on its held-out fold and on val). The winner then trains on all the
-data with its own full recipe.
+scored on its held-out fold and on val).
+
+When the sample is the whole training split and val scores, a candidate's
+race model is the finishing run's model so far: the race trains it up to one
+epoch before its schedule ends, and a native or lowres winner continues from
+its weights, optimizer and schedule (hand_over) instead of starting again;
+the finishing stage runs the last epoch(s) with the usual validation, best
+epoch and checkpoints. Otherwise the winner trains on all the data with its
+own full recipe.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,20 +54,15 @@ from imgclf.models.features import extract
 from imgclf.models.registry import build_model, get_model_info
 from imgclf.training.epochs import say
 from imgclf.training.head_fit import fit_head_cv
-from imgclf.training.loop import warmup_cosine
-from imgclf.training.stage_network import (
-    LOWRES_LR,
-    LOWRES_SIZE,
-    decode_items,
-    erase_batch,
-    lowres_groups,
-    memory_prepare,
-)
+from imgclf.training.loop import EarlyStopping, warmup_cosine
+from imgclf.training.lowres import probe_head
+from imgclf.training.stage_network import decode_items, erase_batch, lowres_groups, memory_prepare
+from imgclf.training.stages import plan_stages
 
 MIN_SCORED = 200  # held-out images below which the race cross-validates on its sample
 VAL_MAX = 1000  # at most this many val images score the race (a stratified sample)
-MARGIN = 0.05  # after two rounds, a candidate this far behind the leader stops
-ROUNDS = 4  # native and lowres train their schedule in this many rounds, scored after each
+MARGIN = 0.05  # at a rung, a stoppable candidate this far behind the leader stops
+LOWRES_RACE_EPOCHS = 2  # lowres's race when its state cannot be handed over (a sample, or cross-validation)
 ORDER = ("linear", "native", "lowres")  # cheapest first: a tie goes to the cheaper strategy
 
 
@@ -64,12 +72,14 @@ class Entry:
     what: str
     score: float | None = None
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time (all threads): the cost on a shared machine
     images: int = 0  # training images seen (epochs x sample)
     status: str = "raced"
 
     def row(self) -> dict:
         return {"strategy": self.name, "what": self.what, "score": None if self.score is None else round(self.score, 4),
-                "seconds": round(self.seconds, 1), "images_seen": self.images, "status": self.status}
+                "seconds": round(self.seconds, 1), "cpu_seconds": round(self.cpu_seconds, 1),
+                "images_seen": self.images, "status": self.status}
 
 
 @dataclass
@@ -79,18 +89,46 @@ class RaceResult:
     entries: list[Entry]
     scored_on: str
     seconds: float
+    cpu_seconds: float = 0.0
     decoded: dict = field(default_factory=dict)  # "train"/"val" -> (X, Y, kept) at decode_size
+    learners: dict = field(default_factory=dict)  # name -> Learners, for hand_over
+    handed_over: str = ""  # what the finishing stage took from the race
 
     def to_dict(self) -> dict:
         return {"winner": self.winner, "why": self.why, "scored_on": self.scored_on,
-                "seconds": round(self.seconds, 1), "candidates": [e.row() for e in self.entries]}
+                "seconds": round(self.seconds, 1), "cpu_seconds": round(self.cpu_seconds, 1),
+                "handed_over": self.handed_over or None, "candidates": [e.row() for e in self.entries]}
 
     def table(self) -> str:
-        lines = [f"{'strategy':<8} {'score':>7} {'seconds':>8} {'images':>7}  status / what"]
+        lines = [f"{'strategy':<8} {'score':>7} {'seconds':>8} {'cpu s':>7} {'images':>7}  status / what"]
         for e in self.entries:
             score = f"{100 * e.score:6.2f}%" if e.score is not None else "      -"
-            lines.append(f"{e.name:<8} {score} {e.seconds:8.1f} {e.images:7d}  {e.status}: {e.what}")
+            lines.append(f"{e.name:<8} {score} {e.seconds:8.1f} {e.cpu_seconds:7.1f} {e.images:7d}  "
+                         f"{e.status}: {e.what}")
         return "\n".join(lines)
+
+    def hand_over(self, ctx) -> bool:
+        """Continue the winner's race state in the finishing stage (weights,
+        optimizer, schedule, epochs done) when it trained on the whole
+        training split under the finishing recipe; True if it did."""
+        learner = self.learners.pop(self.winner, None)
+        self.learners.clear()  # the losers' models and optimizers are no longer needed
+        if learner is None or not learner.continuable or not learner.epochs_done or ctx.state.epoch \
+                or ctx.dist.enabled:
+            return False
+        model = learner.models[0]
+        try:
+            ctx.model.load_state_dict(model.state_dict())
+        except RuntimeError:  # another head shape was asked for (--head-hidden): train afresh
+            return False
+        st = ctx.state
+        st.epoch, st.opt_state, st.sched_state = learner.epochs_done, learner.opts[0].state_dict(), \
+            learner.scheds[0].state_dict()
+        st.stopper_state = EarlyStopping(learner.stage.patience, ctx.monitor).state_dict()
+        self.handed_over = (f"{self.winner}'s race model after {learner.epochs_done} of {learner.stage.epochs} "
+                            f"epochs on all {len(learner.X)} training images: the finishing stage continues it")
+        say(f"race: {self.handed_over}")
+        return True
 
 
 @dataclass
@@ -126,10 +164,24 @@ def stratified_sample(y: np.ndarray, n: int, rng: np.random.Generator) -> np.nda
     return np.sort(np.concatenate(keep))
 
 
+class Clock:
+    """Wall and process-CPU seconds since it started."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.time(), time.process_time()
+
+    def add_to(self, entry: Entry) -> None:
+        entry.seconds += time.time() - self.wall
+        entry.cpu_seconds += time.process_time() - self.cpu
+
+
 def race_strategies(cfg: TrainConfig, splits: Splits, device: torch.device, decode_size: int, bad: BadFileLog,
-                    workers: int, grey: bool) -> RaceResult:
-    """Race the strategies that fit these small images; the winner, why, the table, the decoded images."""
-    t0 = time.time()
+                    workers: int, settle: Callable[[str], tuple[TrainConfig, Preprocess]]) -> RaceResult:
+    """Race the strategies that fit these small images; the winner, why, the
+    table, the decoded images and the trained candidates. settle(strategy):
+    the finishing run's config and Preprocess for that strategy (its recipe,
+    raced as is)."""
+    t0, clock = time.time(), Clock()
     n_cls = len(splits.classes)
     pp = native_preprocess(decode_size)
     X, Y, kept = decode_items(splits.root, splits.train, pp, workers, bad, "race: train")
@@ -138,25 +190,25 @@ def race_strategies(cfg: TrainConfig, splits: Splits, device: torch.device, deco
     say(f"race: linear, native and lowres, each on {len(plan.train_idx[0]) + len(plan.held_idx[0])} training "
         f"images, scored on {plan.describe}; budget {cfg.race_seconds:g}s")
     entries = [race_linear(cfg, splits, kept, kept_v, plan, device, bad, workers)]
-    lowres_size = cfg.lowres_size or LOWRES_SIZE
-    trained = [Learners("native", f"small_cnn from scratch at {decode_size}px", cfg, n_cls, plan, X, Y, Xv, Yv,
-                        native_pp=pp, grey=grey, device=device),
-               Learners("lowres", f"{cfg.model} fine-tuned at {lowres_size}px", cfg, n_cls, plan, X, Y, Xv, Yv,
-                        native_pp=pp, grey=grey, device=device, size=lowres_size)]
-    run_rounds(trained, entries[0], t0 + cfg.race_seconds)
+    trained = [Learners(name, settle(name), n_cls, plan, X, Y, Xv, Yv, device) for name in ("native", "lowres")]
+    run_rungs(trained, entries[0], t0 + cfg.race_seconds)
     entries += [t.entry for t in trained]
     winner, why = pick(entries)
-    result = RaceResult(winner, why, entries, plan.describe, time.time() - t0,
-                        {"train": (X, Y, kept), "val": (Xv, Yv, kept_v)})
-    say(f"race ({result.seconds:.1f}s), scored on {plan.describe}:\n{result.table()}")
+    result = RaceResult(winner, why, entries, plan.describe, time.time() - t0, 0.0,
+                        {"train": (X, Y, kept), "val": (Xv, Yv, kept_v)}, {t.entry.name: t for t in trained})
+    result.cpu_seconds = time.process_time() - clock.cpu
+    say(f"race ({result.seconds:.1f}s, {result.cpu_seconds:.1f} CPU s), scored on {plan.describe}:\n"
+        f"{result.table()}")
     return result
 
 
 def race_linear(cfg: TrainConfig, splits: Splits, kept: list, kept_v: list, plan: Scoring, device: torch.device,
                 bad: BadFileLog, workers: int) -> Entry:
     """The frozen backbone's features of the sample and val (into the feature
-    cache), a head fitted by cross-validated L-BFGS per fold, as `linear` fits it."""
-    t0 = time.time()
+    cache, where a linear winner's finishing stage finds them: its race entry
+    is the finishing run's own encoding), a head fitted by cross-validated
+    L-BFGS per fold, as `linear` fits it."""
+    clock = Clock()
     entry = Entry("linear", f"frozen {cfg.model} features ({get_model_info(cfg.model).preprocess.size}px), "
                             f"linear head")
     model = build_model(cfg.model, len(splits.classes), pretrained=cfg.pretrained, weights=cfg.weights)
@@ -182,65 +234,94 @@ def race_linear(cfg: TrainConfig, splits: Splits, kept: list, kept_v: list, plan
             if len(ys):
                 correct += int(((Xs @ fit.weight.T + fit.bias).argmax(1).numpy() == ys).sum())
                 n += len(ys)
-    entry.score, entry.seconds, entry.images = correct / n, time.time() - t0, len(items)
+    entry.score, entry.images = correct / n, len(items)
+    clock.add_to(entry)
     return entry
 
 
 class Learners:
-    """One trained candidate: a model per fold, trained in rounds on the decoded images."""
+    """One trained candidate under its finishing recipe (`rc`, the settled
+    config): a model per fold, trained epoch by epoch on the decoded images."""
 
-    def __init__(self, name: str, what: str, cfg: TrainConfig, n_cls: int, plan: Scoring, X, Y, Xv, Yv,
-                 native_pp: Preprocess, grey: bool, device: torch.device, size: int | None = None):
-        self.entry, self.plan, self.X, self.Y, self.Xv, self.Yv = Entry(name, what), plan, X, Y, Xv, Yv
-        self.cfg, self.flip, self.device = cfg, not grey, device
-        if name == "native":
-            # native's whole recipe (14 epochs): a network from scratch scores low until its schedule ends, and
-            # at its own small size the full schedule costs less than linear's features
-            self.batch, lr, self.epochs, self.erase = 128, 4e-3, 14, (cfg.erase if cfg.erase is not None else 0.0)
-            base = build_model("small_cnn", n_cls, pretrained=False)
-            self.prepare = memory_prepare(native_pp)
-        else:
-            self.batch, lr, self.epochs, self.erase = 64, LOWRES_LR, 2, cfg.erase or 0.0
-            base = build_model(cfg.model, n_cls, pretrained=cfg.pretrained, weights=cfg.weights)
-            lpp = copy.deepcopy(get_model_info(cfg.model).preprocess)
-            lpp.size, lpp.resize, lpp.crop_pct = size, "squash", 1.0
-            self.prepare = memory_prepare(lpp)
-        self.models, self.opts, self.scheds = [], [], []
+    def __init__(self, name: str, settled: tuple[TrainConfig, Preprocess], n_cls: int, plan: Scoring, X, Y, Xv, Yv,
+                 device: torch.device):
+        rc, pp = settled
+        self.plan, self.X, self.Y, self.Xv, self.Yv, self.rc, self.device = plan, X, Y, Xv, Yv, rc, device
+        self.stage = plan_stages(name, rc)[0]
+        whole = len(plan.train_idx) == 1 and len(plan.train_idx[0]) == len(X)
+        self.continuable = whole and self.stage.epochs > 1  # this race model is the finishing run's, so far
+        cap = self.stage.epochs if name == "native" else min(self.stage.epochs, LOWRES_RACE_EPOCHS)
+        self.race_epochs = self.stage.epochs - 1 if self.continuable else cap  # the finishing stage runs the rest
+        self.rungs = [self.race_epochs] if name == "native" else \
+            sorted({e for e in (1, 2, 4, 8, 16, 32) if e < self.race_epochs} | {self.race_epochs})
+        self.stoppable = name != "native"
+        clock = Clock()
+        base = build_model(rc.model, n_cls, pretrained=rc.pretrained, weights=rc.weights,
+                           head_hidden=rc.head_hidden, dropout=rc.dropout)
+        self.prepare = memory_prepare(pp)
+        size = f"{rc.image_size}px"
+        self.entry = Entry(name, f"small_cnn from scratch at {size}" if name == "native" else
+                           f"{rc.model} at {size}: linear probe, then every layer fine-tuned")
+        self.models, self.opts, self.scheds, probes = [], [], [], []
         for tr in plan.train_idx:
             m = copy.deepcopy(base).to(device).to(memory_format=torch.channels_last)
-            groups = lowres_groups(m, lr) if name == "lowres" else [{"params": m.parameters(), "lr": lr}]
-            opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-            steps = self.epochs * -(-len(tr) // self.batch)
+            if name == "lowres":
+                probes.append(probe_head(m, X[tr], Y[tr], self.prepare, device, rc.cv_folds, rc.seed))
             self.models.append(m)
-            self.opts.append(opt)
-            self.scheds.append(torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, max(1, steps // 8))))
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.loss = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.done_rounds = 0
-        self.stoppable = name != "native"
+            self._optimizer(m, name, len(tr))
+        self.gen = torch.Generator().manual_seed(rc.seed)
+        self.loss = torch.nn.CrossEntropyLoss(label_smoothing=rc.label_smoothing)
+        self.epochs_done = 0
+        # rung 0 (lowres): the probe's cross-validated accuracy on the sample, known before any fine-tuning
+        self.probe_acc = float(np.mean([p.acc for p in probes])) if probes and None not in probes else None
+        clock.add_to(self.entry)
 
-    def train_round(self) -> None:
-        """A quarter of the schedule (epochs x sample) for every fold's model, then its score."""
-        t0 = time.time()
-        for m, opt, sched, tr in zip(self.models, self.opts, self.scheds, self.plan.train_idx):
-            m.train()
-            n = len(tr) * self.epochs // ROUNDS
-            order = torch.from_numpy(tr)[torch.randint(0, len(tr), (n,), generator=self.gen)] \
-                if self.epochs % ROUNDS else torch.cat([torch.from_numpy(tr)[torch.randperm(len(tr), generator=self.gen)]
-                                                        for _ in range(self.epochs // ROUNDS)])
-            pad = max(1, self.X.shape[-1] // 12)
-            for i in range(0, len(order), self.batch):
-                j = order[i:i + self.batch]
-                x = erase_batch(augment_batch(self.X[j], pad, self.flip, self.gen), self.erase, self.gen)
-                loss = self.loss(m(self.prepare(x.to(self.device))), self.Y[j].to(self.device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-            self.entry.images += len(order)
-        self.done_rounds += 1
+    def _optimizer(self, m, name: str, n: int) -> None:
+        """AdamW and warm-up + cosine over the stage's steps, as stages._optimizer
+        builds them for the finishing stage, so that stage can continue them."""
+        lr = self.stage.lr
+        groups = lowres_groups(m, lr) if name == "lowres" else [{"params": m.parameters(), "lr": lr}]
+        opt = torch.optim.AdamW(groups, weight_decay=self.rc.weight_decay)
+        steps = -(-n // self.rc.batch_size)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, warmup_cosine(self.stage.epochs * steps, int(self.rc.warmup_epochs * steps)))
+        self.opts.append(opt)
+        self.scheds.append(sched)
+
+    def next_rung(self) -> None:
+        """Train every fold's model up to the next rung, then score it."""
+        clock = Clock()
+        target = next(r for r in self.rungs if r > self.epochs_done)
+        while self.epochs_done < target:
+            for m, opt, sched, tr in zip(self.models, self.opts, self.scheds, self.plan.train_idx):
+                self._epoch(m, opt, sched, torch.from_numpy(tr))
+            self.epochs_done += 1
         self.entry.score = self.score()
-        self.entry.seconds += time.time() - t0
+        clock.add_to(self.entry)
+
+    def _epoch(self, m, opt, sched, tr: torch.Tensor) -> None:
+        """One epoch as stages.run_memory_stage trains it: shifts, flips, erasing, frozen BN for lowres."""
+        m.train()
+        if self.stage.name == "lowres":
+            for mod in m.modules():
+                if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                    mod.eval()
+        order = tr[torch.randperm(len(tr), generator=self.gen)]
+        pad, b = max(1, self.X.shape[-1] // 12), self.rc.batch_size
+        for i in range(0, len(order), b):
+            j = order[i:i + b]
+            x = erase_batch(augment_batch(self.X[j], pad, bool(self.rc.flip_features), self.gen),
+                            self.rc.erase or 0.0, self.gen)
+            loss = self.loss(m(self.prepare(x.to(self.device))), self.Y[j].to(self.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        self.entry.images += len(order)
+
+    @property
+    def done(self) -> bool:
+        return self.epochs_done >= self.race_epochs
 
     @torch.inference_mode()
     def score(self) -> float:
@@ -255,27 +336,39 @@ class Learners:
         return correct / max(1, n)
 
 
-def run_rounds(trained: list[Learners], linear: Entry, deadline: float) -> None:
-    """Rounds until every candidate has finished its schedule, trails the
-    leader by more than MARGIN after two rounds, or the budget is spent."""
+def run_rungs(trained: list[Learners], linear: Entry, deadline: float) -> None:
+    """Successive halving: each active candidate trains to its next rung and
+    is scored; a stoppable one trailing the leader by more than MARGIN, or
+    past the budget, stops; the rest go on until their race schedule ends.
+    Rung 0, before any fine-tuning: lowres's linear probe, cross-validated on
+    the sample, trailing by more than twice MARGIN stops it there."""
     active = list(trained)
-    for r in range(1, ROUNDS + 1):
-        for t in active:
-            t.train_round()
-        scores = [e.score for e in [linear, *(t.entry for t in trained)] if e.score is not None]
-        leader = max(scores)
+
+    def leader() -> float:
+        return max(e.score for e in [linear, *(t.entry for t in trained)] if e.score is not None)
+
+    while active:
         for t in list(active):
-            if r == ROUNDS:
-                t.entry.status = "finished its race schedule"
-            elif r >= 2 and t.stoppable and t.entry.score < leader - MARGIN:
-                t.entry.status = f"stopped after round {r} of {ROUNDS}: {100 * (leader - t.entry.score):.1f} points " \
-                                 f"behind the leader"
+            if t.epochs_done == 0 and t.probe_acc is not None and t.probe_acc < leader() - 2 * MARGIN:
+                t.entry.score = t.probe_acc
+                t.entry.status = (f"stopped before fine-tuning: its linear probe scored {100 * t.probe_acc:.1f}% "
+                                  f"(cross-validated on the sample), {100 * (leader() - t.probe_acc):.1f} points "
+                                  f"behind the leader")
                 active.remove(t)
-            elif time.time() > deadline and t.stoppable:
-                t.entry.status = f"stopped after round {r} of {ROUNDS}: the race's time budget was spent"
-                active.remove(t)
-        if not active:
-            break
+                continue
+            t.next_rung()
+        for t in list(active):
+            lead = leader()
+            where = f"after epoch {t.epochs_done} of {t.stage.epochs}"
+            if t.done:
+                t.entry.status = f"finished its race schedule ({where})"
+            elif t.stoppable and t.entry.score < lead - MARGIN:
+                t.entry.status = f"stopped {where}: {100 * (lead - t.entry.score):.1f} points behind the leader"
+            elif t.stoppable and time.time() > deadline:
+                t.entry.status = f"stopped {where}: the race's time budget was spent"
+            else:
+                continue
+            active.remove(t)
 
 
 def pick(entries: list[Entry]) -> tuple[str, str]:

@@ -145,7 +145,7 @@ def strategy_settings(cfg: TrainConfig, strategy: str, look: ImageLook | None, f
 
 def lowres_settings(cfg: TrainConfig, look: ImageLook | None) -> TrainConfig:
     """lowres's defaults, written into the config as native's are: decoded at
-    the images' own size (at most 64 px), upscaled per batch to 96 px and
+    the images' own size (at most 64 px), upscaled per batch to 128 px and
     squashed there (as prediction resizes a file), batches of 64, flips for
     colour images only."""
     decode = cfg.decode_size or native_size(replace(cfg, image_size=None), look)

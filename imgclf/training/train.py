@@ -122,7 +122,8 @@ def run_race(cfg: TrainConfig, splits: Splits, device: torch.device, look: Image
     """`auto` on small colour images: the candidates race on a sample (race.py)."""
     say(f"strategy: race: {why}")
     return race_strategies(cfg, splits, device, native_size(cfg, look), bad,
-                           cfg.workers if cfg.workers is not None else default_workers(), look.grey >= 0.9)
+                           cfg.workers if cfg.workers is not None else default_workers(),
+                           lambda s: settled(cfg, s, look))
 
 
 def build_network(cfg: TrainConfig, num_classes: int):
@@ -151,6 +152,7 @@ def take_decoded(ctx: Context, race: RaceResult | None) -> None:
         ctx.decode_pp = native_preprocess(ctx.cfg.decode_size)
     if race is not None and ctx.strategy in ("native", "lowres"):
         ctx.decoded = race.decoded  # decoded once, at the size the winner trains from
+        race.hand_over(ctx)  # the winner's race model, when it is this run's so far
 
 
 def train_stages(ctx: Context, strategy: str) -> None:
@@ -413,6 +415,12 @@ def set_threads(device: torch.device, dist: Dist | None = None) -> None:
         share = max(1, (os.cpu_count() or 1) // (dist.local_world if dist else 1))
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]) if "OMP_NUM_THREADS" in os.environ and dist
                               and dist.enabled else share)
+
+
+def settled(cfg: TrainConfig, strategy: str, look: ImageLook | None) -> tuple[TrainConfig, Preprocess]:
+    """A race candidate's finishing config and input: the race trains its recipe as is."""
+    c = strategy_settings(cfg, strategy, look, fix=True)
+    return c, resolve_preprocess(c)
 
 
 def resolve_preprocess(cfg: TrainConfig) -> Preprocess:
