@@ -53,9 +53,9 @@ from imgclf.config import ExportConfig
 from imgclf.data.datasets import multi_hot
 from imgclf.data.images import BadImage, open_image
 from imgclf.data.preprocess import normalize, resize_image
-from imgclf.deploy.export_common import Int8Recipe, every_kth, int8_verdict, quantize, to_ort, with_metadata
+from imgclf.deploy.export_common import every_kth, int8_verdict, quantize, to_ort, with_metadata
 from imgclf.deploy.export_detect import export_detector
-from imgclf.deploy.export_segment import Shared, export_segmenter
+from imgclf.deploy.export_segment import export_segmenter
 from imgclf.deploy.resize_graph import resize_model, with_resize
 from imgclf.deploy.tflite import quantize_tflite, to_tflite
 from imgclf.deploy.tflite import with_metadata as tflite_metadata
@@ -248,8 +248,8 @@ def export(cfg: ExportConfig) -> dict:
         check_replaceable_folder(out, is_export)
     if task_of(run.path) == "detect":
         return write_export(out, export_detector(run, cfg, out), cfg)
-    if task_of(run.path) == "segment":  # its driver takes this module's machinery as arguments (no import cycle)
-        return write_export(out, export_segmenter(run, cfg, out, Shared(with_metadata, quantize, Int8Recipe, to_ort)), cfg)
+    if task_of(run.path) == "segment":
+        return write_export(out, export_segmenter(run, cfg, out), cfg)
     if task_of(run.path) != "classify":
         raise ConfigError(f"{run}: exporting a {task_of(run.path)} run is not built yet",
                           "predict and evaluate with the run itself (imgclf predict RUN IMAGES)")

@@ -5,6 +5,7 @@ accuracy gate's words, and the conversion to ONNX Runtime's own format."""
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.inference.onnx_predictor import INPUT
+from imgclf.runs import RunDir
 
 
 def every_kth(items: list, limit: int | None) -> list:
@@ -144,3 +146,14 @@ def to_ort(onnx_bytes: bytes) -> bytes:
         so.add_session_config_entry("session.save_model_format", "ORT")
         ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
         return path.read_bytes()
+
+
+def held_out(run: RunDir, keys: dict[str, str]) -> dict:
+    """The figures a deployment shows, from the run's test (else val) eval
+    file: {"split", ours: theirs for each of keys}; {} when it has none."""
+    for split in ("test", "val"):
+        f = run.eval_file(split)
+        if f.exists():
+            m = json.loads(f.read_text())
+            return {"split": split, **{ours: m.get(theirs) for ours, theirs in keys.items()}}
+    return {}

@@ -15,7 +15,7 @@ import numpy as np
 from imgclf._version import __version__
 from imgclf.config import ExportConfig
 from imgclf.data.images import BadImage, open_image
-from imgclf.deploy.export_common import Int8Recipe, every_kth, quantize, to_ort, with_metadata
+from imgclf.deploy.export_common import Int8Recipe, every_kth, held_out, quantize, to_ort, with_metadata
 from imgclf.deploy.resize_graph import resize_model
 from imgclf.deploy.web import site
 from imgclf.errors import ConfigError, ExportError
@@ -97,12 +97,7 @@ def det_metadata(src: DetSource, int8: bool) -> dict[str, str]:
 
 def det_headline(run: RunDir) -> dict:
     """The held-out mAP a deployment shows, from the run's eval file."""
-    for split in ("test", "val"):
-        f = run.eval_file(split)
-        if f.exists():
-            m = json.loads(f.read_text())
-            return {"split": split, "n": m.get("images"), "map": m.get("map"), "map50": m.get("map50")}
-    return {}
+    return held_out(run, {"n": "images", "map": "map", "map50": "map50"})
 
 
 def export_detector(run: RunDir, cfg: ExportConfig, out: Path) -> tuple[bytes, dict]:

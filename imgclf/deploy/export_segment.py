@@ -4,9 +4,9 @@ to the input's size and the argmax inside (tasks/segment/export.py), checked
 against the PyTorch predictor on val images by pixel agreement, INT8 behind
 a val mIoU gate, .ort and the web app from the same checked graph.
 
-deploy/export.py's `export` dispatches here and passes its machinery in
-(`Shared`: metadata writer, static INT8, .ort): that module imports this one,
-so importing it back would make an import cycle.
+deploy/export.py's `export` dispatches here; the machinery both task
+drivers share (metadata, static INT8, .ort, the held-out figures) is in
+export_common.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from PIL import Image
 from imgclf._version import __version__
 from imgclf.config import ExportConfig
 from imgclf.data.images import BadImage, open_image
+from imgclf.deploy.export_common import Int8Recipe, held_out, quantize, to_ort, with_metadata
 from imgclf.deploy.resize_graph import longer_side_model
 from imgclf.deploy.web import site
 from imgclf.errors import ConfigError, ExportError
@@ -53,16 +53,6 @@ FORMATS_NOT = {
 # residual sums). The decoder, the classifier, the resizes and the size
 # arithmetic (TF padding from the input's shape) stay float.
 INT8_FLOAT_LAYERS = ("/decoder/", "/classifier/", "rs_", "tail/", seg_export.SHAPE_PREFIX)
-
-
-@dataclass(frozen=True)
-class Shared:
-    """deploy/export.py's machinery, passed in by its `export`."""
-
-    with_metadata: Callable  # (onnx.ModelProto, meta) -> bytes
-    quantize: Callable  # (fp32 bytes, calibration images, meta, recipe) -> bytes
-    int8_recipe: Callable  # Int8Recipe(ops=..., float_layers=...)
-    to_ort: Callable  # onnx bytes -> .ort bytes
 
 
 @dataclass
@@ -121,22 +111,17 @@ def _trained_with(run: RunDir) -> str:
 
 def seg_headline(run: RunDir) -> dict:
     """The held-out mIoU a deployment shows, from the run's eval file."""
-    for split in ("test", "val"):
-        f = run.eval_file(split)
-        if f.exists():
-            m = json.loads(f.read_text())
-            return {"split": split, "n": m.get("n"), "miou": m.get("miou"), "pixel_accuracy": m.get("pixel_accuracy")}
-    return {}
+    return held_out(run, {"n": "n", "miou": "miou", "pixel_accuracy": "pixel_accuracy"})
 
 
-def graph_bytes(graph: onnx.ModelProto, meta: dict, shared: Shared) -> bytes:
+def graph_bytes(graph: onnx.ModelProto, meta: dict) -> bytes:
     """The graph with its metadata, and a doc string that says what it is."""
-    shared.with_metadata(graph, meta)
+    with_metadata(graph, meta)
     graph.doc_string = "imgclf semantic segmenter: " + meta["input"] + " -> " + meta["output"]
     return graph.SerializeToString()
 
 
-def export_segmenter(run: RunDir, cfg: ExportConfig, out: Path, shared: Shared) -> tuple[bytes | dict, dict]:
+def export_segmenter(run: RunDir, cfg: ExportConfig, out: Path) -> tuple[bytes | dict, dict]:
     """A segmentation run as ONNX (or .ort, or the web app), checked on val images."""
     if cfg.format in FORMATS_NOT:
         raise ConfigError(f"--format {cfg.format} is not available for a segmentation run: "
@@ -157,19 +142,19 @@ def export_segmenter(run: RunDir, cfg: ExportConfig, out: Path, shared: Shared) 
     t0 = time.time()
     graph = seg_export.segmenter_onnx(src.reference.model, size, longer_side_model(size))
     report["convert_seconds"] = round(time.time() - t0, 1)
-    fp32 = graph_bytes(graph, meta, shared)
+    fp32 = graph_bytes(graph, meta)
     seg_parity(OnnxSegPredictor(fp32), "onnxruntime", src, report)
     if cfg.format == "web":
-        public = graph_bytes(graph, {k: v for k, v in meta.items() if k != "run_path"}, shared)  # published
+        public = graph_bytes(graph, {k: v for k, v in meta.items() if k != "run_path"})  # published
         return site.build(public, OnnxSegPredictor(public).metadata), report
-    data = seg_int8(fp32, src, cfg, meta, report, shared) if cfg.int8 else fp32
-    return (seg_ort(data, src, report, shared) if cfg.format == "ort" else data), report
+    data = seg_int8(fp32, src, cfg, meta, report) if cfg.int8 else fp32
+    return (seg_ort(data, src, report) if cfg.format == "ort" else data), report
 
 
-def seg_ort(onnx_bytes: bytes, src: SegSource, report: dict, shared: Shared) -> bytes:
+def seg_ort(onnx_bytes: bytes, src: SegSource, report: dict) -> bytes:
     """The checked ONNX graph in ONNX Runtime's own format, checked again:
     its label maps of the check images those of the .onnx it was saved from."""
-    data = shared.to_ort(onnx_bytes)
+    data = to_ort(onnx_bytes)
     same_as = [a["mask"] for a in OnnxSegPredictor(onnx_bytes).segment(src.paths)]
     sub: dict = {}
     seg_parity(OnnxSegPredictor(data), ".ort", src, sub, same_as, "the .onnx it was saved from")
@@ -227,12 +212,12 @@ def calibration_images(src: SegSource, limit: int) -> np.ndarray:
                      for x in xs])
 
 
-def seg_int8(fp32: bytes, src: SegSource, cfg: ExportConfig, meta: dict, report: dict, shared: Shared) -> bytes:
+def seg_int8(fp32: bytes, src: SegSource, cfg: ExportConfig, meta: dict, report: dict) -> bytes:
     """Static INT8 of the trunk, refused when val mIoU drops by more than --max-drop points (unless --force)."""
     t0 = time.time()
     x_cal = calibration_images(src, cfg.calib_images)
-    recipe = shared.int8_recipe(ops=("Conv", "Clip", "Add"), float_layers=INT8_FLOAT_LAYERS)
-    q = onnx.load_from_string(shared.quantize(fp32, x_cal, meta, recipe))
+    recipe = Int8Recipe(ops=("Conv", "Clip", "Add"), float_layers=INT8_FLOAT_LAYERS)
+    q = onnx.load_from_string(quantize(fp32, x_cal, meta, recipe))
     q.doc_string = onnx.load_from_string(fp32).doc_string
     q = q.SerializeToString()
     report.update(calib_images=len(x_cal), calib_seconds=round(time.time() - t0, 1))

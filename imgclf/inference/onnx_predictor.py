@@ -105,6 +105,26 @@ def warn_if_stale(meta: dict, path: str | Path) -> bool:
     return True
 
 
+def task_metadata(session, source: str, task: str, outputs: list[str]) -> tuple[dict, list[str]]:
+    """A detection or segmentation export's metadata and class names, or a
+    ModelFileError that says which part is wrong: its format and task, the
+    graph's first outputs, the class list."""
+    meta = {k: _maybe_json(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    what = {"detect": "detection", "segment": "segmentation"}.get(task, task)
+    if meta.get("format") != FORMAT or meta.get("task") != task:
+        raise ModelFileError(f"{source}: not an imgclf {what} export (metadata format={meta.get('format')!r}, "
+                             f"task={meta.get('task')!r})", f"export a {what} run with `imgclf export RUN`")
+    names = [o.name for o in session.get_outputs()]
+    if names[:len(outputs)] != outputs:
+        raise ModelFileError(f"{source}: the graph's outputs are {names[:len(outputs) + 2]}, not {outputs}",
+                             "export the run again with `imgclf export RUN`")
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise ModelFileError(f"{source}: its metadata 'classes' must be a non-empty list of names",
+                             "export the run again with `imgclf export RUN`")
+    return meta, list(classes)
+
+
 def _maybe_json(v: str):
     try:
         return json.loads(v)

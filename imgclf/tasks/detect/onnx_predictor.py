@@ -15,15 +15,13 @@ This module must never import torch (tests/test_detect_deploy.py checks it).
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from imgclf.data.preprocess import Preprocess
-from imgclf.errors import ModelFileError
-from imgclf.inference.onnx_predictor import FORMAT, INPUT, open_session, warn_if_stale
+from imgclf.inference.onnx_predictor import INPUT, open_session, task_metadata, warn_if_stale
 from imgclf.tasks.detect.predictor import DetPredictor
 
 OUTPUTS = ("boxes", "scores", "labels", "selected")  # (N, D, 4), (N, D), (N, D), (N, D); score 0: padding
@@ -36,20 +34,8 @@ class OnnxDetPredictor(DetPredictor):
         opened on it (imgclf.tasks.load reads the task from its metadata)."""
         self.source = "<bytes>" if isinstance(path, bytes) else str(path)
         self.session = session = session or open_session(path, threads)
-        meta = {k: _json(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
-        if meta.get("format") != FORMAT or meta.get("task") != "detect":
-            raise ModelFileError(f"{self.source}: not an imgclf detection export (metadata format="
-                                 f"{meta.get('format')!r}, task={meta.get('task')!r})",
-                                 "export a detection run with `imgclf export RUN`")
-        names = [o.name for o in session.get_outputs()]
-        if names[:len(OUTPUTS)] != list(OUTPUTS):
-            raise ModelFileError(f"{self.source}: the graph's outputs are {names[:6]}, not {list(OUTPUTS)}",
-                                 "export the run again with `imgclf export RUN`")
-        classes = meta.get("classes")
-        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
-            raise ModelFileError(f"{self.source}: its metadata 'classes' must be a non-empty list of names",
-                                 "export the run again with `imgclf export RUN`")
-        self.metadata, self.classes = meta, list(classes)
+        self.metadata, self.classes = task_metadata(session, self.source, "detect", list(OUTPUTS))
+        meta, names = self.metadata, [o.name for o in session.get_outputs()]
         self.wanted = list(OUTPUTS[:3]) + ([MASKS] if MASKS in names else [])
         self.preprocess = Preprocess.from_dict(meta["preprocess"])
         self.thresholds = np.asarray(meta["thresholds"], np.float32)
@@ -62,10 +48,3 @@ class OnnxDetPredictor(DetPredictor):
         with self._lock:
             got = self.session.run(self.wanted, {INPUT: np.ascontiguousarray(batch, np.uint8)})
         return [tuple(v[s > 0] for v in per) for per in zip(*got) for s in [per[1]]]
-
-
-def _json(v: str):
-    try:
-        return json.loads(v)
-    except (ValueError, TypeError):
-        return v

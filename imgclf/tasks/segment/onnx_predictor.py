@@ -14,15 +14,13 @@ This module must never import torch (tests/test_segment_export.py checks it).
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from imgclf.data.images import MAX_PIXELS, Source, open_image
-from imgclf.errors import ModelFileError
-from imgclf.inference.onnx_predictor import FORMAT, INPUT, open_session, warn_if_stale
+from imgclf.inference.onnx_predictor import INPUT, open_session, task_metadata, warn_if_stale
 from imgclf.tasks.segment.predictor import SegPredictor
 
 OUTPUT = "labels"  # uint8 (N, H, W): class ids at the input's resolution
@@ -37,20 +35,8 @@ class OnnxSegPredictor(SegPredictor):
         opened on it (imgclf.tasks.load reads the task from its metadata)."""
         self.source = "<bytes>" if isinstance(path, bytes) else str(path)
         self.session = session = session or open_session(path, threads)
-        meta = {k: _json(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
-        if meta.get("format") != FORMAT or meta.get("task") != "segment":
-            raise ModelFileError(f"{self.source}: not an imgclf segmentation export (metadata format="
-                                 f"{meta.get('format')!r}, task={meta.get('task')!r})",
-                                 "export a segmentation run with `imgclf export RUN`")
-        names = [o.name for o in session.get_outputs()]
-        if names[:1] != [OUTPUT]:
-            raise ModelFileError(f"{self.source}: the graph's outputs are {names[:4]}, not [{OUTPUT!r}]",
-                                 "export the run again with `imgclf export RUN`")
-        classes = meta.get("classes")
-        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
-            raise ModelFileError(f"{self.source}: its metadata 'classes' must be a non-empty list of names",
-                                 "export the run again with `imgclf export RUN`")
-        self.metadata, self.classes = meta, list(classes)
+        self.metadata, self.classes = task_metadata(session, self.source, "segment", [OUTPUT])
+        meta = self.metadata
         self.image_size = int(meta["image_size"])
         self.int8, self.arch = bool(meta.get("int8")), str(meta.get("arch", "segmenter"))
         self._lock = threading.Lock()  # one call at a time: onnxruntime uses every core inside one
@@ -70,10 +56,3 @@ class OnnxSegPredictor(SegPredictor):
             with self._lock:
                 out.append(self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch[i:i + step], np.uint8)})[0])
         return np.concatenate(out)
-
-
-def _json(v: str):
-    try:
-        return json.loads(v)
-    except (ValueError, TypeError):
-        return v
