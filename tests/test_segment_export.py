@@ -85,7 +85,7 @@ def test_export_puts_the_resize_and_argmax_inside_and_matches_pytorch(exported, 
 
 
 def test_exported_segmenter_predicts_and_evaluates_without_torch(exported, images, seg_run):
-    """torch made unimportable: imgclf.load and `imgclf predict` answer from
+    """torch made unimportable: imgclf.load, `imgclf predict` and the server answer from
     the .onnx alone, the run's own masks (pixel for pixel up to the in-graph
     resize's rounding); `imgclf evaluate model.onnx DATA` gives the run's mIoU."""
     path, _ = exported
@@ -102,6 +102,14 @@ def test_exported_segmenter_predicts_and_evaluates_without_torch(exported, image
         print("SHARES", json.dumps([g["classes"] for g in got]))
         from imgclf.cli import main
         assert main(["predict", {str(path)!r}, {images[0]!r}, "--format", "csv"]) == 0
+        from fastapi.testclient import TestClient
+        from imgclf.deploy.serve import ServeConfig, create_app
+        with TestClient(create_app(ServeConfig({str(path)!r}))) as c:
+            j = c.post("/v1/predict", files={{"file": ("a.jpg", open({images[0]!r}, "rb").read())}}).json()
+        import base64, io
+        from PIL import Image
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(j["predictions"][0]["mask_png"]))))
+        print("SERVED_SAME", float((served == got[0]["mask"]).mean()))
         print("TORCH_FREE_OK", [m for m in ("torch", "torchvision", "timm") if sys.modules.get(m) is not None])
     """)
     masks = seg_run.parent / "masks.npy"
@@ -109,6 +117,7 @@ def test_exported_segmenter_predicts_and_evaluates_without_torch(exported, image
                        timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "TORCH_FREE_OK []" in p.stdout and "path,class,pixel_share,error" in p.stdout
+    assert float(p.stdout.split("SERVED_SAME ", 1)[1].split()[0]) == 1.0  # `imgclf serve model.onnx`, no torch
     got = np.load(masks)
     for g, w in zip(got, want):
         assert g.shape == w["mask"].shape == (360, 480)
