@@ -142,6 +142,17 @@ def test_lowres_finetuning_learns_small_colour_images(tiny32, tmp_path):
     assert json.loads((out / "eval_val.json").read_text())["accuracy"] >= 0.65
 
 
+def test_lowres_without_a_pretrained_backbone_is_refused_before_training(tiny32, tmp_path):
+    """--strategy lowres fine-tunes pretrained weights: with --no-pretrained
+    the run stops at once, naming the argument and the fix, and writes no weights."""
+    out = tmp_path / "refused"
+    p = imgclf("train", tiny32, "--out", out, "--strategy", "lowres", "--no-pretrained", check=False)
+    assert p.returncode != 0
+    assert "--strategy lowres fine-tunes a pretrained backbone" in p.stdout + p.stderr
+    assert "use --strategy native, or drop --no-pretrained" in p.stdout + p.stderr
+    assert not (out / "model.pt").exists()
+
+
 def test_random_erasing_zeroes_one_box_per_chosen_image():
     from imgclf.training.stage_network import erase_batch
 

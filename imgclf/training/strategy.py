@@ -26,18 +26,18 @@ def choose_strategy(cfg: TrainConfig, device: torch.device, look: ImageLook | No
     """The fastest path to a good model for these images, model and hardware, and why."""
     info = get_model_info(cfg.model)
     pretrained = info.pretrained and (cfg.pretrained or cfg.weights)
+    if cfg.strategy == "lowres":  # before the generic branch: it has its own checks
+        if not pretrained:
+            raise ConfigError(f"--strategy lowres fine-tunes a pretrained backbone; {cfg.model} has none here",
+                              "use --strategy native, or drop --no-pretrained")
+        check_native_fits(replace(cfg, image_size=cfg.decode_size), look, n_train)
+        return cfg.strategy, "chosen with --strategy"
     if cfg.strategy != "auto":
         if cfg.strategy in ("linear", "finetune") and not pretrained:
             raise ConfigError(f"--strategy {cfg.strategy} needs a pretrained backbone; {cfg.model} has none here",
                               "use --strategy scratch, or drop --no-pretrained")
         if cfg.strategy == "native":
             check_native_fits(cfg, look, n_train)
-        return cfg.strategy, "chosen with --strategy"
-    if cfg.strategy == "lowres":
-        if not pretrained:
-            raise ConfigError(f"--strategy lowres fine-tunes a pretrained backbone; {cfg.model} has none here",
-                              "use --strategy native, or drop --no-pretrained")
-        check_native_fits(replace(cfg, image_size=cfg.decode_size), look, n_train)
         return cfg.strategy, "chosen with --strategy"
     small = native_reason(cfg, look, n_train)
     if small and pretrained and race_fits(cfg, look):
