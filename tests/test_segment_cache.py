@@ -11,11 +11,11 @@ import torch
 from imgclf.data.images import open_image
 from imgclf.tasks.segment.cache import STRIDE, CachedSegFeatures, CachedSegVal
 from imgclf.tasks.segment.data import read_dataset
+from imgclf.tasks.segment.evaluate import evaluate_items
 from imgclf.tasks.segment.metrics import scores
 from imgclf.tasks.segment.model import Segmenter
 from imgclf.tasks.segment.predictor import prepare_image
 from imgclf.tasks.segment.torch_predictor import TorchSegPredictor
-from imgclf.tasks.segment.train import evaluate_items
 from tests.test_segment import CAMVID, VOID
 
 pytestmark = pytest.mark.skipif(not CAMVID.is_dir(), reason="needs ../shared/datasets/camvid")

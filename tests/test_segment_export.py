@@ -17,7 +17,6 @@ import onnx
 import pytest
 from PIL import Image
 
-from imgclf.cli import main
 from imgclf.config import EvaluateConfig, ExportConfig, TrainConfig
 from imgclf.data.images import open_image
 from imgclf.deploy import export_segment
@@ -110,9 +109,11 @@ def test_exported_segmenter_predicts_and_evaluates_without_torch(exported, image
         from PIL import Image
         served = np.asarray(Image.open(io.BytesIO(base64.b64decode(j["predictions"][0]["mask_png"]))))
         print("SERVED_SAME", float((served == got[0]["mask"]).mean()))
+        assert main(["evaluate", {str(path)!r}, {str(data)!r}, "--split", "val"]) == 0
         print("TORCH_FREE_OK", [m for m in ("torch", "torchvision", "timm") if sys.modules.get(m) is not None])
     """)
     masks = seg_run.parent / "masks.npy"
+    before = (seg_run / "eval_val.json").read_bytes()
     p = subprocess.run([sys.executable, "-c", code, str(masks)], capture_output=True, text=True, cwd=ROOT,
                        timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -124,10 +125,9 @@ def test_exported_segmenter_predicts_and_evaluates_without_torch(exported, image
         assert (g == w["mask"]).mean() >= 0.999
     shares = json.loads(p.stdout.split("SHARES ", 1)[1].splitlines()[0])
     assert shares[0].keys() == want[0]["classes"].keys()
-    # `imgclf evaluate model.onnx DATA`: scored on onnxruntime, written beside the file, not over the run's
+    # `imgclf evaluate model.onnx DATA` (above, without torch): scored on onnxruntime, written beside the
+    # file, not over the run's
     assert task_of(path) == "segment"
-    before = (seg_run / "eval_val.json").read_bytes()
-    assert main(["evaluate", str(path), str(data), "--split", "val"]) == 0
     ev = json.loads((path.parent / "model.onnx-eval" / "eval_val.json").read_text())
     assert (seg_run / "eval_val.json").read_bytes() == before
     ours = verbs("segment").evaluate(EvaluateConfig(run=str(seg_run), data=str(data), split="val", device="cpu",

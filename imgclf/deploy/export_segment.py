@@ -34,10 +34,10 @@ from imgclf.log import get_logger
 from imgclf.runs import RunDir
 from imgclf.tasks.segment import export as seg_export
 from imgclf.tasks.segment.data import SegDataset, read_dataset
+from imgclf.tasks.segment.evaluate import evaluate_items
 from imgclf.tasks.segment.onnx_predictor import OnnxSegPredictor
 from imgclf.tasks.segment.predictor import palette, prepare_image
 from imgclf.tasks.segment.torch_predictor import TorchSegPredictor
-from imgclf.tasks.segment.train import evaluate_items
 
 log = get_logger(__name__)
 

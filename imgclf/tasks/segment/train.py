@@ -33,7 +33,8 @@ from imgclf.io import read_json, torch_load, torch_save_atomic, write_history, w
 from imgclf.runs import RunDir, RunLock
 from imgclf.tasks.segment.cache import CachedSegFeatures, CachedSegVal, cache_bytes, train_cached_epoch
 from imgclf.tasks.segment.data import SegDataset, load_mask, read_dataset, split_dataset, unknown_values
-from imgclf.tasks.segment.metrics import confusion, scores
+from imgclf.tasks.segment.evaluate import eval_json, evaluate_items
+from imgclf.tasks.segment.metrics import scores
 from imgclf.tasks.segment.model import DecoderOnly, SegLoss, Segmenter, median_frequency_weights, train_transform
 from imgclf.tasks.segment.predictor import prepare_image, resize_mask
 from imgclf.tasks.segment.torch_predictor import TorchSegPredictor
@@ -93,33 +94,6 @@ def pixel_counts(ds: SegDataset, items: list[int]) -> np.ndarray:
                             "to classes.txt (imgclf check DATA lists every such mask)")
         counts += np.bincount(m.ravel(), minlength=256)[:k]
     return counts
-
-
-# --- evaluation ---------------------------------------------------------------------
-
-def evaluate_items(pred: TorchSegPredictor, ds: SegDataset, items: list[int], batch_size: int = 8,
-                   per_image: bool = False) -> dict:
-    """Scores of the predictor on ds's `items`, each image whole, against its
-    mask at the mask's own resolution: the path `predict` answers through."""
-    k, cm, worst, bad = len(ds.classes), np.zeros((len(ds.classes),) * 2, np.int64), [], []
-    for start in range(0, len(items), batch_size):  # a batch at a time: any dataset size fits in memory
-        batch = items[start:start + batch_size]
-        masks = [load_mask(ds, ds.items[i]) for i in batch]
-        answers = pred.segment([str(ds.items[i].image) for i in batch], batch_size)
-        for i, m, a in zip(batch, masks, answers):
-            if "error" in a:
-                bad.append({"path": str(ds.items[i].image), "reason": a["error"]})
-                continue
-            c = confusion(m, resize_mask(a["mask"], (m.shape[1], m.shape[0])), k, ds.ignore_index)
-            cm += c
-            if per_image:
-                worst.append((scores(c, ds.classes)["miou"], i))
-    out = scores(cm, ds.classes)
-    out["n"], out["skipped_files"] = len(items) - len(bad), bad
-    out["loss"] = 1.0 - out["pixel_accuracy"]  # EarlyStopping breaks mIoU ties on its "loss": the pixel error
-    if per_image:
-        out["per_image_miou"] = sorted(worst)
-    return out
 
 
 # --- the run ------------------------------------------------------------------------
@@ -283,11 +257,6 @@ def _cached(model: Segmenter, ds: SegDataset, parts: dict, p: dict, cfg: TrainCo
     say(f"cached the trunk's maps: {len(cache.feats)} train (scales {', '.join(map(str, p['scales']))}, mirrored), "
         f"{len(val.feats)} val, {cache.nbytes() / 2**20:.0f} MiB, {time.time() - t0:.0f}s")
     return cache, val
-
-
-def eval_json(m: dict, split: str, ds: SegDataset) -> dict:
-    return {"task": "segment", "split": split, "data": str(ds.root), "ignore_index": ds.ignore_index,
-            **{k: v for k, v in m.items() if k != "per_image_miou"}}
 
 
 def _optimizer(model: Segmenter, p: dict, cfg: TrainConfig, steps_per_epoch: int):
