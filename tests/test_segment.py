@@ -77,6 +77,17 @@ def test_the_task_is_chosen_from_the_data(tmp_path):
     assert task_for_data(root) == "segment"
 
 
+def test_every_class_has_its_own_colour_and_only_void_is_black():
+    """CamVid's class 0 is Sky: drawn black it would look like void (and darken overlays)."""
+    from imgclf.tasks.segment.predictor import colour_mask
+
+    cols = palette(32)
+    assert len({tuple(c) for c in cols}) == 32 and not (cols == 0).all(axis=1).any()
+    m = np.array([[0, 1, 11, 255]], np.uint8)  # Sky, Building, void (--ignore-index 11), 255
+    rgb = colour_mask(m, 11)
+    assert (rgb[0, :2] != 0).any(axis=1).all() and (rgb[0, 2:] == 0).all()
+
+
 def test_label_maps_palette_pngs_and_colour_masks_read_the_same(tmp_path):
     stems = _stems("train", 3)
     truth = {s: np.asarray(Image.open(CAMVID / "trainannot" / f"{s}.png")) for s in stems}

@@ -153,10 +153,12 @@ def answer(d: dict, classes: list[str]) -> dict:
 
 def palette(n: int) -> np.ndarray:
     """(n, 3) uint8 colours, one per class: Pascal VOC's bit-interleaved
-    palette, which keeps neighbouring ids apart in colour."""
+    palette, which keeps neighbouring ids apart in colour, from its second
+    entry: VOC's first is black, which void pixels keep, so class 0 (Sky in
+    CamVid) is never drawn as black nor confused with void."""
     out = np.zeros((n, 3), np.uint8)
     for i in range(n):
-        c, r, g, b = i, 0, 0, 0
+        c, r, g, b = i + 1, 0, 0, 0
         for j in range(8):
             r |= ((c >> 0) & 1) << (7 - j)
             g |= ((c >> 1) & 1) << (7 - j)

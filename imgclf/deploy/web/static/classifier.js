@@ -49,12 +49,13 @@ export async function decode(blob) {
   }
 }
 
-/** n colours, one per class: Pascal VOC's bit-interleaved palette, as
- * imgclf/tasks/segment/predictor.py palette (the export's metadata has them too). */
+/** n colours, one per class: Pascal VOC's bit-interleaved palette from its
+ * second entry (black is void's), as imgclf/tasks/segment/predictor.py palette
+ * (the export's metadata has them too). */
 export function palette(n) {
   const out = [];
   for (let i = 0; i < n; i++) {
-    let c = i, r = 0, g = 0, b = 0;
+    let c = i + 1, r = 0, g = 0, b = 0;
     for (let j = 0; j < 8; j++) {
       r |= ((c >> 0) & 1) << (7 - j); g |= ((c >> 1) & 1) << (7 - j); b |= ((c >> 2) & 1) << (7 - j);
       c >>= 3;
