@@ -4,7 +4,7 @@ split, the same wall-clock budget, the same evaluator.
     python bench/bench_detect_peer.py run bccd 0            # `imgclf train`, then the peer in imgclf's wall time
     python bench/bench_detect_peer.py run pennfudan 0
     python bench/bench_detect_peer.py run bccd 0 --imgsz 640   # the peer at 640 px (imgclf at its own size)
-    python bench/bench_detect_peer.py imgclf pennfudan 0 --strategy finetune --tag -ft  # imgclf alone; other
+    python bench/bench_detect_peer.py imgclf pennfudan 0 --strategy finetune --tag=-ft  # imgclf alone; other
                                                                # flags go to `imgclf train`
     python bench/bench_detect_peer.py peer pennfudan 0 --budget 344 --imgsz 320  # the peer alone
     python bench/bench_detect_peer.py infer bccd 0          # img/s: PyTorch eager and ONNX Runtime, batch 1 and 8

@@ -15,10 +15,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
 from faster_coco_eval.core import mask as mask_utils
+from PIL import Image, ImageDraw
 
 from imgclf.config import EvaluateConfig, ExportConfig
 from imgclf.deploy.export import export
@@ -189,6 +191,14 @@ def test_instance_masks_are_learnt_answered_and_scored(penn_masks):
         if len(xs):  # the mask lies inside its box (pasted there)
             x1, y1, x2, y2 = b["box"]
             assert x1 - 1 <= xs.min() and xs.max() <= x2 + 1 and y1 - 1 <= ys.min() and ys.max() <= y2 + 1
+        # the same object as COCO polygons: drawn back, they cover the RLE's pixels
+        drawn = Image.new("1", (ans["width"], ans["height"]))
+        for poly in b["polygons"]:
+            assert len(poly) >= 6 and len(poly) % 2 == 0
+            ImageDraw.Draw(drawn).polygon(poly, fill=1)
+        drawn = np.asarray(drawn, bool)
+        if mask.sum() >= 100:
+            assert (drawn & mask.astype(bool)).sum() / (drawn | mask.astype(bool)).sum() >= 0.85
 
 
 def _mask_iou(a: dict, b: dict) -> float:

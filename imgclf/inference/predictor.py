@@ -10,7 +10,6 @@ No torch here: the .onnx and .tflite predictors derive from it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from imgclf.data import UNKNOWN
 from imgclf.data.images import MAX_PIXELS, BadImage, Source, list_files
 from imgclf.data.preprocess import Preprocess
 from imgclf.errors import ConfigError, ModelFileError
+from imgclf.inference.batches import as_inputs, blank_answers, prepared_batches
 
 AUTO_KEEP = 0.95  # --reject auto: keep this share of the known validation images
 
@@ -145,20 +145,9 @@ class Predictor:
         """Top-k labels for each input (a path, bytes, PIL image, HxWx3 array,
         or a list of them). A bad input gives {"error": reason} in its place
         instead of failing the batch; raw=True adds the whole "probs" vector."""
-        if isinstance(inputs, (str, os.PathLike, np.ndarray, bytes)) or hasattr(inputs, "getpixel"):
-            inputs = [inputs]
-        inputs = list(inputs)
-        out: list[dict] = [{"path": str(s)} if isinstance(s, (str, os.PathLike)) else {} for s in inputs]
-        for start in range(0, len(inputs), batch_size):
-            xs, ids = [], []
-            for i in range(start, min(start + batch_size, len(inputs))):
-                try:
-                    xs.append(self.prepare(inputs[i]))
-                    ids.append(i)
-                except BadImage as e:
-                    out[i]["error"] = e.reason
-            if not xs:
-                continue
+        inputs = as_inputs(inputs)
+        out = blank_answers(inputs)
+        for ids, xs in prepared_batches(inputs, self.prepare, batch_size, out):
             ps, us = self.outputs(np.stack(xs))
             for j, (i, p) in enumerate(zip(ids, ps)):
                 out[i].update(_top_k(p, self.classes, top_k, None if us is None else us[j], self.reject,

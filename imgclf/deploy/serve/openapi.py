@@ -63,6 +63,9 @@ class Box(BaseModel):
     score: float = Field(ge=0, le=1)
     box: list[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 in the image's own pixels")
     mask: Rle | None = Field(None, description="a model with instance masks: the object's pixels as COCO RLE")
+    polygons: list[list[float]] | None = Field(None, description="a model with instance masks: the object's outer "
+                                               "boundaries as COCO polygons [x1, y1, x2, y2, ...], largest first "
+                                               "(holes are in the RLE only)")
 
 
 class Detection(BaseModel):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import gc
 import json
 import threading
 from contextlib import contextmanager
@@ -51,25 +52,30 @@ async def read_body(request, limit: int, timeout_s: float, deadline_s: float, he
             raise ApiError(413, "body_too_large", f"request body is {int(n):,} bytes, over the limit of {limit:,}; "
                            f"send fewer or smaller images (resize them to about the model's input size)")
         held.grow(int(n))
-    chunks, size, stream = [], 0, request.stream().__aiter__()
+    # One growing bytearray, not a list of chunks: past glibc's 1 MB mmap
+    # threshold it lives in its own mapping (realloc moves it with mremap), so
+    # a 20 MB body leaves nothing in the heap when freed. Kept as 64 KiB
+    # chunks, 8 concurrent bodies pinned about 150 MB of heap that not even
+    # malloc_trim could hand back (measured with bench_soak.py's uploads).
+    buf, stream = bytearray(), request.stream().__aiter__()
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline_s
     while True:
         try:
             chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, min(timeout_s, end - loop.time())))
         except StopAsyncIteration:
-            return b"".join(chunks)
+            return bytes(buf)
         except TimeoutError:
             raise ApiError(408, "body_timeout", f"the request body stalled for {timeout_s:g} s or took over "
                            f"{deadline_s:g} s; send the whole body promptly (check Content-Length)") from None
         except ClientDisconnect:
             raise ApiError(400, "client_disconnected", "the client closed the connection mid-request") from None
-        size += len(chunk)
+        size = len(buf) + len(chunk)
         if size > limit:
             raise ApiError(413, "body_too_large", f"request body is over the limit of {limit:,} bytes; "
                            f"send fewer or smaller images")
         held.grow(size - held.n)  # a chunked body: counted as it arrives
-        chunks.append(chunk)
+        buf += chunk
 
 
 def parse_multipart(body: bytes, content_type: str, max_files: int, max_parts: int) -> list[tuple[str, bytes]]:
@@ -185,9 +191,14 @@ class BodyBudget:
     decoding: many large uploads at once get 503 busy with Retry-After
     instead of taking the server's memory. A request counts its bytes from
     before it reads them until its answer is sent. When the last large
-    request ends, glibc is asked to hand its free pages back to the system
-    (bodies arrive in 64 KiB pieces that sit in the heap, under the mmap
-    threshold, where freeing alone leaves them with the process)."""
+    request ends, the garbage collector runs and glibc is asked to hand its
+    free pages back to the system. The collection is what frees most: a
+    refused request's exception holds its traceback, whose frames hold the
+    body, in a reference cycle (asyncio and anyio keep such exceptions on
+    futures), and an idle server allocates too little to trigger the
+    collector, so those bodies would stay until the next burst of traffic
+    (bench_soak.py's uploads: +110 MB that a collection takes back to below
+    the warmed-up size)."""
 
     TRIM_AFTER = 64 << 20
 
@@ -209,7 +220,8 @@ class BodyBudget:
             trim = self.used == 0 and self.since_trim >= self.TRIM_AFTER
             if trim:
                 self.since_trim = 0
-        if trim:
+        if trim:  # rare (once per 64 MB of bodies), so the collection's pause (tens of ms) is affordable
+            gc.collect()
             trim_heap()
 
     @contextmanager

@@ -19,14 +19,14 @@ detector is served without it.
 
 from __future__ import annotations
 
-import os
-
+import contourpy
 import numpy as np
 from PIL import Image
 
 from imgclf.data.images import MAX_PIXELS, BadImage, Source, open_image
 from imgclf.data.preprocess import Preprocess, pad_geometry, resize_image
 from imgclf.errors import ConfigError, ModelFileError
+from imgclf.inference.batches import as_inputs, blank_answers, prepared_batches
 
 ANSWER_KEYS = ("path", "width", "height", "boxes")
 MAX_DETECTIONS = 100  # per image, best first: what COCO's AP counts (maxDets 100), and plenty for an answer
@@ -102,19 +102,9 @@ class DetPredictor:
         """Per input: boxes (original pixels), scores and class indices at or
         above the cut-offs, best first; a bad input gives {"error": reason}."""
         cut = self.cutoffs(conf)
-        out: list[dict] = [{"path": str(s)} if isinstance(s, (str, os.PathLike)) else {} for s in inputs]
-        for start in range(0, len(inputs), batch_size):
-            xs, ids, sizes = [], [], []
-            for i in range(start, min(start + batch_size, len(inputs))):
-                try:
-                    x, size = self.prepare(inputs[i])
-                except BadImage as e:
-                    out[i]["error"] = e.reason
-                    continue
-                xs.append(x), ids.append(i), sizes.append(size)
-            if not xs:
-                continue
-            for i, size, o in zip(ids, sizes, self.outputs(np.stack(xs))):
+        out = blank_answers(inputs)
+        for ids, got in prepared_batches(inputs, self.prepare, batch_size, out):
+            for i, (_, size), o in zip(ids, got, self.outputs(np.stack([x for x, _ in got]))):
                 out[i].update(self.found(o, size, cut))
         return out
 
@@ -135,9 +125,7 @@ class DetPredictor:
         """The answer for each input (a path, bytes, PIL image, HxWx3 array,
         or a list of them): {"path", "width", "height", "boxes": [{"label",
         "score", "box": [x1, y1, x2, y2]}]}, or {"path", "error"}."""
-        if isinstance(inputs, (str, os.PathLike, np.ndarray, bytes)) or hasattr(inputs, "getpixel"):
-            inputs = [inputs]
-        return [answer(d, self.classes) for d in self.detect(list(inputs), batch_size, conf)]
+        return [answer(d, self.classes) for d in self.detect(as_inputs(inputs), batch_size, conf)]
 
 
 def answer(d: dict, classes: list[str]) -> dict:
@@ -147,7 +135,7 @@ def answer(d: dict, classes: list[str]) -> dict:
     boxes = [{"label": classes[int(c)], "score": round(float(s), 4), "box": [round(float(v), 1) for v in b]}
              for b, s, c in zip(d["boxes_xyxy"], d["scores"], d["labels"])]
     for b, m in zip(boxes, d.get("masks", [])):
-        b["mask"] = rle(m)
+        b["mask"], b["polygons"] = rle(m), polygons(m)
     return {**({"path": d["path"]} if "path" in d else {}), "width": d["width"], "height": d["height"], "boxes": boxes}
 
 
@@ -165,6 +153,30 @@ def paste(probs: np.ndarray, boxes: np.ndarray, width: int, height: int, thresho
             m[cy1:cy1 + crop.shape[0], cx1:cx1 + crop.shape[1]] = crop >= threshold
         out.append(m)
     return out
+
+
+def polygons(mask: np.ndarray, min_area: float = 1.0) -> list[list[float]]:
+    """A bool mask's outer boundaries as COCO polygons ([x1, y1, x2, y2, ...]
+    on the image's pixel edges, 0.1 px), largest first. Holes stay in the RLE
+    only: a COCO polygon cannot carry them. Traced by contourpy (matplotlib's
+    contour engine, numpy its only dependency) at the 0.5 level of the padded
+    mask, so corners are cut at 45 degrees; straight runs keep their ends only."""
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return []
+    y0, x0 = int(ys.min()), int(xs.min())
+    z = np.pad(mask[y0:ys.max() + 1, x0:xs.max() + 1], 1).astype(np.float32)  # closed at the image's edges
+    out = []
+    for line in contourpy.contour_generator(z=z, line_type=contourpy.LineType.Separate).lines(0.5):
+        x, y = line[:, 0], line[:, 1]
+        area = 0.5 * float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]))
+        if area < min_area:  # a hole (traced the other way round: negative) or a speck
+            continue
+        pts = line[:-1]  # closed: the last point repeats the first
+        d = np.diff(np.vstack([pts[-1:], pts, pts[:1]]), axis=0)
+        pts = pts[(d[:-1, 0] * d[1:, 1] - d[:-1, 1] * d[1:, 0]) != 0] + (x0 - 0.5, y0 - 0.5)  # corners only
+        out.append((area, [round(float(v), 1) for v in pts.ravel()]))
+    return [p for _, p in sorted(out, key=lambda t: -t[0])]
 
 
 def rle(mask: np.ndarray) -> dict:

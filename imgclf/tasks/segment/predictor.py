@@ -17,13 +17,13 @@ neighbour, the documented way for an exported graph. No torch here.
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 from PIL import Image
 
 from imgclf.data.images import MAX_PIXELS, BadImage, Source, open_image
 from imgclf.errors import ConfigError, ModelFileError
+from imgclf.inference.batches import as_inputs, blank_answers, prepared_batches
 
 ANSWER_KEYS = ("path", "width", "height", "classes", "mask")
 
@@ -109,17 +109,10 @@ class SegPredictor:
     def segment(self, inputs, batch_size: int = 8) -> list[dict]:
         """Per input: {"width", "height", "mask"} (the label map at the
         original size), or {"error": reason} for a bad input."""
-        out: list[dict] = [{"path": str(s)} if isinstance(s, (str, os.PathLike)) else {} for s in inputs]
-        for start in range(0, len(inputs), batch_size):
-            xs, ids, sizes = [], [], []
-            for i in range(start, min(start + batch_size, len(inputs))):
-                try:
-                    x, size = self.prepare(inputs[i])
-                except BadImage as e:
-                    out[i]["error"] = e.reason
-                    continue
-                xs.append(x), ids.append(i), sizes.append(size)
-            for i, size, m in zip(ids, sizes, self.label_maps(xs, sizes) if xs else []):
+        out = blank_answers(inputs)
+        for ids, got in prepared_batches(inputs, self.prepare, batch_size, out):
+            sizes = [size for _, size in got]
+            for i, size, m in zip(ids, sizes, self.label_maps([x for x, _ in got], sizes)):
                 out[i].update(width=size[0], height=size[1], mask=m)
         return out
 
@@ -128,9 +121,7 @@ class SegPredictor:
         or a list of them): {"path", "width", "height", "classes": {name:
         share of the image's pixels}, "mask": uint8 (H, W) class ids}, or
         {"path", "error"}."""
-        if isinstance(inputs, (str, os.PathLike, np.ndarray, bytes)) or hasattr(inputs, "getpixel"):
-            inputs = [inputs]
-        return [answer(d, self.classes) for d in self.segment(list(inputs), batch_size)]
+        return [answer(d, self.classes) for d in self.segment(as_inputs(inputs), batch_size)]
 
 
 def class_shares(mask: np.ndarray, classes: list[str]) -> dict[str, float]:
