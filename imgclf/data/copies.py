@@ -3,7 +3,7 @@ tagged with their splits: what `imgclf check` reports for detection and
 segmentation data (classification's check, data/check.py, adds embeddings,
 pixel verification and labels of its own).
 
-One decode per image through data/check.py's `scan_files`; a pair is the
+One decode per image through data/file_stats.py's `scan_files`; a pair is the
 same photo when its bytes are identical, or when its perceptual hashes (of
 each image, its mirror and 90% crops) are close and its pixels correlate,
 as classification's hash search proves pairs (data/near_dup.py). Groups are

@@ -51,8 +51,8 @@ def evaluate_run(cfg: EvaluateConfig, predictor: TorchPredictor | None = None, w
     report unless cfg.report is off); returns the metrics. `predictor`: the
     run's model already in memory (train passes the one it fitted).
     `sections`: the report's data-engine sections by name, "suspects" and
-    "data_map" (data_engine.REPORT_SECTIONS: they live above this layer; the
-    CLI passes them). `quiet`: the summary lines at DEBUG instead of INFO."""
+    "data_map" (data_engine.REPORT_SECTIONS: they live above this layer;
+    classification's evaluate verb, tasks/classify.py, passes them). `quiet`: the summary lines at DEBUG instead of INFO."""
     say = functools.partial(log.log, logging.DEBUG if quiet else logging.INFO)
     run = RunDir(cfg.run)
     clf = predictor or TorchPredictor.from_run(run.path, device=cfg.device, engine=cfg.engine, cache_dir=cfg.cache_dir)

@@ -4,9 +4,10 @@
 `LabelKind` for its metrics, its per-image decisions (which feed the one
 `write_predictions` and the one `error_cases`), its terminal summary and its
 report sections (drawn in the one page skeleton, page.py). Kinds today:
-single-label (single_label.py) and multi-label (multilabel.py); detection or
-segmentation plug in as further subclasses and an entry in
-`evaluate.KINDS`.
+single-label (single_label.py) and multi-label (multilabel.py); another kind
+of classification label is a further subclass and an entry in
+`evaluate.KINDS`. Detection and segmentation are tasks with their own
+evaluation (tasks/<task>/evaluate.py), not kinds.
 """
 
 from __future__ import annotations
