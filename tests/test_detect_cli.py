@@ -207,6 +207,22 @@ def _mask_iou(a: dict, b: dict) -> float:
     return float((x & y).sum() / union) if union else 1.0
 
 
+def test_int8_of_a_mask_run_is_gated_on_the_masks_too(penn_masks, tmp_path):
+    """The mask branch reads the INT8 trunk's maps, so the gate compares
+    mask mAP@.5 as well as box mAP@.5 on val, and a drop of either
+    over --max-drop refuses the file, naming the metric that dropped most
+    (it used to compare boxes only)."""
+    _, out = penn_masks
+    r = export(ExportConfig(str(out), int8=True, max_drop=100, out=str(tmp_path / "a.onnx"), check_images=4,
+                            calib_images=8))
+    assert {"fp32_map50", "int8_map50", "fp32_mask_map50", "int8_mask_map50", "mask_map50_change_points"} <= set(r)
+    box, masks = -r["map50_change_points"], -r["mask_map50_change_points"]
+    with pytest.raises(ExportError, match=r"INT8 mask mAP@\.5 drops" if masks > box else r"INT8 mAP@\.5 drops"):
+        export(ExportConfig(str(out), int8=True, max_drop=max(box, masks) - 0.05, out=str(tmp_path / "b.onnx"),
+                            check_images=4, calib_images=8))
+    assert not (tmp_path / "b.onnx").exists()
+
+
 def test_instance_masks_export_to_onnx_and_answer_as_pytorch(penn_masks, monkeypatch, tmp_path):
     """`imgclf export` of a run with instance masks: the graph also gives each
     detection's 28 x 28 mask, the gate compares them with PyTorch's (mask IoU

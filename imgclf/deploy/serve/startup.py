@@ -87,7 +87,11 @@ def load_similar(st) -> None:
     from imgclf.data_engine.similar import load_index  # deferred: torch; only a run directory has an index
 
     try:
-        st.similar = load_index(RunDir(cfg.model), st.predictor, progress=False)
+        # workers=0: decoded in this thread. A DataLoader worker would be forked
+        # from a process already running uvicorn's, onnxruntime's and torch's
+        # threads, and a child that inherits a held lock hangs for good (a CI
+        # run once stopped at "building the similarity index"). Built once.
+        st.similar = load_index(RunDir(cfg.model), st.predictor, workers=0, progress=False)
     except (ImgclfError, OSError) as e:  # e.g. the training images moved: predictions still work
         st.similar_why = "the run's similarity index could not be built (the server log says why)"
         log.warning("/v1/similar disabled: the similarity index could not be built: %s", e)
