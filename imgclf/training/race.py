@@ -240,6 +240,23 @@ def race_linear(cfg: TrainConfig, splits: Splits, kept: list, kept_v: list, plan
     return entry
 
 
+def race_schedule(name: str, epochs: int, continuable: bool, cv: bool) -> tuple[int, list[int]]:
+    """How many of its recipe's `epochs` a candidate races, and the epochs
+    after which it is scored. A race model the finishing run continues stops
+    one epoch short (the finishing stage runs the last). Otherwise lowres on
+    one split races its whole schedule unless a rung or the budget stops it:
+    cut at 2 of 6 epochs (mid-schedule, at a high rate) it tied linear on
+    cats32 with 2,000 images (89.8%) where its full recipe reached 92.2% on
+    val, and the race picked the worse strategy (docs/benchmarks.md). Under
+    cross-validation (three models an epoch) it races at most
+    LOWRES_CV_EPOCHS. native is scored once, at its end (low until then)."""
+    cap = min(epochs, LOWRES_CV_EPOCHS) if name == "lowres" and cv else epochs
+    race = epochs - 1 if continuable else cap
+    if name == "native":
+        return race, [race]
+    return race, sorted({e for e in (1, 2, 4, 8, 16, 32) if e < race} | {race})
+
+
 class Learners:
     """One trained candidate under its finishing recipe (`rc`, the settled
     config): a model per fold, trained epoch by epoch on the decoded images."""
@@ -251,14 +268,8 @@ class Learners:
         self.stage = plan_stages(name, rc)[0]
         whole = len(plan.train_idx) == 1 and len(plan.train_idx[0]) == len(X)
         self.continuable = whole and self.stage.epochs > 1  # this race model is the finishing run's, so far
-        # lowres on one split races its whole schedule unless a rung or the budget stops it: cut at 2 of 6
-        # epochs (mid-schedule, at a high rate) it tied linear on cats32 with 2,000 images (89.8%) where the
-        # full recipe reached 92.2% on val (docs/benchmarks.md), so the race picked the worse strategy.
-        cv = len(plan.train_idx) > 1
-        cap = min(self.stage.epochs, LOWRES_CV_EPOCHS) if name == "lowres" and cv else self.stage.epochs
-        self.race_epochs = self.stage.epochs - 1 if self.continuable else cap  # the finishing stage runs the rest
-        self.rungs = [self.race_epochs] if name == "native" else \
-            sorted({e for e in (1, 2, 4, 8, 16, 32) if e < self.race_epochs} | {self.race_epochs})
+        self.race_epochs, self.rungs = race_schedule(name, self.stage.epochs, self.continuable,
+                                                     cv=len(plan.train_idx) > 1)
         self.stoppable = name != "native"
         clock = Clock()
         base = build_model(rc.model, n_cls, pretrained=rc.pretrained, weights=rc.weights,
