@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import DATASETS, ROOT, machine, speed_columns, speedup, table
+from common import DATASETS, ROOT, machine, one_thread, speed_columns, speedup, table
 
 
 def ensure_run(run: Path) -> Path:
@@ -70,15 +70,6 @@ def main() -> None:
     raw = np.stack([np.asarray(open_image(p)) for p in photos])  # every BCCD photo is 640x480
     fp32 = OnnxDetPredictor(tmp / "fp32.onnx")
     threads = torch.get_num_threads()
-
-    def one_thread(fn):
-        def run(b):
-            torch.set_num_threads(1)
-            try:
-                return fn(b)
-            finally:
-                torch.set_num_threads(threads)
-        return run
 
     engines = {f"PyTorch eager, {threads} threads (baseline)": (ref.outputs, x),
                "PyTorch eager, 1 thread": (one_thread(ref.outputs), x),

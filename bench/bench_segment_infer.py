@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import machine, speed_columns, speedup, table
+from common import machine, one_thread, speed_columns, speedup, table
 
 
 def main() -> None:
@@ -57,29 +57,22 @@ def main() -> None:
     fp32, int8 = OnnxSegPredictor(tmp / "fp32.onnx"), OnnxSegPredictor(tmp / "int8.onnx")
     threads = torch.get_num_threads()
 
-    def one_thread(fn):
-        def run(b):
-            torch.set_num_threads(1)
-            try:
-                return fn(b)
-            finally:
-                torch.set_num_threads(threads)
-        return run
+    want = [m["mask"] for m in ref.predict(list(frames))]  # PyTorch's label maps, once
 
     def agreement(pred) -> str:
-        want = [m["mask"] for m in ref.predict(list(frames))]
         got = [m["mask"] for m in pred.predict(list(frames))]
         return f"{np.mean([(g == w).mean() for g, w in zip(got, want)]):.2%}"
 
     ds = read_dataset(splits["root"], splits["format"], splits["ignore_index"], strict=False)
     index = {str(it.image): i for i, it in enumerate(ds.items)}
     test = [index[p] for p in splits["test"]]
+    a32 = agreement(fp32)  # the 1-thread session runs the same file
     miou = {name: evaluate_items(p, ds, test)["miou"] for name, p in (("torch", ref), ("fp32", fp32), ("int8", int8))}
     engines = {f"PyTorch eager, {threads} threads (baseline)": (ref.outputs, x, "100%", miou["torch"]),
                "PyTorch eager, 1 thread": (one_thread(ref.outputs), x, "100%", miou["torch"]),
-               "ONNX Runtime fp32": (fp32.outputs, frames, agreement(fp32), miou["fp32"]),
+               "ONNX Runtime fp32": (fp32.outputs, frames, a32, miou["fp32"]),
                "ONNX Runtime fp32, 1 thread": (OnnxSegPredictor(tmp / "fp32.onnx", threads=1).outputs, frames,
-                                               agreement(fp32), miou["fp32"]),
+                                               a32, miou["fp32"]),
                "ONNX Runtime INT8": (int8.outputs, frames, agreement(int8), miou["int8"])}
     rows = []
     for name, (fn, data, agree, m) in engines.items():

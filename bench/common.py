@@ -51,6 +51,20 @@ def speed_columns(fn, data, batches: tuple[int, ...], repeats: tuple[int, ...], 
     return row
 
 
+def one_thread(fn):
+    """fn(batch) timed with torch at one intra-op thread, the count restored after."""
+    import torch  # deferred: the benchmarks that time only onnxruntime do not need it
+
+    def run(b):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(b)
+        finally:
+            torch.set_num_threads(threads)
+    return run
+
+
 def speedup(rows: list[dict], col: str) -> list[str]:
     """Each row's `col` (a number in text) against the first row's (the baseline), as "1.23x"."""
     base = float(rows[0][col])
